@@ -1,0 +1,31 @@
+# Every target creates .venv and installs on first use; nothing else is assumed.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# The local CPU build here; override (e.g. TORCH_SPEC=torch) to bring your own torch.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_WORKERS ?= 2
+
+.PHONY: demo test bench install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m diffmath demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
+
+bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[dev,bench]"
+	$(PY) -m diffmath bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis .benchmarks

@@ -1,0 +1,38 @@
+"""diffmath: the mathematics of diffusion models, exact, checked and fast.
+
+Modules (one concept each): ``schedules``, ``forward``, ``posterior``, ``parameterization``,
+``gaussian``, ``losses``; see README.md and DESIGN.md for the conventions.
+"""
+
+from . import forward, gaussian, losses, parameterization, posterior, schedules
+from .schedules import (
+    Schedule,
+    betas_for_alpha_bar,
+    cosine_schedule,
+    linear_schedule,
+    named_schedule,
+    rescale_zero_terminal_snr,
+    scaled_linear_schedule,
+    sigmoid_schedule,
+    timesteps,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Schedule",
+    "betas_for_alpha_bar",
+    "cosine_schedule",
+    "forward",
+    "gaussian",
+    "linear_schedule",
+    "losses",
+    "named_schedule",
+    "parameterization",
+    "posterior",
+    "rescale_zero_terminal_snr",
+    "scaled_linear_schedule",
+    "schedules",
+    "sigmoid_schedule",
+    "timesteps",
+]

@@ -1,0 +1,287 @@
+"""numpy/torch dispatch helpers and input validation, shared by every math module.
+
+Conventions (DESIGN.md): every math function accepts numpy arrays or torch tensors and
+returns the same kind on the same device. Schedule tables are float64 numpy arrays; a
+per-sample coefficient gathered at ``t`` of shape ``(B,)`` is reshaped to
+``(B, 1, 1, ...)`` so it broadcasts over the trailing dimensions of ``x``. float16 and
+bfloat16 inputs compute in float32 and are cast back at the end.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import torch
+
+__all__ = [
+    "is_tensor",
+    "check_float",
+    "check_like",
+    "check_t",
+    "check_schedule",
+    "compute_dtype",
+    "upcast",
+    "restore",
+    "gather",
+    "as_like",
+    "backend",
+]
+
+
+def is_tensor(x) -> bool:
+    return isinstance(x, torch.Tensor)
+
+
+class _NumpyOps:
+    exp = staticmethod(np.exp)
+    expm1 = staticmethod(np.expm1)
+    log = staticmethod(np.log)
+    log1p = staticmethod(np.log1p)
+    sqrt = staticmethod(np.sqrt)
+    abs = staticmethod(np.abs)
+    where = staticmethod(np.where)
+    minimum = staticmethod(np.minimum)
+    maximum = staticmethod(np.maximum)
+    clip = staticmethod(np.clip)
+
+    @staticmethod
+    def log_ndtr(x):
+        from scipy.special import log_ndtr
+
+        return log_ndtr(x)
+
+    @staticmethod
+    def erf(x):
+        from scipy.special import erf
+
+        return erf(x)
+
+    @staticmethod
+    def mean_over_non_batch(x):
+        x = np.asarray(x)
+        return x.reshape(x.shape[0], -1).mean(axis=1) if x.ndim > 1 else x
+
+    @staticmethod
+    def sum_over_non_batch(x):
+        x = np.asarray(x)
+        return x.reshape(x.shape[0], -1).sum(axis=1) if x.ndim > 1 else x
+
+
+class _TorchOps:
+    exp = staticmethod(torch.exp)
+    expm1 = staticmethod(torch.expm1)
+    log = staticmethod(torch.log)
+    log1p = staticmethod(torch.log1p)
+    sqrt = staticmethod(torch.sqrt)
+    abs = staticmethod(torch.abs)
+    where = staticmethod(torch.where)
+    minimum = staticmethod(torch.minimum)
+    maximum = staticmethod(torch.maximum)
+
+    @staticmethod
+    def clip(x, lo, hi):
+        return torch.clamp(x, lo, hi)
+
+    log_ndtr = staticmethod(torch.special.log_ndtr)
+    erf = staticmethod(torch.special.erf)
+
+    @staticmethod
+    def mean_over_non_batch(x):
+        return x.reshape(x.shape[0], -1).mean(dim=1) if x.ndim > 1 else x
+
+    @staticmethod
+    def sum_over_non_batch(x):
+        return x.reshape(x.shape[0], -1).sum(dim=1) if x.ndim > 1 else x
+
+
+def backend(x):
+    """The elementwise-ops namespace matching ``x``'s kind (numpy or torch)."""
+    return _TorchOps if is_tensor(x) else _NumpyOps
+
+
+def check_float(x, name: str):
+    """Validate that ``x`` is a floating-point array or tensor; python floats and lists of
+    floats become float64 numpy arrays. Integer, boolean and complex inputs raise TypeError."""
+    if is_tensor(x):
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor; got dtype {x.dtype}")
+        return x
+    if isinstance(x, np.ndarray):
+        if not np.issubdtype(x.dtype, np.floating):
+            raise TypeError(f"{name} must be a floating-point array; got dtype {x.dtype}")
+        return x
+    if isinstance(x, (bool, np.bool_)) or isinstance(x, numbers.Integral):
+        raise TypeError(f"{name} must be floating-point; got the integer {x!r}")
+    if isinstance(x, numbers.Real):
+        return np.asarray(float(x), dtype=np.float64)
+    if isinstance(x, (list, tuple)):
+        arr = np.asarray(x)
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise TypeError(f"{name} must hold floating-point values; got dtype {arr.dtype}")
+        return arr
+    raise TypeError(f"{name} must be a numpy array or torch tensor; got {type(x).__name__}")
+
+
+def check_like(y, x, name: str, xname: str = "x"):
+    """Validate ``y`` as a floating array of the same kind, device and shape as ``x``."""
+    y = check_float(y, name)
+    if is_tensor(x) != is_tensor(y):
+        kind = "a torch tensor" if is_tensor(x) else "a numpy array"
+        raise TypeError(f"{name} must be {kind} like {xname}; got {type(y).__name__}")
+    if is_tensor(x) and y.device != x.device:
+        raise ValueError(f"{name} is on {y.device} but {xname} is on {x.device}; move them to one device")
+    if tuple(y.shape) != tuple(x.shape):
+        raise ValueError(f"{name} must have the shape of {xname} {tuple(x.shape)}; got {tuple(y.shape)}")
+    return y
+
+
+def as_like(y, x, name: str = "value"):
+    """Convert a python scalar / numpy array ``y`` into ``x``'s kind (and device) for mixed
+    scalar-array arithmetic; arrays of the wrong kind are converted, tensors on another device
+    raise."""
+    if is_tensor(x):
+        if is_tensor(y):
+            if y.device != x.device:
+                raise ValueError(f"{name} is on {y.device} but the other inputs are on {x.device}")
+            return y
+        arr = np.asarray(y)
+        if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.integer):
+            raise TypeError(f"{name} must be real-valued; got dtype {arr.dtype}")
+        return torch.as_tensor(arr, dtype=x.dtype, device=x.device)
+    if is_tensor(y):
+        return y  # caller decides the common kind
+    return np.asarray(y, dtype=np.result_type(np.asarray(y).dtype, np.float64) if not isinstance(x, np.ndarray) else np.result_type(x.dtype, np.asarray(y).dtype))
+
+
+def compute_dtype(x):
+    """float16/bfloat16 compute in float32; float32/float64 keep their precision."""
+    if is_tensor(x):
+        return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    return np.float32 if x.dtype == np.float16 else x.dtype
+
+
+def upcast(x):
+    cd = compute_dtype(x)
+    if is_tensor(x):
+        return x if x.dtype == cd else x.to(cd)
+    return x if x.dtype == cd else x.astype(cd)
+
+
+def restore(out, like):
+    """Cast a result back to the dtype of the input ``like``."""
+    if is_tensor(like):
+        return out if out.dtype == like.dtype else out.to(like.dtype)
+    out = np.asarray(out)
+    return out if out.dtype == like.dtype else out.astype(like.dtype)
+
+
+def check_schedule(s):
+    from .schedules import Schedule
+
+    if not isinstance(s, Schedule):
+        raise TypeError(f"s must be a diffmath.schedules.Schedule; got {type(s).__name__}")
+    return s
+
+
+def check_t(t, T: int, x=None, name: str = "t", lo: int = 0):
+    """Validate a discrete timestep index.
+
+    ``t`` may be a python int or an integer array/tensor of shape (B,) (a 0-d array counts as
+    a scalar). It must lie in ``[lo, T)``; with ``x`` given, a batch of t must match
+    ``x.shape[0]``. Returns a python int or an integer array/tensor of shape (B,).
+    """
+    if isinstance(t, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer timestep index; got the boolean {t!r}")
+    if isinstance(t, numbers.Integral):
+        ti = int(t)
+        if not lo <= ti < T:
+            raise ValueError(f"{name} must lie in [{lo}, {T}) for a schedule of {T} steps; got {name} = {ti}")
+        return ti
+    if is_tensor(t):
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor of timestep indices; got dtype {t.dtype}")
+        if t.ndim == 0:
+            return check_t(int(t.item()), T, x, name, lo)
+        if t.ndim != 1:
+            raise ValueError(f"{name} must be a scalar or have shape (B,); got shape {tuple(t.shape)}")
+        if t.numel():
+            tmin, tmax = int(t.min().item()), int(t.max().item())
+            if tmin < lo or tmax >= T:
+                bad = tmin if tmin < lo else tmax
+                raise ValueError(f"{name} must lie in [{lo}, {T}) for a schedule of {T} steps; got {name} = {bad}")
+    else:
+        if isinstance(t, float) or (isinstance(t, np.ndarray) and not np.issubdtype(t.dtype, np.integer)):
+            raise TypeError(f"{name} must be an integer timestep index; got {t!r:.60}")
+        t = np.asarray(t)
+        if not np.issubdtype(t.dtype, np.integer):
+            raise TypeError(f"{name} must be an integer timestep index; got dtype {t.dtype}")
+        if t.ndim == 0:
+            return check_t(int(t), T, x, name, lo)
+        if t.ndim != 1:
+            raise ValueError(f"{name} must be a scalar or have shape (B,); got shape {t.shape}")
+        if t.size:
+            tmin, tmax = int(t.min()), int(t.max())
+            if tmin < lo or tmax >= T:
+                bad = tmin if tmin < lo else tmax
+                raise ValueError(f"{name} must lie in [{lo}, {T}) for a schedule of {T} steps; got {name} = {bad}")
+    if x is not None:
+        n = t.shape[0]
+        if np.ndim(x) == 0 or x.shape[0] != n:
+            raise ValueError(
+                f"a batch of {n} timesteps {name} must match the batch of x; x has shape {tuple(np.shape(x))}"
+            )
+    return t
+
+
+def gather(table, t, x):
+    """Coefficient ``table[t]`` in x's kind, device and (compute) dtype.
+
+    The float64 table is indexed in float64 and cast once at the end. A scalar ``t`` gives a
+    0-d coefficient; ``t`` of shape (B,) gives shape (B, 1, ..., 1) with ``x.ndim`` dims.
+    """
+    table = np.asarray(table, dtype=np.float64)
+    ndim = max(np.ndim(x), 1)
+    if is_tensor(x):
+        dt = x.dtype
+        if isinstance(t, int):
+            return torch.tensor(float(table[t]), dtype=dt, device=x.device)
+        if is_tensor(t):
+            tt = t.to(device=x.device, dtype=torch.long)
+            src = torch.from_numpy(table) if x.device.type == "cpu" else torch.as_tensor(table, device=x.device)
+            c = src[tt]
+        else:
+            c = torch.from_numpy(table[np.asarray(t, dtype=np.int64)]).to(x.device)
+        return c.to(dt).reshape((-1,) + (1,) * (ndim - 1))
+    dt = np.asarray(x).dtype
+    if isinstance(t, int):
+        return np.asarray(table[t], dtype=dt)
+    idx = t.detach().cpu().numpy() if is_tensor(t) else np.asarray(t)
+    return table[idx.astype(np.int64)].astype(dt).reshape((-1,) + (1,) * (ndim - 1))
+
+
+def gather_t(table, t, like=None):
+    """``table[t]`` with the shape of ``t`` (no broadcasting), float64 numpy for numpy/int t,
+    a float64 tensor on t's device for tensor t (or ``like``'s kind when given)."""
+    table = np.asarray(table, dtype=np.float64)
+    ref = like if like is not None else t
+    if is_tensor(ref) or is_tensor(t):
+        dev = ref.device if is_tensor(ref) else t.device
+        if isinstance(t, int):
+            return torch.tensor(float(table[t]), dtype=torch.float64, device=dev)
+        idx = torch.as_tensor(t.detach().cpu().numpy() if is_tensor(t) else np.asarray(t), dtype=torch.long)
+        return torch.from_numpy(table)[idx].to(dev)
+    if isinstance(t, int):
+        return np.float64(table[t])
+    return table[np.asarray(t, dtype=np.int64)]
+
+
+def zeros_like_compute(x):
+    return torch.zeros_like(x) if is_tensor(x) else np.zeros_like(x)
+
+
+def broadcast_to_like(c, x):
+    """Materialise coefficient ``c`` at the full shape of ``x`` (a writable array)."""
+    if is_tensor(x):
+        return (c + torch.zeros_like(x)).to(x.dtype)
+    return (np.asarray(c) + np.zeros_like(x)).astype(x.dtype)
