@@ -98,11 +98,11 @@ def _check_betas(betas) -> np.ndarray:
     bad = ~np.isfinite(b)
     if bad.any():
         i = int(np.argmax(bad))
-        raise ValueError(f"betas must be finite and lie in (0, 1]; got betas[{i}] = {b[i]}")
+        raise ValueError(f"betas must be finite and lie in (0, 1]; got betas[{i}] = {float(b[i])}")
     bad = (b <= 0) | (b > 1)
     if bad.any():
         i = int(np.argmax(bad))
-        raise ValueError(f"betas must lie in (0, 1]; got betas[{i}] = {b[i]!r}")
+        raise ValueError(f"betas must lie in (0, 1]; got betas[{i}] = {float(b[i])}")
     return b
 
 
@@ -176,7 +176,7 @@ class Schedule:
             sqrt_abar = np.exp(0.5 * log_abar)
             sqrt_one_minus_abar = np.sqrt(one_minus_abar)
             sqrt_recip_abar = np.exp(-0.5 * log_abar)
-            sqrt_recipm1_abar = np.sqrt(np.expm1(-log_abar))
+            sqrt_recipm1_abar = sqrt_one_minus_abar * sqrt_recip_abar  # sqrt((1 - abar)/abar), no overflow
             posterior_variance = betas * one_minus_abar_prev / one_minus_abar
             log_post_var = np.log(betas) + log_one_minus_abar_prev - log_one_minus_abar
             if T > 1:

@@ -1,0 +1,16 @@
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+# "ci" is the default: enough examples to span the corners, no per-example deadline (the
+# CPU is shared). DIFFMATH_HYPOTHESIS=thorough runs 10x more.
+settings.register_profile("ci", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("thorough", max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("DIFFMATH_HYPOTHESIS", "ci"))
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20261123)
