@@ -58,6 +58,12 @@ class _NumpyOps:
         return erf(x)
 
     @staticmethod
+    def ndtr(x):
+        from scipy.special import ndtr
+
+        return ndtr(x)
+
+    @staticmethod
     def mean_over_non_batch(x):
         x = np.asarray(x)
         return x.reshape(x.shape[0], -1).mean(axis=1) if x.ndim > 1 else x
@@ -85,6 +91,7 @@ class _TorchOps:
 
     log_ndtr = staticmethod(torch.special.log_ndtr)
     erf = staticmethod(torch.special.erf)
+    ndtr = staticmethod(torch.special.ndtr)
 
     @staticmethod
     def mean_over_non_batch(x):
@@ -248,8 +255,7 @@ def gather(table, t, x):
             return torch.tensor(float(table[t]), dtype=dt, device=x.device)
         if is_tensor(t):
             tt = t.to(device=x.device, dtype=torch.long)
-            src = torch.from_numpy(table) if x.device.type == "cpu" else torch.as_tensor(table, device=x.device)
-            c = src[tt]
+            c = torch.tensor(table, device=x.device)[tt]  # a copy: the tables are read-only
         else:
             c = torch.from_numpy(table[np.asarray(t, dtype=np.int64)]).to(x.device)
         return c.to(dt).reshape((-1,) + (1,) * (ndim - 1))
@@ -270,7 +276,7 @@ def gather_t(table, t, like=None):
         if isinstance(t, int):
             return torch.tensor(float(table[t]), dtype=torch.float64, device=dev)
         idx = torch.as_tensor(t.detach().cpu().numpy() if is_tensor(t) else np.asarray(t), dtype=torch.long)
-        return torch.from_numpy(table)[idx].to(dev)
+        return torch.tensor(table)[idx].to(dev)
     if isinstance(t, int):
         return np.float64(table[t])
     return table[np.asarray(t, dtype=np.int64)]

@@ -169,16 +169,16 @@ def _cholesky(c, name):
 def log_diff_ndtr(a, b):
     """log(Phi(b) - Phi(a)) for a < b, accurate in both tails and for narrow intervals.
 
-    b <= 0: log Phi(b) + log1mexp(log Phi(a) - log Phi(b)); a >= 0: the mirror image
-    log(Phi(-a) - Phi(-b)); a < 0 < b: log((erf(b/sqrt2) + erf(-a/sqrt2)) / 2), a sum of
-    positives. a = -inf and b = +inf are allowed.
+    b < 0: log Phi(b) + log1mexp(log Phi(a) - log Phi(b)); a > 0: the mirror image
+    log(Phi(-a) - Phi(-b)); a <= 0 <= b: log1p(-(Phi(a) + Phi(-b))) when the tails are small,
+    else log((erf(b/sqrt2) + erf(-a/sqrt2)) / 2), a sum of non-negatives. a = -inf and b = +inf are allowed.
     """
     ops = backend(a)
-    # mirror the upper-tail case (a >= 0) onto the lower tail: Phi(b) - Phi(a) = Phi(-a) - Phi(-b)
-    upper = a >= 0
+    # mirror the upper-tail case (a > 0) onto the lower tail: Phi(b) - Phi(a) = Phi(-a) - Phi(-b)
+    upper = a > 0
     lo = ops.where(upper, -b, a)
     hi = ops.where(upper, -a, b)
-    straddle = (lo < 0) & (hi > 0)
+    straddle = (lo <= 0) & (hi >= 0)
     # both in the lower tail (hi <= 0): log Phi(hi) + log1mexp(log Phi(lo) - log Phi(hi))
     hi_t = ops.where(straddle, 0.0, hi)
     lhi = ops.log_ndtr(hi_t)
@@ -187,9 +187,19 @@ def log_diff_ndtr(a, b):
     tail = lhi + ops.where(
         near, ops.log(-ops.expm1(ops.where(near, y, -1.0))), ops.log1p(-ops.exp(ops.where(near, -1.0, y)))
     )
-    # straddling zero: (erf(hi/sqrt2) + erf(-lo/sqrt2)) / 2, a sum of positives
+    # straddling zero: the two tails t = Phi(lo) + Phi(-hi) are each <= 1/2. For t < 1/2,
+    # log1p(-t) keeps full relative precision when the bin holds nearly all the mass; else
+    # (erf(hi/sqrt2) + erf(-lo/sqrt2)) / 2, a sum of non-negatives, for narrow bins.
+    lo_s = ops.where(straddle, lo, -1.0)
+    hi_s = ops.where(straddle, hi, 1.0)
+    tails = ops.ndtr(lo_s) + ops.ndtr(-hi_s)
+    small = tails < 0.5
     r2 = math.sqrt(2.0)
-    mid = ops.log(0.5 * (ops.erf(ops.where(straddle, hi, 1.0) / r2) + ops.erf(-ops.where(straddle, lo, -1.0) / r2)))
+    mid = ops.where(
+        small,
+        ops.log1p(-ops.where(small, tails, 0.0)),
+        ops.log(0.5 * (ops.erf(ops.where(small, 1.0, hi_s) / r2) + ops.erf(-ops.where(small, -1.0, lo_s) / r2))),
+    )
     return ops.where(straddle, mid, tail)
 
 

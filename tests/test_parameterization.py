@@ -1,0 +1,60 @@
+"""eps <-> x0 <-> v <-> score conversions, against x_t = sqrt(abar) x0 + sqrt(1 - abar) eps
+built in the test, and the score against torch autograd of the closed-form log-density."""
+
+import math
+
+import numpy as np
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from numpy.testing import assert_allclose
+
+import diffmath as dm
+from diffmath import parameterization as P
+
+from _ref import abar_by_product, schedule_and_t
+
+
+@given(st_=schedule_and_t(max_T=10_000), seed=st.integers(0, 2**32 - 1))
+def test_round_trips(st_, seed):
+    s, t = st_
+    rng = np.random.default_rng(seed)
+    x0, eps = rng.standard_normal((2, 5)), rng.standard_normal((2, 5))
+    ab = abar_by_product(s.betas, t)
+    if ab < 1e-200:
+        return
+    xt = math.sqrt(ab) * x0 + math.sqrt(1 - ab) * eps
+    tol = dict(rtol=0, atol=1e-9 / math.sqrt(ab))  # x0 is amplified by 1/sqrt(abar) from x_t
+    assert_allclose(P.x0_from_eps(s, xt, t, eps), x0, **tol)
+    assert_allclose(P.eps_from_x0(s, xt, t, x0), eps, rtol=0, atol=1e-9 / math.sqrt(1 - ab))
+    v = P.v_from_x0_eps(s, t, x0, eps)
+    assert_allclose(v, math.sqrt(ab) * eps - math.sqrt(1 - ab) * x0, rtol=0, atol=1e-12)
+    assert_allclose(P.x0_from_v(s, xt, t, v), x0, rtol=0, atol=1e-9)
+    assert_allclose(P.eps_from_v(s, xt, t, v), eps, rtol=0, atol=1e-9)
+    score = P.score_from_eps(s, t, eps)
+    assert_allclose(P.eps_from_score(s, t, score), eps, rtol=1e-12)
+
+
+@given(st_=schedule_and_t(max_T=5000), seed=st.integers(0, 2**32 - 1))
+def test_score_is_gradient_of_log_q(st_, seed):
+    # score_from_eps = grad_{x_t} log N(x_t; sqrt(abar) x0, (1 - abar) I), by torch autograd.
+    s, t = st_
+    ab = abar_by_product(s.betas, t)
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    xt = torch.randn(3, 4, generator=g, dtype=torch.float64).requires_grad_(True)
+    logq = torch.distributions.Normal(math.sqrt(ab) * x0, math.sqrt(1 - ab)).log_prob(xt).sum()
+    (grad,) = torch.autograd.grad(logq, xt)
+    eps = (xt.detach() - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
+    ours = P.score_from_eps(s, torch.full((3,), t), eps)
+    assert isinstance(ours, torch.Tensor) and ours.dtype == torch.float64
+    torch.testing.assert_close(ours, grad, rtol=1e-10, atol=1e-10)
+
+
+def test_per_sample_t_broadcasts_over_trailing_dims():
+    s = dm.cosine_schedule(100)
+    xt, eps = np.ones((3, 2, 4, 4)), np.zeros((3, 2, 4, 4))
+    t = np.array([0, 50, 99])
+    out = P.x0_from_eps(s, xt, t, eps)
+    for i, ti in enumerate(t):
+        assert_allclose(out[i], 1 / math.sqrt(abar_by_product(s.betas, ti)), rtol=1e-12)
