@@ -1,10 +1,10 @@
 """diffmath: the mathematics of diffusion models, exact, checked and fast.
 
 Modules (one concept each): ``schedules``, ``forward``, ``posterior``, ``parameterization``,
-``gaussian``, ``losses``; see README.md and DESIGN.md for the conventions.
+``gaussian``, ``losses``, ``sde``, ``samplers``, ``oracle``, ``likelihood``; see README.md and DESIGN.md for the conventions.
 """
 
-from . import forward, gaussian, losses, parameterization, posterior, schedules
+from . import forward, gaussian, likelihood, losses, oracle, parameterization, posterior, samplers, schedules, sde
 from .schedules import (
     Schedule,
     betas_for_alpha_bar,
@@ -26,7 +26,11 @@ __all__ = [
     "forward",
     "gaussian",
     "linear_schedule",
+    "likelihood",
     "losses",
+    "oracle",
+    "samplers",
+    "sde",
     "named_schedule",
     "parameterization",
     "posterior",

@@ -152,13 +152,15 @@ def gaussian_kl(mu1, cov1, mu2, cov2):
 
 def _cholesky(c, name):
     if is_tensor(c):
-        if not bool(torch.allclose(c, c.transpose(-1, -2), rtol=1e-6, atol=0)):
+        atol = 1e-12 * float(c.abs().max()) if c.numel() else 0.0  # round-off in near-zero entries
+        if not bool(torch.allclose(c, c.transpose(-1, -2), rtol=1e-6, atol=atol)):
             raise ValueError(f"{name} must be symmetric")
         L, info = torch.linalg.cholesky_ex(c)
         if bool((info != 0).any()):
             raise ValueError(f"{name} must be positive definite (its Cholesky factorisation failed)")
         return L
-    if not np.allclose(c, np.swapaxes(c, -1, -2), rtol=1e-6, atol=0):
+    atol = 1e-12 * float(np.abs(c).max()) if c.size else 0.0  # round-off in near-zero entries
+    if not np.allclose(c, np.swapaxes(c, -1, -2), rtol=1e-6, atol=atol):
         raise ValueError(f"{name} must be symmetric")
     try:
         return np.linalg.cholesky(c)

@@ -1,0 +1,50 @@
+"""Samplers for diffusion and score-based models.
+
+Discrete (eps-prediction on a ``Schedule``): ``ddpm_step``/``sample_ddpm`` (Ho et al. 2020),
+``ddim_step``/``sample_ddim`` (Song, Meng & Ermon 2021).
+Continuous (score on an ``SDE``; Song et al. 2021): ``euler_maruyama_step``/``sample_sde``,
+``reverse_diffusion_step``, ``langevin_corrector_step``/``sample_pc``,
+``sample_ode`` (scipy ``solve_ivp``), ``heun_step``/``sample_ode_heun``.
+Langevin (Song & Ermon 2019): ``langevin_step``, ``annealed_langevin``.
+
+Step functions return the new sample only; loops take a model callable, a shape, a
+``numpy.random.Generator`` or ``torch.Generator``, ``progress`` (tqdm) and ``callback``.
+No loop modifies its inputs, so interrupting one (KeyboardInterrupt) leaves them intact.
+"""
+
+from .ddim import ddim_coefs, ddim_pairs, ddim_step, sample_ddim
+from .ddpm import ddpm_std, ddpm_step, sample_ddpm
+from .langevin import (
+    annealed_langevin,
+    annealed_step_sizes,
+    corrector_step_size,
+    geometric_sigmas,
+    langevin_corrector_step,
+    langevin_step,
+)
+from .ode import heun_step, sample_ode, sample_ode_heun
+from .sde_solvers import euler_maruyama_step, reverse_diffusion_step, sample_pc, sample_sde, time_grid
+
+__all__ = [
+    "annealed_langevin",
+    "annealed_step_sizes",
+    "corrector_step_size",
+    "ddim_coefs",
+    "ddim_pairs",
+    "ddim_step",
+    "ddpm_std",
+    "ddpm_step",
+    "euler_maruyama_step",
+    "geometric_sigmas",
+    "heun_step",
+    "langevin_corrector_step",
+    "langevin_step",
+    "reverse_diffusion_step",
+    "sample_ddim",
+    "sample_ddpm",
+    "sample_ode",
+    "sample_ode_heun",
+    "sample_pc",
+    "sample_sde",
+    "time_grid",
+]

@@ -1,0 +1,149 @@
+"""DDIM sampling (Song, Meng & Ermon 2021, "Denoising diffusion implicit models")."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .._array import check_float, check_like, check_schedule, check_t, gather_t, is_tensor, restore, upcast
+from ..parameterization import x0_from_eps
+from ..schedules import Schedule, timesteps
+from ..sde import _bcast
+from ._common import call_model, check_eta, check_steps, model_t, progress_bar, randn_like, start
+
+__all__ = ["ddim_step", "ddim_coefs", "ddim_pairs", "sample_ddim"]
+
+
+def _ext(table, first):
+    """Prepend the value at t_prev = -1 so index t_prev + 1 is valid for t_prev in [-1, T)."""
+    return np.concatenate([[first], np.asarray(table, dtype=np.float64)])
+
+
+def ddim_coefs(s: Schedule, t, t_prev, eta: float = 0.0):
+    """The three DDIM coefficients (sqrt(abar_prev), sqrt(1 - abar_prev - sigma^2), sigma),
+    float64 of t's shape (numpy, or tensors on t's device), with   (DDIM eq. 12, 16)
+
+        sigma = eta sqrt((1 - abar_prev)/(1 - abar_t)) sqrt(1 - abar_t/abar_prev),
+        abar_prev = alphas_cumprod[t_prev], or 1 for t_prev = -1.
+
+    Without cancellation: 1 - abar_t/abar_prev = -expm1(log abar_t - log abar_prev), and with
+    r = (1 - abar_t/abar_prev)/(1 - abar_t),  1 - abar_prev - sigma^2 = (1 - abar_prev)
+    ((1 - r) + (1 - eta^2) r), where 1 - r = abar_t (1 - abar_prev) / (abar_prev (1 - abar_t))
+    is a ratio of table entries; both terms are >= 0 for eta <= 1. For eta > 1 the
+    coefficient must stay real, else ValueError.
+    """
+    check_schedule(s)
+    eta = check_eta(eta)
+    T = s.num_timesteps
+    t = check_t(t, T)
+    t_prev = check_t(t_prev, T, name="t_prev", lo=-1)
+    tp1 = t_prev + 1
+    like = t if is_tensor(t) else (t_prev if is_tensor(t_prev) else None)
+    lab_t = gather_t(s.log_alphas_cumprod, t, like)
+    l1m_t = gather_t(s.log_one_minus_alphas_cumprod, t, like)
+    lab_p = gather_t(_ext(s.log_alphas_cumprod, 0.0), tp1, like)
+    with np.errstate(divide="ignore"):
+        l1m_p = gather_t(_ext(s.log_one_minus_alphas_cumprod, -np.inf), tp1, like)
+    bad = t_prev >= t
+    if bool(bad.any()) if not isinstance(bad, bool) else bad:
+        tt = t if isinstance(t, int) else t[bad] if isinstance(bad, (np.ndarray, torch.Tensor)) else t
+        tp = t_prev if isinstance(t_prev, int) else t_prev[bad]
+        tt = int(tt) if isinstance(tt, int) else int(tt.reshape(-1)[0])
+        tp = int(tp) if isinstance(tp, int) else int(tp.reshape(-1)[0])
+        raise ValueError(f"t_prev must be < t (a DDIM step goes backward in time); got t = {tt}, t_prev = {tp}")
+    exp = torch.exp if is_tensor(lab_t) else np.exp
+    expm1 = torch.expm1 if is_tensor(lab_t) else np.expm1
+    sqrt = torch.sqrt if is_tensor(lab_t) else np.sqrt
+    one_m_ratio = -expm1(lab_t - lab_p)  # 1 - abar_t/abar_prev = beta_hat
+    r = one_m_ratio * exp(-l1m_t)  # beta_hat / (1 - abar_t), in [0, 1]
+    one_m_abar_p = exp(l1m_p)
+    one_m_r = exp(lab_t - lab_p + l1m_p - l1m_t)
+    c2 = one_m_abar_p * (one_m_r + (1.0 - eta**2) * r)
+    if bool((c2 < 0).any()) if not isinstance(c2, float) else c2 < 0:
+        raise ValueError(
+            f"eta = {eta} makes sigma^2 exceed 1 - abar_prev at some step (sqrt(1 - abar_prev - sigma^2) "
+            "is not real); use eta in [0, 1]"
+        )
+    return exp(0.5 * lab_p), sqrt(c2), eta * sqrt(one_m_abar_p * r)
+
+
+def ddim_step(s: Schedule, x_t, t, t_prev, eps, noise=None, eta: float = 0.0):
+    """One DDIM step x_t -> x_{t_prev}   (DDIM eq. 12 with sigma from eq. 16):
+
+    x0     = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps
+    x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma noise
+    sigma  = eta sqrt((1 - abar_prev)/(1 - abar_t)) sqrt(1 - abar_t/abar_prev)
+
+    eta = 0 is deterministic DDIM; eta = 1 gives sigma^2 = the posterior variance of the
+    (respaced) chain t -> t_prev, i.e. DDPM with variance "small". ``t_prev = -1`` is the
+    final step to x0 (abar_prev = 1, sigma = 0). x_t, eps, noise: (B, ...); t, t_prev: ints
+    or integer arrays (B,), t_prev < t. ``noise`` ~ N(0, I) is required iff eta > 0 and some
+    t_prev >= 0. Returns x_{t_prev} with x_t's shape and dtype.
+    """
+    check_schedule(s)
+    eta = check_eta(eta)
+    x_t = check_float(x_t, "x_t")
+    eps = check_like(eps, x_t, "eps", "x_t")
+    T = s.num_timesteps
+    t = check_t(t, T, x_t)
+    t_prev = check_t(t_prev, T, x_t, name="t_prev", lo=-1)
+    xc, ec = upcast(x_t), upcast(eps)
+    like = xc if is_tensor(xc) else None
+    if like is not None:
+        t = torch.as_tensor(t, device=xc.device) if not isinstance(t, int) else t
+        t_prev = torch.as_tensor(t_prev, device=xc.device) if not isinstance(t_prev, int) else t_prev
+    a_prev, c_eps, sigma = ddim_coefs(s, t, t_prev, eta)
+    x0 = x0_from_eps(s, xc, t, ec)
+    out = _bcast(a_prev, xc) * x0 + _bcast(c_eps, xc) * ec
+    needs_noise = eta > 0 and (t_prev >= 0 if isinstance(t_prev, int) else bool((t_prev >= 0).any()))
+    if needs_noise:
+        if noise is None:
+            raise ValueError(f"noise is required for DDIM with eta = {eta} > 0 on a step with t_prev >= 0")
+        noise = check_like(noise, x_t, "noise", "x_t")
+        out = out + _bcast(sigma, xc) * upcast(noise)
+    return restore(out, x_t)
+
+
+def ddim_pairs(T: int, steps: int, spacing: str = "leading"):
+    """The (t, t_prev) pairs of a DDIM loop: ``timesteps(T, steps, spacing)`` stepped from each
+    element to the next and from the last to -1 (DESIGN.md, "Timesteps")."""
+    ts = timesteps(T, steps, spacing).tolist()
+    return list(zip(ts, ts[1:] + [-1]))
+
+
+def sample_ddim(
+    eps_model,
+    s: Schedule,
+    shape=None,
+    *,
+    steps: int = 50,
+    eta: float = 0.0,
+    spacing: str = "leading",
+    generator=None,
+    progress: bool = False,
+    callback=None,
+    x_T=None,
+):
+    """DDIM sampling (Song et al. 2021, Sec. 4.2 / eq. 12): x_T ~ N(0, I), then ``ddim_step``
+    over ``timesteps(T, steps, spacing)`` (leading | trailing | linspace) and a final noiseless
+    step to t_prev = -1.
+
+    ``eps_model(x, t)`` gets t as an integer array of shape (B,) of x's kind (the original
+    index via ``s.timestep_map`` if ``s`` is itself respaced). ``generator``:
+    numpy.random.Generator or torch.Generator; ``x_T`` optionally the start (not modified).
+    ``callback(t=, x=, eps=)`` after each step. Returns x_0 of ``shape``.
+    """
+    check_schedule(s)
+    eta = check_eta(eta)
+    if not callable(eps_model):
+        raise TypeError(f"eps_model must be callable eps_model(x, t); got {type(eps_model).__name__}")
+    steps = check_steps(steps, s.num_timesteps)
+    pairs = ddim_pairs(s.num_timesteps, steps, spacing)
+    x, generator = start(shape, generator, x_T)
+    for t, t_prev in progress_bar(pairs, len(pairs), progress, "DDIM"):
+        eps = call_model(eps_model, x, model_t(s.timestep_map[t], x), "eps_model")
+        noise = randn_like(x, generator) if (eta > 0 and t_prev >= 0) else None
+        x = ddim_step(s, x, t, t_prev, eps, noise=noise, eta=eta)
+        if callback is not None:
+            callback(t=t, x=x, eps=eps)
+    return x

@@ -1,0 +1,119 @@
+"""Ancestral sampling of DDPM (Ho et al. 2020, Alg. 2) with eps-prediction."""
+
+from __future__ import annotations
+
+import numbers
+import math
+
+import numpy as np
+
+from .._array import backend, check_float, check_like, check_schedule, check_t, gather, restore, upcast
+from ..parameterization import x0_from_eps
+from ..posterior import q_posterior_mean_variance
+from ..schedules import Schedule, timesteps
+from ._common import call_model, check_steps, model_t, progress_bar, randn_like, start
+
+__all__ = ["ddpm_step", "sample_ddpm", "ddpm_std"]
+
+
+def _check_variance(variance):
+    if variance not in ("small", "large"):
+        raise ValueError(f"variance must be 'small' (beta_tilde, posterior) or 'large' (beta); got {variance!r}")
+
+
+def _check_clip(clip_x0):
+    if clip_x0 is None:
+        return None
+    if isinstance(clip_x0, (bool, np.bool_)) or not isinstance(clip_x0, numbers.Real):
+        raise TypeError(f"clip_x0 must be None or a positive float; got {clip_x0!r}")
+    c = float(clip_x0)
+    if not (math.isfinite(c) and c > 0):
+        raise ValueError(f"clip_x0 must be None or a finite float > 0; got clip_x0 = {c}")
+    return c
+
+
+def ddpm_std(s: Schedule, variance: str = "small") -> np.ndarray:
+    """The per-step noise std table of the DDPM sampler (float64, shape (T,)):
+    exp(posterior_log_variance_clipped / 2) ("small", beta_tilde) or sqrt(beta) ("large"),
+    with entry 0 set to 0 (DDPM adds no noise at t = 0; Ho et al. 2020, Alg. 2)."""
+    check_schedule(s)
+    _check_variance(variance)
+    std = np.exp(0.5 * s.posterior_log_variance_clipped) if variance == "small" else np.sqrt(s.betas)
+    std = std.copy()
+    std[0] = 0.0
+    return std
+
+
+def ddpm_step(s: Schedule, x_t, t, eps, noise=None, variance: str = "small", clip_x0=None):
+    """One ancestral step x_t -> x_{t-1} ~ N(mean, std^2 I)   (DDPM Alg. 2, eq. 6-7, 11, 15):
+
+    x0   = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps,  clipped to [-c, c] if clip_x0 = c
+    mean = posterior_mean_coef1[t] x0 + posterior_mean_coef2[t] x_t
+    std  = exp(posterior_log_variance_clipped[t] / 2)  ("small", beta_tilde_t)
+           sqrt(beta_t)                                ("large")
+    x_{t-1} = mean + std * noise, and std = 0 at t = 0 (no noise on the last step).
+
+    x_t, eps, noise: shape (B, ...); t: int or integer array (B,). ``noise`` ~ N(0, I) is
+    required where t > 0. Returns x_{t-1} with x_t's shape and dtype.
+    """
+    check_schedule(s)
+    _check_variance(variance)
+    c = _check_clip(clip_x0)
+    x_t = check_float(x_t, "x_t")
+    eps = check_like(eps, x_t, "eps", "x_t")
+    t = check_t(t, s.num_timesteps, x_t)
+    xc, ec = upcast(x_t), upcast(eps)
+    x0 = x0_from_eps(s, xc, t, ec)
+    if c is not None:
+        x0 = backend(x0).clip(x0, -c, c)
+    mean = q_posterior_mean_variance(s, x0, xc, t)[0]
+    any_noise = (t > 0) if isinstance(t, int) else bool((t > 0).any())
+    if not any_noise:
+        return restore(mean, x_t)
+    if noise is None:
+        raise ValueError("noise is required for a DDPM step with t > 0 (noise ~ N(0, I) of x_t's shape)")
+    noise = check_like(noise, x_t, "noise", "x_t")
+    return restore(mean + gather(ddpm_std(s, variance), t, xc) * upcast(noise), x_t)
+
+
+def sample_ddpm(
+    eps_model,
+    s: Schedule,
+    shape=None,
+    *,
+    variance: str = "small",
+    clip_x0=None,
+    steps=None,
+    spacing: str = "leading",
+    generator=None,
+    progress: bool = False,
+    callback=None,
+    x_T=None,
+):
+    """DDPM ancestral sampling (Ho et al. 2020, Alg. 2): x_T ~ N(0, I), then ``ddpm_step``
+    for t = T-1, ..., 0 (no noise at t = 0).
+
+    With ``steps`` < T, DDPM on the respaced schedule ``s.respace(timesteps(T, steps,
+    spacing))`` (Improved DDPM, Sec. 4): betas 1 - abar_t/abar_prev, "large" is that beta.
+    ``eps_model(x, t)`` gets t as an integer array of shape (B,) of x's kind holding the
+    ORIGINAL index (``timestep_map``). ``generator``: numpy.random.Generator (numpy loop) or
+    torch.Generator (torch loop); ``x_T`` optionally gives the start (it is not modified).
+    ``callback(t=, x=, eps=)`` runs after each step with the new x. Returns x_0 of ``shape``.
+    """
+    check_schedule(s)
+    _check_variance(variance)
+    _check_clip(clip_x0)
+    if not callable(eps_model):
+        raise TypeError(f"eps_model must be callable eps_model(x, t); got {type(eps_model).__name__}")
+    if steps is not None:
+        check_steps(steps, s.num_timesteps)
+        s = s.respace(timesteps(s.num_timesteps, steps, spacing))
+    x, generator = start(shape, generator, x_T)
+    T = s.num_timesteps
+    for t in progress_bar(range(T - 1, -1, -1), T, progress, "DDPM"):
+        eps = call_model(eps_model, x, model_t(s.timestep_map[t], x), "eps_model")
+        noise = randn_like(x, generator) if t > 0 else None
+        x = ddpm_step(s, x, t, eps, noise, variance=variance, clip_x0=clip_x0)
+        if callback is not None:
+            callback(t=t, x=x, eps=eps)
+    return x

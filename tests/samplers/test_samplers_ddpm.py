@@ -1,0 +1,137 @@
+"""DDPM ancestral steps against Bayes' rule evaluated in mpmath from the betas alone
+(Ho et al. 2020, eq. 6-7), and the loop's respacing against Improved DDPM's definition."""
+
+from __future__ import annotations
+
+import mpmath as mp
+import numpy as np
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from numpy.testing import assert_allclose
+
+from diffmath.samplers import ddpm_step, sample_ddpm
+from diffmath.schedules import Schedule, cosine_schedule, linear_schedule, timesteps
+
+
+def _ref_step(betas, t, x_t, eps, noise, variance, clip=None):
+    """x_{t-1} from Bayes: q(x_{t-1} | x_t, x0) prop. to q(x_t | x_{t-1}) q(x_{t-1} | x0)."""
+    mp.mp.dps = 40
+    b = [mp.mpf(float(v)) for v in betas]
+    abar = mp.mpf(1)
+    for j in range(t + 1):
+        abar *= 1 - b[j]
+    abar_prev = abar / (1 - b[t])
+    out = []
+    for xi, ei, ni in zip(x_t, eps, noise):
+        x0 = (mp.mpf(float(xi)) - mp.sqrt(1 - abar) * mp.mpf(float(ei))) / mp.sqrt(abar)
+        if clip is not None:
+            x0 = min(max(x0, -clip), clip)
+        if t == 0:
+            out.append(x0)
+            continue
+        prec = 1 / (1 - abar_prev) + (1 - b[t]) / b[t]
+        mean = (mp.sqrt(abar_prev) * x0 / (1 - abar_prev) + mp.sqrt(1 - b[t]) * mp.mpf(float(xi)) / b[t]) / prec
+        std = mp.sqrt(1 / prec) if variance == "small" else mp.sqrt(b[t])
+        out.append(mean + std * mp.mpf(float(ni)))
+    return np.array([float(v) for v in out])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    T=st.integers(1, 1500),
+    lo=st.floats(1e-7, 1e-2),
+    hi=st.floats(1e-3, 0.999),
+    frac=st.floats(0, 1),
+    variance=st.sampled_from(["small", "large"]),
+    seed=st.integers(0, 2**16),
+)
+def test_ddpm_step_is_bayes_rule(T, lo, hi, frac, variance, seed):
+    betas = np.linspace(lo, max(lo, hi), T)
+    s = Schedule.from_betas(betas)
+    t = min(int(frac * T), T - 1)
+    assume(s.alphas_cumprod[t] > 1e-20)
+    rng = np.random.default_rng(seed)
+    x, e, z = rng.normal(size=(3, 5))
+    ours = ddpm_step(s, x, t, e, z, variance=variance)
+    ref = _ref_step(betas, t, x, e, z, variance)
+    scale = (np.abs(x) + np.abs(e)) / np.sqrt(s.alphas_cumprod[t]) + 1
+    assert_allclose(ours, ref, rtol=1e-11, atol=1e-12 * scale.max())
+
+
+def test_no_noise_at_t0_and_clipping():
+    s = linear_schedule(100)
+    x, e = np.array([0.3, -2.0, 5.0]), np.array([40.0, -40.0, 0.1])
+    z = np.ones(3)
+    assert_allclose(ddpm_step(s, x, 0, e, z), ddpm_step(s, x, 0, e, None), rtol=0, atol=0)
+    assert_allclose(ddpm_step(s, x, 0, e, None), _ref_step(s.betas, 0, x, e, z, "small"), rtol=1e-12)
+    for t in (0, 1, 50):
+        ours = ddpm_step(s, x, t, e, z, variance="large", clip_x0=1.0)
+        assert_allclose(ours, _ref_step(s.betas, t, x, e, z, "large", clip=1.0), rtol=1e-11, atol=1e-13)
+
+
+def test_batched_t_matches_per_sample_calls_and_torch():
+    s = cosine_schedule(200)
+    rng = np.random.default_rng(0)
+    x, e, z = rng.normal(size=(3, 4, 2, 2))
+    t = np.array([0, 1, 100, 199])
+    out = ddpm_step(s, x, t, e, z, variance="small")
+    for i in range(4):
+        assert_allclose(out[i], ddpm_step(s, x[i : i + 1], int(t[i]), e[i : i + 1], z[i : i + 1])[0], rtol=1e-14)
+    tt = ddpm_step(s, torch.tensor(x), torch.tensor(t), torch.tensor(e), torch.tensor(z))
+    assert_allclose(tt.numpy(), out, rtol=1e-13)
+    t32 = ddpm_step(s, torch.tensor(x, dtype=torch.float32), torch.tensor(t), torch.tensor(e, dtype=torch.float32),
+                    torch.tensor(z, dtype=torch.float32))
+    assert t32.dtype == torch.float32
+    assert float((t32.double() - tt).norm() / tt.norm()) < 1e-6
+
+
+def test_sample_ddpm_respaced_calls_the_model_with_original_indices():
+    s = linear_schedule(1000)
+    seen = []
+
+    def model(x, t):
+        assert t.shape == (x.shape[0],) and t.dtype == np.int64
+        seen.append(int(t[0]))
+        return np.zeros_like(x)
+
+    for spacing in ("leading", "trailing", "linspace"):
+        seen.clear()
+        sample_ddpm(model, s, (3, 2), steps=25, spacing=spacing, generator=np.random.default_rng(0))
+        assert seen == timesteps(1000, 25, spacing).tolist()
+
+
+def test_sample_ddpm_respaced_equals_ddpm_on_the_respaced_schedule():
+    # DDPM with `steps` = DDPM on s.respace(ts) (Improved DDPM, Sec. 4): betas 1 - abar_t/abar_prev.
+    s = linear_schedule(1000)
+    ts = timesteps(1000, 10, "leading")
+    sr = s.respace(ts)
+    abar = s.alphas_cumprod[np.sort(ts)]
+    assert_allclose(sr.betas, 1 - abar / np.concatenate([[1.0], abar[:-1]]), rtol=1e-12)
+
+    def model(x, t):
+        return 0.1 * x + 0.01 * t[:, None]
+
+    a = sample_ddpm(model, s, (4, 3), steps=10, variance="large", generator=np.random.default_rng(5))
+    b = sample_ddpm(model, sr, (4, 3), variance="large", generator=np.random.default_rng(5))
+    assert_allclose(a, b, rtol=1e-15)
+
+
+def test_bad_input():
+    s = linear_schedule(10)
+    x = np.ones((2, 3))
+    with pytest.raises(ValueError, match="noise is required"):
+        ddpm_step(s, x, 3, x, None)
+    with pytest.raises(ValueError, match=r"variance must be 'small'.*'medium'"):
+        ddpm_step(s, x, 3, x, x, variance="medium")
+    with pytest.raises(ValueError, match=r"clip_x0 must be .*> 0; got clip_x0 = -1.0"):
+        ddpm_step(s, x, 3, x, x, clip_x0=-1.0)
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 10\).*t = 10"):
+        ddpm_step(s, x, 10, x, x)
+    with pytest.raises(ValueError, match=r"steps must lie in \[1, 10\]; got steps = 11"):
+        sample_ddpm(lambda y, t: y, s, (2, 3), steps=11)
+    with pytest.raises(ValueError, match=r"steps must lie in \[1, 10\]; got steps = 0"):
+        sample_ddpm(lambda y, t: y, s, (2, 3), steps=0)
+    with pytest.raises(ValueError, match=r"eps_model returned shape \(2, 1\) but x has shape \(2, 3\)"):
+        sample_ddpm(lambda y, t: y[:, :1], s, (2, 3))

@@ -1,0 +1,60 @@
+"""`diffmath verify`: the table is recomputed and its orderings asserted (those of DDIM's
+Table 1 and of the solvers' orders), and the JSON/PNG outputs are checked."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from diffmath import verify
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    d = tmp_path_factory.mktemp("verify")
+    out = verify.run(json_path=str(d / "v.json"), plot_path=str(d / "v.png"))
+    return out, d
+
+
+def test_layout_and_files(result, capsys):
+    out, d = result
+    tabs = out["tables"]
+    assert set(tabs["leading"]) == {"eta=0.0", "eta=0.2", "eta=0.5", "eta=1.0", "ddpm_large"}
+    assert set(tabs["sde"]) == {"euler_maruyama", "predictor_corrector", "probability_flow_heun"}
+    for table in tabs.values():
+        for row in table.values():
+            assert list(row) == ["10", "20", "50", "100", "1000"]
+            assert all(v > 0 and v < float("inf") for v in row.values())
+    on_disk = json.loads((d / "v.json").read_text())
+    assert on_disk["tables"] == tabs
+    assert (d / "v.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_orderings(result):
+    lead, sde = result[0]["tables"]["leading"], result[0]["tables"]["sde"]
+    etas = ["eta=0.0", "eta=0.2", "eta=0.5", "eta=1.0"]
+    # DDIM Table 1: at few steps, more stochasticity is worse and DDPM's large variance worst ...
+    for n in ("10", "20", "50", "100"):
+        vals = [lead[e][n] for e in etas]
+        assert vals == sorted(vals), (n, vals)
+    for n in ("10", "20"):
+        assert lead["ddpm_large"][n] > lead["eta=1.0"][n]
+    # ... while with all 1000 steps DDPM with the large variance is best.
+    assert lead["ddpm_large"]["1000"] < min(lead[e]["1000"] for e in etas)
+    # every discrete row improves with steps
+    for row in lead.values():
+        vals = [row[n] for n in ("10", "20", "50", "100", "1000")]
+        assert all(a > b for a, b in zip(vals, vals[1:])), vals
+    # the second-order deterministic Heun beats first-order Euler-Maruyama at 10 and 100 steps
+    for n in ("10", "100"):
+        assert sde["probability_flow_heun"][n] < sde["euler_maruyama"][n]
+    for row in sde.values():
+        assert row["1000"] < row["10"] / 100
+
+
+def test_main_parses_arguments(tmp_path, monkeypatch):
+    calls = {}
+    monkeypatch.setattr(verify, "run", lambda **kw: calls.update(kw) or {})
+    assert verify.main(["--json", str(tmp_path / "a.json"), "--plot", str(tmp_path / "b.png")]) == 0
+    assert calls == {"json_path": str(tmp_path / "a.json"), "plot_path": str(tmp_path / "b.png"), "progress": False}
