@@ -11,6 +11,8 @@ With x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps  (DDPM eq. 4):
 
 from __future__ import annotations
 
+import numpy as np
+
 from ._array import check_float, check_like, check_schedule, check_t, gather, restore, upcast
 from .schedules import Schedule
 
@@ -25,16 +27,40 @@ def _prep(s, a, an, b, bn, t):
     return a, b, t, upcast(a), upcast(b)
 
 
+def _t_numpy(t) -> np.ndarray:
+    return np.asarray(t.detach().cpu() if hasattr(t, "detach") else t)
+
+
+def _check_signal(s: Schedule, t, what: str):
+    """abar_t = 0 (zero terminal SNR) carries no signal: x_t is pure noise and x0 cannot be
+    recovered from eps (Lin et al. 2024 use v-prediction there). Raise instead of a NaN."""
+    tn = _t_numpy(t)
+    zero = s.alphas_cumprod[tn] == 0
+    if np.any(zero):
+        bad = int(tn.reshape(-1)[np.argmax(zero.reshape(-1))])
+        raise ValueError(
+            f"{what} is undefined at t = {bad}, where alphas_cumprod = 0 (zero terminal SNR): x_t holds no "
+            "signal; predict v (x0_from_v) or x0 there instead of eps"
+        )
+
+
 def x0_from_eps(s: Schedule, x_t, t, eps):
-    """x0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps   (DDPM eq. 15). Shapes (B, ...)."""
+    """x0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps   (DDPM eq. 15). Shapes (B, ...).
+    Raises ValueError where abar_t = 0 (zero terminal SNR), where x0 is not determined."""
     x_t, eps, t, xc, ec = _prep(s, x_t, "x_t", eps, "eps", t)
+    _check_signal(s, t, "x0_from_eps")
     out = gather(s.sqrt_recip_alphas_cumprod, t, xc) * xc - gather(s.sqrt_recipm1_alphas_cumprod, t, xc) * ec
     return restore(out, x_t)
 
 
 def eps_from_x0(s: Schedule, x_t, t, x0):
-    """eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t) = (sqrt(1/abar_t) x_t - x0) / sqrt(1/abar_t - 1)."""
+    """eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t) = (sqrt(1/abar_t) x_t - x0) / sqrt(1/abar_t - 1).
+    At abar_t = 0 (zero terminal SNR) eps = x_t exactly, returned as such."""
     x_t, x0, t, xc, x0c = _prep(s, x_t, "x_t", x0, "x0", t)
+    if np.any(s.alphas_cumprod[_t_numpy(t)] == 0):
+        # (x_t - sqrt(abar) x0)/sqrt(1 - abar) without the inf/inf of the second form
+        out = (xc - gather(s.sqrt_alphas_cumprod, t, xc) * x0c) / gather(s.sqrt_one_minus_alphas_cumprod, t, xc)
+        return restore(out, x_t)
     out = (gather(s.sqrt_recip_alphas_cumprod, t, xc) * xc - x0c) / gather(s.sqrt_recipm1_alphas_cumprod, t, xc)
     return restore(out, x_t)
 

@@ -58,3 +58,17 @@ def test_per_sample_t_broadcasts_over_trailing_dims():
     out = P.x0_from_eps(s, xt, t, eps)
     for i, ti in enumerate(t):
         assert_allclose(out[i], 1 / math.sqrt(abar_by_product(s.betas, ti)), rtol=1e-12)
+
+
+def test_zero_terminal_snr_eps_cannot_give_x0_but_v_can():
+    s = dm.rescale_zero_terminal_snr(dm.linear_schedule(100))
+    xt, eps = np.ones((2, 3)), np.zeros((2, 3))
+    t = np.array([5, 99])
+    with np.testing.assert_raises_regex(ValueError, "undefined at t = 99, where alphas_cumprod = 0"):
+        P.x0_from_eps(s, xt, t, eps)
+    # v-prediction is well defined there: x0 = sqrt(abar) x_t - sqrt(1 - abar) v = -v
+    v = np.full((2, 3), 0.25)
+    out = P.x0_from_v(s, xt, t, v)
+    assert np.all(np.isfinite(out)) and np.allclose(out[1], -0.25)
+    # eps_from_x0 at abar = 0 is x_t itself, not inf/inf
+    assert np.allclose(P.eps_from_x0(s, xt, t, np.zeros((2, 3)))[1], 1.0)
