@@ -1,0 +1,307 @@
+"""Dispatch, input validation, device-side schedule tables and the torch path's noise stream,
+shared by every kernel family in ``diffmath.kernels``.
+
+Dispatch (``DIFFMATH_KERNELS``, read at every call):
+
+- ``auto`` (default): the Triton kernel for CUDA tensors of dtype float32/float16/bfloat16,
+  the torch path otherwise (CPU tensors, float64, Triton not installed);
+- ``triton``: always the Triton kernel; CPU tensors need the Triton interpreter
+  (``TRITON_INTERPRET=1`` set before ``triton`` and ``diffmath.kernels`` are imported);
+- ``torch``: always the torch path.
+
+Noise streams. The Triton path draws element i of a call's contiguous output from Philox
+draw number ``offset + i`` under ``seed`` (see ``_tile.py``). The torch path draws
+``torch.randn(shape, generator=G)`` with ``G`` a generator on the data's device seeded with
+``stream_seed(seed, offset)``, so a call with the same ``(seed, offset)`` and the same number
+of elements regenerates the same noise (what ``simple_loss`` needs); its draws do not shift
+with ``offset`` the way the Philox stream does, and a CPU generator keeps only 32 bits of its
+seed (docs/kernels.md). With ``noise=`` both paths compute the same result up to float32
+rounding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import numbers
+import os
+import struct
+import threading
+import weakref
+
+import numpy as np
+import torch
+
+from ..schedules import Schedule
+
+__all__ = [
+    "use_triton",
+    "check_x",
+    "check_like_x",
+    "check_noise_args",
+    "check_index",
+    "device_table",
+    "host_table",
+    "stream_seed",
+    "torch_normal",
+    "MAX_OFFSET",
+]
+
+try:  # Triton is optional: without it every call takes the torch path.
+    import triton  # noqa: F401
+
+    HAVE_TRITON = True
+except Exception:  # pragma: no cover - depends on the install
+    HAVE_TRITON = False
+
+#: float dtypes the Triton kernels take (math in float32); float64 always takes the torch path.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = KERNEL_DTYPES + (torch.float64,)
+#: offset + numel must stay below this (the Philox counter is kept in a signed 64-bit int).
+MAX_OFFSET = 2**62
+_MODES = ("auto", "triton", "torch")
+_INT_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8})
+
+
+def _interpreting(kernel) -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(kernel, InterpretedFunction)
+
+
+def use_triton(x: torch.Tensor, kernel=None) -> bool:
+    """Whether a call on ``x`` takes the Triton path (see the module docstring)."""
+    mode = os.environ.get("DIFFMATH_KERNELS") or "auto"
+    if mode not in _MODES:
+        mode = mode.strip().lower() or "auto"
+        if mode not in _MODES:
+            raise ValueError(f"DIFFMATH_KERNELS must be one of {', '.join(_MODES)}; got {mode!r}")
+    if mode == "torch":
+        return False
+    if mode == "auto":
+        return HAVE_TRITON and x.is_cuda and x.dtype in KERNEL_DTYPES
+    if not HAVE_TRITON:
+        raise RuntimeError("DIFFMATH_KERNELS=triton but triton is not importable; install triton or use DIFFMATH_KERNELS=auto")
+    if x.dtype not in KERNEL_DTYPES:
+        raise TypeError(
+            f"the Triton kernels take float32, float16 or bfloat16 tensors; got {x.dtype} "
+            "(float64 runs on the torch path: DIFFMATH_KERNELS=auto or torch)"
+        )
+    if x.device.type == "cpu":
+        if not _interpreting_kernel(kernel):
+            raise RuntimeError(
+                "DIFFMATH_KERNELS=triton with CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+                "before importing triton and diffmath.kernels (or use a CUDA tensor, or DIFFMATH_KERNELS=auto)"
+            )
+    elif not x.is_cuda:
+        raise RuntimeError(f"DIFFMATH_KERNELS=triton supports CUDA tensors (or CPU with TRITON_INTERPRET=1); got {x.device}")
+    return True
+
+
+def _interpreting_kernel(kernel) -> bool:
+    return kernel is not None and _interpreting(kernel)
+
+
+# ----------------------------------------------------------------------------- validation
+def check_x(x, name: str, grad_ok: bool = False) -> torch.Tensor:
+    """A floating-point torch tensor of a supported dtype (not requiring grad unless ``grad_ok``)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a torch tensor; got {type(x).__name__} (the numpy versions live in diffmath.forward, "
+            "diffmath.samplers and diffmath.losses)"
+        )
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a float32, float16, bfloat16 or float64 tensor; got dtype {x.dtype}")
+    if x.requires_grad and torch.is_grad_enabled() and not grad_ok:
+        raise ValueError(
+            f"{name} requires grad: the fused noising/sampler kernels build no autograd graph; call them under "
+            "torch.no_grad() or pass a detached tensor (diffmath.forward / diffmath.samplers are differentiable)"
+        )
+    return x
+
+
+def check_like_x(y, x: torch.Tensor, name: str, xname: str) -> torch.Tensor:
+    """``y``: a float tensor on x's device with x's shape (any supported float dtype)."""
+    y = check_x(y, name)
+    if y.device != x.device:
+        raise ValueError(f"{name} is on {y.device} but {xname} is on {x.device}; move them to one device")
+    if y.shape != x.shape:
+        raise ValueError(f"{name} must have the shape of {xname} {tuple(x.shape)}; got {tuple(y.shape)}")
+    return y
+
+
+def _check_int(v, name: str, lo: int, hi: int) -> int:
+    if type(v) is int and lo <= v < hi:
+        return v
+    if isinstance(v, torch.Tensor) and v.ndim == 0 and not v.is_floating_point() and v.dtype != torch.bool:
+        v = int(v.item())
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an integer in [{lo}, {hi}); got {v!r}")
+    v = int(v)
+    if not lo <= v < hi:
+        raise ValueError(f"{name} must lie in [{lo}, {hi}); got {name} = {v}")
+    return v
+
+
+def check_noise_args(noise, seed, offset, x: torch.Tensor, xname: str, needed: bool = True):
+    """Validate the ``noise=`` / ``seed=`` / ``offset=`` keywords of a noisy kernel.
+
+    Returns ``(noise, seed, offset)`` with ``noise`` a tensor or None, ``seed`` an int or None.
+    """
+    if noise is not None and seed is not None:
+        raise ValueError("pass either noise= (an explicit N(0, I) tensor) or seed= (in-kernel noise), not both")
+    offset = _check_int(offset, "offset", 0, MAX_OFFSET)
+    if offset + x.numel() > MAX_OFFSET:
+        raise ValueError(f"offset + numel must stay below 2**62; got offset = {offset}, numel = {x.numel()}")
+    if noise is not None:
+        return check_like_x(noise, x, "noise", xname), None, offset
+    if seed is None:
+        if needed:
+            raise ValueError(
+                "this step needs noise: pass seed=<int in [0, 2**64)> to draw it in the kernel "
+                f"(Philox, keyed by seed and offset) or noise=<tensor of {xname}'s shape> with N(0, I) draws"
+            )
+        return None, None, offset
+    return None, _check_int(seed, "seed", 0, 2**64), offset
+
+
+def check_index(t, T: int, x: torch.Tensor, name: str = "t", lo: int = 0):
+    """A discrete timestep index: python int, 0-d integer tensor (-> int) or an integer tensor
+    of shape (B,) matching x's batch, in [lo, T). Tensors are moved to x's device (int64).
+
+    Returns ``(t, tmin, tmax)`` with t an int or a (B,) int64 tensor on x's device.
+    """
+    if isinstance(t, np.ndarray):
+        if not np.issubdtype(t.dtype, np.integer):
+            raise TypeError(f"{name} must be an integer timestep index; got dtype {t.dtype}")
+        t = torch.from_numpy(np.ascontiguousarray(t))
+    if isinstance(t, torch.Tensor):
+        if t.dtype not in _INT_DTYPES:
+            raise TypeError(f"{name} must be an integer tensor of timestep indices; got dtype {t.dtype}")
+        if t.ndim == 0:
+            t = int(t.item())
+        else:
+            if t.ndim != 1:
+                raise ValueError(f"{name} must be a scalar or have shape (B,); got shape {tuple(t.shape)}")
+            if x.ndim == 0 or t.shape[0] != x.shape[0]:
+                raise ValueError(
+                    f"a batch of {t.shape[0]} timesteps {name} must match the batch of x; x has shape {tuple(x.shape)}"
+                )
+            if t.dtype != torch.long or t.device != x.device:
+                t = t.to(device=x.device, dtype=torch.long)
+            if t.numel() == 0:
+                return t, lo, lo
+            tmin, tmax = torch.aminmax(t)
+            tmin, tmax = int(tmin), int(tmax)
+            if tmin < lo or tmax >= T:
+                bad = tmin if tmin < lo else tmax
+                raise ValueError(f"{name} must lie in [{lo}, {T}) for a schedule of {T} steps; got {name} = {bad}")
+            return (t if t.is_contiguous() else t.contiguous()), tmin, tmax
+    if isinstance(t, (bool, np.bool_)) or not isinstance(t, numbers.Integral):
+        raise TypeError(f"{name} must be an integer timestep index (int or integer tensor of shape (B,)); got {t!r:.60}")
+    ti = int(t)
+    if not lo <= ti < T:
+        raise ValueError(f"{name} must lie in [{lo}, {T}) for a schedule of {T} steps; got {name} = {ti}")
+    return ti, ti, ti
+
+
+def check_schedule(s):
+    if not isinstance(s, Schedule):
+        raise TypeError(f"s must be a diffmath.schedules.Schedule; got {type(s).__name__}")
+    return s
+
+
+def rows_of(x: torch.Tensor) -> int:
+    """The batch size B (1 for a 0-d tensor)."""
+    return int(x.shape[0]) if x.ndim else 1
+
+
+def per_sample(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A (B,) coefficient viewed as (B, 1, ..., 1) to broadcast over x."""
+    return c.reshape((-1,) + (1,) * (x.ndim - 1)) if x.ndim else c.reshape(())
+
+
+def gather_rows(tab: torch.Tensor, t: torch.Tensor, x: torch.Tensor):
+    """Columns t of a (k, T) table as k coefficients of shape (B, 1, ..., 1) (one index_select)."""
+    g = tab.index_select(1, t)
+    return g.view((tab.shape[0], -1) + (1,) * (x.ndim - 1)).unbind(0) if x.ndim else g.view(tab.shape[0]).unbind(0)
+
+
+def to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def f32(v: float) -> float:
+    """``v`` rounded to float32 (both paths then use bit-identical coefficients)."""
+    return float(np.float32(v))
+
+
+# ----------------------------------------------------------------------------- device tables
+# Float32 copies of float64 schedule tables, one per (schedule, kind, device, dtype), dropped
+# with the schedule (Schedule is a frozen dataclass with eq=False: hashable by identity).
+_TABLES: "weakref.WeakKeyDictionary[Schedule, dict]" = weakref.WeakKeyDictionary()
+
+
+def host_table(s: Schedule, kind, build) -> np.ndarray:
+    """The float64 (k, T) table ``build(s)``, computed once per schedule and cached."""
+    per = _TABLES.get(s)
+    if per is None:
+        per = _TABLES[s] = {}
+    key = (kind, "host", torch.float64)
+    tab = per.get(key)
+    if tab is None:
+        tab = np.ascontiguousarray(np.atleast_2d(np.asarray(build(s), dtype=np.float64)))
+        tab.setflags(write=False)
+        per[key] = tab
+    return tab
+
+
+def device_table(s: Schedule, kind, device: torch.device, dtype: torch.dtype, build) -> torch.Tensor:
+    """The (k, T) table ``build(s)`` (float64 numpy) as a contiguous ``dtype`` tensor on
+    ``device``, built and moved once, then cached for the schedule's lifetime."""
+    per = _TABLES.get(s)
+    if per is None:
+        per = _TABLES[s] = {}
+    key = (kind, device if isinstance(device, torch.device) else torch.device(device), dtype)
+    tab = per.get(key)
+    if tab is None:
+        arr = host_table(s, kind, build)
+        tab = torch.tensor(arr, dtype=dtype).to(device).contiguous()
+        per[key] = tab
+    return tab
+
+
+# ----------------------------------------------------------------------------- torch noise stream
+_PERSON = b"diffmath-noise1"
+_GENERATORS = threading.local()
+
+
+def stream_seed(seed: int, offset: int) -> int:
+    """The 64-bit seed of the torch path's generator for a call at ``(seed, offset)``:
+    BLAKE2b-64 of the two little-endian uint64s (distinct pairs give unrelated streams)."""
+    digest = hashlib.blake2b(struct.pack("<QQ", seed, offset), digest_size=8, person=_PERSON).digest()
+    return int.from_bytes(digest, "little")
+
+
+def torch_normal(shape, seed: int, offset: int, device: torch.device) -> torch.Tensor:
+    """The torch path's noise: float32 N(0, 1) draws of ``shape`` (in the order of the flat,
+    contiguous output) from a fresh ``torch.Generator`` on ``device`` seeded with
+    ``stream_seed(seed, offset)``."""
+    device = torch.device(device)
+    gens = _GENERATORS.__dict__
+    g = gens.get(device)
+    if g is None:  # one generator per thread and device, re-seeded for every call
+        g = gens[device] = torch.Generator(device=device)
+    g.manual_seed(stream_seed(seed, offset))
+    return torch.randn(shape, generator=g, device=device, dtype=torch.float32)
+
+
+def as_float(v, name: str) -> float:
+    if isinstance(v, torch.Tensor) and v.ndim == 0:
+        v = v.item()
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {v!r}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite; got {name} = {v}")
+    return v

@@ -1,0 +1,166 @@
+"""Dispatch (DIFFMATH_KERNELS), and clear errors for bad input, on every path."""
+
+import numpy as np
+import pytest
+import torch
+
+import diffmath as dm
+import diffmath.kernels as K
+from diffmath.kernels import _common
+
+S = dm.linear_schedule(100)
+
+
+def test_env_var_selects_the_path(monkeypatch):
+    x = torch.ones(2, 3)
+    monkeypatch.setenv("DIFFMATH_KERNELS", "torch")
+    assert not K.use_triton(x)
+    monkeypatch.setenv("DIFFMATH_KERNELS", "auto")
+    assert not K.use_triton(x)  # auto: Triton only for CUDA tensors
+    assert not K.use_triton(x.double())
+    monkeypatch.setenv("DIFFMATH_KERNELS", "gpu")
+    with pytest.raises(ValueError, match="DIFFMATH_KERNELS must be one of auto, triton, torch; got 'gpu'"):
+        K.q_sample(S, x, 1, seed=0)
+
+
+def test_forced_triton_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("DIFFMATH_KERNELS", "triton")
+    monkeypatch.setattr(_common, "_interpreting", lambda kernel: False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        K.q_sample(S, torch.ones(2, 3), 1, seed=0)
+
+
+def test_forced_triton_rejects_float64(monkeypatch):
+    if not _common.HAVE_TRITON:
+        pytest.skip("no triton")
+    monkeypatch.setenv("DIFFMATH_KERNELS", "triton")
+    with pytest.raises(TypeError, match="float64 runs on the torch path"):
+        K.q_sample(S, torch.ones(2, 3, dtype=torch.float64), 1, seed=0)
+
+
+def test_without_triton(monkeypatch):
+    monkeypatch.setattr(_common, "HAVE_TRITON", False)
+    monkeypatch.setenv("DIFFMATH_KERNELS", "auto")
+    assert not K.use_triton(torch.ones(1))
+    assert K.q_sample(S, torch.ones(2, 3), 1, seed=0).shape == (2, 3)
+    monkeypatch.setenv("DIFFMATH_KERNELS", "triton")
+    with pytest.raises(RuntimeError, match="triton is not importable"):
+        K.q_sample(S, torch.ones(2, 3), 1, seed=0)
+
+
+def test_bad_tensors(path):
+    _, dev = path
+    x = torch.ones(2, 3, device=dev)
+    with pytest.raises(ValueError, match="eps is on meta but x_t is on"):
+        K.ddpm_step(S, x, 5, torch.ones(2, 3, device="meta"), seed=0)
+    with pytest.raises(ValueError, match=r"noise must have the shape of x0 \(2, 3\); got \(2, 4\)"):
+        K.q_sample(S, x, 5, noise=torch.ones(2, 4, device=dev))
+    with pytest.raises(ValueError, match=r"score must have the shape of x \(2, 3\); got \(3, 2\)"):
+        K.langevin_step(x, torch.ones(3, 2, device=dev), 0.1, seed=0)
+    with pytest.raises(TypeError, match="x0 must be a float32, float16, bfloat16 or float64 tensor; got dtype torch.int64"):
+        K.q_sample(S, torch.ones(2, 3, dtype=torch.long, device=dev), 5, seed=0)
+    with pytest.raises(TypeError, match="x0 must be a torch tensor; got ndarray"):
+        K.q_sample(S, np.ones((2, 3), np.float32), 5, seed=0)
+    with pytest.raises(ValueError, match="requires grad"):
+        K.q_sample(S, torch.ones(2, 3, device=dev, requires_grad=True), 5, seed=0)
+    with torch.no_grad():
+        K.q_sample(S, torch.ones(2, 3, device=dev, requires_grad=True), 5, seed=0)
+    with pytest.raises(TypeError, match="s must be a diffmath.schedules.Schedule"):
+        K.q_sample(None, x, 5, seed=0)
+
+
+def test_bad_timesteps(path):
+    _, dev = path
+    x = torch.ones(2, 3, device=dev)
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 100\) for a schedule of 100 steps; got t = 100"):
+        K.q_sample(S, x, 100, seed=0)
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 100\).*got t = -1"):
+        K.q_sample(S, x, torch.tensor([3, -1], device=dev), seed=0)
+    with pytest.raises(TypeError, match="t must be an integer tensor"):
+        K.q_sample(S, x, torch.tensor([3.0, 1.0]), seed=0)
+    with pytest.raises(ValueError, match="a batch of 3 timesteps t must match the batch of x"):
+        K.q_sample(S, x, torch.tensor([3, 1, 2]), seed=0)
+    with pytest.raises(ValueError, match=r"t_prev must lie in \[-1, 100\)"):
+        K.ddim_step(S, x, 5, -2, x)
+    with pytest.raises(ValueError, match="t_prev must be < t"):
+        K.ddim_step(S, x, 5, torch.tensor([4, 5]), x)
+
+
+def test_bad_noise_arguments(path):
+    _, dev = path
+    x = torch.ones(2, 3, device=dev)
+    with pytest.raises(ValueError, match=r"pass seed=<int in \[0, 2\*\*64\)> to draw it in the kernel .* or noise=<tensor"):
+        K.q_sample(S, x, 5)
+    with pytest.raises(ValueError, match="either noise= .* or seed="):
+        K.q_sample(S, x, 5, seed=1, noise=x)
+    with pytest.raises(ValueError, match=r"seed must lie in \[0, 18446744073709551616\); got seed = -3"):
+        K.langevin_step(x, x, 0.1, seed=-3)
+    with pytest.raises(ValueError, match="seed must lie in"):
+        K.langevin_step(x, x, 0.1, seed=2**64)
+    with pytest.raises(TypeError, match="seed must be an integer"):
+        K.langevin_step(x, x, 0.1, seed=True)
+    with pytest.raises(ValueError, match="offset must lie in"):
+        K.langevin_step(x, x, 0.1, seed=1, offset=-1)
+    with pytest.raises(ValueError, match="seed must lie in"):
+        K.randn((3,), -1)
+
+
+def test_bad_step_parameters(path):
+    _, dev = path
+    x = torch.ones(2, 3, device=dev)
+    with pytest.raises(ValueError, match="variance must be 'small'"):
+        K.ddpm_step(S, x, 5, x, seed=0, variance="learned")
+    with pytest.raises(ValueError, match="clip_x0 must be None or a finite float > 0; got clip_x0 = -1.0"):
+        K.ddpm_step(S, x, 5, x, seed=0, clip_x0=-1.0)
+    with pytest.raises(ValueError, match="eta must be finite and >= 0"):
+        K.ddim_step(S, x, 5, 4, x, eta=-0.1, seed=0)
+    with pytest.raises(ValueError, match="eta = 3.0 makes sigma"):
+        K.ddim_step(S, x, 50, 20, x, eta=3.0, seed=0)
+    with pytest.raises(ValueError, match="step_size must be finite and > 0; got step_size = 0.0"):
+        K.langevin_step(x, x, 0.0, seed=0)
+    with pytest.raises(ValueError, match=r"step_size must be a float or have shape \(B,\) = \(2,\)"):
+        K.langevin_step(x, x, torch.ones(3), seed=0)
+
+
+def test_bad_sde_arguments(path):
+    sde = pytest.importorskip("diffmath.sde").VPSDE()
+    _, dev = path
+    x = torch.ones(2, 3, device=dev)
+    with pytest.raises(ValueError, match="dt must be < 0"):
+        K.euler_maruyama_step(sde, x, 0.5, 0.01, x, seed=0)
+    with pytest.raises(ValueError, match=r"t must lie in \(0, 1\] \(SDE time, T = 1\); got t = 0.0"):
+        K.euler_maruyama_step(sde, x, 0.0, -0.01, x, seed=0)
+    with pytest.raises(ValueError, match=r"t must lie in \(0, 1\]"):
+        K.euler_maruyama_step(sde, x, torch.tensor([0.5, 1.5]), -0.01, x, seed=0)
+    with pytest.raises(ValueError, match="t \\+ dt must stay >= 0"):
+        K.euler_maruyama_step(sde, x, 0.005, -0.01, x, seed=0)
+    with pytest.raises(TypeError, match="sde must be a forward SDE with linear_drift_coef"):
+        K.euler_maruyama_step(object(), x, 0.5, -0.01, x, seed=0)
+    with pytest.raises(ValueError, match=r"a batch of times t must have shape \(B,\) = \(2,\)"):
+        K.euler_maruyama_step(sde, x, torch.tensor([0.5, 0.6, 0.7]), -0.01, x, seed=0)
+
+
+def test_schedule_table_moves_to_the_tensor_device(path):
+    """Tables live as float64 numpy on the host; the first call on a device builds the float32
+    (or float64) copy there, later calls reuse it."""
+    _, dev = path
+    s = dm.cosine_schedule(20)
+    x = torch.ones(2, 3, device=dev)
+    out = K.ddpm_step(s, x, torch.tensor([3, 4], device=dev), x, seed=1)
+    assert out.device == x.device
+    keys = [k for k in _common._TABLES[s] if k[1] == x.device]
+    assert keys and all(_common._TABLES[s][k].device == x.device for k in keys)
+
+
+def test_zero_terminal_snr_step_is_refused(path):
+    """At abar_t = 0 the eps-prediction steps divide by zero: a clear error, not NaN."""
+    _, dev = path
+    s = dm.rescale_zero_terminal_snr(dm.linear_schedule(100))
+    x = torch.ones(2, 3, device=dev)
+    with pytest.raises(ValueError, match="t = 99 has alphas_cumprod"):
+        K.ddpm_step(s, x, 99, x, seed=0)
+    with pytest.raises(ValueError, match="zero terminal SNR"):
+        K.ddpm_step(s, x, torch.tensor([5, 99], device=dev), x, seed=0)
+    with pytest.raises(ValueError, match="zero terminal SNR"):
+        K.ddim_step(s, x, torch.tensor([99, 50], device=dev), 40, x)
+    assert torch.isfinite(K.ddpm_step(s, x, 98, x, seed=0)).all()

@@ -1,0 +1,203 @@
+"""Sampler steps (DDPM, DDIM, reverse-time Euler-Maruyama, Langevin) with explicit noise against
+float64 numpy references written from the equations (tests/kernels/_kernel_ref.py) and against
+the core float64 versions in diffmath.samplers; in-kernel noise against the randn stream."""
+
+import math
+
+import pytest
+import torch
+from _kernel_ref import ddim_step as ddim_ref
+from _kernel_ref import ddpm_step as ddpm_ref
+from _kernel_ref import euler_maruyama_step as em_ref
+from _kernel_ref import langevin_step as langevin_ref
+from _kernel_ref import rel_err, subvp_coefs, ve_coefs, vp_coefs
+from _kernel_strategies import DTYPES, KSET, TOL, make, schedules, shapes, timestep, tnp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import diffmath as dm
+import diffmath.kernels as K
+
+samplers = pytest.importorskip("diffmath.samplers")
+sde_mod = pytest.importorskip("diffmath.sde")
+
+SDES = {
+    "vp": (lambda: sde_mod.VPSDE(), vp_coefs),
+    "subvp": (lambda: sde_mod.SubVPSDE(), subvp_coefs),
+    "ve": (lambda: sde_mod.VESDE(), ve_coefs),
+}
+
+
+def _dev(t, dev):
+    return t.to(dev) if isinstance(t, torch.Tensor) else t
+
+
+def _check(out, ref, core, x):
+    assert out.dtype == x.dtype and out.shape == x.shape and out.is_contiguous()
+    o = out.cpu().double().numpy()
+    assert rel_err(o, ref) <= TOL[x.dtype], rel_err(o, ref)
+    if core is not None:
+        assert rel_err(o, core) <= TOL[x.dtype]
+
+
+# ----------------------------------------------------------------------------- DDPM
+@settings(KSET)
+@given(
+    s=schedules(), shape=shapes(), dtype=st.sampled_from(DTYPES), data=st.data(), seed=st.integers(0, 2**32),
+    variance=st.sampled_from(["small", "large"]), clip=st.sampled_from([None, 1.0, 0.5]),
+)  # fmt: skip
+def test_ddpm_matches_reference(path, s, shape, dtype, data, seed, variance, clip):
+    _, dev = path
+    t = data.draw(timestep(s.num_timesteps, shape[0]))
+    (x, eps, z), (xn, en, zn) = make(shape, dtype, dev, seed, 3)
+    out = K.ddpm_step(s, x, _dev(t, dev), eps, noise=z, variance=variance, clip_x0=clip)
+    ref = ddpm_ref(s.betas, xn, tnp(t), en, zn, variance, clip)
+    core = samplers.ddpm_step(s, torch.from_numpy(xn), t, torch.from_numpy(en), torch.from_numpy(zn), variance=variance, clip_x0=clip)
+    _check(out, ref, core.numpy(), x)
+
+
+def test_ddpm_needs_no_noise_at_t0(path):
+    _, dev = path
+    s = dm.linear_schedule(100)
+    (x, eps), (xn, en) = make((3, 4), torch.float32, dev, 0, 2)
+    out = K.ddpm_step(s, x, 0, eps)
+    assert rel_err(out.cpu().double().numpy(), ddpm_ref(s.betas, xn, 0, en, 0 * en)) <= 1e-6
+    out = K.ddpm_step(s, x, torch.zeros(3, dtype=torch.long, device=dev), eps, seed=3)  # seed unused
+    assert rel_err(out.cpu().double().numpy(), ddpm_ref(s.betas, xn, 0, en, 0 * en)) <= 1e-6
+    with pytest.raises(ValueError, match="seed=<int"):
+        K.ddpm_step(s, x, torch.tensor([0, 1, 0], device=dev), eps)
+
+
+# ----------------------------------------------------------------------------- DDIM
+@st.composite
+def ddim_pair(draw, T, B):
+    """(t, t_prev) with -1 <= t_prev < t, as ints or (B,) tensors."""
+    if draw(st.booleans()):
+        t = draw(st.integers(0, T - 1))
+        tp = draw(st.sampled_from([-1, t - 1]) | st.integers(-1, t - 1))
+        return t, tp
+    ts = draw(st.lists(st.integers(0, T - 1), min_size=B, max_size=B))
+    tps = [draw(st.integers(-1, v - 1)) for v in ts]
+    return torch.tensor(ts), torch.tensor(tps)
+
+
+@settings(KSET)
+@given(
+    s=schedules(), shape=shapes(), dtype=st.sampled_from(DTYPES), data=st.data(), seed=st.integers(0, 2**32),
+    eta=st.sampled_from([0.0, 0.3, 1.0]),
+)  # fmt: skip
+def test_ddim_matches_reference(path, s, shape, dtype, data, seed, eta):
+    _, dev = path
+    t, tp = data.draw(ddim_pair(s.num_timesteps, shape[0]))
+    (x, eps, z), (xn, en, zn) = make(shape, dtype, dev, seed, 3)
+    out = K.ddim_step(s, x, _dev(t, dev), _dev(tp, dev), eps, noise=z, eta=eta)
+    ref = ddim_ref(s.betas, xn, tnp(t), tnp(tp), en, zn, eta)
+    core = samplers.ddim_step(s, torch.from_numpy(xn), t, tp, torch.from_numpy(en), torch.from_numpy(zn), eta=eta)
+    _check(out, ref, core.numpy(), x)
+
+
+def test_ddim_eta0_needs_no_noise(path):
+    _, dev = path
+    s = dm.cosine_schedule(1000)
+    (x, eps), (xn, en) = make((2, 3, 5), torch.float32, dev, 1, 2)
+    out = K.ddim_step(s, x, 980, 960, eps)
+    assert rel_err(out.cpu().double().numpy(), ddim_ref(s.betas, xn, 980, 960, en, 0 * en)) <= 1e-6
+    out = K.ddim_step(s, x, 20, -1, eps, eta=1.0)  # the last step is noiseless whatever eta
+    assert rel_err(out.cpu().double().numpy(), ddim_ref(s.betas, xn, 20, -1, en, 0 * en, 1.0)) <= 1e-6
+
+
+# ----------------------------------------------------------------------------- SDE, Langevin
+@settings(KSET)
+@given(
+    shape=shapes(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**32), kind=st.sampled_from(sorted(SDES)),
+    t=st.floats(0.05, 1.0), dt=st.floats(-0.05, -1e-4), per_sample=st.booleans(),
+)  # fmt: skip
+def test_euler_maruyama_matches_reference(path, shape, dtype, seed, kind, t, dt, per_sample):
+    _, dev = path
+    make_sde, coefs = SDES[kind]
+    sde = make_sde()
+    (x, score, z), (xn, sn, zn) = make(shape, dtype, dev, seed, 3)
+    tt = torch.linspace(t, 1.0, shape[0], dtype=torch.float64) if per_sample else t
+    out = K.euler_maruyama_step(sde, x, tt.to(dev) if per_sample else tt, dt, score, noise=z)
+    ref = em_ref(coefs, xn, tnp(tt), dt, sn, zn)
+    sc = torch.from_numpy(sn)
+    core = samplers.euler_maruyama_step(sde.reverse(lambda x_, t_: sc), torch.from_numpy(xn), tt, dt, torch.from_numpy(zn))
+    _check(out, ref, core.numpy(), x)
+
+
+@settings(KSET)
+@given(shape=shapes(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**32), h=st.floats(1e-6, 1.0), per_sample=st.booleans())
+def test_langevin_matches_reference(path, shape, dtype, seed, h, per_sample):
+    _, dev = path
+    (x, score, z), (xn, sn, zn) = make(shape, dtype, dev, seed, 3)
+    hh = torch.linspace(h, 2 * h, shape[0], dtype=torch.float64) if per_sample else h
+    out = K.langevin_step(x, score, hh.to(dev) if per_sample else hh, noise=z)
+    ref = langevin_ref(xn, sn, tnp(hh), zn)
+    core = samplers.langevin_step(torch.from_numpy(xn), torch.from_numpy(sn), hh, torch.from_numpy(zn))
+    _check(out, ref, core.numpy(), x)
+
+
+# ----------------------------------------------------------------------------- in-kernel noise
+def _steps(s, sde):
+    return {
+        "ddpm": lambda x, m, **kw: K.ddpm_step(s, x, torch.tensor([5, 60, 99], device=x.device), m, **kw),
+        "ddpm_clip": lambda x, m, **kw: K.ddpm_step(s, x, 40, m, clip_x0=1.0, variance="large", **kw),
+        "ddim": lambda x, m, **kw: K.ddim_step(s, x, torch.tensor([50, 60, 99], device=x.device), 30, m, eta=0.7, **kw),
+        "em": lambda x, m, **kw: K.euler_maruyama_step(sde, x, 0.5, -0.01, m, **kw),
+        "langevin": lambda x, m, **kw: K.langevin_step(x, m, torch.tensor([0.1, 0.2, 0.3], device=x.device), **kw),
+    }
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddpm_clip", "ddim", "em", "langevin"])
+@pytest.mark.parametrize("shape,offset", [((3, 7, 5), 0), ((3, 2051), 6)])
+def test_in_kernel_noise_is_the_stream(path, name, shape, offset):
+    p, dev = path
+    step = _steps(dm.linear_schedule(100), sde_mod.VPSDE())[name]
+    (x, m), _ = make(shape, torch.float32, dev, 5, 2)
+    a = step(x, m, seed=99, offset=offset)
+    b = step(x, m, noise=K.randn(shape, 99, offset, device=dev))
+    if p == "triton":
+        assert torch.equal(a, b)
+    else:
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
+    assert torch.equal(a, step(x, m, seed=99, offset=offset))
+    assert not torch.equal(a, step(x, m, seed=99, offset=offset + x.numel()))
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "em", "langevin"])
+def test_non_contiguous_inputs(path, name):
+    _, dev = path
+    step = _steps(dm.linear_schedule(100), sde_mod.VPSDE())[name]
+    (bx, bm), _ = make((3, 6, 6), torch.float32, dev, 6, 2)
+    x, m = bx[:, ::2], bm.transpose(1, 2)[:, :3]
+    assert not x.is_contiguous() and not m.is_contiguous()
+    assert torch.equal(step(x, m, seed=1), step(x.contiguous(), m.contiguous(), seed=1))
+
+
+def test_langevin_stationary_variance_monte_carlo(path):
+    """Independent check of the noisy update's law: ULA on N(0, s2) with score -x/s2 is the AR(1)
+    chain x' = (1 - h/(2 s2)) x + sqrt(h) z, stationary variance s2 / (1 - h/(4 s2)). 4096 chains,
+    40 steps from the stationary law, in-kernel noise advancing offset each step; the sample
+    variance must match within 5 standard errors (chi-square: se = var sqrt(2/n))."""
+    _, dev = path
+    s2, h, n = 2.0, 0.5, 4096
+    v = s2 / (1 - h / (4 * s2))
+    x = K.randn((n,), 1, 0, device=dev) * math.sqrt(v)
+    for k in range(40):
+        x = K.langevin_step(x, -x / s2, h, seed=2, offset=k * n)
+    var = x.double().var().item()
+    assert abs(var - v) < 5 * v * math.sqrt(2 / n)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddpm_clip", "ddim", "em", "langevin"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fallback_and_kernel_agree_with_explicit_noise(triton_path, monkeypatch, name, dtype):
+    """With noise= the Triton kernel and the torch path compute the same update up to float32
+    rounding (then the output dtype's rounding)."""
+    step = _steps(dm.linear_schedule(100), sde_mod.VPSDE())[name]
+    (x, m, z), _ = make((3, 5, 41), dtype, triton_path, 8, 3)
+    a = step(x, m, noise=z).cpu().float()
+    monkeypatch.setenv("DIFFMATH_KERNELS", "torch")
+    b = step(x.cpu(), m.cpu(), noise=z.cpu()).float()
+    eps = torch.finfo(dtype).eps
+    assert (a - b).abs().max() <= 4 * eps * (1 + b.abs().max()), (a - b).abs().max()
