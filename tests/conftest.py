@@ -5,8 +5,11 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 # "ci" is the default: enough examples to span the corners, no per-example deadline (the
-# CPU is shared). DIFFMATH_HYPOTHESIS=thorough runs 10x more.
-settings.register_profile("ci", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# CPU is shared), derandomized so CI is reproducible. DIFFMATH_HYPOTHESIS=thorough runs 10x more,
+# with fresh random examples each run.
+settings.register_profile(
+    "ci", max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 settings.register_profile("thorough", max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("DIFFMATH_HYPOTHESIS", "ci"))
 

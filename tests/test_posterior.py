@@ -49,11 +49,13 @@ def test_posterior_at_t0_is_the_data_point():
 @given(s=schedules(max_T=10_000), data=st.data())
 def test_eps_form_of_the_mean_equals_x0_form(s, data):
     T = s.num_timesteps
-    t = np.array(data.draw(st.lists(st.integers(0, T - 1), min_size=3, max_size=3)))
+    T_pos = int(np.count_nonzero(s.alphas_cumprod > 0))  # abar can underflow to 0 at the end
+    t = np.array(data.draw(st.lists(st.integers(0, T_pos - 1), min_size=3, max_size=3)))
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
     xt, eps = rng.standard_normal((3, 4)), rng.standard_normal((3, 4))
     by_x0 = q_posterior_mean_variance(s, x0_from_eps(s, xt, t, eps), xt, t)[0]
     by_eps = posterior_mean_from_eps(s, xt, t, eps)
     scale = np.abs(by_eps).max(axis=1, keepdims=True) + np.abs(xt).max()
-    finite = np.isfinite(s.sqrt_recip_alphas_cumprod[t])
-    assert_allclose(by_x0[finite], by_eps[finite], rtol=0, atol=(1e-10 * scale)[finite].max())
+    finite = np.isfinite(s.sqrt_recip_alphas_cumprod[t])  # 1/sqrt(abar) can overflow for abar ~ 1e-320
+    if finite.any():
+        assert_allclose(by_x0[finite], by_eps[finite], rtol=0, atol=(1e-10 * scale)[finite].max())
