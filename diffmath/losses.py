@@ -55,12 +55,13 @@ def _bpd_per_sample(x):
     return backend(x).mean_over_non_batch(x) / LN2
 
 
-def vb_terms_bpd(s: Schedule, model_mean, model_log_var, x0, x_t, t):
+def vb_terms_bpd(s: Schedule, model_mean, model_log_var, x0, x_t, t, bins: int = 256):
     """One term of the variational bound, in bits per dimension, per sample (DDPM eq. 5):
 
     t > 0:  L_{t-1} = KL(q(x_{t-1} | x_t, x0) || N(model_mean, e^model_log_var))
     t = 0:  L_0 = -log p(x0 | x_1) with the discretized Gaussian decoder
-            (``discretized_gaussian_log_likelihood`` with log_scale = model_log_var / 2).
+            (``discretized_gaussian_log_likelihood`` with log_scale = model_log_var / 2 and
+            ``bins`` levels: 256 for 8-bit data, 17 for scikit-learn's 0..16 digits).
 
     Index t (0-based) is the paper's step t+1. Shapes (B, ...); t: int or (B,). Returns (B,).
     The true posterior uses the clipped log variance (Improved DDPM), as guided-diffusion.
@@ -75,7 +76,9 @@ def vb_terms_bpd(s: Schedule, model_mean, model_log_var, x0, x_t, t):
     t = check_t(t, s.num_timesteps, x_t)
     true_mean, _, true_log_var = q_posterior_mean_variance(s, x0, x_t, t)
     kl = _bpd_per_sample(normal_kl(upcast(true_mean), upcast(true_log_var), upcast(model_mean), upcast(model_log_var)))
-    nll = -_bpd_per_sample(discretized_gaussian_log_likelihood(upcast(x0), upcast(model_mean), 0.5 * upcast(model_log_var)))
+    nll = -_bpd_per_sample(
+        discretized_gaussian_log_likelihood(upcast(x0), upcast(model_mean), 0.5 * upcast(model_log_var), bins=bins)
+    )
     is_first = (t == 0) if not isinstance(t, int) else t == 0
     if isinstance(is_first, bool):
         return nll if is_first else kl

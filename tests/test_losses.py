@@ -139,6 +139,11 @@ def test_vb_terms_bpd_exact_posterior_is_zero_and_decoder_is_bits():
     nll = vb_terms_bpd(s, m0, lv, x0, xt, np.zeros(4, dtype=int))
     ref = -discretized_gaussian_log_likelihood(x0, m0, 0.5 * lv).reshape(4, -1).mean(1) / math.log(2)
     assert_allclose(nll, ref, rtol=1e-12)
+    # 17-level data (digits): the decoder uses bins of half-width 1/16
+    x17 = np.round(rng.uniform(-1, 1, (4, 3, 2, 2)) * 8) / 8
+    nll17 = vb_terms_bpd(s, x17 + 0.01, lv, x17, xt, 0, bins=17)
+    ref17 = -discretized_gaussian_log_likelihood(x17, x17 + 0.01, 0.5 * lv, bins=17).reshape(4, -1).mean(1) / math.log(2)
+    assert_allclose(nll17, ref17, rtol=1e-12)
     # a mixed batch picks per sample
     mixed = vb_terms_bpd(s, mean, logv, x0, xt, np.array([0, 50, 99, 0]))
     assert mixed[1] == pytest.approx(0.0, abs=1e-12) and mixed[0] > 0
