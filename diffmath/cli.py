@@ -1,0 +1,478 @@
+"""The ``diffmath`` command line: train | sample | evaluate | demo | verify | bench.
+
+Run ``diffmath COMMAND --help`` for every option. Errors in the input (a bad flag value, a
+missing data folder, an ``--out`` that exists, a checkpoint from another configuration or
+not ours) print one line ``diffmath COMMAND: error: ...`` and exit with status 2
+(``DIFFMATH_DEBUG=1`` shows the traceback instead). An interrupted ``train`` (Ctrl-C,
+SIGTERM) writes a checkpoint and exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main", "build_parser", "train_config_from_args", "DEMO_CONFIG", "run_demo"]
+
+# The demo: 8x8 digits, a 0.7M-parameter U-Net, tuned to finish well inside 10 minutes on
+# 2 CPU cores (README, docs/training.md).
+DEMO_CONFIG = dict(
+    data="digits",
+    image_size=8,
+    steps=1500,
+    batch_size=128,
+    lr=1e-3,
+    warmup=100,
+    lr_decay_steps=1500,
+    channels=32,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(4,),
+    dropout=0.0,
+    ema_decay=0.995,
+    schedule="cosine",
+    timesteps=1000,
+    prediction="eps",
+    save_every=500,
+    seed=0,
+)
+DEMO_SAMPLES = 500
+DEMO_SAMPLER = dict(sampler="ddim", steps=50, eta=0.0)
+DEMO_VLB_IMAGES = 64
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps descriptions as written and appends "(default: X)" where the help does not
+    already say and X is not None/False."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        d = action.default
+        if (d is not None and d is not argparse.SUPPRESS and action.nargs != 0 and "default" not in h
+                and action.option_strings):
+            h += " (default: %(default)s)"
+        return h
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {v}")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0; got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0; got {v}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number; got {s!r}") from None
+    if not (v > 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number; got {v}")
+    return v
+
+
+def _nonneg_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0; got {s!r}") from None
+    if not (v >= 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0; got {v}")
+    return v
+
+
+def _int_list(s: str) -> tuple:
+    try:
+        v = tuple(int(p) for p in s.replace(" ", "").split(",") if p)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,2; got {s!r}") from None
+    if any(x < 0 for x in v):
+        raise argparse.ArgumentTypeError(f"expected non-negative integers; got {s!r}")
+    return v
+
+
+def _device(s: str) -> str:
+    if s in ("auto", "cpu", "cuda") or s.startswith("cuda:"):
+        return s
+    raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or auto; got {s!r}")
+
+
+def _threads_flag(p):
+    p.add_argument("--threads", type=_nonneg_int, default=0, help="CPU threads for torch (0: auto = torch's default, "
+                   "one per core, but 1 when the 1-minute load average shows other work on the cores: OpenMP's "
+                   "spinning threads slow down many-fold on busy cores)")
+
+
+def set_threads(n: int) -> int:
+    """Apply --threads (see its help); returns the thread count in use."""
+    import torch
+
+    if n:
+        torch.set_num_threads(n)
+        return n
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:  # pragma: no cover - no load average on this platform
+        busy = 0.0
+    if cores > 1 and busy >= 0.75:
+        torch.set_num_threads(1)
+    return torch.get_num_threads()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .schedules import SCHEDULE_NAMES
+
+    p = argparse.ArgumentParser(
+        prog="diffmath",
+        description="diffmath: the mathematics of diffusion models, exact, checked and fast.\n"
+        "Train a denoiser on the embedded digits, a folder of images or 2-D toy data; sample;\n"
+        "evaluate; run the sampler verification table; benchmark the kernels.",
+        formatter_class=_Formatter,
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # ---------------------------------------------------------------- train
+    t = sub.add_parser(
+        "train", help="train a denoiser (U-Net for images, MLP for 2-D toy data)", formatter_class=_Formatter,
+        description="Train a denoiser. Writes into --out: config.json, checkpoints step-NNNNNN.safetensors (+ .json "
+        "with step, RNG and optimizer state), loss.png and schedule.png. Options may also come from a TOML file "
+        "(--config; keys are the long option names with _ or -, optionally under a [train] table); flags given on "
+        "the command line win. Under `torchrun --nproc_per_node=K diffmath train ...` the run uses "
+        "DistributedDataParallel with the global --batch-size split over the K processes.",
+    )
+    t.add_argument("--data", default=None, help="digits (embedded 8x8 handwritten digits), swissroll, gmm (2-D toy sets), "
+                   "or the path of a folder of PNG/JPEG images (unreadable files are skipped with a warning). Required "
+                   "unless given by --config or --resume")
+    t.add_argument("--out", required=True, type=Path, help="run directory to create (refused if it exists and is not empty, "
+                   "unless --resume or --overwrite)")
+    t.add_argument("--steps", type=_positive_int, default=None, help="total optimisation steps of the run (default 2000; "
+                   "with --resume, training continues up to this step)")
+    t.add_argument("--batch-size", type=_positive_int, default=None, help="global batch size (default 128)")
+    t.add_argument("--lr", type=_positive_float, default=None, help="AdamW learning rate after warm-up (default 2e-4)")
+    t.add_argument("--channels", type=_positive_int, default=None, help="U-Net base width (the MLP's hidden width is 4x this; "
+                   "default 32)")
+    t.add_argument("--image-size", type=_positive_int, default=None, help="image side: 8 or 16 for the digits (16 upsamples "
+                   "bilinearly), any size for a folder (default 8)")
+    t.add_argument("--prediction", choices=("eps", "x0", "v"), default=None, help="what the network predicts (default eps)")
+    t.add_argument("--schedule", choices=SCHEDULE_NAMES, default=None, help="noise schedule, diffmath.named_schedule "
+                   "(default linear)")
+    t.add_argument("--timesteps", type=_positive_int, default=None, help="number of diffusion steps T (default 1000)")
+    t.add_argument("--save-every", type=_positive_int, default=None, help="write a checkpoint every N steps (all are "
+                   "kept; default 500)")
+    t.add_argument("--seed", type=_nonneg_int, default=None, help="seed of everything random (default 0)")
+    t.add_argument("--device", type=_device, default=None, help="cpu, cuda or auto (cuda when available; default auto)")
+    t.add_argument("--config", type=Path, default=None, help="a TOML file of options (see above)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint (flags "
+                   "must match its config except --steps, --save-every, --device)")
+    t.add_argument("--overwrite", action="store_true", help="replace the diffmath files of an existing run in --out")
+    g = t.add_argument_group("model and optimisation (extra)")
+    g.add_argument("--channel-mult", type=_int_list, default=None, help="U-Net width multipliers per resolution, e.g. 1,2,2 "
+                   "(default 1,2)")
+    g.add_argument("--num-res-blocks", type=_positive_int, default=None, help="residual blocks per resolution (default 2)")
+    g.add_argument("--attention-resolutions", type=_int_list, default=None, help="spatial sizes with self-attention, e.g. "
+                   "4,2 (default 4)")
+    g.add_argument("--dropout", type=_nonneg_float, default=None, help="dropout in the residual blocks (default 0.1)")
+    g.add_argument("--learn-sigma", action="store_true", default=None, help="learn the variance (Improved DDPM learned "
+                   "range, hybrid loss L_simple + 0.001 L_vlb)")
+    g.add_argument("--ema-decay", type=_nonneg_float, default=None, help="EMA decay of the sampling weights (default 0.999)")
+    g.add_argument("--warmup", type=_nonneg_int, default=None, help="linear learning-rate warm-up steps (default 100)")
+    g.add_argument("--lr-decay-steps", type=_nonneg_int, default=None, help="cosine decay of the learning rate to 0 at "
+                   "this step; 0 keeps it constant (default 0)")
+    g.add_argument("--grad-clip", type=_nonneg_float, default=None, help="clip the gradient norm to this (0: off; default 1)")
+    g.add_argument("--weight-decay", type=_nonneg_float, default=None, help="AdamW weight decay (default 0)")
+    g.add_argument("--no-bf16", dest="bf16", action="store_false", default=None, help="no bf16 autocast on CUDA")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    _threads_flag(t)
+
+    # ---------------------------------------------------------------- sample
+    s = sub.add_parser(
+        "sample", help="draw samples from a trained run", formatter_class=_Formatter,
+        description="Draw samples with the EMA weights of a run's latest checkpoint (or of one checkpoint file); "
+        "writes samples.npz (key 'samples', float32 in the data range, and 'info') and samples.png. "
+        "Samplers: ddpm (ancestral, fused kernel step; the learned variance if the model has one), ddim "
+        "(fused kernel step; --eta), em (Euler-Maruyama on the VP-SDE, fused kernel step), pc (predictor-"
+        "corrector), ode (probability-flow ODE, scipy RK45). The SDE samplers turn the eps model into a score "
+        "through the VP-SDE correspondence score = -eps / sigma(t).",
+    )
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", "--run-dir", dest="run", type=Path, help="a run directory (uses its latest checkpoint); "
+                     "under torchrun spell it --run-dir (torchrun's own parser rejects --run as an ambiguous "
+                     "abbreviation of its --run-path)")
+    src.add_argument("--checkpoint", type=Path, help="one checkpoint, step-NNNNNN.safetensors or .json")
+    s.add_argument("--out", type=Path, default=None, help="where to write samples.npz/png (default: the --run directory)")
+    s.add_argument("--sampler", choices=("ddpm", "ddim", "em", "pc", "ode"), default="ddim", help="the sampler")
+    s.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default: ddim 50, ddpm T, em/pc 500; "
+                   "ignored by ode, which is adaptive)")
+    s.add_argument("--eta", type=_nonneg_float, default=0.0, help="DDIM eta (0 deterministic, 1 DDPM-like)")
+    s.add_argument("--num-samples", type=_positive_int, default=500, help="number of samples")
+    s.add_argument("--seed", type=_nonneg_int, default=0, help="sampling seed")
+    s.add_argument("--device", type=_device, default="auto", help="cpu, cuda or auto")
+    s.add_argument("--batch-size", type=_positive_int, default=500, help="samples per network call")
+    s.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
+    s.add_argument("--no-clip", dest="clip", action="store_false", help="ddpm/ddim: do not clip the predicted x0 to "
+                   "[-1, 1] (clipping is on for images, off for toy data)")
+    s.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    _threads_flag(s)
+
+    # ---------------------------------------------------------------- evaluate
+    e = sub.add_parser(
+        "evaluate", help="score a run's samples (metrics.json)", formatter_class=_Formatter,
+        description="Digits: a cached classifier's mean confidence, class histogram and entropy, the Fréchet distance "
+        "in its feature space beside the real held-out floor and the Gaussian-noise ceiling, and the test VLB in "
+        "bits/dim. Toy data: the sliced Wasserstein distance (with floor and ceiling). Image folders: the test VLB.",
+    )
+    e.add_argument("--run", type=Path, required=True, help="the run directory")
+    e.add_argument("--samples", type=Path, default=None, help="samples .npz (default RUN/samples.npz)")
+    e.add_argument("--out", type=Path, default=None, help="where to write metrics.json (default: the run directory)")
+    e.add_argument("--vlb-images", type=_nonneg_int, default=64, help="held-out images for the test VLB (0: skip; each "
+                   "costs T network evaluations)")
+    e.add_argument("--device", type=_device, default="auto", help="cpu, cuda or auto (for the VLB)")
+    e.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    _threads_flag(e)
+
+    # ---------------------------------------------------------------- demo
+    d = sub.add_parser(
+        "demo", help="train + sample + evaluate + report on the digits (minutes on a CPU)", formatter_class=_Formatter,
+        description="The end-to-end demo on the embedded 8x8 digits: train a small U-Net, sample with DDIM, evaluate, "
+        "and write report.md beside samples.png, loss.png, schedule.png and metrics.json. Re-running with the same "
+        "--out reuses the finished training (it resumes a demo run) and redoes the rest.",
+    )
+    d.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory")
+    d.add_argument("--overwrite", action="store_true", help="replace an existing run in --out that is not the demo's")
+    d.add_argument("--device", type=_device, default="auto", help="cpu, cuda or auto")
+    d.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    _threads_flag(d)
+
+    # ---------------------------------------------------------------- verify / bench
+    v = sub.add_parser(
+        "verify", help="exact KL of each sampler vs steps (diffmath.verify)", add_help=False,
+        description="Forwarded to diffmath.verify.main: [--json PATH] [--plot PATH] (run `diffmath verify --help`).",
+    )
+    v.add_argument("args", nargs=argparse.REMAINDER, help="options of diffmath.verify (--json PATH, --plot PATH)")
+    b = sub.add_parser("bench", help="benchmark the fused kernels (diffmath.kernels.bench)", formatter_class=_Formatter,
+                       description="Time the fused kernels against the torch reference paths.")
+    b.add_argument("--quick", action="store_true", help="a short run (small sizes, few repeats)")
+    return p
+
+
+# ----------------------------------------------------------------------------- train config
+_FLAG_FIELDS = (
+    "data", "steps", "batch_size", "lr", "channels", "image_size", "prediction", "schedule", "timesteps", "save_every",
+    "seed", "device", "channel_mult", "num_res_blocks", "attention_resolutions", "dropout", "learn_sigma", "ema_decay",
+    "warmup", "lr_decay_steps", "grad_clip", "weight_decay", "bf16", "progress",
+)
+
+
+def _read_toml(path: Path) -> dict:
+    import tomllib
+
+    from .train import TrainConfig
+
+    if not path.exists():
+        raise FileNotFoundError(f"--config {str(path)!r}: no such file")
+    try:
+        with open(path, "rb") as f:
+            d = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"--config {str(path)!r} is not valid TOML: {e}") from e
+    if "train" in d and isinstance(d["train"], dict):
+        d = d["train"]
+    d = {k.replace("-", "_"): v for k, v in d.items()}
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"--config {str(path)!r}: unknown keys {unknown}; valid keys are {sorted(names)}")
+    return d
+
+
+def train_config_from_args(args) -> "TrainConfig":  # noqa: F821
+    """defaults < the stored config (with --resume) < TOML (--config) < flags."""
+    from .train import RunError, TrainConfig, read_run_config
+
+    merged: dict = {}
+    if args.resume and (Path(args.out) / "config.json").exists():
+        merged.update(read_run_config(args.out)["config"])
+    if args.config is not None:
+        merged.update(_read_toml(args.config))
+    for f in _FLAG_FIELDS:
+        v = getattr(args, f, None)
+        if v is not None:
+            merged[f] = v
+    if "data" not in merged:
+        if args.resume:
+            raise RunError(f"--resume: {str(args.out)!r} is not a diffmath run (no config.json)")
+        raise RunError("train needs --data (digits, swissroll, gmm or a folder of images)")
+    if merged.get("data") not in ("digits", "swissroll", "gmm"):
+        merged["data"] = str(merged["data"])
+    return TrainConfig.from_dict(merged)
+
+
+# ----------------------------------------------------------------------------- commands
+def _rank() -> int:
+    """This process's rank under torchrun (RANK), else 0: only rank 0 prints."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _cmd_train(args) -> int:
+    from .train import train
+
+    config = train_config_from_args(args)
+    res = train(config, args.out, resume=args.resume, overwrite=args.overwrite)
+    msg = f"{'interrupted at' if res.interrupted else 'trained to'} step {res.step} in {res.seconds:.1f} s; "
+    msg += f"checkpoint {res.checkpoint}" if res.checkpoint else "no checkpoint written"
+    if _rank() == 0:
+        print(msg)
+    return 130 if res.interrupted else 0
+
+
+def _cmd_sample(args) -> int:
+    from .sample import sample_run
+
+    out = args.out if args.out is not None else args.run
+    if out is None:
+        raise ValueError("sample --checkpoint needs --out DIR")
+    info = sample_run(
+        out, run=args.run, checkpoint=args.checkpoint, sampler=args.sampler, steps=args.steps, eta=args.eta,
+        num_samples=args.num_samples, seed=args.seed, device=args.device, batch_size=args.batch_size,
+        progress=args.progress, ema=not args.raw_weights, clip_x0="auto" if args.clip else None,
+    )
+    if _rank() == 0:
+        steps = "adaptive" if info["steps"] is None else f"{info['steps']}"
+        print(f"{info['num_samples']} samples ({info['sampler']}, {steps} steps) in {info['seconds']:.1f} s -> "
+              f"{Path(out) / 'samples.npz'}, {Path(out) / 'samples.png'}")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from .evaluate import evaluate_run, format_metrics
+
+    m = evaluate_run(args.run, args.samples, args.out, vlb_images=args.vlb_images, device=args.device,
+                     progress=args.progress)
+    print(format_metrics(m))
+    print(f"-> {Path(args.out if args.out is not None else args.run) / 'metrics.json'}")
+    return 0
+
+
+def run_demo(out=Path("runs/demo"), *, overwrite: bool = False, device: str = "auto", progress: bool = True,
+             config_overrides: dict | None = None, num_samples: int = DEMO_SAMPLES, vlb_images: int = DEMO_VLB_IMAGES) -> dict:
+    """Train (or reuse a finished demo training in ``out``), sample with DDIM, evaluate, and
+    write report.md. Returns the metrics with the timings under ``"timings"``."""
+    from .evaluate import evaluate_run, write_report
+    from .sample import sample_run
+    from .train import RunError, TrainConfig, check_compatible, read_run_config, train
+
+    out = Path(out)
+    config = TrainConfig(**{**DEMO_CONFIG, "device": device, "progress": progress, **(config_overrides or {})})
+    resume = False
+    if out.exists() and out.is_dir() and any(out.iterdir()) and not overwrite:
+        try:
+            check_compatible(read_run_config(out)["config"], config, where=str(out / "config.json"))
+            resume = True
+        except RunError as e:
+            raise RunError(f"--out {str(out)!r} holds something other than this demo run ({e}); pass --overwrite or "
+                           "another --out") from None
+    timings = {}
+    t0 = time.time()
+    res = train(config, out, resume=resume, overwrite=overwrite)
+    timings["train_s"] = round(time.time() - t0, 1)
+    if res.interrupted:
+        raise KeyboardInterrupt
+    t1 = time.time()
+    info = sample_run(out, run=out, num_samples=num_samples, seed=0, device=device, progress=progress, **DEMO_SAMPLER)
+    timings["sample_s"] = round(time.time() - t1, 1)
+    t2 = time.time()
+    metrics = evaluate_run(out, vlb_images=vlb_images, device=device, progress=progress)
+    timings["evaluate_s"] = round(time.time() - t2, 1)
+    timings["total_s"] = round(time.time() - t0, 1)
+    from .train import resolve_device
+
+    timings["device"] = str(resolve_device(device))
+    timings["threads"] = __import__("torch").get_num_threads()
+    metrics["timings"] = timings
+    from .train import _atomic_write_json
+
+    _atomic_write_json(out / "metrics.json", metrics)
+    write_report(out, metrics, config, info, timings, trained_steps=res.trained_steps)
+    return metrics
+
+
+def _cmd_demo(args) -> int:
+    from .evaluate import format_metrics
+
+    m = run_demo(args.out, overwrite=args.overwrite, device=args.device, progress=args.progress)
+    print(format_metrics(m))
+    print(f"timings: {m['timings']}")
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    try:
+        from . import verify
+    except ImportError as e:
+        raise ImportError(f"diffmath.verify is not available in this install: {e}") from e
+    rc = verify.main(list(args.args))
+    return int(rc or 0)
+
+
+def _cmd_bench(args) -> int:
+    try:
+        from .kernels import bench
+    except ImportError as e:
+        raise ImportError(f"diffmath.kernels.bench is not available in this install (kernels/bench.py): {e}") from e
+    rc = bench.main(quick=args.quick)
+    return int(rc or 0)
+
+
+_COMMANDS = {
+    "train": _cmd_train, "sample": _cmd_sample, "evaluate": _cmd_evaluate, "demo": _cmd_demo,
+    "verify": _cmd_verify, "bench": _cmd_bench,
+}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] == "verify":  # everything after `verify` belongs to diffmath.verify
+        args = argparse.Namespace(command="verify", args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
+    from .train import RunError
+
+    if getattr(args, "threads", None) is not None:
+        set_threads(args.threads)
+    try:
+        return _COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print(f"diffmath {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (RunError, ValueError, TypeError, FileNotFoundError, ImportError, OSError) as e:
+        if os.environ.get("DIFFMATH_DEBUG"):
+            raise
+        print(f"diffmath {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,415 @@
+"""Sampling from a trained run (``diffmath sample``): the glue between a checkpoint, the
+sampler math and the fused kernels.
+
+Samplers (``--sampler``):
+
+- ``ddpm``: ancestral sampling (DDPM Alg. 2) with ``kernels.ddpm_step`` (noise from the
+  in-kernel Philox stream), on the schedule respaced to ``--steps`` (Improved DDPM) when
+  steps < T, variance "small" (beta_tilde). A model with a learned variance uses it: each
+  step is N(posterior mean, exp(learned_range_log_variance)) built from the core.
+- ``ddim``: ``kernels.ddim_step`` over ``samplers.ddim_pairs(T, steps)`` with ``--eta``.
+- ``em``: Euler-Maruyama on the reverse VP-SDE with ``kernels.euler_maruyama_step``.
+- ``pc``: predictor-corrector, ``samplers.sample_pc`` (reverse-diffusion predictor + one Langevin
+  corrector step, snr 0.16; score_sde's VP setting) on a VP-SDE with N = steps. The corrector's
+  step size uses the batch-mean norms of the score and the noise (score_sde's
+  ``LangevinCorrector``, ``corrector_norm="batch"``): per-sample norms blow up in low
+  dimension, where a sample near a mode has a score near zero.
+- ``ode``: the probability-flow ODE, ``samplers.sample_ode`` (scipy RK45, rtol = atol = 1e-5).
+
+The discrete eps-model becomes a score for the SDE samplers through the VP-SDE
+correspondence (Song et al. 2021, App. B): the run's schedule is matched to
+``sde.VPSDE(beta_min=0.1, beta_max=20, N=T)`` (the continuous limit of the linear schedule;
+for ``named_schedule("linear", T)`` it is exact), a continuous time t is mapped to the
+fractional discrete index whose log alpha_bar equals the SDE's log m(t)^2 (linear
+interpolation of the table), the network is queried at that index, and
+score(x, t) = -eps / s(t) with s(t) the SDE's marginal std. For other schedules this still
+queries the model at the matching noise level.
+
+Noise: the start x_T and the kernel noise are keyed by (seed, global sample index), so the
+samples do not depend on the chunking (``batch_size``) or on the number of processes; the
+pc/ode samplers draw from a ``torch.Generator`` per chunk (those depend on the chunking).
+Under ``torchrun`` each rank samples a contiguous share and rank 0 gathers and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import losses, posterior
+from .schedules import Schedule, timesteps
+
+__all__ = ["LoadedModel", "load_model", "generate", "sample_run", "save_grid", "SAMPLERS", "DEFAULT_STEPS"]
+
+SAMPLERS = ("ddpm", "ddim", "em", "pc", "ode")
+DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "em": 500, "pc": 500, "ode": None}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    config: "TrainConfig"  # noqa: F821
+    schedule: Schedule
+    data_shape: tuple
+    bins: int | None
+    step: int
+    device: torch.device
+    checkpoint: Path
+
+    @torch.no_grad()
+    def forward(self, x, t) -> torch.Tensor:
+        """The raw network output (float32), bf16 autocast on CUDA."""
+        if self.device.type == "cuda" and self.config.bf16:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return self.model(x, t).float()
+        return self.model(x, t).float()
+
+    def eps_model(self, x, t, clip_x0: float | None = None):
+        """eps_theta(x, t) for integer t (B,): the eps/x0/v prediction converted to eps
+        (``parameterization``); the variance channels of a learned-variance model dropped.
+
+        With ``clip_x0 = c`` the implied x0 = (x - sqrt(1 - abar) eps)/sqrt(abar) is clipped to
+        [-c, c] and eps recomputed from it (guided-diffusion's ``clip_denoised``; diffusers'
+        ``clip_sample``), so a DDIM/DDPM step moves toward a denoised image inside the data range."""
+        from .parameterization import eps_from_x0
+        from .train import eps_from_prediction, x0_from_prediction
+
+        C = self.data_shape[0]
+        out = self.forward(x, t)[:, :C]
+        s, pred = self.schedule, self.config.prediction
+        if clip_x0 is None:
+            return eps_from_prediction(pred, s, x, t, out).to(x.dtype)
+        x0 = x0_from_prediction(pred, s, x, t, out).clamp(-clip_x0, clip_x0)
+        return eps_from_x0(s, x.float(), t, x0).to(x.dtype)
+
+
+def load_model(run=None, checkpoint=None, device: str = "auto", ema: bool = True) -> LoadedModel:
+    """The model of a run directory (its latest checkpoint) or of one checkpoint file, with the
+    EMA weights (``ema=False``: the raw weights), in eval mode."""
+    from .train import RunError, TrainConfig, build_model, latest_checkpoint, load_checkpoint, make_schedule, resolve_device
+
+    if (run is None) == (checkpoint is None):
+        raise ValueError("give exactly one of run (a run directory) or checkpoint (a step-NNNNNN file)")
+    if run is not None:
+        run = Path(run)
+        if not run.is_dir():
+            raise RunError(f"--run {str(run)!r} is not a directory")
+        ck = latest_checkpoint(run)
+        if ck is None:
+            raise RunError(f"--run {str(run)!r} holds no checkpoint (step-NNNNNN.json); train it first")
+    else:
+        ck = Path(checkpoint)
+        if not ck.exists():
+            raise RunError(f"--checkpoint {str(ck)!r} does not exist")
+    meta, tensors = load_checkpoint(ck)
+    try:
+        config = TrainConfig.from_dict(meta["config"])
+        data_shape = tuple(meta["data_shape"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise RunError(f"{str(ck)!r} does not hold a usable diffmath config: {e}") from e
+    dev = resolve_device(device)
+    model = build_model(config, data_shape)
+    prefix = "ema." if ema else "model."
+    sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        raise RunError(f"the weights in {str(ck)!r} do not fit the model its config describes: {e}") from e
+    model.to(dev).eval()
+    return LoadedModel(model, config, make_schedule(config), data_shape, meta.get("bins"), int(meta["step"]), dev, Path(ck))
+
+
+# ----------------------------------------------------------------------------- VP-SDE view
+class _ScoreFromEps:
+    """score(x, t) for continuous t in (0, 1] from the discrete model (module docstring)."""
+
+    def __init__(self, loaded: LoadedModel):
+        from .sde import VPSDE
+
+        self.loaded = loaded
+        s = loaded.schedule
+        self.sde = VPSDE(beta_min=0.1, beta_max=20.0, N=s.num_timesteps)
+        self.neg_log_abar = -s.log_alphas_cumprod  # increasing in t
+
+    def index(self, t: np.ndarray) -> np.ndarray:
+        m, _ = self.sde.marginal_coefs(np.asarray(t, np.float64))
+        return np.interp(-2.0 * np.log(m), self.neg_log_abar, np.arange(self.neg_log_abar.size, dtype=np.float64))
+
+    def __call__(self, x, t):
+        lm = self.loaded
+        tt = t.detach().double().cpu().numpy() if torch.is_tensor(t) else np.asarray(t, np.float64)
+        m, std = self.sde.marginal_coefs(tt)
+        idx = torch.as_tensor(self.index(tt), dtype=torch.float32, device=x.device)
+        C = lm.data_shape[0]
+        pred = lm.forward(x.float(), idx)[:, :C]
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        m_t = torch.as_tensor(m, dtype=torch.float32, device=x.device).reshape(shape)
+        s_t = torch.as_tensor(std, dtype=torch.float32, device=x.device).reshape(shape)
+        xf = x.float()
+        if lm.config.prediction == "eps":
+            eps = pred
+        elif lm.config.prediction == "x0":
+            eps = (xf - m_t * pred) / s_t
+        else:  # v = m eps - s x0  =>  eps = m v + s x
+            eps = m_t * pred + s_t * xf
+        return (-eps / s_t).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- loops
+def _kernels():
+    from .train import _kernels as k
+
+    return k()
+
+
+def _loop_ddim(lm, x, seed, start, n_total, steps, eta, progress, clip_x0=None):
+    from .samplers import ddim_pairs
+
+    K = _kernels()
+    s = lm.schedule
+    D = int(np.prod(x.shape[1:]))
+    pairs = ddim_pairs(s.num_timesteps, steps, "leading")
+    from tqdm.auto import tqdm
+
+    for k, (t, t_prev) in enumerate(tqdm(pairs, disable=not progress, desc="DDIM", leave=False)):
+        tb = torch.full((x.shape[0],), int(s.timestep_map[t]), dtype=torch.long, device=x.device)
+        eps = lm.eps_model(x, tb, clip_x0)
+        off = (k * n_total + start) * D
+        x = K.ddim_step(s, x, t, t_prev, eps, seed=seed, offset=off, eta=eta)
+    return x
+
+
+def _loop_ddpm(lm, x, seed, start, n_total, steps, progress, clip_x0=None):
+    K = _kernels()
+    s0 = lm.schedule
+    s = s0.respace(timesteps(s0.num_timesteps, steps, "leading")) if steps and steps < s0.num_timesteps else s0
+    D = int(np.prod(x.shape[1:]))
+    C = lm.data_shape[0]
+    from tqdm.auto import tqdm
+
+    T = s.num_timesteps
+    for k, t in enumerate(tqdm(range(T - 1, -1, -1), disable=not progress, desc="DDPM", leave=False)):
+        tm = torch.full((x.shape[0],), int(s.timestep_map[t]), dtype=torch.long, device=x.device)
+        off = (k * n_total + start) * D
+        if lm.config.learn_sigma:
+            # the learned variance (Improved DDPM eq. 15) on the (respaced) chain, from the core
+            out = lm.forward(x, tm)
+            pred, v = out[:, :C], out[:, C:]
+            from .train import x0_from_prediction
+
+            tl = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+            x0 = x0_from_prediction(lm.config.prediction, s0, x, tm, pred)
+            if clip_x0 is not None:
+                x0 = x0.clamp(-clip_x0, clip_x0)
+            mean = posterior.q_posterior_mean_variance(s, x0, x, tl)[0]
+            if t == 0:
+                x = mean
+            else:
+                log_var = losses.learned_range_log_variance(s, tl, v)
+                g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + off)
+                x = mean + torch.exp(0.5 * log_var) * torch.randn(x.shape, generator=g).to(x.device)
+        else:
+            eps = lm.eps_model(x, tm, clip_x0)
+            x = K.ddpm_step(s, x, t, eps, seed=seed, offset=off, variance="small")
+    return x
+
+
+def _loop_em(lm, x, seed, start, n_total, steps, progress):
+    from .samplers import time_grid
+
+    K = _kernels()
+    score = _ScoreFromEps(lm)
+    sde = score.sde
+    ts = time_grid(sde, steps)
+    D = int(np.prod(x.shape[1:]))
+    from tqdm.auto import tqdm
+
+    n = len(ts) - 1
+    for k in tqdm(range(n), disable=not progress, desc="Euler-Maruyama", leave=False):
+        tb = torch.full((x.shape[0],), float(ts[k]), dtype=torch.float64, device=x.device)
+        sc = score(x, tb)
+        dt = float(ts[k + 1] - ts[k])
+        if k == n - 1:  # the last step adds no noise (score_sde's noise_removal)
+            x = K.euler_maruyama_step(sde, x, tb.to(x.dtype), dt, sc, noise=torch.zeros_like(x))
+        else:
+            x = K.euler_maruyama_step(sde, x, tb.to(x.dtype), dt, sc, seed=seed, offset=(k * n_total + start) * D)
+    return x
+
+
+def default_clip(lm: LoadedModel):
+    """1.0 for images (data in [-1, 1]), None for toy data."""
+    return 1.0 if len(lm.data_shape) == 3 else None
+
+
+def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=None, eta: float = 0.0, seed: int = 0,
+             batch_size: int = 500, progress: bool = False, clip_x0="auto") -> np.ndarray:
+    """``num_samples`` samples as a float32 numpy array (N, *data_shape), not clipped.
+
+    ``clip_x0``: for ddpm/ddim, clip the predicted x0 to [-c, c] at each step ("auto": c = 1
+    for images, off for toy data; None: off). The SDE samplers use the raw score.
+
+    Under torch.distributed (initialised) each rank draws a contiguous share and the result
+    is gathered on every rank."""
+    from .samplers import sample_ode, sample_pc
+    from .train import _derive
+
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer; got {num_samples!r}")
+    T = lm.schedule.num_timesteps
+    if steps is None:
+        steps = DEFAULT_STEPS[sampler] or (T if sampler == "ddpm" else None)
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be a positive integer; got {steps!r}")
+    if sampler in ("ddpm", "ddim") and steps > T:
+        raise ValueError(f"steps must lie in [1, T] = [1, {T}] for --sampler {sampler}; got {steps}")
+    if eta < 0 or not math.isfinite(eta):
+        raise ValueError(f"eta must be finite and >= 0; got {eta}")
+    if clip_x0 == "auto":
+        clip_x0 = default_clip(lm)
+    rank, world = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    per = -(-num_samples // world)
+    lo, hi = min(num_samples, rank * per), min(num_samples, (rank + 1) * per)
+    shape = tuple(lm.data_shape)
+    xT_all = torch.randn((num_samples,) + shape, generator=torch.Generator().manual_seed(_derive(seed, "x_T")))
+    kseed = _derive(seed, "sample-philox") % (2**31 - 1)
+    outs = []
+    for a in range(lo, hi, batch_size):
+        b = min(hi, a + batch_size)
+        x = xT_all[a:b].to(lm.device)
+        if sampler == "ddim":
+            x = _loop_ddim(lm, x, kseed, a, num_samples, steps, eta, progress, clip_x0)
+        elif sampler == "ddpm":
+            x = _loop_ddpm(lm, x, kseed, a, num_samples, steps, progress, clip_x0)
+        elif sampler == "em":
+            x = _loop_em(lm, x, kseed, a, num_samples, steps, progress)
+        else:
+            score = _ScoreFromEps(lm)
+            g = torch.Generator(device=lm.device).manual_seed(_derive(seed, "chunk", a))
+            if sampler == "pc":
+                sde = type(score.sde)(beta_min=0.1, beta_max=20.0, N=steps)
+                x = sample_pc(score, sde, x_T=x, steps=steps, corrector_norm="batch", generator=g, progress=progress)
+            else:
+                x = sample_ode(score, score.sde, x_T=x, generator=g, progress=progress)
+        outs.append(x.float().cpu())
+    local = torch.cat(outs) if outs else torch.zeros((0,) + shape)
+    if world > 1:
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, local.numpy())
+        return np.concatenate(parts).astype(np.float32)
+    return local.numpy().astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- files
+def save_grid(path, x: np.ndarray, nrow: int | None = None, scale: int = 4, title: str | None = None):
+    """samples.png: images (N, C, H, W) in [-1, 1] tiled in a grid (first 100), or a scatter
+    plot for 2-D points (N, 2)."""
+    from .train import _atomic_write_bytes
+
+    x = np.asarray(x)
+    if x.ndim == 2:
+        import io
+
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+        ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.5)
+        ax.set_aspect("equal")
+        ax.set_title(title or f"{len(x)} samples")
+        buf = io.BytesIO()
+        fig.tight_layout()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        _atomic_write_bytes(Path(path), buf.getvalue())
+        return
+    from PIL import Image
+    import io
+
+    x = x[:100]
+    n, C, H, W = x.shape
+    nrow = nrow or int(math.ceil(math.sqrt(n)))
+    ncol = int(math.ceil(n / nrow))
+    pad = 1
+    grid = np.full((C, ncol * (H + pad) + pad, nrow * (W + pad) + pad), 0.5, dtype=np.float32)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        grid[:, pad + r * (H + pad) : pad + r * (H + pad) + H, pad + c * (W + pad) : pad + c * (W + pad) + W] = (
+            np.clip(x[i], -1, 1) + 1
+        ) / 2
+    img = (grid * 255).round().astype(np.uint8)
+    im = Image.fromarray(img[0] if C == 1 else img.transpose(1, 2, 0), mode="L" if C == 1 else "RGB")
+    im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    _atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def sample_run(out, *, run=None, checkpoint=None, sampler="ddim", steps=None, eta=0.0, num_samples=500, seed=0,
+               device="auto", batch_size=500, progress=True, ema=True, clip_x0="auto") -> dict:
+    """Load, sample, and write ``out``/samples.npz (``samples`` float32 + ``info`` JSON) and
+    ``out``/samples.png. Returns the info dict."""
+    import os
+    import time
+
+    from .train import _atomic_write_bytes, _Dist, resolve_device
+
+    dev = resolve_device(device)
+    dd = _Dist(dev)  # under torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on CUDA
+    try:
+        if dd.active and dev.type == "cuda":
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dd.rank)) % torch.cuda.device_count())
+            torch.cuda.set_device(dev)
+        return _sample_run(out, dd, run=run, checkpoint=checkpoint, sampler=sampler, steps=steps, eta=eta,
+                           num_samples=num_samples, seed=seed, device=str(dev), batch_size=batch_size,
+                           progress=progress and dd.rank == 0, ema=ema, clip_x0=clip_x0)
+    finally:
+        dd.close()
+
+
+def _sample_run(out, dd, *, run, checkpoint, sampler, steps, eta, num_samples, seed, device, batch_size, progress, ema,
+                clip_x0):
+    import time
+
+    from .train import _atomic_write_bytes
+
+    lm = load_model(run=run, checkpoint=checkpoint, device=device, ema=ema)
+    t0 = time.time()
+    if clip_x0 == "auto":
+        clip_x0 = default_clip(lm)
+    x = generate(lm, num_samples, sampler=sampler, steps=steps, eta=eta, seed=seed, batch_size=batch_size,
+                 progress=progress, clip_x0=clip_x0)
+    secs = time.time() - t0
+    info = {
+        "sampler": sampler,
+        "steps": steps if steps is not None else (DEFAULT_STEPS[sampler] or (lm.schedule.num_timesteps if sampler == "ddpm" else None)),
+        "eta": eta if sampler == "ddim" else None,
+        "num_samples": int(num_samples),
+        "seed": seed,
+        "checkpoint": str(lm.checkpoint),
+        "step": lm.step,
+        "weights": "ema" if ema else "raw",
+        "clip_x0": clip_x0 if sampler in ("ddpm", "ddim") else None,
+        "seconds": round(secs, 3),
+        "world_size": dd.world,
+    }
+    if dd.rank == 0:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, samples=x, info=np.str_(json.dumps(info)))
+        _atomic_write_bytes(out / "samples.npz", buf.getvalue())
+        save_grid(out / "samples.png", x, title=f"{sampler}, {num_samples} samples")
+    return info

@@ -1,0 +1,985 @@
+"""Training a denoiser with the verified core and the fused kernels (``diffmath train``).
+
+The loss (DDPM eq. 14, Improved DDPM eq. 16):
+
+- eps-prediction with fixed variance: x_t = ``kernels.q_sample(s, x0, t, seed=, offset=)``
+  with the noise drawn inside the kernel from a Philox stream, and
+  L_simple = ``kernels.simple_loss(eps_pred, seed, offset)``, which regenerates the same eps
+  from (seed, offset): the noise tensor never touches memory (on CUDA; the torch fallback
+  of ``diffmath.kernels`` runs the same math on CPU).
+- x0- or v-prediction, or a learned variance: the noise is drawn explicitly (a seeded
+  ``torch.Generator``) and the core builds x_t (``forward.q_sample``), the target
+  (``parameterization.v_from_x0_eps``) and L_simple = MSE(target, prediction).
+- learned variance (Improved DDPM's learned range, ``learn_sigma``): the model outputs 2C
+  channels; the second half v in [-1, 1] gives log Sigma = ``losses.learned_range_log_variance``.
+  The hybrid loss is L_simple + lambda * T * L_t (guided-diffusion's convention: L_vlb = sum_t L_t
+  is estimated by T * L_t for uniform t, in bits/dim, lambda = 0.001), where L_t =
+  ``losses.vb_terms_bpd`` evaluated with the model's mean under a stop-gradient, so the VLB
+  term trains only the variance (Improved DDPM, Sec. 3.1).
+
+Optimisation: AdamW, linear warm-up then a constant learning rate (optionally a cosine decay
+over ``lr_decay_steps``; neither depends on ``steps``, so extending a run with ``--resume``
+gives the same trajectory as planning the longer run), gradient-norm clipping, EMA weights
+(decay min(ema_decay, (1 + step)/(10 + step))), bf16 autocast on CUDA.
+
+Determinism: everything random is keyed by (seed, step): the epoch permutation of the data,
+the timesteps t, the explicit noise and the Philox (seed, offset) of the fused kernels; the
+only stateful RNG is torch's global one, used by dropout, and it is saved in every checkpoint.
+On CPU, training 2N steps and training N steps, then resuming for N more, give bit-identical
+weights (asserted in tests/test_train.py).
+
+Distributed: under ``torchrun --nproc_per_node=K`` (WORLD_SIZE > 1) the model is wrapped in
+DistributedDataParallel (gloo on CPU, NCCL on CUDA). ``batch_size`` is the global batch: each
+epoch's seeded permutation is cut into global batches, each global batch into K contiguous
+shards, and a ``DistributedSampler`` over the shard indices hands shard r of every batch to
+rank r. The Philox offsets, timesteps and noise of each sample depend only on its position in
+the global batch, so K processes see exactly the samples, noise and timesteps of one process
+with the same global batch (only the float summation order of the gradient all-reduce
+differs; ``training_loss`` explains how the CPU fallback's per-call noise streams are handled).
+At every checkpoint the ranks compare a SHA-256 of their weights and stop if they differ.
+Dropout masks come from each rank's own generator, so with dropout > 0 the runs agree in
+distribution, not bit for bit.
+
+Files in ``out``: config.json, step-NNNNNN.safetensors (weights ``model.*``, EMA ``ema.*``,
+optimizer tensors ``optim.<i>.<name>``, ``loss_history``) + step-NNNNNN.json (step, config,
+RNG states, optimizer hyper-parameters, SHA-256 of the .safetensors), loss.png and
+schedule.png, all written atomically (temp file + os.replace). Nothing is ever unpickled.
+Ctrl-C / SIGTERM finish the current step, write a checkpoint and return.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import signal
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import forward, losses, parameterization, posterior
+from .data import Data, load_data
+from .schedules import SCHEDULE_NAMES, Schedule, named_schedule
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "RunError",
+    "train",
+    "build_model",
+    "make_schedule",
+    "training_loss",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "read_run_config",
+    "vb_terms_bpd_bins",
+    "RUN_FORMAT",
+    "CHECKPOINT_FORMAT",
+]
+
+RUN_FORMAT = "diffmath.run/1"
+CHECKPOINT_FORMAT = "diffmath.checkpoint/1"
+PREDICTIONS = ("eps", "x0", "v")
+_CKPT_RE = re.compile(r"^step-(\d{6,})\.json$")
+# Fields that may change when a run is resumed; any other difference is refused.
+RESUMABLE_FIELDS = ("steps", "save_every", "device", "progress", "log_every", "bf16")
+
+
+class RunError(ValueError):
+    """A run directory or checkpoint that cannot be used as asked (message says why)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (stored in config.json).
+
+    Model: ``channels`` (U-Net base width / MLP hidden width), ``channel_mult``,
+    ``num_res_blocks``, ``attention_resolutions``, ``dropout``, ``num_heads``,
+    ``mlp_depth`` (toy data), ``learn_sigma``. Diffusion: ``schedule`` (a
+    ``named_schedule`` name), ``timesteps`` (T), ``prediction`` (eps | x0 | v),
+    ``hybrid_lambda``. Optimisation: ``lr``, ``weight_decay``, ``warmup``, ``lr_decay_steps``
+    (0 = constant after warm-up), ``grad_clip``, ``ema_decay``, ``batch_size`` (global).
+    """
+
+    data: str = "digits"
+    image_size: int = 8
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup: int = 100
+    lr_decay_steps: int = 0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    channels: int = 32
+    channel_mult: tuple = (1, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple = (4,)
+    dropout: float = 0.1
+    num_heads: int = 4
+    mlp_depth: int = 3
+    learn_sigma: bool = False
+    hybrid_lambda: float = 0.001
+    prediction: str = "eps"
+    schedule: str = "linear"
+    timesteps: int = 1000
+    save_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        self.channel_mult = tuple(int(c) for c in self.channel_mult)
+        self.attention_resolutions = tuple(int(c) for c in self.attention_resolutions)
+        self.validate()
+
+    def validate(self):
+        def pos_int(name, lo=1):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}; got {name} = {v!r}")
+
+        for n in ("steps", "batch_size", "channels", "num_res_blocks", "num_heads", "mlp_depth", "save_every", "log_every"):
+            pos_int(n)
+        for n in ("warmup", "lr_decay_steps", "seed"):
+            pos_int(n, 0)
+        pos_int("timesteps", 2)
+        pos_int("image_size")
+        for n, lo, hi in (("lr", 0.0, math.inf), ("dropout", 0.0, 1.0), ("ema_decay", 0.0, 1.0), ("grad_clip", 0.0, math.inf)):
+            v = getattr(self, n)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not (lo <= v < hi) or (n == "lr" and v <= 0):
+                raise ValueError(f"{n} must be a number in {'(' if n == 'lr' else '['}{lo}, {hi}); got {n} = {v!r}")
+        if self.weight_decay < 0 or self.hybrid_lambda < 0:
+            raise ValueError(f"weight_decay and hybrid_lambda must be >= 0; got {self.weight_decay}, {self.hybrid_lambda}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}; got {self.prediction!r}")
+        if self.schedule not in SCHEDULE_NAMES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULE_NAMES)}; got {self.schedule!r}")
+        if self.schedule == "linear" and self.timesteps < 20:
+            raise ValueError(f"the linear schedule needs timesteps >= 20 (betas scale by 1000/T); got {self.timesteps}")
+        if not self.channel_mult or any(c < 1 for c in self.channel_mult):
+            raise ValueError(f"channel_mult must be a non-empty list of positive integers; got {self.channel_mult}")
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu or cuda; got {self.device!r}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["channel_mult"] = list(self.channel_mult)
+        d["attention_resolutions"] = list(self.attention_resolutions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; valid keys are {sorted(names)}")
+        return cls(**d)
+
+    def model_fields(self) -> dict:
+        """The fields a checkpoint must agree on to be resumed (all but RESUMABLE_FIELDS)."""
+        d = self.to_dict()
+        return {k: v for k, v in d.items() if k not in RESUMABLE_FIELDS}
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    step: int
+    losses: list = field(default_factory=list)
+    interrupted: bool = False
+    checkpoint: Path | None = None
+    seconds: float = 0.0
+    trained_steps: int = 0
+
+
+# ----------------------------------------------------------------------------- building blocks
+def make_schedule(config: TrainConfig) -> Schedule:
+    return named_schedule(config.schedule, config.timesteps)
+
+
+def build_model(config: TrainConfig, data_shape) -> torch.nn.Module:
+    """A U-Net for image data (C, H, W), an MLP for vectors (D,)."""
+    from .nn import MLPDenoiser, UNet
+
+    data_shape = tuple(int(n) for n in data_shape)
+    if len(data_shape) == 3:
+        C, H, W = data_shape
+        if H != W:
+            raise ValueError(f"images must be square; got {H}x{W}")
+        return UNet(
+            in_channels=C, channels=config.channels, channel_mult=config.channel_mult,
+            num_res_blocks=config.num_res_blocks, attention_resolutions=config.attention_resolutions,
+            dropout=config.dropout, num_heads=config.num_heads, image_size=H, learn_sigma=config.learn_sigma,
+        )
+    if len(data_shape) == 1:
+        return MLPDenoiser(
+            dim=data_shape[0], hidden=config.channels * 4, depth=config.mlp_depth, learn_sigma=config.learn_sigma
+        )
+    raise ValueError(f"data samples must have shape (C, H, W) or (D,); got {data_shape}")
+
+
+def _derive(seed: int, *keys) -> int:
+    """A 63-bit integer seed from (seed, keys...) (numpy SeedSequence hashing)."""
+    ent = [int(seed)] + [k if isinstance(k, int) else int.from_bytes(hashlib.sha256(str(k).encode()).digest()[:4], "little") for k in keys]
+    return int(np.random.SeedSequence(ent).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def _generator(seed: int, *keys, device="cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(_derive(seed, *keys))
+    return g
+
+
+def _kernels():
+    try:
+        from . import kernels  # noqa: F401  (diffmath.kernels, the folder kernels/)
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ImportError(
+            "diffmath.kernels is not importable (the kernels/ folder is installed as diffmath.kernels); "
+            f"reinstall the package: {e}"
+        ) from e
+    return kernels
+
+
+def philox_path(x: torch.Tensor) -> bool:
+    """Whether kernel calls on tensors like ``x`` take the Triton path, whose noise for element
+    i is Philox draw offset + i (a shift of one stream); the torch fallback keys a fresh
+    stream by (seed, offset) instead (docs/kernels.md, "Noise streams")."""
+    K = _kernels()
+    try:
+        from .kernels._affine import affine_kernel  # the kernel q_sample launches
+
+        return bool(K.use_triton(x, affine_kernel))
+    except ImportError:  # pragma: no cover - a kernels package without that module
+        return bool(K.use_triton(x))
+
+
+def uses_fused_noise(config: TrainConfig) -> bool:
+    """eps-prediction with a fixed variance draws its noise inside the fused kernels."""
+    return config.prediction == "eps" and not config.learn_sigma
+
+
+def vb_terms_bpd_bins(s: Schedule, mean, log_var, x0, x_t, t, bins: int = 256):
+    """``losses.vb_terms_bpd`` with the decoder term (t = 0) on a grid of ``bins`` levels:
+    where t == 0 the value is -mean_dims log P(x0) / ln 2 with
+    ``gaussian.discretized_gaussian_log_likelihood(..., bins=bins)`` (for the 17-level digits).
+    Returns (B,) bits/dim."""
+    from .gaussian import discretized_gaussian_log_likelihood
+
+    vb = losses.vb_terms_bpd(s, mean, log_var, x0, x_t, t)
+    if bins == 256:
+        return vb
+    first = t == 0
+    if not bool(first.any()):
+        return vb
+    ll = discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var, bins=bins)
+    nll = -ll.reshape(ll.shape[0], -1).mean(dim=1) / math.log(2.0)
+    return torch.where(first, nll.to(vb.dtype), vb)
+
+
+def model_outputs(config: TrainConfig, out: torch.Tensor, C: int):
+    """Split a network output into (prediction, variance value v or None)."""
+    if config.learn_sigma:
+        return out[:, :C], out[:, C:]
+    return out, None
+
+
+def training_loss(config, model, s, x0, t, *, seed_noise=None, offset=0, noise=None, bins=256, autocast=None,
+                  shard=None):
+    """The loss of one (local) batch; returns (loss, parts dict).
+
+    Fused path (``uses_fused_noise``): ``kernels.q_sample`` + ``kernels.simple_loss`` keyed by
+    (seed_noise, offset), ``offset`` the stream position of this batch's first element.
+    Explicit path: ``noise`` given, the core builds x_t and the target.
+
+    ``shard = (x0_global, t_global, rank, world)`` under DDP, where this rank's rows are
+    ``rank*B:(rank+1)*B`` of the global batch and ``offset`` is the global batch's. On the
+    Triton path the Philox stream is shifted by the offset, so the rank draws only its rows
+    (offset + rank*B*D). The torch fallback keys a whole stream by (seed, offset) instead
+    (docs/kernels.md), so there the rank noises the (cheap) global batch with one call and keeps
+    its rows, and regenerates the loss's eps at the global shape with zero predictions outside
+    its rows: either way every sample gets the noise it gets in a single-process run.
+    """
+    C = x0.shape[1]
+    ctx = autocast if autocast is not None else _null()
+    if uses_fused_noise(config):
+        K = _kernels()
+        if shard is None or shard[3] == 1 or philox_path(x0):
+            off = offset if shard is None else offset + shard[2] * x0.numel()
+            x_t = K.q_sample(s, x0, t, seed=seed_noise, offset=off)
+            with ctx:
+                out = model(x_t, t)
+            loss = K.simple_loss(out.float(), seed_noise, off)
+            return loss, {"mse": loss.detach()}
+        xg, tg, r, world = shard
+        B = x0.shape[0]
+        x_t = K.q_sample(s, xg, tg, seed=seed_noise, offset=offset)[r * B : (r + 1) * B]
+        with ctx:
+            out = model(x_t, t).float()
+        full = torch.cat([out.new_zeros((r * B,) + out.shape[1:]), out, out.new_zeros(((world - r - 1) * B,) + out.shape[1:])])
+        loss = K.simple_loss(full, seed_noise, offset, reduction="none")[r * B : (r + 1) * B].mean()
+        return loss, {"mse": loss.detach()}
+    x_t = forward.q_sample(s, x0, t, noise)
+    with ctx:
+        out = model(x_t, t)
+    pred, v = model_outputs(config, out.float(), C)
+    if config.prediction == "eps":
+        target = noise
+    elif config.prediction == "x0":
+        target = x0
+    else:
+        target = parameterization.v_from_x0_eps(s, t, x0, noise)
+    mse = losses.simple_loss(target, pred)
+    if v is None:
+        return mse, {"mse": mse.detach()}
+    with torch.no_grad():  # stop-gradient on the mean (Improved DDPM, Sec. 3.1)
+        x0_pred = x0_from_prediction(config.prediction, s, x_t, t, pred.detach())
+        mean = posterior.q_posterior_mean_variance(s, x0_pred, x_t, t)[0]
+    log_var = losses.learned_range_log_variance(s, t, v)
+    vb = vb_terms_bpd_bins(s, mean, log_var, x0, x_t, t, bins=bins)
+    loss = mse + config.hybrid_lambda * s.num_timesteps * vb.mean()
+    return loss, {"mse": mse.detach(), "vb": vb.mean().detach()}
+
+
+def x0_from_prediction(prediction: str, s, x_t, t, pred):
+    if prediction == "eps":
+        return parameterization.x0_from_eps(s, x_t, t, pred)
+    if prediction == "x0":
+        return pred
+    return parameterization.x0_from_v(s, x_t, t, pred)
+
+
+def eps_from_prediction(prediction: str, s, x_t, t, pred):
+    if prediction == "eps":
+        return pred
+    if prediction == "x0":
+        return parameterization.eps_from_x0(s, x_t, t, pred)
+    return parameterization.eps_from_v(s, x_t, t, pred)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then constant, or a cosine decay to 0 at
+    ``lr_decay_steps`` (if > 0)."""
+    lr = config.lr
+    if config.warmup and step < config.warmup:
+        return lr * (step + 1) / config.warmup
+    if config.lr_decay_steps:
+        frac = min(1.0, step / config.lr_decay_steps)
+        return lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+    return lr
+
+
+# ----------------------------------------------------------------------------- distributed
+class _Dist:
+    def __init__(self, device):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.own = False
+        if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend=backend)
+            self.own = True
+        self.active = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.active else 0
+        self.world = dist.get_world_size() if self.active else 1
+
+    def barrier(self):
+        if self.active:
+            self.dist.barrier()
+
+    def all_gather_object(self, obj):
+        if not self.active:
+            return [obj]
+        out = [None] * self.world
+        self.dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj):
+        if not self.active:
+            return obj
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self):
+        if self.own:
+            self.dist.destroy_process_group()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RunError("--device cuda was asked for but torch.cuda.is_available() is False; use --device cpu")
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------- files
+def _umask() -> int:
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+_UMASK = _umask()
+
+
+def _atomic_write_bytes(path: Path, data: bytes):
+    """Write ``data`` to a temp file in the same folder, fsync, then os.replace onto ``path``:
+    readers see the old file or the new one, never a partial write."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_write_json(path: Path, obj):
+    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def read_run_config(out) -> dict:
+    """config.json of a run directory, checked to be ours."""
+    p = Path(out) / "config.json"
+    if not p.exists():
+        raise RunError(f"{str(out)!r} is not a diffmath run: it has no config.json")
+    try:
+        d = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise RunError(f"{str(p)!r} is not a diffmath run config (unreadable JSON: {e})") from e
+    if not isinstance(d, dict) or d.get("format") != RUN_FORMAT or "config" not in d:
+        raise RunError(f"{str(p)!r} is not a diffmath run config (expected format {RUN_FORMAT!r})")
+    return d
+
+
+def list_checkpoints(out) -> list[tuple[int, Path]]:
+    """(step, json path) of the checkpoints in ``out``, ascending."""
+    found = []
+    for p in Path(out).glob("step-*.json"):
+        m = _CKPT_RE.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(out) -> Path | None:
+    c = list_checkpoints(out)
+    return c[-1][1] if c else None
+
+
+def load_checkpoint(path, verify: bool = True):
+    """Read a checkpoint (its .json or .safetensors path) -> (meta dict, tensors dict).
+
+    Raises RunError if it is not a diffmath checkpoint or its weights do not match the JSON.
+    Uses safetensors only (never pickle).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        st, js = path, path.with_suffix(".json")
+    else:
+        st, js = path.with_suffix(".safetensors"), path
+    if not st.exists():
+        raise RunError(f"checkpoint weights {str(st)!r} do not exist")
+    try:
+        with safe_open(str(st), framework="pt") as f:
+            md = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise RunError(f"{str(st)!r} is not a readable safetensors file: {e}") from e
+    if md.get("format") != CHECKPOINT_FORMAT:
+        raise RunError(
+            f"{str(st)!r} is not a diffmath checkpoint (its safetensors metadata lacks format={CHECKPOINT_FORMAT!r})"
+        )
+    if js.exists():
+        try:
+            meta = json.loads(js.read_text())
+        except ValueError as e:
+            raise RunError(f"{str(js)!r} is not valid JSON: {e}") from e
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise RunError(f"{str(js)!r} is not a diffmath checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+        if verify and meta.get("weights_sha256") and meta["weights_sha256"] != _sha256(st):
+            raise RunError(f"{str(st)!r} does not match {str(js)!r} (SHA-256 differs): the checkpoint is damaged")
+    else:
+        meta = json.loads(md.get("meta", "{}"))
+        if not meta:
+            raise RunError(f"{str(st)!r} has no {js.name} beside it and no embedded metadata")
+    tensors = load_file(str(st))
+    return meta, tensors
+
+
+def _rng_state_b64(state: torch.Tensor) -> str:
+    return base64.b64encode(state.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _rng_state_from_b64(s: str) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy())
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer):
+    sd = opt.state_dict()
+    tensors, layout = {}, {}
+    for idx, st in sd["state"].items():
+        keys = []
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{idx}.{k}"] = v.detach().cpu().contiguous()
+                keys.append(k)
+            else:
+                layout.setdefault("scalars", {}).setdefault(str(idx), {})[k] = v
+        layout.setdefault("tensors", {})[str(idx)] = keys
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, **layout}
+
+
+def _load_optimizer(opt, layout: dict, tensors: dict):
+    state = {}
+    for idx, keys in layout.get("tensors", {}).items():
+        state[int(idx)] = {k: tensors[f"optim.{idx}.{k}"] for k in keys}
+    for idx, sc in layout.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(sc)
+    groups = []
+    for g in layout["param_groups"]:
+        g = dict(g)
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(out: Path, step: int, config: TrainConfig, model, ema, opt, loss_history, rng_states, extra=None):
+    from safetensors.torch import save
+
+    name = checkpoint_name(step)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
+    opt_tensors, opt_layout = _optimizer_tensors(opt)
+    tensors.update(opt_tensors)
+    tensors["loss_history"] = torch.tensor(loss_history, dtype=torch.float64) if loss_history else torch.zeros(0, dtype=torch.float64)
+    small_meta = {"format": CHECKPOINT_FORMAT, "step": step, "config": config.to_dict(), **(extra or {})}
+    blob = save(tensors, metadata={"format": CHECKPOINT_FORMAT, "meta": json.dumps(small_meta)})
+    st = out / f"{name}.safetensors"
+    _atomic_write_bytes(st, blob)
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "step": step,
+        "config": config.to_dict(),
+        "weights": st.name,
+        "weights_sha256": hashlib.sha256(blob).hexdigest(),
+        "rng": rng_states,
+        "optimizer": opt_layout,
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **(extra or {}),
+    }
+    _atomic_write_json(out / f"{name}.json", meta)
+    return out / f"{name}.json"
+
+
+# ----------------------------------------------------------------------------- plots
+def plot_loss(path: Path, loss_history, title: str = "training loss"):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    y = np.asarray(loss_history, dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if y.size:
+        x = np.arange(1, y.size + 1)
+        ax.plot(x, y, lw=0.6, alpha=0.35, label="per step")
+        k = max(1, min(100, y.size // 20))
+        if y.size >= k and k > 1:
+            sm = np.convolve(y, np.ones(k) / k, mode="valid")
+            ax.plot(x[k - 1 :], sm, lw=1.5, label=f"moving mean ({k})")
+        if np.all(y > 0):
+            ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    _save_fig(fig, path)
+    plt.close(fig)
+
+
+def plot_schedule(path: Path, s: Schedule, name: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = np.arange(s.num_timesteps)
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), dpi=100)
+    axes[0].plot(t, s.betas)
+    axes[0].set_title("beta_t")
+    axes[1].plot(t, s.alphas_cumprod)
+    axes[1].set_title("alpha_bar_t")
+    axes[2].plot(t, s.log_snr)
+    axes[2].set_title("log SNR_t")
+    for ax in axes:
+        ax.set_xlabel("t")
+    fig.suptitle(f"schedule {name!r}, T = {s.num_timesteps}")
+    fig.tight_layout()
+    _save_fig(fig, path)
+    plt.close(fig)
+
+
+def _save_fig(fig, path: Path):
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    _atomic_write_bytes(Path(path), buf.getvalue())
+
+
+# ----------------------------------------------------------------------------- the run directory
+OUR_FILES = ("config.json", "loss.png", "schedule.png", "samples.npz", "samples.png", "metrics.json", "report.md")
+
+
+def _is_ours(p: Path) -> bool:
+    return p.name in OUR_FILES or bool(re.match(r"^step-\d{6,}\.(json|safetensors)$", p.name))
+
+
+def prepare_out(out: Path, config: TrainConfig, *, resume: bool, overwrite: bool) -> Path | None:
+    """Check ``out`` against the flags; returns the checkpoint to resume from (or None)."""
+    out = Path(out)
+    if resume and overwrite:
+        raise RunError("--resume and --overwrite contradict each other; pick one")
+    exists = out.exists() and (not out.is_dir() or any(out.iterdir()))
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {str(out)!r} exists and is a file, not a directory")
+    if resume:
+        if not exists:
+            raise RunError(f"--resume: {str(out)!r} holds no run to resume (missing or empty)")
+        stored = read_run_config(out)
+        check_compatible(stored["config"], config, where=str(out / "config.json"))
+        ck = latest_checkpoint(out)
+        if ck is None:
+            return None  # the run wrote its config but no checkpoint: start from scratch
+        meta, _ = load_checkpoint(ck, verify=False)
+        check_compatible(meta.get("config", {}), config, where=str(ck))
+        return ck
+    if exists:
+        if not overwrite:
+            raise RunError(
+                f"--out {str(out)!r} already exists and is not empty; pass --resume to continue that run or "
+                "--overwrite to replace it"
+            )
+        for p in out.iterdir():
+            if p.is_file() and _is_ours(p):
+                p.unlink()
+    return None
+
+
+def check_compatible(stored: dict, config: TrainConfig, where: str):
+    try:
+        old = TrainConfig.from_dict(stored).model_fields()
+    except (TypeError, ValueError) as e:
+        raise RunError(f"{where} does not hold a diffmath training config this version can read: {e}") from e
+    new = config.model_fields()
+    diff = [f"{k}: checkpoint {old[k]!r} vs now {new[k]!r}" for k in sorted(new) if old.get(k) != new[k]]
+    if diff:
+        raise RunError(
+            f"cannot resume: {where} was written with a different configuration ("
+            + "; ".join(diff)
+            + f"). Only {', '.join(RESUMABLE_FIELDS)} may change on --resume; the existing checkpoints are left intact."
+        )
+
+
+# ----------------------------------------------------------------------------- the loop
+class _StopFlag:
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def install(self):
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except (ValueError, OSError):  # pragma: no cover
+                pass
+        return self
+
+    def _handler(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signum = signum
+
+    def restore(self):
+        for sig, h in self._old.items():
+            signal.signal(sig, h)
+        self._old = {}
+
+
+@torch.no_grad()
+def _ema_update(ema, model, decay: float):
+    ep = list(ema.parameters())
+    mp = list(model.parameters())
+    torch._foreach_lerp_(ep, mp, 1.0 - decay)
+
+
+def train(config: TrainConfig, out, *, resume: bool = False, overwrite: bool = False, data: Data | None = None,
+          stop_after: int | None = None) -> TrainResult:
+    """Train as configured, writing into ``out``; see the module docstring.
+
+    ``resume`` continues from the latest checkpoint in ``out`` (the flags must match its
+    config except ``RESUMABLE_FIELDS``); ``overwrite`` replaces an existing run. ``data``
+    overrides ``config.data`` (tests). ``stop_after`` stops (with a checkpoint) after that
+    many steps of this call, as if interrupted.
+    """
+    import copy
+
+    t_start = time.time()
+    out = Path(out)
+    device = resolve_device(config.device)
+    dd = _Dist(device)
+    try:
+        if device.type == "cuda" and dd.active:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dd.rank)) % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+        if config.batch_size % dd.world:
+            raise RunError(f"batch_size {config.batch_size} (the global batch) must be divisible by the world size {dd.world}")
+        is_main = dd.rank == 0
+        # --- the run directory (rank 0 decides, the others follow)
+        err, ckpt = None, None
+        if is_main:
+            try:
+                ckpt = prepare_out(out, config, resume=resume, overwrite=overwrite)
+                out.mkdir(parents=True, exist_ok=True)
+            except RunError as e:
+                err = str(e)
+        err, ckpt = dd.broadcast_object((err, None if ckpt is None else str(ckpt)))
+        if err:
+            raise RunError(err)
+        # --- data, schedule, model
+        if data is None:
+            data = load_data(config.data, config.image_size)
+        s = make_schedule(config)
+        x_all = torch.from_numpy(np.ascontiguousarray(data.train)).to(device)
+        N = x_all.shape[0]
+        Bg = config.batch_size
+        B = Bg // dd.world
+        if N < Bg:
+            raise RunError(f"batch_size {Bg} exceeds the {N} training samples of {data.name!r}; lower --batch-size")
+        torch.manual_seed(config.seed)
+        model = build_model(config, data.shape).to(device)
+        ema = copy.deepcopy(model).requires_grad_(False)
+        opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        losses_hist: list[float] = []
+        step = 0
+        if ckpt is not None:
+            meta, tensors = load_checkpoint(ckpt)
+            model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+            ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+            _load_optimizer(opt, meta["optimizer"], tensors)
+            losses_hist = tensors["loss_history"].tolist()
+            step = int(meta["step"])
+            rng = meta.get("rng", {})
+            cpu_states = rng.get("torch_cpu", [])
+            if len(cpu_states) == dd.world:
+                torch.set_rng_state(_rng_state_from_b64(cpu_states[dd.rank]))
+            cuda_states = rng.get("torch_cuda", [])
+            if device.type == "cuda" and len(cuda_states) == dd.world and cuda_states[dd.rank]:
+                torch.cuda.set_rng_state(_rng_state_from_b64(cuda_states[dd.rank]), device)
+            if is_main:  # the resumable fields (--steps, ...) may have changed
+                _write_run_config(out, config, data, model, dd.world)
+        else:
+            torch.manual_seed(_derive(config.seed, "dropout", dd.rank))
+            if is_main:
+                _write_run_config(out, config, data, model, dd.world)
+                plot_schedule(out / "schedule.png", s, config.schedule)
+        net = model
+        if dd.active:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        autocast = (
+            torch.autocast(device_type="cuda", dtype=torch.bfloat16) if (device.type == "cuda" and config.bf16) else None
+        )
+        # --- sharding: global batches of a seeded permutation, one contiguous shard per rank
+        from torch.utils.data import DistributedSampler
+
+        spe = N // Bg  # global batches per epoch
+        shard_sampler = DistributedSampler(range(spe * dd.world), num_replicas=dd.world, rank=dd.rank, shuffle=False, drop_last=True)
+        shards = list(iter(shard_sampler))  # shard ids k * world + rank, k = 0 .. spe-1
+        D = int(np.prod(data.shape))
+        seed_noise = _derive(config.seed, "philox") % (2**31 - 1)
+        fused = uses_fused_noise(config)
+        perm_cache: dict[int, torch.Tensor] = {}
+
+        def batch_for(step_: int):
+            epoch, k = divmod(step_, spe)
+            if epoch not in perm_cache:
+                perm_cache.clear()
+                perm_cache[epoch] = torch.randperm(N, generator=_generator(config.seed, "epoch", epoch)).to(device)
+            shard = shards[k]
+            kk, r = divmod(shard, dd.world)
+            idx = perm_cache[epoch][kk * Bg + r * B : kk * Bg + (r + 1) * B]
+            return x_all.index_select(0, idx)
+
+        def global_batch_for(step_: int):
+            epoch, k = divmod(step_, spe)
+            kk = shards[k] // dd.world
+            return x_all.index_select(0, perm_cache[epoch][kk * Bg : (kk + 1) * Bg])
+
+        stop = _StopFlag().install()
+        total = config.steps
+        bar = None
+        if is_main and config.progress and step < total:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, initial=step, desc="train", unit="it", dynamic_ncols=True)
+        last_ckpt = Path(ckpt) if ckpt else None
+        interrupted = False
+        steps_this_call = 0
+        model.train()
+        try:
+            while step < total:
+                lr = learning_rate(config, step)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                x0 = batch_for(step)
+                t_global = torch.randint(0, s.num_timesteps, (Bg,), generator=_generator(config.seed, "t", step)).to(device)
+                t = t_global[dd.rank * B : (dd.rank + 1) * B]
+                offset = step * Bg * D  # the global batch's first Philox draw
+                noise, shard = None, None
+                if not fused:
+                    g = _generator(config.seed, "noise", step)
+                    noise = torch.randn((Bg,) + tuple(data.shape), generator=g)[dd.rank * B : (dd.rank + 1) * B].to(device)
+                elif dd.world > 1:
+                    shard = (global_batch_for(step), t_global, dd.rank, dd.world)
+                loss, _parts = training_loss(
+                    config, net, s, x0, t, seed_noise=seed_noise, offset=offset, noise=noise,
+                    bins=data.bins or 256, autocast=autocast, shard=shard,
+                )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                opt.step()
+                step += 1
+                steps_this_call += 1
+                _ema_update(ema, model, min(config.ema_decay, (1 + step) / (10 + step)))
+                # one all-reduce carries the loss (for the log) and the stop flag
+                want_stop = stop.signum is not None or (stop_after is not None and steps_this_call >= stop_after)
+                red = torch.tensor([float(loss.detach()), 1.0 if want_stop else 0.0], dtype=torch.float64, device=device)
+                if dd.active:
+                    dd.dist.all_reduce(red)
+                    red[0] /= dd.world
+                lval = float(red[0])
+                if not math.isfinite(lval):
+                    raise FloatingPointError(
+                        f"the loss became {lval} at step {step}; lower --lr (now {config.lr}) or check the data"
+                    )
+                losses_hist.append(lval)
+                if bar is not None:
+                    bar.update(1)
+                    if step % config.log_every == 0 or step == total:
+                        bar.set_postfix(loss=f"{np.mean(losses_hist[-config.log_every:]):.4f}", lr=f"{lr:.2e}")
+                stopping = bool(red[1] > 0)
+                if step % config.save_every == 0 or step == total or stopping:
+                    last_ckpt = _checkpoint(out, step, config, model, ema, opt, losses_hist, dd, device, data, is_main)
+                if stopping:
+                    interrupted = True
+                    break
+        finally:
+            stop.restore()
+            if bar is not None:
+                bar.close()
+        if is_main and last_ckpt is not None and not (out / "loss.png").exists():
+            plot_loss(out / "loss.png", losses_hist)
+        return TrainResult(out, step, losses_hist, interrupted, last_ckpt, time.time() - t_start, steps_this_call)
+    finally:
+        dd.close()
+
+
+def weights_digest(model) -> str:
+    """SHA-256 of the parameters' bytes (in order): equal digests mean bit-identical weights."""
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _checkpoint(out, step, config, model, ema, opt, losses_hist, dd, device, data, is_main):
+    cpu = dd.all_gather_object(_rng_state_b64(torch.get_rng_state()))
+    cuda = dd.all_gather_object(_rng_state_b64(torch.cuda.get_rng_state(device)) if device.type == "cuda" else "")
+    digests = dd.all_gather_object(weights_digest(model))
+    if len(set(digests)) != 1:  # DDP keeps replicas identical; anything else is a bug worth stopping for
+        raise RuntimeError(f"the {dd.world} ranks hold different weights at step {step}: {digests}")
+    path = None
+    if is_main:
+        path = save_checkpoint(
+            out, step, config, model, ema, opt, losses_hist,
+            {"torch_cpu": cpu, "torch_cuda": cuda, "world_size": dd.world},
+            extra={"data_shape": list(data.shape), "bins": data.bins, "world_size": dd.world,
+                   "weights_digest": digests[0], "ranks_identical": True},
+        )
+        plot_loss(out / "loss.png", losses_hist)
+    dd.barrier()
+    return path if path is not None else out / f"{checkpoint_name(step)}.json"
+
+
+def _write_run_config(out: Path, config: TrainConfig, data: Data, model, world: int):
+    _atomic_write_json(
+        out / "config.json",
+        {
+            "format": RUN_FORMAT,
+            "config": config.to_dict(),
+            "data": {
+                "name": data.name,
+                "kind": data.kind,
+                "shape": list(data.shape),
+                "bins": data.bins,
+                "train": int(data.train.shape[0]),
+                "held_out": int(data.held_out.shape[0]),
+            },
+            "model": {"class": type(model).__name__, "parameters": int(sum(p.numel() for p in model.parameters()))},
+            "world_size": world,
+            "torch": torch.__version__,
+        },
+    )

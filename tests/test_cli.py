@@ -1,0 +1,219 @@
+import json
+import re
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from diffmath.cli import build_parser, main, run_demo
+
+torch.set_num_threads(1)
+
+TINY_FLAGS = ["--steps", "4", "--batch-size", "16", "--channels", "8", "--channel-mult", "1,2", "--num-res-blocks", "1",
+              "--timesteps", "50", "--save-every", "2", "--no-progress"]
+
+
+@pytest.fixture
+def cache(tmp_path_factory, monkeypatch):
+    # one classifier cache for the session's test files (keyed by version inside the folder)
+    d = tmp_path_factory.getbasetemp().parent / "diffmath-cache"
+    monkeypatch.setenv("DIFFMATH_CACHE", str(d))
+    return d
+
+
+def _err(capsys):
+    return capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- help and flags
+DESIGN_FLAGS = {
+    "train": ["--data", "--out", "--steps", "--batch-size", "--lr", "--channels", "--image-size", "--prediction",
+              "--schedule", "--save-every", "--seed", "--device", "--config", "--resume", "--overwrite"],
+    "sample": ["--run", "--checkpoint", "--out", "--sampler", "--steps", "--eta", "--num-samples", "--seed", "--device"],
+    "evaluate": ["--run", "--samples", "--out"],
+    "demo": ["--out"],
+    "bench": ["--quick"],
+}
+
+
+@pytest.mark.parametrize("cmd", sorted(DESIGN_FLAGS))
+def test_help_explains_every_design_flag(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in DESIGN_FLAGS[cmd]:
+        m = re.search(rf"^\s+{re.escape(flag)}\b.*$", out, re.M)
+        assert m, f"{cmd} --help does not list {flag}"
+    # every option has a help text
+    p = build_parser()
+    sub = p._subparsers._group_actions[0].choices[cmd]
+    for a in sub._actions:
+        assert a.help, f"{cmd} {a.option_strings} has no help"
+
+
+def test_top_level_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for c in ("train", "sample", "evaluate", "demo", "verify", "bench"):
+        assert c in out
+
+
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["train", "--out", "X", "--steps", "0"], "expected a positive integer"),
+        (["train", "--out", "X", "--prediction", "score"], "invalid choice"),
+        (["train", "--out", "X", "--schedule", "quadratic"], "invalid choice"),
+        (["train", "--out", "X", "--lr", "-1"], "expected a positive"),
+        (["train", "--out", "X", "--device", "tpu"], "expected cpu, cuda"),
+        (["train", "--out", "X", "--channel-mult", "1,a"], "comma-separated integers"),
+        (["sample", "--out", "X"], "one of the arguments --run/--run-dir --checkpoint is required"),
+        (["sample", "--run", "A", "--checkpoint", "B"], "not allowed with argument"),
+        (["sample", "--run", "A", "--sampler", "heun"], "invalid choice"),
+        (["evaluate"], "the following arguments are required: --run"),
+    ],
+)
+def test_argument_errors(argv, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert msg in _err(capsys)
+
+
+def test_train_input_errors(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "r")]) == 2
+    assert "train needs --data" in _err(capsys)
+    assert main(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r")] + TINY_FLAGS) == 2
+    assert "no such file or folder" in _err(capsys)
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r")] + TINY_FLAGS) == 2
+    assert "holds no image files" in _err(capsys)
+    assert main(["train", "--data", "digits", "--image-size", "32", "--out", str(tmp_path / "r")] + TINY_FLAGS) == 2
+    assert "must be 8 or 16; got 32" in _err(capsys)
+    assert main(["train", "--data", "digits", "--out", str(tmp_path / "r2"), "--resume"] + TINY_FLAGS) == 2
+    assert "holds no run to resume" in _err(capsys)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("stepz = 3\n")
+    assert main(["train", "--config", str(bad), "--out", str(tmp_path / "r3")]) == 2
+    assert "unknown keys ['stepz']" in _err(capsys)
+    bad.write_text("steps = [\n")
+    assert main(["train", "--config", str(bad), "--out", str(tmp_path / "r3")]) == 2
+    assert "not valid TOML" in _err(capsys)
+
+
+def test_toml_config_and_flag_precedence(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[train]\ndata = "gmm"\nsteps = 3\nchannels = 4\ntimesteps = 40\nsave-every = 3\nprogress = false\n')
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--out", str(out), "--steps", "2", "--save-every", "2"]) == 0
+    c = json.loads((out / "config.json").read_text())["config"]
+    assert c["data"] == "gmm" and c["channels"] == 4 and c["timesteps"] == 40 and c["steps"] == 2
+    # an existing --out is refused; --resume continues it (only --steps changes)
+    assert main(["train", "--config", str(cfg), "--out", str(out)]) == 2
+    assert "already exists" in _err(capsys)
+    assert main(["train", "--out", str(out), "--resume", "--steps", "3", "--channels", "5"]) == 2
+    assert "channels: checkpoint 4 vs now 5" in _err(capsys)
+    assert main(["train", "--out", str(out), "--resume", "--steps", "3"]) == 0
+    assert "trained to step 3" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_toy_train_sample_evaluate(tmp_path, capsys):
+    run = tmp_path / "gmm"
+    assert main(["train", "--data", "gmm", "--out", str(run), "--steps", "200", "--batch-size", "128",
+                 "--channels", "16", "--timesteps", "50", "--lr", "2e-3", "--ema-decay", "0.99", "--save-every", "200",
+                 "--no-progress"]) == 0
+    for sampler, steps in (("em", "200"), ("ddim", "20")):
+        assert main(["sample", "--run", str(run), "--sampler", sampler, "--steps", steps, "--num-samples", "300",
+                     "--no-progress"]) == 0
+        with np.load(run / "samples.npz", allow_pickle=False) as z:
+            assert z["samples"].shape == (300, 2) and json.loads(str(z["info"]))["sampler"] == sampler
+    assert main(["evaluate", "--run", str(run), "--no-progress"]) == 0
+    m = json.loads((run / "metrics.json").read_text())
+    sw = m["sliced_wasserstein"]
+    assert sw["train_vs_held_out (floor)"] < sw["gaussian_noise (ceiling)"]
+    assert 0 < sw["samples"] < sw["gaussian_noise (ceiling)"]
+    assert "sliced Wasserstein" in capsys.readouterr().out
+
+
+def test_digits_train_sample_evaluate_and_errors(tmp_path, cache, capsys):
+    run = tmp_path / "digits"
+    assert main(["train", "--data", "digits", "--out", str(run)] + TINY_FLAGS) == 0
+    out = tmp_path / "samples"
+    assert main(["sample", "--checkpoint", str(run / "step-000004.safetensors"), "--out", str(out), "--steps", "5",
+                 "--num-samples", "40", "--no-progress"]) == 0
+    assert (out / "samples.png").exists()
+    assert main(["evaluate", "--run", str(run), "--samples", str(out / "samples.npz"), "--out", str(out),
+                 "--vlb-images", "3", "--no-progress"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert len(m["class_histogram"]) == 10 and sum(m["class_histogram"]) == 40
+    fd = m["frechet_distance"]
+    assert fd["n"] == 40 and fd["held_out_real (floor)"] < fd["gaussian_noise (ceiling)"]
+    v = m["test_vlb"]
+    assert v["bins"] == 17 and v["images"] == 3 and set(v) >= {"small", "large", "test_vlb_bpd"}
+    assert 0 < v["test_vlb_bpd"] < 50
+    # errors
+    assert main(["evaluate", "--run", str(run), "--no-progress"]) == 2
+    assert "no samples at" in _err(capsys)
+    np.savez(tmp_path / "wrong.npz", samples=np.zeros((5, 2), np.float32))
+    assert main(["evaluate", "--run", str(run), "--samples", str(tmp_path / "wrong.npz")]) == 2
+    assert "per item but the run's data have (1, 8, 8)" in _err(capsys)
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(3)}, str(tmp_path / "alien.safetensors"))
+    assert main(["sample", "--checkpoint", str(tmp_path / "alien.safetensors"), "--out", str(out)]) == 2
+    assert "not a diffmath checkpoint" in _err(capsys)
+    assert main(["sample", "--run", str(tmp_path / "none")]) == 2
+    assert "is not a directory" in _err(capsys)
+    assert main(["sample", "--run", str(out)]) == 2
+    assert "holds no checkpoint" in _err(capsys)
+
+
+def test_demo_writes_the_report_and_reuses_its_training(tmp_path, cache):
+    tiny = dict(steps=4, batch_size=16, channels=8, timesteps=50, save_every=4)
+    out = tmp_path / "demo"
+    m = run_demo(out, progress=False, config_overrides=tiny, num_samples=30, vlb_images=2)
+    for f in ("samples.png", "loss.png", "schedule.png", "metrics.json", "report.md", "config.json"):
+        assert (out / f).exists(), f
+    report = (out / "report.md").read_text()
+    for link in ("(samples.png)", "(loss.png)", "(schedule.png)", "(metrics.json)"):
+        assert link in report
+    assert "mean classifier confidence" in report and "floor (real held-out)" in report
+    assert set(m["timings"]) == {"train_s", "sample_s", "evaluate_s", "total_s", "device", "threads"}
+    before = (out / "step-000004.safetensors").read_bytes()
+    run_demo(out, progress=False, config_overrides=tiny, num_samples=30, vlb_images=0)
+    assert (out / "step-000004.safetensors").read_bytes() == before  # training reused
+    assert "0 steps trained in this call" in (out / "report.md").read_text()
+    from diffmath.train import RunError
+
+    with pytest.raises(RunError, match="holds something other than this demo run"):
+        run_demo(out, progress=False, config_overrides={**tiny, "channels": 4}, num_samples=30, vlb_images=0)
+
+
+# ----------------------------------------------------------------------------- verify and bench
+def test_verify_forwards_its_arguments(monkeypatch):
+    import diffmath.verify as verify
+
+    seen = []
+    monkeypatch.setattr(verify, "main", lambda argv=None: seen.append(argv) or 0)
+    assert main(["verify", "--json", "t.json", "--plot", "p.png"]) == 0
+    assert seen == [["--json", "t.json", "--plot", "p.png"]]
+
+
+def test_bench_calls_kernels_bench(monkeypatch, capsys):
+    seen = []
+    fake = types.ModuleType("diffmath.kernels.bench")
+    fake.main = lambda quick=False: seen.append(quick) or 0
+    monkeypatch.setitem(sys.modules, "diffmath.kernels.bench", fake)
+    import diffmath.kernels
+
+    monkeypatch.setattr(diffmath.kernels, "bench", fake, raising=False)
+    assert main(["bench", "--quick"]) == 0 and seen == [True]
+    monkeypatch.setitem(sys.modules, "diffmath.kernels.bench", None)  # import fails
+    monkeypatch.delattr(diffmath.kernels, "bench", raising=False)
+    assert main(["bench"]) == 2
+    assert "kernels/bench.py" in _err(capsys)

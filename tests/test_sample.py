@@ -1,0 +1,173 @@
+"""The sampling glue (diffmath.sample) driven by the exact eps of Gaussian data, so each
+sampler's output can be judged against the oracle (diffmath.oracle) or the reference loops
+(diffmath.samplers) with no network."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffmath.oracle import GaussianData
+from diffmath.sample import LoadedModel, _ScoreFromEps, generate
+from diffmath.samplers import sample_ddim
+from diffmath.schedules import named_schedule
+from diffmath.train import TrainConfig, _derive
+
+torch.set_num_threads(1)
+
+MEAN = np.array([0.5, -0.3])
+VAR = np.array([0.04, 0.25])
+T = 200
+
+
+class OracleNet(torch.nn.Module):
+    """The exact prediction (eps, x0 or v) for data N(MEAN, diag(VAR)) at a (fractional) index t:
+    abar at a fractional index interpolates log abar linearly (what sample._ScoreFromEps inverts)."""
+
+    def __init__(self, s, prediction="eps", learn_sigma=False, v_value=-1.0):
+        super().__init__()
+        self.s, self.prediction, self.learn_sigma, self.v_value = s, prediction, learn_sigma, v_value
+
+    def forward(self, x, t):
+        tt = t.detach().double().cpu().numpy()
+        la = np.interp(tt, np.arange(self.s.num_timesteps), self.s.log_alphas_cumprod)
+        a = torch.as_tensor(np.exp(0.5 * la))[:, None]
+        s2 = torch.as_tensor(-np.expm1(la))[:, None]
+        m, c = torch.as_tensor(MEAN), torch.as_tensor(VAR)
+        xd = x.double()
+        eps = s2.sqrt() * (xd - a * m) / (a * a * c + s2)
+        x0 = (xd - s2.sqrt() * eps) / a
+        out = {"eps": eps, "x0": x0, "v": a * eps - s2.sqrt() * x0}[self.prediction]
+        if self.learn_sigma:
+            out = torch.cat([out, torch.full_like(out, self.v_value)], dim=1)
+        return out.to(x.dtype)
+
+
+def _loaded(prediction="eps", learn_sigma=False, schedule="linear"):
+    cfg = TrainConfig(data="gmm", prediction=prediction, learn_sigma=learn_sigma, schedule=schedule, timesteps=T,
+                      progress=False)
+    s = named_schedule(schedule, T)
+    return LoadedModel(OracleNet(s, prediction, learn_sigma), cfg, s, (2,), None, 0, torch.device("cpu"), Path("oracle"))
+
+
+def _check_moments(x, mean, cov, n_se=5.0, var_rtol=0.12):
+    x = np.asarray(x, np.float64)
+    n = len(x)
+    se = np.sqrt(np.diag(cov) / n)
+    assert np.all(np.abs(x.mean(0) - mean) < n_se * se + 1e-3), (x.mean(0), mean)
+    np.testing.assert_allclose(x.var(0, ddof=1), np.diag(cov), rtol=var_rtol)
+
+
+def test_ddim_glue_matches_the_reference_loop():
+    # kernels.ddim_step in sample.py's loop vs diffmath.samplers.sample_ddim, same x_T, eta = 0
+    lm = _loaded()
+    n = 64
+    got = generate(lm, n, sampler="ddim", steps=20, seed=3)
+    xT = torch.randn((n, 2), generator=torch.Generator().manual_seed(_derive(3, "x_T")))
+    ref = sample_ddim(lambda x, t: lm.eps_model(x, t), lm.schedule, steps=20, x_T=xT).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction", ["x0", "v"])
+def test_x0_and_v_models_sample_like_the_eps_model(prediction):
+    for sampler, steps in (("ddim", 20), ("em", 50)):
+        a = generate(_loaded("eps"), 50, sampler=sampler, steps=steps, seed=1)
+        b = generate(_loaded(prediction), 50, sampler=sampler, steps=steps, seed=1)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_ddpm_and_ddim_eta_match_the_exact_output_distribution():
+    data = GaussianData(MEAN, np.diag(VAR))
+    s = named_schedule("linear", T)
+    lm = _loaded()
+    x = generate(lm, 4000, sampler="ddpm", steps=50, seed=0)
+    ex = data.exact_output(s, "ddpm", steps=50, variance="small")
+    _check_moments(x, ex.mean, ex.cov)
+    x = generate(lm, 4000, sampler="ddim", steps=25, eta=1.0, seed=0)
+    ex = data.exact_output(s, "ddim", steps=25, eta=1.0)
+    _check_moments(x, ex.mean, ex.cov)
+
+
+def test_learned_variance_ddpm():
+    # v = -1 selects log Sigma = log beta_tilde (the posterior variance): DDPM with variance "small"
+    data = GaussianData(MEAN, np.diag(VAR))
+    s = named_schedule("linear", T)
+    x = generate(_loaded(learn_sigma=True), 4000, sampler="ddpm", steps=40, seed=2)
+    ex = data.exact_output(s, "ddpm", steps=40, variance="small")
+    _check_moments(x, ex.mean, ex.cov)
+
+
+@pytest.mark.parametrize("sampler,steps", [("em", 300), ("pc", 200), ("ode", None)])
+def test_sde_samplers_through_the_vp_sde_correspondence(sampler, steps):
+    # the exact eps turned into a score (score = -eps / sigma(t)) makes each SDE sampler land
+    # on the data distribution up to its discretisation error
+    x = generate(_loaded(), 2000 if sampler != "ode" else 500, sampler=sampler, steps=steps, seed=4)
+    _check_moments(x, MEAN, np.diag(VAR), n_se=6.0, var_rtol=0.15)
+
+
+def test_score_index_matches_the_discrete_schedule():
+    # for named_schedule("linear", T), VPSDE(0.1, 20, N=T) has abar(i/(T-1)) close to abar_i;
+    # the fractional index inverts log abar exactly
+    lm = _loaded()
+    sc = _ScoreFromEps(lm)
+    t = np.array([1e-3, 0.25, 0.5, 0.999])
+    idx = sc.index(t)
+    m, _ = sc.sde.marginal_coefs(t)
+    la = np.interp(idx, np.arange(T), lm.schedule.log_alphas_cumprod)
+    np.testing.assert_allclose(la[1:], 2 * np.log(m[1:]), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(idx[1:], t[1:] * (T - 1), rtol=0.02)
+    assert idx[0] == 0  # less noise than the first discrete step: clamped to index 0
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddim", 0.5), ("ddpm", 0.0), ("em", 0.0)])
+def test_samples_are_reproducible(sampler, eta):
+    lm = _loaded()
+    a = generate(lm, 30, sampler=sampler, steps=20, eta=eta, seed=5, batch_size=7)
+    b = generate(lm, 30, sampler=sampler, steps=20, eta=eta, seed=5, batch_size=7)
+    np.testing.assert_array_equal(a, b)
+    c = generate(lm, 30, sampler=sampler, steps=20, eta=eta, seed=6, batch_size=7)
+    assert not np.array_equal(a, c)
+
+
+_CHUNKS = """
+import sys; sys.path.insert(0, {tests!r})
+import numpy as np, torch
+from test_sample import _loaded
+from diffmath.sample import generate
+from diffmath.train import philox_path
+assert philox_path(torch.zeros(1))
+lm = _loaded()
+for sampler, eta in (("ddim", 0.5), ("ddpm", 0.0), ("em", 0.0)):
+    a = generate(lm, 12, sampler=sampler, steps=4, eta=eta, seed=5, batch_size=12)
+    b = generate(lm, 12, sampler=sampler, steps=4, eta=eta, seed=5, batch_size=5)
+    np.testing.assert_array_equal(a, b)
+print("ok")
+"""
+
+
+def test_samples_do_not_depend_on_the_chunking_on_the_philox_path():
+    # The Triton path draws element i of a call from Philox draw offset + i, so keying the
+    # offset by the global sample index makes any chunking draw the same noise. Checked with
+    # the Triton interpreter on CPU (the torch fallback keys a fresh stream per call instead).
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "DIFFMATH_KERNELS": "triton", "OMP_NUM_THREADS": "1"}
+    code = _CHUNKS.format(tests=str(Path(__file__).parent))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+def test_generate_bad_input():
+    lm = _loaded()
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        generate(lm, 4, sampler="heun")
+    with pytest.raises(ValueError, match=r"steps must lie in \[1, T\] = \[1, 200\]"):
+        generate(lm, 4, sampler="ddim", steps=500)
+    with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+        generate(lm, 0)
+    with pytest.raises(ValueError, match="eta must be finite and >= 0"):
+        generate(lm, 4, eta=-1.0)
