@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# OpenMP threads that spin while waiting make 2-thread torch 4-9x slower on shared cores.
 demo: $(STAMP)
-	$(PY) -m diffmath demo
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m diffmath demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
