@@ -92,7 +92,8 @@ def _format(result: dict, steps, seconds: float) -> str:
         lines.append(f"{row:<22}" + "".join(f"{vals[c]:>{w}.3e}" for c in cols))
     lines += [
         "",
-        f"floor of the SDE rows (exact probability flow, stop at t = {SDE_EPS}, prior N(0, 1)): "
+        f"limit of the probability-flow row (the exact flow, stopped at t = {SDE_EPS}, from prior N(0, 1); "
+        f"the stochastic rows can end below it, see docs/samplers.md): "
         f"{result['sde_floor']:.3e}",
         f"predictor_corrector: Euler-Maruyama predictor + 1 Langevin corrector step, snr = {SNR}, exact: "
         "score_sde's batch-mean step in the large-batch limit (deterministic, so the chain stays Gaussian).",
@@ -113,7 +114,7 @@ def _plot(result: dict, steps, path: str) -> None:
         for row, vals in result["tables"][key].items():
             ax.loglog(list(steps), [max(vals[str(n)], 1e-300) for n in steps], marker="o", label=row)
         if key == "sde":
-            ax.axhline(result["sde_floor"], color="gray", ls=":", label="floor (exact flow)")
+            ax.axhline(result["sde_floor"], color="gray", ls=":", label="exact flow (ODE row's limit)")
         ax.set_xlabel("steps")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
