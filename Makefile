@@ -24,9 +24,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
 
+# The side-by-side table (kernel / fallback / eager / torch.compile / diffusers), then the
+# pytest-benchmark suite over the same cases (BENCH_ARGS=--benchmark-json=FILE to save it).
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[dev,bench]"
 	$(PY) -m diffmath bench
+	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-group-by=group $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .benchmarks
