@@ -1,6 +1,8 @@
-"""The ``diffmath`` command line: train | sample | evaluate | demo | verify | bench.
+"""The ``diffmath`` command line: train | sample | evaluate | demo | compare-latent | verify | bench.
 
-Run ``diffmath COMMAND --help`` for every option. Errors in the input (a bad flag value, a
+Run ``diffmath COMMAND --help`` for every option. ``--latent`` (train, sample, demo) switches to
+latent diffusion (``diffmath.latent``; docs/latent.md); ``evaluate`` and ``sample`` recognise a
+latent run directory (it holds latent.json) by themselves. Errors in the input (a bad flag value, a
 missing data folder, an ``--out`` that exists, a checkpoint from another configuration or
 not ours) print one line ``diffmath COMMAND: error: ...`` and exit with status 2
 (``DIFFMATH_DEBUG=1`` shows the traceback instead). An interrupted ``train`` (Ctrl-C,
@@ -16,33 +18,23 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["main", "build_parser", "train_config_from_args", "DEMO_CONFIG", "run_demo"]
+__all__ = ["main", "build_parser", "train_config_from_args", "run_demo"]
 
-# The demo: 8x8 digits, a 0.7M-parameter U-Net, tuned to finish well inside 10 minutes on
-# 2 CPU cores (README, docs/training.md).
-DEMO_CONFIG = dict(
-    data="digits",
-    image_size=8,
-    steps=1500,
-    batch_size=128,
-    lr=1e-3,
-    warmup=100,
-    lr_decay_steps=1500,
-    channels=32,
-    channel_mult=(1, 2),
-    num_res_blocks=1,
-    attention_resolutions=(4,),
-    dropout=0.0,
-    ema_decay=0.995,
-    schedule="cosine",
-    timesteps=1000,
-    prediction="eps",
-    save_every=500,
-    seed=0,
-)
 DEMO_SAMPLES = 500
 DEMO_SAMPLER = dict(sampler="ddim", steps=50, eta=0.0)
 DEMO_VLB_IMAGES = 64
+DEMO_OUT = Path("runs/demo")
+LATENT_DEMO_OUT = Path("runs/demo-latent")
+
+
+def __getattr__(name):
+    # ``cli.DEMO_CONFIG`` was the demo recipe's old home; it lives in ``diffmath.train`` now
+    # (imports point downward), read lazily so that ``diffmath --help`` does not import torch.
+    if name == "DEMO_CONFIG":
+        from .train import DEMO_CONFIG
+
+        return DEMO_CONFIG
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -143,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="diffmath",
         description="diffmath: the mathematics of diffusion models, exact, checked and fast.\n"
-        "Train a denoiser on the embedded digits, a folder of images or 2-D toy data; sample;\n"
-        "evaluate; run the sampler verification table; benchmark the kernels.",
+        "Train a denoiser on the embedded digits, a folder of images or 2-D toy data, in pixel space\n"
+        "or in a VAE's latent space (--latent); sample; evaluate; compare pixel and latent diffusion;\n"
+        "run the sampler verification table; benchmark the kernels.",
         formatter_class=_Formatter,
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -200,13 +193,40 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=_nonneg_float, default=None, help="AdamW weight decay (default 0)")
     g.add_argument("--no-bf16", dest="bf16", action="store_false", default=None, help="no bf16 autocast on CUDA")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    lg = t.add_argument_group(
+        "latent diffusion (docs/latent.md)",
+        "With --latent, --out becomes a latent diffusion run (Rombach et al. 2022): a VAE, trained\n"
+        "here on the images of --data/--image-size or given by --vae, encodes the images once into\n"
+        "OUT/latents.safetensors, and the U-Net of the flags above is trained on the scaled latents\n"
+        "in OUT/unet; OUT also gets latent.json and vae/ (a VAE trained here). --channel-mult\n"
+        "defaults to 1 (no down-sampling: the latents are small, 2x4x4 for the 8x8 digits).\n"
+        "--resume continues a latent run (known by its latent.json; --latent is then optional)\n"
+        "with its own VAE and latents.",
+    )
+    lg.add_argument("--latent", action="store_true", help="train latent diffusion (see above) instead of pixel-space "
+                    "diffusion")
+    lg.add_argument("--vae", type=Path, default=None, metavar="CKPT", help="with --latent: reuse this trained VAE "
+                    "instead of training one (its folder, vae.json or vae.safetensors, e.g. RUN/vae of another latent "
+                    "run)")
+    lg.add_argument("--vae-steps", type=_positive_int, default=None, help="with --latent: Adam steps of the VAE trained "
+                    "here (default 1500)")
+    lg.add_argument("--vae-channels", type=_positive_int, default=None, help="with --latent: base width of the VAE "
+                    "trained here (default 16)")
+    lg.add_argument("--latent-channels", type=_positive_int, default=None, help="with --latent: channels of the latent "
+                    "z of the VAE trained here; z has shape (C, H/2, W/2) (default 2)")
+    lg.add_argument("--beta", type=_nonneg_float, default=None, help="with --latent: weight of the KL term in the loss "
+                    "of the VAE trained here; 1 trains on the ELBO, < 1 trades it for sharper reconstructions "
+                    "(default 1)")
+    lg.add_argument("--encode-mode", choices=("mean", "sample"), default=None, help="with --latent: encode each image "
+                    "as its posterior mean, or as one seeded draw z ~ q(z | x) (default mean; with --resume the run's)")
     _threads_flag(t)
 
     # ---------------------------------------------------------------- sample
     s = sub.add_parser(
         "sample", help="draw samples from a trained run", formatter_class=_Formatter,
         description="Draw samples with the EMA weights of a run's latest checkpoint (or of one checkpoint file); "
-        "writes samples.npz (key 'samples', float32 in the data range, and 'info') and samples.png. "
+        "writes samples.npz (key 'samples', float32 in the data range, and 'info') and samples.png. A latent "
+        "diffusion run (--latent, or a --run holding latent.json) gives decoded images (and 'latents'). "
         "Samplers: ddpm (ancestral, fused kernel step; the learned variance if the model has one), ddim "
         "(fused kernel step; --eta), em (Euler-Maruyama on the VP-SDE, fused kernel step), pc (predictor-"
         "corrector), ode (probability-flow ODE, scipy RK45). The SDE samplers turn the eps model into a score "
@@ -228,7 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=_positive_int, default=500, help="samples per network call")
     s.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
     s.add_argument("--no-clip", dest="clip", action="store_false", help="ddpm/ddim: do not clip the predicted x0 to "
-                   "[-1, 1] (clipping is on for images, off for toy data)")
+                   "[-1, 1] (clipping is on for images in [-1, 1], off for toy data and for latents)")
+    s.add_argument("--latent", action="store_true", help="--run is a latent diffusion run (diffmath train --latent): "
+                   "sample scaled latents with its U-Net (never clipped), divide by the scaling factor and decode them "
+                   "with its VAE; samples.npz then also holds the latents. Implied when --run holds latent.json")
     s.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     _threads_flag(s)
 
@@ -237,13 +260,16 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="score a run's samples (metrics.json)", formatter_class=_Formatter,
         description="Digits: a cached classifier's mean confidence, class histogram and entropy, the Fréchet distance "
         "in its feature space beside the real held-out floor and the Gaussian-noise ceiling, and the test VLB in "
-        "bits/dim. Toy data: the sliced Wasserstein distance (with floor and ceiling). Image folders: the test VLB.",
+        "bits/dim. Toy data: the sliced Wasserstein distance (with floor and ceiling). Image folders: the test VLB. "
+        "A latent diffusion run (--run holds latent.json): the decoded samples get the same sample metrics, plus the "
+        "VAE's held-out ELBO, the latent shape and scaling factor; no test VLB (it would bound the latents' "
+        "likelihood, not the images'), so --vlb-images is ignored.",
     )
     e.add_argument("--run", type=Path, required=True, help="the run directory")
     e.add_argument("--samples", type=Path, default=None, help="samples .npz (default RUN/samples.npz)")
     e.add_argument("--out", type=Path, default=None, help="where to write metrics.json (default: the run directory)")
     e.add_argument("--vlb-images", type=_nonneg_int, default=64, help="held-out images for the test VLB (0: skip; each "
-                   "costs T network evaluations)")
+                   "costs T network evaluations; ignored for a latent run)")
     e.add_argument("--device", type=_device, default="auto", help="cpu, cuda or auto (for the VLB)")
     e.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     _threads_flag(e)
@@ -255,11 +281,34 @@ def build_parser() -> argparse.ArgumentParser:
         "and write report.md beside samples.png, loss.png, schedule.png and metrics.json. Re-running with the same "
         "--out reuses the finished training (it resumes a demo run) and redoes the rest.",
     )
-    d.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory")
+    d.add_argument("--out", type=Path, default=None, help="run directory (default runs/demo, or runs/demo-latent with "
+                   "--latent)")
+    d.add_argument("--latent", action="store_true", help="the latent diffusion demo instead "
+                   "(diffmath.latent.demo_latent): train a VAE and a U-Net on its 2x4x4 latents of the digits, sample "
+                   "with DDIM, decode, evaluate and write report.md (docs/latent.md)")
     d.add_argument("--overwrite", action="store_true", help="replace an existing run in --out that is not the demo's")
     d.add_argument("--device", type=_device, default="auto", help="cpu, cuda or auto")
     d.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     _threads_flag(d)
+
+    # ---------------------------------------------------------------- compare-latent
+    c = sub.add_parser(
+        "compare-latent", help="pixel vs latent diffusion on the digits at an equal training budget",
+        formatter_class=_Formatter,
+        description="diffmath.latent.compare_pixel_latent: train the pixel demo's U-Net and the latent one (on the "
+        "latents of a VAE trained first, timed separately) for the same wall-clock budget each, sample both with DDIM "
+        "(50 steps) and score them with diffmath.evaluate. Writes OUT/comparison.json and OUT/comparison.md and prints "
+        "the table (docs/latent.md).",
+    )
+    c.add_argument("--out", type=Path, required=True, help="directory for the two runs and the table")
+    c.add_argument("--budget", type=_positive_float, default=120.0, metavar="SECONDS",
+                   help="seconds of diffusion training for each model")
+    c.add_argument("--num-samples", type=_positive_int, default=500, help="samples drawn from each model")
+    c.add_argument("--device", type=_device, default="cpu", help="where both models train and sample: cpu, cuda or "
+                   "auto (docs/latent.md reports CPU timings)")
+    c.add_argument("--overwrite", action="store_true", help="replace the runs of an earlier comparison in --out")
+    c.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    _threads_flag(c)
 
     # ---------------------------------------------------------------- verify / bench
     v = sub.add_parser(
@@ -304,21 +353,29 @@ def _read_toml(path: Path) -> dict:
 
 
 def train_config_from_args(args) -> "TrainConfig":  # noqa: F821
-    """defaults < the stored config (with --resume) < TOML (--config) < flags."""
+    """defaults < the stored config (with --resume) < TOML (--config) < flags.
+
+    With ``args.latent`` the config is the latent U-Net's: the stored one is ``out/unet``'s, and
+    ``channel_mult`` defaults to (1,) when neither the stored config, the TOML nor a flag sets it."""
     from .train import RunError, TrainConfig, read_run_config
 
+    latent = bool(getattr(args, "latent", False))
+    stored = Path(args.out) / "unet" if latent else Path(args.out)
     merged: dict = {}
-    if args.resume and (Path(args.out) / "config.json").exists():
-        merged.update(read_run_config(args.out)["config"])
+    if args.resume and (stored / "config.json").exists():
+        merged.update(read_run_config(stored)["config"])
     if args.config is not None:
         merged.update(_read_toml(args.config))
     for f in _FLAG_FIELDS:
         v = getattr(args, f, None)
         if v is not None:
             merged[f] = v
+    if latent and "channel_mult" not in merged:
+        merged["channel_mult"] = (1,)
     if "data" not in merged:
         if args.resume:
-            raise RunError(f"--resume: {str(args.out)!r} is not a diffmath run (no config.json)")
+            what = "a latent diffusion run (no unet/config.json)" if latent else "a diffmath run (no config.json)"
+            raise RunError(f"--resume: {str(args.out)!r} is not {what}")
         raise RunError("train needs --data (digits, swissroll, gmm or a folder of images)")
     if merged.get("data") not in ("digits", "swissroll", "gmm"):
         merged["data"] = str(merged["data"])
@@ -334,9 +391,25 @@ def _rank() -> int:
         return 0
 
 
+# train's latent-only flags (attribute, VAEConfig field or None)
+_LATENT_FLAGS = (("vae", None), ("vae_steps", "steps"), ("vae_channels", "channels"),
+                 ("latent_channels", "latent_channels"), ("beta", "beta"), ("encode_mode", None))
+
+
+def _flag(attr: str) -> str:
+    return "--" + attr.replace("_", "-")
+
+
 def _cmd_train(args) -> int:
     from .train import train
 
+    if not args.latent and args.resume and (Path(args.out) / "latent.json").exists():
+        args.latent = True  # resuming a latent run: --latent is implied
+    if args.latent:
+        return _cmd_train_latent(args)
+    given = [_flag(a) for a, _ in _LATENT_FLAGS if getattr(args, a, None) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for latent diffusion: add --latent")
     config = train_config_from_args(args)
     res = train(config, args.out, resume=args.resume, overwrite=args.overwrite)
     msg = f"{'interrupted at' if res.interrupted else 'trained to'} step {res.step} in {res.seconds:.1f} s; "
@@ -346,10 +419,64 @@ def _cmd_train(args) -> int:
     return 130 if res.interrupted else 0
 
 
+def _vae_flags(args) -> dict:
+    """The VAEConfig fields given by train's --vae-* flags."""
+    return {field: getattr(args, a) for a, field in _LATENT_FLAGS if field and getattr(args, a) is not None}
+
+
+def _cmd_train_latent(args) -> int:
+    import json
+
+    from .latent import VAEConfig, read_latent_run, train_latent
+    from .train import RunError
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise ValueError("train --latent runs in one process (the VAE and the latent cache are not distributed); "
+                         "run it without torchrun")
+    config = train_config_from_args(args)
+    vae_flags = _vae_flags(args)
+    names = ", ".join(_flag(a) for a, f in _LATENT_FLAGS if f in vae_flags)
+    if args.vae is not None and vae_flags:
+        raise ValueError(f"--vae reuses a trained VAE while {names} set up a VAE to train here: give one or the other")
+    encode_mode = args.encode_mode
+    if args.resume:
+        info = read_latent_run(args.out)
+        if encode_mode is None:
+            encode_mode = info.get("encode_mode", "mean")
+        if vae_flags:  # the run keeps its VAE: the flags may only repeat how it was trained
+            ck = Path(info["vae_checkpoint"])
+            try:
+                trained = json.loads((ck if ck.is_absolute() else Path(args.out) / ck).read_text()).get("train") or {}
+            except (OSError, ValueError):
+                trained = {}
+            if not trained:
+                raise RunError(f"--resume: the VAE of {str(args.out)!r} was not trained by this run; drop {names}")
+            for a, f in _LATENT_FLAGS:
+                if f in vae_flags and vae_flags[f] != trained.get(f):
+                    raise RunError(f"--resume: the run's VAE was trained with {_flag(a)} {trained.get(f)}, not "
+                                   f"{vae_flags[f]} (a resumed run keeps its VAE)")
+    vae_config = VAEConfig(**{**vae_flags, "seed": config.seed}) if args.vae is None else None
+    res = train_latent(args.out, config, vae=args.vae, vae_config=vae_config, resume=args.resume,
+                       overwrite=args.overwrite, encode_mode=encode_mode or "mean")
+    u = res.unet
+    msg = (f"latent run {args.out}: latents {'x'.join(map(str, res.latent_shape))}, scaling factor {res.scale:.4f}; "
+           f"U-Net {'interrupted at' if u.interrupted else 'trained to'} step {u.step} in {u.seconds:.1f} s; ")
+    msg += f"checkpoint {u.checkpoint}" if u.checkpoint else "no checkpoint written"
+    if _rank() == 0:
+        print(msg)
+    return 130 if u.interrupted else 0
+
+
+def _is_latent_run(run) -> bool:
+    return run is not None and (Path(run) / "latent.json").is_file()
+
+
 def _cmd_sample(args) -> int:
     from .sample import sample_run
 
     out = args.out if args.out is not None else args.run
+    if args.latent or _is_latent_run(args.run):
+        return _cmd_sample_latent(args, out)
     if out is None:
         raise ValueError("sample --checkpoint needs --out DIR")
     info = sample_run(
@@ -364,23 +491,47 @@ def _cmd_sample(args) -> int:
     return 0
 
 
+def _cmd_sample_latent(args, out) -> int:
+    from .latent import sample_latent
+
+    if args.run is None:
+        raise ValueError("sample --latent needs --run DIR (a latent run directory), not --checkpoint")
+    _, info = sample_latent(
+        args.run, out, sampler=args.sampler, steps=args.steps, eta=args.eta, num_samples=args.num_samples,
+        seed=args.seed, device=args.device, batch_size=args.batch_size, progress=args.progress,
+        ema=not args.raw_weights,
+    )
+    steps = "adaptive" if info["steps"] is None else f"{info['steps']}"
+    print(f"{info['num_samples']} latent samples ({info['sampler']}, {steps} steps, decoded by the run's VAE) in "
+          f"{info['seconds']:.1f} s -> {Path(out) / 'samples.npz'}, {Path(out) / 'samples.png'}")
+    return 0
+
+
 def _cmd_evaluate(args) -> int:
     from .evaluate import evaluate_run, format_metrics
 
-    m = evaluate_run(args.run, args.samples, args.out, vlb_images=args.vlb_images, device=args.device,
-                     progress=args.progress)
+    if _is_latent_run(args.run):
+        from .latent import evaluate_latent
+
+        m = evaluate_latent(args.run, args.samples, args.out, device=args.device, progress=args.progress)
+    else:
+        m = evaluate_run(args.run, args.samples, args.out, vlb_images=args.vlb_images, device=args.device,
+                         progress=args.progress)
     print(format_metrics(m))
+    if isinstance(m.get("vae"), dict) and "held_out_elbo_bpd" in m["vae"]:
+        print(f"VAE held-out ELBO {m['vae']['held_out_elbo_bpd']:.3f} bits/dim; latents {m['latent']['shape']}, "
+              f"scaling factor {m['latent']['scale_factor']:.4f}")
     print(f"-> {Path(args.out if args.out is not None else args.run) / 'metrics.json'}")
     return 0
 
 
-def run_demo(out=Path("runs/demo"), *, overwrite: bool = False, device: str = "auto", progress: bool = True,
+def run_demo(out=DEMO_OUT, *, overwrite: bool = False, device: str = "auto", progress: bool = True,
              config_overrides: dict | None = None, num_samples: int = DEMO_SAMPLES, vlb_images: int = DEMO_VLB_IMAGES) -> dict:
     """Train (or reuse a finished demo training in ``out``), sample with DDIM, evaluate, and
     write report.md. Returns the metrics with the timings under ``"timings"``."""
     from .evaluate import evaluate_run, write_report
     from .sample import sample_run
-    from .train import RunError, TrainConfig, check_compatible, read_run_config, train
+    from .train import DEMO_CONFIG, RunError, TrainConfig, check_compatible, read_run_config, train
 
     out = Path(out)
     config = TrainConfig(**{**DEMO_CONFIG, "device": device, "progress": progress, **(config_overrides or {})})
@@ -420,10 +571,31 @@ def run_demo(out=Path("runs/demo"), *, overwrite: bool = False, device: str = "a
 def _cmd_demo(args) -> int:
     from .evaluate import format_metrics
 
-    m = run_demo(args.out, overwrite=args.overwrite, device=args.device, progress=args.progress)
+    if args.latent:
+        from .latent import demo_latent
+
+        out = Path(args.out or LATENT_DEMO_OUT)
+        m = demo_latent(out, overwrite=args.overwrite, device=args.device, progress=args.progress)
+    else:
+        out = Path(args.out or DEMO_OUT)
+        m = run_demo(out, overwrite=args.overwrite, device=args.device, progress=args.progress)
     print(format_metrics(m))
+    if args.latent:
+        v = m.get("vae", {})
+        print(f"VAE held-out ELBO {v.get('held_out_elbo_bpd', float('nan')):.3f} bits/dim; latents "
+              f"{m['latent']['shape']}, scaling factor {m['latent']['scale_factor']:.4f}")
     print(f"timings: {m['timings']}")
-    print(f"report: {Path(args.out) / 'report.md'}")
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def _cmd_compare_latent(args) -> int:
+    from .latent import compare_pixel_latent, comparison_table
+
+    r = compare_pixel_latent(args.out, budget_s=args.budget, num_samples=args.num_samples, device=args.device,
+                             progress=args.progress, overwrite=args.overwrite)
+    print(comparison_table(r))
+    print(f"-> {Path(args.out) / 'comparison.md'}, {Path(args.out) / 'comparison.json'}")
     return 0
 
 
@@ -447,7 +619,7 @@ def _cmd_bench(args) -> int:
 
 _COMMANDS = {
     "train": _cmd_train, "sample": _cmd_sample, "evaluate": _cmd_evaluate, "demo": _cmd_demo,
-    "verify": _cmd_verify, "bench": _cmd_bench,
+    "compare-latent": _cmd_compare_latent, "verify": _cmd_verify, "bench": _cmd_bench,
 }
 
 

@@ -288,7 +288,8 @@ def vlb_bpd(loaded, x0: np.ndarray, bins: int, *, seed: int = 0, batch_size: int
     ``loaded``: a ``diffmath.sample.LoadedModel``.
     """
     from . import forward, losses, posterior
-    from .train import vb_terms_bpd_bins, x0_from_prediction
+    from .losses import vb_terms_bpd
+    from .train import x0_from_prediction
 
     s = loaded.schedule
     T = s.num_timesteps
@@ -324,7 +325,7 @@ def vlb_bpd(loaded, x0: np.ndarray, bins: int, *, seed: int = 0, batch_size: int
                 lv = torch.from_numpy(log_large).to(dev)[tb].float()
             if lv.ndim == 1:
                 lv = lv.reshape((-1,) + (1,) * (x.ndim - 1)).expand_as(x_t).contiguous()
-            vb = vb_terms_bpd_bins(s, mean.double(), lv.double(), xb.double(), x_t.double(), tb, bins=bins)
+            vb = vb_terms_bpd(s, mean.double(), lv.double(), xb.double(), x_t.double(), tb, bins=bins)
             terms[var][ts[0] : ts[-1] + 1] = vb.reshape(len(ts), n).cpu().numpy()
     res = {"images": int(n), "bins": int(bins), "timesteps": int(T), "prior_bpd": float(prior.mean())}
     for var in variants:

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import io
 import json
 import math
@@ -836,6 +835,8 @@ def train_latent(out, config=None, *, vae=None, vae_config: VAEConfig | None = N
         config = dataclasses.replace(config, progress=progress)
     if resume and overwrite:
         raise RunError("resume and overwrite contradict each other; pick one")
+    if config.learn_sigma:  # refused before anything is written or trained (check_unet_fits says it again)
+        raise ValueError("learn_sigma is not supported in latent space (its VLB term assumes data on a grid in [-1, 1])")
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {str(out)!r} exists and is a file, not a directory")
     nonempty = out.is_dir() and any(out.iterdir())
@@ -882,6 +883,8 @@ def train_latent(out, config=None, *, vae=None, vae_config: VAEConfig | None = N
         vc = dataclasses.replace(vc, data=config.data, image_size=config.image_size, device=config.device,
                                  progress=config.progress)
         check_vae_fits(vc, data.shape, where=f"the {data.name!r} images")
+        # the U-Net must take the latents this VAE will make: refused before the VAE is trained
+        check_unet_fits(config, (vc.latent_channels, data.shape[1] // vc.factor, data.shape[2] // vc.factor))
         res = train_vae(vc, out / "vae", data=data)
         lv = res.loaded
         timings["vae_train_s"] = round(res.seconds, 2)
@@ -966,11 +969,9 @@ def sample_latent(run, out=None, *, vae=None, sampler: str = "ddim", steps=None,
         )
     scale = float(info_run["scale_factor"])
     t0 = time.time()
-    kw = {}
-    if "clip_x0" in inspect.signature(generate).parameters:
-        kw["clip_x0"] = None  # latents are not in [-1, 1]: never clip the predicted x0 to the pixel range
+    # latents are not in [-1, 1]: never clip the predicted x0 to the pixel range
     z = generate(lm, num_samples, sampler=sampler, steps=steps, eta=eta, seed=seed, batch_size=batch_size,
-                 progress=progress, **kw)
+                 progress=progress, clip_x0=None)
     t1 = time.time()
     x = decode_latents(lv, z, scale, batch_size=batch_size)
     t2 = time.time()
@@ -1138,7 +1139,7 @@ def compare_pixel_latent(out, *, budget_s: float = 120.0, vae_config: VAEConfig 
     """Pixel-space vs latent-space diffusion on the 8x8 digits at an equal wall-clock training
     budget for the diffusion model (``budget_s`` each; the VAE's training, a one-off cost that
     latent models amortise, is timed and reported separately). Both U-Nets use the pixel demo's
-    recipe (``cli.DEMO_CONFIG``) with a constant learning rate after warm-up (the number of steps
+    recipe (``train.DEMO_CONFIG``) with a constant learning rate after warm-up (the number of steps
     is not known in advance); the latent one does not down-sample (``LATENT_DEMO_CONFIG``).
 
     Measured: wall-clock per training step, steps done, sampling time for ``num_samples``
@@ -1223,13 +1224,8 @@ def compare_pixel_latent(out, *, budget_s: float = 120.0, vae_config: VAEConfig 
 
 
 def _pixel_demo_config() -> dict:
-    """The pixel demo's recipe, ``DEMO_CONFIG``: from ``diffmath.train`` once it lives there
-    (imports point downward), until then from ``diffmath.cli``."""
-    from . import train
-
-    if hasattr(train, "DEMO_CONFIG"):
-        return dict(train.DEMO_CONFIG)
-    from .cli import DEMO_CONFIG  # pragma: no cover - layering exception until DEMO_CONFIG moves down
+    """The pixel demo's recipe, ``diffmath.train.DEMO_CONFIG`` (a copy)."""
+    from .train import DEMO_CONFIG
 
     return dict(DEMO_CONFIG)
 

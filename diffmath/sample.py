@@ -242,16 +242,20 @@ def _loop_em(lm, x, seed, start, n_total, steps, progress):
 
 
 def default_clip(lm: LoadedModel):
-    """1.0 for images (data in [-1, 1]), None for toy data."""
-    return 1.0 if len(lm.data_shape) == 3 else None
+    """The default ``clip_x0``: 1.0 for bounded images (data on a grid of ``bins`` levels in
+    [-1, 1]: the digits, image folders), None (no clipping) for data with no such bound
+    (``bins is None``): 2-D toy data, and the latents of a latent-diffusion U-Net, whose scaled
+    values have unit variance and routinely leave [-1, 1]."""
+    return 1.0 if len(lm.data_shape) == 3 and lm.bins is not None else None
 
 
 def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=None, eta: float = 0.0, seed: int = 0,
              batch_size: int = 500, progress: bool = False, clip_x0="auto") -> np.ndarray:
     """``num_samples`` samples as a float32 numpy array (N, *data_shape), not clipped.
 
-    ``clip_x0``: for ddpm/ddim, clip the predicted x0 to [-c, c] at each step ("auto": c = 1
-    for images, off for toy data; None: off). The SDE samplers use the raw score.
+    ``clip_x0``: for ddpm/ddim, clip the predicted x0 to [-c, c] at each step ("auto":
+    ``default_clip``, c = 1 for images in [-1, 1], off for toy data and latents; None: off).
+    The SDE samplers use the raw score.
 
     Under torch.distributed (initialised) each rank draws a contiguous share and the result
     is gathered on every rank."""
@@ -311,7 +315,9 @@ def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=
 # ----------------------------------------------------------------------------- files
 def save_grid(path, x: np.ndarray, nrow: int | None = None, scale: int = 4, title: str | None = None):
     """samples.png: images (N, C, H, W) in [-1, 1] tiled in a grid (first 100), or a scatter
-    plot for 2-D points (N, 2)."""
+    plot for 2-D points (N, 2). C = 1 is grey, C = 3 RGB; any other C (the latents of a
+    latent-diffusion U-Net, e.g. 2 channels) shows each item's channels side by side in grey,
+    clipped to [-1, 1]."""
     from .train import _atomic_write_bytes
 
     x = np.asarray(x)
@@ -337,6 +343,11 @@ def save_grid(path, x: np.ndarray, nrow: int | None = None, scale: int = 4, titl
     import io
 
     x = x[:100]
+    if x.shape[1] not in (1, 3):  # channels side by side, one grey column between them
+        n, C, H, W = x.shape
+        gap = np.zeros((n, 1, H, 1), dtype=x.dtype)
+        parts = [x[:, c : c + 1] for c in range(C)]
+        x = np.concatenate([p for c, part in enumerate(parts) for p in ((gap, part) if c else (part,))], axis=3)
     n, C, H, W = x.shape
     nrow = nrow or int(math.ceil(math.sqrt(n)))
     ncol = int(math.ceil(n / nrow))

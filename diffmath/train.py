@@ -81,7 +81,7 @@ __all__ = [
     "latest_checkpoint",
     "load_checkpoint",
     "read_run_config",
-    "vb_terms_bpd_bins",
+    "DEMO_CONFIG",
     "RUN_FORMAT",
     "CHECKPOINT_FORMAT",
 ]
@@ -92,6 +92,30 @@ PREDICTIONS = ("eps", "x0", "v")
 _CKPT_RE = re.compile(r"^step-(\d{6,})\.json$")
 # Fields that may change when a run is resumed; any other difference is refused.
 RESUMABLE_FIELDS = ("steps", "save_every", "device", "progress", "log_every", "bf16")
+
+# The recipe of ``diffmath demo`` (``cli.run_demo``) and of the pixel model in
+# ``latent.compare_pixel_latent``: 8x8 digits, a 0.7M-parameter U-Net, tuned to finish well
+# inside 10 minutes on 2 CPU cores (README, docs/training.md). Keyword arguments of ``TrainConfig``.
+DEMO_CONFIG = dict(
+    data="digits",
+    image_size=8,
+    steps=1500,
+    batch_size=128,
+    lr=1e-3,
+    warmup=100,
+    lr_decay_steps=1500,
+    channels=32,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(4,),
+    dropout=0.0,
+    ema_decay=0.995,
+    schedule="cosine",
+    timesteps=1000,
+    prediction="eps",
+    save_every=500,
+    seed=0,
+)
 
 
 class RunError(ValueError):
@@ -258,6 +282,9 @@ def philox_path(x: torch.Tensor) -> bool:
     i is Philox draw offset + i (a shift of one stream); the torch fallback keys a fresh
     stream by (seed, offset) instead (docs/kernels.md, "Noise streams")."""
     K = _kernels()
+    # kernels.use_triton(x) alone cannot answer for CPU tensors under DIFFMATH_KERNELS=triton: it
+    # needs the kernel object to see whether Triton's interpreter is active, and the kernels
+    # export no public handle to one, hence the private import.
     try:
         from .kernels._affine import affine_kernel  # the kernel q_sample launches
 
@@ -270,23 +297,6 @@ def uses_fused_noise(config: TrainConfig) -> bool:
     """eps-prediction with a fixed variance draws its noise inside the fused kernels."""
     return config.prediction == "eps" and not config.learn_sigma
 
-
-def vb_terms_bpd_bins(s: Schedule, mean, log_var, x0, x_t, t, bins: int = 256):
-    """``losses.vb_terms_bpd`` with the decoder term (t = 0) on a grid of ``bins`` levels:
-    where t == 0 the value is -mean_dims log P(x0) / ln 2 with
-    ``gaussian.discretized_gaussian_log_likelihood(..., bins=bins)`` (for the 17-level digits).
-    Returns (B,) bits/dim."""
-    from .gaussian import discretized_gaussian_log_likelihood
-
-    vb = losses.vb_terms_bpd(s, mean, log_var, x0, x_t, t)
-    if bins == 256:
-        return vb
-    first = t == 0
-    if not bool(first.any()):
-        return vb
-    ll = discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var, bins=bins)
-    nll = -ll.reshape(ll.shape[0], -1).mean(dim=1) / math.log(2.0)
-    return torch.where(first, nll.to(vb.dtype), vb)
 
 
 def model_outputs(config: TrainConfig, out: torch.Tensor, C: int):
@@ -348,7 +358,7 @@ def training_loss(config, model, s, x0, t, *, seed_noise=None, offset=0, noise=N
         x0_pred = x0_from_prediction(config.prediction, s, x_t, t, pred.detach())
         mean = posterior.q_posterior_mean_variance(s, x0_pred, x_t, t)[0]
     log_var = losses.learned_range_log_variance(s, t, v)
-    vb = vb_terms_bpd_bins(s, mean, log_var, x0, x_t, t, bins=bins)
+    vb = losses.vb_terms_bpd(s, mean, log_var, x0, x_t, t, bins=bins)
     loss = mse + config.hybrid_lambda * s.num_timesteps * vb.mean()
     return loss, {"mse": mse.detach(), "vb": vb.mean().detach()}
 

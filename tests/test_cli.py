@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffmath.cli import build_parser, main, run_demo
+from diffmath.cli import build_parser, main, run_demo, train_config_from_args
 
 torch.set_num_threads(1)
 
@@ -58,8 +58,32 @@ def test_top_level_help_lists_the_commands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for c in ("train", "sample", "evaluate", "demo", "verify", "bench"):
+    for c in ("train", "sample", "evaluate", "demo", "compare-latent", "verify", "bench"):
         assert c in out
+
+
+LATENT_FLAGS = {
+    "train": ["--latent", "--vae", "--vae-steps", "--vae-channels", "--latent-channels", "--beta", "--encode-mode"],
+    "sample": ["--latent"],
+    "demo": ["--latent", "--out"],
+    "compare-latent": ["--out", "--budget", "--num-samples", "--device", "--overwrite"],
+}
+
+
+@pytest.mark.parametrize("cmd", sorted(LATENT_FLAGS))
+def test_help_explains_the_latent_flags(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    p = build_parser()
+    sub = p._subparsers._group_actions[0].choices[cmd]
+    helps = {o: a.help for a in sub._actions for o in a.option_strings}
+    for flag in LATENT_FLAGS[cmd]:
+        assert re.search(rf"^\s+{re.escape(flag)}\b.*$", out, re.M), f"{cmd} --help does not list {flag}"
+        assert helps[flag] and len(helps[flag]) > 10, f"{cmd} {flag} has no real help"
+    for a in sub._actions:
+        assert a.help, f"{cmd} {a.option_strings} has no help"
 
 
 @pytest.mark.parametrize(
@@ -217,3 +241,122 @@ def test_bench_calls_kernels_bench(monkeypatch, capsys):
     monkeypatch.delattr(diffmath.kernels, "bench", raising=False)
     assert main(["bench"]) == 2
     assert "kernels/bench.py" in _err(capsys)
+
+
+# ----------------------------------------------------------------------------- latent diffusion
+LATENT_TINY = ["--latent", "--vae-steps", "5", "--vae-channels", "8", "--steps", "4", "--batch-size", "16",
+               "--channels", "8", "--num-res-blocks", "1", "--timesteps", "50", "--save-every", "2", "--no-progress"]
+
+
+def test_latent_channel_mult_defaults_to_1_unless_given(tmp_path):
+    def cfg(*argv):
+        return train_config_from_args(build_parser().parse_args(["train", "--out", str(tmp_path / "r"), *argv]))
+
+    assert cfg("--data", "digits").channel_mult == (1, 2)  # pixel space: the usual default
+    assert cfg("--data", "digits", "--latent").channel_mult == (1,)
+    assert cfg("--data", "digits", "--latent", "--channel-mult", "1,2").channel_mult == (1, 2)
+    toml = tmp_path / "c.toml"
+    toml.write_text('data = "digits"\nchannel-mult = [1, 2]\n')
+    assert cfg("--config", str(toml), "--latent").channel_mult == (1, 2)  # the file sets it: kept
+
+
+def test_latent_train_sample_evaluate(tmp_path, cache, capsys):
+    from diffmath.latent import read_latent_run
+
+    run = tmp_path / "ld"
+    assert main(["train", "--data", "digits", "--out", str(run), *LATENT_TINY]) == 0
+    assert "latent run" in capsys.readouterr().out
+    info = read_latent_run(run)
+    assert info["latent_shape"] == [2, 4, 4] and info["encode_mode"] == "mean"
+    unet = json.loads((run / "unet" / "config.json").read_text())
+    assert unet["config"]["channel_mult"] == [1] and unet["data"]["shape"] == [2, 4, 4]
+    vae = json.loads((run / "vae" / "vae.json").read_text())
+    assert vae["train"]["steps"] == 5 and vae["train"]["channels"] == 8 and vae["train"]["latent_channels"] == 2
+    # sample --latent: decoded digits, the scaled latents beside them
+    assert main(["sample", "--latent", "--run", str(run), "--steps", "3", "--num-samples", "20", "--no-progress"]) == 0
+    with np.load(run / "samples.npz", allow_pickle=False) as z:
+        assert z["samples"].shape == (20, 1, 8, 8) and z["latents"].shape == (20, 2, 4, 4)
+        assert json.loads(str(z["info"]))["latent"] is True
+        first = z["samples"].copy()
+    # a latent run is recognised without --latent too (the same seed gives the same samples)
+    assert main(["sample", "--run", str(run), "--steps", "3", "--num-samples", "20", "--no-progress"]) == 0
+    with np.load(run / "samples.npz", allow_pickle=False) as z:
+        np.testing.assert_array_equal(z["samples"], first)
+    # evaluate on the latent run: the pixel metrics of the decoded samples, the VAE's ELBO, no VLB
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run), "--no-progress"]) == 0
+    assert "VAE held-out ELBO" in capsys.readouterr().out
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["num_samples"] == 20 and len(m["class_histogram"]) == 10 and m["latent"]["shape"] == [2, 4, 4]
+    assert m["vae"]["held_out_elbo_bpd"] > 0 and isinstance(m["test_vlb"], str)
+    # plain sampling of the latent U-Net: no x0 clipping (latents are not in [-1, 1]), a picture of the latents
+    out = tmp_path / "raw"
+    assert main(["sample", "--run", str(run / "unet"), "--out", str(out), "--steps", "3", "--num-samples", "12",
+                 "--no-progress"]) == 0
+    with np.load(out / "samples.npz", allow_pickle=False) as z:
+        assert z["samples"].shape == (12, 2, 4, 4) and json.loads(str(z["info"]))["clip_x0"] is None
+        assert np.abs(z["samples"]).max() > 1  # an untrained eps-model's x0 lands far outside [-1, 1]
+    assert (out / "samples.png").exists()
+    # --resume (recognised as latent by latent.json): the VAE flags may only repeat the run's
+    assert main(["train", "--out", str(run), "--resume", "--steps", "6", "--vae-steps", "7"]) == 2
+    assert "trained with --vae-steps 5, not 7" in _err(capsys)
+    vae_bytes = (run / "vae" / "vae.safetensors").read_bytes()
+    assert main(["train", "--out", str(run), "--resume", "--steps", "6", "--vae-steps", "5", "--no-progress"]) == 0
+    assert "trained to step 6" in capsys.readouterr().out
+    assert (run / "unet" / "step-000006.json").exists() and (run / "vae" / "vae.safetensors").read_bytes() == vae_bytes
+    # --vae reuses that VAE in a new run: no VAE is trained, the hash is the run's
+    run2 = tmp_path / "ld2"
+    assert main(["train", "--data", "digits", "--out", str(run2), "--vae", str(run / "vae"), *LATENT_TINY[5:],
+                 "--latent", "--encode-mode", "sample"]) == 0
+    info2 = read_latent_run(run2)
+    assert info2["vae_hash"] == info["vae_hash"] and info2["encode_mode"] == "sample" and not (run2 / "vae").exists()
+    # bad combinations
+    assert main(["train", "--data", "digits", "--out", str(tmp_path / "p"), "--vae-steps", "5"] + TINY_FLAGS) == 2
+    assert "--vae-steps is for latent diffusion: add --latent" in _err(capsys)
+    assert main(["train", "--data", "digits", "--out", str(tmp_path / "q"), "--vae", str(run / "vae"),
+                 *LATENT_TINY]) == 2
+    assert "give one or the other" in _err(capsys)
+    assert main(["train", "--data", "digits", "--out", str(tmp_path / "q"), "--latent", "--learn-sigma"]) == 2
+    assert "learn_sigma is not supported in latent space" in _err(capsys)
+    assert main(["sample", "--latent", "--checkpoint", str(run / "unet" / "step-000004.json"), "--out",
+                 str(tmp_path / "s")]) == 2
+    assert "needs --run DIR" in _err(capsys)
+    assert main(["sample", "--latent", "--run", str(run / "unet")]) == 2
+    assert "is not a latent diffusion run" in _err(capsys)
+
+
+def test_latent_train_refuses_torchrun(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", "--data", "digits", "--out", str(tmp_path / "r"), *LATENT_TINY]) == 2
+    assert "run it without torchrun" in _err(capsys) and not (tmp_path / "r").exists()
+
+
+def test_demo_latent_and_compare_latent_call_diffmath_latent(monkeypatch, capsys):
+    import diffmath.cli as cli
+    import diffmath.latent as latent
+
+    calls = []
+    metrics = {"num_samples": 3, "data": "digits", "timings": {"total_s": 1.0},
+               "vae": {"held_out_elbo_bpd": 2.0}, "latent": {"shape": [2, 4, 4], "scale_factor": 1.5}}
+    monkeypatch.setattr(latent, "demo_latent", lambda out, **kw: calls.append(("latent", out, kw)) or metrics)
+    monkeypatch.setattr(cli, "run_demo", lambda out, **kw: calls.append(("pixel", out, kw)) or metrics)
+    assert main(["demo", "--latent", "--device", "cpu", "--no-progress"]) == 0
+    assert main(["demo", "--latent", "--out", "elsewhere", "--overwrite", "--no-progress"]) == 0
+    assert main(["demo", "--no-progress"]) == 0
+    assert [(c[0], str(c[1])) for c in calls] == [("latent", "runs/demo-latent"), ("latent", "elsewhere"),
+                                                   ("pixel", "runs/demo")]
+    assert calls[0][2] == {"overwrite": False, "device": "cpu", "progress": False}
+    assert calls[1][2]["overwrite"] is True
+    assert "scaling factor 1.5000" in capsys.readouterr().out
+
+    seen = []
+    monkeypatch.setattr(latent, "compare_pixel_latent", lambda out, **kw: seen.append((out, kw)) or {"r": 1})
+    monkeypatch.setattr(latent, "comparison_table", lambda r: "| the table |")
+    assert main(["compare-latent", "--out", "cmp", "--budget", "3", "--num-samples", "40", "--no-progress"]) == 0
+    assert str(seen[0][0]) == "cmp"
+    assert seen[0][1] == {"budget_s": 3.0, "num_samples": 40, "device": "cpu", "progress": False, "overwrite": False}
+    assert "| the table |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["compare-latent", "--out", "cmp", "--budget", "0"])
+    assert "expected a positive" in _err(capsys)
+

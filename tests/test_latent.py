@@ -161,6 +161,27 @@ def test_unet_config_that_cannot_take_the_latents():
     check_unet_fits(TrainConfig(**{**TINY_UNET, "channel_mult": (1, 2)}), (2, 4, 4))
 
 
+def test_unet_misfit_is_refused_before_the_vae_is_trained(tmp_path, digits, monkeypatch):
+    import diffmath.latent as latent
+
+    def no_training(*a, **k):
+        raise AssertionError("the VAE was trained before the U-Net config was checked")
+
+    monkeypatch.setattr(latent, "train_vae", no_training)
+    with pytest.raises(ValueError, match=r"down-samples by 8 .* the latents are 4x4"):
+        train_latent(tmp_path / "a", TrainConfig(**{**TINY_UNET, "channel_mult": (1, 2, 2, 2)}),
+                     vae_config=VAEConfig(**TINY_VAE), data=digits)
+    with pytest.raises(ValueError, match="learn_sigma is not supported"):
+        train_latent(tmp_path / "b", TrainConfig(**{**TINY_UNET, "learn_sigma": True}), data=digits)
+    assert not (tmp_path / "b").exists()  # nothing written
+
+
+def test_nn_exports_the_vae():
+    import diffmath.nn
+
+    assert diffmath.nn.VAE is VAE and "VAE" in diffmath.nn.__all__
+
+
 # ----------------------------------------------------------------------------- end to end
 def test_latent_run_end_to_end(tmp_path, digits, vae_a, vae_b, tmp_path_factory):
     # train the VAE (no checkpoint given) -> encode -> train the U-Net -> sample -> decode

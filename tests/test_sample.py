@@ -171,3 +171,51 @@ def test_generate_bad_input():
         generate(lm, 0)
     with pytest.raises(ValueError, match="eta must be finite and >= 0"):
         generate(lm, 4, eta=-1.0)
+
+
+# ----------------------------------------------------------------------------- x0 clipping by data kind
+class ZeroEps(torch.nn.Module):
+    """eps = 0: the implied x0 = x_t / sqrt(abar_t) leaves [-1, 1] at high noise, so clipping shows."""
+
+    def forward(self, x, t):
+        return torch.zeros_like(x)
+
+
+def _zero_model(data_shape, bins):
+    cfg = TrainConfig(data="digits", timesteps=T, progress=False)
+    s = named_schedule("linear", T)
+    return LoadedModel(ZeroEps(), cfg, s, data_shape, bins, 0, torch.device("cpu"), Path("zero"))
+
+
+@pytest.mark.parametrize(
+    "data_shape,bins,expected",
+    [((1, 8, 8), 17, 1.0), ((3, 16, 16), 256, 1.0), ((2, 4, 4), None, None), ((2,), None, None)],
+)
+def test_default_clip_only_for_bounded_images(data_shape, bins, expected):
+    from diffmath.sample import default_clip
+
+    # images on a grid in [-1, 1] are clipped; latents (bins None: unit variance, unbounded) and toy data are not
+    assert default_clip(_zero_model(data_shape, bins)) == expected
+
+
+def test_auto_clip_leaves_latents_alone():
+    latent = _zero_model((2, 4, 4), None)
+    auto = generate(latent, 8, sampler="ddim", steps=5, seed=0)
+    np.testing.assert_array_equal(auto, generate(latent, 8, sampler="ddim", steps=5, seed=0, clip_x0=None))
+    assert np.abs(auto).max() > 2  # DDIM with eps = 0 returns x_T / sqrt(abar_T): far outside [-1, 1]
+    image = _zero_model((2, 4, 4), 256)  # the same shape, but bounded image data: clipped into [-1, 1]
+    clipped = generate(image, 8, sampler="ddim", steps=5, seed=0)
+    assert np.abs(clipped).max() <= 1 + 1e-6
+
+
+def test_save_grid_takes_any_channel_count(tmp_path):
+    from PIL import Image
+
+    from diffmath.sample import save_grid
+
+    for C in (1, 2, 3, 4):
+        save_grid(tmp_path / f"g{C}.png", np.linspace(-3, 3, 4 * C * 16, dtype=np.float32).reshape(4, C, 4, 4), nrow=2)
+        im = Image.open(tmp_path / f"g{C}.png")
+        # C = 1 grey, 3 RGB; other counts put the channels side by side (with a 1-pixel gap) in grey
+        width = 2 * ((4 if C in (1, 3) else C * 4 + C - 1) + 1) + 1
+        assert im.mode == ("RGB" if C == 3 else "L") and im.size == (width * 4, (2 * 5 + 1) * 4)

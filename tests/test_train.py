@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 import diffmath.train as tr
 from diffmath.schedules import named_schedule
-from diffmath.train import RunError, TrainConfig, train, training_loss, vb_terms_bpd_bins
+from diffmath import losses
+from diffmath.train import RunError, TrainConfig, train, training_loss
 
 torch.set_num_threads(1)
 
@@ -191,13 +192,96 @@ def test_decoder_term_on_17_levels_matches_scipy():
     x0 = torch.tensor([[-1.0, -0.875, 0.0, 0.5, 1.0]], dtype=torch.float64)
     mean = torch.tensor([[-0.9, -0.8, 0.05, 0.45, 0.7]], dtype=torch.float64)
     log_var = torch.full_like(mean, math.log(0.01))
-    got = vb_terms_bpd_bins(s, mean, log_var, x0, x0.clone(), torch.tensor([0]), bins=17)
+    got = losses.vb_terms_bpd(s, mean, log_var, x0, x0.clone(), torch.tensor([0]), bins=17)
     d, sd = 1 / 16, 0.1
     lo = np.where(x0.numpy() <= -1, -np.inf, x0.numpy() - d)
     hi = np.where(x0.numpy() >= 1, np.inf, x0.numpy() + d)
     p = scipy.stats.norm.cdf(hi, mean.numpy(), sd) - scipy.stats.norm.cdf(lo, mean.numpy(), sd)
     ref = -np.log(p).mean() / math.log(2)
     assert float(got[0]) == pytest.approx(ref, rel=1e-10)
+
+
+def test_hybrid_loss_uses_the_data_grid_for_the_decoder_term():
+    # training_loss hands `bins` to losses.vb_terms_bpd: at t = 0 the posterior mean is the predicted x0
+    # (coef1 = 1, coef2 = 0) and v = 1 gives log Sigma = log beta_0, so L_0 is scipy's discretised normal
+    s = named_schedule("linear", 50)
+    cfg = TrainConfig(**{**TINY, "learn_sigma": True, "prediction": "x0"})
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randint(0, 17, (3, 1, 4, 4), generator=g).float() / 8 - 1  # the 17-level grid
+    pred = (x0 + 0.05 * torch.randn(x0.shape, generator=g)).clamp(-1.2, 1.2)
+    out = torch.cat([pred, torch.ones_like(pred)], dim=1)
+    t = torch.zeros(3, dtype=torch.long)
+    noise = torch.randn(x0.shape, generator=g)
+    refs = {}
+    for bins in (17, 256):
+        d, sd = 1 / (bins - 1), math.sqrt(s.betas[0])
+        xn, mn = x0.double().numpy(), pred.double().numpy()
+        lo = np.where(xn <= -1, -np.inf, xn - d)
+        hi = np.where(xn >= 1, np.inf, xn + d)
+        p = scipy.stats.norm.cdf(hi, mn, sd) - scipy.stats.norm.cdf(lo, mn, sd)
+        refs[bins] = -np.log(p).reshape(3, -1).mean(1).mean() / math.log(2)
+        _, parts = training_loss(cfg, lambda x, tt: out, s, x0, t, noise=noise, bins=bins)
+        assert float(parts["vb"]) == pytest.approx(refs[bins], rel=1e-5)
+    assert refs[17] < refs[256]  # wider bins: a likelier x0
+
+
+def test_demo_config_lives_in_train():
+    import diffmath.cli as cli
+    from diffmath.latent import _pixel_demo_config
+
+    cfg = TrainConfig(**tr.DEMO_CONFIG)
+    assert cfg.data == "digits" and cfg.channel_mult == (1, 2) and cfg.steps == 1500
+    assert cli.DEMO_CONFIG is tr.DEMO_CONFIG  # the old name still reads it
+    assert _pixel_demo_config() == tr.DEMO_CONFIG
+
+
+def _imported_modules(path, package):
+    """Absolute names of the diffmath modules that the file at ``path`` (in ``package``) imports."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names if a.name.startswith("diffmath"))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            if mod.startswith("diffmath"):
+                names.add(mod)
+                names.update(f"{mod}.{a.name}" for a in node.names)  # `from . import train`
+    return names
+
+
+def test_imports_point_downward():
+    # DESIGN.md: the math (and kernels/) imports only numpy, scipy, torch and the math; nn/ only torch;
+    # data, train, evaluate, sample and latent never import cli
+    from pathlib import Path
+
+    import diffmath
+
+    root = Path(diffmath.__file__).parent
+    kernels_dir = Path(__import__("diffmath.kernels", fromlist=["x"]).__file__).parent
+    pipeline = {"data", "train", "evaluate", "sample", "latent", "cli", "verify", "nn", "kernels"}
+    bad = []
+    files = [(f, "diffmath" + "".join("." + p for p in f.relative_to(root).parent.parts)) for f in root.rglob("*.py")]
+    files += [(f, "diffmath.kernels") for f in kernels_dir.glob("*.py") if f.name != "bench.py"]
+    for f, pkg in files:
+        mod = f.stem
+        top = (pkg.split(".") + [mod])[1]
+        if top in ("__init__", "__main__", "cli", "verify"):  # the package's own entry points and the top layer
+            continue
+        used = {n.split(".")[1] for n in _imported_modules(f, pkg) if n.count(".") >= 1}
+        if top in ("data", "train", "evaluate", "sample", "latent"):
+            forbidden = {"cli"}
+        elif top == "nn":
+            forbidden = {n for n in used if n != "nn"}
+        else:  # the math, samplers/, oracle, likelihood, kernels/
+            forbidden = pipeline - ({"kernels"} if top == "kernels" else set())
+        bad += [f"{f} imports diffmath.{n}" for n in sorted(used & forbidden)]
+    assert not bad, bad
 
 
 def test_toy_data_and_x0_prediction_train(tmp_path):
