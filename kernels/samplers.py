@@ -15,6 +15,8 @@ import numbers
 import numpy as np
 import torch
 
+from ..samplers._common import check_eta
+from ..samplers.ddpm import _check_clip, _check_variance
 from ._affine import affine_kernel, launch_affine, torch_affine
 from ._common import (
     as_float,
@@ -90,22 +92,6 @@ def _host(t):
 
 
 # ----------------------------------------------------------------------------- DDPM
-def _check_variance(variance):
-    if variance not in ("small", "large"):
-        raise ValueError(f"variance must be 'small' (beta_tilde, posterior) or 'large' (beta); got {variance!r}")
-
-
-def _check_clip(clip_x0):
-    if clip_x0 is None:
-        return None
-    if isinstance(clip_x0, (bool, np.bool_)) or not isinstance(clip_x0, numbers.Real):
-        raise TypeError(f"clip_x0 must be None or a positive float; got {clip_x0!r}")
-    c = float(clip_x0)
-    if not (math.isfinite(c) and c > 0):
-        raise ValueError(f"clip_x0 must be None or a finite float > 0; got clip_x0 = {c}")
-    return c
-
-
 def _ddpm_table(s, variance: str, clip: bool) -> np.ndarray:
     """Rows of the affine update for DDPM, float64 (k, T):
     no clip: (coef1 sra + coef2, -coef1 srm1, std); clip: (coef2, coef1, std, sra, -srm1),
@@ -166,15 +152,6 @@ def _check_finite_steps(s, tab, tmax: int):
 
 
 # ----------------------------------------------------------------------------- DDIM
-def _check_eta(eta) -> float:
-    if isinstance(eta, (bool, np.bool_)) or not isinstance(eta, numbers.Real):
-        raise TypeError(f"eta must be a real number >= 0; got {eta!r}")
-    eta = float(eta)
-    if not (math.isfinite(eta) and eta >= 0):
-        raise ValueError(f"eta must be finite and >= 0 (0 = deterministic DDIM, 1 = DDPM variance); got eta = {eta}")
-    return eta
-
-
 def ddim_fold(s, t, t_prev, eta: float):
     """The folded DDIM coefficients (c_x, c_eps, c_z), float64 of the broadcast shape of the
     integer indices t (in [0, T)) and t_prev (in [-1, t)), with x_prev = c_x x_t + c_eps eps
@@ -244,7 +221,7 @@ def ddim_step(s, x_t, t, t_prev, eps, *, noise=None, seed=None, offset=0, eta=0.
     Returns x_{t_prev} (contiguous, x_t's shape and dtype).
     """
     check_schedule(s)
-    eta = _check_eta(eta)
+    eta = check_eta(eta)
     x_t = check_x(x_t, "x_t")
     eps = check_like_x(eps, x_t, "eps", "x_t")
     T = s.num_timesteps
