@@ -281,16 +281,7 @@ def philox_path(x: torch.Tensor) -> bool:
     """Whether kernel calls on tensors like ``x`` take the Triton path, whose noise for element
     i is Philox draw offset + i (a shift of one stream); the torch fallback keys a fresh
     stream by (seed, offset) instead (docs/kernels.md, "Noise streams")."""
-    K = _kernels()
-    # kernels.use_triton(x) alone cannot answer for CPU tensors under DIFFMATH_KERNELS=triton: it
-    # needs the kernel object to see whether Triton's interpreter is active, and the kernels
-    # export no public handle to one, hence the private import.
-    try:
-        from .kernels._affine import affine_kernel  # the kernel q_sample launches
-
-        return bool(K.use_triton(x, affine_kernel))
-    except ImportError:  # pragma: no cover - a kernels package without that module
-        return bool(K.use_triton(x))
+    return _kernels().philox_active(x)
 
 
 def uses_fused_noise(config: TrainConfig) -> bool:

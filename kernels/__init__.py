@@ -24,6 +24,17 @@ from .noise import philox_normal, randn
 from .noising import q_sample
 from .samplers import ddim_fold, ddim_step, ddpm_step, euler_maruyama_step, langevin_step
 
+
+def philox_active(x) -> bool:
+    """Whether kernel calls on tensors like ``x`` take the Triton path, whose in-kernel noise for
+    element i is Philox draw ``offset + i`` (the torch fallback keys its own stream by
+    (seed, offset); docs/kernels.md). Unlike ``use_triton(x)`` it also answers for CPU tensors
+    under ``DIFFMATH_KERNELS=triton`` with ``TRITON_INTERPRET=1``."""
+    from ._affine import affine_kernel
+
+    return bool(use_triton(x, affine_kernel))
+
+
 __all__ = [
     "q_sample",
     "simple_loss",
@@ -35,4 +46,5 @@ __all__ = [
     "randn",
     "philox_normal",
     "use_triton",
+    "philox_active",
 ]

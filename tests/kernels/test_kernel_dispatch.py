@@ -164,3 +164,13 @@ def test_zero_terminal_snr_step_is_refused(path):
     with pytest.raises(ValueError, match="zero terminal SNR"):
         K.ddim_step(s, x, torch.tensor([99, 50], device=dev), 40, x)
     assert torch.isfinite(K.ddpm_step(s, x, 98, x, seed=0)).all()
+
+
+def test_philox_active_is_public_and_follows_the_env(monkeypatch):
+    import diffmath.kernels as K
+
+    x = torch.zeros(4)
+    monkeypatch.setenv("DIFFMATH_KERNELS", "torch")
+    assert K.philox_active(x) is False
+    monkeypatch.setenv("DIFFMATH_KERNELS", "auto")
+    assert K.philox_active(x) is (x.is_cuda and K.use_triton(x))
