@@ -492,6 +492,9 @@ def _cmd_sample(args) -> int:
 
 
 def _cmd_sample_latent(args, out) -> int:
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise ValueError("sample --latent runs in one process (latent sampling is not split over ranks); "
+                         "run it without torchrun")
     from .latent import sample_latent
 
     if args.run is None:

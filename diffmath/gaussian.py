@@ -131,22 +131,16 @@ def gaussian_kl(mu1, cov1, mu2, cov2):
         quad = (z**2).sum(dim=(-1, -2))
         logdet = 2 * (torch.log(torch.diagonal(L2b, dim1=-2, dim2=-1)).sum(-1) - torch.log(torch.diagonal(L1b, dim1=-2, dim2=-1)).sum(-1))
     else:
-        from scipy.linalg import solve_triangular
-
         batch = np.broadcast_shapes(L1.shape[:-2], L2.shape[:-2], m1.shape[:-1], m2.shape[:-1])
-        L1b = np.broadcast_to(L1, batch + (k, k)).reshape(-1, k, k)
-        L2b = np.broadcast_to(L2, batch + (k, k)).reshape(-1, k, k)
-        diff = np.broadcast_to(m2 - m1, batch + (k,)).reshape(-1, k)
-        n = L1b.shape[0]
-        tr = np.empty(n, dtype=L1b.dtype)
-        quad = np.empty(n, dtype=L1b.dtype)
-        for i in range(n):
-            A = solve_triangular(L2b[i], L1b[i], lower=True)
-            z = solve_triangular(L2b[i], diff[i], lower=True)
-            tr[i] = np.sum(A**2)
-            quad[i] = np.sum(z**2)
+        L1b = np.broadcast_to(L1, batch + (k, k))
+        L2b = np.broadcast_to(L2, batch + (k, k))
+        diff = np.broadcast_to(m2 - m1, batch + (k,))[..., None]
+        # batched solves with the triangular factor L2 (LAPACK gesv on each matrix of the batch)
+        A = np.linalg.solve(L2b, L1b)
+        z = np.linalg.solve(L2b, diff)
+        tr = (A**2).sum(axis=(-1, -2))
+        quad = (z**2).sum(axis=(-1, -2))
         logdet = 2 * (np.log(np.diagonal(L2b, axis1=-2, axis2=-1)).sum(-1) - np.log(np.diagonal(L1b, axis1=-2, axis2=-1)).sum(-1))
-        tr, quad, logdet = tr.reshape(batch), quad.reshape(batch), logdet.reshape(batch)
     return _restore(0.5 * (tr + quad - k + logdet), dtype)
 
 

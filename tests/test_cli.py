@@ -331,6 +331,13 @@ def test_latent_train_refuses_torchrun(tmp_path, monkeypatch, capsys):
     assert "run it without torchrun" in _err(capsys) and not (tmp_path / "r").exists()
 
 
+def test_latent_sample_refuses_torchrun(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    (tmp_path / "run").mkdir()
+    assert main(["sample", "--latent", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "s")]) == 2
+    assert "run it without torchrun" in _err(capsys) and not (tmp_path / "s").exists()
+
+
 def test_demo_latent_and_compare_latent_call_diffmath_latent(monkeypatch, capsys):
     import diffmath.cli as cli
     import diffmath.latent as latent
