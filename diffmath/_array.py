@@ -24,7 +24,8 @@ __all__ = [
     "upcast",
     "restore",
     "gather",
-    "as_like",
+    "gather_t",
+    "broadcast_to_like",
     "backend",
 ]
 
@@ -141,24 +142,6 @@ def check_like(y, x, name: str, xname: str = "x"):
     if tuple(y.shape) != tuple(x.shape):
         raise ValueError(f"{name} must have the shape of {xname} {tuple(x.shape)}; got {tuple(y.shape)}")
     return y
-
-
-def as_like(y, x, name: str = "value"):
-    """Convert a python scalar / numpy array ``y`` into ``x``'s kind (and device) for mixed
-    scalar-array arithmetic; arrays of the wrong kind are converted, tensors on another device
-    raise."""
-    if is_tensor(x):
-        if is_tensor(y):
-            if y.device != x.device:
-                raise ValueError(f"{name} is on {y.device} but the other inputs are on {x.device}")
-            return y
-        arr = np.asarray(y)
-        if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.integer):
-            raise TypeError(f"{name} must be real-valued; got dtype {arr.dtype}")
-        return torch.as_tensor(arr, dtype=x.dtype, device=x.device)
-    if is_tensor(y):
-        return y  # caller decides the common kind
-    return np.asarray(y, dtype=np.result_type(np.asarray(y).dtype, np.float64) if not isinstance(x, np.ndarray) else np.result_type(x.dtype, np.asarray(y).dtype))
 
 
 def compute_dtype(x):
@@ -280,10 +263,6 @@ def gather_t(table, t, like=None):
     if isinstance(t, int):
         return np.float64(table[t])
     return table[np.asarray(t, dtype=np.int64)]
-
-
-def zeros_like_compute(x):
-    return torch.zeros_like(x) if is_tensor(x) else np.zeros_like(x)
 
 
 def broadcast_to_like(c, x):

@@ -26,9 +26,10 @@ def _common(names, *xs):
     out = []
     if tens:
         dev = tens[0].device
+        first = next(n for n, x in zip(names, xs) if is_tensor(x))
         for n, x in zip(names, xs):
             if is_tensor(x) and x.device != dev:
-                raise ValueError(f"{n} is on {x.device} but {names[xs.index(tens[0])]} is on {dev}")
+                raise ValueError(f"{n} is on {x.device} but {first} is on {dev}")
         dtype = tens[0].dtype
         for x in tens[1:]:
             dtype = torch.promote_types(dtype, x.dtype)
