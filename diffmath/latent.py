@@ -284,17 +284,31 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VAEConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown VAE config keys {unknown}; valid keys are {sorted(names)}")
-        return cls(**d)
+        from .train import config_from_dict
+
+        return config_from_dict(cls, d, "VAE config")
 
 
 VAE_DEMO_CONFIG = dict(data="digits", image_size=8, steps=1500, batch_size=128, lr=2e-3, beta=1.0, seed=0)
 
 
 # ============================================================================= checkpoints
+def _diffmath_metadata(path, fmt: str, what: str, error=ValueError) -> dict:
+    """The safetensors header metadata of ``path``, which must carry ``format=fmt``; ``error``
+    naming the file otherwise (unreadable, or not a diffmath ``what``)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            md = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise error(f"{str(path)!r} is not a readable safetensors file: {e}") from e
+    if md.get("format") != fmt:
+        raise error(f"{str(path)!r} is not a diffmath {what} (its metadata lacks format={fmt!r})")
+    return md
+
+
 def vae_hash(vae: VAE) -> str:
     """SHA-256 over the VAE's config (canonical JSON) and every tensor of its state dict (name,
     dtype, shape, bytes, in sorted order): equal hashes mean the same architecture and the
@@ -379,19 +393,12 @@ def load_vae(path, device: str | torch.device = "cpu") -> LoadedVAE:
     pickle), rebuild the VAE from the stored config and check its weights: the file's SHA-256
     against vae.json and the recomputed ``vae_hash`` against the stored one (``ValueError``
     naming the file if either differs, or if the file is not a diffmath VAE)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
+    from safetensors.torch import load_file
 
     st, js = _vae_paths(path)
     if not st.exists():
         raise FileNotFoundError(f"VAE checkpoint {str(st)!r} does not exist (give a folder with vae.json, or the .json/.safetensors)")
-    try:
-        with safe_open(str(st), framework="pt") as f:
-            md = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{str(st)!r} is not a readable safetensors file: {e}") from e
-    if md.get("format") != VAE_FORMAT:
-        raise ValueError(f"{str(st)!r} is not a diffmath VAE checkpoint (its metadata lacks format={VAE_FORMAT!r})")
+    md = _diffmath_metadata(st, VAE_FORMAT, "VAE checkpoint", ValueError)
     if js.exists():
         try:
             meta = json.loads(js.read_text())
@@ -695,19 +702,12 @@ def load_latents(path, vae=None, data: Data | None = None) -> LatentCache:
     """Read a latent cache (safetensors only). With ``vae`` (a ``LoadedVAE``, ``VAE``, checkpoint
     path or hash string), ``LatentCacheError`` unless the cache was encoded by exactly that VAE;
     with ``data``, unless it was encoded from exactly those images."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
+    from safetensors.torch import load_file
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"latent cache {str(path)!r} does not exist; create it with encode_dataset(vae, data, path)")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            md = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise LatentCacheError(f"{str(path)!r} is not a readable safetensors file: {e}") from e
-    if md.get("format") != LATENTS_FORMAT:
-        raise LatentCacheError(f"{str(path)!r} is not a diffmath latent cache (metadata lacks format={LATENTS_FORMAT!r})")
+    md = _diffmath_metadata(path, LATENTS_FORMAT, "latent cache", LatentCacheError)
     meta = json.loads(md["meta"])
     t = load_file(str(path))
     cache = LatentCache(
@@ -975,26 +975,18 @@ def sample_latent(run, out=None, *, vae=None, sampler: str = "ddim", steps=None,
     t1 = time.time()
     x = decode_latents(lv, z, scale, batch_size=batch_size)
     t2 = time.time()
-    from .sample import DEFAULT_STEPS
+    from .sample import sampling_info
 
-    info = {
-        "sampler": sampler,
-        "steps": steps if steps is not None else (DEFAULT_STEPS[sampler] or (lm.schedule.num_timesteps if sampler == "ddpm" else None)),
-        "eta": eta if sampler == "ddim" else None,
-        "num_samples": int(num_samples),
-        "seed": seed,
-        "checkpoint": str(lm.checkpoint),
-        "step": lm.step,
-        "weights": "ema" if ema else "raw",
+    info = sampling_info(lm, sampler, steps, eta, num_samples, seed, ema, clip_x0=None)
+    info.update({
         "latent": True,
-        "clip_x0": None,
         "latent_shape": list(lv.latent_shape),
         "scale_factor": scale,
         "vae_hash": lv.hash,
         "seconds_latent": round(t1 - t0, 3),
         "seconds_decode": round(t2 - t1, 3),
         "seconds": round(t2 - t0, 3),
-    }
+    })
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

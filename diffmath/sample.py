@@ -388,6 +388,21 @@ def sample_run(out, *, run=None, checkpoint=None, sampler="ddim", steps=None, et
         dd.close()
 
 
+def sampling_info(lm, sampler: str, steps, eta, num_samples: int, seed, ema: bool, clip_x0=None) -> dict:
+    """The record of a sampling call stored beside the samples (samples.npz ``info``)."""
+    return {
+        "sampler": sampler,
+        "steps": steps if steps is not None else (DEFAULT_STEPS[sampler] or (lm.schedule.num_timesteps if sampler == "ddpm" else None)),
+        "eta": eta if sampler == "ddim" else None,
+        "num_samples": int(num_samples),
+        "seed": seed,
+        "checkpoint": str(lm.checkpoint),
+        "step": lm.step,
+        "weights": "ema" if ema else "raw",
+        "clip_x0": clip_x0,
+    }
+
+
 def _sample_run(out, dd, *, run, checkpoint, sampler, steps, eta, num_samples, seed, device, batch_size, progress, ema,
                 clip_x0):
     import time
@@ -401,19 +416,9 @@ def _sample_run(out, dd, *, run, checkpoint, sampler, steps, eta, num_samples, s
     x = generate(lm, num_samples, sampler=sampler, steps=steps, eta=eta, seed=seed, batch_size=batch_size,
                  progress=progress, clip_x0=clip_x0)
     secs = time.time() - t0
-    info = {
-        "sampler": sampler,
-        "steps": steps if steps is not None else (DEFAULT_STEPS[sampler] or (lm.schedule.num_timesteps if sampler == "ddpm" else None)),
-        "eta": eta if sampler == "ddim" else None,
-        "num_samples": int(num_samples),
-        "seed": seed,
-        "checkpoint": str(lm.checkpoint),
-        "step": lm.step,
-        "weights": "ema" if ema else "raw",
-        "clip_x0": clip_x0 if sampler in ("ddpm", "ddim") else None,
-        "seconds": round(secs, 3),
-        "world_size": dd.world,
-    }
+    info = sampling_info(lm, sampler, steps, eta, num_samples, seed, ema,
+                         clip_x0=clip_x0 if sampler in ("ddpm", "ddim") else None)
+    info.update(seconds=round(secs, 3), world_size=dd.world)
     if dd.rank == 0:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

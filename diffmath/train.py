@@ -122,6 +122,15 @@ class RunError(ValueError):
     """A run directory or checkpoint that cannot be used as asked (message says why)."""
 
 
+def config_from_dict(cls, d: dict, what: str):
+    """``cls(**d)`` for a config dataclass, refusing keys it does not have (naming them)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {what} keys {unknown}; valid keys are {sorted(names)}")
+    return cls(**d)
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run (stored in config.json).
@@ -205,11 +214,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}; valid keys are {sorted(names)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "config")
 
     def model_fields(self) -> dict:
         """The fields a checkpoint must agree on to be resumed (all but RESUMABLE_FIELDS)."""
