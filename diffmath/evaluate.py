@@ -418,7 +418,9 @@ def evaluate_run(run, samples=None, out=None, *, vlb_images: int = 64, device: s
             }
             metrics["classifier"] = dict(clf.info)
             metrics["real_held_out"] = {k: v for k, v in class_metrics(real_p).items() if k != "max_entropy_bits"}
-        if vlb_images > 0:
+        if vlb_images > 0 and len(data.held_out) == 0:
+            metrics["test_vlb"] = "not reported: no held-out images (the data set is too small to hold any out)"
+        elif vlb_images > 0:
             loaded = load_model(run=run, device=device)
             if list(loaded.data_shape) != list(data.shape):
                 raise RunError(f"the checkpoint's data shape {loaded.data_shape} does not match the data {data.shape}")

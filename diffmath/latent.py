@@ -66,6 +66,7 @@ import torch
 from .data import Data, load_data
 from .gaussian import discretized_gaussian_log_likelihood, normal_kl, normal_log_prob
 from .nn.vae import VAE
+from .train import DEMO_CONFIG
 
 __all__ = [
     "VAEConfig",
@@ -108,26 +109,7 @@ LN2 = math.log(2.0)
 
 # The latent U-Net for 4x4 latents: no down-sampling (the pixel demo's U-Net halves 8x8 -> 4x4),
 # attention at 4x4 (16 tokens). Otherwise the pixel demo's recipe.
-LATENT_DEMO_CONFIG = dict(
-    data="digits",
-    image_size=8,
-    steps=1500,
-    batch_size=128,
-    lr=1e-3,
-    warmup=100,
-    lr_decay_steps=1500,
-    channels=32,
-    channel_mult=(1,),
-    num_res_blocks=1,
-    attention_resolutions=(4,),
-    dropout=0.0,
-    ema_decay=0.995,
-    schedule="cosine",
-    timesteps=1000,
-    prediction="eps",
-    save_every=500,
-    seed=0,
-)
+LATENT_DEMO_CONFIG = {**DEMO_CONFIG, "channel_mult": (1,)}  # latents are 4x4: no downsampling
 
 
 # ============================================================================= the VAE's math
@@ -478,10 +460,9 @@ def check_vae_fits(config_or_vae, data_shape, where: str = "the data") -> None:
 
 
 def _lr_at(config: VAEConfig, step: int) -> float:
-    if config.warmup and step < config.warmup:
-        return config.lr * (step + 1) / config.warmup
-    frac = min(1.0, step / config.steps)
-    return config.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+    from .train import lr_schedule
+
+    return lr_schedule(config.lr, config.warmup, config.steps, step)  # cosine to 0 at the last step
 
 
 def train_vae(config: VAEConfig, out, *, data: Data | None = None, overwrite: bool = False) -> VAEResult:

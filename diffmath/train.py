@@ -193,8 +193,10 @@ class TrainConfig:
             v = getattr(self, n)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not (lo <= v < hi) or (n == "lr" and v <= 0):
                 raise ValueError(f"{n} must be a number in {'(' if n == 'lr' else '['}{lo}, {hi}); got {n} = {v!r}")
-        if self.weight_decay < 0 or self.hybrid_lambda < 0:
-            raise ValueError(f"weight_decay and hybrid_lambda must be >= 0; got {self.weight_decay}, {self.hybrid_lambda}")
+        for n in ("weight_decay", "hybrid_lambda"):
+            v = getattr(self, n)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not (0.0 <= v < math.inf):
+                raise ValueError(f"{n} must be a finite number >= 0; got {n} = {v!r}")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}; got {self.prediction!r}")
         if self.schedule not in SCHEDULE_NAMES:
@@ -383,16 +385,20 @@ class _null:
         return False
 
 
-def learning_rate(config: TrainConfig, step: int) -> float:
+def lr_schedule(lr: float, warmup: int, decay_steps: int, step: int) -> float:
     """Linear warm-up over ``warmup`` steps, then constant, or a cosine decay to 0 at
-    ``lr_decay_steps`` (if > 0)."""
-    lr = config.lr
-    if config.warmup and step < config.warmup:
-        return lr * (step + 1) / config.warmup
-    if config.lr_decay_steps:
-        frac = min(1.0, step / config.lr_decay_steps)
+    ``decay_steps`` (if > 0)."""
+    if warmup and step < warmup:
+        return lr * (step + 1) / warmup
+    if decay_steps:
+        frac = min(1.0, step / decay_steps)
         return lr * 0.5 * (1.0 + math.cos(math.pi * frac))
     return lr
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """``lr_schedule`` with the run's lr, warmup and lr_decay_steps."""
+    return lr_schedule(config.lr, config.warmup, config.lr_decay_steps, step)
 
 
 # ----------------------------------------------------------------------------- distributed

@@ -185,3 +185,21 @@ def test_vlb_of_the_exact_model_for_a_point_mass():
     kl = np.sum(0.5 * (np.log(s.betas[1:] / var) + var / s.betas[1:] - 1)) / ln2
     assert res["large"]["vlb_bpd"] == pytest.approx(prior + dec + kl, rel=1e-4)
     assert res["test_vlb_bpd"] == res["small"]["vlb_bpd"] and res["variance"] == "small"
+
+
+def test_evaluate_a_run_whose_data_hold_nothing_out(tmp_path):
+    # one image: nothing can be held out, so the test VLB is reported as skipped, not a crash
+    from PIL import Image
+
+    from diffmath.evaluate import evaluate_run
+    from diffmath.sample import sample_run
+    from diffmath.train import TrainConfig, train
+
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray((np.arange(64, dtype=np.uint8).reshape(8, 8) * 4)).save(tmp_path / "imgs" / "a.png")
+    cfg = TrainConfig(data=str(tmp_path / "imgs"), image_size=8, steps=2, batch_size=1, channels=8, channel_mult=(1,),
+                      num_res_blocks=1, attention_resolutions=(), save_every=2, timesteps=20, warmup=0, progress=False)
+    train(cfg, tmp_path / "run")
+    sample_run(run=tmp_path / "run", out=tmp_path / "run", sampler="ddim", steps=2, num_samples=2, progress=False)
+    m = evaluate_run(tmp_path / "run", progress=False)
+    assert isinstance(m["test_vlb"], str) and "no held-out images" in m["test_vlb"]

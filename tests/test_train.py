@@ -305,6 +305,9 @@ def test_config_validation(tmp_path):
         TrainConfig(timesteps=10)
     with pytest.raises(ValueError, match="unknown config keys"):
         TrainConfig.from_dict({"stepz": 3})
+    for n in ("weight_decay", "hybrid_lambda"):  # NaN passed a `< 0` check before
+        with pytest.raises(ValueError, match=f"{n} must be a finite number >= 0; got {n} = nan"):
+            TrainConfig(**{n: float("nan")})
     with pytest.raises(RunError, match="exceeds the"):
         train(TrainConfig(**{**TINY, "batch_size": 4096}), tmp_path / "run")
 
