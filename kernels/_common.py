@@ -32,6 +32,7 @@ import weakref
 import numpy as np
 import torch
 
+from .._array import check_schedule  # noqa: F401 - re-exported for the kernel modules
 from ..schedules import Schedule
 
 __all__ = [
@@ -205,12 +206,6 @@ def check_index(t, T: int, x: torch.Tensor, name: str = "t", lo: int = 0):
     return ti, ti, ti
 
 
-def check_schedule(s):
-    if not isinstance(s, Schedule):
-        raise TypeError(f"s must be a diffmath.schedules.Schedule; got {type(s).__name__}")
-    return s
-
-
 def rows_of(x: torch.Tensor) -> int:
     """The batch size B (1 for a 0-d tensor)."""
     return int(x.shape[0]) if x.ndim else 1
@@ -231,9 +226,14 @@ def to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
-def f32(v: float) -> float:
-    """``v`` rounded to float32 (both paths then use bit-identical coefficients)."""
-    return float(np.float32(v))
+def f32(v: float, name: str | None = None) -> float:
+    """``v`` rounded to float32 (both paths then use bit-identical coefficients). With ``name``
+    (the argument ``v`` comes from), a value that is not finite in float32 raises ValueError."""
+    with np.errstate(over="ignore"):
+        r = float(np.float32(v))
+    if name is not None and not math.isfinite(r):
+        raise ValueError(f"{name} gives the coefficient {v:.4g}, which is not finite in float32 (the step would return inf/NaN)")
+    return r
 
 
 # ----------------------------------------------------------------------------- device tables

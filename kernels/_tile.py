@@ -16,7 +16,7 @@ clamps u >= 1e-7, so |z| never exceeds sqrt(-2 log 1e-7) = 5.68 and the 1e-7 of 
 mass beyond is piled onto radius 5.68 (docs/kernels.md, "Noise quality"). Here u >= 2**-33,
 the largest radius is sqrt(66 log 2) = 6.76 and P(|z| > 6.76) = 1.4e-11. The Philox rounds are
 written out here (identical to ``tl.randint4x``, checked against the Random123 known-answer
-vectors in tests/kernels/test_noise.py) so that the kernels use nothing but Triton builtins
+vectors in tests/kernels/test_kernel_noise.py) so that the kernels use nothing but Triton builtins
 and their own jit helpers, and run under ``TRITON_INTERPRET=1`` whatever was imported first.
 
 Tiles: ``normal_tile`` returns a [BLOCK, 4] tensor whose entry [k, m] is draw

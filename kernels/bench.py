@@ -185,20 +185,9 @@ def build_cases(shape, device, *, with_compile=True):
 
 
 def _vpsde():
-    try:
-        from diffmath.sde import VPSDE
+    from diffmath.sde import VPSDE
 
-        return VPSDE()
-    except ImportError:  # pragma: no cover - the core ships it
-
-        class _VP:
-            def linear_drift_coef(self, t):
-                return -0.5 * (0.1 + t * 19.9)
-
-            def diffusion_coef(self, t):
-                return math.sqrt(0.1 + t * 19.9)
-
-        return _VP()
+    return VPSDE()
 
 
 def _compiled(fn, args):

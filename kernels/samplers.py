@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from ..samplers._common import check_eta
-from ..samplers.ddpm import _check_clip, _check_variance
+from ..samplers.ddim import ddim_coefs
+from ..samplers.ddpm import _check_clip, _check_variance, ddpm_std
 from ._affine import affine_kernel, launch_affine, torch_affine
 from ._common import (
     as_float,
@@ -40,22 +41,49 @@ __all__ = ["ddpm_step", "ddim_step", "euler_maruyama_step", "langevin_step"]
 
 
 # ----------------------------------------------------------------------------- shared launch
-def _step(x, y, coefs, noise, seed, offset, *, clip=None, s=None, kind=None, build=None, t=None):
+def _check_coefs(coefs, dtype: torch.dtype, what: str):
+    """Refuse per-sample coefficients that are not finite once cast to ``dtype`` (float32 for
+    the kernels and float16/bfloat16/float32 data, float64 on the float64 torch path): an
+    oversized step size or SDE coefficient would otherwise turn the output into inf/NaN."""
+    npd = np.float64 if dtype == torch.float64 else np.float32
+    for c in coefs:
+        if isinstance(c, float):
+            if math.isfinite(c) and (npd is np.float64 or math.isfinite(f32(c))):
+                continue
+            v = c
+        else:
+            with np.errstate(over="ignore", invalid="ignore"):
+                bad = ~np.isfinite(np.asarray(c, dtype=np.float64).astype(npd))
+            if not bad.any():
+                continue
+            v = float(np.asarray(c, dtype=np.float64)[bad].reshape(-1)[0])
+        raise ValueError(
+            f"{what} gives a step coefficient of {v:.4g}, which is not finite in {np.dtype(npd).name}: "
+            "the step would return inf/NaN"
+        )
+
+
+def _step(x, y, coefs, noise, seed, offset, *, clip=None, s=None, kind=None, build=None, t=None, what="the coefficients"):
     """out = a x + b y' + c z with (a, b, c[, p, q]) = ``coefs`` (python floats or float64 (B,)
-    arrays), or gathered at tensor ``t`` from the table ``build(s)`` cached under ``kind``."""
+    arrays), or gathered at tensor ``t`` from the table ``build(s)`` cached under ``kind``.
+    Host-folded coefficients must be finite after the cast to the compute dtype (ValueError
+    naming ``what``, the arguments they come from)."""
     if x.numel() == 0:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
     B = rows_of(x)
     tabled = t is not None and not isinstance(t, int)
     scalar = not tabled and all(isinstance(c, float) for c in coefs)
-    if use_triton(x, affine_kernel):
+    triton_path = use_triton(x, affine_kernel)
+    if not tabled:
+        _check_coefs(coefs, torch.float64 if (x.dtype == torch.float64 and not triton_path) else torch.float32, what)
+    if triton_path:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         kw = dict(x=x.contiguous(), y=y.contiguous(), z=noise.contiguous() if noise is not None else None,
                   clip=clip, seed=seed, offset=offset, rows=B)  # fmt: skip
         if tabled:
             return launch_affine(out, coef=device_table(s, kind, x.device, torch.float32, build), t=t, **kw)
         if scalar:
-            sc = tuple(f32(c) for c in coefs) + (0.0,) * (5 - len(coefs))
+            sc = tuple(f32(c, what) for c in coefs) + (0.0,) * (5 - len(coefs))
             return launch_affine(out, scalars=sc, **kw)
         arr = np.stack([np.broadcast_to(np.asarray(c, dtype=np.float64), (B,)) for c in coefs]).astype(np.float32)
         return launch_affine(out, coef=torch.from_numpy(arr).to(x.device), **kw)
@@ -64,7 +92,7 @@ def _step(x, y, coefs, noise, seed, offset, *, clip=None, s=None, kind=None, bui
     if tabled:
         cs = gather_rows(device_table(s, kind, x.device, cd, build), t, x)
     elif scalar:
-        cs = [c if cd == torch.float64 else f32(c) for c in coefs]
+        cs = [c if cd == torch.float64 else f32(c, what) for c in coefs]
     else:
         cs = [
             per_sample(torch.from_numpy(np.broadcast_to(np.asarray(c, dtype=np.float64), (B,)).copy()).to(x.device, cd), x)
@@ -96,9 +124,7 @@ def _ddpm_table(s, variance: str, clip: bool) -> np.ndarray:
     """Rows of the affine update for DDPM, float64 (k, T):
     no clip: (coef1 sra + coef2, -coef1 srm1, std); clip: (coef2, coef1, std, sra, -srm1),
     sra = sqrt(1/abar), srm1 = sqrt(1/abar - 1), std = 0 at t = 0."""
-    std = np.exp(0.5 * s.posterior_log_variance_clipped) if variance == "small" else np.sqrt(s.betas)
-    std = std.copy()
-    std[0] = 0.0
+    std = ddpm_std(s, variance)
     c1, c2 = s.posterior_mean_coef1, s.posterior_mean_coef2
     sra, srm1 = s.sqrt_recip_alphas_cumprod, s.sqrt_recipm1_alphas_cumprod
     with np.errstate(invalid="ignore", over="ignore"):
@@ -136,7 +162,7 @@ def ddpm_step(s, x_t, t, eps, *, noise=None, seed=None, offset=0, variance="smal
     tab = host_table(s, kind, build)
     _check_finite_steps(s, tab, tmax)
     coefs = tuple(float(v) for v in tab[:, t]) if isinstance(t, int) else None
-    return _step(x_t, eps, coefs, noise, seed, offset, clip=clip, s=s, kind=kind, build=build, t=t)
+    return _step(x_t, eps, coefs, noise, seed, offset, clip=clip, s=s, kind=kind, build=build, t=t, what="s at t")
 
 
 def _check_finite_steps(s, tab, tmax: int):
@@ -157,54 +183,20 @@ def ddim_fold(s, t, t_prev, eta: float):
     integer indices t (in [0, T)) and t_prev (in [-1, t)), with x_prev = c_x x_t + c_eps eps
     + c_z z   (DDIM eq. 12, sigma from eq. 16):
 
-    c_x = sqrt(abar_prev / abar_t),  c_eps = sqrt(1 - abar_prev - sigma^2) - sqrt(abar_prev) sqrt(1/abar_t - 1),
-    c_z = sigma = eta sqrt((1 - abar_prev)/(1 - abar_t)) sqrt(1 - abar_t/abar_prev),
+    c_x = sqrt(abar_prev) sqrt(1/abar_t),  c_eps = sqrt(1 - abar_prev - sigma^2) - sqrt(abar_prev) sqrt(1/abar_t - 1),
+    c_z = sigma,
 
-    abar_prev = 1 at t_prev = -1. Computed from log tables without cancellation:
-    1 - abar_t/abar_prev = -expm1(log abar_t - log abar_prev) and, with r = that / (1 - abar_t),
-    1 - abar_prev - sigma^2 = (1 - abar_prev) ((1 - r) + (1 - eta^2) r).
+    built from the core ``diffmath.samplers.ddim.ddim_coefs`` (which validates t, t_prev, t_prev < t
+    and eta, and computes sqrt(abar_prev), sqrt(1 - abar_prev - sigma^2) and sigma without
+    cancellation). At a zero-terminal-SNR step (abar_t = 0) c_x and c_eps are not finite; the
+    caller refuses those.
     """
-    if isinstance(t, int) and isinstance(t_prev, int):
-        try:
-            return _ddim_fold_scalar(s, t, t_prev, eta)
-        except OverflowError:  # extreme schedules: numpy gives inf instead
-            pass
-    t, tp = np.asarray(t, dtype=np.int64), np.asarray(t_prev, dtype=np.int64)
-    lab = np.concatenate([[0.0], s.log_alphas_cumprod])  # index t + 1; abar_{-1} = 1
-    with np.errstate(divide="ignore"):
-        l1m = np.concatenate([[-np.inf], s.log_one_minus_alphas_cumprod])
-    lab_t, l1m_t, lab_p, l1m_p = lab[t + 1], l1m[t + 1], lab[tp + 1], l1m[tp + 1]
-    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        r = -np.expm1(lab_t - lab_p) * np.exp(-l1m_t)
-        one_m_r = np.exp(lab_t - lab_p + l1m_p - l1m_t)
-        one_m_abar_p = np.exp(l1m_p)
-        c2 = one_m_abar_p * (one_m_r + (1.0 - eta * eta) * r)
-        sigma = np.sqrt(eta * eta * one_m_abar_p * r)
-        c_x = np.exp(0.5 * (lab_p - lab_t))
-        c_eps = np.sqrt(np.maximum(c2, 0.0)) - np.exp(0.5 * lab_p) * s.sqrt_recipm1_alphas_cumprod[t]
-    if np.any(c2 < -1e-12):
-        raise ValueError(
-            f"eta = {eta} makes sigma^2 exceed 1 - abar_prev at some step (sqrt(1 - abar_prev - sigma^2) is not real); "
-            "use eta in [0, 1]"
-        )
+    sqrt_abar_prev, c, sigma = ddim_coefs(s, t, t_prev, eta)
+    ti = t if isinstance(t, int) else np.asarray(t, dtype=np.int64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        c_x = sqrt_abar_prev * s.sqrt_recip_alphas_cumprod[ti]
+        c_eps = c - sqrt_abar_prev * s.sqrt_recipm1_alphas_cumprod[ti]
     return c_x, c_eps, sigma
-
-
-def _ddim_fold_scalar(s, t: int, tp: int, eta: float):
-    """``ddim_fold`` for python-int t and t_prev with the math module (the sampling-loop case)."""
-    lab_t, l1m_t = float(s.log_alphas_cumprod[t]), float(s.log_one_minus_alphas_cumprod[t])
-    lab_p, l1m_p = (float(s.log_alphas_cumprod[tp]), float(s.log_one_minus_alphas_cumprod[tp])) if tp >= 0 else (0.0, -math.inf)
-    r = -math.expm1(lab_t - lab_p) * math.exp(-l1m_t)
-    one_m_abar_p = math.exp(l1m_p)
-    c2 = one_m_abar_p * (math.exp(lab_t - lab_p + l1m_p - l1m_t) + (1.0 - eta * eta) * r)
-    if c2 < -1e-12:
-        raise ValueError(
-            f"eta = {eta} makes sigma^2 exceed 1 - abar_prev at some step (sqrt(1 - abar_prev - sigma^2) is not real); "
-            "use eta in [0, 1]"
-        )
-    sigma = math.sqrt(max(eta * eta * one_m_abar_p * r, 0.0))
-    c_eps = math.sqrt(max(c2, 0.0)) - math.exp(0.5 * lab_p) * float(s.sqrt_recipm1_alphas_cumprod[t])
-    return math.exp(0.5 * (lab_p - lab_t)), c_eps, sigma
 
 
 def ddim_step(s, x_t, t, t_prev, eps, *, noise=None, seed=None, offset=0, eta=0.0):
@@ -228,11 +220,6 @@ def ddim_step(s, x_t, t, t_prev, eps, *, noise=None, seed=None, offset=0, eta=0.
     t, _, _ = check_index(t, T, x_t)
     t_prev, _, _ = check_index(t_prev, T, x_t, "t_prev", lo=-1)
     tn, tpn = _host(t), _host(t_prev)
-    bad = np.asarray(tpn >= tn)
-    if bad.any() if bad.ndim else bool(bad):
-        tb, tpb = np.broadcast_arrays(np.asarray(tn), np.asarray(tpn))
-        i = np.unravel_index(int(np.argmax(bad)), bad.shape) if bad.ndim else ()
-        raise ValueError(f"t_prev must be < t (a DDIM step goes backward in time); got t = {int(tb[i])}, t_prev = {int(tpb[i])}")
     c_x, c_eps, sigma = ddim_fold(s, tn, tpn, eta)
     if not (np.isfinite(c_x).all() and np.isfinite(c_eps).all()):
         tb = np.broadcast_to(np.asarray(tn), np.shape(c_x))
@@ -249,7 +236,7 @@ def ddim_step(s, x_t, t, t_prev, eps, *, noise=None, seed=None, offset=0, eta=0.
         coefs = (float(c_x), float(c_eps), float(sigma))
     else:
         coefs = (c_x, c_eps, sigma)
-    return _step(x_t, eps, coefs, noise, seed, offset)
+    return _step(x_t, eps, coefs, noise, seed, offset, what="s at (t, t_prev, eta)")
 
 
 # ----------------------------------------------------------------------------- SDE and Langevin
@@ -314,7 +301,7 @@ def euler_maruyama_step(sde, x, t, dt, score, *, noise=None, seed=None, offset=0
     coefs = (1.0 + a * dt, -g * g * dt, g * math.sqrt(-dt))
     if np.ndim(t) == 0:
         coefs = tuple(float(c) for c in coefs)
-    return _step(x, score, coefs, noise, seed, offset)
+    return _step(x, score, coefs, noise, seed, offset, what="sde (its drift/diffusion coefficients at t) with dt")
 
 
 def _check_step_size(step_size, x):
@@ -352,4 +339,4 @@ def langevin_step(x, score, step_size, *, noise=None, seed=None, offset=0):
         coefs = (1.0, 0.5 * h, math.sqrt(h))
     else:
         coefs = (np.ones_like(h), 0.5 * h, np.sqrt(h))
-    return _step(x, score, coefs, noise, seed, offset)
+    return _step(x, score, coefs, noise, seed, offset, what="step_size")

@@ -174,3 +174,39 @@ def test_philox_active_is_public_and_follows_the_env(monkeypatch):
     assert K.philox_active(x) is False
     monkeypatch.setenv("DIFFMATH_KERNELS", "auto")
     assert K.philox_active(x) is (x.is_cuda and K.use_triton(x))
+
+
+def test_ddim_fold_validates_like_the_core():
+    """ddim_fold is built on diffmath.samplers.ddim.ddim_coefs: bad indices raise, never wrap."""
+    from diffmath.kernels.samplers import ddim_fold
+
+    with pytest.raises(ValueError, match="t_prev must be < t"):
+        ddim_fold(S, 5, 7, 0.0)
+    with pytest.raises(ValueError, match="t_prev must be < t"):
+        ddim_fold(S, 5, 5, 0.0)
+    with pytest.raises(ValueError, match="t_prev must be < t"):
+        ddim_fold(S, np.array([5, 6]), np.array([4, 6]), 0.0)
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 100\).*got t = -1"):
+        ddim_fold(S, -1, -1, 0.0)
+    with pytest.raises(ValueError, match=r"t_prev must lie in \[-1, 100\).*got t_prev = -3"):
+        ddim_fold(S, 5, -3, 0.0)
+    with pytest.raises(ValueError, match="eta must be finite and >= 0"):
+        ddim_fold(S, 5, 4, -1.0)
+    c_x, c_eps, sigma = ddim_fold(S, 50, -1, 0.0)
+    assert np.isclose(c_x, S.sqrt_recip_alphas_cumprod[50]) and sigma == 0.0
+
+
+def test_oversized_coefficients_are_refused(path):
+    """Coefficients that overflow float32 raise a ValueError naming the argument, not inf/NaN."""
+    _, dev = path
+    x = torch.ones(2, 3, device=dev)
+    with pytest.raises(ValueError, match="step_size gives a step coefficient .* not finite in float32"):
+        K.langevin_step(x, x, 1e300, seed=1)
+    with pytest.raises(ValueError, match="step_size gives a step coefficient .* not finite in float32"):
+        K.langevin_step(x, x, torch.tensor([0.1, 1e300], dtype=torch.float64), seed=1)
+    vesde = dm.sde.VESDE(sigma_max=1e30) if hasattr(dm, "sde") else pytest.importorskip("diffmath.sde").VESDE(sigma_max=1e30)
+    with pytest.raises(ValueError, match=r"sde .* with dt gives a step coefficient .* not finite in float32"):
+        K.euler_maruyama_step(vesde, x, 0.9, -0.01, x, seed=1)
+    with pytest.raises(ValueError, match=r"sde .* with dt gives a step coefficient"):
+        K.euler_maruyama_step(vesde, x, torch.tensor([0.9, 0.5]), -0.01, x, seed=1)
+    assert torch.isfinite(K.langevin_step(x, x, 1e-3, seed=1)).all()

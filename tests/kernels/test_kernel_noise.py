@@ -216,13 +216,43 @@ def test_far_tail_draw(triton_path):
     assert abs(stream_normal(seed, draw, 1)[0] - value) < 1e-3
 
 
-def test_uniform_resolution_reaches_far_tail():
-    """The uniform u = r0 2**-32 + 2**-33 is never 0 and reaches 2**-33: the largest radius is
-    sqrt(66 log 2) = 6.76 (tl.randn's 31-bit uniform clamped at 1e-7 stops at 5.68)."""
-    r = np.array([0, 1, 2**32 - 1], dtype=np.float64)
-    u = (r * 2.0**-32 + 2.0**-33).astype(np.float32)
-    assert u.min() > 0 and u.max() <= 1
-    assert math.isclose(math.sqrt(-2 * math.log(float(u[0]))), math.sqrt(66 * math.log(2)), rel_tol=1e-6)
+if TRITON_DEVICE is not None:
+    from diffmath.kernels._affine import FAST_MATH
+    from diffmath.kernels._tile import box_muller
+
+    @triton.jit
+    def box_muller_probe(a_ptr, b_ptr, out_ptr, n, BLOCK: tl.constexpr, FAST: tl.constexpr):
+        """Writes _tile.box_muller of the uint32 pairs (a[i], b[i]) (passed as int32 bit patterns)."""
+        i = tl.arange(0, BLOCK)
+        m = i < n
+        a = tl.load(a_ptr + i, mask=m, other=0).to(tl.uint32, bitcast=True)
+        b = tl.load(b_ptr + i, mask=m, other=0).to(tl.uint32, bitcast=True)
+        z0, z1 = box_muller(a, b, FAST)
+        tl.store(out_ptr + 2 * i, z0, mask=m)
+        tl.store(out_ptr + 2 * i + 1, z1, mask=m)
+
+
+def test_uniform_resolution_reaches_far_tail(triton_path):
+    """The kernel's uniform u = r0 2**-32 + 2**-33 is never 0 and reaches 2**-33: at r0 = 0 the
+    radius is sqrt(66 log 2) = 6.76 (tl.randn's 31-bit uniform clamped at 1e-7 stops at 5.68);
+    at r0 = 2**32 - 1 it rounds to 1 (radius 0). Drives _tile.box_muller, the map every
+    in-kernel draw (randn, the fused steps) goes through."""
+    r0 = np.array([0, 0, 1, 2**32 - 1], dtype=np.uint32)
+    r1 = np.array([0, 2**30, 0, 0], dtype=np.uint32)  # theta = 0, pi/2
+    out = torch.empty(2 * r0.size, dtype=torch.float32, device=triton_path)
+    box_muller_probe[(1,)](
+        torch.from_numpy(r0.view(np.int32)).to(triton_path),
+        torch.from_numpy(r1.view(np.int32)).to(triton_path),
+        out, r0.size, BLOCK=4, FAST=FAST_MATH,
+    )  # fmt: skip
+    z = out.cpu().numpy().reshape(-1, 2).astype(np.float64)
+    rmax = math.sqrt(66 * math.log(2))
+    assert np.isfinite(z).all()
+    assert math.isclose(z[0, 0], rmax, rel_tol=1e-5) and abs(z[0, 1]) < 1e-5
+    assert abs(z[1, 0]) < 1e-4 and math.isclose(z[1, 1], rmax, rel_tol=1e-5)
+    assert math.isclose(z[2, 0], math.sqrt(-2 * math.log(1.5 * 2.0**-32)), rel_tol=1e-5)
+    assert abs(z[3, 0]) < 1e-3 and abs(z[3, 1]) < 1e-3
+    assert np.abs(z).max() <= rmax * (1 + 1e-5)
 
 
 def test_torch_stream_seed_mixes_seed_and_offset():
