@@ -111,7 +111,13 @@ def ode_likelihood(
         return F.detach().reshape(-1).cpu().numpy(), div.detach().cpu().numpy()
 
     def rhs(t, y):
-        f, div = drift_and_div(y, min(max(t, eps), sde.T))
+        tc = min(max(t, eps), sde.T)
+        f, div = drift_and_div(y, tc)
+        if not (np.all(np.isfinite(f)) and np.all(np.isfinite(div))):
+            raise ValueError(
+                f"score_fn returned non-finite values (NaN or inf) at t = {float(tc)}; "
+                "the probability-flow ODE's drift and its divergence must be finite"
+            )
         return np.concatenate([f, div])
 
     y0 = np.concatenate([x64.reshape(-1), np.zeros(B)])

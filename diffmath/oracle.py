@@ -140,7 +140,9 @@ def expected_norm(mean, cov) -> float:
     exp(-s sum_i mu_i^2 / (1 + 2 s lam_i)) (mu in cov's eigenbasis); the chi mean
     sqrt(2 var) Gamma((D+1)/2) / Gamma(D/2) for zero mean and isotropic cov."""
     mean = np.atleast_1d(np.asarray(mean, dtype=np.float64))
-    cov = np.atleast_2d(np.asarray(cov, dtype=np.float64))
+    if mean.ndim != 1 or not np.all(np.isfinite(mean)):
+        raise ValueError(f"mean must be a finite vector; got shape {mean.shape}")
+    cov, _, _ = _check_cov(cov, mean.size)
     if mean.size == 1:
         mu, sd = float(mean[0]), math.sqrt(float(cov[0, 0]))
         return sd * math.sqrt(2.0 / math.pi) * math.exp(-0.5 * (mu / sd) ** 2) + mu * float(erf(mu / (sd * math.sqrt(2.0))))
@@ -344,10 +346,11 @@ class GaussianData:
         """
         from .samplers.langevin import corrector_step_size, langevin_step
         from .samplers.ode import heun_step
-        from .samplers.sde_solvers import euler_maruyama_step, time_grid
+        from .samplers.sde_solvers import _check_pc_args, euler_maruyama_step, time_grid
 
         if not isinstance(sde, SDE):
             raise TypeError(f"sde must be a diffmath SDE; got {type(sde).__name__}")
+        snr, alpha, n_corrector_steps = _check_pc_args(snr, alpha, n_corrector_steps)
         D = self.dim
         mean, cov = self._start(start, D, sde.prior_std)
         ts = time_grid(sde, steps, eps)
@@ -383,7 +386,7 @@ class GaussianData:
                 a, s2 = _coefs(sde, t)
                 ct = float(a) ** 2 * self._lam + float(s2)
                 Cinv = (self._U / ct) @ self._U.T
-                for _ in range(int(n_corrector_steps)):
+                for _ in range(n_corrector_steps):
                     m_s = -Cinv @ (mean - float(a) * self.mean)
                     c_s = Cinv @ cov @ Cinv
                     step = float(corrector_step_size(np.float64(expected_norm(m_s, c_s)), zero_norm, snr, alpha))

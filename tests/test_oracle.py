@@ -246,5 +246,21 @@ def test_bad_input():
         DATA.exact_output(S, "ddim", 1001)
     with pytest.raises(ValueError, match="sampler must be 'euler_maruyama'"):
         DATA.exact_sde_output(VPSDE(), "rk4")
+    # the predictor-corrector settings are checked as sample_pc checks them
+    with pytest.raises(ValueError, match=r"snr must be finite and > 0; got snr = -1.0"):
+        DATA.exact_sde_output(VPSDE(), "predictor_corrector", 5, snr=-1.0)
+    with pytest.raises(ValueError, match=r"alpha must be finite and > 0; got alpha = 0.0"):
+        DATA.exact_sde_output(VPSDE(), "predictor_corrector", 5, alpha=0.0)
+    with pytest.raises(ValueError, match=r"n_corrector_steps must be an integer >= 0; got -1"):
+        DATA.exact_sde_output(VPSDE(), "predictor_corrector", 5, n_corrector_steps=-1)
+    with pytest.raises(ValueError, match=r"n_corrector_steps must be an integer >= 0; got 1.5"):
+        DATA.exact_sde_output(VPSDE(), "predictor_corrector", 5, n_corrector_steps=1.5)
+    # expected_norm validates its covariance instead of dividing by zero
+    with pytest.raises(ValueError, match="cov must be positive definite"):
+        expected_norm([0.0], [[0.0]])
+    with pytest.raises(ValueError, match=r"cov must have shape \(2, 2\)"):
+        expected_norm([0.0, 0.0], [[1.0]])
+    with pytest.raises(ValueError, match="cov must be finite"):
+        expected_norm([0.0], [[np.nan]])
     with pytest.raises(TypeError, match="start must be a GaussianData of dimension 2"):
         DATA.exact_output(S, start=GaussianData([0.0], [[1.0]]))

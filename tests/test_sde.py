@@ -223,8 +223,17 @@ def test_score_eps_conversions_against_the_conditional_mean(sde):
     mu, s0 = -0.4, 0.8
     t = np.array([0.01, 0.3, 1.0])
     x = np.array([[0.3], [-1.0], [2.0]])
-    m, s = sde.marginal_prob(np.ones((3, 1)), t)
-    m, s = m[:, 0], np.asarray(s).reshape(-1)
+    # m and s from the closed forms (Song et al. 2021, eq. 29, 33 and App. B), not marginal_prob
+    if isinstance(sde, VESDE):
+        smin, smax = sde.sigma_min, sde.sigma_max
+        m = np.ones_like(t)
+        s = np.sqrt(smin**2 * ((smax / smin) ** (2 * t) - 1))
+    else:
+        bmin, bmax = sde.beta_min, sde.beta_max
+        lin = -0.5 * t**2 * (bmax - bmin) - t * bmin  # log m(t)^2
+        m = np.exp(0.5 * lin)
+        one_minus = -np.expm1(lin)  # 1 - exp(lin), without cancellation at small t
+        s = one_minus if isinstance(sde, SubVPSDE) else np.sqrt(one_minus)
     v = m**2 * s0**2 + s**2
     cond_eps = (s * (x[:, 0] - m * mu) / v)[:, None]
     ref_score = (-(x[:, 0] - m * mu) / v)[:, None]

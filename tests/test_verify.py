@@ -58,3 +58,35 @@ def test_main_parses_arguments(tmp_path, monkeypatch):
     monkeypatch.setattr(verify, "run", lambda **kw: calls.update(kw) or {})
     assert verify.main(["--json", str(tmp_path / "a.json"), "--plot", str(tmp_path / "b.png")]) == 0
     assert calls == {"json_path": str(tmp_path / "a.json"), "plot_path": str(tmp_path / "b.png"), "progress": False}
+
+
+def test_ddim_eta0_10_steps_cell_against_monte_carlo_of_sample_ddim(result):
+    # An independent check of one cell: run the real sample_ddim loop (eta = 0, 10 leading
+    # steps, linear_schedule(1000), x_T ~ N(0, 1)) with the exact eps of the data N(0.5, 0.1^2),
+    # written here from the joint Gaussian (x0, z) given x_t = sqrt(abar) x0 + sqrt(1 - abar) z:
+    #   E[z | x_t] = sqrt(1 - abar) (x_t - sqrt(abar) mu0) / (abar s0^2 + 1 - abar).
+    # Fit a Gaussian to n samples and compare its KL to the data with the table's value. By the
+    # delta method the KL estimate has standard error
+    #   se = sqrt((dKL/dm)^2 s^2 / n + (dKL/ds)^2 s^2 / (2n)),
+    #   dKL/dm = (m - mu0) / s0^2,  dKL/ds = s / s0^2 - 1 / s;
+    # we allow 5 se (a false failure has probability < 1e-6 for a correct table).
+    import numpy as np
+
+    from diffmath.samplers import sample_ddim
+    from diffmath.schedules import linear_schedule
+
+    mu0, s0 = verify.DATA_MEAN, verify.DATA_STD
+    s = linear_schedule(1000)
+    abar_all = s.alphas_cumprod
+
+    def eps_model(x, t):
+        ab = abar_all[t][:, None]
+        return np.sqrt(1 - ab) * (x - np.sqrt(ab) * mu0) / (ab * s0**2 + 1 - ab)
+
+    n = 400_000
+    x = sample_ddim(eps_model, s, (n, 1), steps=10, eta=0.0, spacing="leading", generator=np.random.default_rng(1234))
+    m, sd = float(x.mean()), float(x.std(ddof=1))
+    kl_mc = np.log(s0 / sd) + (sd**2 + (m - mu0) ** 2) / (2 * s0**2) - 0.5
+    se = np.sqrt(((m - mu0) / s0**2) ** 2 * sd**2 / n + (sd / s0**2 - 1 / sd) ** 2 * sd**2 / (2 * n))
+    kl_table = result[0]["tables"]["leading"]["eta=0.0"]["10"]
+    assert abs(kl_mc - kl_table) < 5 * se, (kl_mc, kl_table, se)

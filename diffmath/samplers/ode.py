@@ -134,12 +134,17 @@ def sample_ode(
 
     def rhs(t, y):
         xt = to_kind(y)
-        drift = rsde.sde(xt, _full_t(min(max(t, eps), sde.T), xt))[0]
+        drift = to_np(rsde.sde(xt, _full_t(min(max(t, eps), sde.T), xt))[0])
+        if not np.all(np.isfinite(drift)):
+            raise ValueError(
+                f"score_fn returned non-finite values (NaN or inf) at t = {float(t)}; "
+                "the probability-flow ODE's drift must be finite"
+            )
         pos = int(round(1000 * (sde.T - t) / (sde.T - eps)))
         if pos > done[0]:
             bar.update(pos - done[0])
             done[0] = pos
-        return to_np(drift)
+        return drift
 
     try:
         sol = solve_ivp(rhs, (sde.T, eps), y0, method=method, rtol=rtol, atol=atol)

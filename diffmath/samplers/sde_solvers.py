@@ -16,13 +16,31 @@ from .langevin import langevin_corrector_step
 __all__ = ["euler_maruyama_step", "reverse_diffusion_step", "sample_sde", "sample_pc", "time_grid"]
 
 
-def _check_dt(dt) -> float:
+def _check_dt(dt, reverse=None) -> float:
+    """dt as a float: finite and non-zero; with ``reverse`` True (a ReverseSDE, integrated
+    from t = 1 towards 0) it must be < 0, with ``reverse`` False (a forward SDE) > 0."""
     if isinstance(dt, (bool, np.bool_)) or not isinstance(dt, numbers.Real):
         raise TypeError(f"dt must be a real number (negative for reverse time); got {dt!r}")
     dt = float(dt)
     if not (math.isfinite(dt) and dt != 0):
         raise ValueError(f"dt must be finite and non-zero (negative for reverse time); got dt = {dt}")
+    if reverse is True and dt > 0:
+        raise ValueError(
+            f"dt must be < 0 for a ReverseSDE (it runs backward in time, from t = 1 towards 0); got dt = {dt}"
+        )
+    if reverse is False and dt < 0:
+        raise ValueError(f"dt must be > 0 for a forward SDE (it runs forward in time); got dt = {dt}")
     return dt
+
+
+def _check_pc_args(snr, alpha, n_corrector_steps):
+    """The predictor-corrector settings shared by ``sample_pc`` and the oracle's
+    ``exact_sde_output``: snr > 0, alpha > 0 (finite), n_corrector_steps an integer >= 0."""
+    snr = check_positive(snr, "snr")
+    alpha = check_positive(alpha, "alpha")
+    if isinstance(n_corrector_steps, bool) or not isinstance(n_corrector_steps, (int, np.integer)) or n_corrector_steps < 0:
+        raise ValueError(f"n_corrector_steps must be an integer >= 0; got {n_corrector_steps!r}")
+    return snr, alpha, int(n_corrector_steps)
 
 
 def _check_end(t, dt, name="t + dt"):
@@ -46,7 +64,7 @@ def euler_maruyama_step(rsde, x, t, dt, noise=None):
     if not isinstance(rsde, (SDE, ReverseSDE)):
         raise TypeError(f"rsde must be an SDE or the ReverseSDE from sde.reverse(score_fn); got {type(rsde).__name__}")
     x = check_float(x, "x")
-    dt = _check_dt(dt)
+    dt = _check_dt(dt, reverse=isinstance(rsde, ReverseSDE))
     _check_end(t, dt)
     drift, g = rsde.sde(x, t)
     xc = upcast(x)
@@ -193,16 +211,13 @@ def sample_pc(
     if not callable(score_fn):
         raise TypeError(f"score_fn must be callable score_fn(x, t); got {type(score_fn).__name__}")
     eps = _check_eps(sde, eps)
-    snr = check_positive(snr, "snr")
-    alpha = check_positive(alpha, "alpha")
+    snr, alpha, n_corrector_steps = _check_pc_args(snr, alpha, n_corrector_steps)
     if predictor not in ("euler_maruyama", "reverse_diffusion"):
         raise ValueError(f"predictor must be 'euler_maruyama' or 'reverse_diffusion'; got {predictor!r}")
     if corrector not in ("langevin", "none", None):
         raise ValueError(f"corrector must be 'langevin' or 'none'; got {corrector!r}")
     if corrector_norm not in ("sample", "batch"):
         raise ValueError(f"corrector_norm must be 'sample' or 'batch'; got {corrector_norm!r}")
-    if isinstance(n_corrector_steps, bool) or not isinstance(n_corrector_steps, (int, np.integer)) or n_corrector_steps < 0:
-        raise ValueError(f"n_corrector_steps must be an integer >= 0; got {n_corrector_steps!r}")
     if predictor == "euler_maruyama":
         ts = time_grid(sde, steps, eps)
         levels = ts[:-1]

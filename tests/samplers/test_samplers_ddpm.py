@@ -102,20 +102,34 @@ def test_sample_ddpm_respaced_calls_the_model_with_original_indices():
         assert seen == timesteps(1000, 25, spacing).tolist()
 
 
-def test_sample_ddpm_respaced_equals_ddpm_on_the_respaced_schedule():
-    # DDPM with `steps` = DDPM on s.respace(ts) (Improved DDPM, Sec. 4): betas 1 - abar_t/abar_prev.
+def test_sample_ddpm_respaced_equals_a_hand_loop_of_the_posterior_formula():
+    # DDPM with `steps` (Improved DDPM, Sec. 4), written out here from the posterior of the
+    # respaced chain: for the kept indices t_1 < ... < t_n, beta_i = 1 - abar_{t_i} / abar_{t_{i-1}}
+    # (abar_{t_0} = 1), x0 = (x - sqrt(1 - abar) eps) / sqrt(abar) and (Ho et al. 2020, eq. 7)
+    #   mean = sqrt(abar_prev) beta / (1 - abar) x0 + sqrt(1 - beta) (1 - abar_prev) / (1 - abar) x,
+    # plus sqrt(beta) z ("large") except at the last level. Same generator draws: x_T first,
+    # then one z per level with t > 0.
     s = linear_schedule(1000)
-    ts = timesteps(1000, 10, "leading")
-    sr = s.respace(ts)
-    abar = s.alphas_cumprod[np.sort(ts)]
-    assert_allclose(sr.betas, 1 - abar / np.concatenate([[1.0], abar[:-1]]), rtol=1e-12)
+    ts = np.arange(0, 1000, 100)  # "leading" spacing (Improved DDPM / DDIM): 0, 100, ..., 900
+    assert np.array_equal(np.sort(timesteps(1000, 10, "leading")), ts)
+    abar_all = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))  # Ho et al.'s linear betas
+    assert_allclose(s.alphas_cumprod, abar_all, rtol=1e-12)
 
     def model(x, t):
         return 0.1 * x + 0.01 * t[:, None]
 
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 3))
+    for i in range(len(ts) - 1, -1, -1):
+        abar = abar_all[ts[i]]
+        abar_prev = abar_all[ts[i - 1]] if i > 0 else 1.0
+        beta = 1.0 - abar / abar_prev
+        e = model(x, np.full(4, ts[i], dtype=np.int64))
+        x0 = (x - np.sqrt(1 - abar) * e) / np.sqrt(abar)
+        mean = np.sqrt(abar_prev) * beta / (1 - abar) * x0 + np.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar) * x
+        x = mean + np.sqrt(beta) * rng.standard_normal((4, 3)) if i > 0 else mean
     a = sample_ddpm(model, s, (4, 3), steps=10, variance="large", generator=np.random.default_rng(5))
-    b = sample_ddpm(model, sr, (4, 3), variance="large", generator=np.random.default_rng(5))
-    assert_allclose(a, b, rtol=1e-15)
+    assert_allclose(a, x, rtol=1e-10, atol=1e-12)
 
 
 def test_bad_input():

@@ -90,3 +90,12 @@ def test_bad_input():
         heun_step(sde.reverse(lambda x, t: -x), np.ones((2, 2)), 0.5, -0.1)
     with pytest.raises(ValueError, match=r"t must lie in \(0, 1\]"):
         heun_step(sde.reverse(lambda x, t: -x, True), np.ones((2, 2)), 0.5, -0.5)
+
+
+def test_non_finite_score_is_named():
+    # a score_fn returning NaN is reported as such, not as a bad time t = nan
+    sde = VPSDE()
+    with pytest.raises(ValueError, match=r"score_fn returned non-finite values.*t = 1.0"):
+        sample_ode(lambda x, t: x * np.nan, sde, (2, 2), generator=np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"score_fn returned non-finite values"):
+        sample_ode(lambda x, t: np.where(t[:, None] < 0.5, np.inf, -x), sde, (2, 2), generator=np.random.default_rng(0))

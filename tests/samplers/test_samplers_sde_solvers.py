@@ -104,8 +104,13 @@ def test_bad_input():
         euler_maruyama_step(rsde, x, 0.5, 0.0, x)
     with pytest.raises(ValueError, match=r"t \+ dt must stay in \[0, 1\].*dt = -0.6"):
         euler_maruyama_step(rsde, x, 0.5, -0.6, x)
-    with pytest.raises(ValueError, match=r"t must lie in \(0, 1\].*t = 0.0"):
-        euler_maruyama_step(rsde, x, 0.0, 0.1, x)
+    with pytest.raises(ValueError, match=r"t \+ dt must stay in \[0, 1\]; got t = 0.0, dt = -0.1"):
+        euler_maruyama_step(rsde, x, 0.0, -0.1, x)
+    # the direction: a ReverseSDE runs backward in time (dt < 0), a forward SDE forward (dt > 0)
+    with pytest.raises(ValueError, match=r"dt must be < 0 for a ReverseSDE.*dt = 0.1"):
+        euler_maruyama_step(rsde, x, 0.5, 0.1, x)
+    with pytest.raises(ValueError, match=r"dt must be > 0 for a forward SDE.*dt = -0.1"):
+        euler_maruyama_step(sde, x, 0.5, -0.1, x)
     with pytest.raises(ValueError, match=r"t must lie in \[0, 1\].*1.2"):
         euler_maruyama_step(rsde, x, 1.2, -0.1, x)
     with pytest.raises(ValueError, match=r"snr must be finite and > 0; got snr = 0.0"):
