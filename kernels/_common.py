@@ -226,11 +226,16 @@ def to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
+_F32 = struct.Struct("=f")
+
+
 def f32(v: float, name: str | None = None) -> float:
     """``v`` rounded to float32 (both paths then use bit-identical coefficients). With ``name``
     (the argument ``v`` comes from), a value that is not finite in float32 raises ValueError."""
-    with np.errstate(over="ignore"):
-        r = float(np.float32(v))
+    try:
+        r = _F32.unpack(_F32.pack(v))[0]  # round to nearest float32, as np.float32(v), without errstate
+    except OverflowError:  # finite but beyond float32's range
+        r = math.copysign(math.inf, v)
     if name is not None and not math.isfinite(r):
         raise ValueError(f"{name} gives the coefficient {v:.4g}, which is not finite in float32 (the step would return inf/NaN)")
     return r

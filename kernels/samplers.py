@@ -9,6 +9,7 @@ at t[b] in the kernel from float32 device copies of float64 tables (DDPM).
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -119,12 +120,18 @@ def _host(t):
     return t
 
 
+@functools.lru_cache(maxsize=64)
+def _ddpm_std(s, variance: str) -> np.ndarray:
+    """``ddpm_std`` once per (immutable) schedule and variance."""
+    return ddpm_std(s, variance)
+
+
 # ----------------------------------------------------------------------------- DDPM
 def _ddpm_table(s, variance: str, clip: bool) -> np.ndarray:
     """Rows of the affine update for DDPM, float64 (k, T):
     no clip: (coef1 sra + coef2, -coef1 srm1, std); clip: (coef2, coef1, std, sra, -srm1),
     sra = sqrt(1/abar), srm1 = sqrt(1/abar - 1), std = 0 at t = 0."""
-    std = ddpm_std(s, variance)
+    std = _ddpm_std(s, variance)
     c1, c2 = s.posterior_mean_coef1, s.posterior_mean_coef2
     sra, srm1 = s.sqrt_recip_alphas_cumprod, s.sqrt_recipm1_alphas_cumprod
     with np.errstate(invalid="ignore", over="ignore"):
@@ -191,6 +198,20 @@ def ddim_fold(s, t, t_prev, eta: float):
     cancellation). At a zero-terminal-SNR step (abar_t = 0) c_x and c_eps are not finite; the
     caller refuses those.
     """
+    if type(t) is int and type(t_prev) is int and isinstance(eta, (int, float)) and not isinstance(eta, bool):
+        return _ddim_fold_scalar(s, t, t_prev, float(eta))
+    return _ddim_fold(s, t, t_prev, eta)
+
+
+@functools.lru_cache(maxsize=4096)
+def _ddim_fold_scalar(s, t: int, t_prev: int, eta: float):
+    # Schedules are immutable (frozen, read-only tables) and hash by identity, so the fold of a
+    # (schedule, t, t_prev, eta) is computed and validated once: a sampling loop's host overhead
+    # stays at a dictionary lookup. Errors are not cached (lru_cache does not store exceptions).
+    return _ddim_fold(s, t, t_prev, eta)
+
+
+def _ddim_fold(s, t, t_prev, eta):
     sqrt_abar_prev, c, sigma = ddim_coefs(s, t, t_prev, eta)
     ti = t if isinstance(t, int) else np.asarray(t, dtype=np.int64)
     with np.errstate(invalid="ignore", over="ignore"):
