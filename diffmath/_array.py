@@ -10,6 +10,7 @@ bfloat16 inputs compute in float32 and are cast back at the end.
 from __future__ import annotations
 
 import numbers
+import weakref
 
 import numpy as np
 import torch
@@ -20,12 +21,16 @@ __all__ = [
     "check_like",
     "check_t",
     "check_schedule",
+    "check_pair",
+    "schedule_table",
     "compute_dtype",
     "upcast",
     "restore",
     "gather",
     "gather_t",
     "broadcast_to_like",
+    "broadcast_coef",
+    "randn",
     "backend",
 ]
 
@@ -174,6 +179,24 @@ def check_schedule(s):
     return s
 
 
+# Tables derived from a schedule, built once per schedule and key and dropped with it: a
+# Schedule is a frozen dataclass of read-only arrays (eq=False, so hashable by identity).
+_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def schedule_table(s, key, build) -> np.ndarray:
+    """``build(s)`` (a float64 array), computed once per schedule and ``key``, read-only."""
+    per = _TABLES.get(s)
+    if per is None:
+        per = _TABLES[s] = {}
+    tab = per.get(key)
+    if tab is None:
+        tab = np.asarray(build(s), dtype=np.float64)
+        tab.setflags(write=False)
+        per[key] = tab
+    return tab
+
+
 def check_t(t, T: int, x=None, name: str = "t", lo: int = 0):
     """Validate a discrete timestep index.
 
@@ -224,6 +247,17 @@ def check_t(t, T: int, x=None, name: str = "t", lo: int = 0):
     return t
 
 
+def check_pair(s, a, aname: str, b, bname: str, t):
+    """Validate the arguments of a schedule function of two arrays at step ``t``: ``s`` a
+    Schedule, ``a`` a floating array, ``b`` an array like ``a`` (kind, device, shape) and ``t``
+    a timestep index matching ``a``'s batch. Returns ``(a, b, t, upcast(a), upcast(b))``."""
+    check_schedule(s)
+    a = check_float(a, aname)
+    b = check_like(b, a, bname, aname)
+    t = check_t(t, s.num_timesteps, a)
+    return a, b, t, upcast(a), upcast(b)
+
+
 def gather(table, t, x):
     """Coefficient ``table[t]`` in x's kind, device and (compute) dtype.
 
@@ -270,3 +304,37 @@ def broadcast_to_like(c, x):
     if is_tensor(x):
         return (c + torch.zeros_like(x)).to(x.dtype)
     return (np.asarray(c) + np.zeros_like(x)).astype(x.dtype)
+
+
+def broadcast_coef(c, x):
+    """A float64 coefficient ``c`` (python float, 0-d or shape (B,); numpy or torch) in x's
+    kind, device and compute dtype, shaped (B, 1, ..., 1) with ``x.ndim`` dims when it is
+    per-sample, so that it broadcasts over the trailing dimensions of ``x``."""
+    dt = compute_dtype(x)
+    ndim = max(np.ndim(x), 1)
+    if is_tensor(x):
+        c = (c if is_tensor(c) else torch.as_tensor(np.asarray(c, dtype=np.float64))).to(dtype=dt, device=x.device)
+    elif is_tensor(c):
+        c = c.detach().cpu().numpy().astype(dt)
+    else:
+        c = np.asarray(c).astype(dt)
+    if c.ndim == 1:
+        c = c.reshape((-1,) + (1,) * (ndim - 1))
+    return c
+
+
+def randn(shape, generator, like=None, dtype=None):
+    """Standard normal draws of ``shape`` from ``generator`` (never global RNG state), in
+    ``like``'s dtype and device, else ``dtype`` (default: float64 numpy for a
+    ``numpy.random.Generator``, float32 torch on the generator's device for a
+    ``torch.Generator``). float16/bfloat16 tensors are drawn in float32 and rounded."""
+    shape = tuple(int(n) for n in shape)
+    if isinstance(generator, torch.Generator):
+        dt = like.dtype if like is not None else (dtype if dtype is not None else torch.float32)
+        dev = like.device if like is not None else generator.device
+        if dt in (torch.float16, torch.bfloat16):
+            return torch.randn(shape, generator=generator, device=dev, dtype=torch.float32).to(dt)
+        return torch.randn(shape, generator=generator, device=dev, dtype=dt)
+    z = generator.standard_normal(shape)
+    dt = like.dtype if like is not None else (dtype if dtype is not None else np.float64)
+    return z.astype(dt, copy=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._array import broadcast_to_like, check_float, check_like, check_schedule, check_t, gather, restore, upcast
+from ._array import broadcast_to_like, check_float, check_pair, check_schedule, check_t, gather, restore, upcast
 from .schedules import Schedule
 
 __all__ = ["q_mean_variance", "q_sample", "q_step_sample"]
@@ -36,11 +36,7 @@ def q_sample(s: Schedule, x0, t, noise):
     x0, noise (eps ~ N(0, I)): arrays of the same shape (B, ...); t: int or integer (B,).
     Returns x_t of x0's shape and dtype.
     """
-    check_schedule(s)
-    x0 = check_float(x0, "x0")
-    noise = check_like(noise, x0, "noise", "x0")
-    t = check_t(t, s.num_timesteps, x0)
-    xc, nc = upcast(x0), upcast(noise)
+    x0, noise, t, xc, nc = check_pair(s, x0, "x0", noise, "noise", t)
     out = gather(s.sqrt_alphas_cumprod, t, xc) * xc + gather(s.sqrt_one_minus_alphas_cumprod, t, xc) * nc
     return restore(out, x0)
 
@@ -50,10 +46,6 @@ def q_step_sample(s: Schedule, x_prev, t, noise):
 
     ``x_prev`` is x_{t-1} (x_0 when t = 0); ``noise`` ~ N(0, I) of the same shape.
     """
-    check_schedule(s)
-    x_prev = check_float(x_prev, "x_prev")
-    noise = check_like(noise, x_prev, "noise", "x_prev")
-    t = check_t(t, s.num_timesteps, x_prev)
-    xc, nc = upcast(x_prev), upcast(noise)
+    x_prev, noise, t, xc, nc = check_pair(s, x_prev, "x_prev", noise, "noise", t)
     out = gather(np.sqrt(s.alphas), t, xc) * xc + gather(np.sqrt(s.betas), t, xc) * nc
     return restore(out, x_prev)

@@ -39,9 +39,11 @@ def _common(names, *xs):
             dtype = torch.float32
         for n, x in zip(names, xs):
             if not is_tensor(x):
+                # through numpy: a python float stays float64 (torch.as_tensor would round it to float32)
                 arr = np.asarray(x)
                 if arr.dtype.kind not in "fiu":
                     raise TypeError(f"{n} must be real-valued; got {type(x).__name__}")
+                x = arr
             out.append(torch.as_tensor(x, device=dev).to(dtype))
         return out, tens[0].dtype if tens[0].is_floating_point() else dtype
     arrs = []

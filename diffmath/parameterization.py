@@ -13,18 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._array import check_float, check_like, check_schedule, check_t, gather, restore, upcast
+from ._array import check_float, check_pair, check_schedule, check_t, gather, restore, upcast
 from .schedules import Schedule
 
 __all__ = ["x0_from_eps", "eps_from_x0", "v_from_x0_eps", "x0_from_v", "eps_from_v", "score_from_eps", "eps_from_score"]
-
-
-def _prep(s, a, an, b, bn, t):
-    check_schedule(s)
-    a = check_float(a, an)
-    b = check_like(b, a, bn, an)
-    t = check_t(t, s.num_timesteps, a)
-    return a, b, t, upcast(a), upcast(b)
 
 
 def _t_numpy(t) -> np.ndarray:
@@ -47,16 +39,20 @@ def _check_signal(s: Schedule, t, what: str):
 def x0_from_eps(s: Schedule, x_t, t, eps):
     """x0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps   (DDPM eq. 15). Shapes (B, ...).
     Raises ValueError where abar_t = 0 (zero terminal SNR), where x0 is not determined."""
-    x_t, eps, t, xc, ec = _prep(s, x_t, "x_t", eps, "eps", t)
+    x_t, eps, t, xc, ec = check_pair(s, x_t, "x_t", eps, "eps", t)
+    return restore(_x0_from_eps(s, xc, t, ec), x_t)
+
+
+def _x0_from_eps(s: Schedule, xc, t, ec):
+    """``x0_from_eps`` on inputs already validated and upcast (the samplers' path)."""
     _check_signal(s, t, "x0_from_eps")
-    out = gather(s.sqrt_recip_alphas_cumprod, t, xc) * xc - gather(s.sqrt_recipm1_alphas_cumprod, t, xc) * ec
-    return restore(out, x_t)
+    return gather(s.sqrt_recip_alphas_cumprod, t, xc) * xc - gather(s.sqrt_recipm1_alphas_cumprod, t, xc) * ec
 
 
 def eps_from_x0(s: Schedule, x_t, t, x0):
     """eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t) = (sqrt(1/abar_t) x_t - x0) / sqrt(1/abar_t - 1).
     At abar_t = 0 (zero terminal SNR) eps = x_t exactly, returned as such."""
-    x_t, x0, t, xc, x0c = _prep(s, x_t, "x_t", x0, "x0", t)
+    x_t, x0, t, xc, x0c = check_pair(s, x_t, "x_t", x0, "x0", t)
     if np.any(s.alphas_cumprod[_t_numpy(t)] == 0):
         # (x_t - sqrt(abar) x0)/sqrt(1 - abar) without the inf/inf of the second form
         out = (xc - gather(s.sqrt_alphas_cumprod, t, xc) * x0c) / gather(s.sqrt_one_minus_alphas_cumprod, t, xc)
@@ -67,21 +63,21 @@ def eps_from_x0(s: Schedule, x_t, t, x0):
 
 def v_from_x0_eps(s: Schedule, t, x0, eps):
     """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0   (Salimans & Ho 2022, "Progressive distillation", Sec. 4)."""
-    x0, eps, t, x0c, ec = _prep(s, x0, "x0", eps, "eps", t)
+    x0, eps, t, x0c, ec = check_pair(s, x0, "x0", eps, "eps", t)
     out = gather(s.sqrt_alphas_cumprod, t, x0c) * ec - gather(s.sqrt_one_minus_alphas_cumprod, t, x0c) * x0c
     return restore(out, x0)
 
 
 def x0_from_v(s: Schedule, x_t, t, v):
     """x0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v   (Salimans & Ho 2022)."""
-    x_t, v, t, xc, vc = _prep(s, x_t, "x_t", v, "v", t)
+    x_t, v, t, xc, vc = check_pair(s, x_t, "x_t", v, "v", t)
     out = gather(s.sqrt_alphas_cumprod, t, xc) * xc - gather(s.sqrt_one_minus_alphas_cumprod, t, xc) * vc
     return restore(out, x_t)
 
 
 def eps_from_v(s: Schedule, x_t, t, v):
     """eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t   (Salimans & Ho 2022)."""
-    x_t, v, t, xc, vc = _prep(s, x_t, "x_t", v, "v", t)
+    x_t, v, t, xc, vc = check_pair(s, x_t, "x_t", v, "v", t)
     out = gather(s.sqrt_alphas_cumprod, t, xc) * vc + gather(s.sqrt_one_minus_alphas_cumprod, t, xc) * xc
     return restore(out, x_t)
 

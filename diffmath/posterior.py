@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._array import broadcast_to_like, check_float, check_like, check_schedule, check_t, gather, restore, upcast
+from ._array import broadcast_to_like, check_pair, gather, restore
 from .schedules import Schedule
 
-__all__ = ["q_posterior_mean_variance", "posterior_mean_from_eps"]
+__all__ = ["q_posterior_mean_variance", "q_posterior_mean", "posterior_mean_from_eps"]
 
 
 def q_posterior_mean_variance(s: Schedule, x0, x_t, t):
@@ -20,17 +20,26 @@ def q_posterior_mean_variance(s: Schedule, x0, x_t, t):
 
     x0, x_t: arrays of shape (B, ...); t: int or integer array of shape (B,).
     Returns (mean, var, log_var_clipped), each broadcast to x_t's shape; log_var_clipped
-    at t = 0 is log var[1] (Improved DDPM), since var[0] = 0.
+    at t = 0 is log var[1] (Improved DDPM), since var[0] = 0. For the mean alone,
+    ``q_posterior_mean`` skips the two full-size variance arrays.
     """
-    check_schedule(s)
-    x_t = check_float(x_t, "x_t")
-    x0 = check_like(x0, x_t, "x0", "x_t")
-    t = check_t(t, s.num_timesteps, x_t)
-    x0c, xtc = upcast(x0), upcast(x_t)
-    mean = gather(s.posterior_mean_coef1, t, xtc) * x0c + gather(s.posterior_mean_coef2, t, xtc) * xtc
+    x_t, x0, t, xtc, x0c = check_pair(s, x_t, "x_t", x0, "x0", t)
+    mean = _posterior_mean(s, x0c, xtc, t)
     var = broadcast_to_like(gather(s.posterior_variance, t, xtc), xtc)
     log_var = broadcast_to_like(gather(s.posterior_log_variance_clipped, t, xtc), xtc)
     return restore(mean, x_t), restore(var, x_t), restore(log_var, x_t)
+
+
+def q_posterior_mean(s: Schedule, x0, x_t, t):
+    """The posterior mean coef1[t] * x0 + coef2[t] * x_t of q(x_{t-1} | x_t, x_0)
+    (DDPM eq. 7), equal to ``q_posterior_mean_variance(s, x0, x_t, t)[0]``. Shapes (B, ...)."""
+    x_t, x0, t, xtc, x0c = check_pair(s, x_t, "x_t", x0, "x0", t)
+    return restore(_posterior_mean(s, x0c, xtc, t), x_t)
+
+
+def _posterior_mean(s: Schedule, x0c, xtc, t):
+    """The posterior mean on inputs already validated and upcast (the samplers' path)."""
+    return gather(s.posterior_mean_coef1, t, xtc) * x0c + gather(s.posterior_mean_coef2, t, xtc) * xtc
 
 
 def posterior_mean_from_eps(s: Schedule, x_t, t, eps):
@@ -40,11 +49,7 @@ def posterior_mean_from_eps(s: Schedule, x_t, t, eps):
 
     equal to ``q_posterior_mean_variance(s, x0, x_t, t)[0]`` with x0 = x0_from_eps(x_t, eps).
     """
-    check_schedule(s)
-    x_t = check_float(x_t, "x_t")
-    eps = check_like(eps, x_t, "eps", "x_t")
-    t = check_t(t, s.num_timesteps, x_t)
-    xc, ec = upcast(x_t), upcast(eps)
+    x_t, eps, t, xc, ec = check_pair(s, x_t, "x_t", eps, "eps", t)
     with np.errstate(divide="ignore"):
         inv_sqrt_alpha = np.exp(-0.5 * np.log1p(-s.betas))
         eps_coef = s.betas / s.sqrt_one_minus_alphas_cumprod

@@ -26,6 +26,12 @@ def schedules(draw, max_T=10_000, lo_min=1e-6, hi_max=0.999):
     return dm.Schedule.from_betas(np.geomspace(lo, hi, T))
 
 
+def linspace_betas(T=(1, 1500), lo=(1e-7, 1e-2), hi=(1e-3, 0.999)):
+    """betas = linspace(lo, max(lo, hi), T) (float64), with T, lo and hi drawn from the given
+    (min, max) ranges: the random linear schedules of the mpmath sampler-step tests."""
+    return st.builds(lambda T, lo, hi: np.linspace(lo, max(lo, hi), T), st.integers(*T), st.floats(*lo), st.floats(*hi))
+
+
 @st.composite
 def schedule_and_t(draw, **kw):
     s = draw(schedules(**kw))

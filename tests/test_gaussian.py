@@ -97,7 +97,11 @@ def test_gaussian_kl_rejects_non_pd():
 
 def test_normal_log_prob_matches_scipy():
     x = np.linspace(-5, 5, 11)
-    assert_allclose(normal_log_prob(x, 0.3, np.log(2.0)), stats.norm.logpdf(x, 0.3, np.sqrt(2.0)), rtol=1e-14)
+    ref = stats.norm.logpdf(x, 0.3, np.sqrt(2.0))
+    assert_allclose(normal_log_prob(x, 0.3, np.log(2.0)), ref, rtol=1e-14)
+    # python-float parameters with a float64 tensor keep float64 (not rounded through float32)
+    assert_allclose(normal_log_prob(torch.tensor(x), 0.3, float(np.log(2.0))).numpy(), ref, rtol=1e-14)
+    assert_allclose(normal_kl(torch.tensor(x), 0.1, 0.3, -0.2).numpy(), normal_kl(x, 0.1, 0.3, -0.2), rtol=1e-14)
 
 
 def test_normal_kl_rejects_nan_logvar():

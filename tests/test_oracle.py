@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import mpmath as mp
 import numpy as np
 import pytest
 import torch
@@ -20,6 +21,8 @@ from diffmath.samplers import sample_ddim, sample_ddpm, sample_ode, sample_ode_h
 from diffmath.schedules import cosine_schedule, linear_schedule, named_schedule
 from diffmath.sde import VESDE, VPSDE, SubVPSDE
 
+from _ref import abar_by_product
+
 MU = np.array([0.5, -0.3])
 COV = np.array([[0.04, 0.01], [0.01, 0.02]])
 DATA = GaussianData(MU, COV)
@@ -28,11 +31,23 @@ S = linear_schedule(1000)
 
 
 def _coefs(s_or_sde, t):
-    """(a, s) from the library's forward processes, used to build scipy references here."""
+    """(a, s) of the forward kernel q(x_t | x0) = N(a x0, s^2 I), derived by hand (not read
+    from the library), used to build the scipy references here. Schedules: abar_t by a plain
+    product of the betas. SDEs (Song et al. 2021, eq. 29, in 40-digit mpmath): log a =
+    -t^2 (beta_max - beta_min)/4 - t beta_min/2 with s^2 = 1 - a^2 (VP) or s = 1 - a^2
+    (sub-VP); VE a = 1, s^2 = sigma(t)^2 - sigma_min^2 (the exact kernel from x0)."""
     if isinstance(s_or_sde, (VPSDE, VESDE)):
-        m, sd = s_or_sde.marginal_prob(np.ones(1), t)
-        return float(m[0]), float(np.asarray(sd))
-    return math.sqrt(s_or_sde.alphas_cumprod[t]), math.sqrt(1 - s_or_sde.alphas_cumprod[t])
+        mp.mp.dps = 40
+        tt = mp.mpf(t)
+        if isinstance(s_or_sde, VESDE):
+            smin, smax = mp.mpf(s_or_sde.sigma_min), mp.mpf(s_or_sde.sigma_max)
+            return 1.0, float(smin * mp.sqrt((smax / smin) ** (2 * tt) - 1))
+        b0, b1 = mp.mpf(s_or_sde.beta_min), mp.mpf(s_or_sde.beta_max)
+        a = mp.exp(-(tt**2) * (b1 - b0) / 4 - tt * b0 / 2)
+        s = 1 - a**2 if isinstance(s_or_sde, SubVPSDE) else mp.sqrt(1 - a**2)
+        return float(a), float(s)
+    abar = abar_by_product(s_or_sde.betas, t)
+    return math.sqrt(abar), math.sqrt(1 - abar)
 
 
 PROCS = [(S, 0), (S, 500), (S, 999), (cosine_schedule(50), 25), (VPSDE(), 1e-3), (SubVPSDE(), 0.5), (VESDE(), 0.3)]

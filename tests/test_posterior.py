@@ -8,7 +8,7 @@ from scipy import stats
 
 import diffmath as dm
 from diffmath.parameterization import x0_from_eps
-from diffmath.posterior import posterior_mean_from_eps, q_posterior_mean_variance
+from diffmath.posterior import posterior_mean_from_eps, q_posterior_mean, q_posterior_mean_variance
 
 from _ref import abar_by_product, schedules
 
@@ -23,18 +23,23 @@ def test_posterior_is_bayes_rule(s, t_frac, x0, xt):
     t = 1 + int(t_frac * (T - 2))
     b = s.betas[t]
     ab_prev, ab = abar_by_product(s.betas, t - 1), abar_by_product(s.betas, t)
+    # 1 - abar as -expm1(sum log1p(-beta)): 1 - ab by subtraction loses ~eps/(1 - ab) relative,
+    # and x_t^2 / (2 (1 - ab)) ~ 2e5 at beta ~ 1e-5 turns that into 1e-6 of log-density.
+    one_minus = lambda k: -np.expm1(np.sum(np.log1p(-s.betas[: k + 1])))  # noqa: E731
     mean, var, logv = q_posterior_mean_variance(s, np.array([x0]), np.array([xt]), t)
     sd = np.sqrt(var[0])
     xs = mean[0] + sd * np.array([-3.0, -1.0, 0.0, 0.5, 2.0])
     bayes = (
         stats.norm.logpdf(xt, np.sqrt(1 - b) * xs, np.sqrt(b))
-        + stats.norm.logpdf(xs, np.sqrt(ab_prev) * x0, np.sqrt(1 - ab_prev))
-        - stats.norm.logpdf(xt, np.sqrt(ab) * x0, np.sqrt(1 - ab))
+        + stats.norm.logpdf(xs, np.sqrt(ab_prev) * x0, np.sqrt(one_minus(t - 1)))
+        - stats.norm.logpdf(xt, np.sqrt(ab) * x0, np.sqrt(one_minus(t)))
     )
     ours = stats.norm.logpdf(xs, mean[0], sd)
     scale = 1 + np.abs(bayes).max()
     assert_allclose(ours, bayes, rtol=0, atol=1e-7 * scale)
     assert_allclose(np.exp(logv), var, rtol=1e-12)
+    # the mean-only entry point gives the same mean, without the two full-size variance arrays
+    assert_allclose(q_posterior_mean(s, np.array([x0]), np.array([xt]), t), mean, rtol=0, atol=0)
 
 
 def test_posterior_at_t0_is_the_data_point():

@@ -165,13 +165,41 @@ def test_ve_discretize_is_the_smld_chain():
 
 
 def test_subvp_discretize_is_euler_maruyama_of_size_one_over_n():
-    sde = SubVPSDE(N=500)
-    x = np.random.default_rng(1).normal(size=(4, 2))
-    t = np.array([0.1, 0.4, 0.7, 1.0])
-    f, G = sde.discretize(x, t)
-    drift, g = sde.sde(x, t)
-    assert_allclose(f, drift / 500, rtol=1e-15)
-    assert_allclose(G, g / math.sqrt(500), rtol=1e-15)
+    # The Euler-Maruyama step of size 1/N of the sub-VP SDE (Song et al. 2021, eq. 12), derived
+    # by hand in 40-digit mpmath: f = -beta(t)/(2N) x, G = sqrt(beta(t) (1 - exp(-2 B(t))) / N),
+    # beta(t) = beta_min + t (beta_max - beta_min), B(t) = int_0^t beta.
+    mp.mp.dps = 40
+    N = 500
+    b0, b1 = mp.mpf("0.1"), mp.mpf(20)
+    x = np.random.default_rng(1).normal(size=(5, 2))
+    t = np.array([0.0, 1e-6, 0.1, 0.4, 1.0])
+    f, G = SubVPSDE(N=N).discretize(x, t)
+    for k, tk in enumerate(t.tolist()):
+        tt = mp.mpf(tk)
+        beta, B = b0 + tt * (b1 - b0), b0 * tt + (b1 - b0) * tt**2 / 2
+        assert_allclose(f[k], float(-beta / (2 * N)) * x[k], rtol=1e-14, atol=0)
+        assert_allclose(float(G[k, 0]), float(mp.sqrt(beta * -mp.expm1(-2 * B) / N)), rtol=1e-13, atol=0)
+
+
+def test_subvp_discretize_converges_to_the_marginal_with_order_one():
+    # The chain x_{i+1} = x_i + f(x_i, i/N) + G z over i = 0..N-1 carries mean coefficient and
+    # variance by m <- (1 + f/x) m, v <- (1 + f/x)^2 v + G^2. At t = 1 they must approach the
+    # sub-VP marginal derived by hand (Song et al. 2021, eq. 29): m = exp(-(beta_max -
+    # beta_min)/4 - beta_min/2), v = (1 - m^2)^2, with error ~ C/N (weak order 1).
+    m1 = math.exp(-(20.0 - 0.1) / 4 - 0.1 / 2)
+    v1 = (1 - m1**2) ** 2
+    Ns = (250, 500, 1000, 2000)
+    err_m, err_v = [], []
+    for N in Ns:
+        f, G = SubVPSDE(N=N).discretize(np.ones((N, 1)), np.arange(N) / N)
+        m, v = 1.0, 0.0
+        for c, g in zip((1.0 + f[:, 0]).tolist(), G.reshape(-1).tolist()):
+            m, v = c * m, c * c * v + g * g
+        err_m.append(abs(m - m1))
+        err_v.append(abs(v - v1))
+    for errs in (err_m, err_v):
+        slope = np.polyfit(np.log(Ns), np.log(errs), 1)[0]
+        assert -1.1 < slope < -0.9, (slope, errs)
 
 
 def test_prior_logp_and_sampling_against_scipy():

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .._array import check_float, is_tensor
+from .._array import check_float, is_tensor, randn
 from ..sde import check_score
 
 __all__ = ["check_generator", "randn", "randn_like", "start", "model_t", "progress_bar", "check_positive", "check_steps"]
@@ -40,21 +40,6 @@ def check_generator(generator, like=None):
             raise TypeError("generator is a numpy.random.Generator but x_T is a torch tensor; use a torch.Generator")
         return generator
     raise TypeError(f"generator must be a numpy.random.Generator or a torch.Generator; got {type(generator).__name__}")
-
-
-def randn(shape, generator, like=None, dtype=None):
-    """Standard normal draws of ``shape`` in ``like``'s dtype/device (or the generator's kind:
-    float64 numpy / float32 torch on the generator's device)."""
-    shape = tuple(int(n) for n in shape)
-    if isinstance(generator, torch.Generator):
-        dt = like.dtype if like is not None else (dtype or torch.float32)
-        dev = like.device if like is not None else generator.device
-        if dt in (torch.float16, torch.bfloat16):
-            return torch.randn(shape, generator=generator, device=dev, dtype=torch.float32).to(dt)
-        return torch.randn(shape, generator=generator, device=dev, dtype=dt)
-    z = generator.standard_normal(shape)
-    dt = like.dtype if like is not None else (dtype or np.float64)
-    return z.astype(dt, copy=False)
 
 
 def randn_like(x, generator):

@@ -5,18 +5,30 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .._array import check_float, check_like, check_schedule, check_t, gather_t, is_tensor, restore, upcast
-from ..parameterization import x0_from_eps
+from .._array import (
+    backend,
+    broadcast_coef,
+    check_like,
+    check_pair,
+    check_schedule,
+    check_t,
+    gather_t,
+    is_tensor,
+    restore,
+    schedule_table,
+    upcast,
+)
+from ..parameterization import _x0_from_eps
 from ..schedules import Schedule, timesteps
-from ..sde import _bcast
 from ._common import call_model, check_eta, check_steps, model_t, progress_bar, randn_like, start
 
 __all__ = ["ddim_step", "ddim_coefs", "ddim_pairs", "sample_ddim"]
 
 
-def _ext(table, first):
-    """Prepend the value at t_prev = -1 so index t_prev + 1 is valid for t_prev in [-1, T)."""
-    return np.concatenate([[first], np.asarray(table, dtype=np.float64)])
+def _ext(s: Schedule, name: str, first: float) -> np.ndarray:
+    """The table ``s.<name>`` with the value at t_prev = -1 prepended, so index t_prev + 1 is
+    valid for t_prev in [-1, T); built once per schedule."""
+    return schedule_table(s, ("ddim_ext", name), lambda s: np.concatenate([[first], getattr(s, name)]))
 
 
 def ddim_coefs(s: Schedule, t, t_prev, eta: float = 0.0):
@@ -41,30 +53,24 @@ def ddim_coefs(s: Schedule, t, t_prev, eta: float = 0.0):
     like = t if is_tensor(t) else (t_prev if is_tensor(t_prev) else None)
     lab_t = gather_t(s.log_alphas_cumprod, t, like)
     l1m_t = gather_t(s.log_one_minus_alphas_cumprod, t, like)
-    lab_p = gather_t(_ext(s.log_alphas_cumprod, 0.0), tp1, like)
-    with np.errstate(divide="ignore"):
-        l1m_p = gather_t(_ext(s.log_one_minus_alphas_cumprod, -np.inf), tp1, like)
+    lab_p = gather_t(_ext(s, "log_alphas_cumprod", 0.0), tp1, like)
+    l1m_p = gather_t(_ext(s, "log_one_minus_alphas_cumprod", -np.inf), tp1, like)
     bad = t_prev >= t
-    if bool(bad.any()) if not isinstance(bad, bool) else bad:
-        tt = t if isinstance(t, int) else t[bad] if isinstance(bad, (np.ndarray, torch.Tensor)) else t
-        tp = t_prev if isinstance(t_prev, int) else t_prev[bad]
-        tt = int(tt) if isinstance(tt, int) else int(tt.reshape(-1)[0])
-        tp = int(tp) if isinstance(tp, int) else int(tp.reshape(-1)[0])
+    if bad if isinstance(bad, bool) else bool(bad.any()):
+        tt, tp = (v if isinstance(v, int) else int(v[bad].reshape(-1)[0]) for v in (t, t_prev))
         raise ValueError(f"t_prev must be < t (a DDIM step goes backward in time); got t = {tt}, t_prev = {tp}")
-    exp = torch.exp if is_tensor(lab_t) else np.exp
-    expm1 = torch.expm1 if is_tensor(lab_t) else np.expm1
-    sqrt = torch.sqrt if is_tensor(lab_t) else np.sqrt
-    one_m_ratio = -expm1(lab_t - lab_p)  # 1 - abar_t/abar_prev = beta_hat
-    r = one_m_ratio * exp(-l1m_t)  # beta_hat / (1 - abar_t), in [0, 1]
-    one_m_abar_p = exp(l1m_p)
-    one_m_r = exp(lab_t - lab_p + l1m_p - l1m_t)
+    ops = backend(lab_t)
+    one_m_ratio = -ops.expm1(lab_t - lab_p)  # 1 - abar_t/abar_prev = beta_hat
+    r = one_m_ratio * ops.exp(-l1m_t)  # beta_hat / (1 - abar_t), in [0, 1]
+    one_m_abar_p = ops.exp(l1m_p)
+    one_m_r = ops.exp(lab_t - lab_p + l1m_p - l1m_t)
     c2 = one_m_abar_p * (one_m_r + (1.0 - eta**2) * r)
-    if bool((c2 < 0).any()) if not isinstance(c2, float) else c2 < 0:
+    if bool((c2 < 0).any()):
         raise ValueError(
             f"eta = {eta} makes sigma^2 exceed 1 - abar_prev at some step (sqrt(1 - abar_prev - sigma^2) "
             "is not real); use eta in [0, 1]"
         )
-    return exp(0.5 * lab_p), sqrt(c2), eta * sqrt(one_m_abar_p * r)
+    return ops.exp(0.5 * lab_p), ops.sqrt(c2), eta * ops.sqrt(one_m_abar_p * r)
 
 
 def ddim_step(s: Schedule, x_t, t, t_prev, eps, noise=None, eta: float = 0.0):
@@ -80,27 +86,20 @@ def ddim_step(s: Schedule, x_t, t, t_prev, eps, noise=None, eta: float = 0.0):
     or integer arrays (B,), t_prev < t. ``noise`` ~ N(0, I) is required iff eta > 0 and some
     t_prev >= 0. Returns x_{t_prev} with x_t's shape and dtype.
     """
-    check_schedule(s)
     eta = check_eta(eta)
-    x_t = check_float(x_t, "x_t")
-    eps = check_like(eps, x_t, "eps", "x_t")
-    T = s.num_timesteps
-    t = check_t(t, T, x_t)
-    t_prev = check_t(t_prev, T, x_t, name="t_prev", lo=-1)
-    xc, ec = upcast(x_t), upcast(eps)
-    like = xc if is_tensor(xc) else None
-    if like is not None:
-        t = torch.as_tensor(t, device=xc.device) if not isinstance(t, int) else t
-        t_prev = torch.as_tensor(t_prev, device=xc.device) if not isinstance(t_prev, int) else t_prev
+    x_t, eps, t, xc, ec = check_pair(s, x_t, "x_t", eps, "eps", t)
+    t_prev = check_t(t_prev, s.num_timesteps, x_t, name="t_prev", lo=-1)
+    if is_tensor(xc):  # batched indices as tensors on x's device, so the coefficients are too
+        t, t_prev = (v if isinstance(v, int) else torch.as_tensor(v, device=xc.device) for v in (t, t_prev))
     a_prev, c_eps, sigma = ddim_coefs(s, t, t_prev, eta)
-    x0 = x0_from_eps(s, xc, t, ec)
-    out = _bcast(a_prev, xc) * x0 + _bcast(c_eps, xc) * ec
+    x0 = _x0_from_eps(s, xc, t, ec)
+    out = broadcast_coef(a_prev, xc) * x0 + broadcast_coef(c_eps, xc) * ec
     needs_noise = eta > 0 and (t_prev >= 0 if isinstance(t_prev, int) else bool((t_prev >= 0).any()))
     if needs_noise:
         if noise is None:
             raise ValueError(f"noise is required for DDIM with eta = {eta} > 0 on a step with t_prev >= 0")
         noise = check_like(noise, x_t, "noise", "x_t")
-        out = out + _bcast(sigma, xc) * upcast(noise)
+        out = out + broadcast_coef(sigma, xc) * upcast(noise)
     return restore(out, x_t)
 
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import numbers
 import math
+import numbers
 
 import numpy as np
 
-from .._array import backend, check_float, check_like, check_schedule, check_t, gather, restore, upcast
-from ..parameterization import x0_from_eps
-from ..posterior import q_posterior_mean_variance
+from .._array import backend, check_like, check_pair, check_schedule, gather, restore, schedule_table, upcast
+from ..parameterization import _x0_from_eps
+from ..posterior import _posterior_mean
 from ..schedules import Schedule, timesteps
 from ._common import call_model, check_steps, model_t, progress_bar, randn_like, start
 
@@ -35,11 +35,20 @@ def _check_clip(clip_x0):
 def ddpm_std(s: Schedule, variance: str = "small") -> np.ndarray:
     """The per-step noise std table of the DDPM sampler (float64, shape (T,)):
     exp(posterior_log_variance_clipped / 2) ("small", beta_tilde) or sqrt(beta) ("large"),
-    with entry 0 set to 0 (DDPM adds no noise at t = 0; Ho et al. 2020, Alg. 2)."""
+    with entry 0 set to 0 (DDPM adds no noise at t = 0; Ho et al. 2020, Alg. 2).
+    Returns a fresh (writable) copy of the table ``ddpm_step`` uses."""
     check_schedule(s)
     _check_variance(variance)
+    return _std_table(s, variance).copy()
+
+
+def _std_table(s: Schedule, variance: str) -> np.ndarray:
+    """``ddpm_std``'s table, built once per (immutable) schedule and variance, read-only."""
+    return schedule_table(s, ("ddpm_std", variance), lambda s: _build_std(s, variance))
+
+
+def _build_std(s: Schedule, variance: str) -> np.ndarray:
     std = np.exp(0.5 * s.posterior_log_variance_clipped) if variance == "small" else np.sqrt(s.betas)
-    std = std.copy()
     std[0] = 0.0
     return std
 
@@ -56,24 +65,20 @@ def ddpm_step(s: Schedule, x_t, t, eps, noise=None, variance: str = "small", cli
     x_t, eps, noise: shape (B, ...); t: int or integer array (B,). ``noise`` ~ N(0, I) is
     required where t > 0. Returns x_{t-1} with x_t's shape and dtype.
     """
-    check_schedule(s)
     _check_variance(variance)
     c = _check_clip(clip_x0)
-    x_t = check_float(x_t, "x_t")
-    eps = check_like(eps, x_t, "eps", "x_t")
-    t = check_t(t, s.num_timesteps, x_t)
-    xc, ec = upcast(x_t), upcast(eps)
-    x0 = x0_from_eps(s, xc, t, ec)
+    x_t, eps, t, xc, ec = check_pair(s, x_t, "x_t", eps, "eps", t)
+    x0 = _x0_from_eps(s, xc, t, ec)
     if c is not None:
         x0 = backend(x0).clip(x0, -c, c)
-    mean = q_posterior_mean_variance(s, x0, xc, t)[0]
+    mean = _posterior_mean(s, x0, xc, t)
     any_noise = (t > 0) if isinstance(t, int) else bool((t > 0).any())
     if not any_noise:
         return restore(mean, x_t)
     if noise is None:
         raise ValueError("noise is required for a DDPM step with t > 0 (noise ~ N(0, I) of x_t's shape)")
     noise = check_like(noise, x_t, "noise", "x_t")
-    return restore(mean + gather(ddpm_std(s, variance), t, xc) * upcast(noise), x_t)
+    return restore(mean + gather(_std_table(s, variance), t, xc) * upcast(noise), x_t)
 
 
 def sample_ddpm(

@@ -9,8 +9,7 @@ import numbers
 import numpy as np
 import torch
 
-from .._array import backend, check_float, check_like, is_tensor, restore, upcast
-from ..sde import _bcast
+from .._array import backend, broadcast_coef, check_float, check_like, is_tensor, restore, upcast
 from ._common import call_model, check_positive, model_t, progress_bar, randn_like, start
 
 __all__ = [
@@ -24,17 +23,14 @@ __all__ = [
 
 
 def _per_sample(c, x):
-    """A step size: a positive float, or an array of shape (B,) in x's kind."""
+    """A step size: a positive float, or an array of shape (B,) (numpy or torch) returned in
+    x's kind and compute dtype, shaped to broadcast over x's trailing dimensions."""
     if isinstance(c, numbers.Real):
         return check_positive(c, "step_size")
     c = check_positive(c, "step_size", allow_array=True)
     if c.ndim != 1 or c.shape[0] != x.shape[0]:
         raise ValueError(f"step_size must be a float or have shape (B,) = ({x.shape[0]},); got shape {tuple(c.shape)}")
-    if is_tensor(x) and not is_tensor(c):
-        c = torch.as_tensor(c, device=x.device)
-    if not is_tensor(x) and is_tensor(c):
-        c = c.detach().cpu().numpy()
-    return _bcast(c, upcast(x))
+    return broadcast_coef(c, x)
 
 
 def langevin_step(x, score, step_size, noise):
@@ -97,7 +93,7 @@ def langevin_corrector_step(score, x, snr: float, noise, alpha: float = 1.0, nor
         sn, nn = sn.mean() + 0 * sn, nn.mean() + 0 * nn
     step = corrector_step_size(sn, nn, snr, alpha)
     xc = upcast(x)
-    h = _bcast(2.0 * step, xc)
+    h = broadcast_coef(2.0 * step, xc)
     return restore(xc + 0.5 * h * sc + backend(h).sqrt(h) * nc, x)
 
 

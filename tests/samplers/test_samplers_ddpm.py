@@ -11,8 +11,10 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from numpy.testing import assert_allclose
 
-from diffmath.samplers import ddpm_step, sample_ddpm
+from diffmath.samplers import ddpm_std, ddpm_step, sample_ddpm
 from diffmath.schedules import Schedule, cosine_schedule, linear_schedule, timesteps
+
+from _ref import linspace_betas
 
 
 def _ref_step(betas, t, x_t, eps, noise, variance, clip=None):
@@ -40,16 +42,14 @@ def _ref_step(betas, t, x_t, eps, noise, variance, clip=None):
 
 @settings(max_examples=40, deadline=None)
 @given(
-    T=st.integers(1, 1500),
-    lo=st.floats(1e-7, 1e-2),
-    hi=st.floats(1e-3, 0.999),
+    betas=linspace_betas(T=(1, 1500), lo=(1e-7, 1e-2), hi=(1e-3, 0.999)),
     frac=st.floats(0, 1),
     variance=st.sampled_from(["small", "large"]),
     seed=st.integers(0, 2**16),
 )
-def test_ddpm_step_is_bayes_rule(T, lo, hi, frac, variance, seed):
-    betas = np.linspace(lo, max(lo, hi), T)
+def test_ddpm_step_is_bayes_rule(betas, frac, variance, seed):
     s = Schedule.from_betas(betas)
+    T = s.num_timesteps
     t = min(int(frac * T), T - 1)
     assume(s.alphas_cumprod[t] > 1e-20)
     rng = np.random.default_rng(seed)
@@ -69,6 +69,28 @@ def test_no_noise_at_t0_and_clipping():
     for t in (0, 1, 50):
         ours = ddpm_step(s, x, t, e, z, variance="large", clip_x0=1.0)
         assert_allclose(ours, _ref_step(s.betas, t, x, e, z, "large", clip=1.0), rtol=1e-11, atol=1e-13)
+
+
+def test_ddpm_std_is_the_posterior_or_beta_std_and_a_fresh_copy():
+    # "small": sqrt(beta_t (1 - abar_{t-1}) / (1 - abar_t)) (DDPM eq. 7), "large": sqrt(beta_t),
+    # both 0 at t = 0; in 40-digit mpmath from the betas.
+    mp.mp.dps = 40
+    s = cosine_schedule(50)
+    b = [mp.mpf(float(v)) for v in s.betas]
+    abar, ref_small = [], [0.0]
+    for bt in b:
+        abar.append((abar[-1] if abar else 1) * (1 - bt))
+    for t in range(1, 50):
+        ref_small.append(float(mp.sqrt(b[t] * (1 - abar[t - 1]) / (1 - abar[t]))))
+    assert_allclose(ddpm_std(s, "small"), ref_small, rtol=1e-13, atol=0)
+    assert_allclose(ddpm_std(s, "large"), [0.0] + [float(mp.sqrt(v)) for v in b[1:]], rtol=1e-15, atol=0)
+    # ddpm_step reads a table cached per schedule: a caller's copy can be changed freely
+    x, e, z = np.random.default_rng(2).normal(size=(3, 4))
+    before = ddpm_step(s, x, 30, e, z)
+    std = ddpm_std(s)
+    std[:] = 0.0
+    assert_allclose(ddpm_step(s, x, 30, e, z), before, rtol=0, atol=0)
+    assert ddpm_std(s)[30] > 0
 
 
 def test_batched_t_matches_per_sample_calls_and_torch():

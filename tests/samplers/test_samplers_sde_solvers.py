@@ -69,13 +69,16 @@ def test_euler_maruyama_has_weak_order_one(sde):
 
 
 def test_euler_maruyama_forward_direction_and_noise_free_step():
+    # VP at t = 0.3, derived by hand: beta = 0.1 + 0.3 * 19.9 = 6.07, forward drift -beta/2 x,
+    # g = sqrt(beta). Forward step dt = 0.01: x' = (1 - 0.03035) x + sqrt(6.07) * 0.1 z.
+    # Reverse drift with score -1.3 x: -beta/2 x - beta (-1.3 x) = 0.8 beta x = 4.856 x, so the
+    # noise-free step dt = -0.01 gives x' = (1 - 0.04856) x.
     sde = VPSDE()
     x = np.array([[1.0, 2.0]])
     z = np.array([[0.5, -0.5]])
-    drift, g = sde.sde(x, 0.3)
-    assert_allclose(euler_maruyama_step(sde, x, 0.3, 0.01, z), x + drift * 0.01 + g * 0.1 * z, rtol=1e-15)
+    assert_allclose(euler_maruyama_step(sde, x, 0.3, 0.01, z), 0.96965 * x + np.sqrt(6.07) * 0.1 * z, rtol=1e-14)
     rsde = sde.reverse(_score)
-    assert_allclose(euler_maruyama_step(rsde, x, 0.3, -0.01), x + rsde.sde(x, 0.3)[0] * -0.01, rtol=1e-15)
+    assert_allclose(euler_maruyama_step(rsde, x, 0.3, -0.01), 0.95144 * x, rtol=1e-14)
 
 
 def test_time_grid_and_pc_levels():
@@ -96,32 +99,40 @@ def test_time_grid_and_pc_levels():
     assert_allclose(seen, np.stack([g[:-1]] * 3, 1).reshape(-1), rtol=1e-6)  # 2 corrector + 1 predictor per level
 
 
-def test_bad_input():
+@pytest.mark.parametrize(
+    "reverse, t, dt, match",
+    [
+        (True, 0.5, 0.0, r"dt must be finite and non-zero.*dt = 0.0"),
+        (True, 0.5, -0.6, r"t \+ dt must stay in \[0, 1\].*dt = -0.6"),
+        (True, 0.0, -0.1, r"t \+ dt must stay in \[0, 1\]; got t = 0.0, dt = -0.1"),
+        # the direction: a ReverseSDE runs backward in time (dt < 0), a forward SDE forward (dt > 0)
+        (True, 0.5, 0.1, r"dt must be < 0 for a ReverseSDE.*dt = 0.1"),
+        (False, 0.5, -0.1, r"dt must be > 0 for a forward SDE.*dt = -0.1"),
+        (True, 1.2, -0.1, r"t must lie in \[0, 1\].*1.2"),
+    ],
+)
+def test_euler_maruyama_rejects_bad_times(reverse, t, dt, match):
     sde = VPSDE()
-    rsde = sde.reverse(_score)
     x = np.ones((2, 3))
-    with pytest.raises(ValueError, match=r"dt must be finite and non-zero.*dt = 0.0"):
-        euler_maruyama_step(rsde, x, 0.5, 0.0, x)
-    with pytest.raises(ValueError, match=r"t \+ dt must stay in \[0, 1\].*dt = -0.6"):
-        euler_maruyama_step(rsde, x, 0.5, -0.6, x)
-    with pytest.raises(ValueError, match=r"t \+ dt must stay in \[0, 1\]; got t = 0.0, dt = -0.1"):
-        euler_maruyama_step(rsde, x, 0.0, -0.1, x)
-    # the direction: a ReverseSDE runs backward in time (dt < 0), a forward SDE forward (dt > 0)
-    with pytest.raises(ValueError, match=r"dt must be < 0 for a ReverseSDE.*dt = 0.1"):
-        euler_maruyama_step(rsde, x, 0.5, 0.1, x)
-    with pytest.raises(ValueError, match=r"dt must be > 0 for a forward SDE.*dt = -0.1"):
-        euler_maruyama_step(sde, x, 0.5, -0.1, x)
-    with pytest.raises(ValueError, match=r"t must lie in \[0, 1\].*1.2"):
-        euler_maruyama_step(rsde, x, 1.2, -0.1, x)
-    with pytest.raises(ValueError, match=r"snr must be finite and > 0; got snr = 0.0"):
-        sample_pc(_score, sde, (2, 3), snr=0.0)
-    with pytest.raises(ValueError, match=r"steps must be >= 1; got steps = 0"):
-        sample_sde(_score, sde, (2, 3), steps=0)
-    with pytest.raises(ValueError, match=r"eps \(the stopping time\) must lie in \(0, 1.0\); got eps = 0"):
-        sample_sde(_score, sde, (2, 3), eps=0)
-    with pytest.raises(ValueError, match="steps must equal sde.N = 1000"):
-        sample_pc(_score, sde, (2, 3), steps=10)
-    with pytest.raises(ValueError, match="predictor must be"):
-        sample_pc(_score, sde, (2, 3), predictor="heun")
+    with pytest.raises(ValueError, match=match):
+        euler_maruyama_step(sde.reverse(_score) if reverse else sde, x, t, dt, x)
+
+
+@pytest.mark.parametrize(
+    "loop, kw, match",
+    [
+        (sample_pc, dict(snr=0.0), r"snr must be finite and > 0; got snr = 0.0"),
+        (sample_sde, dict(steps=0), r"steps must be >= 1; got steps = 0"),
+        (sample_sde, dict(eps=0), r"eps \(the stopping time\) must lie in \(0, 1.0\); got eps = 0"),
+        (sample_pc, dict(steps=10), "steps must equal sde.N = 1000"),
+        (sample_pc, dict(predictor="heun"), "predictor must be"),
+    ],
+)
+def test_loops_reject_bad_settings(loop, kw, match):
+    with pytest.raises(ValueError, match=match):
+        loop(_score, VPSDE(), (2, 3), **kw)
+
+
+def test_loop_names_a_score_of_the_wrong_shape():
     with pytest.raises(ValueError, match=r"score_fn returned shape \(2, 1\) but x has shape \(2, 3\)"):
-        sample_sde(lambda y, t: y[:, :1], sde, (2, 3), steps=3)
+        sample_sde(lambda y, t: y[:, :1], VPSDE(), (2, 3), steps=3)
