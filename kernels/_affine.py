@@ -8,16 +8,43 @@ One pass: x, y and noise are read once and out is written once.
 
 ``launch_affine`` validates nothing (the public functions do); it picks the grid and block
 size. ``torch_affine`` is the torch path's expression of the same update with as few passes
-and temporaries as eager torch allows.
+and temporaries as eager torch allows, ``torch_update`` adds the torch path's noise and casts.
+``affine_update`` runs one validated update on the path ``use_triton`` picks (q_sample and
+every sampler step go through it), refusing host-folded coefficients that overflow.
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
-from ._common import HAVE_TRITON, _interpreting
+from ._common import (
+    HAVE_TRITON,
+    _interpreting,
+    device_table,
+    f32,
+    gather_rows,
+    per_sample,
+    rows_of,
+    to_dtype,
+    torch_normal,
+    use_triton,
+)
 
-__all__ = ["affine_kernel", "launch_affine", "torch_affine", "seed_halves", "tile_block", "grid_for", "FAST_MATH"]
+__all__ = [
+    "affine_kernel",
+    "launch_affine",
+    "torch_affine",
+    "torch_update",
+    "affine_update",
+    "check_coefs",
+    "seed_halves",
+    "tile_block",
+    "grid_for",
+    "FAST_MATH",
+]
 
 if HAVE_TRITON:
     import triton
@@ -190,3 +217,85 @@ def torch_affine(x, a, y=None, b=None, z=None, c=None, *, fresh_z: bool = False,
     if z is not None:
         _acc_add(acc, z, c)
     return acc
+
+
+def torch_update(x, a, y, b, c, noise, seed, offset, cd, clip=None, p=None, q=None):
+    """The torch path of one update: ``torch_affine`` in the compute dtype ``cd`` with z the
+    given ``noise``, or the torch stream's draws at ``(seed, offset)`` (``torch_normal``), or no
+    noise term; returned contiguous in x's dtype."""
+    xc = to_dtype(x, cd)
+    yc = to_dtype(y, cd) if y is not None else None
+    if seed is not None:
+        z = to_dtype(torch_normal(x.shape, seed, offset, x.device), cd)
+        out = torch_affine(xc, a, yc, b, z, c, fresh_z=True, clip=clip, p=p, q=q)
+    elif noise is not None:
+        out = torch_affine(xc, a, yc, b, to_dtype(noise, cd), c, clip=clip, p=p, q=q)
+    else:
+        out = torch_affine(xc, a, yc, b, clip=clip, p=p, q=q)
+    out = to_dtype(out, x.dtype)
+    return out if out.is_contiguous() else out.contiguous()
+
+
+# ----------------------------------------------------------------------------- one update, either path
+def check_coefs(coefs, dtype: torch.dtype, what: str):
+    """Refuse per-sample coefficients that are not finite once cast to ``dtype`` (float32 for
+    the kernels and float16/bfloat16/float32 data, float64 on the float64 torch path): an
+    oversized step size or SDE coefficient would otherwise turn the output into inf/NaN."""
+    npd = np.float64 if dtype == torch.float64 else np.float32
+    for c in coefs:
+        if isinstance(c, float):
+            if math.isfinite(c) and (npd is np.float64 or math.isfinite(f32(c))):
+                continue
+            v = c
+        else:
+            with np.errstate(over="ignore", invalid="ignore"):
+                bad = ~np.isfinite(np.asarray(c, dtype=np.float64).astype(npd))
+            if not bad.any():
+                continue
+            v = float(np.asarray(c, dtype=np.float64)[bad].reshape(-1)[0])
+        raise ValueError(
+            f"{what} gives a step coefficient of {v:.4g}, which is not finite in {np.dtype(npd).name}: "
+            "the step would return inf/NaN"
+        )
+
+
+def affine_update(x, y, coefs, noise, seed, offset, *, clip=None, s=None, kind=None, build=None, t=None, what="the coefficients"):
+    """out = a x + b y' + c z on the path ``use_triton`` picks, for validated arguments: y the
+    model output (or None), (a, b, c[, p, q]) = ``coefs`` (python floats or float64 (B,) arrays)
+    or, with an integer tensor ``t``, gathered at t from the table ``build(s)`` cached under
+    ``kind`` (which the caller has checked). Host-folded coefficients must be finite after the
+    cast to the compute dtype (ValueError naming ``what``, the arguments they come from;
+    ``what=None``: coefficients that cannot overflow or were checked already)."""
+    if x.numel() == 0:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    tabled = t is not None and not isinstance(t, int)
+    triton_path = use_triton(x, affine_kernel)
+    if not tabled and what is not None:
+        check_coefs(coefs, torch.float64 if (x.dtype == torch.float64 and not triton_path) else torch.float32, what)
+    scalar = not tabled and all(isinstance(c, float) for c in coefs)
+    if triton_path:
+        B = rows_of(x)
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        kw = dict(x=x.contiguous(), y=y.contiguous() if y is not None else None,
+                  z=noise.contiguous() if noise is not None else None, clip=clip, seed=seed, offset=offset, rows=B)  # fmt: skip
+        if tabled:
+            return launch_affine(out, coef=device_table(s, kind, x.device, torch.float32, build), t=t, **kw)
+        if scalar:
+            sc = tuple(f32(c) for c in coefs) + (0.0,) * (5 - len(coefs))
+            return launch_affine(out, scalars=sc, **kw)
+        arr = np.stack([np.broadcast_to(np.asarray(c, dtype=np.float64), (B,)) for c in coefs]).astype(np.float32)
+        return launch_affine(out, coef=torch.from_numpy(arr).to(x.device), **kw)
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if tabled:
+        cs = gather_rows(device_table(s, kind, x.device, cd, build), t, x)
+    elif scalar:
+        cs = coefs if cd == torch.float64 else [f32(c) for c in coefs]
+    else:
+        B = rows_of(x)
+        cs = [
+            per_sample(torch.from_numpy(np.broadcast_to(np.asarray(c, dtype=np.float64), (B,)).copy()).to(x.device, cd), x)
+            for c in coefs
+        ]
+    if clip is None:
+        return torch_update(x, cs[0], y, cs[1], cs[2], noise, seed, offset, cd)
+    return torch_update(x, cs[0], y, cs[1], cs[2], noise, seed, offset, cd, clip, cs[3], cs[4])

@@ -32,6 +32,7 @@ import weakref
 import numpy as np
 import torch
 
+from .._array import check_float, check_like, check_t
 from .._array import check_schedule  # noqa: F401 - re-exported for the kernel modules
 from ..schedules import Schedule
 
@@ -40,9 +41,11 @@ __all__ = [
     "check_x",
     "check_like_x",
     "check_noise_args",
+    "check_offset",
     "check_index",
     "device_table",
     "host_table",
+    "first_nonfinite",
     "stream_seed",
     "torch_normal",
     "MAX_OFFSET",
@@ -104,16 +107,16 @@ def _interpreting_kernel(kernel) -> bool:
 
 
 # ----------------------------------------------------------------------------- validation
+# Each check accepts the common valid input on a fast path of a few attribute tests (host
+# overhead per call matters: a small DDIM step is ~40 us) and hands everything else to the
+# core's check (diffmath._array), so that bad input gets the core's error message; only what
+# the core accepts but the kernels do not (numpy data, float dtypes other than these four,
+# tensors that require grad) gets a kernel-specific message.
 def check_x(x, name: str, grad_ok: bool = False) -> torch.Tensor:
     """A floating-point torch tensor of a supported dtype (not requiring grad unless ``grad_ok``)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(
-            f"{name} must be a torch tensor; got {type(x).__name__} (the numpy versions live in diffmath.forward, "
-            "diffmath.samplers and diffmath.losses)"
-        )
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a float32, float16, bfloat16 or float64 tensor; got dtype {x.dtype}")
-    if x.requires_grad and torch.is_grad_enabled() and not grad_ok:
+    if not (isinstance(x, torch.Tensor) and x.dtype in FLOAT_DTYPES):
+        _reject_x(x, name)
+    if x.requires_grad and not grad_ok and torch.is_grad_enabled():
         raise ValueError(
             f"{name} requires grad: the fused noising/sampler kernels build no autograd graph; call them under "
             "torch.no_grad() or pass a detached tensor (diffmath.forward / diffmath.samplers are differentiable)"
@@ -121,14 +124,22 @@ def check_x(x, name: str, grad_ok: bool = False) -> torch.Tensor:
     return x
 
 
+def _reject_x(x, name: str):
+    """Raise the error for an ``x`` that ``check_x`` refuses: the core's for what it refuses too."""
+    check_float(x, name)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a torch tensor; got {type(x).__name__} (the numpy versions live in diffmath.forward, "
+            "diffmath.samplers and diffmath.losses)"
+        )
+    raise TypeError(f"{name} must be a float32, float16, bfloat16 or float64 tensor; got dtype {x.dtype}")
+
+
 def check_like_x(y, x: torch.Tensor, name: str, xname: str) -> torch.Tensor:
     """``y``: a float tensor on x's device with x's shape (any supported float dtype)."""
-    y = check_x(y, name)
-    if y.device != x.device:
-        raise ValueError(f"{name} is on {y.device} but {xname} is on {x.device}; move them to one device")
-    if y.shape != x.shape:
-        raise ValueError(f"{name} must have the shape of {xname} {tuple(x.shape)}; got {tuple(y.shape)}")
-    return y
+    if not (isinstance(y, torch.Tensor) and y.device == x.device and y.shape == x.shape):
+        check_like(y, x, name, xname)  # the core's error for another kind, device or shape
+    return check_x(y, name)
 
 
 def _check_int(v, name: str, lo: int, hi: int) -> int:
@@ -144,6 +155,14 @@ def _check_int(v, name: str, lo: int, hi: int) -> int:
     return v
 
 
+def check_offset(offset, numel: int) -> int:
+    """A stream offset: an int >= 0 with offset + numel <= MAX_OFFSET."""
+    offset = _check_int(offset, "offset", 0, MAX_OFFSET)
+    if offset + numel > MAX_OFFSET:
+        raise ValueError(f"offset + numel must stay below 2**62; got offset = {offset}, numel = {numel}")
+    return offset
+
+
 def check_noise_args(noise, seed, offset, x: torch.Tensor, xname: str, needed: bool = True):
     """Validate the ``noise=`` / ``seed=`` / ``offset=`` keywords of a noisy kernel.
 
@@ -151,9 +170,7 @@ def check_noise_args(noise, seed, offset, x: torch.Tensor, xname: str, needed: b
     """
     if noise is not None and seed is not None:
         raise ValueError("pass either noise= (an explicit N(0, I) tensor) or seed= (in-kernel noise), not both")
-    offset = _check_int(offset, "offset", 0, MAX_OFFSET)
-    if offset + x.numel() > MAX_OFFSET:
-        raise ValueError(f"offset + numel must stay below 2**62; got offset = {offset}, numel = {x.numel()}")
+    offset = check_offset(offset, x.numel())
     if noise is not None:
         return check_like_x(noise, x, "noise", xname), None, offset
     if seed is None:
@@ -167,43 +184,31 @@ def check_noise_args(noise, seed, offset, x: torch.Tensor, xname: str, needed: b
 
 
 def check_index(t, T: int, x: torch.Tensor, name: str = "t", lo: int = 0):
-    """A discrete timestep index: python int, 0-d integer tensor (-> int) or an integer tensor
-    of shape (B,) matching x's batch, in [lo, T). Tensors are moved to x's device (int64).
+    """A discrete timestep index in [lo, T), validated as the core's ``check_t`` does (same
+    errors): a python int, or an integer tensor of shape (B,) matching x's batch (anything else
+    the core accepts, such as a 0-d tensor or an integer numpy array, is converted).
 
-    Returns ``(t, tmin, tmax)`` with t an int or a (B,) int64 tensor on x's device.
+    Returns ``(t, tmin, tmax)`` with t an int or a contiguous (B,) int64 tensor on x's device.
     """
-    if isinstance(t, np.ndarray):
-        if not np.issubdtype(t.dtype, np.integer):
-            raise TypeError(f"{name} must be an integer timestep index; got dtype {t.dtype}")
-        t = torch.from_numpy(np.ascontiguousarray(t))
-    if isinstance(t, torch.Tensor):
-        if t.dtype not in _INT_DTYPES:
-            raise TypeError(f"{name} must be an integer tensor of timestep indices; got dtype {t.dtype}")
-        if t.ndim == 0:
-            t = int(t.item())
-        else:
-            if t.ndim != 1:
-                raise ValueError(f"{name} must be a scalar or have shape (B,); got shape {tuple(t.shape)}")
-            if x.ndim == 0 or t.shape[0] != x.shape[0]:
-                raise ValueError(
-                    f"a batch of {t.shape[0]} timesteps {name} must match the batch of x; x has shape {tuple(x.shape)}"
-                )
+    if type(t) is int:
+        if lo <= t < T:
+            return t, t, t
+    elif isinstance(t, torch.Tensor) and t.dtype in _INT_DTYPES and t.ndim == 1 and x.ndim and t.shape[0] == x.shape[0]:
+        if t.numel() == 0:
+            return t.to(device=x.device, dtype=torch.long), lo, lo
+        tmin, tmax = torch.aminmax(t)
+        tmin, tmax = int(tmin), int(tmax)
+        if lo <= tmin and tmax < T:
             if t.dtype != torch.long or t.device != x.device:
                 t = t.to(device=x.device, dtype=torch.long)
-            if t.numel() == 0:
-                return t, lo, lo
-            tmin, tmax = torch.aminmax(t)
-            tmin, tmax = int(tmin), int(tmax)
-            if tmin < lo or tmax >= T:
-                bad = tmin if tmin < lo else tmax
-                raise ValueError(f"{name} must lie in [{lo}, {T}) for a schedule of {T} steps; got {name} = {bad}")
             return (t if t.is_contiguous() else t.contiguous()), tmin, tmax
-    if isinstance(t, (bool, np.bool_)) or not isinstance(t, numbers.Integral):
-        raise TypeError(f"{name} must be an integer timestep index (int or integer tensor of shape (B,)); got {t!r:.60}")
-    ti = int(t)
-    if not lo <= ti < T:
-        raise ValueError(f"{name} must lie in [{lo}, {T}) for a schedule of {T} steps; got {name} = {ti}")
-    return ti, ti, ti
+    t = check_t(t, T, x, name, lo)  # raises the core's error for bad input
+    if isinstance(t, int):
+        return t, t, t
+    t = torch.as_tensor(np.asarray(t.cpu() if isinstance(t, torch.Tensor) else t, dtype=np.int64), device=x.device)
+    if t.numel() == 0:
+        return t, lo, lo
+    return t.contiguous(), int(t.min()), int(t.max())
 
 
 def rows_of(x: torch.Tensor) -> int:
@@ -259,6 +264,28 @@ def host_table(s: Schedule, kind, build) -> np.ndarray:
         tab.setflags(write=False)
         per[key] = tab
     return tab
+
+
+def first_nonfinite(s: Schedule, kind, build) -> tuple:
+    """``(i64, i32, v32)``: the first column of the table ``build(s)`` that holds a value which is
+    not finite in float64, the first that holds one which is not finite once cast to float32, and
+    that float64 value (T and None where there is none); found once per schedule and table and
+    cached with it."""
+    per = _TABLES.get(s)
+    if per is None:
+        per = _TABLES[s] = {}
+    key = (kind, "first_nonfinite")
+    hit = per.get(key)
+    if hit is None:
+        tab = host_table(s, kind, build)
+        T = tab.shape[1]
+        with np.errstate(over="ignore", invalid="ignore"):
+            bad64, bad32 = ~np.isfinite(tab), ~np.isfinite(tab.astype(np.float32))
+        c64, c32 = np.flatnonzero(bad64.any(axis=0)), np.flatnonzero(bad32.any(axis=0))
+        i64 = int(c64[0]) if c64.size else T
+        i32 = int(c32[0]) if c32.size else T
+        hit = per[key] = (i64, i32, float(tab[:, i32][bad32[:, i32]][0]) if i32 < T else None)
+    return hit
 
 
 def device_table(s: Schedule, kind, device: torch.device, dtype: torch.dtype, build) -> torch.Tensor:

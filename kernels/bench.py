@@ -234,18 +234,26 @@ def _add_peers(cases, x, m, t, t_batch, device):
     cases["euler_maruyama_step"]["diffusers"] = (None, euler_step)
 
 
-def time_fn(fn, device, *, min_batch_s=2e-3, batches=15, warmup=3):
-    """Median seconds per call: batches of k calls (k chosen so a batch takes >= min_batch_s),
-    synchronised on CUDA, median over batches."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+def _sync(device):
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+def _calls_per_batch(fn, sync, min_batch_s, warmup):
+    """Warm ``fn`` up, time one call and return how many calls make a batch of >= min_batch_s."""
     for _ in range(warmup):
         fn()
     sync()
     t0 = time.perf_counter()
     fn()
     sync()
-    one = max(time.perf_counter() - t0, 1e-7)
-    k = max(1, int(min_batch_s / one))
+    return max(1, int(min_batch_s / max(time.perf_counter() - t0, 1e-7)))
+
+
+def time_fn(fn, device, *, min_batch_s=2e-3, batches=15, warmup=3):
+    """Median seconds per call: batches of k calls (k chosen so a batch takes >= min_batch_s),
+    synchronised on CUDA, median over batches."""
+    sync = _sync(device)
+    k = _calls_per_batch(fn, sync, min_batch_s, warmup)
     out = []
     for _ in range(batches):
         t0 = time.perf_counter()
@@ -270,19 +278,13 @@ def time_cases(cases, device, *, min_batch_s=2e-3, rounds=15, warmup=3, raw=None
     by round (so that load from other processes on a shared machine hits all of them alike).
     Entries that are None or strings are passed through; Deferred ones are left out. ``raw``:
     a dict that receives the per-round times (for paired ratios)."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = _sync(device)
     cases = {k: c for k, c in cases.items() if not isinstance(c, Deferred)}
     live = {k: c for k, c in cases.items() if c is not None and not isinstance(c, str)}
     ks, times = {}, {k: [] for k in live}
     for name, (p, fn) in live.items():
         with _path(p) if p else contextlib.nullcontext():
-            for _ in range(warmup):
-                fn()
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            ks[name] = max(1, int(min_batch_s / max(time.perf_counter() - t0, 1e-7)))
+            ks[name] = _calls_per_batch(fn, sync, min_batch_s, warmup)
     for _ in range(rounds):
         for name, (p, fn) in live.items():
             with _path(p) if p else contextlib.nullcontext():

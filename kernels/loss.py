@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ._affine import FAST_MATH, grid_for, launch_affine, seed_halves
-from ._common import HAVE_TRITON, MAX_OFFSET, _check_int, check_x, rows_of, torch_normal, use_triton
+from ._common import HAVE_TRITON, _check_int, check_offset, check_x, rows_of, torch_normal, use_triton
 
 __all__ = ["simple_loss"]
 
@@ -131,9 +131,7 @@ def simple_loss(eps_pred, seed, offset=0, *, reduction="mean"):
             "diffmath.losses.simple_loss(eps, eps_pred)"
         )
     seed = _check_int(seed, "seed", 0, 2**64)
-    offset = _check_int(offset, "offset", 0, MAX_OFFSET)
-    if offset + eps_pred.numel() > MAX_OFFSET:
-        raise ValueError(f"offset + numel must stay below 2**62; got offset = {offset}, numel = {eps_pred.numel()}")
+    offset = check_offset(offset, eps_pred.numel())
     if reduction == "none" and eps_pred.ndim == 0:
         raise ValueError("reduction='none' needs a batch dimension: eps_pred of shape (B, ...)")
     if eps_pred.numel() == 0:

@@ -14,7 +14,7 @@ import math
 import torch
 
 from ._affine import affine_kernel, launch_affine
-from ._common import MAX_OFFSET, _check_int, torch_normal, use_triton
+from ._common import _check_int, check_offset, torch_normal, use_triton
 
 __all__ = ["randn", "philox_normal", "philox_uint32"]
 
@@ -39,10 +39,8 @@ def randn(shape, seed, offset=0, *, device=None, dtype=torch.float32):
     returned in ``dtype``."""
     shape = _shape(shape)
     seed = _check_int(seed, "seed", 0, 2**64)
-    offset = _check_int(offset, "offset", 0, MAX_OFFSET)
     n = math.prod(shape)
-    if offset + n > MAX_OFFSET:
-        raise ValueError(f"offset + numel must stay below 2**62; got offset = {offset}, numel = {n}")
+    offset = check_offset(offset, n)
     probe = torch.empty(0, device=device, dtype=dtype)
     if not probe.is_floating_point():
         raise TypeError(f"dtype must be a floating-point dtype; got {dtype}")
@@ -81,8 +79,8 @@ def philox_normal(shape, seed, offset=0, *, device=None) -> torch.Tensor:
     log/sin/cos (different libm)."""
     shape = _shape(shape)
     seed = _check_int(seed, "seed", 0, 2**64)
-    offset = _check_int(offset, "offset", 0, MAX_OFFSET)
     n = math.prod(shape)
+    offset = check_offset(offset, n)
     if n == 0:
         return torch.empty(shape, device=device)
     c_first, c_last = offset // 4, (offset + n - 1) // 4

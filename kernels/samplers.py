@@ -16,101 +16,13 @@ import numbers
 import numpy as np
 import torch
 
-from ..samplers._common import check_eta
+from ..samplers._common import check_eta, check_positive
 from ..samplers.ddim import ddim_coefs
 from ..samplers.ddpm import _check_clip, _check_variance, ddpm_std
-from ._affine import affine_kernel, launch_affine, torch_affine
-from ._common import (
-    as_float,
-    check_index,
-    check_like_x,
-    check_noise_args,
-    check_schedule,
-    check_x,
-    device_table,
-    f32,
-    gather_rows,
-    host_table,
-    per_sample,
-    rows_of,
-    to_dtype,
-    torch_normal,
-    use_triton,
-)
+from ._affine import affine_update
+from ._common import as_float, check_index, check_like_x, check_noise_args, check_schedule, check_x, first_nonfinite, host_table, rows_of
 
 __all__ = ["ddpm_step", "ddim_step", "euler_maruyama_step", "langevin_step"]
-
-
-# ----------------------------------------------------------------------------- shared launch
-def _check_coefs(coefs, dtype: torch.dtype, what: str):
-    """Refuse per-sample coefficients that are not finite once cast to ``dtype`` (float32 for
-    the kernels and float16/bfloat16/float32 data, float64 on the float64 torch path): an
-    oversized step size or SDE coefficient would otherwise turn the output into inf/NaN."""
-    npd = np.float64 if dtype == torch.float64 else np.float32
-    for c in coefs:
-        if isinstance(c, float):
-            if math.isfinite(c) and (npd is np.float64 or math.isfinite(f32(c))):
-                continue
-            v = c
-        else:
-            with np.errstate(over="ignore", invalid="ignore"):
-                bad = ~np.isfinite(np.asarray(c, dtype=np.float64).astype(npd))
-            if not bad.any():
-                continue
-            v = float(np.asarray(c, dtype=np.float64)[bad].reshape(-1)[0])
-        raise ValueError(
-            f"{what} gives a step coefficient of {v:.4g}, which is not finite in {np.dtype(npd).name}: "
-            "the step would return inf/NaN"
-        )
-
-
-def _step(x, y, coefs, noise, seed, offset, *, clip=None, s=None, kind=None, build=None, t=None, what="the coefficients"):
-    """out = a x + b y' + c z with (a, b, c[, p, q]) = ``coefs`` (python floats or float64 (B,)
-    arrays), or gathered at tensor ``t`` from the table ``build(s)`` cached under ``kind``.
-    Host-folded coefficients must be finite after the cast to the compute dtype (ValueError
-    naming ``what``, the arguments they come from)."""
-    if x.numel() == 0:
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
-    B = rows_of(x)
-    tabled = t is not None and not isinstance(t, int)
-    scalar = not tabled and all(isinstance(c, float) for c in coefs)
-    triton_path = use_triton(x, affine_kernel)
-    if not tabled:
-        _check_coefs(coefs, torch.float64 if (x.dtype == torch.float64 and not triton_path) else torch.float32, what)
-    if triton_path:
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        kw = dict(x=x.contiguous(), y=y.contiguous(), z=noise.contiguous() if noise is not None else None,
-                  clip=clip, seed=seed, offset=offset, rows=B)  # fmt: skip
-        if tabled:
-            return launch_affine(out, coef=device_table(s, kind, x.device, torch.float32, build), t=t, **kw)
-        if scalar:
-            sc = tuple(f32(c, what) for c in coefs) + (0.0,) * (5 - len(coefs))
-            return launch_affine(out, scalars=sc, **kw)
-        arr = np.stack([np.broadcast_to(np.asarray(c, dtype=np.float64), (B,)) for c in coefs]).astype(np.float32)
-        return launch_affine(out, coef=torch.from_numpy(arr).to(x.device), **kw)
-    # torch path
-    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if tabled:
-        cs = gather_rows(device_table(s, kind, x.device, cd, build), t, x)
-    elif scalar:
-        cs = [c if cd == torch.float64 else f32(c, what) for c in coefs]
-    else:
-        cs = [
-            per_sample(torch.from_numpy(np.broadcast_to(np.asarray(c, dtype=np.float64), (B,)).copy()).to(x.device, cd), x)
-            for c in coefs
-        ]
-    a, b, c = cs[:3]
-    p, q = (cs[3], cs[4]) if clip is not None else (None, None)
-    xc, yc = to_dtype(x, cd), to_dtype(y, cd)
-    if seed is not None:
-        z = to_dtype(torch_normal(x.shape, seed, offset, x.device), cd)
-        out = torch_affine(xc, a, yc, b, z, c, fresh_z=True, clip=clip, p=p, q=q)
-    elif noise is not None:
-        out = torch_affine(xc, a, yc, b, to_dtype(noise, cd), c, clip=clip, p=p, q=q)
-    else:
-        out = torch_affine(xc, a, yc, b, clip=clip, p=p, q=q)
-    out = to_dtype(out, x.dtype)
-    return out if out.is_contiguous() else out.contiguous()
 
 
 def _host(t):
@@ -120,18 +32,13 @@ def _host(t):
     return t
 
 
-@functools.lru_cache(maxsize=64)
-def _ddpm_std(s, variance: str) -> np.ndarray:
-    """``ddpm_std`` once per (immutable) schedule and variance."""
-    return ddpm_std(s, variance)
-
-
 # ----------------------------------------------------------------------------- DDPM
 def _ddpm_table(s, variance: str, clip: bool) -> np.ndarray:
     """Rows of the affine update for DDPM, float64 (k, T):
     no clip: (coef1 sra + coef2, -coef1 srm1, std); clip: (coef2, coef1, std, sra, -srm1),
-    sra = sqrt(1/abar), srm1 = sqrt(1/abar - 1), std = 0 at t = 0."""
-    std = _ddpm_std(s, variance)
+    sra = sqrt(1/abar), srm1 = sqrt(1/abar - 1), std = 0 at t = 0. Built once per schedule
+    (``host_table`` caches it)."""
+    std = ddpm_std(s, variance)
     c1, c2 = s.posterior_mean_coef1, s.posterior_mean_coef2
     sra, srm1 = s.sqrt_recip_alphas_cumprod, s.sqrt_recipm1_alphas_cumprod
     with np.errstate(invalid="ignore", over="ignore"):
@@ -167,20 +74,28 @@ def ddpm_step(s, x_t, t, eps, *, noise=None, seed=None, offset=0, variance="smal
         return _ddpm_table(s, variance, clip is not None)
 
     tab = host_table(s, kind, build)
-    _check_finite_steps(s, tab, tmax)
+    _check_finite_steps(s, kind, build, tmax, x_t.dtype)
     coefs = tuple(float(v) for v in tab[:, t]) if isinstance(t, int) else None
-    return _step(x_t, eps, coefs, noise, seed, offset, clip=clip, s=s, kind=kind, build=build, t=t, what="s at t")
+    # what=None: the table's columns up to tmax were just checked in the compute dtype
+    return affine_update(x_t, eps, coefs, noise, seed, offset, clip=clip, s=s, kind=kind, build=build, t=t, what=None)
 
 
-def _check_finite_steps(s, tab, tmax: int):
-    """Refuse steps whose coefficients are infinite: where abar_t = 0 (a zero-terminal-SNR
-    schedule's last step) x0 = x_t / sqrt(abar_t) - ... is undefined for eps-prediction."""
-    bad = ~np.isfinite(tab).all(axis=0)
-    if bad[: tmax + 1].any():
-        i = int(np.argmax(bad))
+def _check_finite_steps(s, kind, build, tmax: int, dtype: torch.dtype):
+    """Refuse steps t <= tmax whose table coefficients are not finite in float64 (where abar_t = 0,
+    a zero-terminal-SNR schedule's last step, x0 = x_t / sqrt(abar_t) - ... is undefined for
+    eps-prediction) or, unless the data is float64, once cast to float32 (the kernel's and the
+    float32 torch path's tables: 1/sqrt(abar_t) overflows float32 for abar_t < ~1e-77). The
+    first such steps are found once per schedule and table (``first_nonfinite``)."""
+    i64, i32, v = first_nonfinite(s, kind, build)
+    if i64 <= tmax:
         raise ValueError(
-            f"t = {i} has alphas_cumprod[t] = {s.alphas_cumprod[i]:.3g} (zero terminal SNR): an eps-prediction step "
+            f"t = {i64} has alphas_cumprod[t] = {s.alphas_cumprod[i64]:.3g} (zero terminal SNR): an eps-prediction step "
             "is undefined there (1/sqrt(abar_t) = inf); start the chain at t < that step or use v-prediction"
+        )
+    if i32 <= tmax and dtype != torch.float64:
+        raise ValueError(
+            f"s at t = {i32} gives a step coefficient of {v:.4g}, which is not finite in float32 (alphas_cumprod[t] = "
+            f"{s.alphas_cumprod[i32]:.3g}): the step would return inf/NaN; start the chain at t < {i32}"
         )
 
 
@@ -257,7 +172,7 @@ def ddim_step(s, x_t, t, t_prev, eps, *, noise=None, seed=None, offset=0, eta=0.
         coefs = (float(c_x), float(c_eps), float(sigma))
     else:
         coefs = (c_x, c_eps, sigma)
-    return _step(x_t, eps, coefs, noise, seed, offset, what="s at (t, t_prev, eta)")
+    return affine_update(x_t, eps, coefs, noise, seed, offset, what="s at (t, t_prev, eta)")
 
 
 # ----------------------------------------------------------------------------- SDE and Langevin
@@ -322,25 +237,21 @@ def euler_maruyama_step(sde, x, t, dt, score, *, noise=None, seed=None, offset=0
     coefs = (1.0 + a * dt, -g * g * dt, g * math.sqrt(-dt))
     if np.ndim(t) == 0:
         coefs = tuple(float(c) for c in coefs)
-    return _step(x, score, coefs, noise, seed, offset, what="sde (its drift/diffusion coefficients at t) with dt")
+    return affine_update(x, score, coefs, noise, seed, offset, what="sde (its drift/diffusion coefficients at t) with dt")
 
 
 def _check_step_size(step_size, x):
-    if isinstance(step_size, np.ndarray) and step_size.ndim == 0:
-        step_size = step_size.item()
+    """A step size as the core's Langevin step takes it (``check_positive``, same errors): a
+    finite float > 0, or positive values of shape (B,), returned as a float or a float64 array."""
     if isinstance(step_size, torch.Tensor):
         step_size = step_size.item() if step_size.ndim == 0 else step_size.detach().to(torch.float64).cpu().numpy()
-    if isinstance(step_size, np.ndarray) and step_size.ndim:
-        h = step_size.astype(np.float64)
-        if h.ndim != 1 or x.ndim == 0 or h.shape[0] != x.shape[0]:
-            raise ValueError(f"step_size must be a float or have shape (B,) = ({rows_of(x)},); got shape {h.shape}")
-        bad = ~((h > 0) & np.isfinite(h))
-        if bad.any():
-            raise ValueError(f"step_size must be finite and > 0; got step_size = {float(h[bad][0])}")
-        return h
-    h = as_float(step_size, "step_size")
-    if not h > 0:
-        raise ValueError(f"step_size must be finite and > 0; got step_size = {h}")
+    elif isinstance(step_size, np.ndarray):
+        step_size = step_size.item() if step_size.ndim == 0 else step_size.astype(np.float64)
+    if not isinstance(step_size, np.ndarray):
+        return check_positive(step_size, "step_size")
+    h = check_positive(step_size, "step_size", allow_array=True)
+    if h.ndim != 1 or x.ndim == 0 or h.shape[0] != x.shape[0]:
+        raise ValueError(f"step_size must be a float or have shape (B,) = ({rows_of(x)},); got shape {tuple(h.shape)}")
     return h
 
 
@@ -360,4 +271,4 @@ def langevin_step(x, score, step_size, *, noise=None, seed=None, offset=0):
         coefs = (1.0, 0.5 * h, math.sqrt(h))
     else:
         coefs = (np.ones_like(h), 0.5 * h, np.sqrt(h))
-    return _step(x, score, coefs, noise, seed, offset, what="step_size")
+    return affine_update(x, score, coefs, noise, seed, offset, what="step_size")

@@ -57,8 +57,10 @@ def test_bad_tensors(path):
         K.q_sample(S, x, 5, noise=torch.ones(2, 4, device=dev))
     with pytest.raises(ValueError, match=r"score must have the shape of x \(2, 3\); got \(3, 2\)"):
         K.langevin_step(x, torch.ones(3, 2, device=dev), 0.1, seed=0)
-    with pytest.raises(TypeError, match="x0 must be a float32, float16, bfloat16 or float64 tensor; got dtype torch.int64"):
+    with pytest.raises(TypeError, match="x0 must be a floating-point tensor; got dtype torch.int64"):
         K.q_sample(S, torch.ones(2, 3, dtype=torch.long, device=dev), 5, seed=0)
+    with pytest.raises(TypeError, match="x0 must be a float32, float16, bfloat16 or float64 tensor; got dtype torch.float8"):
+        K.q_sample(S, torch.ones(2, 3, device=dev).to(torch.float8_e4m3fn), 5, seed=0)
     with pytest.raises(TypeError, match="x0 must be a torch tensor; got ndarray"):
         K.q_sample(S, np.ones((2, 3), np.float32), 5, seed=0)
     with pytest.raises(ValueError, match="requires grad"):
@@ -67,6 +69,73 @@ def test_bad_tensors(path):
         K.q_sample(S, torch.ones(2, 3, device=dev, requires_grad=True), 5, seed=0)
     with pytest.raises(TypeError, match="s must be a diffmath.schedules.Schedule"):
         K.q_sample(None, x, 5, seed=0)
+
+
+def _error(fn):
+    with pytest.raises((TypeError, ValueError)) as e:
+        fn()
+    return type(e.value), str(e.value)
+
+
+X = torch.ones(2, 3)
+#: (kernel call, core call) pairs given the same bad input; the kernels validate it with the
+#: core's checks (diffmath._array, diffmath.samplers), so the errors are the same.
+SAME_ERRORS = {
+    "t too large": (lambda: K.q_sample(S, X, 100, seed=0), lambda: dm.forward.q_sample(S, X, 100, X)),
+    "t negative in a batch": (
+        lambda: K.q_sample(S, X, torch.tensor([3, -1]), seed=0),
+        lambda: dm.forward.q_sample(S, X, torch.tensor([3, -1]), X),
+    ),
+    "float t": (lambda: K.q_sample(S, X, torch.tensor([3.0, 1.0]), seed=0), lambda: dm.forward.q_sample(S, X, torch.tensor([3.0, 1.0]), X)),
+    "float numpy t": (lambda: K.q_sample(S, X, np.array([3.0, 1.0]), seed=0), lambda: dm.forward.q_sample(S, X, np.array([3.0, 1.0]), X)),
+    "python float t": (lambda: K.q_sample(S, X, 3.0, seed=0), lambda: dm.forward.q_sample(S, X, 3.0, X)),
+    "bool t": (lambda: K.q_sample(S, X, True, seed=0), lambda: dm.forward.q_sample(S, X, True, X)),
+    "bool tensor t": (lambda: K.q_sample(S, X, torch.tensor([True, False]), seed=0), lambda: dm.forward.q_sample(S, X, torch.tensor([True, False]), X)),
+    "2-d t": (lambda: K.q_sample(S, X, torch.ones(2, 1, dtype=torch.long), seed=0), lambda: dm.forward.q_sample(S, X, torch.ones(2, 1, dtype=torch.long), X)),
+    "t batch": (lambda: K.q_sample(S, X, torch.tensor([3, 1, 2]), seed=0), lambda: dm.forward.q_sample(S, X, torch.tensor([3, 1, 2]), X)),
+    "0-d t out of range": (lambda: K.q_sample(S, X, torch.tensor(-4), seed=0), lambda: dm.forward.q_sample(S, X, torch.tensor(-4), X)),
+    "t_prev": (lambda: K.ddim_step(S, X, 5, -2, X), lambda: dm.samplers.ddim_step(S, X, 5, -2, X)),
+    "integer x": (
+        lambda: K.q_sample(S, X.long(), 5, seed=0),
+        lambda: dm.forward.q_sample(S, X.long(), 5, X),
+    ),
+    "not an array": (lambda: K.q_sample(S, None, 5, seed=0), lambda: dm.forward.q_sample(S, None, 5, X)),
+    "integer eps": (lambda: K.ddpm_step(S, X, 5, X.long(), seed=0), lambda: dm.samplers.ddpm_step(S, X, 5, X.long(), X)),
+    "eps shape": (lambda: K.ddpm_step(S, X, 5, torch.ones(3, 2), seed=0), lambda: dm.samplers.ddpm_step(S, X, 5, torch.ones(3, 2), X)),
+    "eps device": (
+        lambda: K.ddpm_step(S, X, 5, torch.ones(2, 3, device="meta"), seed=0),
+        lambda: dm.samplers.ddpm_step(S, X, 5, torch.ones(2, 3, device="meta"), X),
+    ),
+    "numpy noise": (lambda: K.q_sample(S, X, 5, noise=np.ones((2, 3))), lambda: dm.forward.q_sample(S, X, 5, np.ones((2, 3)))),
+    "step_size 0": (lambda: K.langevin_step(X, X, 0.0, seed=0), lambda: dm.samplers.langevin_step(X, X, 0.0, X)),
+    "step_size nan": (lambda: K.langevin_step(X, X, float("nan"), seed=0), lambda: dm.samplers.langevin_step(X, X, float("nan"), X)),
+    "step_size bool": (lambda: K.langevin_step(X, X, True, seed=0), lambda: dm.samplers.langevin_step(X, X, True, X)),
+    "step_size str": (lambda: K.langevin_step(X, X, "0.1", seed=0), lambda: dm.samplers.langevin_step(X, X, "0.1", X)),
+    "step_size array": (
+        lambda: K.langevin_step(X, X, np.array([0.1, -1.0]), seed=0),
+        lambda: dm.samplers.langevin_step(X, X, np.array([0.1, -1.0]), X),
+    ),
+    "step_size shape": (lambda: K.langevin_step(X, X, np.ones(3), seed=0), lambda: dm.samplers.langevin_step(X, X, np.ones(3), X)),
+    "eta": (lambda: K.ddim_step(S, X, 5, 4, X, eta=-0.1, seed=0), lambda: dm.samplers.ddim_step(S, X, 5, 4, X, X, eta=-0.1)),
+    "clip_x0": (lambda: K.ddpm_step(S, X, 5, X, seed=0, clip_x0=-1.0), lambda: dm.samplers.ddpm_step(S, X, 5, X, X, clip_x0=-1.0)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SAME_ERRORS))
+def test_errors_match_the_core(torch_path, case):
+    """Bad input gets the same exception type and message from a kernel as from the core."""
+    kernel, core = SAME_ERRORS[case]
+    assert _error(kernel) == _error(core)
+
+
+def test_indices_the_core_accepts_are_converted(path):
+    """Integer numpy arrays, lists and 0-d tensors (valid for the core's check_t) work as t."""
+    _, dev = path
+    x = torch.ones(2, 3, device=dev)
+    ref = K.q_sample(S, x, torch.tensor([3, 7], device=dev), seed=0)
+    for t in (np.array([3, 7]), [3, 7], torch.tensor([3, 7], dtype=torch.int16)):
+        assert torch.equal(K.q_sample(S, x, t, seed=0), ref)
+    assert torch.equal(K.q_sample(S, x, torch.tensor(3), seed=0), K.q_sample(S, x, 3, seed=0))
 
 
 def test_bad_timesteps(path):
@@ -210,3 +279,34 @@ def test_oversized_coefficients_are_refused(path):
     with pytest.raises(ValueError, match=r"sde .* with dt gives a step coefficient"):
         K.euler_maruyama_step(vesde, x, torch.tensor([0.9, 0.5]), -0.01, x, seed=1)
     assert torch.isfinite(K.langevin_step(x, x, 1e-3, seed=1)).all()
+
+
+def test_gathered_coefficients_that_overflow_float32_are_refused(path):
+    """DDPM with a tensor t gathers its coefficients in the kernel from float32 tables: a value
+    finite in float64 but beyond float32's range (here 1/sqrt(abar_t) ~ 1e40 for abar_t ~ 1e-80,
+    used by clip_x0) must be refused like a host-folded one, not turned into inf/NaN output."""
+    _, dev = path
+    s = dm.schedules.Schedule.from_betas(np.full(60, 0.99))  # abar_t = 0.01**(t+1)
+    assert np.isfinite(s.sqrt_recip_alphas_cumprod).all() and s.sqrt_recip_alphas_cumprod[-1] > 1e40
+    x = torch.ones(2, 3, device=dev)
+    for t in (torch.tensor([1, 45], device=dev), 45):
+        with pytest.raises(ValueError, match=r"s at t = 38 gives a step coefficient of .* not finite in float32"):
+            K.ddpm_step(s, x, t, x, seed=0, clip_x0=1.0)
+    assert torch.isfinite(K.ddpm_step(s, x, torch.tensor([1, 37], device=dev), x, seed=0, clip_x0=1.0)).all()
+    assert torch.isfinite(K.ddpm_step(s, x, torch.tensor([1, 45], device=dev), x, seed=0)).all()  # folded: finite
+    if path[0] == "torch":  # float64 data computes in float64 on the torch path, where the step is finite
+        assert torch.isfinite(K.ddpm_step(s, x.double(), torch.tensor([1, 45]), x.double(), seed=0, clip_x0=1.0)).all()
+
+
+def test_ddpm_tables_are_released_with_the_schedule(path):
+    _, dev = path
+    s = dm.cosine_schedule(40)
+    x = torch.ones(2, 3, device=dev)
+    K.ddpm_step(s, x, torch.tensor([3, 4], device=dev), x, seed=0, variance="large")
+    K.ddpm_step(s, x, 5, x, seed=0, clip_x0=1.0)
+    n = len(_common._TABLES)
+    del s
+    import gc
+
+    gc.collect()
+    assert len(_common._TABLES) == n - 1

@@ -1,16 +1,18 @@
 """Sampler steps (DDPM, DDIM, reverse-time Euler-Maruyama, Langevin) with explicit noise against
 float64 numpy references written from the equations (tests/kernels/_kernel_ref.py) and against
-the core float64 versions in diffmath.samplers; in-kernel noise against the randn stream."""
+the core float64 versions in diffmath.samplers; in-kernel noise against the numpy Philox
+reference (Triton path) and, as the documented identity of both paths, the randn stream."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from _kernel_ref import ddim_step as ddim_ref
 from _kernel_ref import ddpm_step as ddpm_ref
 from _kernel_ref import euler_maruyama_step as em_ref
 from _kernel_ref import langevin_step as langevin_ref
-from _kernel_ref import rel_err, subvp_coefs, ve_coefs, vp_coefs
+from _kernel_ref import rel_err, stream_normal, subvp_coefs, ve_coefs, vp_coefs
 from _kernel_strategies import DTYPES, KSET, TOL, make, schedules, shapes, timestep, tnp
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -162,6 +164,28 @@ def test_in_kernel_noise_is_the_stream(path, name, shape, offset):
         torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
     assert torch.equal(a, step(x, m, seed=99, offset=offset))
     assert not torch.equal(a, step(x, m, seed=99, offset=offset + x.numel()))
+
+
+@pytest.mark.parametrize("shape,offset", [((3, 7, 5), 0), ((3, 2051), 6)])
+def test_in_kernel_noise_is_the_reference_stream(triton_path, shape, offset):
+    """Independent check of the steps' in-kernel noise on the two per-sample grids (DDPM with a
+    tensor t gathers from a table, Langevin with per-sample step sizes reads folded arrays):
+    with x = 0 and model output 0 the step returns c_b z, and z must be Philox draw offset + i of
+    the numpy reference stream."""
+    s = dm.linear_schedule(100)
+    zero = torch.zeros(shape, device=triton_path)
+    t = torch.tensor([5, 60, 99])
+    h = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
+    std = np.exp(0.5 * s.posterior_log_variance_clipped[t.numpy()])
+    outs = {
+        "ddpm": (K.ddpm_step(s, zero, t.to(triton_path), zero, seed=99, offset=offset), std),
+        "langevin": (K.langevin_step(zero, zero, h.to(triton_path), seed=99, offset=offset), np.sqrt(h.numpy())),
+    }
+    ref = stream_normal(99, offset, zero.numel())
+    for name, (out, c) in outs.items():
+        z = out.cpu().double().numpy() / c.reshape((-1,) + (1,) * (len(shape) - 1))
+        d = np.abs(z.reshape(-1) - ref)
+        assert np.median(d) < 1e-6 and d.max() < 1e-4, (name, np.median(d), d.max())
 
 
 @pytest.mark.parametrize("name", ["ddpm", "ddim", "em", "langevin"])
