@@ -50,44 +50,27 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         return h
 
 
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {v}")
-    return v
+def _checked(convert, ok, expected: str, expected_value: str | None = None):
+    """An argparse ``type``: ``convert(s)`` that must satisfy ``ok``; the error says
+    "expected <expected>; got ..." (``expected_value`` for a parsed value that fails ``ok``)."""
+
+    def parse(s: str):
+        try:
+            v = convert(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}; got {s!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"expected {expected_value or expected}; got {v}")
+        return v
+
+    parse.__name__ = convert.__name__
+    return parse
 
 
-def _nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0; got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0; got {v}")
-    return v
-
-
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number; got {s!r}") from None
-    if not (v > 0 and v < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number; got {v}")
-    return v
-
-
-def _nonneg_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0; got {s!r}") from None
-    if not (v >= 0 and v < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0; got {v}")
-    return v
+_positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
+_nonneg_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+_positive_float = _checked(float, lambda v: 0 < v < float("inf"), "a positive number", "a positive finite number")
+_nonneg_float = _checked(float, lambda v: 0 <= v < float("inf"), "a number >= 0", "a finite number >= 0")
 
 
 def _int_list(s: str) -> tuple:
@@ -110,6 +93,16 @@ def _threads_flag(p):
     p.add_argument("--threads", type=_nonneg_int, default=0, help="CPU threads for torch (0: auto = torch's default, "
                    "one per core, but 1 when the 1-minute load average shows other work on the cores: OpenMP's "
                    "spinning threads slow down many-fold on busy cores)")
+
+
+def _device_flag(p, default="auto", help="cpu, cuda or auto"):
+    p.add_argument("--device", type=_device, default=default, help=help)
+
+
+def _progress_and_threads(p, help="no progress bar"):
+    """--no-progress and --threads, the last options of every command that runs a model but train."""
+    p.add_argument("--no-progress", dest="progress", action="store_false", help=help)
+    _threads_flag(p)
 
 
 def set_threads(n: int) -> int:
@@ -171,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-every", type=_positive_int, default=None, help="write a checkpoint every N steps (all are "
                    "kept; default 500)")
     t.add_argument("--seed", type=_nonneg_int, default=None, help="seed of everything random (default 0)")
-    t.add_argument("--device", type=_device, default=None, help="cpu, cuda or auto (cuda when available; default auto)")
+    _device_flag(t, None, "cpu, cuda or auto (cuda when available; default auto)")
     t.add_argument("--config", type=Path, default=None, help="a TOML file of options (see above)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint (flags "
                    "must match its config except --steps, --save-every, --device)")
@@ -244,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eta", type=_nonneg_float, default=0.0, help="DDIM eta (0 deterministic, 1 DDPM-like)")
     s.add_argument("--num-samples", type=_positive_int, default=500, help="number of samples")
     s.add_argument("--seed", type=_nonneg_int, default=0, help="sampling seed")
-    s.add_argument("--device", type=_device, default="auto", help="cpu, cuda or auto")
+    _device_flag(s)
     s.add_argument("--batch-size", type=_positive_int, default=500, help="samples per network call")
     s.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
     s.add_argument("--no-clip", dest="clip", action="store_false", help="ddpm/ddim: do not clip the predicted x0 to "
@@ -252,8 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--latent", action="store_true", help="--run is a latent diffusion run (diffmath train --latent): "
                    "sample scaled latents with its U-Net (never clipped), divide by the scaling factor and decode them "
                    "with its VAE; samples.npz then also holds the latents. Implied when --run holds latent.json")
-    s.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    _threads_flag(s)
+    _progress_and_threads(s)
 
     # ---------------------------------------------------------------- evaluate
     e = sub.add_parser(
@@ -270,9 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", type=Path, default=None, help="where to write metrics.json (default: the run directory)")
     e.add_argument("--vlb-images", type=_nonneg_int, default=64, help="held-out images for the test VLB (0: skip; each "
                    "costs T network evaluations; ignored for a latent run)")
-    e.add_argument("--device", type=_device, default="auto", help="cpu, cuda or auto (for the VLB)")
-    e.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    _threads_flag(e)
+    _device_flag(e, help="cpu, cuda or auto (for the VLB)")
+    _progress_and_threads(e)
 
     # ---------------------------------------------------------------- demo
     d = sub.add_parser(
@@ -287,9 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(diffmath.latent.demo_latent): train a VAE and a U-Net on its 2x4x4 latents of the digits, sample "
                    "with DDIM, decode, evaluate and write report.md (docs/latent.md)")
     d.add_argument("--overwrite", action="store_true", help="replace an existing run in --out that is not the demo's")
-    d.add_argument("--device", type=_device, default="auto", help="cpu, cuda or auto")
-    d.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    _threads_flag(d)
+    _device_flag(d)
+    _progress_and_threads(d, "no progress bars")
 
     # ---------------------------------------------------------------- compare-latent
     c = sub.add_parser(
@@ -304,11 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--budget", type=_positive_float, default=120.0, metavar="SECONDS",
                    help="seconds of diffusion training for each model")
     c.add_argument("--num-samples", type=_positive_int, default=500, help="samples drawn from each model")
-    c.add_argument("--device", type=_device, default="cpu", help="where both models train and sample: cpu, cuda or "
-                   "auto (docs/latent.md reports CPU timings)")
+    _device_flag(c, "cpu", "where both models train and sample: cpu, cuda or auto (docs/latent.md reports CPU "
+                 "timings)")
     c.add_argument("--overwrite", action="store_true", help="replace the runs of an earlier comparison in --out")
-    c.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    _threads_flag(c)
+    _progress_and_threads(c, "no progress bars")
 
     # ---------------------------------------------------------------- verify / bench
     v = sub.add_parser(
@@ -510,6 +499,13 @@ def _cmd_sample_latent(args, out) -> int:
     return 0
 
 
+def _latent_summary(m: dict) -> str:
+    """The line a latent run adds to its metrics: the VAE's held-out ELBO, latent shape, scale."""
+    v = m.get("vae") or {}
+    return (f"VAE held-out ELBO {v.get('held_out_elbo_bpd', float('nan')):.3f} bits/dim; latents "
+            f"{m['latent']['shape']}, scaling factor {m['latent']['scale_factor']:.4f}")
+
+
 def _cmd_evaluate(args) -> int:
     from .evaluate import evaluate_run, format_metrics
 
@@ -522,8 +518,7 @@ def _cmd_evaluate(args) -> int:
                          progress=args.progress)
     print(format_metrics(m))
     if isinstance(m.get("vae"), dict) and "held_out_elbo_bpd" in m["vae"]:
-        print(f"VAE held-out ELBO {m['vae']['held_out_elbo_bpd']:.3f} bits/dim; latents {m['latent']['shape']}, "
-              f"scaling factor {m['latent']['scale_factor']:.4f}")
+        print(_latent_summary(m))
     print(f"-> {Path(args.out if args.out is not None else args.run) / 'metrics.json'}")
     return 0
 
@@ -564,9 +559,9 @@ def run_demo(out=DEMO_OUT, *, overwrite: bool = False, device: str = "auto", pro
     timings["device"] = str(resolve_device(device))
     timings["threads"] = __import__("torch").get_num_threads()
     metrics["timings"] = timings
-    from .train import _atomic_write_json
+    from ._io import atomic_write_json
 
-    _atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / "metrics.json", metrics)
     write_report(out, metrics, config, info, timings, trained_steps=res.trained_steps)
     return metrics
 
@@ -584,9 +579,7 @@ def _cmd_demo(args) -> int:
         m = run_demo(out, overwrite=args.overwrite, device=args.device, progress=args.progress)
     print(format_metrics(m))
     if args.latent:
-        v = m.get("vae", {})
-        print(f"VAE held-out ELBO {v.get('held_out_elbo_bpd', float('nan')):.3f} bits/dim; latents "
-              f"{m['latent']['shape']}, scaling factor {m['latent']['scale_factor']:.4f}")
+        print(_latent_summary(m))
     print(f"timings: {m['timings']}")
     print(f"report: {out / 'report.md'}")
     return 0

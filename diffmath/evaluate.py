@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._io import atomic_write_json, atomic_write_npz, atomic_write_text
+
 __all__ = [
     "frechet_distance",
     "gaussian_stats",
@@ -251,9 +253,7 @@ def digit_classifier(cache: bool = True) -> DigitClassifier:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             arrays = {f"w{i}": w for i, w in enumerate(model.weights)} | {f"b{i}": b for i, b in enumerate(model.biases)}
-            tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-            np.savez(tmp, num_layers=np.int64(len(model.weights)), info=np.str_(json.dumps(model.info)), **arrays)
-            os.replace(tmp, path)
+            atomic_write_npz(path, num_layers=np.int64(len(model.weights)), info=np.str_(json.dumps(model.info)), **arrays)
         except OSError:
             pass  # no writable cache: the classifier lives in memory for this call
     return model
@@ -275,6 +275,19 @@ def class_metrics(proba: np.ndarray, num_classes: int = 10) -> dict:
 
 
 # ----------------------------------------------------------------------------- test VLB
+def _fixed_large_log_variance(s, t, log_small):
+    """log sigma_t^2 = log beta_t for t > 0 and the clipped posterior log variance at t = 0
+    (guided-diffusion's ``fixed_large``; the "large" variance of ``losses.vlb_weight``), from the
+    core: log beta_t is the upper end of Improved DDPM's learned range,
+    ``losses.learned_range_log_variance(s, t, v=1)``, and ``log_small`` the clipped posterior log
+    variance of ``posterior.q_posterior_mean_variance`` (both of x_t's shape)."""
+    from . import losses
+
+    log_beta = losses.learned_range_log_variance(s, t, torch.ones_like(log_small))
+    first = (t == 0).reshape((-1,) + (1,) * (log_small.ndim - 1))
+    return torch.where(first, log_small, log_beta)
+
+
 @torch.no_grad()
 def vlb_bpd(loaded, x0: np.ndarray, bins: int, *, seed: int = 0, batch_size: int = 512, progress: bool = False) -> dict:
     """The variational bound -log p(x0) <= L_T + sum_{t>=1} L_{t-1} + L_0 in bits/dim
@@ -300,8 +313,6 @@ def vlb_bpd(loaded, x0: np.ndarray, bins: int, *, seed: int = 0, batch_size: int
     g = torch.Generator(device="cpu").manual_seed(seed)
     prior = losses.prior_bpd(s, x.double()).float().cpu().numpy()
     variants = ["learned"] if loaded.config.learn_sigma else ["small", "large"]
-    with np.errstate(divide="ignore"):
-        log_large = np.log(np.append(s.posterior_variance[1], s.betas[1:]))
     terms = {v: np.zeros((T, n)) for v in variants}
     per = max(1, batch_size // n)
     from tqdm.auto import tqdm
@@ -315,16 +326,14 @@ def vlb_bpd(loaded, x0: np.ndarray, bins: int, *, seed: int = 0, batch_size: int
         out = loaded.forward(x_t, tb)
         pred, v = out[:, :C], (out[:, C:] if loaded.config.learn_sigma else None)
         x0_pred = x0_from_prediction(loaded.config.prediction, s, x_t, tb, pred).clamp(-1, 1)
-        mean = posterior.q_posterior_mean_variance(s, x0_pred, x_t, tb)[0]
+        mean, _, log_small = posterior.q_posterior_mean_variance(s, x0_pred, x_t, tb)
         for var in variants:
             if var == "learned":
                 lv = losses.learned_range_log_variance(s, tb, v)
             elif var == "small":
-                lv = torch.from_numpy(s.posterior_log_variance_clipped.copy()).to(dev)[tb].float()
+                lv = log_small
             else:
-                lv = torch.from_numpy(log_large).to(dev)[tb].float()
-            if lv.ndim == 1:
-                lv = lv.reshape((-1,) + (1,) * (x.ndim - 1)).expand_as(x_t).contiguous()
+                lv = _fixed_large_log_variance(s, tb, log_small)
             vb = vb_terms_bpd(s, mean.double(), lv.double(), xb.double(), x_t.double(), tb, bins=bins)
             terms[var][ts[0] : ts[-1] + 1] = vb.reshape(len(ts), n).cpu().numpy()
     res = {"images": int(n), "bins": int(bins), "timesteps": int(T), "prior_bpd": float(prior.mean())}
@@ -368,7 +377,6 @@ def evaluate_run(run, samples=None, out=None, *, vlb_images: int = 64, device: s
     from .data import load_data
     from .sample import load_model
     from .train import RunError, read_run_config
-    from .train import _atomic_write_json
 
     run = Path(run)
     rc = read_run_config(run)
@@ -431,38 +439,55 @@ def evaluate_run(run, samples=None, out=None, *, vlb_images: int = 64, device: s
             metrics["test_vlb"] = v
     out = Path(out) if out is not None else run
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / "metrics.json", metrics)
     return metrics
 
 
 # ----------------------------------------------------------------------------- reporting
-def format_metrics(m: dict) -> str:
-    """A few human-readable lines of the headline metrics."""
-    lines = [f"{m.get('num_samples')} samples of {m.get('data')}"]
+def metric_rows(m: dict) -> list[tuple[str, str, str]]:
+    """The headline metrics of an ``evaluate_run`` result as (metric, samples, reference) rows of
+    formatted text: the one formatting of the metrics, shared by the terminal (``format_metrics``)
+    and the reports (``metrics_table``: ``write_report`` and the latent demo's report.md)."""
+    rows = []
     if "mean_confidence" in m:
-        lines.append(
-            f"classifier confidence {m['mean_confidence']:.3f} (real held-out {m['real_held_out']['mean_confidence']:.3f}); "
-            f"classes present {m['classes_present']}/10; class entropy {m['class_entropy_bits']:.3f} bits "
-            f"(max {m['max_entropy_bits']:.3f})"
-        )
+        rh = m["real_held_out"]
+        rows += [
+            ("mean classifier confidence", f"{m['mean_confidence']:.3f}", f"real held-out: {rh['mean_confidence']:.3f}"),
+            ("digit classes present", f"{m['classes_present']} / 10", f"real held-out: {rh['classes_present']} / 10"),
+            ("class entropy (bits)", f"{m['class_entropy_bits']:.3f}", f"uniform: {m['max_entropy_bits']:.3f}"),
+        ]
     if "frechet_distance" in m:
         fd = m["frechet_distance"]
-        lines.append(
-            f"Fréchet distance {fd['samples']:.3f}  (floor, real held-out: {fd['held_out_real (floor)']:.3f}; "
-            f"ceiling, Gaussian noise: {fd['gaussian_noise (ceiling)']:.3f}; n = {fd['n']})"
-        )
+        rows.append((
+            f"Fréchet distance (classifier features, n = {fd['n']})", f"{fd['samples']:.3f}",
+            f"floor (real held-out): {fd['held_out_real (floor)']:.3f}; "
+            f"ceiling (Gaussian noise): {fd['gaussian_noise (ceiling)']:.3f}",
+        ))
     if "sliced_wasserstein" in m:
         sw = m["sliced_wasserstein"]
-        lines.append(
-            f"sliced Wasserstein-1 {sw['samples']:.4f}  (floor {sw['train_vs_held_out (floor)']:.4f}; "
-            f"ceiling {sw['gaussian_noise (ceiling)']:.4f}; n = {sw['n']})"
-        )
+        rows.append((
+            f"sliced Wasserstein-1 (n = {sw['n']})", f"{sw['samples']:.4f}",
+            f"floor: {sw['train_vs_held_out (floor)']:.4f}; ceiling: {sw['gaussian_noise (ceiling)']:.4f}",
+        ))
     v = m.get("test_vlb")
     if isinstance(v, dict):
-        lines.append(
-            f"test VLB {v['test_vlb_bpd']:.3f} bits/dim (variance {v['variance']}, {v['images']} held-out images, "
-            f"{v['bins']}-level decoder, prior {v['prior_bpd']:.2e})"
-        )
+        rows.append((
+            f"test VLB (bits/dim, {v['images']} held-out images, {v['bins']} levels)",
+            f"{v['test_vlb_bpd']:.3f} (sigma^2 {v['variance']})",
+            f"decoder term {v[v['variance']]['decoder_bpd']:.3f}, prior {v['prior_bpd']:.1e}",
+        ))
+    return rows
+
+
+def metrics_table(m: dict) -> list[str]:
+    """``metric_rows`` as the lines of a markdown table (for report.md)."""
+    return ["| metric | samples | reference |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in metric_rows(m)]
+
+
+def format_metrics(m: dict) -> str:
+    """A few human-readable lines of the headline metrics (the rows of report.md's table)."""
+    lines = [f"{m.get('num_samples')} samples of {m.get('data')}"]
+    lines += [f"{a}: {b} — {c}" for a, b, c in metric_rows(m)]
     return "\n".join(lines)
 
 
@@ -470,7 +495,7 @@ def write_report(run, metrics: dict, config, sample_info: dict, timings: dict, t
     """report.md in the run directory, linking samples.png, loss.png, schedule.png, metrics.json."""
     import platform
 
-    from .train import _atomic_write_bytes, read_run_config
+    from .train import read_run_config
 
     run = Path(run)
     rc = read_run_config(run)
@@ -493,33 +518,7 @@ def write_report(run, metrics: dict, config, sample_info: dict, timings: dict, t
     L.append("")
     L.append("## Metrics")
     L.append("")
-    L.append("| metric | samples | reference |")
-    L.append("|---|---|---|")
-    if "mean_confidence" in metrics:
-        rh = metrics["real_held_out"]
-        L.append(f"| mean classifier confidence | {metrics['mean_confidence']:.3f} | real held-out: {rh['mean_confidence']:.3f} |")
-        L.append(f"| digit classes present | {metrics['classes_present']} / 10 | real held-out: {rh['classes_present']} / 10 |")
-        L.append(
-            f"| class entropy (bits) | {metrics['class_entropy_bits']:.3f} | uniform: {metrics['max_entropy_bits']:.3f} |"
-        )
-    if "frechet_distance" in metrics:
-        fd = metrics["frechet_distance"]
-        L.append(
-            f"| Fréchet distance (classifier features, n = {fd['n']}) | {fd['samples']:.3f} | floor (real held-out): "
-            f"{fd['held_out_real (floor)']:.3f}; ceiling (Gaussian noise): {fd['gaussian_noise (ceiling)']:.3f} |"
-        )
-    if "sliced_wasserstein" in metrics:
-        sw = metrics["sliced_wasserstein"]
-        L.append(
-            f"| sliced Wasserstein-1 | {sw['samples']:.4f} | floor: {sw['train_vs_held_out (floor)']:.4f}; ceiling: "
-            f"{sw['gaussian_noise (ceiling)']:.4f} |"
-        )
-    v = metrics.get("test_vlb")
-    if isinstance(v, dict):
-        L.append(
-            f"| test VLB (bits/dim, {v['images']} held-out images, {v['bins']} levels) | {v['test_vlb_bpd']:.3f} "
-            f"(sigma^2 {v['variance']}) | decoder term {v[v['variance']]['decoder_bpd']:.3f}, prior {v['prior_bpd']:.1e} |"
-        )
+    L += metrics_table(metrics)
     if "class_histogram" in metrics:
         L.append("")
         L.append("Class histogram of the samples (classifier argmax, digits 0-9): " + ", ".join(map(str, metrics["class_histogram"])))
@@ -550,5 +549,5 @@ def write_report(run, metrics: dict, config, sample_info: dict, timings: dict, t
         f"{torch.__version__}, torch threads: {torch.get_num_threads()}, device: {timings.get('device', cfg.get('device'))}."
     )
     path = run / "report.md"
-    _atomic_write_bytes(path, ("\n".join(L) + "\n").encode())
+    atomic_write_text(path, L)
     return path

@@ -6,7 +6,8 @@ Samplers (``--sampler``):
 - ``ddpm``: ancestral sampling (DDPM Alg. 2) with ``kernels.ddpm_step`` (noise from the
   in-kernel Philox stream), on the schedule respaced to ``--steps`` (Improved DDPM) when
   steps < T, variance "small" (beta_tilde). A model with a learned variance uses it: each
-  step is N(posterior mean, exp(learned_range_log_variance)) built from the core.
+  step is N(posterior mean, exp(learned_range_log_variance)) built from the core, its noise
+  ``kernels.randn`` at the (seed, offset) the kernel step would use (the same stream).
 - ``ddim``: ``kernels.ddim_step`` over ``samplers.ddim_pairs(T, steps)`` with ``--eta``.
 - ``em``: Euler-Maruyama on the reverse VP-SDE with ``kernels.euler_maruyama_step``.
 - ``pc``: predictor-corrector, ``samplers.sample_pc`` (reverse-diffusion predictor + one Langevin
@@ -33,6 +34,7 @@ Under ``torchrun`` each rank samples a contiguous share and rank 0 gathers and w
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -42,6 +44,7 @@ import numpy as np
 import torch
 
 from . import losses, posterior
+from ._io import atomic_write_bytes, atomic_write_npz
 from .schedules import Schedule, timesteps
 
 __all__ = ["LoadedModel", "load_model", "generate", "sample_run", "save_grid", "SAMPLERS", "DEFAULT_STEPS"]
@@ -211,8 +214,8 @@ def _loop_ddpm(lm, x, seed, start, n_total, steps, progress, clip_x0=None):
                 x = mean
             else:
                 log_var = losses.learned_range_log_variance(s, tl, v)
-                g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + off)
-                x = mean + torch.exp(0.5 * log_var) * torch.randn(x.shape, generator=g).to(x.device)
+                z = K.randn(x.shape, seed, off, device=x.device, dtype=x.dtype)  # the kernel steps' noise
+                x = mean + torch.exp(0.5 * log_var) * z
         else:
             eps = lm.eps_model(x, tm, clip_x0)
             x = K.ddpm_step(s, x, t, eps, seed=seed, offset=off, variance="small")
@@ -318,12 +321,8 @@ def save_grid(path, x: np.ndarray, nrow: int | None = None, scale: int = 4, titl
     plot for 2-D points (N, 2). C = 1 is grey, C = 3 RGB; any other C (the latents of a
     latent-diffusion U-Net, e.g. 2 channels) shows each item's channels side by side in grey,
     clipped to [-1, 1]."""
-    from .train import _atomic_write_bytes
-
     x = np.asarray(x)
     if x.ndim == 2:
-        import io
-
         import matplotlib
 
         matplotlib.use("Agg")
@@ -337,10 +336,9 @@ def save_grid(path, x: np.ndarray, nrow: int | None = None, scale: int = 4, titl
         fig.tight_layout()
         fig.savefig(buf, format="png")
         plt.close(fig)
-        _atomic_write_bytes(Path(path), buf.getvalue())
+        atomic_write_bytes(path, buf.getvalue())
         return
     from PIL import Image
-    import io
 
     x = x[:100]
     if x.shape[1] not in (1, 3):  # channels side by side, one grey column between them
@@ -363,7 +361,7 @@ def save_grid(path, x: np.ndarray, nrow: int | None = None, scale: int = 4, titl
     im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
     buf = io.BytesIO()
     im.save(buf, format="PNG")
-    _atomic_write_bytes(Path(path), buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def sample_run(out, *, run=None, checkpoint=None, sampler="ddim", steps=None, eta=0.0, num_samples=500, seed=0,
@@ -371,9 +369,8 @@ def sample_run(out, *, run=None, checkpoint=None, sampler="ddim", steps=None, et
     """Load, sample, and write ``out``/samples.npz (``samples`` float32 + ``info`` JSON) and
     ``out``/samples.png. Returns the info dict."""
     import os
-    import time
 
-    from .train import _atomic_write_bytes, _Dist, resolve_device
+    from .train import _Dist, resolve_device
 
     dev = resolve_device(device)
     dd = _Dist(dev)  # under torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on CUDA
@@ -407,8 +404,6 @@ def _sample_run(out, dd, *, run, checkpoint, sampler, steps, eta, num_samples, s
                 clip_x0):
     import time
 
-    from .train import _atomic_write_bytes
-
     lm = load_model(run=run, checkpoint=checkpoint, device=device, ema=ema)
     t0 = time.time()
     if clip_x0 == "auto":
@@ -422,10 +417,6 @@ def _sample_run(out, dd, *, run, checkpoint, sampler, steps, eta, num_samples, s
     if dd.rank == 0:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        import io
-
-        buf = io.BytesIO()
-        np.savez(buf, samples=x, info=np.str_(json.dumps(info)))
-        _atomic_write_bytes(out / "samples.npz", buf.getvalue())
+        atomic_write_npz(out / "samples.npz", samples=x, info=np.str_(json.dumps(info)))
         save_grid(out / "samples.png", x, title=f"{sampler}, {num_samples} samples")
     return info

@@ -57,7 +57,6 @@ import math
 import os
 import re
 import signal
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -67,6 +66,7 @@ import numpy as np
 import torch
 
 from . import forward, losses, parameterization, posterior
+from ._io import atomic_write_bytes, atomic_write_json, read_sidecar, safetensors_metadata, save_safetensors, weights_and_sidecar
 from .data import Data, load_data
 from .schedules import SCHEDULE_NAMES, Schedule, named_schedule
 
@@ -131,6 +131,15 @@ def config_from_dict(cls, d: dict, what: str):
     return cls(**d)
 
 
+def check_int_fields(config, names, lo: int = 1, what: str | None = None) -> None:
+    """``ValueError`` naming the first field of ``names`` that is not an integer >= ``lo`` (bools
+    refused), described as ``what`` (default "an integer >= lo")."""
+    for name in names:
+        v = getattr(config, name)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+            raise ValueError(f"{name} must be {what or f'an integer >= {lo}'}; got {name} = {v!r}")
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run (stored in config.json).
@@ -178,17 +187,11 @@ class TrainConfig:
         self.validate()
 
     def validate(self):
-        def pos_int(name, lo=1):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-                raise ValueError(f"{name} must be an integer >= {lo}; got {name} = {v!r}")
-
-        for n in ("steps", "batch_size", "channels", "num_res_blocks", "num_heads", "mlp_depth", "save_every", "log_every"):
-            pos_int(n)
-        for n in ("warmup", "lr_decay_steps", "seed"):
-            pos_int(n, 0)
-        pos_int("timesteps", 2)
-        pos_int("image_size")
+        check_int_fields(self, ("steps", "batch_size", "channels", "num_res_blocks", "num_heads", "mlp_depth",
+                                "save_every", "log_every"))
+        check_int_fields(self, ("warmup", "lr_decay_steps", "seed"), 0)
+        check_int_fields(self, ("timesteps",), 2)
+        check_int_fields(self, ("image_size",))
         for n, lo, hi in (("lr", 0.0, math.inf), ("dropout", 0.0, 1.0), ("ema_decay", 0.0, 1.0), ("grad_clip", 0.0, math.inf)):
             v = getattr(self, n)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not (lo <= v < hi) or (n == "lr" and v <= 0):
@@ -448,45 +451,6 @@ def resolve_device(name: str) -> torch.device:
 
 
 # ----------------------------------------------------------------------------- files
-def _umask() -> int:
-    old = os.umask(0o022)
-    os.umask(old)
-    return old
-
-
-_UMASK = _umask()
-
-
-def _atomic_write_bytes(path: Path, data: bytes):
-    """Write ``data`` to a temp file in the same folder, fsync, then os.replace onto ``path``:
-    readers see the old file or the new one, never a partial write."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_write_json(path: Path, obj):
-    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
 
@@ -526,34 +490,14 @@ def load_checkpoint(path, verify: bool = True):
     Raises RunError if it is not a diffmath checkpoint or its weights do not match the JSON.
     Uses safetensors only (never pickle).
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
+    from safetensors.torch import load_file
 
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        st, js = path, path.with_suffix(".json")
-    else:
-        st, js = path.with_suffix(".safetensors"), path
+    st, js = weights_and_sidecar(path)
     if not st.exists():
         raise RunError(f"checkpoint weights {str(st)!r} do not exist")
-    try:
-        with safe_open(str(st), framework="pt") as f:
-            md = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise RunError(f"{str(st)!r} is not a readable safetensors file: {e}") from e
-    if md.get("format") != CHECKPOINT_FORMAT:
-        raise RunError(
-            f"{str(st)!r} is not a diffmath checkpoint (its safetensors metadata lacks format={CHECKPOINT_FORMAT!r})"
-        )
+    md = safetensors_metadata(st, CHECKPOINT_FORMAT, "checkpoint", RunError)
     if js.exists():
-        try:
-            meta = json.loads(js.read_text())
-        except ValueError as e:
-            raise RunError(f"{str(js)!r} is not valid JSON: {e}") from e
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise RunError(f"{str(js)!r} is not a diffmath checkpoint (expected format {CHECKPOINT_FORMAT!r})")
-        if verify and meta.get("weights_sha256") and meta["weights_sha256"] != _sha256(st):
-            raise RunError(f"{str(st)!r} does not match {str(js)!r} (SHA-256 differs): the checkpoint is damaged")
+        meta = read_sidecar(js, st, CHECKPOINT_FORMAT, "checkpoint", RunError, verify=verify)
     else:
         meta = json.loads(md.get("meta", "{}"))
         if not meta:
@@ -602,8 +546,6 @@ def _load_optimizer(opt, layout: dict, tensors: dict):
 
 
 def save_checkpoint(out: Path, step: int, config: TrainConfig, model, ema, opt, loss_history, rng_states, extra=None):
-    from safetensors.torch import save
-
     name = checkpoint_name(step)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
@@ -611,21 +553,20 @@ def save_checkpoint(out: Path, step: int, config: TrainConfig, model, ema, opt, 
     tensors.update(opt_tensors)
     tensors["loss_history"] = torch.tensor(loss_history, dtype=torch.float64) if loss_history else torch.zeros(0, dtype=torch.float64)
     small_meta = {"format": CHECKPOINT_FORMAT, "step": step, "config": config.to_dict(), **(extra or {})}
-    blob = save(tensors, metadata={"format": CHECKPOINT_FORMAT, "meta": json.dumps(small_meta)})
     st = out / f"{name}.safetensors"
-    _atomic_write_bytes(st, blob)
+    digest = save_safetensors(st, tensors, CHECKPOINT_FORMAT, small_meta)
     meta = {
         "format": CHECKPOINT_FORMAT,
         "step": step,
         "config": config.to_dict(),
         "weights": st.name,
-        "weights_sha256": hashlib.sha256(blob).hexdigest(),
+        "weights_sha256": digest,
         "rng": rng_states,
         "optimizer": opt_layout,
         "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
         **(extra or {}),
     }
-    _atomic_write_json(out / f"{name}.json", meta)
+    atomic_write_json(out / f"{name}.json", meta)
     return out / f"{name}.json"
 
 
@@ -683,7 +624,7 @@ def _save_fig(fig, path: Path):
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    _atomic_write_bytes(Path(path), buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 # ----------------------------------------------------------------------------- the run directory
@@ -977,7 +918,7 @@ def _checkpoint(out, step, config, model, ema, opt, losses_hist, dd, device, dat
 
 
 def _write_run_config(out: Path, config: TrainConfig, data: Data, model, world: int):
-    _atomic_write_json(
+    atomic_write_json(
         out / "config.json",
         {
             "format": RUN_FORMAT,

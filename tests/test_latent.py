@@ -162,12 +162,12 @@ def test_unet_config_that_cannot_take_the_latents():
 
 
 def test_unet_misfit_is_refused_before_the_vae_is_trained(tmp_path, digits, monkeypatch):
-    import diffmath.latent as latent
+    import diffmath.latent_diffusion as latent_diffusion  # train_latent's module (diffmath.latent re-exports it)
 
     def no_training(*a, **k):
         raise AssertionError("the VAE was trained before the U-Net config was checked")
 
-    monkeypatch.setattr(latent, "train_vae", no_training)
+    monkeypatch.setattr(latent_diffusion, "train_vae", no_training)
     with pytest.raises(ValueError, match=r"down-samples by 8 .* the latents are 4x4"):
         train_latent(tmp_path / "a", TrainConfig(**{**TINY_UNET, "channel_mult": (1, 2, 2, 2)}),
                      vae_config=VAEConfig(**TINY_VAE), data=digits)

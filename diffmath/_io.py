@@ -1,0 +1,134 @@
+"""File I/O of the pipeline: atomic writes, and safetensors files with a JSON sidecar.
+
+Every file the pipeline writes (checkpoints, configs, samples, figures, reports) goes through
+``atomic_write_bytes``: a temp file in the same folder, fsync, then ``os.replace``, so a reader
+sees the old file or the new one, never a partial write. Weights are safetensors whose header
+metadata carries ``format=<a diffmath format string>``, with a JSON sidecar (same stem, ``.json``)
+holding the SHA-256 of the weights file; reading them never unpickles anything.
+
+Used by ``train`` (checkpoints), ``sample``, ``evaluate`` and the latent-diffusion modules.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "atomic_write_npz",
+    "sha256_file",
+    "weights_and_sidecar",
+    "save_safetensors",
+    "safetensors_metadata",
+    "read_sidecar",
+]
+
+
+def _umask() -> int:
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+_UMASK = _umask()
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write ``data`` to a temp file in the same folder, fsync, then os.replace onto ``path``:
+    readers see the old file or the new one, never a partial write."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path, obj) -> None:
+    """``obj`` as JSON (indent 2, keys in insertion order, a final newline), atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def atomic_write_text(path, lines) -> None:
+    """The lines joined by newlines, with a final newline (UTF-8), atomically."""
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+
+def atomic_write_npz(path, **arrays) -> None:
+    """``numpy.savez(path, **arrays)`` (uncompressed), built in memory and written atomically."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def sha256_file(path) -> str:
+    """The SHA-256 hex digest of a file's bytes (read in 1 MiB chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_and_sidecar(path) -> tuple[Path, Path]:
+    """(the .safetensors path, the .json sidecar path) of a checkpoint given by either one."""
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        return p, p.with_suffix(".json")
+    return p.with_suffix(".safetensors"), p
+
+
+def save_safetensors(path, tensors: dict, fmt: str, meta: dict) -> str:
+    """Write ``tensors`` to ``path`` as safetensors with header metadata ``format=fmt`` and
+    ``meta`` (as JSON), atomically; returns the SHA-256 of the bytes written (for the sidecar)."""
+    from safetensors.torch import save
+
+    blob = save(tensors, metadata={"format": fmt, "meta": json.dumps(meta)})
+    atomic_write_bytes(path, blob)
+    return hashlib.sha256(blob).hexdigest()
+
+
+def safetensors_metadata(path, fmt: str, what: str, error=ValueError) -> dict:
+    """The safetensors header metadata of ``path``, which must carry ``format=fmt``; ``error``
+    naming the file otherwise (unreadable, or not a diffmath ``what``)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            md = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise error(f"{str(path)!r} is not a readable safetensors file: {e}") from e
+    if md.get("format") != fmt:
+        raise error(f"{str(path)!r} is not a diffmath {what} (its safetensors metadata lacks format={fmt!r})")
+    return md
+
+
+def read_sidecar(js: Path, st: Path, fmt: str, what: str, error=ValueError, verify: bool = True) -> dict:
+    """The JSON sidecar ``js`` of the weights ``st``: valid JSON with ``format == fmt``, and (with
+    ``verify``) a ``weights_sha256`` that matches ``st``'s bytes; ``error`` naming the file otherwise."""
+    try:
+        meta = json.loads(Path(js).read_text())
+    except ValueError as e:
+        raise error(f"{str(js)!r} is not valid JSON: {e}") from e
+    if meta.get("format") != fmt:
+        raise error(f"{str(js)!r} is not a diffmath {what} (expected format {fmt!r})")
+    if verify and meta.get("weights_sha256") and meta["weights_sha256"] != sha256_file(st):
+        raise error(f"{str(st)!r} does not match {str(js)!r} (SHA-256 differs): the checkpoint is damaged")
+    return meta

@@ -1,0 +1,411 @@
+"""Latent diffusion runs (Rombach et al. 2022): the pixel pipeline's diffusion, trained, sampled
+and evaluated on a VAE's scaled latents. ``diffmath.latent`` gives the overview.
+
+The latent diffusion model is the same U-Net, eps-prediction, schedule and training loop as
+in pixel space (``diffmath.train.train`` with the latent set as its ``data``), configured to
+down-sample less: the latents are small (8x8 digits -> 4x4x2 with the default VAE), so
+``channel_mult=(1,)`` (no down-sampling) or ``(1, 2)`` (4 -> 2).
+
+A latent run directory holds::
+
+    latent.json            format, VAE checkpoint and hash, latent shape, scaling factor
+    vae/                   vae.safetensors + vae.json (when the VAE was trained by this run), recon.png
+    latents.safetensors    the cached latents (unscaled) + scale factor + hashes
+    unet/                  the diffusion run (config.json, step-NNNNNN.safetensors/.json, loss.png)
+    samples.npz/.png       decoded samples (``sample_latent``), metrics.json, report.md (``demo_latent``)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ._io import atomic_write_json, atomic_write_npz, atomic_write_text
+from .data import Data, load_data
+from .latent_cache import LatentCache, LatentCacheError, decode_latents, encode_dataset, load_latents
+from .latent_vae import (
+    VAE_DEMO_CONFIG,
+    LoadedVAE,
+    VAEConfig,
+    _as_loaded,
+    _vae_paths,
+    check_vae_fits,
+    load_vae,
+    train_vae,
+)
+from .nn.vae import VAE
+from .train import DEMO_CONFIG
+
+__all__ = [
+    "LatentResult",
+    "LATENT_RUN_FORMAT",
+    "LATENT_DEMO_CONFIG",
+    "train_latent",
+    "sample_latent",
+    "evaluate_latent",
+    "demo_latent",
+    "read_latent_run",
+    "write_latent_run",
+    "check_unet_fits",
+]
+
+LATENT_RUN_FORMAT = "diffmath.latent-run/1"
+
+# The latent U-Net for 4x4 latents: no down-sampling (the pixel demo's U-Net halves 8x8 -> 4x4),
+# attention at 4x4 (16 tokens). Otherwise the pixel demo's recipe.
+LATENT_DEMO_CONFIG = {**DEMO_CONFIG, "channel_mult": (1,)}  # latents are 4x4: no downsampling
+
+
+@dataclass
+class LatentResult:
+    out: Path
+    vae_checkpoint: Path
+    cache: Path
+    unet: object  # diffmath.train.TrainResult
+    scale: float
+    latent_shape: tuple
+    timings: dict = field(default_factory=dict)
+    vae_metrics: dict = field(default_factory=dict)
+
+
+def check_unet_fits(config, latent_shape, where: str = "the U-Net config") -> None:
+    """``ValueError`` unless a U-Net built from ``config`` (a ``TrainConfig``) can denoise latents
+    of ``latent_shape``: the side divisible by its down-sampling 2**(len(channel_mult) - 1), and
+    a fixed variance (the learned-variance loss uses a discretised decoder for data in [-1, 1],
+    which latents are not)."""
+    c, h, w = (int(n) for n in latent_shape)
+    f = 2 ** (len(config.channel_mult) - 1)
+    if h != w or h % f:
+        raise ValueError(
+            f"{where} down-samples by {f} (channel_mult = {tuple(config.channel_mult)}) but the latents are {h}x{w} "
+            f"(shape {tuple(latent_shape)}); use a channel_mult with fewer entries, e.g. (1,) or (1, 2)"
+        )
+    if config.learn_sigma:
+        raise ValueError("learn_sigma is not supported in latent space (its VLB term assumes data on a grid in [-1, 1])")
+
+
+def _unet_data_shape(run: Path):
+    from .train import latest_checkpoint
+
+    ck = latest_checkpoint(run)
+    if ck is None:
+        return None
+    return tuple(json.loads(ck.read_text()).get("data_shape", ()))
+
+
+def read_latent_run(out) -> dict:
+    """latent.json of a latent run directory (``ValueError`` if absent or not ours)."""
+    p = Path(out) / "latent.json"
+    if not p.exists():
+        from .train import RunError
+
+        raise RunError(f"{str(out)!r} is not a latent diffusion run: it has no latent.json")
+    d = json.loads(p.read_text())
+    if d.get("format") != LATENT_RUN_FORMAT:
+        raise ValueError(f"{str(p)!r} is not a diffmath latent run (expected format {LATENT_RUN_FORMAT!r})")
+    return d
+
+
+def write_latent_run(out, lv: LoadedVAE, cache: LatentCache, *, encode_mode: str, data_spec: str, image_size: int,
+                     bins: int | None, vae_metrics: dict) -> Path:
+    """Write ``out``/latent.json, the record of a latent run: format, the VAE checkpoint (relative
+    to ``out`` when inside it) and its hash, latent and image shapes, the scaling factor, the
+    cache and U-Net locations (``latents.safetensors``, ``unet``), ``encode_mode``, the image data
+    (``data_spec``, ``image_size``, ``bins``) and the VAE's metrics. Returns the path."""
+    out = Path(out)
+    atomic_write_json(out / "latent.json", {
+        "format": LATENT_RUN_FORMAT,
+        "vae_checkpoint": _rel(out, lv.path),
+        "vae_hash": lv.hash,
+        "latent_shape": list(cache.latent_shape),
+        "image_shape": list(lv.image_shape),
+        "scale_factor": cache.scale,
+        "latent_cache": "latents.safetensors",
+        "encode_mode": encode_mode,
+        "unet_run": "unet",
+        "data": {"spec": data_spec, "image_size": image_size, "bins": bins},
+        "vae_metrics": vae_metrics,
+    })
+    return out / "latent.json"
+
+
+def _resolve(out: Path, p: str) -> Path:
+    q = Path(p)
+    return q if q.is_absolute() else out / q
+
+
+def _rel(out: Path, p: Path) -> str:
+    try:
+        return str(Path(p).resolve().relative_to(Path(out).resolve()))
+    except ValueError:
+        return str(Path(p).resolve())
+
+
+_LATENT_FILES = ("latent.json", "latents.safetensors", "samples.npz", "samples.png", "metrics.json", "report.md")
+
+
+def train_latent(out, config=None, *, vae=None, vae_config: VAEConfig | None = None, data: Data | None = None,
+                 resume: bool = False, overwrite: bool = False, encode_mode: str = "mean",
+                 stop_after: int | None = None, progress: bool | None = None) -> LatentResult:
+    """Latent diffusion in ``out`` (layout in the module docstring):
+
+    1. the VAE: ``vae`` (a checkpoint path or ``LoadedVAE``) if given; with ``resume`` the run's
+       own; else train one with ``vae_config`` (default ``VAEConfig()``; its data and image size
+       are taken from ``config``) into ``out``/vae;
+    2. the latents: ``encode_dataset`` into ``out``/latents.safetensors (reused when its VAE hash
+       and data digest match; with ``resume`` a mismatch is an error);
+    3. the diffusion model: ``diffmath.train.train(config, out/unet, data=<scaled latents>)``,
+       ``config`` a ``TrainConfig`` (default ``LATENT_DEMO_CONFIG``) whose ``data``/``image_size``
+       name the *image* data (what the VAE encodes).
+
+    ``resume`` continues the diffusion run (the VAE and latents must be those of the run);
+    ``overwrite`` replaces a run in ``out``. ``stop_after``: as in ``train``.
+    """
+    from .train import RunError, TrainConfig, train
+
+    t0 = time.time()
+    out = Path(out)
+    if config is None:
+        config = TrainConfig(**LATENT_DEMO_CONFIG)
+    if progress is not None:
+        config = dataclasses.replace(config, progress=progress)
+    if resume and overwrite:
+        raise RunError("resume and overwrite contradict each other; pick one")
+    if config.learn_sigma:  # refused before anything is written or trained (check_unet_fits says it again)
+        raise ValueError("learn_sigma is not supported in latent space (its VLB term assumes data on a grid in [-1, 1])")
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {str(out)!r} exists and is a file, not a directory")
+    nonempty = out.is_dir() and any(out.iterdir())
+    run_info = None
+    if resume:
+        run_info = read_latent_run(out)
+    elif nonempty:
+        if not overwrite:
+            raise RunError(f"--out {str(out)!r} already exists and is not empty; pass resume=True to continue that run "
+                           "or overwrite=True to replace it")
+        for name in _LATENT_FILES:
+            if (out / name).is_file():
+                (out / name).unlink()
+        keep = None  # a VAE given from inside out/vae survives the overwrite
+        if isinstance(vae, LoadedVAE) and vae.path is not None:
+            keep = Path(vae.path).resolve().parent
+        elif vae is not None and not isinstance(vae, VAE):
+            keep = _vae_paths(vae)[1].resolve().parent
+        for sub, marker in (("vae", "vae.json"), ("unet", "config.json")):
+            if (out / sub / marker).exists() and (out / sub).resolve() != keep:
+                shutil.rmtree(out / sub)
+    out.mkdir(parents=True, exist_ok=True)
+    if data is None:
+        data = load_data(config.data, config.image_size)
+    timings = {}
+
+    # 1. the VAE
+    vae_metrics = {}
+    if vae is not None:
+        lv = _as_loaded(vae, config.device)
+        if lv.path is None:
+            raise ValueError("train_latent needs a saved VAE (a checkpoint path or load_vae(...)) so the run can refer to it")
+        if run_info is not None and lv.hash != run_info["vae_hash"]:
+            raise LatentCacheError(
+                f"the VAE given (hash {lv.hash[:16]}...) is not the one the run in {str(out)!r} was trained with "
+                f"(hash {run_info['vae_hash'][:16]}...); a resumed run keeps its VAE"
+            )
+    elif run_info is not None:
+        lv = load_vae(_resolve(out, run_info["vae_checkpoint"]), config.device)
+        if lv.hash != run_info["vae_hash"]:
+            raise LatentCacheError(f"the VAE checkpoint of {str(out)!r} has changed since the run started (hash mismatch)")
+    else:
+        vc = vae_config if vae_config is not None else VAEConfig()
+        vc = dataclasses.replace(vc, data=config.data, image_size=config.image_size, device=config.device,
+                                 progress=config.progress)
+        check_vae_fits(vc, data.shape, where=f"the {data.name!r} images")
+        # the U-Net must take the latents this VAE will make: refused before the VAE is trained
+        check_unet_fits(config, (vc.latent_channels, data.shape[1] // vc.factor, data.shape[2] // vc.factor))
+        res = train_vae(vc, out / "vae", data=data)
+        lv = res.loaded
+        timings["vae_train_s"] = round(res.seconds, 2)
+        vae_metrics = res.metrics
+    if not vae_metrics:
+        vae_metrics = dict(lv.meta.get("metrics", {}))
+    check_vae_fits(lv, data.shape, where=f"the {data.name!r} images")
+    check_unet_fits(config, lv.latent_shape)
+
+    # 2. the latents
+    cache_path = out / "latents.safetensors"
+    t1 = time.time()
+    cache = None
+    if cache_path.exists():
+        try:
+            cache = load_latents(cache_path, vae=lv, data=data)
+            if cache.meta.get("mode") != encode_mode:
+                cache = None
+        except LatentCacheError:
+            if resume:
+                raise
+            cache = None
+    if cache is None:
+        if resume and (out / "unet").exists() and _unet_data_shape(out / "unet") is not None:
+            raise LatentCacheError(f"{str(cache_path)!r} is missing or stale; the run in {str(out)!r} cannot be resumed")
+        cache = encode_dataset(lv, data, cache_path, mode=encode_mode, seed=config.seed)
+    timings["encode_s"] = round(time.time() - t1, 2)
+
+    # 3. the diffusion model
+    unet_dir = out / "unet"
+    if resume:
+        shape = _unet_data_shape(unet_dir)
+        if shape is not None and tuple(shape) != tuple(cache.latent_shape):
+            raise ValueError(
+                f"the U-Net in {str(unet_dir)!r} was trained on latents of shape {shape}, but the VAE makes latents of "
+                f"shape {cache.latent_shape}"
+            )
+    write_latent_run(out, lv, cache, encode_mode=encode_mode, data_spec=config.data, image_size=config.image_size,
+                     bins=data.bins, vae_metrics=vae_metrics)
+    t2 = time.time()
+    res = train(config, unet_dir, resume=resume and unet_dir.exists(), overwrite=overwrite, data=cache.data(),
+                stop_after=stop_after)
+    timings["unet_train_s"] = round(time.time() - t2, 2)
+    timings["total_s"] = round(time.time() - t0, 2)
+    return LatentResult(out, lv.path, cache_path, res, cache.scale, cache.latent_shape, timings, vae_metrics)
+
+
+def sample_latent(run, out=None, *, vae=None, sampler: str = "ddim", steps=None, eta: float = 0.0,
+                  num_samples: int = 500, seed: int = 0, device: str = "auto", batch_size: int = 500,
+                  progress: bool = False, ema: bool = True) -> tuple[np.ndarray, dict]:
+    """Sample a latent run: draw scaled latents with ``diffmath.sample.generate`` (any sampler
+    of the pixel pipeline) from the U-Net in ``run``/unet, divide by the scaling factor and decode
+    with the run's VAE (``vae`` overrides it; it must make latents of the U-Net's shape and have
+    the run's hash). Returns (images (N, C, H, W) float32 in [-1, 1], info); with ``out``, writes
+    ``out``/samples.npz (``samples``, ``latents`` (scaled), ``info``) and ``out``/samples.png."""
+    from .sample import generate, load_model, save_grid
+
+    run = Path(run)
+    info_run = read_latent_run(run)
+    lm = load_model(run=run / info_run.get("unet_run", "unet"), device=device, ema=ema)
+    lv = _as_loaded(vae, lm.device) if vae is not None else load_vae(_resolve(run, info_run["vae_checkpoint"]), lm.device)
+    if tuple(lm.data_shape) != tuple(lv.latent_shape):
+        raise ValueError(
+            f"the VAE makes latents of shape {tuple(lv.latent_shape)} but the U-Net of {str(run)!r} was trained on "
+            f"latents of shape {tuple(lm.data_shape)}: this VAE cannot decode its samples"
+        )
+    if lv.hash != info_run["vae_hash"]:
+        raise LatentCacheError(
+            f"the VAE given (hash {lv.hash[:16]}...) is not the one whose latents the U-Net of {str(run)!r} was trained on "
+            f"(hash {info_run['vae_hash'][:16]}...)"
+        )
+    scale = float(info_run["scale_factor"])
+    t0 = time.time()
+    # latents are not in [-1, 1]: never clip the predicted x0 to the pixel range
+    z = generate(lm, num_samples, sampler=sampler, steps=steps, eta=eta, seed=seed, batch_size=batch_size,
+                 progress=progress, clip_x0=None)
+    t1 = time.time()
+    x = decode_latents(lv, z, scale, batch_size=batch_size)
+    t2 = time.time()
+    from .sample import sampling_info
+
+    info = sampling_info(lm, sampler, steps, eta, num_samples, seed, ema, clip_x0=None)
+    info.update({
+        "latent": True,
+        "latent_shape": list(lv.latent_shape),
+        "scale_factor": scale,
+        "vae_hash": lv.hash,
+        "seconds_latent": round(t1 - t0, 3),
+        "seconds_decode": round(t2 - t1, 3),
+        "seconds": round(t2 - t0, 3),
+    })
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_npz(out / "samples.npz", samples=x, latents=z.astype(np.float32), info=np.str_(json.dumps(info)))
+        save_grid(out / "samples.png", x, title=f"latent {sampler}, {num_samples} samples")
+    return x, info
+
+
+def evaluate_latent(run, samples=None, out=None, *, device: str = "auto", progress: bool = False) -> dict:
+    """``diffmath evaluate`` for a latent run: the pixel pipeline's sample metrics
+    (``evaluate.evaluate_run`` on ``run``/unet, whose config names the image data) of the
+    decoded samples (default ``run``/samples.npz), with the VAE's metrics and the latent shape
+    and scale added; no test VLB (the diffusion bound lives in latent space). Writes
+    ``out``/metrics.json (default ``run``)."""
+    from .evaluate import evaluate_run
+
+    run = Path(run)
+    info = read_latent_run(run)
+    out = Path(out) if out is not None else run
+    samples = Path(samples) if samples is not None else run / "samples.npz"
+    m = evaluate_run(run / info.get("unet_run", "unet"), samples=samples, out=out, vlb_images=0, device=device,
+                     progress=progress)
+    m["vae"] = info.get("vae_metrics", {})
+    m["latent"] = {"shape": info["latent_shape"], "scale_factor": info["scale_factor"], "vae_hash": info["vae_hash"]}
+    m["test_vlb"] = "not reported for latent runs (the diffusion VLB is a bound in latent space; see vae.held_out_elbo_bpd)"
+    atomic_write_json(out / "metrics.json", m)
+    return m
+
+
+def demo_latent(out=Path("runs/demo-latent"), *, overwrite: bool = False, device: str = "auto", progress: bool = True,
+                config_overrides: dict | None = None, vae_overrides: dict | None = None, num_samples: int = 500,
+                sampler: str = "ddim", steps: int = 50) -> dict:
+    """The latent counterpart of ``diffmath demo``: train the VAE and the latent U-Net on the
+    8x8 digits (or reuse a finished demo run in ``out``), sample with DDIM, evaluate the decoded
+    samples with the pixel pipeline's metrics, and write ``out``/report.md. Returns the metrics
+    (with ``timings`` and ``vae``)."""
+    from .train import RunError, TrainConfig, check_compatible, read_run_config
+
+    out = Path(out)
+    config = TrainConfig(**{**LATENT_DEMO_CONFIG, "device": device, "progress": progress, **(config_overrides or {})})
+    vc = VAEConfig(**{**VAE_DEMO_CONFIG, "device": device, "progress": progress, **(vae_overrides or {})})
+    resume = False
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        try:
+            read_latent_run(out)
+            check_compatible(read_run_config(out / "unet")["config"], config, where=str(out / "unet" / "config.json"))
+            resume = True
+        except (RunError, ValueError) as e:
+            raise RunError(f"--out {str(out)!r} holds something other than this latent demo run ({e}); pass "
+                           "--overwrite or another --out") from None
+    t0 = time.time()
+    res = train_latent(out, config, vae_config=vc, resume=resume, overwrite=overwrite)
+    if res.unet.interrupted:
+        raise KeyboardInterrupt
+    t1 = time.time()
+    x, info = sample_latent(out, out, sampler=sampler, steps=steps, num_samples=num_samples, device=device, progress=progress)
+    t2 = time.time()
+    metrics = evaluate_latent(out, device=device, progress=progress)
+    t3 = time.time()
+    metrics["timings"] = {**res.timings, "train_s": round(t1 - t0, 1), "sample_s": round(t2 - t1, 1),
+                          "evaluate_s": round(t3 - t2, 1), "total_s": round(t3 - t0, 1)}
+    metrics["vae"] = res.vae_metrics
+    metrics["latent"] = {"shape": list(res.latent_shape), "scale_factor": res.scale}
+    atomic_write_json(out / "metrics.json", metrics)
+    _write_latent_report(out, metrics, config, info, res)
+    return metrics
+
+
+def _write_latent_report(out: Path, m: dict, config, info: dict, res: LatentResult) -> Path:
+    from .evaluate import metrics_table
+
+    v = m.get("vae", {})
+    L = ["# diffmath latent diffusion demo", ""]
+    L.append(f"VAE: 8x8 digits -> latents of shape {tuple(res.latent_shape)}, scaling factor {res.scale:.4f} "
+             f"(1/std of the training latents). Held-out ELBO {v.get('held_out_elbo_bpd', float('nan')):.3f} "
+             f"± {v.get('held_out_elbo_bpd_stderr') or 0:.3f} bits/dim (17-level discretised decoder).")
+    L.append("")
+    L.append(f"Latent U-Net: channel_mult {tuple(config.channel_mult)}, {config.steps} steps of batch {config.batch_size}, "
+             f"{config.schedule} schedule, T = {config.timesteps}. Sampler {info['sampler']} with {info['steps']} steps, "
+             f"{info['num_samples']} samples.")
+    L.append("")
+    L += metrics_table(m)
+    L.append("")
+    L.append("Samples: ![samples](samples.png)  VAE reconstructions: ![recon](vae/recon.png)")
+    L.append("")
+    L.append(f"Timings (s): {m.get('timings')}")
+    p = out / "report.md"
+    atomic_write_text(p, L)
+    return p
+
+
