@@ -22,6 +22,7 @@ __all__ = [
     "check_t",
     "check_schedule",
     "check_pair",
+    "schedule_cache",
     "schedule_table",
     "compute_dtype",
     "upcast",
@@ -179,22 +180,34 @@ def check_schedule(s):
     return s
 
 
-# Tables derived from a schedule, built once per schedule and key and dropped with it: a
-# Schedule is a frozen dataclass of read-only arrays (eq=False, so hashable by identity).
-_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# Values derived from a schedule, computed once per schedule and key and dropped with it: a
+# Schedule is a frozen dataclass of read-only arrays (eq=False, so hashable by identity). Shared
+# by the core's tables and the kernels' host/device tables and folded coefficients.
+_PER_SCHEDULE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def schedule_cache(s, key, build):
+    """``build(s)``, computed once per schedule ``s`` and hashable ``key`` and kept for the
+    schedule's lifetime (an exception from ``build`` is raised and nothing is stored)."""
+    per = _PER_SCHEDULE.get(s)
+    if per is None:
+        per = _PER_SCHEDULE[s] = {}
+    try:
+        return per[key]
+    except KeyError:
+        v = per[key] = build(s)
+        return v
 
 
 def schedule_table(s, key, build) -> np.ndarray:
     """``build(s)`` (a float64 array), computed once per schedule and ``key``, read-only."""
-    per = _TABLES.get(s)
-    if per is None:
-        per = _TABLES[s] = {}
-    tab = per.get(key)
-    if tab is None:
+
+    def table(s):
         tab = np.asarray(build(s), dtype=np.float64)
         tab.setflags(write=False)
-        per[key] = tab
-    return tab
+        return tab
+
+    return schedule_cache(s, ("table", key), table)
 
 
 def check_t(t, T: int, x=None, name: str = "t", lo: int = 0):

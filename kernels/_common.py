@@ -27,12 +27,11 @@ import numbers
 import os
 import struct
 import threading
-import weakref
 
 import numpy as np
 import torch
 
-from .._array import check_float, check_like, check_t
+from .._array import check_float, check_like, check_t, schedule_cache
 from .._array import check_schedule  # noqa: F401 - re-exported for the kernel modules
 from ..schedules import Schedule
 
@@ -247,23 +246,17 @@ def f32(v: float, name: str | None = None) -> float:
 
 
 # ----------------------------------------------------------------------------- device tables
-# Float32 copies of float64 schedule tables, one per (schedule, kind, device, dtype), dropped
-# with the schedule (Schedule is a frozen dataclass with eq=False: hashable by identity).
-_TABLES: "weakref.WeakKeyDictionary[Schedule, dict]" = weakref.WeakKeyDictionary()
-
-
+# The float64 host table of each kind and its float32 (or float64) copies, one per (kind,
+# device, dtype), kept per schedule by the core's ``schedule_cache`` and dropped with the schedule.
 def host_table(s: Schedule, kind, build) -> np.ndarray:
     """The float64 (k, T) table ``build(s)``, computed once per schedule and cached."""
-    per = _TABLES.get(s)
-    if per is None:
-        per = _TABLES[s] = {}
-    key = (kind, "host", torch.float64)
-    tab = per.get(key)
-    if tab is None:
+
+    def table(s):
         tab = np.ascontiguousarray(np.atleast_2d(np.asarray(build(s), dtype=np.float64)))
         tab.setflags(write=False)
-        per[key] = tab
-    return tab
+        return tab
+
+    return schedule_cache(s, (kind, "host", torch.float64), table)
 
 
 def first_nonfinite(s: Schedule, kind, build) -> tuple:
@@ -271,12 +264,8 @@ def first_nonfinite(s: Schedule, kind, build) -> tuple:
     not finite in float64, the first that holds one which is not finite once cast to float32, and
     that float64 value (T and None where there is none); found once per schedule and table and
     cached with it."""
-    per = _TABLES.get(s)
-    if per is None:
-        per = _TABLES[s] = {}
-    key = (kind, "first_nonfinite")
-    hit = per.get(key)
-    if hit is None:
+
+    def find(s):
         tab = host_table(s, kind, build)
         T = tab.shape[1]
         with np.errstate(over="ignore", invalid="ignore"):
@@ -284,23 +273,18 @@ def first_nonfinite(s: Schedule, kind, build) -> tuple:
         c64, c32 = np.flatnonzero(bad64.any(axis=0)), np.flatnonzero(bad32.any(axis=0))
         i64 = int(c64[0]) if c64.size else T
         i32 = int(c32[0]) if c32.size else T
-        hit = per[key] = (i64, i32, float(tab[:, i32][bad32[:, i32]][0]) if i32 < T else None)
-    return hit
+        return i64, i32, (float(tab[:, i32][bad32[:, i32]][0]) if i32 < T else None)
+
+    return schedule_cache(s, (kind, "first_nonfinite"), find)
 
 
 def device_table(s: Schedule, kind, device: torch.device, dtype: torch.dtype, build) -> torch.Tensor:
     """The (k, T) table ``build(s)`` (float64 numpy) as a contiguous ``dtype`` tensor on
     ``device``, built and moved once, then cached for the schedule's lifetime."""
-    per = _TABLES.get(s)
-    if per is None:
-        per = _TABLES[s] = {}
-    key = (kind, device if isinstance(device, torch.device) else torch.device(device), dtype)
-    tab = per.get(key)
-    if tab is None:
-        arr = host_table(s, kind, build)
-        tab = torch.tensor(arr, dtype=dtype).to(device).contiguous()
-        per[key] = tab
-    return tab
+    device = device if isinstance(device, torch.device) else torch.device(device)
+    return schedule_cache(
+        s, (kind, device, dtype), lambda s: torch.tensor(host_table(s, kind, build), dtype=dtype).to(device).contiguous()
+    )
 
 
 # ----------------------------------------------------------------------------- torch noise stream

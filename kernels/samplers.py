@@ -9,13 +9,13 @@ at t[b] in the kernel from float32 device copies of float64 tables (DDPM).
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 
 import numpy as np
 import torch
 
+from .._array import schedule_cache
 from ..samplers._common import check_eta, check_positive
 from ..samplers.ddim import ddim_coefs
 from ..samplers.ddpm import _check_clip, _check_variance, ddpm_std
@@ -118,12 +118,11 @@ def ddim_fold(s, t, t_prev, eta: float):
     return _ddim_fold(s, t, t_prev, eta)
 
 
-@functools.lru_cache(maxsize=4096)
 def _ddim_fold_scalar(s, t: int, t_prev: int, eta: float):
     # Schedules are immutable (frozen, read-only tables) and hash by identity, so the fold of a
-    # (schedule, t, t_prev, eta) is computed and validated once: a sampling loop's host overhead
-    # stays at a dictionary lookup. Errors are not cached (lru_cache does not store exceptions).
-    return _ddim_fold(s, t, t_prev, eta)
+    # (schedule, t, t_prev, eta) is computed and validated once and kept with the schedule: a
+    # sampling loop's host overhead stays at a dictionary lookup. Errors are not cached.
+    return schedule_cache(s, ("ddim_fold", t, t_prev, eta), lambda s: _ddim_fold(s, t, t_prev, eta))
 
 
 def _ddim_fold(s, t, t_prev, eta):

@@ -6,6 +6,7 @@ import torch
 
 import diffmath as dm
 import diffmath.kernels as K
+from diffmath._array import _PER_SCHEDULE
 from diffmath.kernels import _common
 
 S = dm.linear_schedule(100)
@@ -217,8 +218,8 @@ def test_schedule_table_moves_to_the_tensor_device(path):
     x = torch.ones(2, 3, device=dev)
     out = K.ddpm_step(s, x, torch.tensor([3, 4], device=dev), x, seed=1)
     assert out.device == x.device
-    keys = [k for k in _common._TABLES[s] if k[1] == x.device]
-    assert keys and all(_common._TABLES[s][k].device == x.device for k in keys)
+    keys = [k for k in _PER_SCHEDULE[s] if k[1] == x.device]
+    assert keys and all(_PER_SCHEDULE[s][k].device == x.device for k in keys)
 
 
 def test_zero_terminal_snr_step_is_refused(path):
@@ -298,15 +299,31 @@ def test_gathered_coefficients_that_overflow_float32_are_refused(path):
         assert torch.isfinite(K.ddpm_step(s, x.double(), torch.tensor([1, 45]), x.double(), seed=0, clip_x0=1.0)).all()
 
 
+def test_ddim_fold_is_cached_and_released_with_the_schedule(path):
+    _, dev = path
+    s = dm.cosine_schedule(40)
+    x = torch.ones(2, 3, device=dev)
+    a = K.ddim_step(s, x, 30, 20, x, eta=0.0)
+    key = ("ddim_fold", 30, 20, 0.0)
+    fold = _PER_SCHEDULE[s][key]
+    assert torch.equal(K.ddim_step(s, x, 30, 20, x, eta=0.0), a) and _PER_SCHEDULE[s][key] is fold
+    n = len(_PER_SCHEDULE)
+    del s
+    import gc
+
+    gc.collect()
+    assert len(_PER_SCHEDULE) == n - 1
+
+
 def test_ddpm_tables_are_released_with_the_schedule(path):
     _, dev = path
     s = dm.cosine_schedule(40)
     x = torch.ones(2, 3, device=dev)
     K.ddpm_step(s, x, torch.tensor([3, 4], device=dev), x, seed=0, variance="large")
     K.ddpm_step(s, x, 5, x, seed=0, clip_x0=1.0)
-    n = len(_common._TABLES)
+    n = len(_PER_SCHEDULE)
     del s
     import gc
 
     gc.collect()
-    assert len(_common._TABLES) == n - 1
+    assert len(_PER_SCHEDULE) == n - 1

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import diffmath as dm
 import diffmath.kernels as K
-from diffmath.kernels import _common
+from diffmath._array import _PER_SCHEDULE
 
 
 @settings(KSET)
@@ -105,15 +105,15 @@ def test_device_tables_are_cached_and_released(path):
     s = dm.linear_schedule(30)
     x0 = torch.ones(2, 3, device=dev)
     K.q_sample(s, x0, torch.tensor([1, 2], device=dev), seed=0)
-    entries = _common._TABLES[s]
+    entries = _PER_SCHEDULE[s]
     assert any(k[0] == "q" and k[1] == torch.device(dev) for k in entries)
     tab = next(v for k, v in entries.items() if k[0] == "q")
     K.q_sample(s, x0, torch.tensor([3, 4], device=dev), seed=0)
-    assert next(v for k, v in _common._TABLES[s].items() if k[0] == "q") is tab  # built once
-    n = len(_common._TABLES)
+    assert next(v for k, v in _PER_SCHEDULE[s].items() if k[0] == "q") is tab  # built once
+    n = len(_PER_SCHEDULE)
     del s, entries, tab
     gc.collect()
-    assert len(_common._TABLES) == n - 1
+    assert len(_PER_SCHEDULE) == n - 1
 
 
 def test_t_on_another_device_is_moved(path):
