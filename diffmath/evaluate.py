@@ -275,19 +275,6 @@ def class_metrics(proba: np.ndarray, num_classes: int = 10) -> dict:
 
 
 # ----------------------------------------------------------------------------- test VLB
-def _fixed_large_log_variance(s, t, log_small):
-    """log sigma_t^2 = log beta_t for t > 0 and the clipped posterior log variance at t = 0
-    (guided-diffusion's ``fixed_large``; the "large" variance of ``losses.vlb_weight``), from the
-    core: log beta_t is the upper end of Improved DDPM's learned range,
-    ``losses.learned_range_log_variance(s, t, v=1)``, and ``log_small`` the clipped posterior log
-    variance of ``posterior.q_posterior_mean_variance`` (both of x_t's shape)."""
-    from . import losses
-
-    log_beta = losses.learned_range_log_variance(s, t, torch.ones_like(log_small))
-    first = (t == 0).reshape((-1,) + (1,) * (log_small.ndim - 1))
-    return torch.where(first, log_small, log_beta)
-
-
 @torch.no_grad()
 def vlb_bpd(loaded, x0: np.ndarray, bins: int, *, seed: int = 0, batch_size: int = 512, progress: bool = False) -> dict:
     """The variational bound -log p(x0) <= L_T + sum_{t>=1} L_{t-1} + L_0 in bits/dim
@@ -326,14 +313,12 @@ def vlb_bpd(loaded, x0: np.ndarray, bins: int, *, seed: int = 0, batch_size: int
         out = loaded.forward(x_t, tb)
         pred, v = out[:, :C], (out[:, C:] if loaded.config.learn_sigma else None)
         x0_pred = x0_from_prediction(loaded.config.prediction, s, x_t, tb, pred).clamp(-1, 1)
-        mean, _, log_small = posterior.q_posterior_mean_variance(s, x0_pred, x_t, tb)
+        mean = posterior.q_posterior_mean(s, x0_pred, x_t, tb)
         for var in variants:
             if var == "learned":
                 lv = losses.learned_range_log_variance(s, tb, v)
-            elif var == "small":
-                lv = log_small
-            else:
-                lv = _fixed_large_log_variance(s, tb, log_small)
+            else:  # the fixed "small" / "large" variances, float64 from the schedule's tables
+                lv = losses.fixed_log_variance(s, tb, var).reshape(-1, *([1] * (x_t.ndim - 1))).expand(x_t.shape)
             vb = vb_terms_bpd(s, mean.double(), lv.double(), xb.double(), x_t.double(), tb, bins=bins)
             terms[var][ts[0] : ts[-1] + 1] = vb.reshape(len(ts), n).cpu().numpy()
     res = {"images": int(n), "bins": int(bins), "timesteps": int(T), "prior_bpd": float(prior.mean())}

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import torch
 
-from ._array import backend, check_float, check_like, check_schedule, check_t, gather, gather_t, is_tensor, restore, upcast
+from ._array import backend, check_float, check_like, check_schedule, check_t, gather, gather_t, is_tensor, restore, schedule_table, upcast
 from .gaussian import discretized_gaussian_log_likelihood, normal_kl
 from .schedules import Schedule
 
@@ -20,6 +20,7 @@ __all__ = [
     "vb_terms_bpd",
     "prior_bpd",
     "vlb_weight",
+    "fixed_log_variance",
     "snr_weight",
     "dsm_loss",
     "learned_range_log_variance",
@@ -105,6 +106,36 @@ def _check_variance(variance: str):
         raise ValueError(f"variance must be 'small' (beta_tilde) or 'large' (beta); got {variance!r}")
 
 
+def _fixed_log_variance_table(s: Schedule, variance: str) -> np.ndarray:
+    """``fixed_log_variance``'s (T,) table, built once per schedule and variance (read-only)."""
+
+    def build(s):
+        if variance == "small":
+            return s.posterior_log_variance_clipped
+        with np.errstate(divide="ignore"):
+            log_sigma2 = np.log(s.betas)
+        log_sigma2[0] = s.posterior_log_variance_clipped[0]
+        return log_sigma2
+
+    return schedule_table(s, ("fixed_log_variance", variance), build)
+
+
+def fixed_log_variance(s: Schedule, t, variance: str = "small"):
+    """log sigma_t^2 of a reverse step with fixed variance (Ho et al. 2020, sec. 3.2):
+
+    "small": log beta_tilde_t, the clipped posterior log variance (``posterior_log_variance_clipped``);
+    "large": log beta_t, except at t = 0 where it is the clipped posterior log variance
+    log beta_tilde_1 too (guided-diffusion's FIXED_LARGE; log beta_0 would make the decoder
+    L_0 almost a delta).
+
+    float64 of t's shape (a tensor on t's device for tensor t).
+    """
+    check_schedule(s)
+    _check_variance(variance)
+    t = check_t(t, s.num_timesteps)
+    return gather_t(_fixed_log_variance_table(s, variance), t)
+
+
 def vlb_weight(s: Schedule, t, variance: str = "small"):
     """lambda_t with L_{t-1} = lambda_t * ||eps - eps_theta||^2 for a model with fixed variance
     sigma_t^2 and mean mu_theta = (x_t - beta_t/sqrt(1 - abar_t) eps_theta)/sqrt(alpha_t):
@@ -112,19 +143,15 @@ def vlb_weight(s: Schedule, t, variance: str = "small"):
     lambda_t = beta_t^2 / (2 sigma_t^2 alpha_t (1 - abar_t))            (DDPM eq. 12)
 
     sigma_t^2 = posterior variance ("small") or beta_t ("large"); at t = 0 both use the
-    clipped posterior variance posterior_variance[1] (guided-diffusion's fixed variances).
+    clipped posterior variance posterior_variance[1] (``fixed_log_variance``).
     Nats per element. t: int or integer array (B,); returns float64 of t's shape (a tensor
     on t's device for tensor t). Infinite where alpha_t = 0 (beta_t = 1).
     """
     check_schedule(s)
     _check_variance(variance)
     t = check_t(t, s.num_timesteps)
+    log_sigma2 = _fixed_log_variance_table(s, variance)
     with np.errstate(divide="ignore"):
-        if variance == "small":
-            log_sigma2 = s.posterior_log_variance_clipped
-        else:
-            log_sigma2 = np.log(s.betas).copy()
-            log_sigma2[0] = s.posterior_log_variance_clipped[0]
         log_w = 2 * np.log(s.betas) - LN2 - log_sigma2 - np.log1p(-s.betas) - s.log_one_minus_alphas_cumprod
         w = np.exp(log_w)
     return gather_t(w, t)

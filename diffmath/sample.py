@@ -209,7 +209,7 @@ def _loop_ddpm(lm, x, seed, start, n_total, steps, progress, clip_x0=None):
             x0 = x0_from_prediction(lm.config.prediction, s0, x, tm, pred)
             if clip_x0 is not None:
                 x0 = x0.clamp(-clip_x0, clip_x0)
-            mean = posterior.q_posterior_mean_variance(s, x0, x, tl)[0]
+            mean = posterior.q_posterior_mean(s, x0, x, tl)
             if t == 0:
                 x = mean
             else:

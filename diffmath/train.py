@@ -357,7 +357,7 @@ def training_loss(config, model, s, x0, t, *, seed_noise=None, offset=0, noise=N
         return mse, {"mse": mse.detach()}
     with torch.no_grad():  # stop-gradient on the mean (Improved DDPM, Sec. 3.1)
         x0_pred = x0_from_prediction(config.prediction, s, x_t, t, pred.detach())
-        mean = posterior.q_posterior_mean_variance(s, x0_pred, x_t, t)[0]
+        mean = posterior.q_posterior_mean(s, x0_pred, x_t, t)
     log_var = losses.learned_range_log_variance(s, t, v)
     vb = losses.vb_terms_bpd(s, mean, log_var, x0, x_t, t, bins=bins)
     loss = mse + config.hybrid_lambda * s.num_timesteps * vb.mean()

@@ -2,6 +2,8 @@
 
 import math
 
+import mpmath as mp
+
 import numpy as np
 import pytest
 import torch
@@ -12,11 +14,11 @@ from scipy import stats
 
 import diffmath as dm
 from diffmath.gaussian import normal_kl
-from diffmath.losses import dsm_loss, learned_range_log_variance, prior_bpd, simple_loss, snr_weight, vb_terms_bpd, vlb_weight
+from diffmath.losses import dsm_loss, fixed_log_variance, learned_range_log_variance, prior_bpd, simple_loss, snr_weight, vb_terms_bpd, vlb_weight
 from diffmath.parameterization import x0_from_eps, x0_from_v, v_from_x0_eps
 from diffmath.posterior import posterior_mean_from_eps, q_posterior_mean_variance
 
-from _ref import abar_by_product, schedules
+from _ref import abar_by_product, linspace_betas, schedules
 
 
 @given(s=schedules(max_T=5000, hi_max=0.5), data=st.data(), variance=st.sampled_from(["small", "large"]))
@@ -37,6 +39,28 @@ def test_eps_form_of_kl_is_weighted_mse(s, data, variance):
     kl = normal_kl(true_mean, true_logv, model_mean, logv) - normal_kl(true_mean, true_logv, true_mean, logv)
     lam = vlb_weight(s, t, variance)
     assert_allclose(kl, lam * (eps - eps_th) ** 2, rtol=1e-7, atol=1e-12 * (1 + lam))
+
+
+@given(betas=linspace_betas(T=(2, 400)), variance=st.sampled_from(["small", "large"]))
+def test_fixed_log_variance_against_mpmath(betas, variance):
+    # 50-digit reference from the betas alone: log beta_tilde_t = log(beta_t (1 - abar_{t-1}) / (1 - abar_t))
+    # ("small"), log beta_t ("large"); at t = 0 both are log beta_tilde_1 (guided-diffusion's fixed variances).
+    s = dm.Schedule.from_betas(betas)
+    T = s.num_timesteps
+    with mp.workdps(50):
+        b = [mp.mpf(float(v)) for v in betas]
+        abar, prod = [], mp.mpf(1)
+        for v in b:
+            prod *= 1 - v
+            abar.append(prod)
+        tilde = lambda i: mp.log(b[i] * (1 - abar[i - 1]) / (1 - abar[i]))  # noqa: E731
+        ref = [tilde(1)] + [tilde(i) if variance == "small" else mp.log(b[i]) for i in range(1, T)]
+        ref = np.array([float(r) for r in ref])
+    ours = fixed_log_variance(s, np.arange(T), variance)
+    assert ours.dtype == np.float64 and ours.shape == (T,)
+    assert_allclose(ours, ref, rtol=1e-13, atol=1e-13)
+    tt = torch.tensor([0, T - 1])
+    assert torch.equal(fixed_log_variance(s, tt, variance), torch.tensor(ours[[0, T - 1]]))
 
 
 def test_vlb_weight_shapes_and_t0():
