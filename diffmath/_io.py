@@ -99,9 +99,24 @@ def save_safetensors(path, tensors: dict, fmt: str, meta: dict) -> str:
     ``meta`` (as JSON), atomically; returns the SHA-256 of the bytes written (for the sidecar)."""
     from safetensors.torch import save
 
-    blob = save(tensors, metadata={"format": fmt, "meta": json.dumps(meta)})
+    blob = _canonical_header(save(tensors, metadata={"format": fmt, "meta": json.dumps(meta)}))
     atomic_write_bytes(path, blob)
     return hashlib.sha256(blob).hexdigest()
+
+
+def _canonical_header(blob: bytes) -> bytes:
+    """``blob`` with its safetensors header metadata in sorted key order, so that the same
+    tensors and metadata give the same bytes (and SHA-256) in every run: the library writes the
+    metadata from a Rust HashMap, whose order is random per map. The header is an 8-byte
+    little-endian length n, then n bytes of JSON padded with spaces to a multiple of 8; the
+    tensors' data_offsets count from the end of the header, so re-writing it keeps them valid."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + blob[8 + n :]
 
 
 def safetensors_metadata(path, fmt: str, what: str, error=ValueError) -> dict:
