@@ -346,7 +346,8 @@ def train_config_from_args(args) -> "TrainConfig":  # noqa: F821
 
     With ``args.latent`` the config is the latent U-Net's: the stored one is ``out/unet``'s, and
     ``channel_mult`` defaults to (1,) when neither the stored config, the TOML nor a flag sets it."""
-    from .train import RunError, TrainConfig, read_run_config
+    from .checkpoint import RunError, read_run_config
+    from .train import TrainConfig
 
     latent = bool(getattr(args, "latent", False))
     stored = Path(args.out) / "unet" if latent else Path(args.out)
@@ -417,7 +418,7 @@ def _cmd_train_latent(args) -> int:
     import json
 
     from .latent import VAEConfig, read_latent_run, train_latent
-    from .train import RunError
+    from .checkpoint import RunError
 
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         raise ValueError("train --latent runs in one process (the VAE and the latent cache are not distributed); "
@@ -529,7 +530,8 @@ def run_demo(out=DEMO_OUT, *, overwrite: bool = False, device: str = "auto", pro
     write report.md. Returns the metrics with the timings under ``"timings"``."""
     from .evaluate import evaluate_run, write_report
     from .sample import sample_run
-    from .train import DEMO_CONFIG, RunError, TrainConfig, check_compatible, read_run_config, train
+    from .checkpoint import RunError, check_compatible, read_run_config
+    from .train import DEMO_CONFIG, TrainConfig, train
 
     out = Path(out)
     config = TrainConfig(**{**DEMO_CONFIG, "device": device, "progress": progress, **(config_overrides or {})})
@@ -554,7 +556,7 @@ def run_demo(out=DEMO_OUT, *, overwrite: bool = False, device: str = "auto", pro
     metrics = evaluate_run(out, vlb_images=vlb_images, device=device, progress=progress)
     timings["evaluate_s"] = round(time.time() - t2, 1)
     timings["total_s"] = round(time.time() - t0, 1)
-    from .train import resolve_device
+    from .distributed import resolve_device
 
     timings["device"] = str(resolve_device(device))
     timings["threads"] = __import__("torch").get_num_threads()
@@ -626,7 +628,7 @@ def main(argv=None) -> int:
         args = argparse.Namespace(command="verify", args=argv[1:])
     else:
         args = parser.parse_args(argv)
-    from .train import RunError
+    from .checkpoint import RunError
 
     if getattr(args, "threads", None) is not None:
         set_threads(args.threads)

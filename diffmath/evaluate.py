@@ -361,7 +361,7 @@ def evaluate_run(run, samples=None, out=None, *, vlb_images: int = 64, device: s
     ``out`` (default the run directory) and returns the metrics."""
     from .data import load_data
     from .sample import load_model
-    from .train import RunError, read_run_config
+    from .checkpoint import RunError, read_run_config
 
     run = Path(run)
     rc = read_run_config(run)
@@ -480,7 +480,7 @@ def write_report(run, metrics: dict, config, sample_info: dict, timings: dict, t
     """report.md in the run directory, linking samples.png, loss.png, schedule.png, metrics.json."""
     import platform
 
-    from .train import read_run_config
+    from .checkpoint import read_run_config
 
     run = Path(run)
     rc = read_run_config(run)

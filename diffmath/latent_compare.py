@@ -29,7 +29,8 @@ def _train_for_budget(config, out: Path, data: Data, budget_s: float, *, chunk_s
     ``train``'s own time counted: start-up, steps, checkpoints), in chunks of about ``chunk_s``
     joined by ``resume`` (bit-identical to one uninterrupted run; ``config.steps`` is only an
     upper bound, so the learning rate must not depend on it). Returns steps and seconds."""
-    from .train import list_checkpoints, train
+    from .checkpoint import list_checkpoints
+    from .train import train
 
     spent, steps, sec_per_step, first = 0.0, 0, None, True
     while spent < budget_s and steps < config.steps:
@@ -67,7 +68,8 @@ def compare_pixel_latent(out, *, budget_s: float = 120.0, vae_config: VAEConfig 
     import platform
 
     from .sample import sample_run
-    from .train import RunError, TrainConfig
+    from .checkpoint import RunError
+    from .train import TrainConfig
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):

@@ -91,7 +91,7 @@ def check_unet_fits(config, latent_shape, where: str = "the U-Net config") -> No
 
 
 def _unet_data_shape(run: Path):
-    from .train import latest_checkpoint
+    from .checkpoint import latest_checkpoint
 
     ck = latest_checkpoint(run)
     if ck is None:
@@ -103,7 +103,7 @@ def read_latent_run(out) -> dict:
     """latent.json of a latent run directory (``ValueError`` if absent or not ours)."""
     p = Path(out) / "latent.json"
     if not p.exists():
-        from .train import RunError
+        from .checkpoint import RunError
 
         raise RunError(f"{str(out)!r} is not a latent diffusion run: it has no latent.json")
     d = json.loads(p.read_text())
@@ -167,7 +167,8 @@ def train_latent(out, config=None, *, vae=None, vae_config: VAEConfig | None = N
     ``resume`` continues the diffusion run (the VAE and latents must be those of the run);
     ``overwrite`` replaces a run in ``out``. ``stop_after``: as in ``train``.
     """
-    from .train import RunError, TrainConfig, train
+    from .checkpoint import RunError
+    from .train import TrainConfig, train
 
     t0 = time.time()
     out = Path(out)
@@ -354,7 +355,8 @@ def demo_latent(out=Path("runs/demo-latent"), *, overwrite: bool = False, device
     8x8 digits (or reuse a finished demo run in ``out``), sample with DDIM, evaluate the decoded
     samples with the pixel pipeline's metrics, and write ``out``/report.md. Returns the metrics
     (with ``timings`` and ``vae``)."""
-    from .train import RunError, TrainConfig, check_compatible, read_run_config
+    from .checkpoint import RunError, check_compatible, read_run_config
+    from .train import TrainConfig
 
     out = Path(out)
     config = TrainConfig(**{**LATENT_DEMO_CONFIG, "device": device, "progress": progress, **(config_overrides or {})})

@@ -331,7 +331,7 @@ def _as_loaded(vae, device="cpu") -> LoadedVAE:
 def _device(name) -> torch.device:
     if isinstance(name, torch.device):
         return name
-    from .train import resolve_device
+    from .distributed import resolve_device
 
     return resolve_device(str(name))
 
@@ -388,7 +388,7 @@ def train_vae(config: VAEConfig, out, *, data: Data | None = None, overwrite: bo
     t0 = time.time()
     out = Path(out)
     if (out / "vae.json").exists() and not overwrite:
-        from .train import RunError
+        from .checkpoint import RunError
 
         raise RunError(f"{str(out)!r} already holds a VAE (vae.json); pass overwrite=True to replace it")
     if data is None:

@@ -94,7 +94,9 @@ class LoadedModel:
 def load_model(run=None, checkpoint=None, device: str = "auto", ema: bool = True) -> LoadedModel:
     """The model of a run directory (its latest checkpoint) or of one checkpoint file, with the
     EMA weights (``ema=False``: the raw weights), in eval mode."""
-    from .train import RunError, TrainConfig, build_model, latest_checkpoint, load_checkpoint, make_schedule, resolve_device
+    from .checkpoint import RunError, latest_checkpoint, load_checkpoint
+    from .distributed import resolve_device
+    from .train import TrainConfig, build_model, make_schedule
 
     if (run is None) == (checkpoint is None):
         raise ValueError("give exactly one of run (a run directory) or checkpoint (a step-NNNNNN file)")
@@ -370,7 +372,7 @@ def sample_run(out, *, run=None, checkpoint=None, sampler="ddim", steps=None, et
     ``out``/samples.png. Returns the info dict."""
     import os
 
-    from .train import _Dist, resolve_device
+    from .distributed import _Dist, resolve_device
 
     dev = resolve_device(device)
     dd = _Dist(dev)  # under torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on CUDA

@@ -45,17 +45,18 @@ optimizer tensors ``optim.<i>.<name>``, ``loss_history``) + step-NNNNNN.json (st
 RNG states, optimizer hyper-parameters, SHA-256 of the .safetensors), loss.png and
 schedule.png, all written atomically (temp file + os.replace). Nothing is ever unpickled.
 Ctrl-C / SIGTERM finish the current step, write a checkpoint and return.
+
+This module holds the config, the building blocks and the loop; the file formats and the run
+directory live in ``diffmath.checkpoint``, the figures in ``diffmath.plots``, devices and the
+process group in ``diffmath.distributed``. Their names stay importable from here.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import hashlib
-import json
 import math
 import os
-import re
 import signal
 import threading
 import time
@@ -66,8 +67,32 @@ import numpy as np
 import torch
 
 from . import forward, losses, parameterization, posterior
-from ._io import atomic_write_bytes, atomic_write_json, read_sidecar, safetensors_metadata, save_safetensors, weights_and_sidecar
+from .checkpoint import (  # noqa: F401  (the checkpoint and run-directory names are importable from here too)
+    CHECKPOINT_FORMAT,
+    OUR_FILES,
+    RESUMABLE_FIELDS,
+    RUN_FORMAT,
+    RunError,
+    _CKPT_RE,
+    _is_ours,
+    _load_optimizer,
+    _optimizer_tensors,
+    _rng_state_b64,
+    _rng_state_from_b64,
+    _write_run_config,
+    check_compatible,
+    checkpoint_name,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    prepare_out,
+    read_run_config,
+    save_checkpoint,
+    weights_digest,
+)
 from .data import Data, load_data
+from .distributed import _Dist, resolve_device
+from .plots import _save_fig, plot_loss, plot_schedule  # noqa: F401
 from .schedules import SCHEDULE_NAMES, Schedule, named_schedule
 
 __all__ = [
@@ -86,12 +111,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
 ]
 
-RUN_FORMAT = "diffmath.run/1"
-CHECKPOINT_FORMAT = "diffmath.checkpoint/1"
 PREDICTIONS = ("eps", "x0", "v")
-_CKPT_RE = re.compile(r"^step-(\d{6,})\.json$")
-# Fields that may change when a run is resumed; any other difference is refused.
-RESUMABLE_FIELDS = ("steps", "save_every", "device", "progress", "log_every", "bf16")
 
 # The recipe of ``diffmath demo`` (``cli.run_demo``) and of the pixel model in
 # ``latent.compare_pixel_latent``: 8x8 digits, a 0.7M-parameter U-Net, tuned to finish well
@@ -116,10 +136,6 @@ DEMO_CONFIG = dict(
     save_every=500,
     seed=0,
 )
-
-
-class RunError(ValueError):
-    """A run directory or checkpoint that cannot be used as asked (message says why)."""
 
 
 def config_from_dict(cls, d: dict, what: str):
@@ -299,7 +315,6 @@ def uses_fused_noise(config: TrainConfig) -> bool:
     return config.prediction == "eps" and not config.learn_sigma
 
 
-
 def model_outputs(config: TrainConfig, out: torch.Tensor, C: int):
     """Split a network output into (prediction, variance value v or None)."""
     if config.learn_sigma:
@@ -402,283 +417,6 @@ def lr_schedule(lr: float, warmup: int, decay_steps: int, step: int) -> float:
 def learning_rate(config: TrainConfig, step: int) -> float:
     """``lr_schedule`` with the run's lr, warmup and lr_decay_steps."""
     return lr_schedule(config.lr, config.warmup, config.lr_decay_steps, step)
-
-
-# ----------------------------------------------------------------------------- distributed
-class _Dist:
-    def __init__(self, device):
-        import torch.distributed as dist
-
-        self.dist = dist
-        self.own = False
-        if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            dist.init_process_group(backend=backend)
-            self.own = True
-        self.active = dist.is_available() and dist.is_initialized()
-        self.rank = dist.get_rank() if self.active else 0
-        self.world = dist.get_world_size() if self.active else 1
-
-    def barrier(self):
-        if self.active:
-            self.dist.barrier()
-
-    def all_gather_object(self, obj):
-        if not self.active:
-            return [obj]
-        out = [None] * self.world
-        self.dist.all_gather_object(out, obj)
-        return out
-
-    def broadcast_object(self, obj):
-        if not self.active:
-            return obj
-        box = [obj]
-        self.dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def close(self):
-        if self.own:
-            self.dist.destroy_process_group()
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RunError("--device cuda was asked for but torch.cuda.is_available() is False; use --device cpu")
-    return torch.device(name)
-
-
-# ----------------------------------------------------------------------------- files
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:06d}"
-
-
-def read_run_config(out) -> dict:
-    """config.json of a run directory, checked to be ours."""
-    p = Path(out) / "config.json"
-    if not p.exists():
-        raise RunError(f"{str(out)!r} is not a diffmath run: it has no config.json")
-    try:
-        d = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise RunError(f"{str(p)!r} is not a diffmath run config (unreadable JSON: {e})") from e
-    if not isinstance(d, dict) or d.get("format") != RUN_FORMAT or "config" not in d:
-        raise RunError(f"{str(p)!r} is not a diffmath run config (expected format {RUN_FORMAT!r})")
-    return d
-
-
-def list_checkpoints(out) -> list[tuple[int, Path]]:
-    """(step, json path) of the checkpoints in ``out``, ascending."""
-    found = []
-    for p in Path(out).glob("step-*.json"):
-        m = _CKPT_RE.match(p.name)
-        if m:
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def latest_checkpoint(out) -> Path | None:
-    c = list_checkpoints(out)
-    return c[-1][1] if c else None
-
-
-def load_checkpoint(path, verify: bool = True):
-    """Read a checkpoint (its .json or .safetensors path) -> (meta dict, tensors dict).
-
-    Raises RunError if it is not a diffmath checkpoint or its weights do not match the JSON.
-    Uses safetensors only (never pickle).
-    """
-    from safetensors.torch import load_file
-
-    st, js = weights_and_sidecar(path)
-    if not st.exists():
-        raise RunError(f"checkpoint weights {str(st)!r} do not exist")
-    md = safetensors_metadata(st, CHECKPOINT_FORMAT, "checkpoint", RunError)
-    if js.exists():
-        meta = read_sidecar(js, st, CHECKPOINT_FORMAT, "checkpoint", RunError, verify=verify)
-    else:
-        meta = json.loads(md.get("meta", "{}"))
-        if not meta:
-            raise RunError(f"{str(st)!r} has no {js.name} beside it and no embedded metadata")
-    tensors = load_file(str(st))
-    return meta, tensors
-
-
-def _rng_state_b64(state: torch.Tensor) -> str:
-    return base64.b64encode(state.cpu().numpy().tobytes()).decode("ascii")
-
-
-def _rng_state_from_b64(s: str) -> torch.Tensor:
-    return torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy())
-
-
-def _optimizer_tensors(opt: torch.optim.Optimizer):
-    sd = opt.state_dict()
-    tensors, layout = {}, {}
-    for idx, st in sd["state"].items():
-        keys = []
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"optim.{idx}.{k}"] = v.detach().cpu().contiguous()
-                keys.append(k)
-            else:
-                layout.setdefault("scalars", {}).setdefault(str(idx), {})[k] = v
-        layout.setdefault("tensors", {})[str(idx)] = keys
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, {"param_groups": groups, **layout}
-
-
-def _load_optimizer(opt, layout: dict, tensors: dict):
-    state = {}
-    for idx, keys in layout.get("tensors", {}).items():
-        state[int(idx)] = {k: tensors[f"optim.{idx}.{k}"] for k in keys}
-    for idx, sc in layout.get("scalars", {}).items():
-        state.setdefault(int(idx), {}).update(sc)
-    groups = []
-    for g in layout["param_groups"]:
-        g = dict(g)
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-        groups.append(g)
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-def save_checkpoint(out: Path, step: int, config: TrainConfig, model, ema, opt, loss_history, rng_states, extra=None):
-    name = checkpoint_name(step)
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
-    opt_tensors, opt_layout = _optimizer_tensors(opt)
-    tensors.update(opt_tensors)
-    tensors["loss_history"] = torch.tensor(loss_history, dtype=torch.float64) if loss_history else torch.zeros(0, dtype=torch.float64)
-    small_meta = {"format": CHECKPOINT_FORMAT, "step": step, "config": config.to_dict(), **(extra or {})}
-    st = out / f"{name}.safetensors"
-    digest = save_safetensors(st, tensors, CHECKPOINT_FORMAT, small_meta)
-    meta = {
-        "format": CHECKPOINT_FORMAT,
-        "step": step,
-        "config": config.to_dict(),
-        "weights": st.name,
-        "weights_sha256": digest,
-        "rng": rng_states,
-        "optimizer": opt_layout,
-        "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        **(extra or {}),
-    }
-    atomic_write_json(out / f"{name}.json", meta)
-    return out / f"{name}.json"
-
-
-# ----------------------------------------------------------------------------- plots
-def plot_loss(path: Path, loss_history, title: str = "training loss"):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    y = np.asarray(loss_history, dtype=np.float64)
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    if y.size:
-        x = np.arange(1, y.size + 1)
-        ax.plot(x, y, lw=0.6, alpha=0.35, label="per step")
-        k = max(1, min(100, y.size // 20))
-        if y.size >= k and k > 1:
-            sm = np.convolve(y, np.ones(k) / k, mode="valid")
-            ax.plot(x[k - 1 :], sm, lw=1.5, label=f"moving mean ({k})")
-        if np.all(y > 0):
-            ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    _save_fig(fig, path)
-    plt.close(fig)
-
-
-def plot_schedule(path: Path, s: Schedule, name: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    t = np.arange(s.num_timesteps)
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), dpi=100)
-    axes[0].plot(t, s.betas)
-    axes[0].set_title("beta_t")
-    axes[1].plot(t, s.alphas_cumprod)
-    axes[1].set_title("alpha_bar_t")
-    axes[2].plot(t, s.log_snr)
-    axes[2].set_title("log SNR_t")
-    for ax in axes:
-        ax.set_xlabel("t")
-    fig.suptitle(f"schedule {name!r}, T = {s.num_timesteps}")
-    fig.tight_layout()
-    _save_fig(fig, path)
-    plt.close(fig)
-
-
-def _save_fig(fig, path: Path):
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
-
-
-# ----------------------------------------------------------------------------- the run directory
-OUR_FILES = ("config.json", "loss.png", "schedule.png", "samples.npz", "samples.png", "metrics.json", "report.md")
-
-
-def _is_ours(p: Path) -> bool:
-    return p.name in OUR_FILES or bool(re.match(r"^step-\d{6,}\.(json|safetensors)$", p.name))
-
-
-def prepare_out(out: Path, config: TrainConfig, *, resume: bool, overwrite: bool) -> Path | None:
-    """Check ``out`` against the flags; returns the checkpoint to resume from (or None)."""
-    out = Path(out)
-    if resume and overwrite:
-        raise RunError("--resume and --overwrite contradict each other; pick one")
-    exists = out.exists() and (not out.is_dir() or any(out.iterdir()))
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--out {str(out)!r} exists and is a file, not a directory")
-    if resume:
-        if not exists:
-            raise RunError(f"--resume: {str(out)!r} holds no run to resume (missing or empty)")
-        stored = read_run_config(out)
-        check_compatible(stored["config"], config, where=str(out / "config.json"))
-        ck = latest_checkpoint(out)
-        if ck is None:
-            return None  # the run wrote its config but no checkpoint: start from scratch
-        meta, _ = load_checkpoint(ck, verify=False)
-        check_compatible(meta.get("config", {}), config, where=str(ck))
-        return ck
-    if exists:
-        if not overwrite:
-            raise RunError(
-                f"--out {str(out)!r} already exists and is not empty; pass --resume to continue that run or "
-                "--overwrite to replace it"
-            )
-        for p in out.iterdir():
-            if p.is_file() and _is_ours(p):
-                p.unlink()
-    return None
-
-
-def check_compatible(stored: dict, config: TrainConfig, where: str):
-    try:
-        old = TrainConfig.from_dict(stored).model_fields()
-    except (TypeError, ValueError) as e:
-        raise RunError(f"{where} does not hold a diffmath training config this version can read: {e}") from e
-    new = config.model_fields()
-    diff = [f"{k}: checkpoint {old[k]!r} vs now {new[k]!r}" for k in sorted(new) if old.get(k) != new[k]]
-    if diff:
-        raise RunError(
-            f"cannot resume: {where} was written with a different configuration ("
-            + "; ".join(diff)
-            + f"). Only {', '.join(RESUMABLE_FIELDS)} may change on --resume; the existing checkpoints are left intact."
-        )
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -890,14 +628,6 @@ def train(config: TrainConfig, out, *, resume: bool = False, overwrite: bool = F
         dd.close()
 
 
-def weights_digest(model) -> str:
-    """SHA-256 of the parameters' bytes (in order): equal digests mean bit-identical weights."""
-    h = hashlib.sha256()
-    for p in model.parameters():
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def _checkpoint(out, step, config, model, ema, opt, losses_hist, dd, device, data, is_main):
     cpu = dd.all_gather_object(_rng_state_b64(torch.get_rng_state()))
     cuda = dd.all_gather_object(_rng_state_b64(torch.cuda.get_rng_state(device)) if device.type == "cuda" else "")
@@ -916,23 +646,3 @@ def _checkpoint(out, step, config, model, ema, opt, losses_hist, dd, device, dat
     dd.barrier()
     return path if path is not None else out / f"{checkpoint_name(step)}.json"
 
-
-def _write_run_config(out: Path, config: TrainConfig, data: Data, model, world: int):
-    atomic_write_json(
-        out / "config.json",
-        {
-            "format": RUN_FORMAT,
-            "config": config.to_dict(),
-            "data": {
-                "name": data.name,
-                "kind": data.kind,
-                "shape": list(data.shape),
-                "bins": data.bins,
-                "train": int(data.train.shape[0]),
-                "held_out": int(data.held_out.shape[0]),
-            },
-            "model": {"class": type(model).__name__, "parameters": int(sum(p.numel() for p in model.parameters()))},
-            "world_size": world,
-            "torch": torch.__version__,
-        },
-    )

@@ -258,7 +258,9 @@ def _imported_modules(path, package):
 def test_imports_point_downward():
     # DESIGN.md: the math (and kernels/) imports only numpy, scipy, torch and the math; nn/ only torch;
     # data, train, evaluate, sample and latent never import cli; the latent modules build on each
-    # other one way (vae <- cache <- diffusion <- compare <- the diffmath.latent facade)
+    # other one way (vae <- cache <- diffusion <- compare <- the diffmath.latent facade); train's
+    # parts sit below it, one way (plots <- checkpoint <- distributed <- train), and none of them
+    # imports train, evaluate or sample
     from pathlib import Path
 
     import diffmath
@@ -266,7 +268,8 @@ def test_imports_point_downward():
     root = Path(diffmath.__file__).parent
     kernels_dir = Path(__import__("diffmath.kernels", fromlist=["x"]).__file__).parent
     latent_order = ("latent_vae", "latent_cache", "latent_diffusion", "latent_compare", "latent")
-    pipeline = {"data", "train", "evaluate", "sample", *latent_order, "cli", "verify", "nn", "kernels"}
+    train_order = ("plots", "checkpoint", "distributed", "train")
+    pipeline = {"data", *train_order, "evaluate", "sample", *latent_order, "cli", "verify", "nn", "kernels"}
     bad = []
     files = [(f, "diffmath" + "".join("." + p for p in f.relative_to(root).parent.parts)) for f in root.rglob("*.py")]
     files += [(f, "diffmath.kernels") for f in kernels_dir.glob("*.py") if f.name != "bench.py"]
@@ -278,7 +281,9 @@ def test_imports_point_downward():
         used = {n.split(".")[1] for n in _imported_modules(f, pkg) if n.count(".") >= 1}
         if top in latent_order:
             forbidden = {"cli", *latent_order[latent_order.index(top) + 1 :]}
-        elif top in ("data", "train", "evaluate", "sample"):
+        elif top in train_order:
+            forbidden = {"cli", "evaluate", "sample", *latent_order, *train_order[train_order.index(top) + 1 :]}
+        elif top in ("data", "evaluate", "sample"):
             forbidden = {"cli", *latent_order}
         elif top == "nn":
             forbidden = {n for n in used if n != "nn"}
@@ -286,6 +291,25 @@ def test_imports_point_downward():
             forbidden = pipeline - ({"kernels"} if top == "kernels" else set())
         bad += [f"{f} imports diffmath.{n}" for n in sorted(used & forbidden)]
     assert not bad, bad
+
+
+def test_split_names_are_still_importable_from_train():
+    # checkpoint / run-directory I/O, the figures and the device helpers moved out of train.py;
+    # diffmath.train re-exports the very same objects
+    from diffmath import checkpoint, distributed, plots
+
+    moved = {
+        checkpoint: ["RunError", "RUN_FORMAT", "CHECKPOINT_FORMAT", "RESUMABLE_FIELDS", "OUR_FILES", "checkpoint_name",
+                     "read_run_config", "list_checkpoints", "latest_checkpoint", "load_checkpoint", "save_checkpoint",
+                     "weights_digest", "prepare_out", "check_compatible", "_write_run_config", "_optimizer_tensors",
+                     "_load_optimizer", "_rng_state_b64", "_rng_state_from_b64", "_is_ours", "_CKPT_RE"],
+        plots: ["plot_loss", "plot_schedule", "_save_fig"],
+        distributed: ["resolve_device", "_Dist"],
+    }
+    for mod, names in moved.items():
+        for name in names:
+            assert getattr(tr, name) is getattr(mod, name), f"diffmath.train.{name} is not {mod.__name__}.{name}"
+    assert all(hasattr(tr, n) for n in tr.__all__)
 
 
 def test_toy_data_and_x0_prediction_train(tmp_path):
