@@ -46,6 +46,7 @@ __all__ = [
     "host_table",
     "first_nonfinite",
     "stream_seed",
+    "stream_generator",
     "torch_normal",
     "MAX_OFFSET",
 ]
@@ -299,17 +300,22 @@ def stream_seed(seed: int, offset: int) -> int:
     return int.from_bytes(digest, "little")
 
 
-def torch_normal(shape, seed: int, offset: int, device: torch.device) -> torch.Tensor:
-    """The torch path's noise: float32 N(0, 1) draws of ``shape`` (in the order of the flat,
-    contiguous output) from a fresh ``torch.Generator`` on ``device`` seeded with
-    ``stream_seed(seed, offset)``."""
-    device = torch.device(device)
+def stream_generator(seed: int, offset: int, device: torch.device) -> torch.Generator:
+    """The ``torch.Generator`` of the torch path's stream at ``(seed, offset)``: one per thread
+    and device, re-seeded with ``stream_seed(seed, offset)`` on every call."""
     gens = _GENERATORS.__dict__
     g = gens.get(device)
-    if g is None:  # one generator per thread and device, re-seeded for every call
+    if g is None:
         g = gens[device] = torch.Generator(device=device)
     g.manual_seed(stream_seed(seed, offset))
-    return torch.randn(shape, generator=g, device=device, dtype=torch.float32)
+    return g
+
+
+def torch_normal(shape, seed: int, offset: int, device: torch.device) -> torch.Tensor:
+    """The torch path's noise: float32 N(0, 1) draws of ``shape`` (in the order of the flat,
+    contiguous output) from ``stream_generator(seed, offset, device)``."""
+    device = torch.device(device)
+    return torch.randn(shape, generator=stream_generator(seed, offset, device), device=device, dtype=torch.float32)
 
 
 def as_float(v, name: str) -> float:

@@ -327,3 +327,63 @@ def test_ddpm_tables_are_released_with_the_schedule(path):
 
     gc.collect()
     assert len(_PER_SCHEDULE) == n - 1
+
+
+# ----------------------------------------------------------------------------- the CPU chunked update
+def test_chunk_bounds():
+    from diffmath.kernels._affine import _chunk_bounds
+
+    for n in (16, 17, 63, 64, 65, 79, 80, 81, 640, 655, 656, 1000):
+        b = _chunk_bounds(n, 64)
+        lengths = np.diff(b)
+        assert b[0] == 0 and b[-1] == n and (lengths > 0).all()
+        assert all(k % 64 == 0 for k in lengths[:-1]) and lengths[-1] >= min(n, 16)
+
+
+def _one_call_and_chunked(monkeypatch, fn):
+    from diffmath.kernels import _affine
+
+    monkeypatch.setattr(_affine, "CPU_CHUNK_MIN", 1 << 62)
+    ref = fn()
+    monkeypatch.setattr(_affine, "CPU_CHUNK_MIN", 1)
+    return ref, fn()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("extra", [0, 1, 15, 16, 17])
+def test_cpu_chunked_update_is_bit_identical(monkeypatch, dtype, extra):
+    """Large CPU updates with the stream's noise run in cache-sized chunks, the normals drawn
+    chunk by chunk: the result must equal the one-call path bit for bit (same ops per element,
+    and CPU normal_ gives the same numbers in chunks that are multiples of 16 long)."""
+    from diffmath.kernels import _affine
+
+    monkeypatch.setenv("DIFFMATH_KERNELS", "torch")
+    monkeypatch.setattr(_affine, "CPU_CHUNK", 64)
+    s = dm.cosine_schedule(1000)
+    g = torch.Generator().manual_seed(extra)
+    x = torch.randn(3, 5 * 64 + extra, generator=g).to(dtype)
+    e = torch.randn(x.shape, generator=g).to(dtype)
+    xt = x.t().contiguous().t()  # non-contiguous, same values
+    vp = dm.sde.VPSDE()
+    cases = [
+        lambda: K.q_sample(s, x, 300, seed=3, offset=7),
+        lambda: K.ddpm_step(s, x, 500, e, seed=1, clip_x0=1.0),
+        lambda: K.ddpm_step(s, xt, 500, e, seed=1, variance="large"),
+        lambda: K.ddim_step(s, x, 501, 481, e, eta=1.0, seed=4),
+        lambda: K.euler_maruyama_step(vp, x, 0.5, -0.01, e, seed=9),
+        lambda: K.langevin_step(x, e, 0.01, seed=2),
+    ]
+    for fn in cases:
+        ref, chunked = _one_call_and_chunked(monkeypatch, fn)
+        assert chunked.dtype == ref.dtype and torch.equal(chunked, ref)
+
+
+def test_cpu_chunked_stream_at_the_default_chunk(monkeypatch):
+    """The same at the real sizes: 2^21 + 5 elements in chunks of CPU_CHUNK."""
+    monkeypatch.setenv("DIFFMATH_KERNELS", "torch")
+    s = dm.linear_schedule(1000)
+    x = torch.zeros(2**21 + 5)  # q_sample of zeros is sqrt(1 - abar_t) times the stream's normals
+    ref, chunked = _one_call_and_chunked(monkeypatch, lambda: K.q_sample(s, x, 999, seed=11, offset=3))
+    assert torch.equal(chunked, ref)
+    z = chunked / float(np.sqrt(-np.expm1(np.log1p(-s.betas).sum())))
+    assert abs(z.mean().item()) < 5 / 2**10.5 and abs(z.var().item() - 1) < 0.01  # N(0, 1), 5 sigma
