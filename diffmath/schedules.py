@@ -7,8 +7,9 @@ Discrete time is a 0-based index ``t`` in ``[0, T)``; index ``i`` is the paper's
     alphas_cumprod_prev[0] = 1
 
 Every table is computed from the betas in float64 with cancellation-free forms:
-``log(1 - beta)`` by ``log1p``, ``log abar`` as a compensated cumulative sum of logs,
-``1 - abar`` by ``-expm1(log abar)`` and ``log(1 - abar)`` by ``log1mexp``. The tables are
+``log(1 - beta)`` by ``log1p``, ``log abar`` as a compensated cumulative sum of logs kept as
+a double-double (hi + lo) for ``abar = exp(hi)(1 + lo)`` and its powers, ``1 - abar`` by
+``-expm1(log abar)`` and ``log(1 - abar)`` by ``log1mexp``. The tables are
 within 1e-13 relative of a 50-digit mpmath evaluation for T <= 1000 and 1e-12 for
 T <= 10,000 (asserted in tests/test_schedules.py). A beta of exactly 1 (zero terminal SNR)
 is valid: tables that are mathematically infinite hold +-inf, and NaN never appears.
@@ -42,6 +43,9 @@ SPACINGS = ("leading", "trailing", "linspace")
 
 
 # ----------------------------------------------------------------------------- helpers
+LN2 = math.log(2.0)
+
+
 def log1mexp(y):
     """log(1 - exp(y)) for y <= 0 without cancellation (Maechler 2012).
 
@@ -57,10 +61,14 @@ def log1mexp(y):
     return out
 
 
-def _compensated_cumsum(v: np.ndarray) -> np.ndarray:
+def _compensated_cumsum(v: np.ndarray, with_low: bool = False):
     """Cumulative sum with Neumaier compensation: each partial sum within ~1 ulp of exact
-    (np.cumsum's error grows with the length). Entries equal to -inf propagate as -inf."""
+    (np.cumsum's error grows with the length). Entries equal to -inf propagate as -inf.
+    With ``with_low`` also returns the low parts: ``hi + lo`` (a double-double) is the
+    compensated sum to ~eps^2 relative, beyond the rounding of ``hi`` to float64 (0 where hi is
+    -inf)."""
     out = np.empty_like(v)
+    low = np.zeros_like(v)
     s = 0.0
     c = 0.0
     for i, x in enumerate(v.tolist()):
@@ -74,8 +82,10 @@ def _compensated_cumsum(v: np.ndarray) -> np.ndarray:
         else:
             c += (x - t) + s
         s = t
-        out[i] = s + c
-    return out
+        hi = s + c
+        out[i] = hi
+        low[i] = (s - hi) + c  # exact: |s| >= |c| after compensation (Fast2Sum)
+    return (out, low) if with_low else out
 
 
 def _check_T(T, name: str = "T") -> int:
@@ -163,19 +173,28 @@ class Schedule:
         T = betas.shape[0]
         with np.errstate(divide="ignore"):
             log_alphas = np.log1p(-betas)  # -inf where beta == 1
-        log_abar = _compensated_cumsum(log_alphas)
+        log_abar, log_abar_lo = _compensated_cumsum(log_alphas, with_low=True)
         log_abar_prev = np.concatenate([[0.0], log_abar[:-1]])
-        with np.errstate(divide="ignore", over="ignore"):
+
+        def exp_log_abar(k, hi=log_abar, lo=log_abar_lo):
+            # abar^k = exp(k (hi + lo)) = exp(k hi) (1 + k lo): log abar as a double-double, so
+            # rounding log abar (|log abar| up to 745) to float64 costs no ulp(|log abar|)/2
+            e = np.exp(k * hi)
+            return np.where(np.isfinite(e), e + e * (k * lo), e)  # overflowed: inf stays inf
+
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
             alphas = 1.0 - betas
-            abar = np.exp(log_abar)
+            abar = exp_log_abar(1.0)
             abar_prev = np.concatenate([[1.0], abar[:-1]])
             one_minus_abar = -np.expm1(log_abar)
             one_minus_abar_prev = np.concatenate([[0.0], one_minus_abar[:-1]])
             log_one_minus_abar = log1mexp(log_abar)
+            far = log_abar < -LN2  # log1p(-abar) there: the double-double abar keeps it accurate
+            log_one_minus_abar[far] = np.log1p(-abar[far])
             log_one_minus_abar_prev = np.concatenate([[-np.inf], log_one_minus_abar[:-1]])
-            sqrt_abar = np.exp(0.5 * log_abar)
+            sqrt_abar = exp_log_abar(0.5)
             sqrt_one_minus_abar = np.sqrt(one_minus_abar)
-            sqrt_recip_abar = np.exp(-0.5 * log_abar)
+            sqrt_recip_abar = exp_log_abar(-0.5)
             sqrt_recipm1_abar = sqrt_one_minus_abar * sqrt_recip_abar  # sqrt((1 - abar)/abar), no overflow
             posterior_variance = betas * one_minus_abar_prev / one_minus_abar
             log_post_var = np.log(betas) + log_one_minus_abar_prev - log_one_minus_abar
@@ -183,9 +202,9 @@ class Schedule:
                 log_post_var_clipped = np.concatenate([[log_post_var[1]], log_post_var[1:]])
             else:
                 log_post_var_clipped = np.log(betas)
-            coef1 = betas * np.exp(0.5 * log_abar_prev) / one_minus_abar
+            coef1 = betas * np.concatenate([[1.0], sqrt_abar[:-1]]) / one_minus_abar
             coef2 = one_minus_abar_prev * np.exp(0.5 * log_alphas) / one_minus_abar
-            log_snr = log_abar - log_one_minus_abar
+            log_snr = (log_abar - log_one_minus_abar) + log_abar_lo
             # log_snr near zero: log(abar) - log(1 - abar) cancels; -log(expm1(-log abar)) does not.
             mid = np.abs(log_snr) < 1.0
             log_snr[mid] = -np.log(np.expm1(-log_abar[mid]))

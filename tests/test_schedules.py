@@ -74,8 +74,14 @@ def test_tables_match_mpmath_random(T, lo, hi, geometric):
         lambda: Schedule.from_betas([1e-10]),
         lambda: Schedule.from_betas([1.0]),
         lambda: dm.rescale_zero_terminal_snr(dm.scaled_linear_schedule(1000)),
+        # abar run down to e^-582 and e^-740 by constant betas: every log(1 - beta) rounds the
+        # same way and log abar is a sum of ~700, so rounding log abar to float64 cost
+        # 1.04e-13 and 1.15e-13 here (over the bar) until it was kept as a double-double.
+        lambda: Schedule.from_betas(np.full(266, 0.875)),
+        lambda: Schedule.from_betas(np.full(734, 0.6346235701681713)),
     ],
-    ids=["linear", "cosine", "scaled_linear", "sigmoid", "named_linear_50", "tiny", "near1", "geom", "T1", "T1tiny", "T1one", "zero_snr"],
+    ids=["linear", "cosine", "scaled_linear", "sigmoid", "named_linear_50", "tiny", "near1", "geom", "T1", "T1tiny", "T1one",
+         "zero_snr", "deep_tail_0.875", "deep_tail_0.635"],
 )
 def test_named_tables_match_mpmath(make):
     assert_tables_match_mpmath(make())
