@@ -95,10 +95,30 @@ def langevin_step(x, score, h, z):
     return x + 0.5 * h * score + np.sqrt(h) * z
 
 
-def rel_err(out, ref):
+def rel_err(out, ref, mag=None):
+    """||out - ref|| / ||ref||, or with ``mag`` (the sum of the update's terms in absolute value,
+    ``magnitude``) ||out - ref|| / max(||ref||, ||mag||): a float32 affine update a x + b y + c z
+    is accurate to a few float32 ulps of |a x| + |b y| + |c z|, which is ||ref|| unless the
+    terms cancel. (The thorough hypothesis profile found a one-element q_sample whose terms
+    cancel to 0.0065 from magnitude ~1: 1.4e-6 off relative to the result, 5e-8 relative to
+    the terms.)"""
     out, ref = np.asarray(out, dtype=np.float64), np.asarray(ref, dtype=np.float64)
     den = np.linalg.norm(ref)
+    if mag is not None:
+        den = max(den, np.linalg.norm(np.asarray(mag, dtype=np.float64)))
     return np.linalg.norm(out - ref) / (den if den > 0 else 1.0)
+
+
+def magnitude(step, x, y, *rest):
+    """The update's terms summed in absolute value, from a reference ``step(x, y, *rest)`` that
+    is affine in x, y and the noise (last argument) with coefficients of x and of the noise
+    >= 0: the larger of step(|x|, |y|, ..., |z|) and step(|x|, -|y|, ..., |z|) is
+    |c_x| |x| + |c_y| |y| + |c_z| |z| whatever the sign of c_y (DDIM's folded eps coefficient
+    takes either; DDPM's clip makes this a bound of the same size, not an identity)."""
+    *args, z = rest
+    a = step(np.abs(x), np.abs(y), *args, np.abs(z))
+    b = step(np.abs(x), -np.abs(y), *args, np.abs(z))
+    return np.maximum(a, b)
 
 
 # ----------------------------------------------------------------------------- Philox stream
