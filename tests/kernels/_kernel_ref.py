@@ -114,7 +114,7 @@ def magnitude(step, x, y, *rest):
     is affine in x, y and the noise (last argument) with coefficients of x and of the noise
     >= 0: the larger of step(|x|, |y|, ..., |z|) and step(|x|, -|y|, ..., |z|) is
     |c_x| |x| + |c_y| |y| + |c_z| |z| whatever the sign of c_y (DDIM's folded eps coefficient
-    takes either; DDPM's clip makes this a bound of the same size, not an identity)."""
+    takes either; for DDPM pass the step without its clip: the clip passes on x0's error)."""
     *args, z = rest
     a = step(np.abs(x), np.abs(y), *args, np.abs(z))
     b = step(np.abs(x), -np.abs(y), *args, np.abs(z))
