@@ -39,6 +39,16 @@ def _check(out, ref, core, x, mag):
     result and the sum of its terms in absolute value (``_kernel_ref.rel_err``)."""
     assert out.dtype == x.dtype and out.shape == x.shape and out.is_contiguous()
     o = out.cpu().double().numpy()
+    # A result outside the dtype's range (float16: 65504; DDIM from a tiny abar_t can get
+    # there) rounds to +-inf as IEEE casting does, on both paths and in the core; the rest is
+    # compared as usual.
+    fmax = float(torch.finfo(x.dtype).max)
+    over = np.abs(ref) > fmax * 1.001
+    assert np.array_equal(o[over], np.sign(ref[over]) * np.inf)
+    keep = np.abs(ref) < fmax * 0.999
+    if not keep.all():
+        o, ref, mag = o[keep], ref[keep], mag[keep]
+        core = core[keep] if core is not None else None
     assert rel_err(o, ref, mag) <= TOL[x.dtype], rel_err(o, ref, mag)
     if core is not None:
         assert rel_err(o, core, mag) <= TOL[x.dtype], rel_err(o, core, mag)
