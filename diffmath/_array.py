@@ -9,6 +9,7 @@ bfloat16 inputs compute in float32 and are cast back at the end.
 
 from __future__ import annotations
 
+import math
 import numbers
 import weakref
 
@@ -22,6 +23,7 @@ __all__ = [
     "check_t",
     "check_schedule",
     "check_pair",
+    "check_positive",
     "schedule_cache",
     "schedule_table",
     "compute_dtype",
@@ -210,6 +212,24 @@ def schedule_table(s, key, build) -> np.ndarray:
     return schedule_cache(s, ("table", key), table)
 
 
+def check_positive(value, name: str, allow_array: bool = False):
+    """A finite float > 0 (or, with ``allow_array``, an array of them)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a positive number; got {value!r}")
+    if isinstance(value, numbers.Real):
+        v = float(value)
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{name} must be finite and > 0; got {name} = {v}")
+        return v
+    if allow_array and (is_tensor(value) or isinstance(value, np.ndarray)):
+        bad = ~(value > 0) | (value == math.inf)
+        if bool(bad.any()):
+            v = value[bad].reshape(-1)[0]
+            raise ValueError(f"{name} must be finite and > 0; got {name} = {float(v)}")
+        return value
+    raise TypeError(f"{name} must be a positive number; got {type(value).__name__}")
+
+
 def check_t(t, T: int, x=None, name: str = "t", lo: int = 0):
     """Validate a discrete timestep index.
 
@@ -344,10 +364,13 @@ def randn(shape, generator, like=None, dtype=None):
     shape = tuple(int(n) for n in shape)
     if isinstance(generator, torch.Generator):
         dt = like.dtype if like is not None else (dtype if dtype is not None else torch.float32)
+        if not (isinstance(dt, torch.dtype) and dt.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch dtype for a torch.Generator; got {dt!r}")
         dev = like.device if like is not None else generator.device
         if dt in (torch.float16, torch.bfloat16):
             return torch.randn(shape, generator=generator, device=dev, dtype=torch.float32).to(dt)
         return torch.randn(shape, generator=generator, device=dev, dtype=dt)
-    z = generator.standard_normal(shape)
     dt = like.dtype if like is not None else (dtype if dtype is not None else np.float64)
-    return z.astype(dt, copy=False)
+    if isinstance(dt, torch.dtype) or np.dtype(dt).kind != "f":
+        raise TypeError(f"dtype must be a floating numpy dtype for a numpy.random.Generator; got {dt!r}")
+    return generator.standard_normal(shape).astype(dt, copy=False)

@@ -20,8 +20,11 @@ LOG_2PI = math.log(2.0 * math.pi)
 
 
 def _common(names, *xs):
-    """Bring the inputs to one kind/device/dtype (float64 for python scalars; the widest
-    floating dtype among arrays; float16/bfloat16 compute in float32)."""
+    """Bring the inputs to one kind/device/dtype: tensors if any input is one (on its device),
+    else numpy. Returns (inputs, result dtype): the promoted floating dtype of the tensors (or
+    of the numpy arrays of ndim > 0; python and 0-d scalars do not widen it), float64 where
+    none is floating. The math runs in that dtype, float16/bfloat16 in float32, and the result
+    is cast back to it."""
     tens = [x for x in xs if is_tensor(x)]
     out = []
     if tens:
@@ -30,13 +33,11 @@ def _common(names, *xs):
         for n, x in zip(names, xs):
             if is_tensor(x) and x.device != dev:
                 raise ValueError(f"{n} is on {x.device} but {first} is on {dev}")
-        dtype = tens[0].dtype
-        for x in tens[1:]:
-            dtype = torch.promote_types(dtype, x.dtype)
-        if not dtype.is_floating_point:
-            dtype = torch.get_default_dtype()
-        if dtype in (torch.float16, torch.bfloat16):
-            dtype = torch.float32
+        floats = [x.dtype for x in tens if x.is_floating_point()]
+        result = floats[0] if floats else torch.float64
+        for d in floats[1:]:
+            result = torch.promote_types(result, d)
+        dtype = torch.float32 if result in (torch.float16, torch.bfloat16) else result
         for n, x in zip(names, xs):
             if not is_tensor(x):
                 # through numpy: a python float stays float64 (torch.as_tensor would round it to float32)
@@ -45,7 +46,7 @@ def _common(names, *xs):
                     raise TypeError(f"{n} must be real-valued; got {type(x).__name__}")
                 x = arr
             out.append(torch.as_tensor(x, device=dev).to(dtype))
-        return out, tens[0].dtype if tens[0].is_floating_point() else dtype
+        return out, result
     arrs = []
     for n, x in zip(names, xs):
         a = np.asarray(x)
@@ -53,10 +54,18 @@ def _common(names, *xs):
             raise TypeError(f"{n} must be a real array; got dtype {a.dtype}")
         arrs.append(a)
     float_arrs = [a.dtype for a in arrs if a.dtype.kind == "f" and a.ndim > 0]
-    dtype = np.result_type(*float_arrs) if float_arrs else np.float64
-    if dtype == np.float16:
-        dtype = np.float32
-    return [a.astype(dtype, copy=False) for a in arrs], dtype
+    result = np.result_type(*float_arrs) if float_arrs else np.dtype(np.float64)
+    dtype = np.float32 if result == np.float16 else result
+    return [a.astype(dtype, copy=False) for a in arrs], result
+
+
+def _check_logvar(**logvars):
+    """Log-variances must be finite: NaN, +inf (infinite variance) and -inf (zero variance)
+    would give NaN or +-inf, not a number."""
+    for n, lv in logvars.items():
+        bad = ~((lv == lv) & (lv != math.inf) & (lv != -math.inf))
+        if bool(bad.any()):
+            raise ValueError(f"{n} must be a finite log-variance (variance in (0, inf)); got {n} = {float(lv[bad].reshape(-1)[0])}")
 
 
 def _restore(out, dtype):
@@ -84,13 +93,10 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
     KL = 1/2 (logvar2 - logvar1 + e^{logvar1 - logvar2} - 1 + (mean1 - mean2)^2 e^{-logvar2})
     (e.g. DDPM App. / guided-diffusion ``normal_kl``). The term e^d - 1 - d (d = logvar1 -
     logvar2) is evaluated without cancellation, so nearly equal Gaussians keep full relative
-    precision. Log-variances must not be NaN or +inf.
+    precision. Log-variances must be finite (ValueError otherwise).
     """
     (m1, lv1, m2, lv2), dtype = _common(("mean1", "logvar1", "mean2", "logvar2"), mean1, logvar1, mean2, logvar2)
-    for n, lv in (("logvar1", lv1), ("logvar2", lv2)):
-        bad = (lv != lv) | (lv == math.inf)
-        if bool(bad.any()):
-            raise ValueError(f"{n} must be a finite log-variance (variance in (0, inf)); got {lv[bad].reshape(-1)[0]}")
+    _check_logvar(logvar1=lv1, logvar2=lv2)
     ops = backend(m1)
     d = lv1 - lv2
     kl = 0.5 * (_expm1_minus_x(d) + (m1 - m2) ** 2 * ops.exp(-lv2))
@@ -98,8 +104,10 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
 
 
 def normal_log_prob(x, mean, logvar):
-    """log N(x; mean, e^logvar) = -1/2 (log 2 pi + logvar + (x - mean)^2 e^{-logvar}), elementwise."""
+    """log N(x; mean, e^logvar) = -1/2 (log 2 pi + logvar + (x - mean)^2 e^{-logvar}), elementwise.
+    logvar must be finite (ValueError otherwise)."""
     (x, m, lv), dtype = _common(("x", "mean", "logvar"), x, mean, logvar)
+    _check_logvar(logvar=lv)
     ops = backend(x)
     return _restore(-0.5 * (LOG_2PI + lv + (x - m) ** 2 * ops.exp(-lv)), dtype)
 

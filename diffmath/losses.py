@@ -11,7 +11,7 @@ import math
 import numpy as np
 import torch
 
-from ._array import backend, check_float, check_like, check_schedule, check_t, gather, gather_t, is_tensor, restore, schedule_table, upcast
+from ._array import backend, broadcast_coef, check_float, check_like, check_positive, check_schedule, check_t, gather, gather_t, is_tensor, restore, schedule_table, upcast
 from .gaussian import discretized_gaussian_log_likelihood, normal_kl
 from .schedules import Schedule
 
@@ -200,23 +200,15 @@ def dsm_loss(score_pred, x_noisy, x0, sigma):
     score_pred = check_float(score_pred, "score_pred")
     x_noisy = check_like(x_noisy, score_pred, "x_noisy", "score_pred")
     x0 = check_like(x0, score_pred, "x0", "score_pred")
+    sigma = check_positive(sigma, "sigma", allow_array=True)
+    if np.ndim(sigma) > 1 or (np.ndim(sigma) == 1 and sigma.shape[0] != score_pred.shape[0]):
+        raise ValueError(f"sigma must be a float or have shape (B,) = ({score_pred.shape[0]},); got shape {tuple(sigma.shape)}")
     sp, xn, xz = upcast(score_pred), upcast(x_noisy), upcast(x0)
-    ops = backend(sp)
-    sig = sigma
-    if is_tensor(sp):
-        sig = torch.as_tensor(sigma, dtype=sp.dtype, device=sp.device)
-    else:
-        sig = np.asarray(sigma, dtype=sp.dtype)
-    if bool((sig != sig).any()) or bool((sig <= 0).any()):
-        raise ValueError(f"sigma must be > 0; got min sigma = {float(sig.min())}")
-    if sig.ndim == 1:
-        if sig.shape[0] != sp.shape[0]:
-            raise ValueError(f"a batch of sigma must match the batch of score_pred; got {sig.shape[0]} and {sp.shape[0]}")
-        sig = sig.reshape((-1,) + (1,) * (sp.ndim - 1))
-    elif sig.ndim > 1:
-        raise ValueError(f"sigma must be a scalar or have shape (B,); got shape {tuple(sig.shape)}")
-    r = sp + (xn - xz) / sig**2
-    per = 0.5 * ops.sum_over_non_batch(sig**2 * r * r)
+    sig = broadcast_coef(sigma, sp)
+    # sigma^2 ||s + (x_noisy - x0)/sigma^2||^2 written as ||sigma s + (x_noisy - x0)/sigma||^2: no
+    # sigma^2, which underflows (and gives 0 * inf) for sigma below ~1e-19 in float32
+    r = sig * sp + (xn - xz) / sig
+    per = 0.5 * backend(sp).sum_over_non_batch(r * r)
     return per.mean()
 
 

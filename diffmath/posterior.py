@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._array import broadcast_to_like, check_pair, gather, restore
+from ._array import broadcast_to_like, check_pair, gather, restore, schedule_table
+from .parameterization import _check_signal
 from .schedules import Schedule
 
 __all__ = ["q_posterior_mean_variance", "q_posterior_mean", "posterior_mean_from_eps"]
@@ -50,8 +51,9 @@ def posterior_mean_from_eps(s: Schedule, x_t, t, eps):
     equal to ``q_posterior_mean_variance(s, x0, x_t, t)[0]`` with x0 = x0_from_eps(x_t, eps).
     """
     x_t, eps, t, xc, ec = check_pair(s, x_t, "x_t", eps, "eps", t)
+    _check_signal(s, t, "posterior_mean_from_eps")  # abar_t = 0: beta_t / sqrt(1 - abar_t) eps carries no x0
     with np.errstate(divide="ignore"):
-        inv_sqrt_alpha = np.exp(-0.5 * np.log1p(-s.betas))
-        eps_coef = s.betas / s.sqrt_one_minus_alphas_cumprod
+        inv_sqrt_alpha = schedule_table(s, "inv_sqrt_alpha", lambda s: np.exp(-0.5 * np.log1p(-s.betas)))
+        eps_coef = schedule_table(s, "eps_coef", lambda s: s.betas / s.sqrt_one_minus_alphas_cumprod)
     out = gather(inv_sqrt_alpha, t, xc) * (xc - gather(eps_coef, t, xc) * ec)
     return restore(out, x_t)

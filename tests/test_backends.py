@@ -79,10 +79,12 @@ def test_numpy_torch_float64_float32_agree(name, B, seed):
 def test_cuda_results_stay_on_device():
     x = torch.randn(4, 3, device="cuda")
     t = torch.tensor([0, 1, 500, 999], device="cuda")
-    out = forward.q_sample(S, x, t, torch.randn_like(x))
-    assert out.device == x.device
-    ref = forward.q_sample(S, x.cpu().double(), t.cpu(), (out * 0).cpu().double())
-    assert out.shape == ref.shape
+    noise = torch.randn_like(x)
+    out = forward.q_sample(S, x, t, noise)
+    assert out.device == x.device and out.dtype == x.dtype
+    # the same float32 math as on the CPU, against the float64 CPU result
+    ref = forward.q_sample(S, x.cpu().double(), t.cpu(), noise.cpu().double())
+    assert _rel(out.cpu().double().numpy(), ref.numpy()) < 1e-6
 
 
 def test_scalar_t_and_python_float_inputs():

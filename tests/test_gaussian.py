@@ -109,6 +109,33 @@ def test_normal_kl_rejects_nan_logvar():
         normal_kl(0.0, 0.0, 0.0, np.array([0.0, np.nan]))
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_logvar_is_refused_not_nan(bad):
+    # normal_kl(0, 0, 0, -inf) was NaN and normal_log_prob checked nothing
+    with pytest.raises(ValueError, match="logvar1 must be a finite log-variance"):
+        normal_kl(0.0, np.array([bad]), 0.0, 0.0)
+    with pytest.raises(ValueError, match="logvar must be a finite log-variance"):
+        normal_log_prob(np.zeros(2), 0.0, np.array([0.0, bad]))
+    with pytest.raises(ValueError, match="logvar must be a finite log-variance"):
+        normal_log_prob(torch.zeros(2), 0.0, torch.tensor([bad, 0.0]))
+
+
+def test_result_dtype_is_the_promoted_input_dtype():
+    # was: the first tensor's dtype (so the argument order decided), and numpy float16 came back float32
+    a32, a64 = torch.randn(3), torch.randn(3, dtype=torch.float64)
+    assert normal_log_prob(a32, a64, 0.0).dtype == torch.float64
+    assert normal_log_prob(a64, a32, 0.0).dtype == torch.float64
+    assert normal_kl(a32, 0.0, a64, 0.0).dtype == torch.float64
+    h = torch.randn(3).half()
+    assert normal_log_prob(h, 0.0, 0.0).dtype == torch.float16
+    assert normal_log_prob(h.numpy(), 0.0, 0.0).dtype == np.float16
+    assert normal_log_prob(np.zeros(3, np.float32), np.zeros(3), 0.0).dtype == np.float64
+    assert normal_log_prob(torch.arange(3), 0.0, 0.0).dtype == torch.float64  # no floating tensor: float64
+    # half inputs compute in float32: the float16 result is the float32 one rounded
+    ref = stats.norm.logpdf(h.double().numpy(), 0.0, 1.0)
+    assert_allclose(normal_log_prob(h, 0.0, 0.0).double().numpy(), ref, rtol=1e-3)
+
+
 # ----------------------------------------------------------------------------- decoder
 def _mp_log_bin_prob(x, mean, log_scale, bins):
     """log P(bin of x) in 60-digit mpmath with exact erfc."""

@@ -63,6 +63,20 @@ def test_fixed_log_variance_against_mpmath(betas, variance):
     assert torch.equal(fixed_log_variance(s, tt, variance), torch.tensor(ours[[0, T - 1]]))
 
 
+def test_vlb_weight_at_t0_against_mpmath():
+    # DDPM eq. 12 at t = 0 with sigma^2 the clipped posterior variance beta_tilde_1 (both
+    # variances): beta_0^2 / (2 beta_tilde_1 alpha_0 (1 - abar_0)), 50 digits from the betas
+    betas = np.linspace(1e-4, 0.02, 50)
+    s = dm.Schedule.from_betas(betas)
+    with mp.workdps(50):
+        b0, b1 = mp.mpf(float(betas[0])), mp.mpf(float(betas[1]))
+        ab0, ab1 = 1 - b0, (1 - b0) * (1 - b1)
+        tilde1 = b1 * (1 - ab0) / (1 - ab1)
+        ref = float(b0**2 / (2 * tilde1 * (1 - b0) * (1 - ab0)))
+    for variance in ("small", "large"):
+        assert_allclose(vlb_weight(s, 0, variance), ref, rtol=1e-13)
+
+
 def test_vlb_weight_shapes_and_t0():
     s = dm.linear_schedule(100)
     w = vlb_weight(s, np.array([0, 1, 99]))
@@ -235,8 +249,19 @@ def test_dsm_loss_is_eps_mse_in_disguise():
     ours = dsm_loss(-eps_hat / sigma[:, None], xn, x0, sigma)
     assert_allclose(ours, 0.5 * np.sum((z - eps_hat) ** 2, axis=1).mean(), rtol=1e-12)
     assert dsm_loss(-(xn - x0) / sigma[:, None] ** 2, xn, x0, sigma) == pytest.approx(0.0, abs=1e-20)
-    with pytest.raises(ValueError, match="sigma must be > 0"):
+    with pytest.raises(ValueError, match="sigma must be finite and > 0"):
         dsm_loss(x0, xn, x0, -1.0)
+    for bad, err in ((math.inf, ValueError), (True, TypeError), (np.array([1.0, -2.0, 1, 1, 1, 1]), ValueError)):
+        with pytest.raises(err, match="sigma"):
+            dsm_loss(x0, xn, x0, bad)
+    with pytest.raises(ValueError, match=r"shape \(B,\) = \(6,\)"):
+        dsm_loss(x0, xn, x0, np.ones(5))
+    # tiny sigma: sigma^2 underflows float32 (and 1e-170 float64), the loss must not (was NaN)
+    for dt, sig in ((torch.float32, 1e-25), (torch.float64, 1e-170)):
+        xt = torch.zeros(x0.shape, dtype=dt)  # x0 = 0, so x_noisy = sigma z is representable
+        xs = sig * torch.tensor(z, dtype=dt)
+        got = dsm_loss(-torch.tensor(eps_hat, dtype=dt) / sig, xs, xt, sig)
+        assert torch.isfinite(got) and abs(got.item() - 0.5 * np.sum((z - eps_hat) ** 2, axis=1).mean()) < 1e-4 * got.item()
 
 
 def test_learned_range_endpoints():

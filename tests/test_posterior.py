@@ -1,6 +1,7 @@
 """The posterior q(x_{t-1} | x_t, x_0) is Bayes' rule applied to the forward process."""
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from numpy.testing import assert_allclose
@@ -64,3 +65,12 @@ def test_eps_form_of_the_mean_equals_x0_form(s, data):
     finite = np.isfinite(s.sqrt_recip_alphas_cumprod[t])  # 1/sqrt(abar) can overflow for abar ~ 1e-320
     if finite.any():
         assert_allclose(by_x0[finite], by_eps[finite], rtol=0, atol=(1e-10 * scale)[finite].max())
+
+
+def test_posterior_mean_from_eps_refuses_zero_terminal_snr():
+    # at abar_t = 0 (beta_t = 1) the step divides by sqrt(alpha_t) = 0: it returned +-inf or NaN
+    s = dm.rescale_zero_terminal_snr(dm.linear_schedule(10))
+    x = np.ones((2, 3))
+    with pytest.raises(ValueError, match="posterior_mean_from_eps is undefined at t = 9"):
+        posterior_mean_from_eps(s, x, 9, x)
+    assert np.isfinite(posterior_mean_from_eps(s, x, 8, x)).all()

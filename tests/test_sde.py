@@ -327,3 +327,14 @@ def test_score_of_the_wrong_shape_names_both_shapes():
     rsde = VESDE().reverse(lambda y, t: torch.as_tensor(y))
     with pytest.raises(TypeError, match="numpy array"):
         rsde.sde(np.ones((2, 3)), 0.5)
+
+
+def test_prior_sampling_refuses_a_non_floating_dtype():
+    # an integer dtype gave zeros; a torch dtype with a numpy generator failed inside numpy
+    sde = VPSDE()
+    with pytest.raises(TypeError, match="dtype must be a floating numpy dtype"):
+        sde.prior_sampling((2,), np.random.default_rng(0), dtype=np.int64)
+    with pytest.raises(TypeError, match="dtype must be a floating numpy dtype"):
+        sde.prior_sampling((2,), np.random.default_rng(0), dtype=torch.float32)
+    with pytest.raises(TypeError, match="dtype must be a floating torch dtype"):
+        sde.prior_sampling((2,), torch.Generator().manual_seed(0), dtype=torch.int64)

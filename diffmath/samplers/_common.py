@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .._array import check_float, is_tensor, randn
+from .._array import check_float, check_positive, is_tensor, randn
 from ..sde import check_score
 
 __all__ = ["check_generator", "randn", "randn_like", "start", "model_t", "progress_bar", "check_positive", "check_steps"]
@@ -85,24 +85,6 @@ def call_model(model, x, targ, name: str):
 
 def progress_bar(iterable, total: int, progress: bool, desc: str):
     return tqdm(iterable, total=total, disable=not progress, desc=desc, leave=False)
-
-
-def check_positive(value, name: str, allow_array: bool = False):
-    """A finite float > 0 (or, with ``allow_array``, an array of them)."""
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a positive number; got {value!r}")
-    if isinstance(value, numbers.Real):
-        v = float(value)
-        if not (math.isfinite(v) and v > 0):
-            raise ValueError(f"{name} must be finite and > 0; got {name} = {v}")
-        return v
-    if allow_array and (is_tensor(value) or isinstance(value, np.ndarray)):
-        bad = ~(value > 0) | (value == math.inf)
-        if bool(bad.any()):
-            v = value[bad].reshape(-1)[0]
-            raise ValueError(f"{name} must be finite and > 0; got {name} = {float(v)}")
-        return value
-    raise TypeError(f"{name} must be a positive number; got {type(value).__name__}")
 
 
 def check_steps(steps, T: int, name: str = "steps") -> int:

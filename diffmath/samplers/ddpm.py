@@ -8,17 +8,13 @@ import numbers
 import numpy as np
 
 from .._array import backend, check_like, check_pair, check_schedule, gather, restore, schedule_table, upcast
+from ..losses import _check_variance
 from ..parameterization import _x0_from_eps
 from ..posterior import _posterior_mean
 from ..schedules import Schedule, timesteps
 from ._common import call_model, check_steps, model_t, progress_bar, randn_like, start
 
 __all__ = ["ddpm_step", "sample_ddpm", "ddpm_std"]
-
-
-def _check_variance(variance):
-    if variance not in ("small", "large"):
-        raise ValueError(f"variance must be 'small' (beta_tilde, posterior) or 'large' (beta); got {variance!r}")
 
 
 def _check_clip(clip_x0):
