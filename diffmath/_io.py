@@ -135,15 +135,22 @@ def safetensors_metadata(path, fmt: str, what: str, error=ValueError) -> dict:
     return md
 
 
-def read_sidecar(js: Path, st: Path, fmt: str, what: str, error=ValueError, verify: bool = True) -> dict:
-    """The JSON sidecar ``js`` of the weights ``st``: valid JSON with ``format == fmt``, and (with
-    ``verify``) a ``weights_sha256`` that matches ``st``'s bytes; ``error`` naming the file otherwise."""
+def read_json(path, fmt: str, what: str, error=ValueError) -> dict:
+    """A diffmath JSON file: readable, a JSON object, ``format == fmt``; ``error`` naming the
+    file otherwise."""
     try:
-        meta = json.loads(Path(js).read_text())
-    except ValueError as e:
-        raise error(f"{str(js)!r} is not valid JSON: {e}") from e
-    if meta.get("format") != fmt:
-        raise error(f"{str(js)!r} is not a diffmath {what} (expected format {fmt!r})")
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise error(f"{str(path)!r} is not a readable diffmath {what} (unreadable JSON: {e})") from e
+    if not isinstance(d, dict) or d.get("format") != fmt:
+        raise error(f"{str(path)!r} is not a diffmath {what} (expected a JSON object with format {fmt!r})")
+    return d
+
+
+def read_sidecar(js: Path, st: Path, fmt: str, what: str, error=ValueError, verify: bool = True) -> dict:
+    """The JSON sidecar ``js`` of the weights ``st``: ``read_json`` with ``format == fmt``, and (with
+    ``verify``) a ``weights_sha256`` that matches ``st``'s bytes; ``error`` naming the file otherwise."""
+    meta = read_json(js, fmt, what, error)
     if verify and meta.get("weights_sha256") and meta["weights_sha256"] != sha256_file(st):
         raise error(f"{str(st)!r} does not match {str(js)!r} (SHA-256 differs): the checkpoint is damaged")
     return meta

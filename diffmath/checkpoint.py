@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._io import atomic_write_json, read_sidecar, safetensors_metadata, save_safetensors, weights_and_sidecar
+from ._io import atomic_write_json, read_json, read_sidecar, safetensors_metadata, save_safetensors, weights_and_sidecar
 from .data import Data
 
 __all__ = [
@@ -68,12 +68,9 @@ def read_run_config(out) -> dict:
     p = Path(out) / "config.json"
     if not p.exists():
         raise RunError(f"{str(out)!r} is not a diffmath run: it has no config.json")
-    try:
-        d = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise RunError(f"{str(p)!r} is not a diffmath run config (unreadable JSON: {e})") from e
-    if not isinstance(d, dict) or d.get("format") != RUN_FORMAT or "config" not in d:
-        raise RunError(f"{str(p)!r} is not a diffmath run config (expected format {RUN_FORMAT!r})")
+    d = read_json(p, RUN_FORMAT, "run config", RunError)
+    if "config" not in d:
+        raise RunError(f"{str(p)!r} is not a diffmath run config (it has no 'config')")
     return d
 
 

@@ -503,8 +503,9 @@ def _cmd_sample_latent(args, out) -> int:
 def _latent_summary(m: dict) -> str:
     """The line a latent run adds to its metrics: the VAE's held-out ELBO, latent shape, scale."""
     v = m.get("vae") or {}
-    return (f"VAE held-out ELBO {v.get('held_out_elbo_bpd', float('nan')):.3f} bits/dim; latents "
-            f"{m['latent']['shape']}, scaling factor {m['latent']['scale_factor']:.4f}")
+    e = v.get("held_out_elbo_bpd")
+    elbo = f"{e:.3f} bits/dim" if e is not None else f"not measured ({v.get('held_out_elbo_skipped', 'no held-out images')})"
+    return f"VAE held-out ELBO {elbo}; latents {m['latent']['shape']}, scaling factor {m['latent']['scale_factor']:.4f}"
 
 
 def _cmd_evaluate(args) -> int:
@@ -637,7 +638,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"diffmath {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (RunError, ValueError, TypeError, FileNotFoundError, ImportError, OSError) as e:
+    except (RunError, ValueError, TypeError, FileNotFoundError, ImportError, OSError, FloatingPointError) as e:
         if os.environ.get("DIFFMATH_DEBUG"):
             raise
         print(f"diffmath {args.command}: error: {e}", file=sys.stderr)

@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -246,7 +247,7 @@ def digit_classifier(cache: bool = True) -> DigitClassifier:
                 n = int(z["num_layers"])
                 info = json.loads(str(z["info"]))
                 return DigitClassifier([z[f"w{i}"] for i in range(n)], [z[f"b{i}"] for i in range(n)], info)
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             pass  # a damaged cache file: retrain and replace it
     model = _train_classifier()
     if cache:
@@ -346,7 +347,7 @@ def _load_samples(path: Path) -> tuple[np.ndarray, dict]:
                 raise ValueError(f"{str(path)!r} holds no 'samples' array (keys: {sorted(z.files)})")
             x = z["samples"].astype(np.float32)
             info = json.loads(str(z["info"])) if "info" in z.files else {}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # a truncated .npz is a bad zip
         if isinstance(e, ValueError) and "samples" in str(e):
             raise
         raise ValueError(f"{str(path)!r} is not a readable samples .npz (no pickles are loaded): {e}") from e

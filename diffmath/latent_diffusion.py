@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._io import atomic_write_json, atomic_write_npz, atomic_write_text
+from ._io import atomic_write_json, atomic_write_npz, atomic_write_text, read_json
 from .data import Data, load_data
 from .latent_cache import LatentCache, LatentCacheError, decode_latents, encode_dataset, load_latents
 from .latent_vae import (
@@ -91,12 +91,12 @@ def check_unet_fits(config, latent_shape, where: str = "the U-Net config") -> No
 
 
 def _unet_data_shape(run: Path):
-    from .checkpoint import latest_checkpoint
+    from .checkpoint import CHECKPOINT_FORMAT, RunError, latest_checkpoint
 
     ck = latest_checkpoint(run)
     if ck is None:
         return None
-    return tuple(json.loads(ck.read_text()).get("data_shape", ()))
+    return tuple(read_json(ck, CHECKPOINT_FORMAT, "checkpoint", RunError).get("data_shape", ()))
 
 
 def read_latent_run(out) -> dict:
@@ -106,10 +106,7 @@ def read_latent_run(out) -> dict:
         from .checkpoint import RunError
 
         raise RunError(f"{str(out)!r} is not a latent diffusion run: it has no latent.json")
-    d = json.loads(p.read_text())
-    if d.get("format") != LATENT_RUN_FORMAT:
-        raise ValueError(f"{str(p)!r} is not a diffmath latent run (expected format {LATENT_RUN_FORMAT!r})")
-    return d
+    return read_json(p, LATENT_RUN_FORMAT, "latent run")
 
 
 def write_latent_run(out, lv: LoadedVAE, cache: LatentCache, *, encode_mode: str, data_spec: str, image_size: int,

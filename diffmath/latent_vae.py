@@ -43,6 +43,7 @@ import torch
 from ._io import atomic_write_json, read_sidecar, safetensors_metadata, save_safetensors, weights_and_sidecar
 from .data import Data, load_data
 from .gaussian import discretized_gaussian_log_likelihood, normal_kl, normal_log_prob
+from .losses import LN2
 from .nn.vae import VAE
 
 __all__ = [
@@ -64,7 +65,6 @@ __all__ = [
 ]
 
 VAE_FORMAT = "diffmath.vae/1"
-LN2 = math.log(2.0)
 
 
 # ============================================================================= the VAE's math
@@ -189,8 +189,10 @@ class VAEConfig:
     progress: bool = True
 
     def __post_init__(self):
-        self.channel_mult = tuple(int(c) for c in self.channel_mult)
-        from .train import check_int_fields
+        from .train import check_bool_fields, check_int_fields, int_tuple_field
+
+        self.channel_mult = int_tuple_field(self, "channel_mult")
+        check_bool_fields(self, ("progress",))
 
         check_int_fields(self, ("image_size", "channels", "latent_channels", "num_res_blocks", "steps", "batch_size",
                                 "elbo_samples"), 1, "a positive integer")
@@ -432,33 +434,39 @@ def train_vae(config: VAEConfig, out, *, data: Data | None = None, overwrite: bo
             bar.set_postfix(elbo_bpd=f"{np.mean(hist[-20:]):.3f}", kl=f"{parts['kl']:.1f}")
     vae.eval()
     train_s = time.time() - t0
-    held = torch.from_numpy(np.ascontiguousarray(data.held_out, dtype=np.float32)).to(dev)
-    ge = torch.Generator().manual_seed(config.seed + 1)
-    with torch.no_grad():
-        e = elbo(vae.cpu(), held.cpu(), data.bins, samples=config.elbo_samples, generator=ge)
-        mean, _ = vae.encode(held.cpu())
-        recon = vae.decode(mean)[0].clamp(-1, 1)
-    vae.to(dev)
+    held = torch.from_numpy(np.ascontiguousarray(data.held_out, dtype=np.float32))
     n = len(held)
-    bpd = e["bpd"].numpy()
-    metrics = {
-        "held_out_elbo_bpd": float(bpd.mean()),
-        "held_out_elbo_bpd_stderr": float(bpd.std(ddof=1) / math.sqrt(n)) if n > 1 else None,
-        "held_out_recon_nats": float(e["recon"].mean()),
-        "held_out_kl_nats": float(e["kl"].mean()),
-        "held_out_recon_mse": float(((recon - held.cpu()) ** 2).mean()),
+    if n:
+        ge = torch.Generator().manual_seed(config.seed + 1)
+        with torch.no_grad():
+            e = elbo(vae.cpu(), held, data.bins, samples=config.elbo_samples, generator=ge)
+            mean, _ = vae.encode(held)
+            recon = vae.decode(mean)[0].clamp(-1, 1)
+        vae.to(dev)
+        bpd = e["bpd"].numpy()
+        metrics = {
+            "held_out_elbo_bpd": float(bpd.mean()),
+            "held_out_elbo_bpd_stderr": float(bpd.std(ddof=1) / math.sqrt(n)) if n > 1 else None,
+            "held_out_recon_nats": float(e["recon"].mean()),
+            "held_out_kl_nats": float(e["kl"].mean()),
+            "held_out_recon_mse": float(((recon - held) ** 2).mean()),
+        }
+    else:  # a folder too small to hold any image out
+        metrics = {"held_out_elbo_bpd": None, "held_out_elbo_skipped": "no held-out images (the data set is too small)"}
+    metrics.update({
         "held_out_images": int(n),
         "elbo_samples": config.elbo_samples,
         "train_seconds": round(train_s, 2),
         "steps": config.steps,
         "final_train_elbo_bpd": float(np.mean(hist[-50:])) if hist else None,
-    }
+    })
     ck = save_vae(out, vae, config=config, bins=data.bins,
                   extra={"data": {"name": data.name, "shape": list(data.shape), "bins": data.bins,
                                   "train": int(N), "held_out": int(n)}, "metrics": metrics, "step": config.steps})
-    k = min(16, n)
-    save_grid(out / "recon.png", np.concatenate([data.held_out[:k], recon[:k].numpy()]), nrow=k,
-              title="held-out digits (top) and their reconstructions (bottom)")
+    if n:
+        k = min(16, n)
+        save_grid(out / "recon.png", np.concatenate([data.held_out[:k], recon[:k].numpy()]), nrow=k,
+                  title="held-out digits (top) and their reconstructions (bottom)")
     return VAEResult(out, ck, load_vae(ck, dev), hist, metrics, time.time() - t0)
 
 

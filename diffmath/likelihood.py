@@ -21,11 +21,11 @@ import numpy as np
 import torch
 
 from ._array import check_float, is_tensor
+from .losses import LN2
 from .sde import SDE
 
 __all__ = ["ode_likelihood"]
 
-LN2 = math.log(2.0)
 
 
 def ode_likelihood(

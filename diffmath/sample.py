@@ -45,6 +45,7 @@ import torch
 
 from . import losses, posterior
 from ._io import atomic_write_bytes, atomic_write_npz
+from .plots import _save_fig
 from .schedules import Schedule, timesteps
 
 __all__ = ["LoadedModel", "load_model", "generate", "sample_run", "save_grid", "SAMPLERS", "DEFAULT_STEPS"]
@@ -334,11 +335,9 @@ def save_grid(path, x: np.ndarray, nrow: int | None = None, scale: int = 4, titl
         ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.5)
         ax.set_aspect("equal")
         ax.set_title(title or f"{len(x)} samples")
-        buf = io.BytesIO()
         fig.tight_layout()
-        fig.savefig(buf, format="png")
+        _save_fig(fig, Path(path))
         plt.close(fig)
-        atomic_write_bytes(path, buf.getvalue())
         return
     from PIL import Image
 

@@ -53,6 +53,7 @@ process group in ``diffmath.distributed``. Their names stay importable from here
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -67,23 +68,17 @@ import numpy as np
 import torch
 
 from . import forward, losses, parameterization, posterior
-from .checkpoint import (  # noqa: F401  (the checkpoint and run-directory names are importable from here too)
+from .checkpoint import (  # RunError .. CHECKPOINT_FORMAT also make train's public names (__all__)
     CHECKPOINT_FORMAT,
-    OUR_FILES,
     RESUMABLE_FIELDS,
     RUN_FORMAT,
     RunError,
-    _CKPT_RE,
-    _is_ours,
     _load_optimizer,
-    _optimizer_tensors,
     _rng_state_b64,
     _rng_state_from_b64,
     _write_run_config,
-    check_compatible,
     checkpoint_name,
     latest_checkpoint,
-    list_checkpoints,
     load_checkpoint,
     prepare_out,
     read_run_config,
@@ -92,7 +87,7 @@ from .checkpoint import (  # noqa: F401  (the checkpoint and run-directory names
 )
 from .data import Data, load_data
 from .distributed import _Dist, resolve_device
-from .plots import _save_fig, plot_loss, plot_schedule  # noqa: F401
+from .plots import plot_loss, plot_schedule
 from .schedules import SCHEDULE_NAMES, Schedule, named_schedule
 
 __all__ = [
@@ -156,6 +151,26 @@ def check_int_fields(config, names, lo: int = 1, what: str | None = None) -> Non
             raise ValueError(f"{name} must be {what or f'an integer >= {lo}'}; got {name} = {v!r}")
 
 
+def int_tuple_field(config, name: str) -> tuple:
+    """The list field ``name`` as a tuple of ints (a TOML/JSON list or tuple of integers); a
+    ``ValueError`` naming the field otherwise (a string, a number, floats, bools)."""
+    v = getattr(config, name)
+    if isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple)) or any(
+        isinstance(c, bool) or not isinstance(c, (int, np.integer)) for c in v
+    ):
+        raise ValueError(f"{name} must be a list of integers, e.g. [1, 2]; got {name} = {v!r}")
+    return tuple(int(c) for c in v)
+
+
+def check_bool_fields(config, names) -> None:
+    """``ValueError`` naming the first field of ``names`` that is not a boolean (a TOML string
+    "no" would otherwise read as true)."""
+    for name in names:
+        v = getattr(config, name)
+        if not isinstance(v, (bool, np.bool_)):
+            raise ValueError(f"{name} must be true or false; got {name} = {v!r}")
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run (stored in config.json).
@@ -198,8 +213,9 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        self.channel_mult = tuple(int(c) for c in self.channel_mult)
-        self.attention_resolutions = tuple(int(c) for c in self.attention_resolutions)
+        self.channel_mult = int_tuple_field(self, "channel_mult")
+        self.attention_resolutions = int_tuple_field(self, "attention_resolutions")
+        check_bool_fields(self, ("learn_sigma", "bf16", "progress"))
         self.validate()
 
     def validate(self):
@@ -222,6 +238,13 @@ class TrainConfig:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULE_NAMES)}; got {self.schedule!r}")
         if self.schedule == "linear" and self.timesteps < 20:
             raise ValueError(f"the linear schedule needs timesteps >= 20 (betas scale by 1000/T); got {self.timesteps}")
+        if self.prediction == "eps" and named_schedule(self.schedule, self.timesteps).alphas_cumprod[-1] == 0:
+            # e.g. linear at T = 20: the last beta is 0.02 * 1000/20 = 1; x0 = (x_t - ...) / sqrt(abar_T) is undefined
+            raise ValueError(
+                f"the {self.schedule} schedule with timesteps = {self.timesteps} ends at alphas_cumprod = 0 (zero terminal "
+                "SNR), where an eps-prediction model cannot be sampled or trained with learn_sigma; use more timesteps or "
+                "prediction = v"
+            )
         if not self.channel_mult or any(c < 1 for c in self.channel_mult):
             raise ValueError(f"channel_mult must be a non-empty list of positive integers; got {self.channel_mult}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
@@ -339,7 +362,7 @@ def training_loss(config, model, s, x0, t, *, seed_noise=None, offset=0, noise=N
     its rows: either way every sample gets the noise it gets in a single-process run.
     """
     C = x0.shape[1]
-    ctx = autocast if autocast is not None else _null()
+    ctx = autocast if autocast is not None else contextlib.nullcontext()
     if uses_fused_noise(config):
         K = _kernels()
         if shard is None or shard[3] == 1 or philox_path(x0):
@@ -393,14 +416,6 @@ def eps_from_prediction(prediction: str, s, x_t, t, pred):
     if prediction == "x0":
         return parameterization.eps_from_x0(s, x_t, t, pred)
     return parameterization.eps_from_v(s, x_t, t, pred)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def lr_schedule(lr: float, warmup: int, decay_steps: int, step: int) -> float:

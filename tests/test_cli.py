@@ -127,6 +127,24 @@ def test_train_input_errors(tmp_path, capsys):
     bad.write_text("steps = [\n")
     assert main(["train", "--config", str(bad), "--out", str(tmp_path / "r3")]) == 2
     assert "not valid TOML" in _err(capsys)
+    # TOML values of the wrong type are named (a string "no" used to switch learn_sigma on)
+    for line, msg in (('channel_mult = "1,2"', "channel_mult must be a list of integers"),
+                      ("channel_mult = [1.7, 2]", "channel_mult must be a list of integers"),
+                      ('learn_sigma = "no"', "learn_sigma must be true or false")):
+        bad.write_text(f'data = "gmm"\n{line}\n')
+        assert main(["train", "--config", str(bad), "--out", str(tmp_path / "r3")]) == 2
+        assert msg in _err(capsys)
+    # linear at T = 20 ends at abar = 0: an eps model could be trained but never sampled
+    assert main(["train", "--data", "gmm", "--out", str(tmp_path / "r4")] + TINY_FLAGS + ["--timesteps", "20"]) == 2
+    assert "ends at alphas_cumprod = 0" in _err(capsys)
+
+
+def test_a_nan_loss_is_an_error_not_a_traceback(tmp_path, capsys, monkeypatch):
+    from diffmath import train as tr
+
+    monkeypatch.setattr(tr, "training_loss", lambda *a, **k: (torch.tensor(float("nan"), requires_grad=True), {}))
+    assert main(["train", "--data", "gmm", "--out", str(tmp_path / "r")] + TINY_FLAGS) == 2
+    assert "diffmath train: error: the loss became nan at step 1" in _err(capsys)
 
 
 def test_toml_config_and_flag_precedence(tmp_path, capsys):

@@ -198,8 +198,34 @@ def test_evaluate_a_run_whose_data_hold_nothing_out(tmp_path):
     (tmp_path / "imgs").mkdir()
     Image.fromarray((np.arange(64, dtype=np.uint8).reshape(8, 8) * 4)).save(tmp_path / "imgs" / "a.png")
     cfg = TrainConfig(data=str(tmp_path / "imgs"), image_size=8, steps=2, batch_size=1, channels=8, channel_mult=(1,),
-                      num_res_blocks=1, attention_resolutions=(), save_every=2, timesteps=20, warmup=0, progress=False)
+                      num_res_blocks=1, attention_resolutions=(), save_every=2, timesteps=21, warmup=0, progress=False)
     train(cfg, tmp_path / "run")
     sample_run(run=tmp_path / "run", out=tmp_path / "run", sampler="ddim", steps=2, num_samples=2, progress=False)
     m = evaluate_run(tmp_path / "run", progress=False)
     assert isinstance(m["test_vlb"], str) and "no held-out images" in m["test_vlb"]
+
+
+
+def test_a_truncated_samples_file_is_a_clear_error(tmp_path):
+    # a .npz cut short is a bad zip archive (zipfile.BadZipFile), which was not caught
+    from diffmath.evaluate import _load_samples
+
+    p = tmp_path / "samples.npz"
+    np.savez(p, samples=np.zeros((4, 1, 8, 8), np.float32))
+    p.write_bytes(p.read_bytes()[:100])
+    with pytest.raises(ValueError, match="is not a readable samples .npz"):
+        _load_samples(p)
+
+
+def test_a_vae_on_data_that_hold_nothing_out(tmp_path):
+    # one image: the held-out ELBO is reported as skipped (it crashed on an empty batch)
+    from PIL import Image
+
+    from diffmath.latent import VAEConfig, train_vae
+
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray((np.arange(64, dtype=np.uint8).reshape(8, 8) * 4)).save(tmp_path / "imgs" / "a.png")
+    res = train_vae(VAEConfig(data=str(tmp_path / "imgs"), steps=2, batch_size=1, channels=4, progress=False, device="cpu"),
+                    tmp_path / "vae")
+    assert res.metrics["held_out_images"] == 0 and res.metrics["held_out_elbo_bpd"] is None
+    assert "no held-out images" in res.metrics["held_out_elbo_skipped"]

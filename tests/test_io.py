@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, safe_open
 
-from diffmath._io import safetensors_metadata, save_safetensors
+from diffmath._io import read_json, read_sidecar, safetensors_metadata, save_safetensors
 
 
 def test_safetensors_bytes_are_reproducible(tmp_path):
@@ -33,3 +33,14 @@ def test_safetensors_round_trip_after_canonical_header(tmp_path):
     assert n % 8 == 0  # the header stays padded to 8 bytes, as the format asks
     with pytest.raises(ValueError, match="lacks format='other/1'"):
         safetensors_metadata(path, "other/1", "checkpoint")
+
+
+@pytest.mark.parametrize("text", ["[]", "[1]", "{\"format\": \"other/1\"}", "{not json", "3"])
+def test_json_files_that_are_not_ours_name_the_file(tmp_path, text):
+    # a sidecar or latent.json holding a list raised AttributeError ('list' has no 'get')
+    p = tmp_path / "x.json"
+    p.write_text(text)
+    with pytest.raises(ValueError, match=r"x\.json.* is not a (readable )?diffmath checkpoint"):
+        read_json(p, "diffmath.test/1", "checkpoint")
+    with pytest.raises(ValueError, match=r"x\.json"):
+        read_sidecar(p, tmp_path / "w.safetensors", "diffmath.test/1", "checkpoint")

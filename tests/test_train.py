@@ -293,22 +293,12 @@ def test_imports_point_downward():
     assert not bad, bad
 
 
-def test_split_names_are_still_importable_from_train():
-    # checkpoint / run-directory I/O, the figures and the device helpers moved out of train.py;
-    # diffmath.train re-exports the very same objects
-    from diffmath import checkpoint, distributed, plots
+def test_public_names_of_train_after_the_split():
+    # checkpoint / run-directory I/O moved to diffmath.checkpoint; train's public names are the same objects
+    from diffmath import checkpoint
 
-    moved = {
-        checkpoint: ["RunError", "RUN_FORMAT", "CHECKPOINT_FORMAT", "RESUMABLE_FIELDS", "OUR_FILES", "checkpoint_name",
-                     "read_run_config", "list_checkpoints", "latest_checkpoint", "load_checkpoint", "save_checkpoint",
-                     "weights_digest", "prepare_out", "check_compatible", "_write_run_config", "_optimizer_tensors",
-                     "_load_optimizer", "_rng_state_b64", "_rng_state_from_b64", "_is_ours", "_CKPT_RE"],
-        plots: ["plot_loss", "plot_schedule", "_save_fig"],
-        distributed: ["resolve_device", "_Dist"],
-    }
-    for mod, names in moved.items():
-        for name in names:
-            assert getattr(tr, name) is getattr(mod, name), f"diffmath.train.{name} is not {mod.__name__}.{name}"
+    for name in ("RunError", "RUN_FORMAT", "CHECKPOINT_FORMAT", "latest_checkpoint", "load_checkpoint", "read_run_config"):
+        assert name in tr.__all__ and getattr(tr, name) is getattr(checkpoint, name)
     assert all(hasattr(tr, n) for n in tr.__all__)
 
 
