@@ -23,14 +23,15 @@ def test_round_trips(st_, seed):
     ab = abar_by_product(s.betas, t)
     if ab < 1e-200:
         return
-    xt = math.sqrt(ab) * x0 + math.sqrt(1 - ab) * eps
-    tol = dict(rtol=0, atol=1e-9 / math.sqrt(ab))  # x0 is amplified by 1/sqrt(abar) from x_t
-    assert_allclose(P.x0_from_eps(s, xt, t, eps), x0, **tol)
-    assert_allclose(P.eps_from_x0(s, xt, t, x0), eps, rtol=0, atol=1e-9 / math.sqrt(1 - ab))
+    one_minus_ab = -math.expm1(float(np.sum(np.log1p(-s.betas[: t + 1]))))  # 1 - abar without cancellation
+    xt = math.sqrt(ab) * x0 + math.sqrt(one_minus_ab) * eps
+    # a few ulps of the inputs, amplified by 1/sqrt(abar) (x0 from x_t) or 1/sqrt(1 - abar) (eps from x_t)
+    assert_allclose(P.x0_from_eps(s, xt, t, eps), x0, rtol=0, atol=1e-13 / math.sqrt(ab))
+    assert_allclose(P.eps_from_x0(s, xt, t, x0), eps, rtol=0, atol=1e-13 / math.sqrt(one_minus_ab))
     v = P.v_from_x0_eps(s, t, x0, eps)
-    assert_allclose(v, math.sqrt(ab) * eps - math.sqrt(1 - ab) * x0, rtol=0, atol=1e-12)
-    assert_allclose(P.x0_from_v(s, xt, t, v), x0, rtol=0, atol=1e-9)
-    assert_allclose(P.eps_from_v(s, xt, t, v), eps, rtol=0, atol=1e-9)
+    assert_allclose(v, math.sqrt(ab) * eps - math.sqrt(one_minus_ab) * x0, rtol=0, atol=1e-14)
+    assert_allclose(P.x0_from_v(s, xt, t, v), x0, rtol=0, atol=1e-13)
+    assert_allclose(P.eps_from_v(s, xt, t, v), eps, rtol=0, atol=1e-13)
     score = P.score_from_eps(s, t, eps)
     assert_allclose(P.eps_from_score(s, t, score), eps, rtol=1e-12)
 
