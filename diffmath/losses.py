@@ -1,4 +1,5 @@
-"""Training objectives: L_simple, the variational bound in bits/dim, its weights, and DSM.
+"""Training objectives: DDPM's training loss (Alg. 1) and L_simple, the variational bound in
+bits/dim, its weights, and DSM.
 
 References: DDPM (Ho et al. 2020), Improved DDPM (Nichol & Dhariwal 2021), min-SNR
 weighting (Hang et al. 2023), NCSN denoising score matching (Song & Ermon 2019).
@@ -12,10 +13,12 @@ import numpy as np
 import torch
 
 from ._array import backend, broadcast_coef, check_float, check_like, check_positive, check_schedule, check_t, gather, gather_t, is_tensor, restore, schedule_table, upcast
+from . import forward, parameterization
 from .gaussian import discretized_gaussian_log_likelihood, normal_kl
 from .schedules import Schedule
 
 __all__ = [
+    "ddpm_training_loss",
     "simple_loss",
     "vb_terms_bpd",
     "prior_bpd",
@@ -50,6 +53,41 @@ def simple_loss(eps, eps_pred, reduction: str = "mean"):
     eps = check_like(eps, eps_pred, "eps", "eps_pred")
     d = upcast(eps_pred) - upcast(eps)
     return _reduce(d * d, reduction)
+
+
+PREDICTIONS = ("eps", "x0", "v")
+
+
+def ddpm_training_loss(s: Schedule, model, x0, t, noise, *, prediction: str = "eps", reduction: str = "mean"):
+    """The DDPM training objective for one batch   (DDPM Alg. 1, L_simple of eq. 14):
+
+        x_t    = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps                      (DDPM eq. 4)
+        loss   = mean || target - model(x_t, t) ||^2
+        target = eps (``prediction="eps"``, Alg. 1), x0 (``"x0"``) or
+                 v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (``"v"``, Salimans & Ho 2022)
+
+    Randomness is explicit: the caller draws t ~ U{0, ..., T-1} and eps ~ N(0, I) (Alg. 1,
+    lines 3-4) and passes them in; the gradient step (line 5) is the caller's as well.
+    x0, noise: arrays of shape (B, ...); t: int or integer array (B,); ``model(x_t, t)`` returns
+    the prediction with x_t's shape. Returns ``simple_loss(target, prediction, reduction)``.
+    The fused form for eps-prediction, which never stores eps, is ``diffmath.kernels.q_sample``
+    with ``seed=`` followed by ``diffmath.kernels.simple_loss`` with the same seed.
+    """
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}; got {prediction!r}")
+    if reduction not in ("mean", "none", "sum"):
+        raise ValueError(f"reduction must be 'mean', 'none' or 'sum'; got {reduction!r}")
+    if not callable(model):
+        raise TypeError(f"model must be callable model(x_t, t); got {type(model).__name__}")
+    x_t = forward.q_sample(s, x0, t, noise)
+    pred = model(x_t, t)
+    if prediction == "eps":
+        target = noise
+    elif prediction == "x0":
+        target = x0
+    else:
+        target = parameterization.v_from_x0_eps(s, t, x0, noise)
+    return simple_loss(target, pred, reduction)
 
 
 def _bpd_per_sample(x):

@@ -8,8 +8,8 @@ The loss (DDPM eq. 14, Improved DDPM eq. 16):
   from (seed, offset): the noise tensor never touches memory (on CUDA; the torch fallback
   of ``diffmath.kernels`` runs the same math on CPU).
 - x0- or v-prediction, or a learned variance: the noise is drawn explicitly (a seeded
-  ``torch.Generator``) and the core builds x_t (``forward.q_sample``), the target
-  (``parameterization.v_from_x0_eps``) and L_simple = MSE(target, prediction).
+  ``torch.Generator``) and the core's DDPM Alg. 1, ``losses.ddpm_training_loss``, builds x_t,
+  the target (eps, x0 or v) and L_simple = MSE(target, prediction).
 - learned variance (Improved DDPM's learned range, ``learn_sigma``): the model outputs 2C
   channels; the second half v in [-1, 1] gives log Sigma = ``losses.learned_range_log_variance``.
   The hybrid loss is L_simple + lambda * T * L_t (guided-diffusion's convention: L_vlb = sum_t L_t
@@ -67,7 +67,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import forward, losses, parameterization, posterior
+from . import losses, parameterization, posterior
 from .checkpoint import (  # RunError .. CHECKPOINT_FORMAT also make train's public names (__all__)
     CHECKPOINT_FORMAT,
     RESUMABLE_FIELDS,
@@ -380,17 +380,17 @@ def training_loss(config, model, s, x0, t, *, seed_noise=None, offset=0, noise=N
         full = torch.cat([out.new_zeros((r * B,) + out.shape[1:]), out, out.new_zeros(((world - r - 1) * B,) + out.shape[1:])])
         loss = K.simple_loss(full, seed_noise, offset, reduction="none")[r * B : (r + 1) * B].mean()
         return loss, {"mse": loss.detach()}
-    x_t = forward.q_sample(s, x0, t, noise)
-    with ctx:
-        out = model(x_t, t)
-    pred, v = model_outputs(config, out.float(), C)
-    if config.prediction == "eps":
-        target = noise
-    elif config.prediction == "x0":
-        target = x0
-    else:
-        target = parameterization.v_from_x0_eps(s, t, x0, noise)
-    mse = losses.simple_loss(target, pred)
+    seen = {}
+
+    def predict(x_t, t):  # the network under autocast; a learned variance's channels kept aside
+        with ctx:
+            out = model(x_t, t)
+        seen["x_t"] = x_t
+        seen["pred"], seen["v"] = model_outputs(config, out.float(), C)
+        return seen["pred"]
+
+    mse = losses.ddpm_training_loss(s, predict, x0, t, noise, prediction=config.prediction)  # DDPM Alg. 1
+    x_t, pred, v = seen["x_t"], seen["pred"], seen["v"]
     if v is None:
         return mse, {"mse": mse.detach()}
     with torch.no_grad():  # stop-gradient on the mean (Improved DDPM, Sec. 3.1)

@@ -239,6 +239,59 @@ def test_simple_loss_matches_torch_mse():
         simple_loss(a, b, reduction="max")
 
 
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+@pytest.mark.parametrize("t", [10, 500, 990])
+def test_ddpm_training_loss_of_the_bayes_predictor_is_the_posterior_variance(prediction, t):
+    # DDPM Alg. 1 on 1-D data N(m, sd^2) with the exact conditional mean as the model: the
+    # errors target - E[target | x_t] are i.i.d. N(0, V), V the posterior variance of the target,
+    # written here from Gaussian conditioning (D = abar sd^2 + 1 - abar):
+    #   eps: abar sd^2 / D,   x0: sd^2 (1 - abar) / D,   v: sd^2 / D.
+    # So the summed loss / V ~ chi2(n): two-sided p > 1e-3 (seed 0, n = 20000); the Bayes
+    # predictor of another target (a swapped target in the loss) must fail the same test.
+    m, sd, n = 0.5, 0.3, 20000
+    s = dm.linear_schedule(1000)
+    ab = float(np.prod(1.0 - np.linspace(1e-4, 0.02, 1000)[: t + 1]))  # linear_schedule(1000), by product
+    D = ab * sd**2 + 1 - ab
+    V = {"eps": ab * sd**2 / D, "x0": sd**2 * (1 - ab) / D, "v": sd**2 / D}[prediction]
+    rng = np.random.default_rng(0)
+    x0 = m + sd * rng.standard_normal((n, 1))
+    eps = rng.standard_normal((n, 1))
+
+    def bayes(x_t, tt, target=prediction):
+        assert tt == t
+        r = (x_t - math.sqrt(ab) * m) / D
+        e = math.sqrt(1 - ab) * r  # E[eps | x_t]
+        x = m + math.sqrt(ab) * sd**2 * r  # E[x0 | x_t]
+        return {"eps": e, "x0": x, "v": math.sqrt(ab) * e - math.sqrt(1 - ab) * x}[target]
+
+    def p_two_sided(loss_sum):
+        c = stats.chi2(n)
+        return 2 * min(c.cdf(loss_sum / V), c.sf(loss_sum / V))
+
+    total = dm.losses.ddpm_training_loss(s, bayes, x0, t, eps, prediction=prediction, reduction="sum")
+    assert p_two_sided(float(total)) > 1e-3
+    mean = dm.losses.ddpm_training_loss(s, bayes, x0, t, eps, prediction=prediction)
+    assert_allclose(mean, total / n, rtol=1e-12)
+    other = {"eps": "x0", "x0": "eps", "v": "x0"}[prediction]
+    off = dm.losses.ddpm_training_loss(s, lambda x_t, tt: bayes(x_t, tt, other), x0, t, eps, prediction=prediction,
+                                       reduction="sum")
+    assert p_two_sided(float(off)) < 1e-3
+    # torch tensors give the numpy result (float64)
+    tt = dm.losses.ddpm_training_loss(s, bayes, torch.from_numpy(x0), t, torch.from_numpy(eps), prediction=prediction,
+                                      reduction="sum")
+    assert_allclose(tt.item(), total, rtol=1e-12)
+
+
+def test_ddpm_training_loss_errors():
+    s, x = dm.linear_schedule(10), np.zeros((2, 3))
+    with pytest.raises(ValueError, match="prediction must be one of eps, x0, v; got 'score'"):
+        dm.losses.ddpm_training_loss(s, lambda x, t: x, x, 1, x, prediction="score")
+    with pytest.raises(ValueError, match="reduction must be"):
+        dm.losses.ddpm_training_loss(s, lambda x, t: x, x, 1, x, reduction="max")
+    with pytest.raises(TypeError, match="model must be callable"):
+        dm.losses.ddpm_training_loss(s, None, x, 1, x)
+
+
 def test_dsm_loss_is_eps_mse_in_disguise():
     # with x_noisy = x0 + sigma z and score_pred = -eps_hat / sigma, the NCSN-weighted DSM loss
     # is 1/2 sum_dims (z - eps_hat)^2 averaged over the batch, independently of sigma
