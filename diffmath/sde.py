@@ -145,7 +145,8 @@ class SDE:
         return restore(broadcast_coef(self._a(tt), xc) * xc, x), restore(broadcast_coef(self._g(tt), xc), x)
 
     def marginal_prob(self, x0, t):
-        """(mean, std) of p_0t(x_t | x_0) = N(m(t) x_0, s(t)^2 I) (Song et al. 2021, eq. 29-30).
+        """(mean, std) of p_0t(x_t | x_0) = N(m(t) x_0, s(t)^2 I) (Song et al. 2021, eq. 29; for
+        VE the exact s(t)^2 = sigma(t)^2 - sigma_min^2, not eq. 31's sigma(t)^2).
         mean has x0's shape; std has shape () or (B, 1, ..., 1)."""
         x0 = check_float(x0, "x0")
         tt = _check_time(t, x0)
@@ -287,9 +288,10 @@ class SubVPSDE(VPSDE):
 # ----------------------------------------------------------------------------- VE
 class VESDE(SDE):
     """Variance-exploding SDE dx = sigma(t) sqrt(2 log(sigma_max/sigma_min)) dw with
-    sigma(t) = sigma_min (sigma_max/sigma_min)^t (Song et al. 2021, eq. 9), the continuous
-    limit of SMLD/NCSN. ``discretize`` is the SMLD chain x_i = x_{i-1} + sqrt(sigma_i^2 -
-    sigma_{i-1}^2) z with sigma_i = geomspace(sigma_min, sigma_max, N)[i], sigma_{-1} = 0:
+    sigma(t) = sigma_min (sigma_max/sigma_min)^t (Song et al. 2021, eq. 9 in the form of
+    eq. 30), the continuous limit of SMLD/NCSN. ``discretize`` is the SMLD chain
+    x_i = x_{i-1} + sqrt(sigma_i^2 - sigma_{i-1}^2) z with sigma_i = geomspace(sigma_min,
+    sigma_max, N)[i], sigma_{-1} = 0:
     f = 0, G = sqrt(sigma_i^2 - sigma_{i-1}^2). Marginal std: the exact sqrt(sigma(t)^2 -
     sigma_min^2) (see the module docstring); prior N(0, sigma_max^2 I)."""
 

@@ -93,8 +93,8 @@ def sample_ode(
     x_T=None,
     return_nfev: bool = False,
 ):
-    """Probability-flow ODE sampling with ``scipy.integrate.solve_ivp`` (score_sde
-    ``get_ode_sampler``): x_1 ~ prior, integrate dx/dt = f - g^2 score / 2 from t = 1 to
+    """Probability-flow ODE sampling (Song et al. 2021, eq. 13) with ``scipy.integrate.solve_ivp``
+    (score_sde ``get_ode_sampler``): x_1 ~ prior, integrate dx/dt = f - g^2 score / 2 from t = 1 to
     eps (default 1e-3 VP/sub-VP, 1e-5 VE) with ``method`` at tolerances ``rtol``, ``atol``.
 
     The solver state is float64 numpy; ``score_fn(x, t)`` is called with x of the sample's

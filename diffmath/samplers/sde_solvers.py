@@ -195,6 +195,8 @@ def sample_pc(
     x_T=None,
 ):
     """Predictor-corrector sampling (Song et al. 2021, Alg. 1; score_sde ``get_pc_sampler``).
+    With the default reverse-diffusion predictor and Langevin corrector this is Song et al.
+    2021, Alg. 2-3 (VE and VP SDEs), run as score_sde runs them: corrector, then predictor.
 
     At each level: ``n_corrector_steps`` Langevin corrector steps
     (``langevin_corrector_step`` with ``snr``, ``alpha``, ``corrector_norm``), then one
