@@ -1,7 +1,8 @@
 """diffmath: the mathematics of diffusion models, exact, checked and fast.
 
 Modules (one concept each): ``schedules``, ``forward``, ``posterior``, ``parameterization``,
-``gaussian``, ``losses``, ``sde``, ``samplers``, ``oracle``, ``likelihood``; see README.md and DESIGN.md for the conventions.
+``gaussian``, ``losses``, ``sde``, ``samplers``, ``oracle``, ``likelihood``; see README.md and
+docs/design.md for the conventions, docs/equations.md for the equation each function implements.
 """
 
 from . import forward, gaussian, likelihood, losses, oracle, parameterization, posterior, samplers, schedules, sde

@@ -1,6 +1,6 @@
 """numpy/torch dispatch helpers and input validation, shared by every math module.
 
-Conventions (DESIGN.md): every math function accepts numpy arrays or torch tensors and
+Conventions (docs/design.md, "Arrays"): every math function accepts numpy arrays or torch tensors and
 returns the same kind on the same device. Schedule tables are float64 numpy arrays; a
 per-sample coefficient gathered at ``t`` of shape ``(B,)`` is reshaped to
 ``(B, 1, 1, ...)`` so it broadcasts over the trailing dimensions of ``x``. float16 and

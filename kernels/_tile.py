@@ -1,10 +1,11 @@
 """In-kernel noise for the Triton path: Philox4x32-10 and a Box-Muller transform from full
 32-bit draws, laid out as tiles of 4 * BLOCK consecutive normals.
 
-The stream (binding, DESIGN.md "Kernels."): the normal at flat element i of a call is Philox
-draw number ``d = offset + i`` under ``seed``: counter ``d // 4`` (the 64-bit counter in the
-first two Philox words, the last two zero), key ``(seed mod 2**32, seed >> 32)``, lane
-``d % 4``. One Philox call gives four uint32 ``(r0, r1, r2, r3)`` and four normals:
+The stream (binding; docs/design.md, "The noise stream of the kernels"): the normal at flat
+element i of a call is Philox draw number ``d = offset + i`` under ``seed``: counter ``d // 4``
+(the 64-bit counter in the first two Philox words, the last two zero), key
+``(seed mod 2**32, seed >> 32)``, lane ``d % 4``. One Philox call gives four uint32
+``(r0, r1, r2, r3)`` and four normals:
 
     u     = r0 * 2**-32 + 2**-33       in (0, 1]   (float32; never 0, so no clamp is needed)
     theta = 2 pi s * 2**-32            in [-pi, pi), s = r1 read as a signed int32

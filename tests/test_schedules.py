@@ -1,6 +1,6 @@
 """Schedules: every table against a 50-digit mpmath evaluation of its definition.
 
-Precision bar (DESIGN.md): relative error <= 1e-13 for T <= 1000 and <= 1e-12 for
+Precision bar (docs/design.md, "Precision"): relative error <= 1e-13 for T <= 1000 and <= 1e-12 for
 T <= 10,000, betas from 1e-10 to 0.999 and exactly 1. log_snr crosses zero where abar = 1/2;
 there its relative error is ill-conditioned (d log_snr / d log abar = 1/(1 - abar)), so it is
 held to the same relative bound plus an absolute floor of 1e-15.

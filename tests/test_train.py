@@ -256,7 +256,7 @@ def _imported_modules(path, package):
 
 
 def test_imports_point_downward():
-    # DESIGN.md: the math (and kernels/) imports only numpy, scipy, torch and the math; nn/ only torch;
+    # docs/design.md, "Layers": the math (and kernels/) imports only numpy, scipy, torch and the math; nn/ only torch;
     # data, train, evaluate, sample and latent never import cli; the latent modules build on each
     # other one way (vae <- cache <- diffusion <- compare <- the diffmath.latent facade); train's
     # parts sit below it, one way (plots <- checkpoint <- distributed <- train), and none of them

@@ -1,8 +1,9 @@
 """Plumbing shared by the sampler loops: explicit random draws, model calls, progress bars.
 
-Randomness is explicit (DESIGN.md): a numpy loop draws from a ``numpy.random.Generator``,
-a torch loop from a ``torch.Generator`` (on its device); ``generator=None`` makes a fresh,
-OS-seeded generator of the right kind and never touches global RNG state.
+Randomness is explicit (docs/design.md, "Randomness"): a numpy loop draws from a
+``numpy.random.Generator``, a torch loop from a ``torch.Generator`` (on its device);
+``generator=None`` makes a fresh, OS-seeded generator of the right kind and never touches
+global RNG state.
 """
 
 from __future__ import annotations

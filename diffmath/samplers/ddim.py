@@ -105,7 +105,7 @@ def ddim_step(s: Schedule, x_t, t, t_prev, eps, noise=None, eta: float = 0.0):
 
 def ddim_pairs(T: int, steps: int, spacing: str = "leading"):
     """The (t, t_prev) pairs of a DDIM loop: ``timesteps(T, steps, spacing)`` stepped from each
-    element to the next and from the last to -1 (DESIGN.md, "Timesteps")."""
+    element to the next and from the last to -1 (docs/design.md, "Timesteps")."""
     ts = timesteps(T, steps, spacing).tolist()
     return list(zip(ts, ts[1:] + [-1]))
 

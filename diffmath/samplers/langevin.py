@@ -73,7 +73,7 @@ def langevin_corrector_step(score, x, snr: float, noise, alpha: float = 1.0, nor
     x'   = x + step score + sqrt(2 step) noise  = ``langevin_step(x, score, 2 step, noise)``.
 
     ``score`` is the score's value at x (the score of the current marginal p_t); norms are
-    over the non-batch dims. ``norm="sample"``: one step per sample (DESIGN.md);
+    over the non-batch dims. ``norm="sample"``: one step per sample (docs/design.md, "Choices");
     ``norm="batch"``: score_sde's code, which uses the batch means of ||noise|| and ||score||
     (one step for the whole batch; in the limit of a large batch the step is deterministic,
     which ``oracle.GaussianData.exact_sde_output`` models exactly). Note that in dimension
