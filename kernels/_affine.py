@@ -11,6 +11,8 @@ size. ``torch_affine`` is the torch path's expression of the same update with as
 and temporaries as eager torch allows, ``torch_update`` adds the torch path's noise and casts.
 ``affine_update`` runs one validated update on the path ``use_triton`` picks (q_sample and
 every sampler step go through it), refusing host-folded coefficients that overflow.
+docs/kernels.md, "The coefficients of each update", lists (a, b, c, p, q) of every public
+function; each function's docstring shows its own.
 """
 
 from __future__ import annotations

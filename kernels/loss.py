@@ -7,6 +7,8 @@ partial sums, reduced deterministically) and once more in its backward kernel (t
 2 (eps_pred - eps) / n in one pass). Nothing of size eps is kept between the three.
 (The torch path draws eps from its own stream and lets F.mse_loss keep it for the backward:
 regenerating would cost a second torch.randn, which is most of its time on a CPU.)
+``simple_loss_reference`` beside the wrapper is the torch reference the tests hold both paths
+to: the core ``diffmath.losses.simple_loss`` in float64 on the same eps.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .. import losses
 from ._affine import FAST_MATH, grid_for, launch_affine, seed_halves
 from ._common import HAVE_TRITON, _check_int, check_offset, check_x, rows_of, torch_normal, use_triton
+from .noise import randn
 
-__all__ = ["simple_loss"]
+__all__ = ["simple_loss", "simple_loss_reference"]
 
 if HAVE_TRITON:
     import triton
@@ -122,6 +126,12 @@ def simple_loss(eps_pred, seed, offset=0, *, reduction="mean"):
     (B,). float32 result (float64 for float64 input). Differentiable in eps_pred; backward
     regenerates eps again and writes the gradient in one pass. With an explicit eps tensor
     use ``diffmath.losses.simple_loss(eps, eps_pred)``.
+
+    Forward: its own kernel, per-program partial sums of (eps_pred - eps)^2 reduced in float64.
+    Backward: the fused affine update out = a x + b y + c z (``_affine.py``) with x = eps_pred,
+    no y, z = eps regenerated, and with g the incoming gradient
+
+        a = 2 g / n,   b = 0,   c = -2 g / n       (n = numel; "none": 2 g_b / (n / B) per sample)
     """
     eps_pred = check_x(eps_pred, "eps_pred", grad_ok=True)
     _check_reduction(reduction)
@@ -139,3 +149,12 @@ def simple_loss(eps_pred, seed, offset=0, *, reduction="mean"):
     if use_triton(eps_pred, sq_err_kernel):
         return _SimpleLoss.apply(eps_pred, seed, offset, reduction)
     return _loss_torch(eps_pred, seed, offset, reduction)
+
+
+def simple_loss_reference(eps_pred, seed, offset=0, *, reduction="mean"):
+    """The torch reference of ``simple_loss``: the core ``diffmath.losses.simple_loss`` in
+    float64 on eps_pred's device against the active path's draws at ``(seed, offset)``
+    (``diffmath.kernels.randn``), returned in float32 (float64 for float64 input)."""
+    eps = randn(eps_pred.shape, seed, offset, device=eps_pred.device).double()
+    out = losses.simple_loss(eps, eps_pred.double(), reduction)
+    return out if eps_pred.dtype == torch.float64 else out.float()

@@ -35,8 +35,9 @@ def _shape(shape):
 def randn(shape, seed, offset=0, *, device=None, dtype=torch.float32):
     """Standard normal draws of ``shape`` from the active path's stream at ``(seed, offset)``:
     Philox draws ``offset + i`` on the Triton path, ``torch.Generator`` draws seeded by
-    ``(seed, offset)`` on the torch path (docs/kernels.md, "Noise streams"). float32 math,
-    returned in ``dtype``."""
+    ``(seed, offset)`` on the torch path (docs/kernels.md, "The noise stream (binding)").
+    float32 math, returned in ``dtype``. On the Triton path this is the fused affine update
+    out = a x + b y + c z (``_affine.py``) with no x or y and (a, b, c) = (0, 0, 1): out = z."""
     shape = _shape(shape)
     seed = _check_int(seed, "seed", 0, 2**64)
     n = math.prod(shape)

@@ -4,7 +4,10 @@ Each step is the affine update of ``_affine.py``, x' = a x + b m + c z with m th
 output (eps or score) and z ~ N(0, I) drawn in the kernel (``seed=``) or read (``noise=``):
 one pass that reads x and m once and writes x' once. The per-sample coefficients (a, b, c)
 are folded in float64 on the host from the schedule tables (DDIM, SDE, Langevin) or gathered
-at t[b] in the kernel from float32 device copies of float64 tables (DDPM).
+at t[b] in the kernel from float32 device copies of float64 tables (DDPM); each wrapper's
+docstring gives them, and docs/kernels.md has the table of all of them. Beside each wrapper
+sits its torch reference (``<step>_reference``): the verified core step of
+``diffmath.samplers`` in float64, which the tests hold both paths to.
 """
 
 from __future__ import annotations
@@ -15,14 +18,25 @@ import numbers
 import numpy as np
 import torch
 
+from .. import samplers as core
 from .._array import schedule_cache
 from ..samplers._common import check_eta, check_positive
 from ..samplers.ddim import ddim_coefs
 from ..samplers.ddpm import _check_clip, _check_variance, ddpm_std
 from ._affine import affine_update
 from ._common import as_float, check_index, check_like_x, check_noise_args, check_schedule, check_x, first_nonfinite, host_table, rows_of
+from .noise import randn
 
-__all__ = ["ddpm_step", "ddim_step", "euler_maruyama_step", "langevin_step"]
+__all__ = [
+    "ddpm_step",
+    "ddim_step",
+    "euler_maruyama_step",
+    "langevin_step",
+    "ddpm_step_reference",
+    "ddim_step_reference",
+    "euler_maruyama_step_reference",
+    "langevin_step_reference",
+]
 
 
 def _host(t):
@@ -55,6 +69,16 @@ def ddpm_step(s, x_t, t, eps, *, noise=None, seed=None, offset=0, variance="smal
     std  = exp(posterior_log_variance_clipped[t] / 2) ("small") or sqrt(beta_t) ("large")
     x_{t-1} = mean + std z, no noise where t = 0.
 
+    As the fused affine update out = a x + b y' + c z (``_affine.py``), with x = x_t, y = eps,
+    z = noise, coef1/coef2 = posterior_mean_coef1/2[t], std_0 = 0:
+
+        no clip:   a = coef1 sqrt(1/abar_t) + coef2,   b = -coef1 sqrt(1/abar_t - 1),   c = std_t
+        clip_x0:   y' = clamp(p x + q y, -clip_x0, clip_x0) (the clipped x0) with
+                   p = sqrt(1/abar_t),   q = -sqrt(1/abar_t - 1),
+                   a = coef2,   b = coef1,   c = std_t
+
+    gathered at t[b] in the kernel (``_ddpm_table``).
+
     x_t, eps: tensors (B, ...); t: int or integer tensor (B,). z from ``noise`` or drawn in the
     kernel from ``seed`` (element i: draw offset + i); neither is needed when every t is 0.
     Returns x_{t-1} (contiguous, x_t's shape and dtype).
@@ -78,6 +102,25 @@ def ddpm_step(s, x_t, t, eps, *, noise=None, seed=None, offset=0, variance="smal
     coefs = tuple(float(v) for v in tab[:, t]) if isinstance(t, int) else None
     # what=None: the table's columns up to tmax were just checked in the compute dtype
     return affine_update(x_t, eps, coefs, noise, seed, offset, clip=clip, s=s, kind=kind, build=build, t=t, what=None)
+
+
+def ddpm_step_reference(s, x_t, t, eps, *, noise=None, seed=None, offset=0, variance="small", clip_x0=None):
+    """The torch reference of ``ddpm_step``: the core ``diffmath.samplers.ddpm_step`` in float64
+    on x_t's device, returned in x_t's dtype; z is ``noise`` or the active path's draws at
+    ``(seed, offset)`` (``diffmath.kernels.randn``)."""
+    z = _reference_noise(x_t, noise, seed, offset)
+    out = core.ddpm_step(s, x_t.double(), t, eps.double(), z, variance=variance, clip_x0=clip_x0)
+    return out.to(x_t.dtype)
+
+
+def _reference_noise(x, noise, seed, offset):
+    """The noise of a reference step in float64: ``noise``, the stream's draws at ``(seed,
+    offset)``, or None."""
+    if noise is not None:
+        return noise.double()
+    if seed is not None:
+        return randn(x.shape, seed, offset, device=x.device).double()
+    return None
 
 
 def _check_finite_steps(s, kind, build, tmax: int, dtype: torch.dtype):
@@ -107,6 +150,8 @@ def ddim_fold(s, t, t_prev, eta: float):
 
     c_x = sqrt(abar_prev) sqrt(1/abar_t),  c_eps = sqrt(1 - abar_prev - sigma^2) - sqrt(abar_prev) sqrt(1/abar_t - 1),
     c_z = sigma,
+
+    that is, (a, b, c) of ``ddim_step``'s affine update,
 
     built from the core ``diffmath.samplers.ddim.ddim_coefs`` (which validates t, t_prev, t_prev < t
     and eta, and computes sqrt(abar_prev), sqrt(1 - abar_prev - sigma^2) and sigma without
@@ -142,6 +187,14 @@ def ddim_step(s, x_t, t, t_prev, eps, *, noise=None, seed=None, offset=0, eta=0.
     sigma  = eta sqrt((1 - abar_prev)/(1 - abar_t)) sqrt(1 - abar_t/abar_prev),
 
     abar_prev = alphas_cumprod[t_prev], or 1 for t_prev = -1 (the final, noiseless step).
+
+    As the fused affine update out = a x + b y + c z (``_affine.py``), with x = x_t, y = eps,
+    z = noise:
+
+        a = sqrt(abar_prev) sqrt(1/abar_t)
+        b = sqrt(1 - abar_prev - sigma^2) - sqrt(abar_prev) sqrt(1/abar_t - 1)
+        c = sigma                                                  (p, q unused: no clip)
+
     x_t, eps: tensors (B, ...); t, t_prev: ints or integer tensors (B,) with t_prev < t. The
     three per-sample coefficients are folded in float64 on the host (``ddim_fold``). z from
     ``noise`` or ``seed`` is needed only when sigma > 0 (eta > 0 and t_prev >= 0).
@@ -172,6 +225,14 @@ def ddim_step(s, x_t, t, t_prev, eps, *, noise=None, seed=None, offset=0, eta=0.
     else:
         coefs = (c_x, c_eps, sigma)
     return affine_update(x_t, eps, coefs, noise, seed, offset, what="s at (t, t_prev, eta)")
+
+
+def ddim_step_reference(s, x_t, t, t_prev, eps, *, noise=None, seed=None, offset=0, eta=0.0):
+    """The torch reference of ``ddim_step``: the core ``diffmath.samplers.ddim_step`` in float64
+    on x_t's device, returned in x_t's dtype; z is ``noise`` or the active path's draws at
+    ``(seed, offset)``."""
+    z = _reference_noise(x_t, noise, seed, offset)
+    return core.ddim_step(s, x_t.double(), t, t_prev, eps.double(), z, eta=eta).to(x_t.dtype)
 
 
 # ----------------------------------------------------------------------------- SDE and Langevin
@@ -220,6 +281,12 @@ def euler_maruyama_step(sde, x, t, dt, score, *, noise=None, seed=None, offset=0
 
     with a(t) = ``sde.linear_drift_coef(t)`` and g(t) = ``sde.diffusion_coef(t)`` of the forward
     SDE (diffmath.sde.VPSDE, SubVPSDE, VESDE) and ``score`` the model's score at (x, t).
+
+    As the fused affine update out = a x + b y + c z (``_affine.py``), with x = x, y = score,
+    z = noise, folded in float64 on the host:
+
+        a = 1 + a(t) dt,   b = -g(t)^2 dt,   c = g(t) sqrt(-dt)       (p, q unused: no clip)
+
     x, score: tensors (B, ...); t: float in (0, 1] or float tensor (B,); t + dt >= 0. z from
     ``noise`` or ``seed``. Returns x' (contiguous, x's shape and dtype).
     """
@@ -237,6 +304,18 @@ def euler_maruyama_step(sde, x, t, dt, score, *, noise=None, seed=None, offset=0
     if np.ndim(t) == 0:
         coefs = tuple(float(c) for c in coefs)
     return affine_update(x, score, coefs, noise, seed, offset, what="sde (its drift/diffusion coefficients at t) with dt")
+
+
+def euler_maruyama_step_reference(sde, x, t, dt, score, *, noise=None, seed=None, offset=0):
+    """The torch reference of ``euler_maruyama_step``: the core
+    ``diffmath.samplers.euler_maruyama_step`` on ``sde.reverse`` of the given score, in float64
+    on x's device, returned in x's dtype; z is ``noise`` or the active path's draws at
+    ``(seed, offset)``. t: a float or a float tensor (B,)."""
+    score64 = score.double()
+    rsde = sde.reverse(lambda x_, t_: score64)
+    tt = t.double() if isinstance(t, torch.Tensor) else t
+    z = _reference_noise(x, noise, seed, offset)
+    return core.euler_maruyama_step(rsde, x.double(), tt, dt, z).to(x.dtype)
 
 
 def _check_step_size(step_size, x):
@@ -259,6 +338,11 @@ def langevin_step(x, score, step_size, *, noise=None, seed=None, offset=0):
 
     x' = x + (step_size / 2) score + sqrt(step_size) z,   z ~ N(0, I),
 
+    As the fused affine update out = a x + b y + c z (``_affine.py``), with x = x, y = score,
+    z = noise, h = step_size:
+
+        a = 1,   b = h / 2,   c = sqrt(h)                            (p, q unused: no clip)
+
     x, score (grad log p at x): tensors (B, ...); step_size: float > 0 or (B,). z from
     ``noise`` or ``seed``. Returns x' (contiguous, x's shape and dtype).
     """
@@ -271,3 +355,12 @@ def langevin_step(x, score, step_size, *, noise=None, seed=None, offset=0):
     else:
         coefs = (np.ones_like(h), 0.5 * h, np.sqrt(h))
     return affine_update(x, score, coefs, noise, seed, offset, what="step_size")
+
+
+def langevin_step_reference(x, score, step_size, *, noise=None, seed=None, offset=0):
+    """The torch reference of ``langevin_step``: the core ``diffmath.samplers.langevin_step`` in
+    float64 on x's device, returned in x's dtype; z is ``noise`` or the active path's draws at
+    ``(seed, offset)``. step_size: a float or a tensor (B,)."""
+    h = step_size.double() if isinstance(step_size, torch.Tensor) else step_size
+    z = _reference_noise(x, noise, seed, offset)
+    return core.langevin_step(x.double(), score.double(), h, z).to(x.dtype)
