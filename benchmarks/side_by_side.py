@@ -1,5 +1,10 @@
 """Side-by-side timings of the fused kernels (``diffmath bench``; ``make bench``).
 
+    python benchmarks/side_by_side.py [--quick]        (the same as ``diffmath bench``)
+
+``diffmath bench`` runs this file from the source checkout the package is installed from
+(``pip install -e .``); benchmarks/ is not part of the installed package.
+
 For each update and tensor size, in one run: our Triton kernel (CUDA only), our torch
 fallback (``DIFFMATH_KERNELS=torch``), the minimal eager torch expression of the same math
 (precomputed float32 tables or python-float coefficients, ``torch.randn_like`` for the noise),
@@ -33,8 +38,7 @@ import torch
 import torch.nn.functional as F
 
 import diffmath as dm
-
-from . import ddim_step, ddpm_step, euler_maruyama_step, langevin_step, q_sample, simple_loss
+from diffmath.kernels import ddim_step, ddpm_step, euler_maruyama_step, langevin_step, q_sample, simple_loss
 
 __all__ = ["main", "run", "Deferred", "build_cases", "IMPLS", "OPS", "sizes_for", "time_fn", "time_cases", "run_case"]
 
@@ -407,3 +411,11 @@ def run(quick: bool = False, device: str | None = None) -> dict:
                 if isinstance(r[impl], str):
                     print(f"    {impl}: {r[impl]}")
     return results
+
+
+if __name__ == "__main__":  # pragma: no cover - a command-line entry
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Time the fused kernels against the torch reference paths.")
+    ap.add_argument("--quick", action="store_true", help="a short run (small sizes, few repeats)")
+    sys.exit(main(quick=ap.parse_args().quick))

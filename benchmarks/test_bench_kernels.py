@@ -3,7 +3,7 @@
     pytest benchmarks/test_bench_kernels.py --benchmark-only --benchmark-group-by=group
     DIFFMATH_BENCH_COMPILE=0 ...    skip torch.compile (each compile takes ~10-30 s on a CPU)
 
-Implementations (diffmath.kernels.bench.build_cases): our Triton kernel (CUDA), our torch
+Implementations (side_by_side.build_cases, in this folder): our Triton kernel (CUDA), our torch
 fallback, the minimal eager torch expression, torch.compile of it, diffusers' step (if
 installed). CPU runs are single-threaded (DIFFMATH_BENCH_THREADS). ``diffmath bench`` prints
 the same comparison as one side-by-side table; numbers measured here are in RESULTS.md.
@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from diffmath.kernels.bench import IMPLS, OPS, Deferred, _path, build_cases, sizes_for, stable_cpu_allocator
+from side_by_side import IMPLS, OPS, Deferred, _path, build_cases, sizes_for, stable_cpu_allocator
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SIZES = sizes_for(DEVICE)

@@ -1,6 +1,5 @@
 import json
 import re
-import sys
 import types
 
 import numpy as np
@@ -246,19 +245,37 @@ def test_verify_forwards_its_arguments(monkeypatch):
     assert seen == [["--json", "t.json", "--plot", "p.png"]]
 
 
-def test_bench_calls_kernels_bench(monkeypatch, capsys):
-    seen = []
-    fake = types.ModuleType("diffmath.kernels.bench")
-    fake.main = lambda quick=False: seen.append(quick) or 0
-    monkeypatch.setitem(sys.modules, "diffmath.kernels.bench", fake)
-    import diffmath.kernels
+def test_bench_runs_the_checkouts_side_by_side_script(monkeypatch, capsys, tmp_path):
+    import diffmath.cli as cli
 
-    monkeypatch.setattr(diffmath.kernels, "bench", fake, raising=False)
+    # this checkout's benchmarks/side_by_side.py is found and loads (main is the table)
+    bench = cli._load_bench()
+    assert callable(bench.main) and "q_sample" in bench.OPS
+    # `diffmath bench --quick` calls its main(quick=True)
+    seen = []
+    monkeypatch.setattr(cli, "_load_bench", lambda: types.SimpleNamespace(main=lambda quick=False: seen.append(quick) or 0))
     assert main(["bench", "--quick"]) == 0 and seen == [True]
-    monkeypatch.setitem(sys.modules, "diffmath.kernels.bench", None)  # import fails
-    monkeypatch.delattr(diffmath.kernels, "bench", raising=False)
+    monkeypatch.undo()
+    # an install without the checkout: a clear error, exit status 2
+    monkeypatch.setattr(cli, "_bench_script", lambda: tmp_path / "benchmarks" / "side_by_side.py")
     assert main(["bench"]) == 2
-    assert "kernels/bench.py" in _err(capsys)
+    err = _err(capsys)
+    assert "benchmarks/side_by_side.py" in err and "pip install -e ." in err
+
+
+@pytest.mark.slow
+def test_bench_quick_runs_end_to_end():
+    # the real table, in a child process (it pins torch threads and tunes malloc for itself);
+    # a few seconds on a CPU. Only that it runs and lists every op is checked, no timing.
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DIFFMATH_KERNELS": "auto"}
+    r = subprocess.run([sys.executable, "-m", "diffmath", "bench", "--quick"], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for op in ("q_sample", "ddpm_step", "ddim_step", "euler_maruyama_step", "langevin_step", "simple_loss"):
+        assert re.search(rf"^{op}\s", r.stdout, re.M), (op, r.stdout[-2000:])
 
 
 # ----------------------------------------------------------------------------- latent diffusion
