@@ -305,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Forwarded to diffmath.verify.main: [--json PATH] [--plot PATH] (run `diffmath verify --help`).",
     )
     v.add_argument("args", nargs=argparse.REMAINDER, help="options of diffmath.verify (--json PATH, --plot PATH)")
-    b = sub.add_parser("bench", help="benchmark the fused kernels (benchmarks/side_by_side.py)", formatter_class=_Formatter,
+    b = sub.add_parser("bench", help="benchmark the fused kernels (benchmarks/side_by_side.py)",
+                       formatter_class=_Formatter,
                        description="Time the fused kernels against the torch reference paths "
                                    "(benchmarks/side_by_side.py of the source checkout).")
     b.add_argument("--quick", action="store_true", help="a short run (small sizes, few repeats)")

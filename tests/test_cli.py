@@ -253,7 +253,8 @@ def test_bench_runs_the_checkouts_side_by_side_script(monkeypatch, capsys, tmp_p
     assert callable(bench.main) and "q_sample" in bench.OPS
     # `diffmath bench --quick` calls its main(quick=True)
     seen = []
-    monkeypatch.setattr(cli, "_load_bench", lambda: types.SimpleNamespace(main=lambda quick=False: seen.append(quick) or 0))
+    fake = types.SimpleNamespace(main=lambda quick=False: seen.append(quick) or 0)
+    monkeypatch.setattr(cli, "_load_bench", lambda: fake)
     assert main(["bench", "--quick"]) == 0 and seen == [True]
     monkeypatch.undo()
     # an install without the checkout: a clear error, exit status 2
@@ -272,7 +273,8 @@ def test_bench_quick_runs_end_to_end():
     import sys
 
     env = {**os.environ, "DIFFMATH_KERNELS": "auto"}
-    r = subprocess.run([sys.executable, "-m", "diffmath", "bench", "--quick"], capture_output=True, text=True, timeout=600, env=env)
+    cmd = [sys.executable, "-m", "diffmath", "bench", "--quick"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     for op in ("q_sample", "ddpm_step", "ddim_step", "euler_maruyama_step", "langevin_step", "simple_loss"):
         assert re.search(rf"^{op}\s", r.stdout, re.M), (op, r.stdout[-2000:])

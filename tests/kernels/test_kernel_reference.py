@@ -35,7 +35,8 @@ def cases(dev):
     t, td, tp = T_BATCH.to(dev), T_DDIM.to(dev), T_PREV.to(dev)
     return [
         ("q_sample", lambda x, y, kw: K.q_sample(S, x, t, **kw), lambda x, y, kw: q_sample_reference(S, x, t, **kw)),
-        ("ddpm_step", lambda x, y, kw: K.ddpm_step(S, x, t, y, **kw), lambda x, y, kw: ddpm_step_reference(S, x, t, y, **kw)),
+        ("ddpm_step", lambda x, y, kw: K.ddpm_step(S, x, t, y, **kw),
+         lambda x, y, kw: ddpm_step_reference(S, x, t, y, **kw)),
         ("ddpm_step_clip", lambda x, y, kw: K.ddpm_step(S, x, 417, y, clip_x0=1.0, variance="large", **kw),
          lambda x, y, kw: ddpm_step_reference(S, x, 417, y, clip_x0=1.0, variance="large", **kw)),
         ("ddim_step", lambda x, y, kw: K.ddim_step(S, x, td, tp, y, eta=0.7, **kw),
