@@ -3,6 +3,9 @@ exact endpoints s = 0 and s = 1, the rescale against numpy, x0/v networks, the d
 and an analytic check on a Gaussian mixture whose conditional and unconditional eps are exact
 (``diffmath.oracle``): guided sampling at s = 1 draws the requested component."""
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -488,3 +491,26 @@ def test_guided_bad_models_and_calls(rng):
     with pytest.raises(ValueError, match=r"out of range|must lie in"):
         check_labels(np.array([0, 9]), 3)
     assert check_labels(3, 3, allow_null=True) == 3
+
+
+# ----------------------------------------------------------------------------- the docs run
+def _doc_blocks():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "guidance.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S), re.findall(r"\nprints[^\n]*\n\n```\n(.*?)```", text, flags=re.S)
+
+
+def test_docs_examples_run_and_print_what_they_say(capsys):
+    code, printed = _doc_blocks()
+    assert len(code) == 2 and len(printed) == 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        exec(compile(code[0], "docs/guidance.md example 1", "exec"), {})
+        # numpy only, seeded: the printed table is the one in the docs
+        assert capsys.readouterr().out == printed[0]
+        exec(compile(code[1], "docs/guidance.md example 2", "exec"), {})
+    finally:
+        torch.set_num_threads(threads)
+    # torch's float rounding differs by platform: check the reading, not the digits
+    agree = [float(line.split(": ")[1].split()[0]) for line in capsys.readouterr().out.splitlines()]
+    assert len(agree) == 3 and agree[0] < 0.6 and agree[1] > 0.9 and agree[2] > 0.9, agree
