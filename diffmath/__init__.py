@@ -1,10 +1,10 @@
 """diffmath: the mathematics of diffusion models, exact, checked and fast.
 
 Modules (one concept each): ``schedules``, ``forward``, ``posterior``, ``parameterization``,
-``gaussian``, ``losses``, ``sde``, ``samplers``, ``oracle``, ``likelihood``; see README.md and DESIGN.md for the conventions.
+``gaussian``, ``losses``, ``sde``, ``samplers``, ``oracle``, ``likelihood``, ``guidance``; see README.md and DESIGN.md for the conventions.
 """
 
-from . import forward, gaussian, likelihood, losses, oracle, parameterization, posterior, samplers, schedules, sde
+from . import forward, gaussian, guidance, likelihood, losses, oracle, parameterization, posterior, samplers, schedules, sde
 from .schedules import (
     Schedule,
     betas_for_alpha_bar,
@@ -25,6 +25,7 @@ __all__ = [
     "cosine_schedule",
     "forward",
     "gaussian",
+    "guidance",
     "linear_schedule",
     "likelihood",
     "losses",
