@@ -1,11 +1,11 @@
 """diffmath: the mathematics of diffusion models, exact, checked and fast.
 
 Modules (one concept each): ``schedules``, ``forward``, ``posterior``, ``parameterization``,
-``gaussian``, ``losses``, ``sde``, ``samplers``, ``oracle``, ``likelihood``; see README.md and
+``gaussian``, ``losses``, ``sde``, ``samplers``, ``oracle``, ``likelihood``, ``guidance``; see README.md and
 docs/design.md for the conventions, docs/equations.md for the equation each function implements.
 """
 
-from . import forward, gaussian, likelihood, losses, oracle, parameterization, posterior, samplers, schedules, sde
+from . import forward, gaussian, guidance, likelihood, losses, oracle, parameterization, posterior, samplers, schedules, sde
 from .schedules import (
     Schedule,
     betas_for_alpha_bar,
@@ -26,6 +26,7 @@ __all__ = [
     "cosine_schedule",
     "forward",
     "gaussian",
+    "guidance",
     "linear_schedule",
     "likelihood",
     "losses",

@@ -17,6 +17,12 @@ The network predicts eps, x0 or v (the caller decides what the output means); wi
 eq. 15). The last conv of every residual branch and the output conv start at zero, so the
 untrained network is the identity on its skips and outputs 0.
 
+With ``num_classes = K > 0`` the network is class-conditional: a learned embedding of the
+label y in [0, K] (K the "null" class: the unconditional model) is added to the time
+embedding, temb = MLP(sinusoid(t)) + E[y] (Ho & Salimans 2022; guided-diffusion's
+``label_emb``). ``num_classes = 0`` (the default) builds exactly the unconditional network:
+the same parameters, state_dict keys, initial values and outputs.
+
 Imports only torch.
 """
 
@@ -28,6 +34,8 @@ from typing import Sequence
 import torch
 from torch import nn
 import torch.nn.functional as F
+
+from ._labels import check_num_classes, class_embedding, class_labels
 
 __all__ = ["UNet", "timestep_embedding", "num_groups_for"]
 
@@ -141,7 +149,9 @@ class UNet(nn.Module):
     by 2**(len(channel_mult) - 1)). num_res_blocks: residual blocks per resolution (the up path
     has one more, as DDPM). attention_resolutions: spatial sizes (e.g. (4, 2)) that get
     self-attention. learn_sigma: output 2C channels (eps/x0/v, then the variance value v).
-    forward(x (B, C, H, W), t (B,) int or float) -> (B, C or 2C, H, W).
+    num_classes: K > 0 makes it class-conditional (module docstring), 0 unconditional.
+    forward(x (B, C, H, W), t (B,) int or float, y=None) -> (B, C or 2C, H, W); y: class labels
+    (int or (B,)) in [0, K], None meaning the null class K.
     """
 
     def __init__(
@@ -155,8 +165,10 @@ class UNet(nn.Module):
         num_heads: int = 4,
         image_size: int = 8,
         learn_sigma: bool = False,
+        num_classes: int = 0,
     ):
         super().__init__()
+        num_classes = check_num_classes(num_classes)
         if in_channels < 1 or channels < 1 or num_res_blocks < 1 or not channel_mult:
             raise ValueError(
                 f"in_channels, channels and num_res_blocks must be >= 1 and channel_mult non-empty; got "
@@ -212,8 +224,13 @@ class UNet(nn.Module):
 
         self.norm_out = _norm(ch)
         self.conv_out = _zero(nn.Conv2d(ch, self.out_channels, 3, padding=1))
+        # built last, so that every other parameter draws the same initial values as the
+        # unconditional network's under the same seed; none at all for num_classes = 0
+        self.num_classes = num_classes
+        if num_classes:
+            self.class_emb = class_embedding(num_classes, temb_ch)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y=None) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must have shape (B, {self.in_channels}, H, W); got {tuple(x.shape)}")
         t = torch.as_tensor(t, device=x.device)
@@ -221,7 +238,10 @@ class UNet(nn.Module):
             t = t.expand(x.shape[0])
         if t.shape != (x.shape[0],):
             raise ValueError(f"t must have shape (B,) = ({x.shape[0]},); got {tuple(t.shape)}")
+        y = class_labels(y, self.num_classes, x.shape[0], x.device)
         temb = self.temb(timestep_embedding(t, self.model_channels).to(x.dtype))
+        if y is not None:
+            temb = temb + self.class_emb(y).to(temb.dtype)
         h = self.conv_in(x)
         hs = [h]
         for blocks in self.down:
