@@ -148,6 +148,9 @@ class _Denoiser:
             s = np.full(B, float(sigma), dtype=x.dtype)
         out = self.f(x, s)
         self.nfe += 1
+        if not (is_tensor(out) or isinstance(out, np.ndarray)):
+            kind = "a torch tensor" if is_tensor(x) else "a numpy array"
+            raise TypeError(f"the output of denoiser must be {kind} like x; got {type(out).__name__}")
         out = check_like(out, x, "the output of denoiser", "x")
         if out.dtype != x.dtype:
             out = out.to(x.dtype) if is_tensor(out) else out.astype(x.dtype)
@@ -161,7 +164,10 @@ def _noise(noise_sampler, generator, x):
             raise TypeError(f"noise_sampler must be callable noise_sampler(sigma, sigma_next); got {type(noise_sampler).__name__}")
 
         def draw(sigma, sigma_next):
-            z = check_like(noise_sampler(sigma, sigma_next), x, "the output of noise_sampler", "x")
+            z = noise_sampler(sigma, sigma_next)
+            if not (is_tensor(z) or isinstance(z, np.ndarray)):
+                raise TypeError(f"the output of noise_sampler must be an array like x; got {type(z).__name__}")
+            z = check_like(z, x, "the output of noise_sampler", "x")
             return z.to(x.dtype) if is_tensor(z) else np.asarray(z, dtype=x.dtype)
 
         return draw
@@ -179,7 +185,8 @@ def _start(denoiser, x, sigmas, generator=None, noise_sampler=None, stochastic=F
     if generator is not None and not stochastic:
         check_generator(generator, x)  # the kind must still match x
     noise = _noise(noise_sampler, generator, x) if stochastic else None
-    return x, sig, _Denoiser(denoiser, x), noise
+    # python floats: a numpy float64 scalar would promote a float32 state to float64
+    return x, [float(v) for v in sig], _Denoiser(denoiser, x), noise
 
 
 def _report(callback, i, sig, x, denoised, model, **extra):
@@ -421,25 +428,34 @@ def _dpmpp_sde(model, x, sig, noise, callback, progress, eta, s_noise, order, so
         if s_next == 0:
             x = den
         else:
-            lam = -math.log(s)
             h = math.log(s / s_next)
-            H = (1.0 + eta) * h
-            J0 = -math.expm1(-H)
-            x = (s_next / s) * math.exp(-eta * h) * x + J0 * den
-            if hist and order >= 2:
-                h1 = lam - hist[0][0]
-                d1 = (den - hist[0][1]) / h1  # D[i, i-1]
-                J1 = 0.5 * J0 * h if solver_type == "midpoint" else h * H * phi(2, -H)
-                x = x + J1 * d1
-                if len(hist) >= 2 and order >= 3:
-                    h2 = hist[0][0] - hist[1][0]
-                    d2 = (d1 - (hist[0][1] - hist[1][1]) / h2) / (h1 + h2)  # D[i, i-1, i-2]
-                    J2 = 2.0 * h * h * H * phi(3, -H)
-                    x = x + (J2 + h1 * J1) * d2
+            x = _dpmpp_sde_step(x, s, s_next, den, hist, eta, solver_type)
             if eta > 0 and s_noise > 0:
                 x = x + noise(s, s_next) * (s_noise * s_next * math.sqrt(-math.expm1(-2.0 * eta * h)))
         hist = [(-math.log(s), den)] + hist[: order - 2] if order > 1 else []
         _report(callback, i, sig, x, den, model)
+    return x
+
+
+def _dpmpp_sde_step(x, s, s_next, den, hist, eta, solver_type):
+    """The deterministic part of one step sigma = s -> s_next > 0 of ``_dpmpp_sde``, from the
+    denoised value ``den`` at s and ``hist`` = [(lambda, D)] of the previous levels, newest
+    first (none: first order; one: second; two: third)."""
+    lam = -math.log(s)
+    h = math.log(s / s_next)
+    H = (1.0 + eta) * h
+    J0 = -math.expm1(-H)
+    x = (s_next / s) * math.exp(-eta * h) * x + J0 * den
+    if hist:
+        h1 = lam - hist[0][0]
+        d1 = (den - hist[0][1]) / h1  # D[i, i-1]
+        J1 = 0.5 * J0 * h if solver_type == "midpoint" else h * H * phi(2, -H)
+        x = x + J1 * d1
+        if len(hist) >= 2:
+            h2 = hist[0][0] - hist[1][0]
+            d2 = (d1 - (hist[0][1] - hist[1][1]) / h2) / (h1 + h2)  # D[i, i-1, i-2]
+            J2 = 2.0 * h * h * H * phi(3, -H)
+            x = x + (J2 + h1 * J1) * d2
     return x
 
 
@@ -528,7 +544,7 @@ def sample_unipc(
     _check_choice(int(order), "order", (1, 2, 3))
     _check_choice(variant, "variant", ("bh1", "bh2"))
     x, sig, model, _ = _start(denoiser, x, sigmas, generator)
-    lam = -np.log(sig[:-1]) if sig[-1] == 0 else -np.log(sig)
+    lam = [-math.log(v) for v in sig if v > 0]
     hist = []  # denoised values D_i, D_{i-1}, ... (newest first), at the predicted points
     x_prev = None  # x_i, the base of the last predictor step
     p_prev = 0  # the order of that predictor
