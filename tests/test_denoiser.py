@@ -242,3 +242,62 @@ def test_cosine_schedule_range():
     D = Denoiser.from_schedule(lambda a, tt: np.zeros_like(a), s)
     assert D.sigma_min == pytest.approx(s.sqrt_recipm1_alphas_cumprod[0], rel=1e-15)
     assert D.sigma_max == pytest.approx(s.sqrt_recipm1_alphas_cumprod[-1], rel=1e-15)
+
+
+# ----------------------------------------------------------------------------- the oracle's denoiser
+def test_mixture_denoise_against_quadrature():
+    """E[x0 | x0 + sigma n = x] for 1-D mixture data by scipy quad of x0 p(x0) N(x; x0, sigma^2)."""
+    from scipy.integrate import quad
+
+    mix = GaussianMixture([0.3, 0.7], [[-1.0], [0.8]], [[[0.05]], [[0.2]]])
+    comps = [(w, m[0], c[0, 0]) for w, m, c in zip(mix.weights, mix.means, mix.covs)]
+
+    def npdf(y, m, v):
+        return math.exp(-0.5 * (y - m) ** 2 / v) / math.sqrt(2 * math.pi * v)
+
+    def prior(y):
+        return sum(w * npdf(y, m, v) for w, m, v in comps)
+
+    for sigma in (1e-3, 0.05, 0.7, 3.0, 40.0):
+        for x in (-1.5, 0.0, 0.3, 2.0):
+
+            def lik(y):
+                return npdf(x, y, sigma * sigma)
+
+            # the posterior lives within 12 sigma of x and within the prior's +-5
+            lo, hi = max(x - 12 * sigma, -5.0), min(x + 12 * sigma, 5.0)
+            pts = [p for p in (x, -1.0, 0.8) if lo < p < hi]
+            num = quad(lambda y: y * prior(y) * lik(y), lo, hi, points=pts, limit=200, epsabs=0, epsrel=1e-11)[0]
+            den = quad(lambda y: prior(y) * lik(y), lo, hi, points=pts, limit=200, epsabs=0, epsrel=1e-11)[0]
+            got = mix.denoise(np.array([[x]]), sigma)[0, 0]
+            assert got == pytest.approx(num / den, rel=1e-9, abs=1e-12), (sigma, x)
+
+
+@pytest.mark.parametrize("oracle", [DATA, MIX], ids=["gaussian", "mixture"])
+def test_denoise_is_tweedie(rng, oracle):
+    """D = x + sigma^2 grad log p_sigma(x) (Tweedie), with the score from the separate score code."""
+    for sigma in (0.0, 1e-3, 0.2, 5.0, 150.0):
+        x = oracle.sample(6, np.random.default_rng(0)) + sigma * _x(rng, B=6)
+        ref = x + sigma**2 * oracle.score_sigma(x, sigma)
+        # x + sigma^2 score cancels at large sigma: compare on the scale of x
+        assert_allclose(oracle.denoise(x, sigma), ref, rtol=0, atol=1e-13 * (1 + np.abs(x).max()))
+    # sigma per sample, torch and numpy alike
+    x = _x(rng, B=3)
+    sig = np.array([0.1, 1.0, 10.0])
+    rows = np.stack([oracle.denoise(x[i : i + 1], sig[i])[0] for i in range(3)])
+    assert_allclose(oracle.denoise(x, sig), rows, rtol=1e-14)
+    t = oracle.denoise(torch.from_numpy(x).float(), torch.from_numpy(sig).float())
+    assert t.dtype == torch.float32
+    assert_allclose(t.numpy(), rows, rtol=1e-5, atol=1e-6)
+
+
+def test_denoise_bad_sigma():
+    x = np.zeros((2, 2))
+    with pytest.raises(ValueError, match="sigma must be finite and >= 0"):
+        DATA.denoise(x, -1.0)
+    with pytest.raises(ValueError, match="sigma must be finite and >= 0"):
+        MIX.denoise(x, np.array([1.0, math.inf]))
+    with pytest.raises(ValueError, match=r"shape \(B,\)"):
+        DATA.denoise(x, np.ones(3))
+    with pytest.raises(TypeError, match="sigma must be a float or an array of x's kind"):
+        DATA.denoise(x, torch.ones(2))
