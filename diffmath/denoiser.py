@@ -6,7 +6,7 @@ write every diffusion model as a denoiser of x = y + sigma n (y data, n ~ N(0, I
     D(x; sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x; c_noise(sigma))      (EDM eq. 7)
 
 with F the network. D is the posterior mean E[y | y + sigma n = x] when F is ideal, and the
-probability-flow ODE is dx/dsigma = (x - D(x; sigma)) / sigma (EDM eq. 3 with s = 1). Every
+probability-flow ODE is dx/dsigma = (x - D(x; sigma)) / sigma (EDM eq. 1 and 3 with sigma(t) = t). Every
 solver in ``diffmath.samplers`` (``sample_euler``, ``sample_dpmpp_2m``, ...) takes such a D.
 
 **Models with a scaled input.** A VP model (a discrete ``Schedule``, ``VPSDE``, ``SubVPSDE``)

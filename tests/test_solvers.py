@@ -3,7 +3,7 @@
 - known equivalences with code that shares nothing with them: Euler on the schedule's own
   sigmas is DDIM (``sample_ddim``), Euler ancestral is DDIM with eta (Song et al. 2021, eq. 16);
   UniP-2 with B(h) = 1 - e^{-h} is DPM-Solver++(2M) and UniP-3 is the exact quadratic
-  exponential integrator (Zhao et al. 2023, Sec. 3.3), i.e. DPM-Solver++(3M) at eta = 0;
+  exponential integrator (Zhao et al. 2023), i.e. DPM-Solver++(3M) at eta = 0;
 - mpmath / scipy quad for phi_k, the ancestral split and the LMS weights;
 - the oracle's exact output distribution against Monte Carlo runs of the same solver (z-tests,
   fixed seeds), and the measured order of convergence against the theory;
@@ -117,7 +117,7 @@ def _eps_denoiser():
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
 def test_euler_is_ddim(spacing):
     """DDIM (eta = 0) is Euler's method on the probability flow in (sigma, x / sqrt(abar))
-    (Song et al. 2021, eq. 14; Karras et al. 2022, App. B.2)."""
+    (Song et al. 2021, eq. 14)."""
     x_T = np.random.default_rng(0).standard_normal((9, 2))
     ref = sample_ddim(lambda a, t: DATA2.eps(a, t, S), S, x_T.shape, steps=12, spacing=spacing, x_T=x_T)
     sig = sigmas_from_schedule(S, 12, spacing)
@@ -145,7 +145,7 @@ def test_multistep_equivalences(make):
     x = np.random.default_rng(2).standard_normal((5, 2)) * sig[0]
     D = DATA2.denoise
     two_m = sample_dpmpp_2m(D, x, sig)
-    # UniP-2 with B(h) = 1 - e^{-h} and a = 1/2 is DPM-Solver++(2M) (Zhao et al. 2023, Sec. 3.3)
+    # UniP-2 with B(h) = 1 - e^{-h} and a = 1/2 is DPM-Solver++(2M) (Zhao et al. 2023)
     assert_allclose(sample_unipc(D, x, sig, order=2, variant="bh2", corrector=False), two_m, rtol=1e-12, atol=1e-13)
     # the SDE family at eta = 0 with the midpoint term is the ODE solver
     assert_allclose(sample_dpmpp_2m_sde(D, x, sig, eta=0.0), two_m, rtol=1e-12, atol=1e-13)
@@ -251,7 +251,7 @@ ORDERS = [
     ("dpmpp_2m_sde", {"solver_type": "heun"}, 2),
     ("dpmpp_3m_sde", {}, 2),  # eta = 1: the noise limits it to 2 (measured); see docs/samplers.md
     ("dpmpp_3m_sde", {"eta": 0.0}, 3),
-    ("unipc", {"order": 1}, 2),  # UniC raises the order by one (Zhao et al. 2023, Thm. 3.3)
+    ("unipc", {"order": 1}, 2),  # UniC raises the order by one (Zhao et al. 2023)
     ("unipc", {"order": 2}, 3),
     ("unipc", {"order": 3}, 4),
     ("unipc", {"order": 2, "corrector": False}, 2),

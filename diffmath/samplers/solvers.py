@@ -10,10 +10,10 @@ ending at 0) and ``denoiser(x, sigma)`` the posterior mean E[y | y + sigma n = x
 ``diffmath.denoiser.Denoiser`` or ``GaussianData.denoise``), called with sigma an array of
 shape (B,) of x's kind, device and state dtype. The probability-flow ODE they integrate is
 
-    dx/dsigma = (x - D(x; sigma)) / sigma                                  (EDM eq. 3, s = 1)
+    dx/dsigma = (x - D(x; sigma)) / sigma                                  (EDM eq. 1 and 3, sigma(t) = t)
 
 or, in lambda = -log sigma, the semi-linear dx/dlambda = D(x; sigma) - x whose exact solution
-from lambda_s to lambda_t = lambda_s + h is (Lu et al. 2022b, "DPM-Solver++", eq. 9 with alpha = 1)
+from lambda_s to lambda_t = lambda_s + h is (Lu et al. 2022b, "DPM-Solver++", Sec. 3, with alpha = 1)
 
     x_t = (sigma_t / sigma_s) x_s + int_{lambda_s}^{lambda_t} e^{-(lambda_t - lambda)} D(x_lambda; sigma) dlambda.
 
@@ -134,7 +134,7 @@ class _Denoiser:
     """The user's denoiser, called with sigma of shape (B,), its output checked and upcast to
     the state dtype; counts the calls (NFE)."""
 
-    def __init__(self, denoiser, x):
+    def __init__(self, denoiser):
         if not callable(denoiser):
             raise TypeError(f"denoiser must be callable denoiser(x, sigma); got {type(denoiser).__name__}")
         self.f = denoiser
@@ -186,7 +186,7 @@ def _start(denoiser, x, sigmas, generator=None, noise_sampler=None, stochastic=F
         check_generator(generator, x)  # the kind must still match x
     noise = _noise(noise_sampler, generator, x) if stochastic else None
     # python floats: a numpy float64 scalar would promote a float32 state to float64
-    return x, [float(v) for v in sig], _Denoiser(denoiser, x), noise
+    return x, [float(v) for v in sig], _Denoiser(denoiser), noise
 
 
 def _report(callback, i, sig, x, denoised, model, **extra):
@@ -204,7 +204,7 @@ def _steps(sig, progress, desc):
 # ----------------------------------------------------------------------------- coefficients
 def phi(k: int, z: float) -> float:
     """The exponential-integrator function phi_k(z) = sum_{j >= 0} z^j / (j + k)!, i.e.
-    phi_0 = e^z, phi_{k+1}(z) = (phi_k(z) - 1/k!) / z (Hochbruck & Ostermann 2010, eq. 2.10),
+    phi_0 = e^z, phi_{k+1}(z) = (phi_k(z) - 1/k!) / z (Hochbruck & Ostermann 2010, "Exponential integrators"),
     in float64 without cancellation: the series for |z| < 2, the recurrence (which then damps
     rounding errors) from phi_1 = expm1(z)/z otherwise. For z = -h:
     int_0^h e^{-(h - u)} u^{k-1} / (k-1)! du = h^k phi_k(-h)."""
@@ -276,7 +276,7 @@ def sample_euler(
     s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0, noise_sampler=None,
 ):
     """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x; sigma))/sigma
-    (Karras et al. 2022, eq. 3 and Alg. 1 without the correction):
+    (Karras et al. 2022, eq. 1 and 3; Alg. 1 without the correction):
 
         x_{i+1} = x_i + (sigma_{i+1} - sigma_i) d_i,   d_i = (x_i - D(x_i; sigma_i)) / sigma_i
                 = D + (sigma_{i+1}/sigma_i) (x_i - D)   (the form computed: exact D at sigma = 0)
@@ -410,8 +410,8 @@ def sample_dpmpp_2m(denoiser, x, sigmas, *, generator=None, callback=None, progr
 def _dpmpp_sde(model, x, sig, noise, callback, progress, eta, s_noise, order, solver_type, desc):
     """The data-prediction SDE family dx = (1 + eta) (D - x) dlambda + sqrt(2 eta) sigma dW_lambda
     (its marginals are those of the diffusion for every eta; eta = 0 is the probability flow).
-    Its exact solution over [lambda_i, lambda_i + h] (variation of constants; Lu et al. 2022b,
-    Sec. 4 / App. for eta = 1) is, with k = 1 + eta and H = k h,
+    Its exact solution over [lambda_i, lambda_i + h] (variation of constants; Lu et al. 2022b's
+    SDE-DPM-Solver++ for eta = 1) is, with k = 1 + eta and H = k h,
 
         x_{i+1} = (sigma_{i+1}/sigma_i) e^{-eta h} x_i
                   + int_0^h k e^{-k (h - u)} D(lambda_i + u) du + sigma_{i+1} sqrt(1 - e^{-2 eta h}) z.
@@ -463,7 +463,7 @@ def sample_dpmpp_2m_sde(
     denoiser, x, sigmas, *, generator=None, callback=None, progress=False,
     eta=1.0, s_noise=1.0, solver_type="midpoint", noise_sampler=None,
 ):
-    """SDE-DPM-Solver++(2M) (Lu et al. 2022b, Sec. 4 and App. D; k-diffusion's
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022b, the SDE variant; k-diffusion's
     sample_dpmpp_2m_sde): with lambda = -log sigma, h = lambda_{i+1} - lambda_i, H = (1 + eta) h,
     r = h_{i-1} / h,
 
@@ -484,7 +484,7 @@ def sample_dpmpp_3m_sde(
     denoiser, x, sigmas, *, generator=None, callback=None, progress=False, eta=1.0, s_noise=1.0, noise_sampler=None,
 ):
     """SDE-DPM-Solver++(3M): the third-order multistep member of the family of
-    ``sample_dpmpp_2m_sde`` (Lu et al. 2022b, Sec. 4 and App. B for the multistep terms):
+    ``sample_dpmpp_2m_sde`` (Lu et al. 2022b; the multistep terms integrated exactly):
 
         x_{i+1} = (sigma_{i+1}/sigma_i) e^{-eta h} x_i + J_0 D_i + J_1 D[i, i-1]
                   + (J_2 + h_{i-1} J_1) D[i, i-1, i-2] + sigma_{i+1} sqrt(1 - e^{-2 eta h}) s_noise z
@@ -504,7 +504,7 @@ def sample_dpmpp_3m_sde(
 # ----------------------------------------------------------------------------- UniPC
 def _unipc_rhs(h: float, variant: str, K: int) -> tuple[float, np.ndarray]:
     """B(h) and g_k = k! h phi_{k+1}(-h) / B(h), k = 1 .. K (UniPC's phi_p(h) / B(h) in data
-    prediction, Zhao et al. 2023, Thm. 3.1 / eq. 8), with B(h) = h ("bh1") or 1 - e^{-h} ("bh2")."""
+    prediction, Zhao et al. 2023, Sec. 3), with B(h) = h ("bh1") or 1 - e^{-h} ("bh2")."""
     B = h if variant == "bh1" else -math.expm1(-h)
     g = np.array([math.factorial(k) * h * phi(k + 1, -h) / B for k in range(1, K + 1)])
     return B, g
@@ -512,7 +512,7 @@ def _unipc_rhs(h: float, variant: str, K: int) -> tuple[float, np.ndarray]:
 
 def _unipc_weights(r: np.ndarray, g: np.ndarray) -> np.ndarray:
     """Solve sum_m a_m r_m^{k-1} = g_k, k = 1 .. K (the Vandermonde system R_p a = phi_p / B of
-    UniPC eq. 8). For K = 1 UniPC takes a = 1/2 (Zhao et al. 2023, Sec. 3.2; diffusers), which
+    UniPC, Zhao et al. 2023, Sec. 3). For K = 1 UniPC takes a = 1/2 (its reference code and diffusers), which
     keeps the order and is exact in the limit h -> 0."""
     K = r.size
     if K == 1:
@@ -586,7 +586,7 @@ def _unipc_step(x, s, s_next, lam, i, hist, variant, den_new):
 # ----------------------------------------------------------------------------- LMS
 def sample_lms(denoiser, x, sigmas, *, generator=None, callback=None, progress=False, order=4):
     """Linear multistep (Adams-Bashforth) on dx/dsigma = (x - D(x; sigma))/sigma (Karras et
-    al. 2022, eq. 3; k-diffusion's sample_lms):
+    al. 2022, eq. 1 and 3; k-diffusion's sample_lms):
 
         x_{i+1} = x_i + sum_{j < q} c_j d_{i-j},   d_i = (x_i - D(x_i; sigma_i)) / sigma_i,
 
