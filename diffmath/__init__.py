@@ -1,10 +1,10 @@
 """diffmath: the mathematics of diffusion models, exact, checked and fast.
 
 Modules (one concept each): ``schedules``, ``forward``, ``posterior``, ``parameterization``,
-``gaussian``, ``losses``, ``sde``, ``samplers``, ``oracle``, ``likelihood``; see README.md and DESIGN.md for the conventions.
+``gaussian``, ``losses``, ``sde``, ``denoiser``, ``samplers``, ``oracle``, ``likelihood``; see README.md and DESIGN.md for the conventions.
 """
 
-from . import forward, gaussian, likelihood, losses, oracle, parameterization, posterior, samplers, schedules, sde
+from . import denoiser, forward, gaussian, likelihood, losses, oracle, parameterization, posterior, samplers, schedules, sde
 from .schedules import (
     Schedule,
     betas_for_alpha_bar,
@@ -23,6 +23,7 @@ __all__ = [
     "Schedule",
     "betas_for_alpha_bar",
     "cosine_schedule",
+    "denoiser",
     "forward",
     "gaussian",
     "linear_schedule",
