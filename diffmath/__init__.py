@@ -1,11 +1,24 @@
 """diffmath: the mathematics of diffusion models, exact, checked and fast.
 
 Modules (one concept each): ``schedules``, ``forward``, ``posterior``, ``parameterization``,
-``gaussian``, ``losses``, ``sde``, ``samplers``, ``oracle``, ``likelihood``, ``guidance``; see README.md and
-docs/design.md for the conventions, docs/equations.md for the equation each function implements.
+``gaussian``, ``losses``, ``sde``, ``denoiser``, ``samplers``, ``oracle``, ``likelihood``, ``guidance``; see
+README.md and docs/design.md for the conventions, docs/equations.md for the equation each function implements.
 """
 
-from . import forward, gaussian, guidance, likelihood, losses, oracle, parameterization, posterior, samplers, schedules, sde
+from . import (
+    denoiser,
+    forward,
+    gaussian,
+    guidance,
+    likelihood,
+    losses,
+    oracle,
+    parameterization,
+    posterior,
+    samplers,
+    schedules,
+    sde,
+)
 from .schedules import (
     Schedule,
     betas_for_alpha_bar,
@@ -24,6 +37,7 @@ __all__ = [
     "Schedule",
     "betas_for_alpha_bar",
     "cosine_schedule",
+    "denoiser",
     "forward",
     "gaussian",
     "guidance",

@@ -19,11 +19,25 @@ started from a Gaussian is then Gaussian, and ``GaussianData.exact_output`` /
 cov' = A cov A^T + N N^T. (A, b, N) are read off the library's own step functions by
 evaluating them on the basis vectors (the steps are affine), so the oracle judges exactly the
 code that runs, and its error is a closed-form KL (``diffmath.gaussian.gaussian_kl``).
+
+**Sigma space.** ``denoise(x, sigma)`` is the exact denoiser of the data perturbed by
+N(0, sigma^2 I) (Karras et al. 2022, eq. 2-3), the posterior mean
+
+    D(x; sigma) = E[x0 | x0 + sigma n = x] = mean + cov (cov + sigma^2 I)^{-1} (x - mean)
+
+(a mixture: the responsibility-weighted component means, responsibilities from
+w_k N(x; mean_k, cov_k + sigma^2 I)), in closed form at every sigma >= 0.
+``GaussianData.exact_solver_output(solver, sigmas)`` is the exact output distribution of any
+``diffmath.samplers`` sigma-space solver (or a peer's with the same calling convention) driven
+by it: the solver is affine in its start and in the noise it injects, so running it once on
+a batch of basis inputs identifies the map (module ``_solver_affine_map``).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -122,6 +136,120 @@ def _mixture_terms(x, a, s2, log_w, means, lams, Us):
         r = np.exp(L - lse)
         score = sum(r[k].reshape(-1, 1) * scores[k] for k in range(len(scores)))
     return score, lse
+
+
+def _sigma2(sigma, x):
+    """sigma^2 as float64 for the batch x (B, D): a python float, or (B, 1) of x's kind."""
+    if is_tensor(sigma) or isinstance(sigma, np.ndarray):
+        if is_tensor(sigma) != is_tensor(x):
+            raise TypeError(f"sigma must be a float or an array of x's kind; got {type(sigma).__name__}")
+        sg = _f64(sigma)
+        if is_tensor(sg):
+            sg = sg.to(x.device)
+        if sg.ndim == 0:
+            sg = sg.reshape(1)
+        if sg.ndim != 1 or sg.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"sigma must be a float or have shape (B,) = ({x.shape[0]},); got shape {tuple(sg.shape)}")
+        bad = ~(sg >= 0) | (sg == math.inf)
+        if bool(bad.any()):
+            raise ValueError(f"sigma must be finite and >= 0; got sigma = {float(sg[bad][0])}")
+        return (sg * sg).reshape(-1, 1)
+    if isinstance(sigma, (bool, np.bool_)) or not isinstance(sigma, numbers.Real):
+        raise TypeError(f"sigma must be a float or an array of shape (B,); got {type(sigma).__name__}")
+    v = float(sigma)
+    if not (math.isfinite(v) and v >= 0):
+        raise ValueError(f"sigma must be finite and >= 0; got sigma = {v}")
+    return v * v
+
+
+def _posterior_mean(x, s2, log_w, means, lams, Us):
+    """E[x0 | x0 + sigma n = x] for x0 ~ sum_k w_k N(mu_k, U_k diag(lam_k) U_k^T), x (B, D)
+    float64 (numpy or torch), s2 = sigma^2 a float or (B, 1): per component
+    mu_k + U_k diag(lam_k / (lam_k + s2)) U_k^T (x - mu_k) (no cancellation at large sigma),
+    weighted by the responsibilities w_k N(x; mu_k, cov_k + s2 I) / sum (logsumexp)."""
+    tor = is_tensor(x)
+    B, D = x.shape
+
+    def T(v):
+        return torch.as_tensor(np.asarray(v, dtype=np.float64), device=x.device) if tor else np.asarray(v, dtype=np.float64)
+
+    log = torch.log if tor else np.log
+    outs, logps = [], []
+    for k in range(len(log_w)):
+        U, lam, mu = T(Us[k]), T(lams[k]), T(means[k])
+        c = lam + s2  # eigenvalues of cov_k + sigma^2 I: (D,) or (B, D)
+        y = (x - mu) @ U
+        outs.append(mu + (y * (lam / c)) @ U.T)
+        if len(log_w) > 1:
+            logdet = log(c).sum(-1) if c.ndim > 1 else log(c).sum()
+            logps.append(float(log_w[k]) - 0.5 * (D * LOG_2PI + logdet + (y * y / c).sum(-1)))
+    if len(log_w) == 1:
+        return outs[0]
+    if tor:
+        L = torch.stack(logps, 0)
+        r = torch.exp(L - torch.logsumexp(L, 0))
+    else:
+        L = np.stack(logps, 0)
+        r = np.exp(L - logsumexp(L, axis=0))
+    return sum(r[k].reshape(-1, 1) * outs[k] for k in range(len(outs)))
+
+
+def _solver_fn(solver):
+    from .samplers.solvers import SOLVERS
+
+    if isinstance(solver, str):
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {', '.join(SOLVERS)} or a callable; got {solver!r}")
+        return SOLVERS[solver]
+    if not callable(solver):
+        raise TypeError(f"solver must be a solver function or a name; got {type(solver).__name__}")
+    return solver
+
+
+def _solver_affine_map(denoise, solver, sigmas, D, scale, backend="numpy", **options):
+    """(A, b, Ns) with solver(x_T) = A x_T + b + sum_k Ns[k] z_k exactly, for a solver driven
+    by an affine denoiser (exact Gaussian data) and z_k the k-th N(0, I) draw it requests from
+    ``noise_sampler``. One float64 run on a batch of 1 + D + K D rows: x_T = 0; x_T = scale e_d;
+    and, with x_T = 0, the noise z_k = e_d in row 1 + D + k D + d (rows never mix: every solver
+    acts row by row). K is found by a first run that counts the noise requests."""
+    fn = _solver_fn(solver)
+    takes_noise = "noise_sampler" in inspect.signature(fn).parameters
+    tor = backend == "torch"
+    if backend not in ("numpy", "torch"):
+        raise ValueError(f"backend must be 'numpy' or 'torch'; got {backend!r}")
+
+    def arr(a):
+        return torch.as_tensor(a, dtype=torch.float64) if tor else a
+
+    def run(X, noise_rows):
+        calls = [0]
+
+        def noise_sampler(sigma, sigma_next):
+            Z = np.zeros_like(X)
+            if noise_rows is not None:
+                k = calls[0]
+                if k < noise_rows:
+                    Z[1 + D + k * D : 1 + D + (k + 1) * D] = np.eye(D)
+            calls[0] += 1
+            return arr(Z)
+
+        kw = dict(options)
+        if takes_noise:
+            kw["noise_sampler"] = noise_sampler
+        out = fn(denoise, arr(X), sigmas, **kw)
+        out = out.detach().cpu().numpy() if is_tensor(out) else np.asarray(out)
+        return np.asarray(out, dtype=np.float64), calls[0]
+
+    K = run(np.zeros((1, D)), None)[1] if takes_noise else 0
+    X = np.zeros((1 + D + K * D, D))
+    X[1 : 1 + D] = scale * np.eye(D)
+    out, K2 = run(X, K)
+    if K2 != K:
+        raise RuntimeError(f"the solver drew noise {K2} times in one run and {K} in another; it must be affine and repeatable")
+    b = out[0]
+    A = (out[1 : 1 + D] - b).T / scale
+    Ns = [(out[1 + D + k * D : 1 + D + (k + 1) * D] - b).T for k in range(K)]
+    return A, b, Ns
 
 
 def _nd(v) -> int:
@@ -267,6 +395,68 @@ class GaussianData:
         x = _as2d(x, self.dim)
         s = _f64(sigma) if (is_tensor(sigma) or isinstance(sigma, np.ndarray)) else float(sigma)
         return restore(_mixture_terms(_f64(x), 1.0, s * s, [0.0], [self.mean], [self._lam], [self._U])[0], x)
+
+    def denoise(self, x, sigma):
+        """The exact denoiser D(x; sigma) = E[x0 | x0 + sigma n = x] = mean + cov (cov +
+        sigma^2 I)^{-1} (x - mean) (Karras et al. 2022, eq. 2-3; Tweedie: D = x + sigma^2
+        ``score_sigma``), computed in the eigenbasis as mean + U diag(lam/(lam + sigma^2)) U^T
+        (x - mean) without cancellation at large sigma. x: (B, D); sigma >= 0, a float or (B,)
+        of x's kind (what the solvers pass). Returns x's shape, kind and dtype (float64 inside)."""
+        x = _as2d(x, self.dim)
+        xf = _f64(x)
+        return restore(_posterior_mean(xf, _sigma2(sigma, xf), [0.0], [self.mean], [self._lam], [self._U]), x)
+
+    def wasserstein2(self, other: "GaussianData") -> float:
+        """W2(self, other)^2 = |m1 - m2|^2 + tr(C1 + C2 - 2 (C2^{1/2} C1 C2^{1/2})^{1/2}) (Dowson &
+        Landau 1982), the Gaussian 2-Wasserstein distance. In dimension 1 it is computed as
+        sqrt(dm^2 + ds^2) with ds = (v1 - v2) / (s1 + s2), exact down to the smallest distances;
+        in higher dimension the trace form loses the digits below ~sqrt(eps tr C)."""
+        if not isinstance(other, GaussianData) or other.dim != self.dim:
+            raise TypeError(f"other must be a GaussianData of dimension {self.dim}")
+        d = self.mean - other.mean
+        if self.dim == 1:
+            v1, v2 = float(self.cov[0, 0]), float(other.cov[0, 0])
+            ds = (v1 - v2) / (math.sqrt(v1) + math.sqrt(v2))
+            return math.hypot(float(d[0]), ds)
+        lam2, U2 = np.linalg.eigh(other.cov)
+        r2 = (U2 * np.sqrt(np.maximum(lam2, 0.0))) @ U2.T
+        M = r2 @ self.cov @ r2
+        lamM = np.linalg.eigvalsh(0.5 * (M + M.T))
+        tr = np.trace(self.cov) + np.trace(other.cov) - 2.0 * np.sqrt(np.maximum(lamM, 0.0)).sum()
+        return math.sqrt(max(float(d @ d + tr), 0.0))
+
+    def exact_solver_output(self, solver, sigmas, *, start=None, backend: str = "numpy", **options) -> "GaussianData":
+        """The exact output distribution of a sigma-space solver driven by this data's exact
+        denoiser ``denoise``, from x_T ~ ``start``: a Gaussian N(A m_T + b, A C_T A^T +
+        sum_k N_k N_k^T).
+
+        ``solver``: a ``diffmath.samplers`` solver or its name ("dpmpp_2m", ...), or any
+        callable with the same convention ``solver(denoiser, x, sigmas, **options)`` that draws
+        all of its randomness through a ``noise_sampler(sigma, sigma_next)`` keyword
+        (k-diffusion's samplers qualify). ``sigmas``: the ladder; ``options`` go to the solver.
+        ``start``: None for N(0, sigmas[0]^2 I) (k-diffusion's x = sigma_0 z, the convention of
+        every solver here), a float s for N(0, s^2 I) (diffusers starts a VP model's sigma
+        ladder at s = sqrt(sigma_max^2 + 1)), or a GaussianData. ``backend``: run the solver
+        on numpy float64 arrays or on float64 CPU tensors (for torch-only peers).
+
+        The map (A, b, N_k) is identified exactly by one run of the solver itself on a batch
+        of basis inputs (``_solver_affine_map``): the solver is affine in x_T and in its noise
+        because ``denoise`` is affine in x for Gaussian data."""
+        from .samplers.solvers import check_sigmas
+
+        sig = check_sigmas(sigmas)
+        D = self.dim
+        if start is None or isinstance(start, numbers.Real) and not isinstance(start, bool):
+            std = float(sig[0]) if start is None else float(start)
+            if not (math.isfinite(std) and std > 0):
+                raise ValueError(f"start must be a std > 0, a GaussianData or None; got start = {std}")
+            m0, C0 = np.zeros(D), std * std * np.eye(D)
+        else:
+            m0, C0 = self._start(start, D)
+        scale = math.sqrt(float(np.max(np.diag(C0))))
+        A, b, Ns = _solver_affine_map(self.denoise, solver, sig, D, scale, backend, **options)
+        cov = A @ C0 @ A.T + sum((Nk @ Nk.T for Nk in Ns), np.zeros((D, D)))
+        return GaussianData(A @ m0 + b, 0.5 * (cov + cov.T))
 
     # -- exact sampler outputs
     def _start(self, start, D, std=1.0):
@@ -484,6 +674,15 @@ class GaussianMixture:
         sd = s2**0.5
         sd = sd.reshape(-1, 1) if _nd(sd) else sd
         return restore(-sd * self._terms(x, a, s2)[0], x)
+
+    def denoise(self, x, sigma):
+        """The exact denoiser D(x; sigma) = E[x0 | x0 + sigma n = x] = sum_k r_k(x) (mean_k +
+        cov_k (cov_k + sigma^2 I)^{-1} (x - mean_k)), r_k the posterior responsibilities
+        w_k N(x; mean_k, cov_k + sigma^2 I) / sum_j (...) (Karras et al. 2022, eq. 2-3). x: (B, D);
+        sigma >= 0 a float or (B,) of x's kind. Returns x's shape, kind and dtype."""
+        x = _as2d(x, self.dim)
+        xf = _f64(x)
+        return restore(_posterior_mean(xf, _sigma2(sigma, xf), self._log_w, self.means, self._lams, self._Us), x)
 
     def score_sigma(self, x, sigma):
         """Score of the data perturbed by N(0, sigma^2 I); sigma a float or (B,)."""

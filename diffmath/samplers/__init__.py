@@ -7,6 +7,13 @@ Continuous (score on an ``SDE``; Song et al. 2021): ``euler_maruyama_step``/``sa
 ``sample_ode`` (scipy ``solve_ivp``), ``heun_step``/``sample_ode_heun``.
 Langevin (Song & Ermon 2019): ``langevin_step``, ``annealed_langevin``.
 
+Sigma space (Karras et al. 2022; k-diffusion's convention, on a denoiser D(x; sigma), see
+``diffmath.denoiser``): ladders ``sigmas_karras``, ``sigmas_exponential``,
+``sigmas_polyexponential``, ``sigmas_vp``, ``sigmas_from_schedule``; solvers ``sample_euler``,
+``sample_heun``, ``sample_edm``, ``sample_euler_ancestral``, ``sample_dpmpp_2m``,
+``sample_dpmpp_2m_sde``, ``sample_dpmpp_3m_sde``, ``sample_unipc``, ``sample_lms``, each
+``(denoiser, x, sigmas, *, generator=None, callback=None, progress=False, **options)``.
+
 Step functions return the new sample only; loops take a model callable, a shape, a
 ``numpy.random.Generator`` or ``torch.Generator``, ``progress`` (tqdm) and ``callback``.
 No loop modifies its inputs, so interrupting one (KeyboardInterrupt) leaves them intact.
@@ -24,8 +31,52 @@ from .langevin import (
 )
 from .ode import heun_step, sample_ode, sample_ode_heun
 from .sde_solvers import euler_maruyama_step, reverse_diffusion_step, sample_pc, sample_sde, time_grid
+from .sigmas import (
+    append_zero,
+    sigmas_exponential,
+    sigmas_from_schedule,
+    sigmas_karras,
+    sigmas_polyexponential,
+    sigmas_vp,
+)
+from .solvers import (
+    SOLVERS,
+    ancestral_step,
+    check_sigmas,
+    lms_coefficients,
+    phi,
+    sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
+    sample_dpmpp_3m_sde,
+    sample_edm,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_heun,
+    sample_lms,
+    sample_unipc,
+)
 
 __all__ = [
+    "SOLVERS",
+    "ancestral_step",
+    "append_zero",
+    "check_sigmas",
+    "lms_coefficients",
+    "phi",
+    "sample_dpmpp_2m",
+    "sample_dpmpp_2m_sde",
+    "sample_dpmpp_3m_sde",
+    "sample_edm",
+    "sample_euler",
+    "sample_euler_ancestral",
+    "sample_heun",
+    "sample_lms",
+    "sample_unipc",
+    "sigmas_exponential",
+    "sigmas_from_schedule",
+    "sigmas_karras",
+    "sigmas_polyexponential",
+    "sigmas_vp",
     "annealed_langevin",
     "annealed_step_sizes",
     "corrector_step_size",
