@@ -359,10 +359,12 @@ def _load_samples(path: Path) -> tuple[np.ndarray, dict]:
 def evaluate_run(run, samples=None, out=None, *, vlb_images: int = 64, device: str = "auto", seed: int = 0,
                  progress: bool = True) -> dict:
     """Evaluate the samples of a run (default ``RUN/samples.npz``); writes ``metrics.json`` to
-    ``out`` (default the run directory) and returns the metrics."""
+    ``out`` (default the run directory) and returns the metrics. The inputs are checked first;
+    then ``out`` is locked until the metrics are written (``rundir.claim_output``: a metrics.json
+    there that diffmath did not write is never replaced)."""
+    from .checkpoint import legacy_run_files, read_run_config
     from .data import load_data
-    from .sample import load_model
-    from .checkpoint import RunError, read_run_config
+    from .rundir import claim_output
 
     run = Path(run)
     rc = read_run_config(run)
@@ -372,6 +374,15 @@ def evaluate_run(run, samples=None, out=None, *, vlb_images: int = 64, device: s
     data = load_data(cfg["data"], cfg["image_size"])
     if tuple(x.shape[1:]) != data.shape:
         raise ValueError(f"the samples have shape {tuple(x.shape[1:])} per item but the run's data have {data.shape}")
+    out = Path(out) if out is not None else run
+    with claim_output(out, "evaluate", ("metrics.json",), adopt=legacy_run_files):
+        return _evaluate(run, x, sinfo, samples_path, data, out, vlb_images, device, seed, progress)
+
+
+def _evaluate(run, x, sinfo, samples_path, data, out, vlb_images, device, seed, progress) -> dict:
+    from .checkpoint import RunError
+    from .sample import load_model
+
     metrics: dict = {
         "run": str(run),
         "data": data.name,
@@ -423,8 +434,6 @@ def evaluate_run(run, samples=None, out=None, *, vlb_images: int = 64, device: s
             v = vlb_bpd(loaded, held[np.sort(idx)], data.bins or 256, seed=seed, progress=progress)
             v.pop("curve", None)
             metrics["test_vlb"] = v
-    out = Path(out) if out is not None else run
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
 
