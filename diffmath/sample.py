@@ -331,6 +331,9 @@ def check_sampling(lm: LoadedModel, num_samples, sampler, steps, eta, seed=0, ba
         raise ValueError(f"steps must be a positive integer; got {steps!r}")
     if sampler in ("ddpm", "ddim") and steps > T:
         raise ValueError(f"steps must lie in [1, T] = [1, {T}] for --sampler {sampler}; got {steps}")
+    if sampler == "pc" and steps < 20:  # its predictor is the VP-SDE's discrete chain, beta_i = beta_max / N
+        raise ValueError(f"steps must be >= 20 for --sampler pc (the VP-SDE chain needs beta_max / N = 20 / N <= 1); "
+                         f"got {steps}")
     if eta < 0 or not math.isfinite(eta):
         raise ValueError(f"eta must be finite and >= 0; got {eta}")
     return steps
