@@ -43,8 +43,11 @@ distribution, not bit for bit.
 Files in ``out``: config.json, step-NNNNNN.safetensors (weights ``model.*``, EMA ``ema.*``,
 optimizer tensors ``optim.<i>.<name>``, ``loss_history``) + step-NNNNNN.json (step, config,
 RNG states, optimizer hyper-parameters, SHA-256 of the .safetensors), loss.png and
-schedule.png, all written atomically (temp file + os.replace). Nothing is ever unpickled.
-Ctrl-C / SIGTERM finish the current step, write a checkpoint and return.
+schedule.png, all written atomically (temp file + os.replace) and listed in the folder's
+``.diffmath-run`` marker; the folder is locked while the run writes (``diffmath.rundir``). No
+file is ever unpickled (under torchrun the ranks exchange small objects through torch's object
+collectives, which pickle them: ``diffmath.distributed``). Ctrl-C / SIGTERM finish the current
+step, write a checkpoint and return.
 
 This module holds the config, the building blocks and the loop; the file formats and the run
 directory live in ``diffmath.checkpoint``, the figures in ``diffmath.plots``, devices and the
