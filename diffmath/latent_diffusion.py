@@ -169,13 +169,16 @@ _LATENT_FILES = ("latent.json", "latents.safetensors", "latents.json", "samples.
 
 
 def _legacy_latent_files(out) -> list[str] | None:
-    """For a latent run written before folders got a marker: the names of its files (None if
-    ``out`` holds no readable latent.json); ``rundir`` lists them in the marker it adds."""
+    """For a latent run written before folders got a marker: the names of its files and its
+    sub-runs "unet/" and "vae/" (None if ``out`` holds no readable latent.json); ``rundir``
+    lists them in the marker it adds."""
     try:
         read_latent_run(out)
     except ValueError:
         return None
-    return sorted(n for n in _LATENT_FILES if (Path(out) / n).is_file())
+    out = Path(out)
+    subs = [f"{n}/" for n, m in (("unet", "config.json"), ("vae", "vae.json")) if (out / n / m).is_file()]
+    return sorted(n for n in _LATENT_FILES if (out / n).is_file()) + subs
 
 
 def train_latent(out, config=None, *, vae=None, vae_config: VAEConfig | None = None, data: Data | None = None,

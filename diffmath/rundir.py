@@ -274,8 +274,9 @@ def open_run(out, command: str, *, resume: bool = False, overwrite: bool = False
     - new or empty: created, marked;
     - ``overwrite``: must be marked; ``clear_run`` (sub-folders in ``keep`` stay), a fresh marker;
     - ``resume``: must be non-empty (the caller checks its content); an unmarked folder (a run
-      written before markers existed) is marked with the files ``adopt(out)`` returns, if it
-      returns a list; then the temp files of killed writes are deleted;
+      written before markers existed) is marked with the names ``adopt(out)`` returns, if it
+      returns a list (files, and sub-runs as "name/", marked in turn with the diffmath file
+      names they hold); then the temp files of killed writes are deleted;
     - anything else non-empty: ``RunError`` (pass --resume or --overwrite).
 
     Every check runs before anything is created or deleted, and again under the lock."""
@@ -287,9 +288,9 @@ def open_run(out, command: str, *, resume: bool = False, overwrite: bool = False
         _check_open(out, resume, overwrite)
         if resume:
             if marker(out) is None and adopt is not None:
-                files = adopt(out)
-                if files is not None:
-                    write_marker(out, new_marker(command, files))
+                names = adopt(out)
+                if names is not None:
+                    _adopt(out, command, names)
             clean_temp_files(out)
         elif is_empty(out):
             write_marker(out, new_marker(command, runs=(marker(out) or {}).get("runs", ())))
@@ -301,6 +302,19 @@ def open_run(out, command: str, *, resume: bool = False, overwrite: bool = False
         lock.release()
         raise
     return lock
+
+
+def _adopt(out: Path, command: str, names) -> None:
+    """Mark ``out`` (a run written before markers existed) with ``names``: file names, and
+    sub-run folders written as "name/", each marked in turn with the diffmath file names it holds."""
+    files = [n for n in names if not n.endswith("/")]
+    runs = [n[:-1] for n in names if n.endswith("/") and (out / n[:-1]).is_dir() and not (out / n[:-1]).is_symlink()]
+    for r in runs:
+        sub = out / r
+        if marker(sub) is None:
+            write_marker(sub, new_marker(command, [p.name for p in sub.iterdir() if p.is_file() and not p.is_symlink()
+                                                   and KNOWN_FILES.match(p.name) and p.name != MARKER]))
+    write_marker(out, new_marker(command, files, runs))
 
 
 def _unlisted(out: Path, names, adopt) -> list[str]:
@@ -336,7 +350,7 @@ def claim_output(out, command: str, names, adopt=None) -> FolderLock:
     lock = lock_folder(out, command)
     try:
         if marker(out) is None:
-            write_marker(out, new_marker(command, (adopt(out) if adopt is not None else None) or ()))
+            _adopt(out, command, (adopt(out) if adopt is not None else None) or ())
         check(None)
     except BaseException:
         lock.release()

@@ -342,3 +342,21 @@ def test_a_tampered_latent_json_names_the_key(tmp_path, digits, vae_a, key, valu
         sample_latent(out, num_samples=2, steps=2, device="cpu")
     with pytest.raises(RunError, match=msg):
         train_latent(out, TrainConfig(**{**TINY_UNET, "steps": 4}), resume=True, data=digits)
+
+
+def test_a_latent_run_from_before_markers_is_adopted_then_overwritten_by_its_markers(tmp_path, digits):
+    out = tmp_path / "run"
+    train_latent(out, TrainConfig(**{**TINY_UNET, "steps": 3}), vae_config=VAEConfig(**{**TINY_VAE, "steps": 3}),
+                 data=digits)
+    for p in list(out.rglob(".diffmath-run")) + list(out.rglob(".diffmath.lock")):
+        p.unlink()  # as an older diffmath left the run
+    (out / "notes.txt").write_text("mine\n")
+    (out / "vae" / "notes.txt").write_text("mine too\n")
+    train_latent(out, TrainConfig(**{**TINY_UNET, "steps": 4}), resume=True, data=digits)
+    m = json.loads((out / ".diffmath-run").read_text())
+    assert m["runs"] == ["unet", "vae"] and "latent.json" in m["files"] and "notes.txt" not in m["files"]
+    assert "vae.json" in json.loads((out / "vae" / ".diffmath-run").read_text())["files"]
+    train_latent(out, TrainConfig(**{**TINY_UNET, "steps": 3}), vae_config=VAEConfig(**{**TINY_VAE, "steps": 3}),
+                 data=digits, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine\n" and (out / "vae" / "notes.txt").read_text() == "mine too\n"
+    assert (out / "unet" / "step-000003.json").exists() and not (out / "unet" / "step-000004.json").exists()
