@@ -290,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run", type=Path, required=True, help="the run directory")
     e.add_argument("--samples", type=Path, default=None, help="samples .npz (default RUN/samples.npz)")
     e.add_argument("--out", type=Path, default=None, help="where to write metrics.json (default: the run directory)")
+    _trust_flag(e, "for the test VLB, load")
     e.add_argument("--vlb-images", type=_nonneg_int, default=64, help="held-out images for the test VLB (0: skip; each "
                    "costs T network evaluations; ignored for a latent run)")
     _device_flag(e, help="cpu, cuda or auto (for the VLB)")
@@ -551,6 +552,7 @@ def _cmd_evaluate(args) -> int:
         m = evaluate_latent(args.run, args.samples, args.out, device=args.device, progress=args.progress)
     else:
         m = evaluate_run(args.run, args.samples, args.out, vlb_images=args.vlb_images, device=args.device,
+                         trust_unverified=args.trust_unverified,
                          progress=args.progress)
     print(format_metrics(m))
     if isinstance(m.get("vae"), dict) and "held_out_elbo_bpd" in m["vae"]:

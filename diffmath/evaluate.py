@@ -357,11 +357,12 @@ def _load_samples(path: Path) -> tuple[np.ndarray, dict]:
 
 
 def evaluate_run(run, samples=None, out=None, *, vlb_images: int = 64, device: str = "auto", seed: int = 0,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, trust_unverified: bool = False) -> dict:
     """Evaluate the samples of a run (default ``RUN/samples.npz``); writes ``metrics.json`` to
     ``out`` (default the run directory) and returns the metrics. The inputs are checked first;
     then ``out`` is locked until the metrics are written (``rundir.claim_output``: a metrics.json
-    there that diffmath did not write is never replaced)."""
+    there that diffmath did not write is never replaced). ``trust_unverified``: load the
+    checkpoint for the test VLB even if its weights cannot be verified (``sample.load_model``)."""
     from .checkpoint import legacy_run_files, read_run_config
     from .data import load_data
     from .rundir import claim_output
@@ -376,10 +377,10 @@ def evaluate_run(run, samples=None, out=None, *, vlb_images: int = 64, device: s
         raise ValueError(f"the samples have shape {tuple(x.shape[1:])} per item but the run's data have {data.shape}")
     out = Path(out) if out is not None else run
     with claim_output(out, "evaluate", ("metrics.json",), adopt=legacy_run_files):
-        return _evaluate(run, x, sinfo, samples_path, data, out, vlb_images, device, seed, progress)
+        return _evaluate(run, x, sinfo, samples_path, data, out, vlb_images, device, seed, progress, trust_unverified)
 
 
-def _evaluate(run, x, sinfo, samples_path, data, out, vlb_images, device, seed, progress) -> dict:
+def _evaluate(run, x, sinfo, samples_path, data, out, vlb_images, device, seed, progress, trust_unverified) -> dict:
     from .checkpoint import RunError
     from .sample import load_model
 
@@ -426,7 +427,7 @@ def _evaluate(run, x, sinfo, samples_path, data, out, vlb_images, device, seed, 
         if vlb_images > 0 and len(data.held_out) == 0:
             metrics["test_vlb"] = "not reported: no held-out images (the data set is too small to hold any out)"
         elif vlb_images > 0:
-            loaded = load_model(run=run, device=device)
+            loaded = load_model(run=run, device=device, trust_unverified=trust_unverified)
             if list(loaded.data_shape) != list(data.shape):
                 raise RunError(f"the checkpoint's data shape {loaded.data_shape} does not match the data {data.shape}")
             held = data.held_out
