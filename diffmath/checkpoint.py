@@ -47,6 +47,7 @@ __all__ = [
     "SAMPLE_KEYS",
     "RESUME_KEYS",
     "check_checkpoint_meta",
+    "check_class_count",
     "checkpoint_name",
     "read_run_config",
     "list_checkpoints",
@@ -198,6 +199,26 @@ def load_checkpoint(path, verify: bool = True, *, trust_unverified: bool = False
     check_checkpoint_meta(meta, where, keys)
     tensors = load_file(str(st))
     return meta, tensors
+
+
+def check_class_count(num_classes: int, tensors: dict, where: str) -> None:
+    """``RunError`` unless the class embeddings in ``tensors`` (``model.class_emb.weight``,
+    ``ema.class_emb.weight``: num_classes + 1 rows, the last the null class) fit the config's
+    ``num_classes`` (0: an unconditional network, which has none)."""
+    for prefix in ("model.", "ema."):
+        if not any(k.startswith(prefix) for k in tensors):
+            continue
+        w = tensors.get(f"{prefix}class_emb.weight")
+        rows = None if w is None else int(w.shape[0])
+        if num_classes == 0 and rows is not None:
+            raise RunError(f"{where}: the weights hold a class embedding of {rows} rows ({rows - 1} classes and the null "
+                           "class) but the config is unconditional (num_classes = 0); the checkpoint does not match its "
+                           "config")
+        if num_classes > 0 and rows != num_classes + 1:
+            got = "no class embedding" if rows is None else f"a class embedding of {rows} rows ({rows - 1} classes)"
+            raise RunError(f"{where}: the config names num_classes = {num_classes} (a class embedding of "
+                           f"{num_classes + 1} rows with the null class) but the weights hold {got}; the checkpoint "
+                           "does not match its config")
 
 
 def _rng_state_b64(state: torch.Tensor) -> str:
@@ -355,7 +376,9 @@ def check_compatible(stored: dict, config, where: str):
     except (TypeError, ValueError) as e:
         raise RunError(f"{where} does not hold a diffmath training config this version can read: {e}") from e
     new = config.model_fields()
-    diff = [f"{k}: checkpoint {old[k]!r} vs now {new[k]!r}" for k in sorted(new) if old.get(k) != new[k]]
+    # the union: an unconditional config has no class keys at all (TrainConfig.to_dict)
+    diff = [f"{k}: checkpoint {old.get(k)!r} vs now {new.get(k)!r}" for k in sorted(set(new) | set(old))
+            if old.get(k) != new.get(k)]
     if diff:
         raise RunError(
             f"cannot resume: {where} was written with a different configuration ("

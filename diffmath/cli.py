@@ -28,6 +28,11 @@ __all__ = ["main", "build_parser", "train_config_from_args", "run_demo"]
 DEMO_SAMPLES = 500
 DEMO_SAMPLER = dict(sampler="ddim", steps=50, eta=0.0)
 DEMO_VLB_IMAGES = 64
+# The demo's guidance table: samples per digit at each scale s (the default s and s = 1, which
+# the README's targets are stated at, get 100; the others 50)
+DEMO_GUIDANCE_SCALES = (0.0, 1.0, 2.0, 3.0, 5.0)
+DEMO_PER_CLASS = 100
+DEMO_PER_CLASS_OTHER = 50
 DEMO_OUT = Path("runs/demo")
 LATENT_DEMO_OUT = Path("runs/demo-latent")
 
@@ -240,6 +245,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default 1)")
     lg.add_argument("--encode-mode", choices=("mean", "sample"), default=None, help="with --latent: encode each image "
                     "as its posterior mean, or as one seeded draw z ~ q(z | x) (default mean; with --resume the run's)")
+    cg = t.add_argument_group(
+        "classes (docs/guidance.md)",
+        "With --conditional the network takes the class label of each training image (the digits'\n"
+        "digit, the gmm's component, or the sub-folder of an image folder laid out as torchvision's\n"
+        "ImageFolder reads it: root/<class>/<image>, classes in sorted order), and each label is\n"
+        "replaced by the null class with probability --uncond-prob (Ho & Salimans 2022), so one\n"
+        "network is the conditional and the unconditional model: sample it with --class and --guidance.",
+    )
+    cg.add_argument("--conditional", action="store_true", default=None, help="train a class-conditional model (config "
+                    "records num_classes and class_names)")
+    cg.add_argument("--uncond-prob", type=_checked(float, lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+                    default=None, help="with --conditional: the probability of dropping a label to the null class "
+                    "(default 0.1)")
     _threads_flag(t)
 
     # ---------------------------------------------------------------- sample
@@ -275,6 +293,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--latent", action="store_true", help="--run is a latent diffusion run (diffmath train --latent): "
                    "sample scaled latents with its U-Net (never clipped), divide by the scaling factor and decode them "
                    "with its VAE; samples.npz then also holds the latents. Implied when --run holds latent.json")
+    sg = s.add_argument_group(
+        "classes and guidance (a run trained with --conditional; docs/guidance.md)",
+        "--class asks for classes: an index (4), a range (0-9), a list (1,3,5), all, or a class name;\n"
+        "--num-samples is split into an equal block per class (it must be a multiple of their number),\n"
+        "and samples.npz also holds the requested 'labels'. Every sampler then uses classifier-free\n"
+        "guidance, eps = eps_u + s (eps_c - eps_u), with cond and uncond in one batched network call.\n"
+        "Without --class a conditional run samples its unconditional model (the null label).",
+    )
+    sg.add_argument("--class", dest="classes", default=None, metavar="CLASSES", help="the classes to sample: 4, 0-9, "
+                    "1,3,5 or all")
+    sg.add_argument("--guidance", type=_nonneg_float, default=None, metavar="S", help="with --class: the guidance scale "
+                    "s >= 0 (diffusers' guidance_scale: 0 unconditional, 1 plain conditional, > 1 guided; default 3)")
+    sg.add_argument("--guidance-rescale", type=_checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+                    default=None, metavar="PHI", help="with --class: Lin et al. (2023)'s guidance rescale phi in "
+                    "[0, 1] (0: off; against over-saturation at large s)")
     _progress_and_threads(s)
 
     # ---------------------------------------------------------------- evaluate
@@ -350,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
 _FLAG_FIELDS = (
     "data", "steps", "batch_size", "lr", "channels", "image_size", "prediction", "schedule", "timesteps", "save_every",
     "seed", "device", "channel_mult", "num_res_blocks", "attention_resolutions", "dropout", "learn_sigma", "ema_decay",
-    "warmup", "lr_decay_steps", "grad_clip", "weight_decay", "bf16", "progress",
+    "warmup", "lr_decay_steps", "grad_clip", "weight_decay", "bf16", "progress", "conditional", "uncond_prob",
 )
 
 
@@ -404,6 +437,8 @@ def train_config_from_args(args) -> "TrainConfig":  # noqa: F821
         raise RunError("train needs --data (digits, swissroll, gmm or a folder of images)")
     if merged.get("data") not in ("digits", "swissroll", "gmm"):
         merged["data"] = str(merged["data"])
+    if "uncond_prob" in merged and not merged.get("conditional"):
+        raise ValueError(f"--uncond-prob {merged['uncond_prob']} is for class-conditional runs: add --conditional")
     return TrainConfig.from_dict(merged)
 
 
@@ -509,13 +544,28 @@ def _cmd_sample(args) -> int:
         out, run=args.run, checkpoint=args.checkpoint, sampler=args.sampler, steps=args.steps, eta=args.eta,
         num_samples=args.num_samples, seed=args.seed, device=args.device, batch_size=args.batch_size,
         progress=args.progress, ema=not args.raw_weights, clip_x0="auto" if args.clip else None,
-        trust_unverified=args.trust_unverified,
+        trust_unverified=args.trust_unverified, **_guidance_args(args),
     )
     if _rank() == 0:
         steps = "adaptive" if info["steps"] is None else f"{info['steps']}"
-        print(f"{info['num_samples']} samples ({info['sampler']}, {steps} steps) in {info['seconds']:.1f} s -> "
-              f"{Path(out) / 'samples.npz'}, {Path(out) / 'samples.png'}")
+        print(f"{info['num_samples']} samples ({info['sampler']}, {steps} steps{_conditioning_note(info)}) in "
+              f"{info['seconds']:.1f} s -> {Path(out) / 'samples.npz'}, {Path(out) / 'samples.png'}")
     return 0
+
+
+def _guidance_args(args) -> dict:
+    return {"classes": args.classes, "guidance": args.guidance, "guidance_rescale": args.guidance_rescale or 0.0}
+
+
+def _conditioning_note(info: dict) -> str:
+    if info.get("conditioning") == "class":
+        names = info.get("class_names") or []
+        cls = ",".join(names[c] if c < len(names) else str(c) for c in info["classes"])
+        note = f"; classes {cls}, {info['per_class']} each, guidance {info['guidance']:g}"
+        return note + (f", rescale {info['guidance_rescale']:g}" if info.get("guidance_rescale") else "")
+    if info.get("conditioning"):
+        return "; null label (unconditional)"
+    return ""
 
 
 def _cmd_sample_latent(args, out) -> int:
@@ -529,10 +579,11 @@ def _cmd_sample_latent(args, out) -> int:
     _, info = sample_latent(
         args.run, out, sampler=args.sampler, steps=args.steps, eta=args.eta, num_samples=args.num_samples,
         seed=args.seed, device=args.device, batch_size=args.batch_size, progress=args.progress,
-        ema=not args.raw_weights, trust_unverified=args.trust_unverified,
+        ema=not args.raw_weights, trust_unverified=args.trust_unverified, **_guidance_args(args),
     )
     steps = "adaptive" if info["steps"] is None else f"{info['steps']}"
-    print(f"{info['num_samples']} latent samples ({info['sampler']}, {steps} steps, decoded by the run's VAE) in "
+    print(f"{info['num_samples']} latent samples ({info['sampler']}, {steps} steps{_conditioning_note(info)}, decoded "
+          f"by the run's VAE) in "
           f"{info['seconds']:.1f} s -> {Path(out) / 'samples.npz'}, {Path(out) / 'samples.png'}")
     return 0
 
@@ -564,16 +615,26 @@ def _cmd_evaluate(args) -> int:
 
 
 def run_demo(out=DEMO_OUT, *, overwrite: bool = False, device: str = "auto", progress: bool = True,
-             config_overrides: dict | None = None, num_samples: int = DEMO_SAMPLES, vlb_images: int = DEMO_VLB_IMAGES) -> dict:
-    """Train (or reuse a finished demo training in ``out``), sample with DDIM, evaluate, and
-    write report.md. Returns the metrics with the timings under ``"timings"``."""
+             config_overrides: dict | None = None, num_samples: int = DEMO_SAMPLES, vlb_images: int = DEMO_VLB_IMAGES,
+             guidance_scales=DEMO_GUIDANCE_SCALES, per_class: int = DEMO_PER_CLASS,
+             per_class_other: int = DEMO_PER_CLASS_OTHER) -> dict:
+    """Train the class-conditional demo model (``DEMO_CONFIG`` + ``DEMO_CLASSES``; or reuse a
+    finished demo training in ``out``); sample its unconditional model (the null label) with
+    DDIM and evaluate those samples; sample every digit at each guidance scale in
+    ``guidance_scales`` (``per_class`` per digit at s = 1 and at the default s, ``per_class_other``
+    at the others) and score them per class (``evaluate.guidance_sweep``); write report.md with
+    the 10-row grid (classes.png) and the guidance plot (guidance.png). Returns the metrics,
+    the sweep under ``"guidance"`` and the timings under ``"timings"``. ``config_overrides``
+    with ``conditional = False`` gives the unconditional demo (no sweep)."""
     from .checkpoint import RunError, check_compatible, legacy_run_files, read_run_config
     from .distributed import resolve_device
     from .rundir import is_empty, open_run
-    from .train import DEMO_CONFIG, TrainConfig
+    from .train import DEMO_CLASSES, DEMO_CONFIG, TrainConfig
 
     out = Path(out)
-    config = TrainConfig(**{**DEMO_CONFIG, "device": device, "progress": progress, **(config_overrides or {})})
+    over = dict(config_overrides or {})
+    classes = {} if over.get("conditional", True) is False else DEMO_CLASSES
+    config = TrainConfig(**{**DEMO_CONFIG, **classes, "device": device, "progress": progress, **over})
     resolve_device(device)  # every argument is checked before --out is touched
     resume = False
     if out.is_dir() and not is_empty(out) and not overwrite:
@@ -584,17 +645,46 @@ def run_demo(out=DEMO_OUT, *, overwrite: bool = False, device: str = "auto", pro
             raise RunError(f"--out {str(out)!r} holds something other than this demo run ({e}); pass --overwrite or "
                            "another --out") from None
     # one lock over training, sampling, evaluation and the report
+    sweep = dict(scales=tuple(float(v) for v in guidance_scales), per_class=per_class, per_class_other=per_class_other)
     with open_run(out, "demo", resume=resume, overwrite=overwrite, adopt=legacy_run_files):
-        return _demo(out, config, resume, overwrite, device, progress, num_samples, vlb_images)
+        return _demo(out, config, resume, overwrite, device, progress, num_samples, vlb_images, sweep)
 
 
-def _demo(out, config, resume, overwrite, device, progress, num_samples, vlb_images) -> dict:
+def _demo_guidance(out, device, progress, scales, per_class, per_class_other) -> dict:
+    """The demo's conditional half: every digit at each guidance scale, the per-class metrics
+    (``evaluate.guidance_sweep``), classes.npz/png at the default scale, guidance.png."""
+    import json
+
+    import numpy as np
+
+    from ._io import atomic_write_npz
+    from .data import load_data
+    from .evaluate import guidance_sweep
+    from .plots import plot_guidance
+    from .sample import DEFAULT_GUIDANCE, load_model, save_class_grid
+
+    lm = load_model(run=out, device=device)
+    data = load_data(lm.config.data, lm.config.image_size)
+    scales = list(dict.fromkeys(list(scales) + [DEFAULT_GUIDANCE]))
+    counts = {s: per_class if s in (1.0, DEFAULT_GUIDANCE) else per_class_other for s in scales}
+    rows, (x, y) = guidance_sweep(lm, data, scales, per_class=counts, keep=DEFAULT_GUIDANCE, progress=progress,
+                                  **{k: v for k, v in DEMO_SAMPLER.items() if k != "eta"})
+    info = {"sampler": DEMO_SAMPLER["sampler"], "steps": DEMO_SAMPLER["steps"], "guidance": DEFAULT_GUIDANCE,
+            "per_class": per_class, "seed": 0, "checkpoint": str(lm.checkpoint), "step": lm.step}
+    atomic_write_npz(out / "classes.npz", samples=x, labels=y, info=np.str_(json.dumps(info)))
+    save_class_grid(out / "classes.png", x, y, names=lm.config.class_names)
+    plot_guidance(out / "guidance.png", rows, title=f"{lm.config.data}: classifier-free guidance (DDIM 50)")
+    return {"default": DEFAULT_GUIDANCE, "sampler": info, "scales": rows}
+
+
+def _demo(out, config, resume, overwrite, device, progress, num_samples, vlb_images, sweep=None) -> dict:
     from .evaluate import evaluate_run, write_report
     from .sample import sample_run
     from .train import train
 
     timings = {}
     t0 = time.time()
+    load0 = _load_average()
     res = train(config, out, resume=resume, overwrite=overwrite)
     timings["train_s"] = round(time.time() - t0, 1)
     if res.interrupted:
@@ -605,7 +695,13 @@ def _demo(out, config, resume, overwrite, device, progress, num_samples, vlb_ima
     t2 = time.time()
     metrics = evaluate_run(out, vlb_images=vlb_images, device=device, progress=progress)
     timings["evaluate_s"] = round(time.time() - t2, 1)
+    if config.conditional and sweep is not None:
+        t3 = time.time()
+        metrics["guidance"] = _demo_guidance(out, device, progress, **sweep)
+        timings["guidance_s"] = round(time.time() - t3, 1)
     timings["total_s"] = round(time.time() - t0, 1)
+    if load0 is not None:
+        timings["load_avg_1min"] = [load0, _load_average()]
     from .distributed import resolve_device
 
     timings["device"] = str(resolve_device(device))
@@ -616,6 +712,14 @@ def _demo(out, config, resume, overwrite, device, progress, num_samples, vlb_ima
     atomic_write_json(out / "metrics.json", metrics)
     write_report(out, metrics, config, info, timings, trained_steps=res.trained_steps)
     return metrics
+
+
+def _load_average():
+    """The 1-minute load average (None where the platform has none): the demo's timings depend on it."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # pragma: no cover
+        return None
 
 
 def _cmd_demo(args) -> int:
@@ -632,6 +736,11 @@ def _cmd_demo(args) -> int:
     print(format_metrics(m))
     if args.latent:
         print(_latent_summary(m))
+    if isinstance(m.get("guidance"), dict):
+        from .evaluate import guidance_table
+
+        print(f"class-conditional samples (DDIM 50), per guidance scale s (default {m['guidance']['default']:g}):")
+        print("\n".join(guidance_table(m["guidance"]["scales"])))
     print(f"timings: {m['timings']}")
     print(f"report: {out / 'report.md'}")
     return 0

@@ -22,6 +22,14 @@ Every loader returns a ``Data`` bundle of float32 numpy arrays scaled to the mod
   more) are held out, by a fixed seeded permutation.
 - **swissroll** and **gmm**: 2-D point clouds of roughly unit scale (continuous, no bins),
   10,000 training points and 2,000 held-out ones, each from its own fixed seed.
+
+Class labels (for ``diffmath train --conditional``): the digits carry their digit 0-9; the
+gmm points the index of the mixture component each was drawn from (8 classes "0".."7"); a
+folder laid out as torchvision's ``ImageFolder`` expects, ``root/<class>/**/<image>``, labels
+each image by its top-level sub-folder, the classes being the sub-folder names in sorted
+order (``find_classes``: class index i is the i-th name). A folder with images directly in it
+(outside every sub-folder), or a class sub-folder with no readable image, has no labels; so
+has the swiss roll. ``Data.class_names`` names the classes (empty when there are no labels).
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ __all__ = [
     "load_image_folder",
     "swiss_roll",
     "gaussian_mixture",
+    "gmm_means",
+    "folder_labels",
     "IMAGE_EXTENSIONS",
     "TOY_DATASETS",
     "HELD_OUT_PER_CLASS",
@@ -49,6 +59,7 @@ __all__ = [
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 TOY_DATASETS = ("swissroll", "gmm")
 HELD_OUT_PER_CLASS = 30
+GMM_MODES = 8
 _SPLIT_SEED = 20240531  # the digits split and the toy sets are fixed: never change these
 _TOY_TRAIN, _TOY_HELD = 10_000, 2_000
 
@@ -71,6 +82,7 @@ class Data:
     labels_train: np.ndarray | None = None
     labels_held_out: np.ndarray | None = None
     info: dict = field(default_factory=dict)
+    class_names: tuple = ()
 
     @property
     def shape(self) -> tuple:
@@ -85,7 +97,9 @@ def load_data(spec: str, image_size: int = 8) -> Data:
     if spec == "swissroll":
         return Data("swissroll", "toy", swiss_roll(_TOY_TRAIN, _SPLIT_SEED), swiss_roll(_TOY_HELD, _SPLIT_SEED + 1), None)
     if spec == "gmm":
-        return Data("gmm", "toy", gaussian_mixture(_TOY_TRAIN, _SPLIT_SEED), gaussian_mixture(_TOY_HELD, _SPLIT_SEED + 1), None)
+        (tr, ytr), (ho, yho) = (gaussian_mixture(n, seed, return_labels=True)
+                                for n, seed in ((_TOY_TRAIN, _SPLIT_SEED), (_TOY_HELD, _SPLIT_SEED + 1)))
+        return Data("gmm", "toy", tr, ho, None, ytr, yho, class_names=tuple(str(k) for k in range(GMM_MODES)))
     return load_image_folder(spec, image_size)
 
 
@@ -117,6 +131,7 @@ def load_digits(image_size: int = 8) -> Data:
     return Data(
         "digits", "image", x[~held], x[held], bins, y[~held], y[held],
         info={"source": "sklearn.datasets.load_digits", "levels": bins},
+        class_names=tuple(str(c) for c in range(10)),
     )
 
 
@@ -161,7 +176,7 @@ def load_image_folder(path, image_size: int = 32, held_out_fraction: float = 0.1
         raise ValueError(
             f"the folder {str(path)!r} holds no image files (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively)"
         )
-    images, modes, skipped = [], [], []
+    images, modes, skipped, kept = [], [], [], []
     unreadable = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
                   Image.DecompressionBombWarning)  # the warning is raised only where warnings are errors
     for f in files:
@@ -172,6 +187,7 @@ def load_image_folder(path, image_size: int = 32, held_out_fraction: float = 0.1
                 im = to_8bit_grey(im) if im.mode in SIXTEEN_BIT_MODES else im.convert("L" if grey else "RGB")
                 images.append(_resize_center_crop(im, image_size))
                 modes.append(grey)
+                kept.append(f)
         except unreadable as e:
             skipped.append(str(f))
             warnings.warn(f"skipping unreadable image {str(f)!r}: {type(e).__name__}: {e}", UserWarning, stacklevel=2)
@@ -189,11 +205,41 @@ def load_image_folder(path, image_size: int = 32, held_out_fraction: float = 0.1
     n_held = 0 if n < 2 else max(1, int(round(held_out_fraction * n)))
     perm = np.random.default_rng(_SPLIT_SEED).permutation(n)
     held, train = perm[:n_held], perm[n_held:]
+    info = {"source": str(root.resolve()), "files": n, "skipped": skipped, "levels": 256}
+    labels, class_names, why = folder_labels(root, kept)
+    if labels is None:
+        info["no_labels"] = why
     return Data(
         os.path.basename(os.path.normpath(str(path))) or str(path), "image",
         np.ascontiguousarray(x[train], dtype=np.float32), np.ascontiguousarray(x[held], dtype=np.float32), 256,
-        info={"source": str(root.resolve()), "files": n, "skipped": skipped, "levels": 256},
+        None if labels is None else labels[train], None if labels is None else labels[held],
+        info=info, class_names=class_names,
     )
+
+
+def folder_labels(root, files):
+    """The class of each image of an ``ImageFolder`` layout, ``root/<class>/**/<image>``:
+    the classes are the names of root's sub-folders in sorted order (torchvision's
+    ``find_classes``) and an image's label is the index of the top-level sub-folder it lies in.
+    files: the image paths under root (those that were read). Returns (int64 labels (N,),
+    class names, None), or (None, (), the reason there are no labels): images directly in root,
+    no sub-folder, or a sub-folder without a readable image."""
+    root = Path(root)
+    names = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not names:
+        return None, (), f"{str(root)!r} has no sub-folders (one per class, as torchvision's ImageFolder reads them)"
+    index = {c: i for i, c in enumerate(names)}
+    labels = np.empty(len(files), dtype=np.int64)
+    for j, f in enumerate(files):
+        parts = Path(f).relative_to(root).parts
+        if len(parts) < 2:
+            return None, (), (f"{str(f)!r} lies directly in {str(root)!r}, outside the class sub-folders (the "
+                              "ImageFolder layout is root/<class>/<image>)")
+        labels[j] = index[parts[0]]
+    empty = [c for c in names if not np.any(labels == index[c])]
+    if empty:
+        return None, (), f"the class sub-folder(s) {empty} of {str(root)!r} hold no readable image"
+    return labels, tuple(names), None
 
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -233,11 +279,20 @@ def swiss_roll(n: int, seed: int = 0, noise: float = 0.03) -> np.ndarray:
     return (x + noise * rng.standard_normal(x.shape)).astype(np.float32)
 
 
-def gaussian_mixture(n: int, seed: int = 0, modes: int = 8, radius: float = 1.0, std: float = 0.08) -> np.ndarray:
+def gaussian_mixture(n: int, seed: int = 0, modes: int = GMM_MODES, radius: float = 1.0, std: float = 0.08,
+                     return_labels: bool = False):
     """Equal-weight mixture of ``modes`` isotropic Gaussians N(mu_k, std^2 I) with means on a
-    circle of ``radius``: mu_k = radius (cos 2 pi k / modes, sin 2 pi k / modes). Float32 (n, 2)."""
+    circle of ``radius``: mu_k = radius (cos 2 pi k / modes, sin 2 pi k / modes). Float32 (n, 2);
+    with ``return_labels``, also the component k of each point (int64 (n,)): the same points."""
     rng = np.random.default_rng(seed)
     k = rng.integers(0, modes, n)
     ang = 2 * math.pi * k / modes
     mu = radius * np.stack([np.cos(ang), np.sin(ang)], axis=1)
-    return (mu + std * rng.standard_normal((n, 2))).astype(np.float32)
+    x = (mu + std * rng.standard_normal((n, 2))).astype(np.float32)
+    return (x, k.astype(np.int64)) if return_labels else x
+
+
+def gmm_means(modes: int = GMM_MODES, radius: float = 1.0) -> np.ndarray:
+    """The component means mu_k of ``gaussian_mixture`` (float64 (modes, 2))."""
+    ang = 2 * math.pi * np.arange(modes) / modes
+    return radius * np.stack([np.cos(ang), np.sin(ang)], axis=1)

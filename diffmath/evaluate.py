@@ -23,6 +23,26 @@ Digits (a trained run on ``--data digits``):
 
 Toy data: the sliced Wasserstein-1 distance between samples and the held-out set, with the
 same floor (training set vs held-out) and ceiling (N(0, I)). Image folders: the test VLB.
+
+Class-conditional samples (samples.npz holds the requested ``labels``; ``per_class_metrics``),
+for each class c asked, on the digits:
+
+- agreement: the fraction of the samples asked as c that the classifier assigns to c (its
+  argmax), and their mean probability of c;
+- the per-class Fréchet distance: the class's training digits (about 150) as the reference,
+  the samples asked as c cut into disjoint sets of n_c = min(#samples, #held-out of c) = 30
+  images, and the mean FD over those sets; the floor is the class's 30 held-out digits against
+  the same reference, so the two share the finite-sample bias of n_c images in 64 dimensions
+  (large at n = 30: the floor is ~10x the pooled floor of n = 300);
+- the feature spread tr Cov(samples) / tr Cov(training digits of c), a diversity measure that
+  guidance lowers (1: as diverse as the real class);
+- the mean of each over the classes asked, and the lowest agreement.
+
+On the gmm toy data the classifier is the nearest component mean (the Bayes classifier of
+an equal-weight isotropic mixture with equal variances) and the distance per class is the
+sliced Wasserstein-1 against the component's held-out points, with the floor training vs
+held-out points of the component. Other data (folders, latents of other images) get the
+count of samples per requested class only.
 """
 
 from __future__ import annotations
@@ -48,6 +68,10 @@ __all__ = [
     "DigitClassifier",
     "digit_classifier",
     "class_metrics",
+    "per_class_metrics",
+    "guidance_sweep",
+    "guidance_table",
+    "class_table",
     "vlb_bpd",
     "evaluate_run",
     "cache_dir",
@@ -275,6 +299,104 @@ def class_metrics(proba: np.ndarray, num_classes: int = 10) -> dict:
     }
 
 
+def _requested_order(labels) -> list[int]:
+    return list(dict.fromkeys(int(c) for c in np.asarray(labels)))
+
+
+def per_class_metrics(x: np.ndarray, labels, data, *, clf=None, seed: int = 0) -> dict:
+    """Per-class metrics of class-conditional samples ``x`` (N, ...) asked for ``labels`` (N,)
+    on ``data`` (a ``diffmath.data.Data`` with labels): see the module docstring. Returns
+    {"classes": {name: {...}}, "mean": {...}, "min_agreement": ...}; on data that are neither
+    the digits nor the gmm, the sample count per class only."""
+    labels = np.asarray(labels, np.int64)
+    names = [str(c) for c in (data.class_names or ())]
+    order = _requested_order(labels)
+    out: dict = {"classes": {}}
+    digits = data.name in ("digits", "digits-latent") and tuple(x.shape[1:]) in ((1, 8, 8), (1, 16, 16))
+    toy = data.name == "gmm" and x.ndim == 2
+    if digits:
+        clf = clf or digit_classifier()
+        held_lab, tr_lab = np.asarray(data.labels_held_out), np.asarray(data.labels_train)
+        xc_all = np.clip(x, -1.0, 1.0)
+        feat = clf.features(xc_all)
+        proba = clf.proba(xc_all)
+        f_train, f_held = clf.features(data.train), clf.features(data.held_out)
+    elif toy:
+        from .data import gmm_means
+
+        held_lab, tr_lab = np.asarray(data.labels_held_out), np.asarray(data.labels_train)
+        pred_all = np.argmin(((x[:, None, :] - gmm_means(len(names))[None]) ** 2).sum(-1), axis=1)
+    for c in order:
+        m = labels == c
+        name = names[c] if c < len(names) else str(c)
+        row: dict = {"label": int(c), "samples": int(m.sum())}
+        if digits:
+            pc = proba[m]
+            ref = f_train[tr_lab == c]
+            held = f_held[held_lab == c]
+            n = min(int(m.sum()), len(held))
+            fs = feat[m]
+            sets = [fs[i * n : (i + 1) * n] for i in range(len(fs) // n)] if n >= 2 else []
+            row.update(
+                agreement=float((pc.argmax(1) == c).mean()),
+                mean_prob=float(pc[:, c].mean()),
+                predicted_histogram=[int(h) for h in np.bincount(pc.argmax(1), minlength=proba.shape[1])],
+                fd=float(np.mean([frechet_distance_features(ref, f) for f in sets])) if sets else None,
+                fd_floor=frechet_distance_features(ref, held[:n]) if n >= 2 else None,
+                fd_n=int(n), fd_sets=len(sets),
+                spread=float(np.trace(np.atleast_2d(np.cov(fs, rowvar=False))) /
+                             np.trace(np.atleast_2d(np.cov(ref, rowvar=False)))) if len(fs) >= 2 else None,
+            )
+        elif toy:
+            held_c, tr_c = data.held_out[held_lab == c], data.train[tr_lab == c]
+            n = min(int(m.sum()), len(held_c))
+            row.update(
+                agreement=float((pred_all[m] == c).mean()),
+                sliced_wasserstein=sliced_wasserstein(x[m][:n], held_c[:n], seed=seed),
+                sliced_wasserstein_floor=sliced_wasserstein(tr_c[:n], held_c[:n], seed=seed),
+                sw_n=int(n),
+            )
+        out["classes"][name] = row
+    rows = list(out["classes"].values())
+    keys = [k for k in ("agreement", "mean_prob", "fd", "fd_floor", "spread", "sliced_wasserstein",
+                        "sliced_wasserstein_floor") if rows and all(r.get(k) is not None for r in rows)]
+    out["mean"] = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    if "agreement" in keys:
+        worst = min(rows, key=lambda r: r["agreement"])
+        out["min_agreement"] = {"class": names[worst["label"]] if worst["label"] < len(names) else str(worst["label"]),
+                                "agreement": worst["agreement"]}
+    if digits:
+        out["classifier"] = "argmax of the digit classifier; FD in its last hidden layer, per class (module docstring)"
+    elif toy:
+        out["classifier"] = "nearest component mean (the mixture's Bayes classifier); sliced Wasserstein-1 per class"
+    return out
+
+
+def guidance_sweep(loaded, data, scales, *, per_class: int = 100, classes=None, sampler: str = "ddim", steps=50,
+                   seed: int = 0, batch_size: int = 500, progress: bool = False, keep: float | None = None,
+                   rescale: float = 0.0):
+    """Sample ``per_class`` samples of each class (default all of the run's) at every guidance
+    scale s in ``scales`` (``diffmath.sample.generate``: the same start and noise at every s)
+    and score them with ``per_class_metrics``. ``per_class`` may be a dict {s: count}. Returns
+    (rows, kept) with one row per s: {"guidance": s, "mean": ..., "classes": ...}, and kept the
+    (samples, labels) drawn at s = ``keep`` (None if not asked)."""
+    from .sample import class_labels, generate
+
+    K = loaded.num_classes
+    classes = list(range(K)) if classes is None else [int(c) for c in classes]
+    rows, kept = [], None
+    for s in scales:
+        n = per_class[s] if isinstance(per_class, dict) else per_class
+        y = class_labels(classes, n * len(classes))
+        x = generate(loaded, len(y), sampler=sampler, steps=steps, seed=seed, batch_size=batch_size, progress=progress,
+                     labels=y, guidance=float(s), guidance_rescale=rescale)
+        m = per_class_metrics(x, y, data, seed=seed)
+        rows.append({"guidance": float(s), "per_class": int(n), **m})
+        if keep is not None and float(s) == float(keep):
+            kept = (x, y)
+    return rows, kept
+
+
 # ----------------------------------------------------------------------------- test VLB
 @torch.no_grad()
 def vlb_bpd(loaded, x0: np.ndarray, bins: int, *, seed: int = 0, batch_size: int = 512, progress: bool = False) -> dict:
@@ -347,12 +469,18 @@ def _load_samples(path: Path) -> tuple[np.ndarray, dict]:
                 raise ValueError(f"{str(path)!r} holds no 'samples' array (keys: {sorted(z.files)})")
             x = z["samples"].astype(np.float32)
             info = json.loads(str(z["info"])) if "info" in z.files else {}
+            labels = z["labels"] if "labels" in z.files else None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # a truncated .npz is a bad zip
         if isinstance(e, ValueError) and "samples" in str(e):
             raise
         raise ValueError(f"{str(path)!r} is not a readable samples .npz (no pickles are loaded): {e}") from e
     if not np.all(np.isfinite(x)):
         raise ValueError(f"{str(path)!r} holds non-finite sample values")
+    if labels is not None:
+        if labels.shape != (len(x),) or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"{str(path)!r}: 'labels' must hold one integer class per sample, shape ({len(x)},); got "
+                             f"{labels.dtype} of shape {labels.shape}")
+        info = {**info, "_labels": labels.astype(np.int64)}
     return x, info
 
 
@@ -372,9 +500,20 @@ def evaluate_run(run, samples=None, out=None, *, vlb_images: int = 64, device: s
     cfg = rc["config"]
     samples_path = Path(samples) if samples is not None else run / "samples.npz"
     x, sinfo = _load_samples(samples_path)
+    labels = sinfo.pop("_labels", None)
+    if labels is not None:
+        K = int(cfg.get("num_classes", 0) or 0)
+        if K == 0:
+            raise ValueError(f"{str(samples_path)!r} holds class labels but the run {str(run)!r} is unconditional "
+                             "(num_classes = 0): evaluate class-conditional samples against their own run")
+        if labels.size and (labels.min() < 0 or labels.max() >= K):
+            bad = int(labels.min() if labels.min() < 0 else labels.max())
+            raise ValueError(f"{str(samples_path)!r}: label {bad} is outside [0, {K}) (the run's {K} classes)")
     data = load_data(cfg["data"], cfg["image_size"])
     if tuple(x.shape[1:]) != data.shape:
         raise ValueError(f"the samples have shape {tuple(x.shape[1:])} per item but the run's data have {data.shape}")
+    if labels is not None:
+        sinfo = {**sinfo, "_labels": labels}
     out = Path(out) if out is not None else run
     with claim_output(out, "evaluate", ("metrics.json",), adopt=legacy_run_files):
         return _evaluate(run, x, sinfo, samples_path, data, out, vlb_images, device, seed, progress, trust_unverified)
@@ -391,6 +530,7 @@ def _evaluate(run, x, sinfo, samples_path, data, out, vlb_images, device, seed, 
         "num_samples": int(x.shape[0]),
         "sampler": sinfo,
     }
+    labels = sinfo.pop("_labels", None)
     rng = np.random.default_rng(seed)
     if data.kind == "toy":
         ref = data.train
@@ -404,6 +544,8 @@ def _evaluate(run, x, sinfo, samples_path, data, out, vlb_images, device, seed, 
             "projections": 256,
         }
         metrics["test_vlb"] = "not reported: toy data are continuous (the VLB in bits/dim needs discrete data)"
+        if labels is not None:
+            metrics["per_class"] = per_class_metrics(x, labels, data, seed=seed)
     else:
         xc = np.clip(x, -1.0, 1.0)
         if data.name == "digits":
@@ -424,6 +566,8 @@ def _evaluate(run, x, sinfo, samples_path, data, out, vlb_images, device, seed, 
             }
             metrics["classifier"] = dict(clf.info)
             metrics["real_held_out"] = {k: v for k, v in class_metrics(real_p).items() if k != "max_entropy_bits"}
+        if labels is not None:
+            metrics["per_class"] = per_class_metrics(x, labels, data, seed=seed)
         if vlb_images > 0 and len(data.held_out) == 0:
             metrics["test_vlb"] = "not reported: no held-out images (the data set is too small to hold any out)"
         elif vlb_images > 0:
@@ -465,6 +609,21 @@ def metric_rows(m: dict) -> list[tuple[str, str, str]]:
             f"sliced Wasserstein-1 (n = {sw['n']})", f"{sw['samples']:.4f}",
             f"floor: {sw['train_vs_held_out (floor)']:.4f}; ceiling: {sw['gaussian_noise (ceiling)']:.4f}",
         ))
+    pc = m.get("per_class")
+    if isinstance(pc, dict) and pc.get("mean"):
+        mean, k = pc["mean"], len(pc["classes"])
+        if "agreement" in mean:
+            worst = pc["min_agreement"]
+            rows.append((f"agreement with the requested class (mean over {k} classes)", f"{mean['agreement']:.3f}",
+                         f"lowest: {worst['agreement']:.3f} (class {worst['class']})"))
+        if "fd" in mean:
+            rows.append((f"per-class Fréchet distance (mean over {k} classes)", f"{mean['fd']:.3f}",
+                         f"per-class floor (real held-out, n = {min(r['fd_n'] for r in pc['classes'].values())}): "
+                         f"{mean['fd_floor']:.3f}; feature spread "
+                         f"{mean['spread']:.3f} of the real class's"))
+        if "sliced_wasserstein" in mean:
+            rows.append((f"per-class sliced Wasserstein-1 (mean over {k} classes)", f"{mean['sliced_wasserstein']:.4f}",
+                         f"floor: {mean['sliced_wasserstein_floor']:.4f}"))
     v = m.get("test_vlb")
     if isinstance(v, dict):
         rows.append((
@@ -485,6 +644,69 @@ def format_metrics(m: dict) -> str:
     lines = [f"{m.get('num_samples')} samples of {m.get('data')}"]
     lines += [f"{a}: {b} — {c}" for a, b, c in metric_rows(m)]
     return "\n".join(lines)
+
+
+def guidance_table(rows: list) -> list[str]:
+    """The guidance sweep (``guidance_sweep`` rows) as markdown lines: per scale s, the mean and
+    lowest agreement, the mean per-class FD beside its floor, and the feature spread."""
+    L = ["| guidance s | samples per class | agreement (mean) | agreement (lowest class) | per-class FD (mean) | "
+         "per-class floor (mean) | feature spread |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m = r["mean"]
+        w = r.get("min_agreement", {})
+        L.append(f"| {r['guidance']:g} | {r['per_class']} | {m.get('agreement', float('nan')):.3f} | "
+                 f"{w.get('agreement', float('nan')):.2f} (class {w.get('class')}) | {m.get('fd', float('nan')):.2f} | "
+                 f"{m.get('fd_floor', float('nan')):.2f} | {m.get('spread', float('nan')):.3f} |")
+    return L
+
+
+def class_table(row: dict, uncond_fd: float | None = None) -> list[str]:
+    """One guidance scale's per-class metrics as markdown lines, with the bound
+    1.5 x floor + the unconditional FD when ``uncond_fd`` is given."""
+    bound = uncond_fd is not None
+    head = "| class | agreement | mean p(class) | FD | floor | spread |" + (" 1.5 x floor + FD_uncond | within |" if bound
+                                                                            else "")
+    L = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, c in row["classes"].items():
+        line = (f"| {name} | {c['agreement']:.2f} | {c['mean_prob']:.3f} | {c['fd']:.2f} | {c['fd_floor']:.2f} | "
+                f"{c['spread']:.3f} |")
+        if bound:
+            b = 1.5 * c["fd_floor"] + uncond_fd
+            line += f" {b:.2f} | {'yes' if c['fd'] <= b else 'no'} |"
+        L.append(line)
+    return L
+
+
+def guidance_report_lines(metrics: dict) -> list[str]:
+    """report.md's section on a class-conditional demo: the 10-row grid, the guidance table
+    and plot, and the per-class table at the default scale and at s = 1."""
+    g = metrics["guidance"]
+    fd_u = metrics.get("frechet_distance", {}).get("samples")
+    L = ["## Asking for a class: classifier-free guidance", ""]
+    L.append(f"One network is both models: trained with label dropout, it samples the unconditional model (the null "
+             f"label, above) and each digit on request. eps = eps_u + s (eps_c - eps_u); the default s = {g['default']:g}. "
+             f"Rows: digits 0-9 asked at s = {g['default']:g}, the first 10 samples of each.")
+    L.append("")
+    L.append("![one row per digit](classes.png)")
+    L.append("")
+    L.append("Agreement: the fraction of the samples asked as a digit that the classifier reads as that digit. "
+             "Per-class FD: the samples of a digit against its training digits in sets of n = 30 images (the mean over "
+             "the sets), beside the floor (the digit's 30 held-out images against the same reference). Spread: "
+             "tr Cov of the features of the samples / of the real digit (diversity).")
+    L.append("")
+    L += guidance_table(g["scales"])
+    L.append("")
+    L.append("![agreement, FD and spread against s](guidance.png)")
+    for s in dict.fromkeys([g["default"], 1.0]):
+        row = next((r for r in g["scales"] if r["guidance"] == s), None)
+        if row is None:
+            continue
+        L.append("")
+        L.append(f"Per digit at s = {s:g} ({row['per_class']} samples each)"
+                 + (f"; the unconditional FD is {fd_u:.3f}" if fd_u is not None else "") + ":")
+        L.append("")
+        L += class_table(row, fd_u)
+    return L
 
 
 def write_report(run, metrics: dict, config, sample_info: dict, timings: dict, trained_steps: int | None = None) -> Path:
@@ -525,10 +747,14 @@ def write_report(run, metrics: dict, config, sample_info: dict, timings: dict, t
             "The Fréchet distance compares Gaussians fitted to its last hidden layer on the real training digits "
             "and on each set."
         )
+    if isinstance(metrics.get("guidance"), dict):
+        L.append("")
+        L += guidance_report_lines(metrics)
     L.append("")
     L.append("## Figures")
     L.append("")
-    L.append("Samples: ![samples](samples.png)")
+    L.append("Samples" + (" of the unconditional model (null label)" if "guidance" in metrics else "")
+             + ": ![samples](samples.png)")
     L.append("")
     L.append("Training loss: ![loss](loss.png)")
     L.append("")
@@ -539,9 +765,12 @@ def write_report(run, metrics: dict, config, sample_info: dict, timings: dict, t
     L.append("## Timings")
     L.append("")
     note = "" if trained_steps is None else f" ({trained_steps} steps trained in this call)"
+    guid = f", guidance table {timings['guidance_s']} s" if "guidance_s" in timings else ""
+    load = timings.get("load_avg_1min")
+    load = f" (1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end)" if load else ""
     L.append(
-        f"train {timings.get('train_s')} s{note}, sample {timings.get('sample_s')} s, evaluate {timings.get('evaluate_s')} s, "
-        f"total {timings.get('total_s')} s on {platform.machine()} with {os.cpu_count()} CPU(s) visible; torch "
+        f"train {timings.get('train_s')} s{note}, sample {timings.get('sample_s')} s, evaluate {timings.get('evaluate_s')} s"
+        f"{guid}, total {timings.get('total_s')} s{load} on {platform.machine()} with {os.cpu_count()} CPU(s) visible; torch "
         f"{torch.__version__}, torch threads: {torch.get_num_threads()}, device: {timings.get('device', cfg.get('device'))}."
     )
     path = run / "report.md"

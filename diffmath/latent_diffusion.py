@@ -207,7 +207,7 @@ def train_latent(out, config=None, *, vae=None, vae_config: VAEConfig | None = N
     """
     from .checkpoint import RunError
     from .rundir import open_run
-    from .train import TrainConfig, check_model_config, train
+    from .train import TrainConfig, check_model_config, resolve_classes, train
 
     t0 = time.time()
     out = Path(out)
@@ -225,6 +225,7 @@ def train_latent(out, config=None, *, vae=None, vae_config: VAEConfig | None = N
     # --- every input is checked before out is touched
     if data is None:
         data = load_data(config.data, config.image_size)
+    resolve_classes(config, data)  # --conditional on data without (enough) classes: refused before the VAE trains
     run_info = read_latent_run(out) if resume else None
     keep = []
     if vae is not None:
@@ -318,7 +319,12 @@ def _train_latent(out, config, lv, vc, data, run_info, resume, overwrite, encode
     write_latent_run(out, lv, cache, encode_mode=encode_mode, data_spec=config.data, image_size=config.image_size,
                      bins=data.bins, vae_metrics=vae_metrics)
     t2 = time.time()
-    res = train(config, unet_dir, resume=resume and unet_dir.exists(), overwrite=overwrite, data=cache.data(),
+    ldata = cache.data()
+    if config.conditional:  # the images' labels and classes (the cache was checked to hold these images, in order)
+        ldata.labels_train, ldata.labels_held_out = data.labels_train, data.labels_held_out
+        ldata.class_names, ldata.info = data.class_names, {**ldata.info, **{
+            k: v for k, v in (data.info or {}).items() if k == "no_labels"}}
+    res = train(config, unet_dir, resume=resume and unet_dir.exists(), overwrite=overwrite, data=ldata,
                 stop_after=stop_after, trust_unverified=trust_unverified)
     timings["unet_train_s"] = round(time.time() - t2, 2)
     timings["total_s"] = round(time.time() - t0, 2)
@@ -327,15 +333,18 @@ def _train_latent(out, config, lv, vc, data, run_info, resume, overwrite, encode
 
 def sample_latent(run, out=None, *, vae=None, sampler: str = "ddim", steps=None, eta: float = 0.0,
                   num_samples: int = 500, seed: int = 0, device: str = "auto", batch_size: int = 500,
-                  progress: bool = False, ema: bool = True, trust_unverified: bool = False) -> tuple[np.ndarray, dict]:
+                  progress: bool = False, ema: bool = True, trust_unverified: bool = False, classes=None,
+                  guidance=None, guidance_rescale: float = 0.0) -> tuple[np.ndarray, dict]:
     """Sample a latent run: draw scaled latents with ``diffmath.sample.generate`` (any sampler
     of the pixel pipeline) from the U-Net in ``run``/unet, divide by the scaling factor and decode
     with the run's VAE (``vae`` overrides it; it must make latents of the U-Net's shape and have
     the run's hash). Returns (images (N, C, H, W) float32 in [-1, 1], info); with ``out``, writes
     ``out``/samples.npz (``samples``, ``latents`` (scaled), ``info``) and ``out``/samples.png, with
     ``out`` locked from after the checks to the end (as ``sample.sample_run``). Non-finite latents
-    are an error (``sample.generate``). ``trust_unverified``: as in ``sample.load_model``."""
-    from .sample import check_sampling, claim_samples_folder, load_model
+    are an error (``sample.generate``). ``trust_unverified``: as in ``sample.load_model``.
+    ``classes``, ``guidance``, ``guidance_rescale``: a conditional latent U-Net (``train_latent``
+    with ``conditional``), as in ``sample.sample_run``; samples.npz then holds ``labels`` too."""
+    from .sample import check_conditioning, check_sampling, claim_samples_folder, load_model, request_labels
 
     run = Path(run)
     info_run = read_latent_run(run)
@@ -354,27 +363,33 @@ def sample_latent(run, out=None, *, vae=None, sampler: str = "ddim", steps=None,
         )
     scale = float(info_run["scale_factor"])
     check_sampling(lm, num_samples, sampler, steps, eta, seed, batch_size)
+    labels = request_labels(lm, classes, num_samples)
+    cond = check_conditioning(lm, labels, guidance, guidance_rescale, num_samples)
     lock = claim_samples_folder(out) if out is not None else None
     try:
-        return _sample_latent(lm, lv, scale, out, sampler, steps, eta, num_samples, seed, batch_size, progress, ema)
+        return _sample_latent(lm, lv, scale, out, sampler, steps, eta, num_samples, seed, batch_size, progress, ema,
+                              cond)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _sample_latent(lm, lv, scale, out, sampler, steps, eta, num_samples, seed, batch_size, progress, ema):
-    from .sample import generate, save_grid
+def _sample_latent(lm, lv, scale, out, sampler, steps, eta, num_samples, seed, batch_size, progress, ema,
+                   cond=(None, None, 0.0)):
+    from .sample import conditioning_info, generate, save_class_grid, save_grid
 
+    labels, guidance, rescale = cond
     t0 = time.time()
     # latents are not in [-1, 1]: never clip the predicted x0 to the pixel range
     z = generate(lm, num_samples, sampler=sampler, steps=steps, eta=eta, seed=seed, batch_size=batch_size,
-                 progress=progress, clip_x0=None)
+                 progress=progress, clip_x0=None, labels=labels, guidance=guidance, guidance_rescale=rescale)
     t1 = time.time()
     x = decode_latents(lv, z, scale, batch_size=batch_size)
     t2 = time.time()
     from .sample import sampling_info
 
     info = sampling_info(lm, sampler, steps, eta, num_samples, seed, ema, clip_x0=None)
+    info.update(conditioning_info(lm, labels, guidance, rescale))
     info.update({
         "latent": True,
         "latent_shape": list(lv.latent_shape),
@@ -386,8 +401,13 @@ def _sample_latent(lm, lv, scale, out, sampler, steps, eta, num_samples, seed, b
     })
     if out is not None:
         out = Path(out)
-        atomic_write_npz(out / "samples.npz", samples=x, latents=z.astype(np.float32), info=np.str_(json.dumps(info)))
-        save_grid(out / "samples.png", x, title=f"latent {sampler}, {num_samples} samples")
+        extra = {} if labels is None else {"labels": labels}
+        atomic_write_npz(out / "samples.npz", samples=x, latents=z.astype(np.float32), info=np.str_(json.dumps(info)),
+                         **extra)
+        if labels is None:
+            save_grid(out / "samples.png", x, title=f"latent {sampler}, {num_samples} samples")
+        else:
+            save_class_grid(out / "samples.png", x, labels, names=lm.config.class_names)
     return x, info
 
 

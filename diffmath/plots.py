@@ -1,5 +1,5 @@
-"""The figures of a training run: loss.png (``plot_loss``) and schedule.png (``plot_schedule``),
-PNG bytes written atomically (``diffmath._io.atomic_write_bytes``). Importable from
+"""The figures of a training run: loss.png (``plot_loss``), schedule.png (``plot_schedule``) and,
+for a class-conditional run, guidance.png (``plot_guidance``), PNG bytes written atomically (``diffmath._io.atomic_write_bytes``). Importable from
 ``diffmath.train`` too.
 """
 
@@ -13,7 +13,7 @@ import numpy as np
 from ._io import atomic_write_bytes
 from .schedules import Schedule
 
-__all__ = ["plot_loss", "plot_schedule"]
+__all__ = ["plot_loss", "plot_schedule", "plot_guidance"]
 
 
 def plot_loss(path: Path, loss_history, title: str = "training loss"):
@@ -59,6 +59,43 @@ def plot_schedule(path: Path, s: Schedule, name: str):
     for ax in axes:
         ax.set_xlabel("t")
     fig.suptitle(f"schedule {name!r}, T = {s.num_timesteps}")
+    fig.tight_layout()
+    _save_fig(fig, path)
+    plt.close(fig)
+
+
+def plot_guidance(path: Path, rows, title: str = "classifier-free guidance"):
+    """Agreement with the requested class, per-class distance and feature spread against the
+    guidance scale s: ``rows`` as ``diffmath.evaluate.guidance_sweep`` returns them (the mean
+    over classes, the lowest class's agreement, the floor of the distance dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = [r["guidance"] for r in rows]
+    mean = [r["mean"] for r in rows]
+    fd_key = "fd" if all("fd" in m for m in mean) else "sliced_wasserstein"
+    panels = [("agreement", "agreement with the requested class")]
+    if all(fd_key in m for m in mean):
+        panels.append((fd_key, "per-class Fréchet distance" if fd_key == "fd" else "per-class sliced W1"))
+    if all("spread" in m for m in mean):
+        panels.append(("spread", "feature spread (real class = 1)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.3), dpi=100, squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        ax.plot(s, [m[key] for m in mean], "o-", label="mean over classes")
+        if key == "agreement":
+            ax.plot(s, [r["min_agreement"]["agreement"] for r in rows], "s--", ms=4, label="lowest class")
+            ax.set_ylim(-0.02, 1.02)
+        elif key in ("fd", "sliced_wasserstein"):
+            ax.plot(s, [m[f"{key}_floor"] for m in mean], "k--", lw=1, label="floor (real held-out)")
+        elif key == "spread":
+            ax.axhline(1.0, color="k", ls="--", lw=1, label="real")
+        ax.set_xlabel("guidance scale s")
+        ax.set_title(label, fontsize=10)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     _save_fig(fig, path)
     plt.close(fig)

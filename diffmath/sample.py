@@ -26,6 +26,21 @@ interpolation of the table), the network is queried at that index, and
 score(x, t) = -eps / s(t) with s(t) the SDE's marginal std. For other schedules this still
 queries the model at the matching noise level.
 
+Classes and guidance (a run trained with ``--conditional``): ``classes`` asks for class
+labels (``parse_classes``: an index, a range ``a-b``, a list, ``all``, or class names), the
+samples split into equal blocks, one per class in the order asked (``class_labels``), and
+each network call is classifier-free guided (``diffmath.guidance.guided``: the network runs
+ONCE on the doubled batch [x; x] with labels [y; null], and eps = eps_u + s (eps_c - eps_u),
+diffusers' scale s; ``guidance_rescale`` phi is Lin et al. 2023's rescale). Each sampler
+converts the network's prediction (eps, x0 or v) to eps with its own conversion before the
+combination (the discrete tables for ddpm/ddim, the VP-SDE's m(t), s(t) for em/pc/ode), so
+guidance applies identically to every parameterization (docs/guidance.md). s = 1 and s = 0
+(without rescale) are evaluated with one network call on the labels or on the null class,
+which gives the same numbers as the combination. A learned-variance network's variance
+channels are sliced off before the combination, and ddpm uses the variance predicted by the
+conditional half (GLIDE's and diffusers' DiT pipeline's choice: the variance is not guided).
+Without ``classes`` a conditional run samples its unconditional model (the null label).
+
 Noise: the start x_T and the kernel noise are keyed by (seed, global sample index), so the
 samples do not depend on the chunking (``batch_size``) or on the number of processes; the
 pc/ode samplers draw from a ``torch.Generator`` per chunk (those depend on the chunking).
@@ -48,10 +63,14 @@ from ._io import atomic_write_bytes, atomic_write_npz
 from .plots import _save_fig
 from .schedules import Schedule, timesteps
 
-__all__ = ["LoadedModel", "load_model", "generate", "sample_run", "save_grid", "SAMPLERS", "DEFAULT_STEPS"]
+__all__ = ["LoadedModel", "load_model", "generate", "sample_run", "save_grid", "save_class_grid", "parse_classes",
+           "class_labels", "check_conditioning", "SAMPLERS", "DEFAULT_STEPS", "DEFAULT_GUIDANCE"]
 
 SAMPLERS = ("ddpm", "ddim", "em", "pc", "ode")
 DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "em": 500, "pc": 500, "ode": None}
+# The guidance scale s of ``sample --class`` when --guidance is not given (diffusers' convention:
+# 1 = the plain conditional model). Chosen on the demo's digits (README, docs/guidance.md).
+DEFAULT_GUIDANCE = 3.0
 
 
 @dataclass
@@ -64,14 +83,59 @@ class LoadedModel:
     step: int
     device: torch.device
     checkpoint: Path
+    # classifier-free guidance of a conditional run (``conditioned``): the requested class of
+    # each sample of the batch, the scale s and the rescale phi; labels None: no labels
+    labels: torch.Tensor | None = None
+    guidance: float = 1.0
+    guidance_rescale: float = 0.0
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.config.num_classes)
+
+    def conditioned(self, labels, guidance: float, guidance_rescale: float = 0.0) -> "LoadedModel":
+        """This model asked for ``labels`` (int64 (B,), one per sample of the batches it will get)
+        with guidance scale ``guidance`` and rescale ``guidance_rescale`` (a copy; the network
+        is shared). Checked by ``check_conditioning``."""
+        import dataclasses
+
+        y = None if labels is None else torch.as_tensor(np.asarray(labels, np.int64), device=self.device)
+        return dataclasses.replace(self, labels=y, guidance=float(guidance), guidance_rescale=float(guidance_rescale))
 
     @torch.no_grad()
-    def forward(self, x, t) -> torch.Tensor:
-        """The raw network output (float32), bf16 autocast on CUDA."""
+    def forward(self, x, t, y=None) -> torch.Tensor:
+        """The raw network output (float32), bf16 autocast on CUDA; ``y``: class labels (a
+        conditional network; None there is the null class)."""
+        args = (x, t) if y is None else (x, t, y)
         if self.device.type == "cuda" and self.config.bf16:
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                return self.model(x, t).float()
-        return self.model(x, t).float()
+                return self.model(*args).float()
+        return self.model(*args).float()
+
+    def guided_eps(self, x, t, convert):
+        """(eps, variance channels or None) for the labels of ``conditioned``: classifier-free
+        guidance (``diffmath.guidance.guided``) of the network's prediction, each half turned
+        into eps by ``convert(x, t, pred)`` (x, t and pred of the doubled batch) before the
+        combination. The variance channels (learned variance) are the conditional half's.
+        s = 1 or s = 0 without rescale: one network call on the labels or the null class."""
+        from .guidance import guided
+
+        C = self.data_shape[0]
+        s, phi = self.guidance, self.guidance_rescale
+        if self.labels.shape[0] != x.shape[0]:
+            raise ValueError(f"{self.labels.shape[0]} labels for a batch of {x.shape[0]}")
+        if phi == 0.0 and s in (0.0, 1.0):
+            out = self.forward(x, t, self.labels if s == 1.0 else None)
+            return convert(x, t, out[:, :C]).float(), (out[:, C:] if self.config.learn_sigma else None)
+        rest = {}
+
+        def net(x2, t2, y2):
+            out = self.forward(x2, t2, y2)
+            rest["v"] = out[: x.shape[0], C:]  # the conditional half's
+            return convert(x2, t2, out[:, :C])
+
+        eps = guided(net, self.labels, s, rescale=phi, null_class=self.num_classes)(x, t)
+        return eps, (rest["v"] if self.config.learn_sigma else None)
 
     def eps_model(self, x, t, clip_x0: float | None = None):
         """eps_theta(x, t) for integer t (B,): the eps/x0/v prediction converted to eps
@@ -80,12 +144,18 @@ class LoadedModel:
         With ``clip_x0 = c`` the implied x0 = (x - sqrt(1 - abar) eps)/sqrt(abar) is clipped to
         [-c, c] and eps recomputed from it (guided-diffusion's ``clip_denoised``; diffusers'
         ``clip_sample``), so a DDIM/DDPM step moves toward a denoised image inside the data range."""
-        from .parameterization import eps_from_x0
+        from .parameterization import eps_from_x0, x0_from_eps
         from .train import eps_from_prediction, x0_from_prediction
 
         C = self.data_shape[0]
-        out = self.forward(x, t)[:, :C]
         s, pred = self.schedule, self.config.prediction
+        if self.labels is not None:
+            eps, _ = self.guided_eps(x, t, lambda xx, tt, p: eps_from_prediction(pred, s, xx, tt, p))
+            if clip_x0 is None:
+                return eps.to(x.dtype)
+            x0 = x0_from_eps(s, x.float(), t, eps).clamp(-clip_x0, clip_x0)
+            return eps_from_x0(s, x.float(), t, x0).to(x.dtype)
+        out = self.forward(x, t)[:, :C]
         if clip_x0 is None:
             return eps_from_prediction(pred, s, x, t, out).to(x.dtype)
         x0 = x0_from_prediction(pred, s, x, t, out).clamp(-clip_x0, clip_x0)
@@ -98,7 +168,7 @@ def load_model(run=None, checkpoint=None, device: str = "auto", ema: bool = True
     EMA weights (``ema=False``: the raw weights), in eval mode. The weights must match the
     SHA-256 of the checkpoint's JSON sidecar; one that cannot be verified (no sidecar, or no
     ``weights_sha256`` in it) is refused unless ``trust_unverified`` (``checkpoint.load_checkpoint``)."""
-    from .checkpoint import RunError, latest_checkpoint, load_checkpoint
+    from .checkpoint import RunError, check_class_count, latest_checkpoint, load_checkpoint
     from .distributed import resolve_device
     from .train import TrainConfig, build_model, make_schedule
 
@@ -121,6 +191,7 @@ def load_model(run=None, checkpoint=None, device: str = "auto", ema: bool = True
         data_shape = tuple(meta["data_shape"])
     except (TypeError, ValueError) as e:
         raise RunError(f"{str(ck)!r} does not hold a usable diffmath config: {e}") from e
+    check_class_count(config.num_classes, tensors, repr(str(ck)))
     dev = resolve_device(device)
     model = build_model(config, data_shape)
     prefix = "ema." if ema else "model."
@@ -155,11 +226,26 @@ class _ScoreFromEps:
         m, std = self.sde.marginal_coefs(tt)
         idx = torch.as_tensor(self.index(tt), dtype=torch.float32, device=x.device)
         C = lm.data_shape[0]
-        pred = lm.forward(x.float(), idx)[:, :C]
         shape = (-1,) + (1,) * (x.ndim - 1)
         m_t = torch.as_tensor(m, dtype=torch.float32, device=x.device).reshape(shape)
         s_t = torch.as_tensor(std, dtype=torch.float32, device=x.device).reshape(shape)
         xf = x.float()
+        if lm.labels is not None:
+            pred_kind = lm.config.prediction
+            if idx.ndim == 0 or m_t.shape[0] != x.shape[0]:  # a scalar t: one per sample, for the doubled batch
+                m_t, s_t = m_t.expand(x.shape[0], *m_t.shape[1:]), s_t.expand(x.shape[0], *s_t.shape[1:])
+                idx = idx.reshape(-1).expand(x.shape[0])
+
+            def convert(xx, _tt, p):  # the VP-SDE's eps of each half; x, m, s repeated for the doubled batch
+                r = xx.shape[0] // x.shape[0]
+                mm, ss = m_t.repeat(r, *([1] * (x.ndim - 1))), s_t.repeat(r, *([1] * (x.ndim - 1)))
+                if pred_kind == "eps":
+                    return p
+                return (xx - mm * p) / ss if pred_kind == "x0" else mm * p + ss * xx
+
+            eps, _ = lm.guided_eps(xf, idx, convert)
+            return (-eps / s_t).to(x.dtype)
+        pred = lm.forward(x.float(), idx)[:, :C]
         if lm.config.prediction == "eps":
             eps = pred
         elif lm.config.prediction == "x0":
@@ -207,12 +293,18 @@ def _loop_ddpm(lm, x, seed, start, n_total, steps, progress, clip_x0=None):
         off = (k * n_total + start) * D
         if lm.config.learn_sigma:
             # the learned variance (Improved DDPM eq. 15) on the (respaced) chain, from the core
-            out = lm.forward(x, tm)
-            pred, v = out[:, :C], out[:, C:]
-            from .train import x0_from_prediction
+            from .train import eps_from_prediction, x0_from_prediction
 
+            if lm.labels is None:
+                out = lm.forward(x, tm)
+                pred, v = out[:, :C], out[:, C:]
+                x0 = x0_from_prediction(lm.config.prediction, s0, x, tm, pred)
+            else:  # the guided eps; the variance of the conditional half
+                from .parameterization import x0_from_eps
+
+                eps, v = lm.guided_eps(x, tm, lambda xx, tt, p: eps_from_prediction(lm.config.prediction, s0, xx, tt, p))
+                x0 = x0_from_eps(s0, x, tm, eps)
             tl = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-            x0 = x0_from_prediction(lm.config.prediction, s0, x, tm, pred)
             if clip_x0 is not None:
                 x0 = x0.clamp(-clip_x0, clip_x0)
             mean = posterior.q_posterior_mean(s, x0, x, tl)
@@ -259,12 +351,19 @@ def default_clip(lm: LoadedModel):
 
 
 def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=None, eta: float = 0.0, seed: int = 0,
-             batch_size: int = 500, progress: bool = False, clip_x0="auto") -> np.ndarray:
+             batch_size: int = 500, progress: bool = False, clip_x0="auto", labels=None, guidance=None,
+             guidance_rescale: float = 0.0) -> np.ndarray:
     """``num_samples`` samples as a float32 numpy array (N, *data_shape), not clipped.
 
     ``clip_x0``: for ddpm/ddim, clip the predicted x0 to [-c, c] at each step ("auto":
     ``default_clip``, c = 1 for images in [-1, 1], off for toy data and latents; None: off).
     The SDE samplers use the raw score.
+
+    ``labels`` (a conditional run): the class of each sample, an int or an integer array (N,)
+    in [0, num_classes); every sampler then uses the classifier-free guided prediction with
+    scale ``guidance`` (default ``DEFAULT_GUIDANCE``) and rescale ``guidance_rescale``
+    (module docstring; ``check_conditioning``). Without labels a conditional run samples its
+    unconditional model (the null label). The start and the noise do not depend on the labels.
 
     Under torch.distributed (initialised) each rank draws a contiguous share and the result
     is gathered on every rank."""
@@ -272,6 +371,7 @@ def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=
     from .train import _derive
 
     steps = check_sampling(lm, num_samples, sampler, steps, eta, seed, batch_size)
+    labels, guidance, guidance_rescale = check_conditioning(lm, labels, guidance, guidance_rescale, num_samples)
     if clip_x0 == "auto":
         clip_x0 = default_clip(lm)
     rank, world = 0, 1
@@ -283,9 +383,11 @@ def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=
     xT_all = torch.randn((num_samples,) + shape, generator=torch.Generator().manual_seed(_derive(seed, "x_T")))
     kseed = _derive(seed, "sample-philox") % (2**31 - 1)
     outs = []
+    base = lm  # each chunk's samples get their labels (a conditional run)
     for a in range(lo, hi, batch_size):
         b = min(hi, a + batch_size)
         x = xT_all[a:b].to(lm.device)
+        lm = base if labels is None else base.conditioned(labels[a:b], guidance, guidance_rescale)
         if sampler == "ddim":
             x = _loop_ddim(lm, x, kseed, a, num_samples, steps, eta, progress, clip_x0)
         elif sampler == "ddpm":
@@ -339,6 +441,127 @@ def check_sampling(lm: LoadedModel, num_samples, sampler, steps, eta, seed=0, ba
     return steps
 
 
+def _unconditional(lm: LoadedModel, flag: str) -> ValueError:
+    return ValueError(
+        f"{flag} needs a class-conditional run (diffmath train --conditional); {str(lm.checkpoint)!r} is unconditional "
+        "(num_classes = 0)"
+    )
+
+
+def parse_classes(spec, num_classes: int, class_names=()) -> list[int]:
+    """The class indices of a ``--class`` request, in order: an int; a string that is an index
+    ``4``, an inclusive range ``0-9``, ``all`` (0 .. num_classes - 1), a class name (for a run on
+    an ImageFolder layout; an integer is always read as an index), or a comma list of those
+    (``1,3,5``, ``0-2,7``); or a list of ints. ``ValueError`` naming the value and the range
+    [0, num_classes) for anything else."""
+    K = int(num_classes)
+    names = [str(c) for c in class_names]
+    valid = f"[0, {K})" + (f" (the run's classes: {', '.join(f'{i} = {n}' for i, n in enumerate(names))})"
+                            if names and names != [str(i) for i in range(K)] else "")
+    if isinstance(spec, (bool, np.bool_)):
+        raise TypeError(f"class must be a class index, range, list or 'all'; got {spec!r}")
+    if isinstance(spec, (int, np.integer)):
+        parts = [int(spec)]
+    elif isinstance(spec, (list, tuple, np.ndarray)):
+        parts = list(spec)
+        if not parts:
+            raise ValueError("class: the list of classes is empty")
+        for p in parts:
+            if isinstance(p, (bool, np.bool_)) or not isinstance(p, (int, np.integer)):
+                raise TypeError(f"class must hold integer class indices; got {p!r}")
+        parts = [int(p) for p in parts]
+    elif isinstance(spec, str):
+        parts = []
+        for p in (q.strip() for q in spec.split(",")):
+            if not p:
+                raise ValueError(f"class {spec!r}: an empty entry (expected e.g. 4, 0-9, 1,3,5 or all)")
+            if p == "all":
+                parts += list(range(K))
+            elif p.lstrip("-").isdigit():
+                parts.append(int(p))
+            elif "-" in p and all(q.strip().isdigit() for q in p.split("-", 1)):
+                lo, hi = (int(q) for q in p.split("-", 1))
+                if lo > hi:
+                    raise ValueError(f"class range {p!r} runs backwards; write it low-high, e.g. {hi}-{lo}")
+                parts += list(range(lo, hi + 1))
+            elif p in names:
+                parts.append(names.index(p))
+            else:
+                raise ValueError(f"class {p!r} is not a class index, a range a-b, 'all' or a class name; valid: {valid}")
+    else:
+        raise TypeError(f"class must be an int, a string like '0-9' or '1,3,5' or 'all', or a list; got "
+                        f"{type(spec).__name__}")
+    bad = [c for c in parts if not 0 <= c < K]
+    if bad:
+        raise ValueError(f"class {bad[0]} is outside [0, {K}): the run has {K} classes; valid: {valid}")
+    return parts
+
+
+def class_labels(classes, num_samples: int) -> np.ndarray:
+    """The label of each of ``num_samples`` samples for the classes asked: an equal block per
+    class, in the order given (``[c0]*n + [c1]*n + ...``). ``ValueError`` unless num_samples is a
+    multiple of the number of classes."""
+    classes = [int(c) for c in classes]
+    k = len(classes)
+    if num_samples % k:
+        lo, hi = (num_samples // k) * k, (num_samples // k + 1) * k
+        raise ValueError(
+            f"num_samples = {num_samples} is not a multiple of the {k} classes asked (an equal number of each); use "
+            + (f"{lo} or {hi}" if lo else f"{hi}")
+        )
+    return np.repeat(np.asarray(classes, np.int64), num_samples // k)
+
+
+def check_conditioning(lm: LoadedModel, labels, guidance, guidance_rescale, num_samples: int):
+    """Check a conditional sampling request before any work; returns (labels (N,) int64 or None,
+    guidance scale s or None, rescale phi). ``ValueError`` (naming the value and its range) for:
+    labels or guidance for an unconditional run; guidance without labels; labels outside
+    [0, num_classes) or not one per sample; s negative or not finite; phi outside [0, 1]; s != 1
+    for a run trained without label dropout (its null class never trained)."""
+    import numbers
+
+    given_g = guidance is not None
+    given_r = guidance_rescale not in (None, 0, 0.0)
+    for name, v, ok, rng in (("guidance", guidance, lambda v: math.isfinite(v) and v >= 0, "finite and >= 0"),
+                             ("guidance_rescale", guidance_rescale, lambda v: 0 <= v <= 1, "in [0, 1]")):
+        if v is None:
+            continue
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+            raise TypeError(f"{name} must be a real number {rng}; got {v!r}")
+        if not ok(float(v)):
+            raise ValueError(f"{name} must be {rng} (guidance: 0 unconditional, 1 conditional, > 1 guided); got "
+                             f"{name} = {float(v)}")
+    K = lm.num_classes
+    if K == 0:
+        if labels is not None:
+            raise _unconditional(lm, "--class (labels)")
+        if given_g or given_r:
+            raise _unconditional(lm, "--guidance" if given_g else "--guidance-rescale")
+        return None, None, 0.0
+    if labels is None:
+        if given_g or given_r:
+            raise ValueError(
+                f"{'--guidance' if given_g else '--guidance-rescale'} needs --class: without labels a conditional run "
+                "samples its unconditional model (the null label), which has nothing to guide toward"
+            )
+        return None, None, 0.0
+    from .guidance import check_labels
+
+    y = check_labels(labels, K, "class")
+    y = np.full(num_samples, y, np.int64) if isinstance(y, int) else y
+    if y.shape[0] != num_samples:
+        raise ValueError(f"labels must give one class per sample: {y.shape[0]} labels for num_samples = {num_samples}")
+    s = float(DEFAULT_GUIDANCE if guidance is None else guidance)
+    phi = float(guidance_rescale or 0.0)
+    p = float(getattr(lm.config, "uncond_prob", 0.1))
+    if p == 0 and (s != 1 or phi):
+        raise ValueError(
+            f"{str(lm.checkpoint)!r} was trained without label dropout (uncond_prob = 0): its null class never trained, "
+            f"so only --guidance 1 (the plain conditional model) is meaningful; got guidance = {s}"
+        )
+    return y, s, phi
+
+
 def check_finite_samples(x: np.ndarray, lm: LoadedModel, sampler: str) -> None:
     """``FloatingPointError`` if the samples hold NaN or inf: whatever the sampler, nothing
     non-finite is returned or written (a model with NaN weights gives NaN samples)."""
@@ -353,11 +576,12 @@ def check_finite_samples(x: np.ndarray, lm: LoadedModel, sampler: str) -> None:
 
 
 # ----------------------------------------------------------------------------- files
-def save_grid(path, x: np.ndarray, nrow: int | None = None, scale: int = 4, title: str | None = None):
-    """samples.png: images (N, C, H, W) in [-1, 1] tiled in a grid (first 100), or a scatter
-    plot for 2-D points (N, 2). C = 1 is grey, C = 3 RGB; any other C (the latents of a
+def save_grid(path, x: np.ndarray, nrow: int | None = None, scale: int = 4, title: str | None = None,
+              limit: int = 100):
+    """samples.png: images (N, C, H, W) in [-1, 1] tiled in a grid (the first ``limit``), or a
+    scatter plot for 2-D points (N, 2). C = 1 is grey, C = 3 RGB; any other C (the latents of a
     latent-diffusion U-Net, e.g. 2 channels) shows each item's channels side by side in grey,
-    clipped to [-1, 1]."""
+    clipped to [-1, 1]. ``nrow``: images per row (default: a square)."""
     x = np.asarray(x)
     if x.ndim == 2:
         import matplotlib
@@ -375,7 +599,7 @@ def save_grid(path, x: np.ndarray, nrow: int | None = None, scale: int = 4, titl
         return
     from PIL import Image
 
-    x = x[:100]
+    x = x[:limit]
     if x.shape[1] not in (1, 3):  # channels side by side, one grey column between them
         n, C, H, W = x.shape
         gap = np.zeros((n, 1, H, 1), dtype=x.dtype)
@@ -399,11 +623,52 @@ def save_grid(path, x: np.ndarray, nrow: int | None = None, scale: int = 4, titl
     atomic_write_bytes(path, buf.getvalue())
 
 
+def save_class_grid(path, x: np.ndarray, labels, per_class: int = 10, names=(), title: str | None = None,
+                    scale: int = 4):
+    """samples.png of class-conditional samples: one row per class asked (in the order of
+    their first sample), its first ``per_class`` samples side by side (images); for 2-D points a
+    scatter plot coloured by class."""
+    x, labels = np.asarray(x), np.asarray(labels)
+    order = list(dict.fromkeys(int(c) for c in labels))
+    if x.ndim == 2:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+        for c in order:
+            pts = x[labels == c]
+            ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5, label=names[c] if c < len(names) else str(c))
+        ax.set_aspect("equal")
+        ax.legend(markerscale=4, fontsize=7, loc="best")
+        ax.set_title(title or f"{len(x)} samples, {len(order)} classes")
+        fig.tight_layout()
+        _save_fig(fig, Path(path))
+        plt.close(fig)
+        return
+    rows = []
+    for c in order:
+        xc = x[labels == c][:per_class]
+        if len(xc) < per_class:  # pad a short row with mid-grey
+            xc = np.concatenate([xc, np.zeros((per_class - len(xc),) + xc.shape[1:], xc.dtype)])
+        rows.append(xc)
+    save_grid(path, np.concatenate(rows)[: 100 * per_class] if rows else x, nrow=per_class, scale=scale,
+              limit=len(rows) * per_class)
+
+
 def sample_run(out, *, run=None, checkpoint=None, sampler="ddim", steps=None, eta=0.0, num_samples=500, seed=0,
                device="auto", batch_size=500, progress=True, ema=True, clip_x0="auto",
-               trust_unverified: bool = False) -> dict:
+               trust_unverified: bool = False, classes=None, guidance=None, guidance_rescale: float = 0.0) -> dict:
     """Load, sample, and write ``out``/samples.npz (``samples`` float32 + ``info`` JSON) and
     ``out``/samples.png. Returns the info dict.
+
+    ``classes`` (a conditional run; ``parse_classes``: 4, "0-9", "1,3,5", "all", ...): the
+    samples split equally over the classes asked (``class_labels``), guided with scale
+    ``guidance`` (default ``DEFAULT_GUIDANCE``) and rescale ``guidance_rescale``; samples.npz
+    then also holds ``labels`` (int64 (N,), the class asked for each sample) and samples.png
+    shows one row per class. Without ``classes`` a conditional run samples its unconditional
+    model (the null label).
 
     The checkpoint and the arguments are checked first; then ``out`` is locked for the rest of
     the call (``rundir.claim_output``: a samples.npz/png there that diffmath did not write is
@@ -421,9 +686,35 @@ def sample_run(out, *, run=None, checkpoint=None, sampler="ddim", steps=None, et
         return _sample_run(out, dd, run=run, checkpoint=checkpoint, sampler=sampler, steps=steps, eta=eta,
                            num_samples=num_samples, seed=seed, device=str(dev), batch_size=batch_size,
                            progress=progress and dd.rank == 0, ema=ema, clip_x0=clip_x0,
-                           trust_unverified=trust_unverified)
+                           trust_unverified=trust_unverified, classes=classes, guidance=guidance,
+                           guidance_rescale=guidance_rescale)
     finally:
         dd.close()
+
+
+def request_labels(lm: LoadedModel, classes, num_samples: int):
+    """The labels (N,) for a ``--class`` request (``parse_classes``, ``class_labels``), or None
+    without one; ``ValueError`` for ``classes`` on an unconditional run."""
+    if classes is None:
+        return None
+    if lm.num_classes == 0:
+        raise _unconditional(lm, "--class")
+    return class_labels(parse_classes(classes, lm.num_classes, lm.config.class_names), num_samples)
+
+
+def conditioning_info(lm: LoadedModel, labels, guidance, guidance_rescale) -> dict:
+    """What a conditional run's samples were asked for (samples.npz ``info``); {} for an
+    unconditional run."""
+    if lm.num_classes == 0:
+        return {}
+    names = list(lm.config.class_names)
+    if labels is None:
+        return {"conditioning": "null (the unconditional model)", "num_classes": lm.num_classes, "class_names": names}
+    order = list(dict.fromkeys(int(c) for c in labels))
+    return {"conditioning": "class", "classes": order, "num_classes": lm.num_classes, "class_names": names,
+            "per_class": int(np.sum(np.asarray(labels) == order[0])), "guidance": guidance,
+            "guidance_rescale": guidance_rescale,
+            "learned_variance": "the conditional half's" if lm.config.learn_sigma else None}
 
 
 def sampling_info(lm, sampler: str, steps, eta, num_samples: int, seed, ema: bool, clip_x0=None) -> dict:
@@ -464,26 +755,35 @@ def claim_samples_folder(out, dd=None, command: str = "sample"):
 
 
 def _sample_run(out, dd, *, run, checkpoint, sampler, steps, eta, num_samples, seed, device, batch_size, progress, ema,
-                clip_x0, trust_unverified=False):
+                clip_x0, trust_unverified=False, classes=None, guidance=None, guidance_rescale=0.0):
     import time
 
     lm = load_model(run=run, checkpoint=checkpoint, device=device, ema=ema, trust_unverified=trust_unverified)
     check_sampling(lm, num_samples, sampler, steps, eta, seed, batch_size)
+    labels = request_labels(lm, classes, num_samples)
+    labels, guidance, guidance_rescale = check_conditioning(lm, labels, guidance, guidance_rescale, num_samples)
     lock = claim_samples_folder(out, dd)
     try:
         t0 = time.time()
         if clip_x0 == "auto":
             clip_x0 = default_clip(lm)
         x = generate(lm, num_samples, sampler=sampler, steps=steps, eta=eta, seed=seed, batch_size=batch_size,
-                     progress=progress, clip_x0=clip_x0)
+                     progress=progress, clip_x0=clip_x0, labels=labels, guidance=guidance,
+                     guidance_rescale=guidance_rescale)
         secs = time.time() - t0
         info = sampling_info(lm, sampler, steps, eta, num_samples, seed, ema,
                              clip_x0=clip_x0 if sampler in ("ddpm", "ddim") else None)
+        info.update(conditioning_info(lm, labels, guidance, guidance_rescale))
         info.update(seconds=round(secs, 3), world_size=dd.world)
         if dd.rank == 0:
             out = Path(out)
-            atomic_write_npz(out / "samples.npz", samples=x, info=np.str_(json.dumps(info)))
-            save_grid(out / "samples.png", x, title=f"{sampler}, {num_samples} samples")
+            extra = {} if labels is None else {"labels": labels}
+            atomic_write_npz(out / "samples.npz", samples=x, info=np.str_(json.dumps(info)), **extra)
+            if labels is None:
+                save_grid(out / "samples.png", x, title=f"{sampler}, {num_samples} samples")
+            else:
+                save_class_grid(out / "samples.png", x, labels, names=lm.config.class_names,
+                                title=f"{sampler}, guidance {guidance:g}")
         return info
     finally:
         if lock is not None:

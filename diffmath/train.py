@@ -81,6 +81,7 @@ from .checkpoint import (  # RunError .. CHECKPOINT_FORMAT also make train's pub
     _rng_state_b64,
     _rng_state_from_b64,
     _write_run_config,
+    check_class_count,
     checkpoint_name,
     latest_checkpoint,
     load_checkpoint,
@@ -106,6 +107,8 @@ __all__ = [
     "load_checkpoint",
     "read_run_config",
     "DEMO_CONFIG",
+    "DEMO_CLASSES",
+    "resolve_classes",
     "RUN_FORMAT",
     "CHECKPOINT_FORMAT",
 ]
@@ -136,6 +139,9 @@ DEMO_CONFIG = dict(
     save_every=500,
     seed=0,
 )
+# What ``diffmath demo`` adds to DEMO_CONFIG: a class-conditional model with label dropout
+# (Ho & Salimans 2022), sampled with and without classes (README, docs/guidance.md).
+DEMO_CLASSES = dict(conditional=True, uncond_prob=0.1)
 
 
 def config_from_dict(cls, d: dict, what: str):
@@ -186,6 +192,15 @@ class TrainConfig:
     ``named_schedule`` name), ``timesteps`` (T), ``prediction`` (eps | x0 | v),
     ``hybrid_lambda``. Optimisation: ``lr``, ``weight_decay``, ``warmup``, ``lr_decay_steps``
     (0 = constant after warm-up), ``grad_clip``, ``ema_decay``, ``batch_size`` (global).
+
+    Classes (``conditional = True``; Ho & Salimans 2022): the network takes the data's class
+    label through a class embedding, and each training label becomes the null class with
+    probability ``uncond_prob`` (``guidance.drop_labels``), so the run learns the conditional
+    and the unconditional model at once. ``num_classes`` and ``class_names`` record the data's
+    classes; ``train`` fills them in from the data when they are left empty (0 and ()) and
+    refuses values that disagree with it. An unconditional run (``conditional = False``) has
+    none of the four keys in its config.json and checkpoints, which are therefore byte for
+    byte those of a version without classes.
     """
 
     data: str = "digits"
@@ -216,11 +231,19 @@ class TrainConfig:
     device: str = "auto"
     bf16: bool = True
     progress: bool = True
+    conditional: bool = False
+    uncond_prob: float = 0.1
+    num_classes: int = 0
+    class_names: tuple = ()
 
     def __post_init__(self):
         self.channel_mult = int_tuple_field(self, "channel_mult")
         self.attention_resolutions = int_tuple_field(self, "attention_resolutions")
-        check_bool_fields(self, ("learn_sigma", "bf16", "progress"))
+        check_bool_fields(self, ("learn_sigma", "bf16", "progress", "conditional"))
+        v = self.class_names
+        if isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple)) or not all(isinstance(c, str) for c in v):
+            raise ValueError(f"class_names must be a list of strings; got class_names = {v!r}")
+        self.class_names = tuple(v)
         self.validate()
 
     def validate(self):
@@ -256,11 +279,37 @@ class TrainConfig:
             raise ValueError(f"channel_mult must be a non-empty list of positive integers; got {self.channel_mult}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda; got {self.device!r}")
+        self._validate_classes()
+
+    def _validate_classes(self):
+        check_int_fields(self, ("num_classes",), 0)
+        p = self.uncond_prob
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+            raise ValueError(f"uncond_prob (the label dropout probability) must be a number in [0, 1); got "
+                             f"uncond_prob = {p!r}")
+        if not self.conditional:
+            given = [n for n in ("num_classes", "class_names") if getattr(self, n)]
+            if given or p != CLASS_FIELDS_DEFAULTS["uncond_prob"]:
+                raise ValueError(f"{', '.join(given) or 'uncond_prob'} {'is' if len(given) < 2 else 'are'} for class-"
+                                 "conditional runs: set conditional = true (--conditional) or leave it out")
+            return
+        if self.num_classes == 1:
+            raise ValueError("num_classes must be >= 2 for a class-conditional run (0: taken from the data); got "
+                             "num_classes = 1")
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise ValueError(f"class_names has {len(self.class_names)} names but num_classes = {self.num_classes}")
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ValueError(f"class_names must be distinct; got {list(self.class_names)}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["channel_mult"] = list(self.channel_mult)
         d["attention_resolutions"] = list(self.attention_resolutions)
+        if self.conditional:
+            d["class_names"] = list(self.class_names)
+        else:  # an unconditional run's files stay those of a version without classes
+            for k in CLASS_FIELDS_DEFAULTS:
+                d.pop(k)
         return d
 
     @classmethod
@@ -268,9 +317,13 @@ class TrainConfig:
         return config_from_dict(cls, d, "config")
 
     def model_fields(self) -> dict:
-        """The fields a checkpoint must agree on to be resumed (all but RESUMABLE_FIELDS)."""
-        d = self.to_dict()
+        """The fields a checkpoint must agree on to be resumed (all but RESUMABLE_FIELDS; the class
+        fields too, with their defaults for an unconditional run)."""
+        d = {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in CLASS_FIELDS_DEFAULTS.items()}, **self.to_dict()}
         return {k: v for k, v in d.items() if k not in RESUMABLE_FIELDS}
+
+
+CLASS_FIELDS_DEFAULTS = {"conditional": False, "uncond_prob": 0.1, "num_classes": 0, "class_names": ()}
 
 
 @dataclass
@@ -302,12 +355,41 @@ def build_model(config: TrainConfig, data_shape) -> torch.nn.Module:
             in_channels=C, channels=config.channels, channel_mult=config.channel_mult,
             num_res_blocks=config.num_res_blocks, attention_resolutions=config.attention_resolutions,
             dropout=config.dropout, num_heads=config.num_heads, image_size=H, learn_sigma=config.learn_sigma,
+            num_classes=config.num_classes,
         )
     if len(data_shape) == 1:
         return MLPDenoiser(
-            dim=data_shape[0], hidden=config.channels * 4, depth=config.mlp_depth, learn_sigma=config.learn_sigma
+            dim=data_shape[0], hidden=config.channels * 4, depth=config.mlp_depth, learn_sigma=config.learn_sigma,
+            num_classes=config.num_classes,
         )
     raise ValueError(f"data samples must have shape (C, H, W) or (D,); got {data_shape}")
+
+
+def resolve_classes(config: TrainConfig, data: Data) -> TrainConfig:
+    """The config of a run on ``data``: unchanged for an unconditional run; for a conditional
+    one, ``num_classes`` and ``class_names`` filled in from the data's labels (``Data.class_names``).
+    ``ValueError`` before any work if the data have no labels (the swiss roll; a folder that is
+    not an ImageFolder layout), fewer than 2 classes, or classes other than the config's."""
+    if not config.conditional:
+        return config
+    if data.labels_train is None or not data.class_names:
+        why = data.info.get("no_labels") if isinstance(data.info, dict) else None
+        raise ValueError(
+            f"--conditional needs class labels, and the data {data.name!r} have none"
+            + (f": {why}" if why else " (the digits, gmm and folders of class sub-folders have them)")
+        )
+    names = tuple(str(c) for c in data.class_names)
+    K = len(names)
+    if K < 2:
+        raise ValueError(f"--conditional needs at least 2 classes; the data {data.name!r} have {K} ({list(names)}): "
+                         "add a sub-folder per class (root/<class>/<image>)")
+    labels = np.asarray(data.labels_train)
+    if labels.shape != (len(data.train),) or (labels.size and (labels.min() < 0 or labels.max() >= K)):
+        raise ValueError(f"the labels of {data.name!r} must be (N,) integers in [0, {K}); got shape {labels.shape}")
+    if config.num_classes not in (0, K) or (config.class_names and tuple(config.class_names) != names):
+        raise ValueError(f"the config names {config.num_classes} classes {list(config.class_names)} but the data "
+                         f"{data.name!r} have {K}: {list(names)}")
+    return dataclasses.replace(config, num_classes=K, class_names=names)
 
 
 def unet_resolutions(config: TrainConfig, image_size: int) -> tuple:
@@ -390,8 +472,12 @@ def model_outputs(config: TrainConfig, out: torch.Tensor, C: int):
 
 
 def training_loss(config, model, s, x0, t, *, seed_noise=None, offset=0, noise=None, bins=256, autocast=None,
-                  shard=None):
+                  shard=None, y=None):
     """The loss of one (local) batch; returns (loss, parts dict).
+
+    ``y``: the class labels of a conditional run after label dropout (int64 (B,), the null
+    class ``num_classes`` where dropped), passed to the network as ``model(x_t, t, y)``; None
+    for an unconditional run (``model(x_t, t)``).
 
     Fused path (``uses_fused_noise``): ``kernels.q_sample`` + ``kernels.simple_loss`` keyed by
     (seed_noise, offset), ``offset`` the stream position of this batch's first element.
@@ -407,20 +493,21 @@ def training_loss(config, model, s, x0, t, *, seed_noise=None, offset=0, noise=N
     """
     C = x0.shape[1]
     ctx = autocast if autocast is not None else contextlib.nullcontext()
+    cond = () if y is None else (y,)
     if uses_fused_noise(config):
         K = _kernels()
         if shard is None or shard[3] == 1 or philox_path(x0):
             off = offset if shard is None else offset + shard[2] * x0.numel()
             x_t = K.q_sample(s, x0, t, seed=seed_noise, offset=off)
             with ctx:
-                out = model(x_t, t)
+                out = model(x_t, t, *cond)
             loss = K.simple_loss(out.float(), seed_noise, off)
             return loss, {"mse": loss.detach()}
         xg, tg, r, world = shard
         B = x0.shape[0]
         x_t = K.q_sample(s, xg, tg, seed=seed_noise, offset=offset)[r * B : (r + 1) * B]
         with ctx:
-            out = model(x_t, t).float()
+            out = model(x_t, t, *cond).float()
         full = torch.cat([out.new_zeros((r * B,) + out.shape[1:]), out, out.new_zeros(((world - r - 1) * B,) + out.shape[1:])])
         loss = K.simple_loss(full, seed_noise, offset, reduction="none")[r * B : (r + 1) * B].mean()
         return loss, {"mse": loss.detach()}
@@ -428,7 +515,7 @@ def training_loss(config, model, s, x0, t, *, seed_noise=None, offset=0, noise=N
 
     def predict(x_t, t):  # the network under autocast; a learned variance's channels kept aside
         with ctx:
-            out = model(x_t, t)
+            out = model(x_t, t, *cond)
         seen["x_t"] = x_t
         seen["pred"], seen["v"] = model_outputs(config, out.float(), C)
         return seen["pred"]
@@ -541,6 +628,7 @@ def train(config: TrainConfig, out, *, resume: bool = False, overwrite: bool = F
         # --- every input is checked before the run directory is touched
         if data is None:
             data = load_data(config.data, config.image_size)
+        config = resolve_classes(config, data)
         N = int(data.train.shape[0])
         Bg = config.batch_size
         B = Bg // dd.world
@@ -565,10 +653,15 @@ def train(config: TrainConfig, out, *, resume: bool = False, overwrite: bool = F
         model = build_model(config, data.shape).to(device)
         ema = copy.deepcopy(model).requires_grad_(False)
         opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        # label dropout (conditional runs): one generator, the same on every rank, drawing the
+        # global batch's uniforms; its state goes into every checkpoint
+        drop_gen = _generator(config.seed, "label-dropout") if config.conditional else None
+        y_all = torch.from_numpy(np.asarray(data.labels_train, np.int64)).to(device) if config.conditional else None
         losses_hist: list[float] = []
         step = 0
         if ckpt is not None:
             meta, tensors = load_checkpoint(ckpt, trust_unverified=trust_unverified, keys=RESUME_KEYS)
+            check_class_count(config.num_classes, tensors, repr(str(ckpt)))
             try:
                 model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
                 ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
@@ -578,6 +671,12 @@ def train(config: TrainConfig, out, *, resume: bool = False, overwrite: bool = F
             _load_optimizer(opt, meta["optimizer"], tensors, where=str(ckpt))
             step = meta["step"]
             rng = meta["rng"]
+            if config.conditional:
+                try:
+                    drop_gen.set_state(_rng_state_from_b64(rng["label_dropout"]))
+                except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                    raise RunError(f"{str(ckpt)!r}: rng.label_dropout (the state of the label-dropout generator) is "
+                                   f"missing or not a torch generator state: {e!r}") from e
             cpu_states = rng["torch_cpu"]
             if len(cpu_states) == dd.world:
                 try:
@@ -634,6 +733,16 @@ def train(config: TrainConfig, out, *, resume: bool = False, overwrite: bool = F
             kk = shards[k] // dd.world
             return x_all.index_select(0, perm_cache[epoch][kk * Bg : (kk + 1) * Bg])
 
+        def labels_for(step_: int):
+            """This rank's labels after dropout (Ho & Salimans 2022, Alg. 1), drawn for the global
+            batch so that they do not depend on the number of processes; after ``batch_for``."""
+            from .guidance import drop_labels
+
+            epoch, k = divmod(step_, spe)
+            kk = shards[k] // dd.world
+            y_g = y_all.index_select(0, perm_cache[epoch][kk * Bg : (kk + 1) * Bg])
+            return drop_labels(y_g, config.uncond_prob, config.num_classes, drop_gen)[dd.rank * B : (dd.rank + 1) * B]
+
         stop = _StopFlag().install()
         total = config.steps
         bar = None
@@ -663,6 +772,7 @@ def train(config: TrainConfig, out, *, resume: bool = False, overwrite: bool = F
                 loss, _parts = training_loss(
                     config, net, s, x0, t, seed_noise=seed_noise, offset=offset, noise=noise,
                     bins=data.bins or 256, autocast=autocast, shard=shard,
+                    y=labels_for(step) if config.conditional else None,
                 )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -690,7 +800,8 @@ def train(config: TrainConfig, out, *, resume: bool = False, overwrite: bool = F
                         bar.set_postfix(loss=f"{np.mean(losses_hist[-config.log_every:]):.4f}", lr=f"{lr:.2e}")
                 stopping = bool(red[1] > 0)
                 if step % config.save_every == 0 or step == total or stopping:
-                    last_ckpt = _checkpoint(out, step, config, model, ema, opt, losses_hist, dd, device, data, is_main)
+                    last_ckpt = _checkpoint(out, step, config, model, ema, opt, losses_hist, dd, device, data, is_main,
+                                            drop_gen)
                 if stopping:
                     interrupted = True
                     break
@@ -707,17 +818,19 @@ def train(config: TrainConfig, out, *, resume: bool = False, overwrite: bool = F
         dd.close()
 
 
-def _checkpoint(out, step, config, model, ema, opt, losses_hist, dd, device, data, is_main):
+def _checkpoint(out, step, config, model, ema, opt, losses_hist, dd, device, data, is_main, drop_gen=None):
     cpu = dd.all_gather_object(_rng_state_b64(torch.get_rng_state()))
     cuda = dd.all_gather_object(_rng_state_b64(torch.cuda.get_rng_state(device)) if device.type == "cuda" else "")
     digests = dd.all_gather_object(weights_digest(model))
     if len(set(digests)) != 1:  # DDP keeps replicas identical; anything else is a bug worth stopping for
         raise RuntimeError(f"the {dd.world} ranks hold different weights at step {step}: {digests}")
     path = None
+    rng = {"torch_cpu": cpu, "torch_cuda": cuda, "world_size": dd.world}
+    if drop_gen is not None:  # the same on every rank
+        rng["label_dropout"] = _rng_state_b64(drop_gen.get_state())
     if is_main:
         path = save_checkpoint(
-            out, step, config, model, ema, opt, losses_hist,
-            {"torch_cpu": cpu, "torch_cuda": cuda, "world_size": dd.world},
+            out, step, config, model, ema, opt, losses_hist, rng,
             extra={"data_shape": list(data.shape), "bins": data.bins, "world_size": dd.world,
                    "weights_digest": digests[0], "ranks_identical": True},
         )
