@@ -376,9 +376,7 @@ def check_compatible(stored: dict, config, where: str):
     except (TypeError, ValueError) as e:
         raise RunError(f"{where} does not hold a diffmath training config this version can read: {e}") from e
     new = config.model_fields()
-    # the union: an unconditional config has no class keys at all (TrainConfig.to_dict)
-    diff = [f"{k}: checkpoint {old.get(k)!r} vs now {new.get(k)!r}" for k in sorted(set(new) | set(old))
-            if old.get(k) != new.get(k)]
+    diff = [f"{k}: checkpoint {old.get(k)!r} vs now {new[k]!r}" for k in sorted(new) if old.get(k) != new[k]]
     if diff:
         raise RunError(
             f"cannot resume: {where} was written with a different configuration ("

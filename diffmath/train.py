@@ -318,8 +318,11 @@ class TrainConfig:
 
     def model_fields(self) -> dict:
         """The fields a checkpoint must agree on to be resumed (all but RESUMABLE_FIELDS; the class
-        fields too, with their defaults for an unconditional run)."""
+        fields too, with their defaults for an unconditional run, except the classes of a
+        conditional config that ``train`` has still to take from the data: num_classes = 0)."""
         d = {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in CLASS_FIELDS_DEFAULTS.items()}, **self.to_dict()}
+        if self.conditional and self.num_classes == 0:
+            del d["num_classes"], d["class_names"]
         return {k: v for k, v in d.items() if k not in RESUMABLE_FIELDS}
 
 

@@ -216,17 +216,23 @@ def test_digits_train_sample_evaluate_and_errors(tmp_path, cache, capsys):
 
 def test_demo_writes_the_report_and_reuses_its_training(tmp_path, cache):
     tiny = dict(steps=4, batch_size=16, channels=8, timesteps=50, save_every=4)
+    sweep = dict(guidance_scales=(0.0, 1.0), per_class=2, per_class_other=1)
     out = tmp_path / "demo"
-    m = run_demo(out, progress=False, config_overrides=tiny, num_samples=30, vlb_images=2)
-    for f in ("samples.png", "loss.png", "schedule.png", "metrics.json", "report.md", "config.json"):
+    m = run_demo(out, progress=False, config_overrides=tiny, num_samples=30, vlb_images=2, **sweep)
+    for f in ("samples.png", "loss.png", "schedule.png", "metrics.json", "report.md", "config.json", "classes.png",
+              "classes.npz", "guidance.png"):
         assert (out / f).exists(), f
     report = (out / "report.md").read_text()
-    for link in ("(samples.png)", "(loss.png)", "(schedule.png)", "(metrics.json)"):
+    for link in ("(samples.png)", "(loss.png)", "(schedule.png)", "(metrics.json)", "(classes.png)", "(guidance.png)"):
         assert link in report
     assert "mean classifier confidence" in report and "floor (real held-out)" in report
-    assert set(m["timings"]) == {"train_s", "sample_s", "evaluate_s", "total_s", "device", "threads"}
+    assert "| guidance s |" in report and "Per digit at s = 3" in report and "Per digit at s = 1" in report
+    assert set(m["timings"]) == {"train_s", "sample_s", "evaluate_s", "guidance_s", "total_s", "device", "threads",
+                                 "load_avg_1min"}
+    assert [r["guidance"] for r in m["guidance"]["scales"]] == [0.0, 1.0, 3.0]
+    assert [r["per_class"] for r in m["guidance"]["scales"]] == [1, 2, 2]
     before = (out / "step-000004.safetensors").read_bytes()
-    run_demo(out, progress=False, config_overrides=tiny, num_samples=30, vlb_images=0)
+    run_demo(out, progress=False, config_overrides=tiny, num_samples=30, vlb_images=0, **sweep)
     assert (out / "step-000004.safetensors").read_bytes() == before  # training reused
     assert "0 steps trained in this call" in (out / "report.md").read_text()
     from diffmath.train import RunError
