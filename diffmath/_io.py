@@ -6,6 +6,12 @@ sees the old file or the new one, never a partial write. Weights are safetensors
 metadata carries ``format=<a diffmath format string>``, with a JSON sidecar (same stem, ``.json``)
 holding the SHA-256 of the weights file; reading them never unpickles anything.
 
+A folder that diffmath writes into carries a marker file, ``.diffmath-run`` (``MARKER``): JSON
+naming the command that created it and listing every file (``files``) and sub-folder run (``runs``)
+diffmath wrote there. ``atomic_write_bytes`` adds each file it writes to the marker of its folder,
+when the folder has one; ``diffmath.rundir`` creates markers, takes the folder's lock and uses the
+lists to delete exactly what diffmath wrote (``--overwrite``) and nothing else.
+
 Used by ``train`` (checkpoints), ``sample``, ``evaluate`` and the latent-diffusion modules.
 """
 
@@ -15,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -30,7 +37,19 @@ __all__ = [
     "save_safetensors",
     "safetensors_metadata",
     "read_sidecar",
+    "MARKER",
+    "LOCK_FILE",
+    "MARKER_FORMAT",
+    "read_marker",
+    "write_marker",
+    "forget_file",
 ]
+
+MARKER = ".diffmath-run"
+LOCK_FILE = ".diffmath.lock"
+MARKER_FORMAT = "diffmath.folder/1"
+# the name of a temp file of atomic_write_bytes: "." + target name + "." + mkstemp's 8 characters + ".tmp"
+TEMP_RE = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
 
 
 def _umask() -> int:
@@ -44,8 +63,15 @@ _UMASK = _umask()
 
 def atomic_write_bytes(path, data: bytes) -> None:
     """Write ``data`` to a temp file in the same folder, fsync, then os.replace onto ``path``:
-    readers see the old file or the new one, never a partial write."""
+    readers see the old file or the new one, never a partial write. The file is then listed in
+    the folder's marker (``MARKER``), if the folder has one."""
     path = Path(path)
+    _write_atomically(path, data)
+    if path.name not in (MARKER, LOCK_FILE):
+        _record(path)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)
@@ -148,9 +174,67 @@ def read_json(path, fmt: str, what: str, error=ValueError) -> dict:
 
 
 def read_sidecar(js: Path, st: Path, fmt: str, what: str, error=ValueError, verify: bool = True) -> dict:
-    """The JSON sidecar ``js`` of the weights ``st``: ``read_json`` with ``format == fmt``, and (with
-    ``verify``) a ``weights_sha256`` that matches ``st``'s bytes; ``error`` naming the file otherwise."""
+    """The JSON sidecar ``js`` of the weights ``st``: ``read_json`` with ``format == fmt`` and a
+    ``weights_sha256`` (a hex SHA-256) that (with ``verify``) matches ``st``'s bytes; ``error``
+    naming the file otherwise (a sidecar without the hash cannot vouch for the weights)."""
     meta = read_json(js, fmt, what, error)
-    if verify and meta.get("weights_sha256") and meta["weights_sha256"] != sha256_file(st):
-        raise error(f"{str(st)!r} does not match {str(js)!r} (SHA-256 differs): the checkpoint is damaged")
+    digest = meta.get("weights_sha256")
+    if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise error(f"{str(js)!r} lacks a valid 'weights_sha256' (a SHA-256 hex digest; got {digest!r:.100}), so the "
+                    f"weights {str(st)!r} cannot be verified")
+    if verify and digest != sha256_file(st):
+        raise error(f"{str(st)!r} does not match {str(js)!r} (SHA-256 differs): the {what} is damaged")
     return meta
+
+
+# ----------------------------------------------------------------------------- the folder marker
+def _plain_name(n) -> bool:
+    return isinstance(n, str) and n not in ("", ".", "..") and "/" not in n and "\\" not in n and "\0" not in n
+
+
+def read_marker(folder) -> dict | None:
+    """The marker (``MARKER``) of ``folder`` as a dict, or None if it has none. ``ValueError``
+    naming the file if it is not a diffmath marker (unreadable, another format, or ``files`` /
+    ``runs`` that are not lists of plain names: a marker never points outside its folder)."""
+    p = Path(folder) / MARKER
+    if not p.is_file() or p.is_symlink():
+        return None
+    try:
+        d = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{str(p)!r} is not a readable diffmath folder marker: {e}") from e
+    if not isinstance(d, dict) or d.get("format") != MARKER_FORMAT:
+        raise ValueError(f"{str(p)!r} is not a diffmath folder marker (expected a JSON object with format {MARKER_FORMAT!r})")
+    for key in ("files", "runs"):
+        v = d.get(key)
+        if not isinstance(v, list) or not all(_plain_name(n) for n in v):
+            raise ValueError(f"{str(p)!r} is damaged: {key!r} must be a list of file names in that folder; got {v!r}")
+    return d
+
+
+def write_marker(folder, marker: dict) -> None:
+    """Write ``marker`` as the marker of ``folder`` (atomically; the marker itself is not listed)."""
+    _write_atomically(Path(folder) / MARKER, (json.dumps(marker, indent=2) + "\n").encode())
+
+
+def _update_marker(folder: Path, key: str, name: str, add: bool) -> None:
+    try:
+        m = read_marker(folder)
+    except ValueError:
+        return  # a damaged marker is reported where it is used (rundir), never rewritten here
+    if m is None or (name in m[key]) == add:
+        return
+    m[key] = sorted(set(m[key]) | {name}) if add else [n for n in m[key] if n != name]
+    write_marker(folder, m)
+
+
+def _record(path: Path) -> None:
+    """List ``path`` in its folder's marker (if the folder has one and it is not listed yet)."""
+    _update_marker(path.parent, "files", path.name, True)
+
+
+def forget_file(path) -> None:
+    """Delete ``path`` (if it exists) and drop it from its folder's marker."""
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    _update_marker(path.parent, "files", path.name, False)

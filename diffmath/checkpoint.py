@@ -4,10 +4,17 @@ Files in a run directory ``out``: config.json (``RUN_FORMAT``: the config, the d
 levels, the parameter count), step-NNNNNN.safetensors (weights ``model.*``, EMA ``ema.*``,
 optimizer tensors ``optim.<i>.<name>``, ``loss_history``) + step-NNNNNN.json
 (``CHECKPOINT_FORMAT``: step, config, RNG states, optimizer hyper-parameters, SHA-256 of the
-.safetensors), all written atomically through ``diffmath._io``. Nothing is ever unpickled.
+.safetensors), all written atomically through ``diffmath._io``. No file is ever unpickled.
 
-``prepare_out`` checks ``out`` against ``--resume`` / ``--overwrite`` and picks the checkpoint
-to resume from; ``check_compatible`` refuses a stored config that differs from the new one in
+A checkpoint's weights are verified against the SHA-256 in its JSON sidecar; a checkpoint
+without a sidecar, or with a sidecar that has no ``weights_sha256``, is refused unless the
+caller passes ``trust_unverified=True`` (``--trust-unverified``), and damaged weights are
+refused always. The sidecar's keys are checked for presence and type before use
+(``check_checkpoint_meta``), so a tampered sidecar gives an error naming the key.
+
+``prepare_out`` checks ``out`` against ``--resume`` / ``--overwrite``, opens it through
+``diffmath.rundir`` (its marker and lock) and picks the checkpoint to resume from;
+``check_compatible`` refuses a stored config that differs from the new one in
 anything but ``RESUMABLE_FIELDS``. ``config`` arguments are ``diffmath.train.TrainConfig``
 instances (this module sits below ``train`` and does not import it; ``check_compatible`` reads
 the stored config with ``type(config).from_dict``). The names stay importable from
@@ -17,6 +24,7 @@ the stored config with ``type(config).from_dict``). The names stay importable fr
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
 import re
@@ -26,8 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._io import atomic_write_json, read_json, read_sidecar, safetensors_metadata, save_safetensors, weights_and_sidecar
+from ._io import atomic_write_json, read_json, safetensors_metadata, save_safetensors, sha256_file, weights_and_sidecar
 from .data import Data
+from .rundir import RunError, is_empty, open_run
 
 __all__ = [
     "RunError",
@@ -35,6 +44,9 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "RESUMABLE_FIELDS",
     "OUR_FILES",
+    "SAMPLE_KEYS",
+    "RESUME_KEYS",
+    "check_checkpoint_meta",
     "checkpoint_name",
     "read_run_config",
     "list_checkpoints",
@@ -54,10 +66,6 @@ _CKPT_RE = re.compile(r"^step-(\d{6,})\.json$")
 RESUMABLE_FIELDS = ("steps", "save_every", "device", "progress", "log_every", "bf16")
 
 
-class RunError(ValueError):
-    """A run directory or checkpoint that cannot be used as asked (message says why)."""
-
-
 # ----------------------------------------------------------------------------- files
 def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
@@ -69,8 +77,9 @@ def read_run_config(out) -> dict:
     if not p.exists():
         raise RunError(f"{str(out)!r} is not a diffmath run: it has no config.json")
     d = read_json(p, RUN_FORMAT, "run config", RunError)
-    if "config" not in d:
-        raise RunError(f"{str(p)!r} is not a diffmath run config (it has no 'config')")
+    if not isinstance(d.get("config"), dict):
+        raise RunError(f"{str(p)!r} is not a diffmath run config (its key 'config' must be a JSON object; got "
+                       f"{d.get('config')!r:.100})")
     return d
 
 
@@ -89,11 +98,71 @@ def latest_checkpoint(out) -> Path | None:
     return c[-1][1] if c else None
 
 
-def load_checkpoint(path, verify: bool = True):
+def _is_int(v, lo: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _b64_list(v) -> bool:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        return False
+    try:
+        for x in v:
+            base64.b64decode(x, validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return True
+
+
+def _rng_ok(v) -> bool:
+    return (isinstance(v, dict) and _b64_list(v.get("torch_cpu")) and len(v["torch_cpu"]) >= 1
+            and _b64_list(v.get("torch_cuda")) and _is_int(v.get("world_size"), 1))
+
+
+def _optimizer_ok(v) -> bool:
+    if not isinstance(v, dict):
+        return False
+    groups, tensors, scalars = v.get("param_groups"), v.get("tensors", {}), v.get("scalars", {})
+    return (isinstance(groups, list) and bool(groups) and all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                                              for g in groups)
+            and isinstance(tensors, dict) and all(isinstance(k, list) and all(isinstance(n, str) for n in k)
+                                                  for k in tensors.values())
+            and isinstance(scalars, dict) and all(isinstance(d, dict) for d in scalars.values()))
+
+
+# key: (what it must be, test). The keys a sampler needs, and those a resumed run needs too.
+_META = {
+    "step": ("an integer >= 0", lambda v: _is_int(v, 0)),
+    "config": ("a JSON object (the training config)", lambda v: isinstance(v, dict)),
+    "data_shape": ("a list of positive integers", lambda v: isinstance(v, list) and bool(v) and all(_is_int(n, 1) for n in v)),
+    "bins": ("an integer >= 2 or null", lambda v: v is None or _is_int(v, 2)),
+    "rng": ("an object with torch_cpu and torch_cuda lists of base64 RNG states and world_size", _rng_ok),
+    "optimizer": ("an object with param_groups (a list of objects with params), tensors and scalars", _optimizer_ok),
+}
+SAMPLE_KEYS = ("step", "config", "data_shape", "bins")
+RESUME_KEYS = SAMPLE_KEYS + ("rng", "optimizer")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_checkpoint_meta(meta: dict, where: str, keys=SAMPLE_KEYS) -> dict:
+    """``RunError`` naming the first of ``keys`` that ``meta`` lacks or holds with the wrong type."""
+    for k in keys:
+        what, ok = _META[k]
+        if k not in meta:
+            raise RunError(f"{where} lacks the key {k!r} ({what}); the checkpoint cannot be used")
+        if not ok(meta[k]):
+            raise RunError(f"{where}: the key {k!r} must be {what}; got {meta[k]!r:.200}")
+    return meta
+
+
+def load_checkpoint(path, verify: bool = True, *, trust_unverified: bool = False, keys=SAMPLE_KEYS):
     """Read a checkpoint (its .json or .safetensors path) -> (meta dict, tensors dict).
 
-    Raises RunError if it is not a diffmath checkpoint or its weights do not match the JSON.
-    Uses safetensors only (never pickle).
+    The weights must match the ``weights_sha256`` of the JSON sidecar (``verify=False`` skips
+    hashing the file, not the other checks). Without a sidecar, or with one that has no
+    ``weights_sha256``, the weights cannot be verified: ``RunError`` unless ``trust_unverified``
+    (then the sidecar, or the metadata embedded in the .safetensors, is used as it is). ``meta``
+    must hold ``keys`` with the right types (``check_checkpoint_meta``). ``RunError`` too if it is
+    not a diffmath checkpoint. Uses safetensors only (never pickle).
     """
     from safetensors.torch import load_file
 
@@ -101,12 +170,32 @@ def load_checkpoint(path, verify: bool = True):
     if not st.exists():
         raise RunError(f"checkpoint weights {str(st)!r} do not exist")
     md = safetensors_metadata(st, CHECKPOINT_FORMAT, "checkpoint", RunError)
+    hint = "pass --trust-unverified (trust_unverified=True) to load them anyway"
     if js.exists():
-        meta = read_sidecar(js, st, CHECKPOINT_FORMAT, "checkpoint", RunError, verify=verify)
+        meta = read_json(js, CHECKPOINT_FORMAT, "checkpoint", RunError)
+        where = repr(str(js))
+        digest = meta.get("weights_sha256")
+        if digest is None:
+            if not trust_unverified:
+                raise RunError(f"{where} has no 'weights_sha256', so the weights {str(st)!r} cannot be verified; {hint}")
+        elif not isinstance(digest, str) or not _SHA256_RE.match(digest):
+            raise RunError(f"{where}: the key 'weights_sha256' must be a SHA-256 hex digest; got {digest!r:.100}")
+        elif verify and digest != sha256_file(st):
+            raise RunError(f"{str(st)!r} does not match {str(js)!r} (SHA-256 differs): the checkpoint is damaged")
     else:
-        meta = json.loads(md.get("meta", "{}"))
-        if not meta:
+        if not trust_unverified:
+            raise RunError(
+                f"{str(st)!r} has no {js.name} beside it (the JSON sidecar that holds its SHA-256), so its weights "
+                f"cannot be verified; keep the two files together, or {hint}"
+            )
+        try:
+            meta = json.loads(md.get("meta", "{}"))
+        except ValueError as e:
+            raise RunError(f"{str(st)!r}: its embedded metadata is not JSON: {e}") from e
+        if not isinstance(meta, dict) or not meta:
             raise RunError(f"{str(st)!r} has no {js.name} beside it and no embedded metadata")
+        where = f"the metadata embedded in {str(st)!r}"
+    check_checkpoint_meta(meta, where, keys)
     tensors = load_file(str(st))
     return meta, tensors
 
@@ -135,7 +224,15 @@ def _optimizer_tensors(opt: torch.optim.Optimizer):
     return tensors, {"param_groups": groups, **layout}
 
 
-def _load_optimizer(opt, layout: dict, tensors: dict):
+def _load_optimizer(opt, layout: dict, tensors: dict, where: str = "the checkpoint"):
+    """Restore ``opt`` from the sidecar's layout and the checkpoint's tensors; ``RunError`` if they do not fit."""
+    try:
+        _restore_optimizer(opt, layout, tensors)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise RunError(f"the optimizer state in {where} does not fit this model and optimizer: {e!r}") from e
+
+
+def _restore_optimizer(opt, layout: dict, tensors: dict):
     state = {}
     for idx, keys in layout.get("tensors", {}).items():
         state[int(idx)] = {k: tensors[f"optim.{idx}.{k}"] for k in keys}
@@ -212,35 +309,44 @@ def _is_ours(p: Path) -> bool:
     return p.name in OUR_FILES or bool(re.match(r"^step-\d{6,}\.(json|safetensors)$", p.name))
 
 
-def prepare_out(out: Path, config, *, resume: bool, overwrite: bool) -> Path | None:
-    """Check ``out`` against the flags; returns the checkpoint to resume from (or None)."""
+def legacy_run_files(out) -> list[str] | None:
+    """For a run written before folders got a marker: the names in ``out`` that a training run
+    writes, if ``out`` holds a readable diffmath run config (else None). ``rundir`` marks such a
+    folder with these names when it is resumed, sampled or evaluated into."""
+    try:
+        read_run_config(out)
+    except RunError:
+        return None
+    return sorted(p.name for p in Path(out).iterdir() if p.is_file() and not p.is_symlink() and _is_ours(p))
+
+
+def _resume_point(out: Path, config, trust_unverified: bool) -> Path | None:
+    stored = read_run_config(out)
+    check_compatible(stored["config"], config, where=str(out / "config.json"))
+    ck = latest_checkpoint(out)
+    if ck is None:
+        return None  # the run wrote its config but no checkpoint: start from scratch
+    meta, _ = load_checkpoint(ck, verify=False, trust_unverified=trust_unverified, keys=RESUME_KEYS)
+    check_compatible(meta["config"], config, where=str(ck))
+    return ck
+
+
+def prepare_out(out: Path, config, *, resume: bool, overwrite: bool, trust_unverified: bool = False,
+                command: str = "train"):
+    """Check ``out`` against the flags and open it (``rundir.open_run``: created and marked, or
+    resumed, or cleared of diffmath's files by ``overwrite``; locked). Returns ``(checkpoint to
+    resume from or None, the folder's lock)``; the caller releases the lock. A resumed run is
+    checked (config, latest checkpoint) before anything in ``out`` is touched."""
     out = Path(out)
-    if resume and overwrite:
-        raise RunError("--resume and --overwrite contradict each other; pick one")
-    exists = out.exists() and (not out.is_dir() or any(out.iterdir()))
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--out {str(out)!r} exists and is a file, not a directory")
-    if resume:
-        if not exists:
-            raise RunError(f"--resume: {str(out)!r} holds no run to resume (missing or empty)")
-        stored = read_run_config(out)
-        check_compatible(stored["config"], config, where=str(out / "config.json"))
-        ck = latest_checkpoint(out)
-        if ck is None:
-            return None  # the run wrote its config but no checkpoint: start from scratch
-        meta, _ = load_checkpoint(ck, verify=False)
-        check_compatible(meta.get("config", {}), config, where=str(ck))
-        return ck
-    if exists:
-        if not overwrite:
-            raise RunError(
-                f"--out {str(out)!r} already exists and is not empty; pass --resume to continue that run or "
-                "--overwrite to replace it"
-            )
-        for p in out.iterdir():
-            if p.is_file() and _is_ours(p):
-                p.unlink()
-    return None
+    if resume and not overwrite and out.is_dir() and not is_empty(out):
+        _resume_point(out, config, trust_unverified)  # read-only: refuse before the lock file is made
+    lock = open_run(out, command, resume=resume, overwrite=overwrite, adopt=legacy_run_files)
+    try:
+        ck = _resume_point(out, config, trust_unverified) if resume else None
+    except BaseException:
+        lock.release()
+        raise
+    return ck, lock
 
 
 def check_compatible(stored: dict, config, where: str):

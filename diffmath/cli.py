@@ -4,9 +4,14 @@ Run ``diffmath COMMAND --help`` for every option. ``--latent`` (train, sample, d
 latent diffusion (``diffmath.latent``; docs/latent.md); ``evaluate`` and ``sample`` recognise a
 latent run directory (it holds latent.json) by themselves. Errors in the input (a bad flag value, a
 missing data folder, an ``--out`` that exists, a checkpoint from another configuration or
-not ours) print one line ``diffmath COMMAND: error: ...`` and exit with status 2
-(``DIFFMATH_DEBUG=1`` shows the traceback instead). An interrupted ``train`` (Ctrl-C,
-SIGTERM) writes a checkpoint and exits with 130.
+not ours, an ``--out`` that another diffmath process is writing into, a model that gives
+non-finite samples, running out of memory) print one line ``diffmath COMMAND: error: ...`` and
+exit with status 2 (``DIFFMATH_DEBUG=1`` shows the traceback instead). An interrupted ``train``
+(Ctrl-C, SIGTERM) writes a checkpoint and exits with 130.
+
+Folders: every command that writes into a folder locks it for its duration and lists the files it
+writes in the folder's ``.diffmath-run`` marker; ``--overwrite`` deletes only those
+(``diffmath.rundir``).
 """
 
 from __future__ import annotations
@@ -89,10 +94,29 @@ def _device(s: str) -> str:
     raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or auto; got {s!r}")
 
 
+MAX_SEED = 2**63 - 1  # torch's seed is a 64-bit integer; diffmath.train.MAX_SEED (not imported: no torch for --help)
+_seed = _checked(int, lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, 2**63 - 1] = [0, {MAX_SEED}]")
+
+
+def _threads(s: str) -> int:
+    cores = os.cpu_count() or 1
+    return _checked(int, lambda v: 0 <= v <= cores, f"an integer in [0, {cores}] (0: auto; at most the {cores} "
+                    "CPUs of this machine)")(s)
+
+
+_threads.__name__ = "int"
+
+
 def _threads_flag(p):
-    p.add_argument("--threads", type=_nonneg_int, default=0, help="CPU threads for torch (0: auto = torch's default, "
-                   "one per core, but 1 when the 1-minute load average shows other work on the cores: OpenMP's "
-                   "spinning threads slow down many-fold on busy cores)")
+    p.add_argument("--threads", type=_threads, default=0, help="CPU threads for torch, at most the number of CPUs "
+                   "(0: auto = torch's default, one per core, but 1 when the 1-minute load average shows other work on "
+                   "the cores: OpenMP's spinning threads slow down many-fold on busy cores)")
+
+
+def _trust_flag(p, what: str):
+    p.add_argument("--trust-unverified", action="store_true", help=f"{what} a checkpoint whose weights cannot be "
+                   "verified: a .safetensors without its JSON sidecar, or a sidecar without weights_sha256 (refused "
+                   "otherwise). Weights that do not match a SHA-256 are refused even so")
 
 
 def _device_flag(p, default="auto", help="cpu, cuda or auto"):
@@ -148,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "or the path of a folder of PNG/JPEG images (unreadable files are skipped with a warning). Required "
                    "unless given by --config or --resume")
     t.add_argument("--out", required=True, type=Path, help="run directory to create (refused if it exists and is not empty, "
-                   "unless --resume or --overwrite)")
+                   "unless --resume or --overwrite, and while another diffmath process writes into it)")
     t.add_argument("--steps", type=_positive_int, default=None, help="total optimisation steps of the run (default 2000; "
                    "with --resume, training continues up to this step)")
     t.add_argument("--batch-size", type=_positive_int, default=None, help="global batch size (default 128)")
@@ -163,12 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--timesteps", type=_positive_int, default=None, help="number of diffusion steps T (default 1000)")
     t.add_argument("--save-every", type=_positive_int, default=None, help="write a checkpoint every N steps (all are "
                    "kept; default 500)")
-    t.add_argument("--seed", type=_nonneg_int, default=None, help="seed of everything random (default 0)")
+    t.add_argument("--seed", type=_seed, default=None, help="seed of everything random, in [0, 2**63 - 1] (default 0)")
     _device_flag(t, None, "cpu, cuda or auto (cuda when available; default auto)")
     t.add_argument("--config", type=Path, default=None, help="a TOML file of options (see above)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint (flags "
                    "must match its config except --steps, --save-every, --device)")
-    t.add_argument("--overwrite", action="store_true", help="replace the diffmath files of an existing run in --out")
+    t.add_argument("--overwrite", action="store_true", help="replace a run in --out that diffmath wrote: deletes only "
+                   "the files listed in its .diffmath-run marker (and the temp files of killed writes); a non-empty "
+                   "folder without the marker is refused. Checked after every other argument, before anything is "
+                   "deleted")
+    _trust_flag(t, "with --resume: continue from")
     g = t.add_argument_group("model and optimisation (extra)")
     g.add_argument("--channel-mult", type=_int_list, default=None, help="U-Net width multipliers per resolution, e.g. 1,2,2 "
                    "(default 1,2)")
@@ -230,13 +258,15 @@ def build_parser() -> argparse.ArgumentParser:
                      "under torchrun spell it --run-dir (torchrun's own parser rejects --run as an ambiguous "
                      "abbreviation of its --run-path)")
     src.add_argument("--checkpoint", type=Path, help="one checkpoint, step-NNNNNN.safetensors or .json")
-    s.add_argument("--out", type=Path, default=None, help="where to write samples.npz/png (default: the --run directory)")
+    s.add_argument("--out", type=Path, default=None, help="where to write samples.npz/png (default: the --run directory); "
+                   "locked while sampling, and a samples.npz/png there that diffmath did not write is never replaced")
+    _trust_flag(s, "load")
     s.add_argument("--sampler", choices=("ddpm", "ddim", "em", "pc", "ode"), default="ddim", help="the sampler")
     s.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default: ddim 50, ddpm T, em/pc 500; "
                    "ignored by ode, which is adaptive)")
     s.add_argument("--eta", type=_nonneg_float, default=0.0, help="DDIM eta (0 deterministic, 1 DDPM-like)")
     s.add_argument("--num-samples", type=_positive_int, default=500, help="number of samples")
-    s.add_argument("--seed", type=_nonneg_int, default=0, help="sampling seed")
+    s.add_argument("--seed", type=_seed, default=0, help="sampling seed, in [0, 2**63 - 1]")
     _device_flag(s)
     s.add_argument("--batch-size", type=_positive_int, default=500, help="samples per network call")
     s.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
@@ -260,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run", type=Path, required=True, help="the run directory")
     e.add_argument("--samples", type=Path, default=None, help="samples .npz (default RUN/samples.npz)")
     e.add_argument("--out", type=Path, default=None, help="where to write metrics.json (default: the run directory)")
+    _trust_flag(e, "for the test VLB, load")
     e.add_argument("--vlb-images", type=_nonneg_int, default=64, help="held-out images for the test VLB (0: skip; each "
                    "costs T network evaluations; ignored for a latent run)")
     _device_flag(e, help="cpu, cuda or auto (for the VLB)")
@@ -277,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--latent", action="store_true", help="the latent diffusion demo instead "
                    "(diffmath.latent.demo_latent): train a VAE and a U-Net on its 2x4x4 latents of the digits, sample "
                    "with DDIM, decode, evaluate and write report.md (docs/latent.md)")
-    d.add_argument("--overwrite", action="store_true", help="replace an existing run in --out that is not the demo's")
+    d.add_argument("--overwrite", action="store_true", help="replace a run in --out that is not the demo's (only the "
+                   "files diffmath wrote there, listed in its .diffmath-run marker, are deleted)")
     _device_flag(d)
     _progress_and_threads(d, "no progress bars")
 
@@ -296,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--num-samples", type=_positive_int, default=500, help="samples drawn from each model")
     _device_flag(c, "cpu", "where both models train and sample: cpu, cuda or auto (docs/latent.md reports CPU "
                  "timings)")
-    c.add_argument("--overwrite", action="store_true", help="replace the runs of an earlier comparison in --out")
+    c.add_argument("--overwrite", action="store_true", help="replace the runs of an earlier comparison in --out (only "
+                   "the files diffmath wrote there are deleted)")
     _progress_and_threads(c, "no progress bars")
 
     # ---------------------------------------------------------------- verify / bench
@@ -403,7 +436,7 @@ def _cmd_train(args) -> int:
     if given:
         raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for latent diffusion: add --latent")
     config = train_config_from_args(args)
-    res = train(config, args.out, resume=args.resume, overwrite=args.overwrite)
+    res = train(config, args.out, resume=args.resume, overwrite=args.overwrite, trust_unverified=args.trust_unverified)
     msg = f"{'interrupted at' if res.interrupted else 'trained to'} step {res.step} in {res.seconds:.1f} s; "
     msg += f"checkpoint {res.checkpoint}" if res.checkpoint else "no checkpoint written"
     if _rank() == 0:
@@ -449,7 +482,8 @@ def _cmd_train_latent(args) -> int:
                                    f"{vae_flags[f]} (a resumed run keeps its VAE)")
     vae_config = VAEConfig(**{**vae_flags, "seed": config.seed}) if args.vae is None else None
     res = train_latent(args.out, config, vae=args.vae, vae_config=vae_config, resume=args.resume,
-                       overwrite=args.overwrite, encode_mode=encode_mode or "mean")
+                       overwrite=args.overwrite, encode_mode=encode_mode or "mean",
+                       trust_unverified=args.trust_unverified)
     u = res.unet
     msg = (f"latent run {args.out}: latents {'x'.join(map(str, res.latent_shape))}, scaling factor {res.scale:.4f}; "
            f"U-Net {'interrupted at' if u.interrupted else 'trained to'} step {u.step} in {u.seconds:.1f} s; ")
@@ -475,6 +509,7 @@ def _cmd_sample(args) -> int:
         out, run=args.run, checkpoint=args.checkpoint, sampler=args.sampler, steps=args.steps, eta=args.eta,
         num_samples=args.num_samples, seed=args.seed, device=args.device, batch_size=args.batch_size,
         progress=args.progress, ema=not args.raw_weights, clip_x0="auto" if args.clip else None,
+        trust_unverified=args.trust_unverified,
     )
     if _rank() == 0:
         steps = "adaptive" if info["steps"] is None else f"{info['steps']}"
@@ -494,7 +529,7 @@ def _cmd_sample_latent(args, out) -> int:
     _, info = sample_latent(
         args.run, out, sampler=args.sampler, steps=args.steps, eta=args.eta, num_samples=args.num_samples,
         seed=args.seed, device=args.device, batch_size=args.batch_size, progress=args.progress,
-        ema=not args.raw_weights,
+        ema=not args.raw_weights, trust_unverified=args.trust_unverified,
     )
     steps = "adaptive" if info["steps"] is None else f"{info['steps']}"
     print(f"{info['num_samples']} latent samples ({info['sampler']}, {steps} steps, decoded by the run's VAE) in "
@@ -519,6 +554,7 @@ def _cmd_evaluate(args) -> int:
         m = evaluate_latent(args.run, args.samples, args.out, device=args.device, progress=args.progress)
     else:
         m = evaluate_run(args.run, args.samples, args.out, vlb_images=args.vlb_images, device=args.device,
+                         trust_unverified=args.trust_unverified,
                          progress=args.progress)
     print(format_metrics(m))
     if isinstance(m.get("vae"), dict) and "held_out_elbo_bpd" in m["vae"]:
@@ -531,21 +567,32 @@ def run_demo(out=DEMO_OUT, *, overwrite: bool = False, device: str = "auto", pro
              config_overrides: dict | None = None, num_samples: int = DEMO_SAMPLES, vlb_images: int = DEMO_VLB_IMAGES) -> dict:
     """Train (or reuse a finished demo training in ``out``), sample with DDIM, evaluate, and
     write report.md. Returns the metrics with the timings under ``"timings"``."""
-    from .evaluate import evaluate_run, write_report
-    from .sample import sample_run
-    from .checkpoint import RunError, check_compatible, read_run_config
-    from .train import DEMO_CONFIG, TrainConfig, train
+    from .checkpoint import RunError, check_compatible, legacy_run_files, read_run_config
+    from .distributed import resolve_device
+    from .rundir import is_empty, open_run
+    from .train import DEMO_CONFIG, TrainConfig
 
     out = Path(out)
     config = TrainConfig(**{**DEMO_CONFIG, "device": device, "progress": progress, **(config_overrides or {})})
+    resolve_device(device)  # every argument is checked before --out is touched
     resume = False
-    if out.exists() and out.is_dir() and any(out.iterdir()) and not overwrite:
+    if out.is_dir() and not is_empty(out) and not overwrite:
         try:
             check_compatible(read_run_config(out)["config"], config, where=str(out / "config.json"))
             resume = True
         except RunError as e:
             raise RunError(f"--out {str(out)!r} holds something other than this demo run ({e}); pass --overwrite or "
                            "another --out") from None
+    # one lock over training, sampling, evaluation and the report
+    with open_run(out, "demo", resume=resume, overwrite=overwrite, adopt=legacy_run_files):
+        return _demo(out, config, resume, overwrite, device, progress, num_samples, vlb_images)
+
+
+def _demo(out, config, resume, overwrite, device, progress, num_samples, vlb_images) -> dict:
+    from .evaluate import evaluate_run, write_report
+    from .sample import sample_run
+    from .train import train
+
     timings = {}
     t0 = time.time()
     res = train(config, out, resume=resume, overwrite=overwrite)
@@ -656,11 +703,35 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"diffmath {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (RunError, ValueError, TypeError, FileNotFoundError, ImportError, OSError, FloatingPointError) as e:
+    except (RunError, ValueError, TypeError, FileNotFoundError, ImportError, OSError, FloatingPointError, MemoryError,
+            RuntimeError) as e:
         if os.environ.get("DIFFMATH_DEBUG"):
             raise
-        print(f"diffmath {args.command}: error: {e}", file=sys.stderr)
+        if isinstance(e, RuntimeError) and not _out_of_memory(e):
+            raise  # a bug, not a condition we can explain: keep the traceback
+        msg = _memory_message(args, e) if isinstance(e, (MemoryError, RuntimeError)) else str(e)
+        print(f"diffmath {args.command}: error: {msg}", file=sys.stderr)
         return 2
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """torch.OutOfMemoryError (CUDA, or a failed CPU allocation reported as a RuntimeError)."""
+    return type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower() or (
+        "DefaultCPUAllocator: can't allocate memory" in str(e))
+
+
+def _memory_message(args, e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    if args.command == "train":
+        batch = getattr(args, "batch_size", None)
+        hint = f"lower --batch-size (now {batch if batch is not None else 'the default 128'})"
+    elif args.command == "sample":
+        hint = f"lower --batch-size (samples per network call, now {args.batch_size})"
+    elif args.command == "evaluate":
+        hint = f"lower --vlb-images (now {args.vlb_images}) or sample fewer images"
+    else:
+        hint = "use a smaller batch or model"
+    return f"out of memory ({type(e).__name__}: {first}); {hint}, or use another --device"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,8 +12,12 @@ Every loader returns a ``Data`` bundle of float32 numpy arrays scaled to the mod
 - **a folder** of PNG/JPEG/BMP/GIF/WebP images (searched recursively): each is resized so
   its short side is ``image_size`` (Lanczos) and center-cropped to a square; the folder is
   grey (1 channel) when every image is grey, RGB otherwise; values x / 127.5 - 1 (256
-  levels). Unreadable or corrupt files are **skipped with a warning naming the file**; if
-  none is left, ``ValueError``. A missing path raises ``FileNotFoundError``, a folder with
+  levels). 16-bit grey images (Pillow modes I;16, I;16B, I;16L, and I as older Pillow reads
+  16-bit PNGs) are scaled from their range 0..65535 to 0..255 (round(v / 257)), not clipped
+  the way Pillow's own conversion to 8 bits is. Unreadable or corrupt files, decompression
+  bombs (``PIL.Image.DecompressionBombError``, or ``DecompressionBombWarning`` turned into an
+  error), and mode-I images with values outside 0..65535 are **skipped with a warning naming the
+  file**; if none is left, ``ValueError``. A missing path raises ``FileNotFoundError``, a folder with
   no image files ``ValueError``. 10% of the images (at least one, when there are two or
   more) are held out, by a fixed seeded permutation.
 - **swissroll** and **gmm**: 2-D point clouds of roughly unit scale (continuous, no bins),
@@ -158,17 +162,19 @@ def load_image_folder(path, image_size: int = 32, held_out_fraction: float = 0.1
             f"the folder {str(path)!r} holds no image files (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively)"
         )
     images, modes, skipped = [], [], []
+    unreadable = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+                  Image.DecompressionBombWarning)  # the warning is raised only where warnings are errors
     for f in files:
         try:
             with Image.open(f) as im:
                 im.load()
-                grey = im.mode in ("1", "L", "LA", "I", "I;16", "F")
-                im = im.convert("L" if grey else "RGB")
+                grey = im.mode in ("1", "L", "LA", "F") or im.mode in SIXTEEN_BIT_MODES
+                im = to_8bit_grey(im) if im.mode in SIXTEEN_BIT_MODES else im.convert("L" if grey else "RGB")
                 images.append(_resize_center_crop(im, image_size))
                 modes.append(grey)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        except unreadable as e:
             skipped.append(str(f))
-            warnings.warn(f"skipping unreadable image {str(f)!r}: {e}", UserWarning, stacklevel=2)
+            warnings.warn(f"skipping unreadable image {str(f)!r}: {type(e).__name__}: {e}", UserWarning, stacklevel=2)
     if not images:
         raise ValueError(
             f"none of the {len(files)} image files in {str(path)!r} could be read (all were skipped as corrupt)"
@@ -188,6 +194,23 @@ def load_image_folder(path, image_size: int = 32, held_out_fraction: float = 0.1
         np.ascontiguousarray(x[train], dtype=np.float32), np.ascontiguousarray(x[held], dtype=np.float32), 256,
         info={"source": str(root.resolve()), "files": n, "skipped": skipped, "levels": 256},
     )
+
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_8bit_grey(im):
+    """A 16-bit grey image (modes I;16*, or I holding 16-bit values) as an 8-bit "L" image,
+    v8 = round(v16 / 257), which maps 0..65535 onto 0..255 (257 = 65535 / 255; v16 / 257 is
+    never half-way between integers, so the rounding has no ties). Pillow's own ``convert("L")``
+    clips values above 255 instead. ``ValueError`` for values outside 0..65535 (mode I of
+    another depth), which no 16-bit range describes."""
+    from PIL import Image
+
+    a = np.asarray(im).astype(np.int64)
+    if a.size and (a.min() < 0 or a.max() > 65535):
+        raise ValueError(f"mode {im.mode} image with values in [{a.min()}, {a.max()}], outside the 16-bit range 0..65535")
+    return Image.fromarray(np.rint(a / 257.0).astype(np.uint8))  # 2-D uint8: mode L
 
 
 def _resize_center_crop(im, size: int):

@@ -2,6 +2,12 @@
 flag) and ``_Dist``, a thin wrapper over ``torch.distributed`` that is a no-op in a single
 process and joins the group under ``torchrun`` (WORLD_SIZE > 1: gloo on CPU, NCCL on CUDA).
 Importable from ``diffmath.train`` too.
+
+``broadcast_object`` and ``all_gather_object`` use torch's object collectives
+(``broadcast_object_list``, ``all_gather_object``), which **pickle** the objects and unpickle
+them on the other ranks: diffmath's "no file is ever unpickled" holds for files, while the
+ranks of one torchrun job trust each other's messages (as they must to share gradients). Only
+run the ranks on machines you control, on a network no one else can reach.
 """
 
 from __future__ import annotations

@@ -357,12 +357,15 @@ def _load_samples(path: Path) -> tuple[np.ndarray, dict]:
 
 
 def evaluate_run(run, samples=None, out=None, *, vlb_images: int = 64, device: str = "auto", seed: int = 0,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, trust_unverified: bool = False) -> dict:
     """Evaluate the samples of a run (default ``RUN/samples.npz``); writes ``metrics.json`` to
-    ``out`` (default the run directory) and returns the metrics."""
+    ``out`` (default the run directory) and returns the metrics. The inputs are checked first;
+    then ``out`` is locked until the metrics are written (``rundir.claim_output``: a metrics.json
+    there that diffmath did not write is never replaced). ``trust_unverified``: load the
+    checkpoint for the test VLB even if its weights cannot be verified (``sample.load_model``)."""
+    from .checkpoint import legacy_run_files, read_run_config
     from .data import load_data
-    from .sample import load_model
-    from .checkpoint import RunError, read_run_config
+    from .rundir import claim_output
 
     run = Path(run)
     rc = read_run_config(run)
@@ -372,6 +375,15 @@ def evaluate_run(run, samples=None, out=None, *, vlb_images: int = 64, device: s
     data = load_data(cfg["data"], cfg["image_size"])
     if tuple(x.shape[1:]) != data.shape:
         raise ValueError(f"the samples have shape {tuple(x.shape[1:])} per item but the run's data have {data.shape}")
+    out = Path(out) if out is not None else run
+    with claim_output(out, "evaluate", ("metrics.json",), adopt=legacy_run_files):
+        return _evaluate(run, x, sinfo, samples_path, data, out, vlb_images, device, seed, progress, trust_unverified)
+
+
+def _evaluate(run, x, sinfo, samples_path, data, out, vlb_images, device, seed, progress, trust_unverified) -> dict:
+    from .checkpoint import RunError
+    from .sample import load_model
+
     metrics: dict = {
         "run": str(run),
         "data": data.name,
@@ -415,7 +427,7 @@ def evaluate_run(run, samples=None, out=None, *, vlb_images: int = 64, device: s
         if vlb_images > 0 and len(data.held_out) == 0:
             metrics["test_vlb"] = "not reported: no held-out images (the data set is too small to hold any out)"
         elif vlb_images > 0:
-            loaded = load_model(run=run, device=device)
+            loaded = load_model(run=run, device=device, trust_unverified=trust_unverified)
             if list(loaded.data_shape) != list(data.shape):
                 raise RunError(f"the checkpoint's data shape {loaded.data_shape} does not match the data {data.shape}")
             held = data.held_out
@@ -423,8 +435,6 @@ def evaluate_run(run, samples=None, out=None, *, vlb_images: int = 64, device: s
             v = vlb_bpd(loaded, held[np.sort(idx)], data.bins or 256, seed=seed, progress=progress)
             v.pop("curve", None)
             metrics["test_vlb"] = v
-    out = Path(out) if out is not None else run
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
 

@@ -18,7 +18,8 @@ each module imports only those before it in this list, and its docstring holds t
 - ``diffmath.latent_compare``: pixel vs latent diffusion at an equal training budget
   (``compare_pixel_latent``, ``comparison_table``).
 
-Nothing is ever unpickled: weights are safetensors, metadata JSON.
+No file is ever unpickled: weights are safetensors, metadata JSON; the latent cache and every
+checkpoint are verified against the SHA-256 in their JSON sidecars.
 """
 
 from __future__ import annotations

@@ -8,7 +8,10 @@ trained on scale * z, whose variance is 1 on the training set, so the schedule's
 point matches the data's scale; samples are divided by the scale before decoding
 (``decode_latents``). The cache stores the SHA-256 of the VAE (its config and weights,
 ``latent_vae.vae_hash``) and of the images; a cache read with another VAE raises
-``LatentCacheError``. ``diffmath.latent`` gives the overview.
+``LatentCacheError``. Like a checkpoint, the cache file has a JSON sidecar (``latents.json``
+beside ``latents.safetensors``) with the SHA-256 of its bytes: a cache without it, or whose
+bytes differ, raises ``LatentCacheError`` with ``damaged = True`` (``train_latent`` then encodes
+the data again, with a warning). ``diffmath.latent`` gives the overview.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._io import safetensors_metadata, save_safetensors
+from ._io import atomic_write_json, read_sidecar, safetensors_metadata, save_safetensors, weights_and_sidecar
 from .data import Data
 from .latent_vae import _as_loaded, check_vae_fits
 from .nn.vae import VAE
@@ -40,7 +43,12 @@ LATENTS_FORMAT = "diffmath.latents/1"
 
 
 class LatentCacheError(ValueError):
-    """A latent cache that does not belong to the VAE or data it is used with."""
+    """A latent cache that does not belong to the VAE or data it is used with, or (``damaged``)
+    whose bytes cannot be verified against its SHA-256 sidecar."""
+
+    def __init__(self, msg: str, damaged: bool = False):
+        super().__init__(msg)
+        self.damaged = damaged
 
 
 def _data_digest(data: Data) -> str:
@@ -160,7 +168,9 @@ def encode_dataset(vae, data: Data, path=None, *, mode: str = "mean", seed: int 
         if data.labels_held_out is not None:
             tensors["labels_held_out"] = torch.from_numpy(np.asarray(data.labels_held_out, np.int64))
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_safetensors(path, tensors, LATENTS_FORMAT, meta)
+        digest = save_safetensors(path, tensors, LATENTS_FORMAT, meta)
+        st, js = weights_and_sidecar(path)
+        atomic_write_json(js, {"format": LATENTS_FORMAT, "weights": st.name, "weights_sha256": digest})
     return cache
 
 
@@ -174,11 +184,28 @@ def load_latents(path, vae=None, data: Data | None = None) -> LatentCache:
     if not path.exists():
         raise FileNotFoundError(f"latent cache {str(path)!r} does not exist; create it with encode_dataset(vae, data, path)")
     md = safetensors_metadata(path, LATENTS_FORMAT, "latent cache", LatentCacheError)
-    meta = json.loads(md["meta"])
-    t = load_file(str(path))
+    st, js = weights_and_sidecar(path)
+    if not js.exists():
+        raise LatentCacheError(f"the latent cache {str(st)!r} has no {js.name} beside it (the sidecar with its "
+                               "SHA-256), so it cannot be verified", damaged=True)
+    read_sidecar(js, st, LATENTS_FORMAT, "latent cache", lambda m: LatentCacheError(m, damaged=True))
+    try:
+        meta = json.loads(md["meta"])
+        t = load_file(str(path))
+        missing = [k for k in ("train", "held_out", "train_logvar", "held_out_logvar") if k not in t]
+        if missing:
+            raise KeyError(f"tensors {missing}")
+        for k in ("scale_factor", "latent_shape", "vae_hash", "data"):
+            if k not in meta:
+                raise KeyError(f"metadata key {k!r}")
+        if not isinstance(meta["data"], dict) or not isinstance(meta["data"].get("sha256"), str):
+            raise KeyError("metadata key 'data.sha256'")
+        scale = float(meta["scale_factor"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise LatentCacheError(f"{str(path)!r} is not a usable latent cache: it lacks {e}") from e
     cache = LatentCache(
         path, t["train"].numpy(), t["held_out"].numpy(), t["train_logvar"].numpy(), t["held_out_logvar"].numpy(),
-        float(meta["scale_factor"]), meta,
+        scale, meta,
         t["labels_train"].numpy() if "labels_train" in t else None,
         t["labels_held_out"].numpy() if "labels_held_out" in t else None,
     )

@@ -8,14 +8,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ._io import atomic_write_json, atomic_write_npz, atomic_write_text
+from ._io import atomic_write_json, atomic_write_npz, atomic_write_text, forget_file
 from .data import Data, load_data
 from .latent_cache import decode_latents, encode_dataset
 from .latent_diffusion import LATENT_DEMO_CONFIG, check_unet_fits, evaluate_latent, sample_latent, write_latent_run
@@ -43,8 +42,8 @@ def _train_for_budget(config, out: Path, data: Data, budget_s: float, *, chunk_s
         steps = res.step
         sec_per_step = spent / steps
         for _, p in list_checkpoints(out)[:-1]:  # keep the latest only
-            p.unlink()
-            p.with_suffix(".safetensors").unlink(missing_ok=True)
+            forget_file(p)
+            forget_file(p.with_suffix(".safetensors"))
     return {"steps": steps, "train_s": round(spent, 2), "s_per_step": spent / max(1, steps)}
 
 
@@ -64,20 +63,26 @@ def compare_pixel_latent(out, *, budget_s: float = 120.0, vae_config: VAEConfig 
     held-out digits (the best a latent model can do with this VAE) and the real held-out floor.
 
     Writes ``out``/comparison.json and ``out``/comparison.md (``comparison_table``); returns the dict.
+    ``out`` is opened as a run folder (``diffmath.rundir.open_run``: refused if not empty unless
+    ``overwrite``, which deletes only what diffmath wrote there) and locked until this returns.
     """
+    from .rundir import open_run
+
+    if isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)) or not 0 < budget_s < float("inf"):
+        raise ValueError(f"budget_s must be a positive finite number of seconds; got {budget_s!r}")
+    with open_run(Path(out), "compare-latent", overwrite=overwrite):
+        return _compare(Path(out), budget_s, vae_config, pixel_config, latent_config, num_samples, sampler, steps,
+                        device, progress)
+
+
+def _compare(out, budget_s, vae_config, pixel_config, latent_config, num_samples, sampler, steps, device,
+             progress) -> dict:
     import platform
 
+    from .rundir import open_run
     from .sample import sample_run
-    from .checkpoint import RunError
     from .train import TrainConfig
 
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise RunError(f"{str(out)!r} is not empty; pass overwrite=True")
-        for sub in ("pixel", "latent", "recon"):
-            shutil.rmtree(out / sub, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
     big = 10**7
     common = dict(steps=big, lr_decay_steps=0, save_every=big, device=device, progress=False)
     pcfg = dataclasses.replace(pixel_config or TrainConfig(**_pixel_demo_config()), **common)
@@ -100,18 +105,19 @@ def compare_pixel_latent(out, *, budget_s: float = 120.0, vae_config: VAEConfig 
 
     # latent space: the VAE (one-off), the cache, then the same budget for the U-Net
     lat = out / "latent"
-    t0 = time.perf_counter()
-    vres = train_vae(dataclasses.replace(vc, data="digits", image_size=8), lat / "vae", data=data)
-    vae_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    cache = encode_dataset(vres.loaded, data, lat / "latents.safetensors", seed=lcfg.seed)
-    enc_s = time.perf_counter() - t0
-    check_unet_fits(lcfg, cache.latent_shape)
-    write_latent_run(lat, vres.loaded, cache, encode_mode="mean", data_spec="digits", image_size=8, bins=data.bins,
-                     vae_metrics=vres.metrics)
-    t = _train_for_budget(lcfg, lat / "unet", cache.data(), budget_s)
-    x, li = sample_latent(lat, lat, sampler=sampler, steps=steps, num_samples=num_samples, device=device, progress=progress)
-    ml = evaluate_latent(lat, device=device, progress=progress)
+    with open_run(lat, "compare-latent"):
+        t0 = time.perf_counter()
+        vres = train_vae(dataclasses.replace(vc, data="digits", image_size=8), lat / "vae", data=data)
+        vae_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cache = encode_dataset(vres.loaded, data, lat / "latents.safetensors", seed=lcfg.seed)
+        enc_s = time.perf_counter() - t0
+        check_unet_fits(lcfg, cache.latent_shape)
+        write_latent_run(lat, vres.loaded, cache, encode_mode="mean", data_spec="digits", image_size=8, bins=data.bins,
+                         vae_metrics=vres.metrics)
+        t = _train_for_budget(lcfg, lat / "unet", cache.data(), budget_s)
+        x, li = sample_latent(lat, lat, sampler=sampler, steps=steps, num_samples=num_samples, device=device, progress=progress)
+        ml = evaluate_latent(lat, device=device, progress=progress)
     result["latent"] = {**t, "sample_s": li["seconds"], "sample_latent_s": li["seconds_latent"],
                         "decode_s": li["seconds_decode"], "params": _params(lat / "unet"),
                         "vae_params": sum(p.numel() for p in vres.loaded.vae.parameters()),
@@ -195,9 +201,11 @@ def _evaluate_images(run_dir: Path, x: np.ndarray, where: Path, device: str, pro
     """The pixel pipeline's sample metrics (``evaluate.evaluate_run`` with no test VLB) of the
     images ``x``, judged against the data of the run in ``run_dir``."""
     from .evaluate import evaluate_run
+    from .sample import claim_samples_folder
 
-    where.mkdir(parents=True, exist_ok=True)
-    atomic_write_npz(where / "samples.npz", samples=np.asarray(x, np.float32), info=np.str_("{}"))
-    return evaluate_run(run_dir, samples=where / "samples.npz", out=where, vlb_images=0, device=device, progress=progress)
+    with claim_samples_folder(where, command="compare-latent"):
+        atomic_write_npz(where / "samples.npz", samples=np.asarray(x, np.float32), info=np.str_("{}"))
+        return evaluate_run(run_dir, samples=where / "samples.npz", out=where, vlb_images=0, device=device,
+                            progress=progress)
 
 

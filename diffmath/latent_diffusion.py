@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,12 +34,10 @@ from .latent_vae import (
     LoadedVAE,
     VAEConfig,
     _as_loaded,
-    _vae_paths,
     check_vae_fits,
     load_vae,
     train_vae,
 )
-from .nn.vae import VAE
 from .train import DEMO_CONFIG
 
 __all__ = [
@@ -99,14 +97,36 @@ def _unet_data_shape(run: Path):
     return tuple(read_json(ck, CHECKPOINT_FORMAT, "checkpoint", RunError).get("data_shape", ()))
 
 
+_LATENT_RUN_KEYS = {  # key: (what it must be, test)
+    "vae_checkpoint": ("a path (string)", lambda v: isinstance(v, str) and bool(v)),
+    "vae_hash": ("a SHA-256 hex digest", lambda v: isinstance(v, str) and len(v) == 64),
+    "latent_shape": ("a list of 3 positive integers",
+                     lambda v: isinstance(v, list) and len(v) == 3 and all(type(n) is int and n >= 1 for n in v)),
+    "scale_factor": ("a positive finite number",
+                     lambda v: type(v) in (int, float) and math.isfinite(v) and v > 0),
+}
+
+
 def read_latent_run(out) -> dict:
-    """latent.json of a latent run directory (``ValueError`` if absent or not ours)."""
+    """latent.json of a latent run directory (``RunError`` if absent, not ours, or lacking one of
+    the keys a run is used by, or holding it with the wrong type: the message names the key)."""
+    from .checkpoint import RunError
+
     p = Path(out) / "latent.json"
     if not p.exists():
-        from .checkpoint import RunError
-
         raise RunError(f"{str(out)!r} is not a latent diffusion run: it has no latent.json")
-    return read_json(p, LATENT_RUN_FORMAT, "latent run")
+    d = read_json(p, LATENT_RUN_FORMAT, "latent run", RunError)
+    for k, (what, ok) in _LATENT_RUN_KEYS.items():
+        if k not in d:
+            raise RunError(f"{str(p)!r} lacks the key {k!r} ({what}); the latent run cannot be used")
+        if not ok(d[k]):
+            raise RunError(f"{str(p)!r}: the key {k!r} must be {what}; got {d[k]!r:.100}")
+    for k in ("unet_run", "encode_mode"):
+        if k in d and not (isinstance(d[k], str) and d[k]):
+            raise RunError(f"{str(p)!r}: the key {k!r} must be a non-empty string; got {d[k]!r:.100}")
+    if "/" in d.get("unet_run", "unet") or d.get("unet_run") in ("..", "."):
+        raise RunError(f"{str(p)!r}: the key 'unet_run' must name a folder inside the run; got {d['unet_run']!r}")
+    return d
 
 
 def write_latent_run(out, lv: LoadedVAE, cache: LatentCache, *, encode_mode: str, data_spec: str, image_size: int,
@@ -144,31 +164,54 @@ def _rel(out: Path, p: Path) -> str:
         return str(Path(p).resolve())
 
 
-_LATENT_FILES = ("latent.json", "latents.safetensors", "samples.npz", "samples.png", "metrics.json", "report.md")
+_LATENT_FILES = ("latent.json", "latents.safetensors", "latents.json", "samples.npz", "samples.png", "metrics.json",
+                 "report.md")
+
+
+def _legacy_latent_files(out) -> list[str] | None:
+    """For a latent run written before folders got a marker: the names of its files and its
+    sub-runs "unet/" and "vae/" (None if ``out`` holds no readable latent.json); ``rundir``
+    lists them in the marker it adds."""
+    try:
+        read_latent_run(out)
+    except ValueError:
+        return None
+    out = Path(out)
+    subs = [f"{n}/" for n, m in (("unet", "config.json"), ("vae", "vae.json")) if (out / n / m).is_file()]
+    return sorted(n for n in _LATENT_FILES if (out / n).is_file()) + subs
 
 
 def train_latent(out, config=None, *, vae=None, vae_config: VAEConfig | None = None, data: Data | None = None,
                  resume: bool = False, overwrite: bool = False, encode_mode: str = "mean",
-                 stop_after: int | None = None, progress: bool | None = None) -> LatentResult:
+                 stop_after: int | None = None, progress: bool | None = None,
+                 trust_unverified: bool = False) -> LatentResult:
     """Latent diffusion in ``out`` (layout in the module docstring):
 
     1. the VAE: ``vae`` (a checkpoint path or ``LoadedVAE``) if given; with ``resume`` the run's
        own; else train one with ``vae_config`` (default ``VAEConfig()``; its data and image size
        are taken from ``config``) into ``out``/vae;
     2. the latents: ``encode_dataset`` into ``out``/latents.safetensors (reused when its VAE hash
-       and data digest match; with ``resume`` a mismatch is an error);
+       and data digest match; a cache that is damaged (its SHA-256 differs from latents.json) or
+       unverifiable is encoded again with a warning, and on ``resume`` the new one must give the
+       run's recorded scaling factor, else the run is refused; one of another VAE or other images
+       is encoded again, or refused on ``resume``);
     3. the diffusion model: ``diffmath.train.train(config, out/unet, data=<scaled latents>)``,
        ``config`` a ``TrainConfig`` (default ``LATENT_DEMO_CONFIG``) whose ``data``/``image_size``
        name the *image* data (what the VAE encodes).
 
     ``resume`` continues the diffusion run (the VAE and latents must be those of the run);
-    ``overwrite`` replaces a run in ``out``. ``stop_after``: as in ``train``.
+    ``overwrite`` replaces a run that diffmath wrote in ``out`` (only the files its markers list;
+    a VAE given from inside ``out``/vae stays). Every input (data, VAE, configs) is checked before
+    ``out`` is touched, and ``out`` is locked until this returns. ``stop_after``: as in ``train``;
+    ``trust_unverified``: as in ``train`` (the U-Net checkpoint on ``resume``).
     """
     from .checkpoint import RunError
-    from .train import TrainConfig, train
+    from .rundir import open_run
+    from .train import TrainConfig, check_model_config, train
 
     t0 = time.time()
     out = Path(out)
+    vc = None
     if config is None:
         config = TrainConfig(**LATENT_DEMO_CONFIG)
     if progress is not None:
@@ -179,32 +222,11 @@ def train_latent(out, config=None, *, vae=None, vae_config: VAEConfig | None = N
         raise ValueError("learn_sigma is not supported in latent space (its VLB term assumes data on a grid in [-1, 1])")
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {str(out)!r} exists and is a file, not a directory")
-    nonempty = out.is_dir() and any(out.iterdir())
-    run_info = None
-    if resume:
-        run_info = read_latent_run(out)
-    elif nonempty:
-        if not overwrite:
-            raise RunError(f"--out {str(out)!r} already exists and is not empty; pass resume=True to continue that run "
-                           "or overwrite=True to replace it")
-        for name in _LATENT_FILES:
-            if (out / name).is_file():
-                (out / name).unlink()
-        keep = None  # a VAE given from inside out/vae survives the overwrite
-        if isinstance(vae, LoadedVAE) and vae.path is not None:
-            keep = Path(vae.path).resolve().parent
-        elif vae is not None and not isinstance(vae, VAE):
-            keep = _vae_paths(vae)[1].resolve().parent
-        for sub, marker in (("vae", "vae.json"), ("unet", "config.json")):
-            if (out / sub / marker).exists() and (out / sub).resolve() != keep:
-                shutil.rmtree(out / sub)
-    out.mkdir(parents=True, exist_ok=True)
+    # --- every input is checked before out is touched
     if data is None:
         data = load_data(config.data, config.image_size)
-    timings = {}
-
-    # 1. the VAE
-    vae_metrics = {}
+    run_info = read_latent_run(out) if resume else None
+    keep = []
     if vae is not None:
         lv = _as_loaded(vae, config.device)
         if lv.path is None:
@@ -214,43 +236,74 @@ def train_latent(out, config=None, *, vae=None, vae_config: VAEConfig | None = N
                 f"the VAE given (hash {lv.hash[:16]}...) is not the one the run in {str(out)!r} was trained with "
                 f"(hash {run_info['vae_hash'][:16]}...); a resumed run keeps its VAE"
             )
+        keep = [Path(lv.path).resolve().parent]  # a VAE given from inside out/vae survives the overwrite
+        latent_shape = lv.latent_shape
     elif run_info is not None:
         lv = load_vae(_resolve(out, run_info["vae_checkpoint"]), config.device)
         if lv.hash != run_info["vae_hash"]:
             raise LatentCacheError(f"the VAE checkpoint of {str(out)!r} has changed since the run started (hash mismatch)")
+        latent_shape = lv.latent_shape
     else:
+        lv = None
         vc = vae_config if vae_config is not None else VAEConfig()
         vc = dataclasses.replace(vc, data=config.data, image_size=config.image_size, device=config.device,
                                  progress=config.progress)
         check_vae_fits(vc, data.shape, where=f"the {data.name!r} images")
-        # the U-Net must take the latents this VAE will make: refused before the VAE is trained
-        check_unet_fits(config, (vc.latent_channels, data.shape[1] // vc.factor, data.shape[2] // vc.factor))
-        res = train_vae(vc, out / "vae", data=data)
+        latent_shape = (vc.latent_channels, data.shape[1] // vc.factor, data.shape[2] // vc.factor)
+    if lv is not None:
+        check_vae_fits(lv, data.shape, where=f"the {data.name!r} images")
+    # the U-Net must take the latents: refused before the VAE is trained
+    check_unet_fits(config, latent_shape)
+    check_model_config(config, latent_shape, strict=not resume)
+    lock = open_run(out, "train --latent", resume=resume, overwrite=overwrite, keep=keep, adopt=_legacy_latent_files)
+    try:
+        return _train_latent(out, config, lv, vc, data, run_info, resume, overwrite,
+                             encode_mode, stop_after, trust_unverified, t0, train)
+    finally:
+        lock.release()
+
+
+def _train_latent(out, config, lv, vc, data, run_info, resume, overwrite, encode_mode, stop_after, trust_unverified,
+                  t0, train) -> LatentResult:
+    import warnings
+
+    timings = {}
+    # 1. the VAE
+    vae_metrics = {}
+    if lv is None:
+        res = train_vae(vc, out / "vae", data=data, overwrite=overwrite)
         lv = res.loaded
         timings["vae_train_s"] = round(res.seconds, 2)
         vae_metrics = res.metrics
     if not vae_metrics:
         vae_metrics = dict(lv.meta.get("metrics", {}))
-    check_vae_fits(lv, data.shape, where=f"the {data.name!r} images")
-    check_unet_fits(config, lv.latent_shape)
 
     # 2. the latents
     cache_path = out / "latents.safetensors"
     t1 = time.time()
-    cache = None
+    cache, damaged = None, None
     if cache_path.exists():
         try:
             cache = load_latents(cache_path, vae=lv, data=data)
             if cache.meta.get("mode") != encode_mode:
                 cache = None
-        except LatentCacheError:
-            if resume:
+        except LatentCacheError as e:
+            if getattr(e, "damaged", False):
+                damaged = e
+                warnings.warn(f"{e}; encoding the data again", UserWarning, stacklevel=3)
+            elif resume:
                 raise
             cache = None
     if cache is None:
-        if resume and (out / "unet").exists() and _unet_data_shape(out / "unet") is not None:
+        if resume and damaged is None and (out / "unet").exists() and _unet_data_shape(out / "unet") is not None:
             raise LatentCacheError(f"{str(cache_path)!r} is missing or stale; the run in {str(out)!r} cannot be resumed")
         cache = encode_dataset(lv, data, cache_path, mode=encode_mode, seed=config.seed)
+        if resume and damaged is not None and cache.scale != run_info["scale_factor"]:
+            raise LatentCacheError(
+                f"{str(cache_path)!r} was damaged, and encoding the data again gives other latents (scaling factor "
+                f"{cache.scale!r}, the run recorded {run_info['scale_factor']!r}), so the U-Net in {str(out / 'unet')!r} "
+                "cannot be resumed on them; start a new run"
+            )
     timings["encode_s"] = round(time.time() - t1, 2)
 
     # 3. the diffusion model
@@ -266,7 +319,7 @@ def train_latent(out, config=None, *, vae=None, vae_config: VAEConfig | None = N
                      bins=data.bins, vae_metrics=vae_metrics)
     t2 = time.time()
     res = train(config, unet_dir, resume=resume and unet_dir.exists(), overwrite=overwrite, data=cache.data(),
-                stop_after=stop_after)
+                stop_after=stop_after, trust_unverified=trust_unverified)
     timings["unet_train_s"] = round(time.time() - t2, 2)
     timings["total_s"] = round(time.time() - t0, 2)
     return LatentResult(out, lv.path, cache_path, res, cache.scale, cache.latent_shape, timings, vae_metrics)
@@ -274,17 +327,20 @@ def train_latent(out, config=None, *, vae=None, vae_config: VAEConfig | None = N
 
 def sample_latent(run, out=None, *, vae=None, sampler: str = "ddim", steps=None, eta: float = 0.0,
                   num_samples: int = 500, seed: int = 0, device: str = "auto", batch_size: int = 500,
-                  progress: bool = False, ema: bool = True) -> tuple[np.ndarray, dict]:
+                  progress: bool = False, ema: bool = True, trust_unverified: bool = False) -> tuple[np.ndarray, dict]:
     """Sample a latent run: draw scaled latents with ``diffmath.sample.generate`` (any sampler
     of the pixel pipeline) from the U-Net in ``run``/unet, divide by the scaling factor and decode
     with the run's VAE (``vae`` overrides it; it must make latents of the U-Net's shape and have
     the run's hash). Returns (images (N, C, H, W) float32 in [-1, 1], info); with ``out``, writes
-    ``out``/samples.npz (``samples``, ``latents`` (scaled), ``info``) and ``out``/samples.png."""
-    from .sample import generate, load_model, save_grid
+    ``out``/samples.npz (``samples``, ``latents`` (scaled), ``info``) and ``out``/samples.png, with
+    ``out`` locked from after the checks to the end (as ``sample.sample_run``). Non-finite latents
+    are an error (``sample.generate``). ``trust_unverified``: as in ``sample.load_model``."""
+    from .sample import check_sampling, claim_samples_folder, load_model
 
     run = Path(run)
     info_run = read_latent_run(run)
-    lm = load_model(run=run / info_run.get("unet_run", "unet"), device=device, ema=ema)
+    lm = load_model(run=run / info_run.get("unet_run", "unet"), device=device, ema=ema,
+                    trust_unverified=trust_unverified)
     lv = _as_loaded(vae, lm.device) if vae is not None else load_vae(_resolve(run, info_run["vae_checkpoint"]), lm.device)
     if tuple(lm.data_shape) != tuple(lv.latent_shape):
         raise ValueError(
@@ -297,6 +353,18 @@ def sample_latent(run, out=None, *, vae=None, sampler: str = "ddim", steps=None,
             f"(hash {info_run['vae_hash'][:16]}...)"
         )
     scale = float(info_run["scale_factor"])
+    check_sampling(lm, num_samples, sampler, steps, eta, seed, batch_size)
+    lock = claim_samples_folder(out) if out is not None else None
+    try:
+        return _sample_latent(lm, lv, scale, out, sampler, steps, eta, num_samples, seed, batch_size, progress, ema)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _sample_latent(lm, lv, scale, out, sampler, steps, eta, num_samples, seed, batch_size, progress, ema):
+    from .sample import generate, save_grid
+
     t0 = time.time()
     # latents are not in [-1, 1]: never clip the predicted x0 to the pixel range
     z = generate(lm, num_samples, sampler=sampler, steps=steps, eta=eta, seed=seed, batch_size=batch_size,
@@ -318,7 +386,6 @@ def sample_latent(run, out=None, *, vae=None, sampler: str = "ddim", steps=None,
     })
     if out is not None:
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
         atomic_write_npz(out / "samples.npz", samples=x, latents=z.astype(np.float32), info=np.str_(json.dumps(info)))
         save_grid(out / "samples.png", x, title=f"latent {sampler}, {num_samples} samples")
     return x, info
@@ -331,11 +398,17 @@ def evaluate_latent(run, samples=None, out=None, *, device: str = "auto", progre
     and scale added; no test VLB (the diffusion bound lives in latent space). Writes
     ``out``/metrics.json (default ``run``)."""
     from .evaluate import evaluate_run
+    from .rundir import claim_output
 
     run = Path(run)
     info = read_latent_run(run)
     out = Path(out) if out is not None else run
     samples = Path(samples) if samples is not None else run / "samples.npz"
+    with claim_output(out, "evaluate", ("metrics.json",), adopt=_legacy_latent_files):
+        return _evaluate_latent(run, info, samples, out, device, progress, evaluate_run)
+
+
+def _evaluate_latent(run, info, samples, out, device, progress, evaluate_run) -> dict:
     m = evaluate_run(run / info.get("unet_run", "unet"), samples=samples, out=out, vlb_images=0, device=device,
                      progress=progress)
     m["vae"] = info.get("vae_metrics", {})
@@ -358,8 +431,12 @@ def demo_latent(out=Path("runs/demo-latent"), *, overwrite: bool = False, device
     out = Path(out)
     config = TrainConfig(**{**LATENT_DEMO_CONFIG, "device": device, "progress": progress, **(config_overrides or {})})
     vc = VAEConfig(**{**VAE_DEMO_CONFIG, "device": device, "progress": progress, **(vae_overrides or {})})
+    from .distributed import resolve_device
+    from .rundir import is_empty, open_run
+
+    resolve_device(device)  # every argument is checked before --out is touched
     resume = False
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if out.is_dir() and not is_empty(out) and not overwrite:
         try:
             read_latent_run(out)
             check_compatible(read_run_config(out / "unet")["config"], config, where=str(out / "unet" / "config.json"))
@@ -367,6 +444,12 @@ def demo_latent(out=Path("runs/demo-latent"), *, overwrite: bool = False, device
         except (RunError, ValueError) as e:
             raise RunError(f"--out {str(out)!r} holds something other than this latent demo run ({e}); pass "
                            "--overwrite or another --out") from None
+    # one lock over training, sampling, evaluation and the report
+    with open_run(out, "demo --latent", resume=resume, overwrite=overwrite, adopt=_legacy_latent_files):
+        return _demo_latent(out, config, vc, resume, overwrite, device, progress, num_samples, sampler, steps)
+
+
+def _demo_latent(out, config, vc, resume, overwrite, device, progress, num_samples, sampler, steps) -> dict:
     t0 = time.time()
     res = train_latent(out, config, vae_config=vc, resume=resume, overwrite=overwrite)
     if res.unet.interrupted:

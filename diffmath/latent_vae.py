@@ -189,7 +189,7 @@ class VAEConfig:
     progress: bool = True
 
     def __post_init__(self):
-        from .train import check_bool_fields, check_int_fields, int_tuple_field
+        from .train import MAX_SEED, check_bool_fields, check_int_fields, int_tuple_field
 
         self.channel_mult = int_tuple_field(self, "channel_mult")
         check_bool_fields(self, ("progress",))
@@ -197,6 +197,8 @@ class VAEConfig:
         check_int_fields(self, ("image_size", "channels", "latent_channels", "num_res_blocks", "steps", "batch_size",
                                 "elbo_samples"), 1, "a positive integer")
         check_int_fields(self, ("warmup", "seed"), 0)
+        if self.seed > MAX_SEED:
+            raise ValueError(f"seed must lie in [0, 2**63 - 1] = [0, {MAX_SEED}] (torch's seed range); got seed = {self.seed}")
         if not self.channel_mult or any(c < 1 for c in self.channel_mult):
             raise ValueError(f"channel_mult must be a non-empty list of positive integers; got {self.channel_mult}")
         for n, ok in (("beta", lambda v: v >= 0), ("lr", lambda v: v > 0), ("grad_clip", lambda v: v >= 0)):
@@ -294,8 +296,10 @@ def _vae_paths(path) -> tuple[Path, Path]:
 def load_vae(path, device: str | torch.device = "cpu") -> LoadedVAE:
     """Read a VAE checkpoint (its folder, vae.json or vae.safetensors; safetensors only, never
     pickle), rebuild the VAE from the stored config and check its weights: the file's SHA-256
-    against vae.json and the recomputed ``vae_hash`` against the stored one (``ValueError``
-    naming the file if either differs, or if the file is not a diffmath VAE)."""
+    against vae.json (which must hold it) and the recomputed ``vae_hash`` (config and every
+    tensor) against the stored one, which must be present: without vae.json the metadata
+    embedded in the .safetensors vouches for the weights through that hash. ``ValueError``
+    naming the file if a check fails or the file is not a diffmath VAE."""
     from safetensors.torch import load_file
 
     st, js = _vae_paths(path)
@@ -304,19 +308,27 @@ def load_vae(path, device: str | torch.device = "cpu") -> LoadedVAE:
     md = safetensors_metadata(st, VAE_FORMAT, "VAE checkpoint", ValueError)
     if js.exists():
         meta = read_sidecar(js, st, VAE_FORMAT, "VAE checkpoint", ValueError)
+        where = str(js)
     else:
-        meta = json.loads(md.get("meta", "{}"))
+        try:
+            meta = json.loads(md.get("meta", "{}"))
+        except ValueError as e:
+            raise ValueError(f"{str(st)!r}: its embedded metadata is not JSON: {e}") from e
+        where = f"the metadata embedded in {str(st)}"
+    if not isinstance(meta, dict) or not isinstance(meta.get("vae_hash"), str):
+        raise ValueError(f"{where!r} lacks the key 'vae_hash' (the SHA-256 of the VAE's config and weights), so the "
+                         "weights cannot be verified")
     try:
         vae = VAE(**meta["model"])
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{str(js)!r} holds no usable VAE config: {e}") from e
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{where!r} holds no usable VAE config (key 'model'): {e!r}") from e
     tensors = load_file(str(st))
     try:
         vae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("vae.")})
     except RuntimeError as e:
         raise ValueError(f"the weights in {str(st)!r} do not fit the VAE its config describes: {e}") from e
     h = vae_hash(vae)
-    if meta.get("vae_hash") and meta["vae_hash"] != h:
+    if meta["vae_hash"] != h:
         raise ValueError(f"{str(st)!r}: the weights hash to {h[:16]}... but the checkpoint says {meta['vae_hash'][:16]}...")
     vae.to(_device(device)).eval()
     return LoadedVAE(vae, meta, h, js if js.exists() else st, meta.get("bins"))
@@ -381,23 +393,28 @@ def _lr_at(config: VAEConfig, step: int) -> float:
 def train_vae(config: VAEConfig, out, *, data: Data | None = None, overwrite: bool = False) -> VAEResult:
     """Train the VAE on ``config.data`` (or ``data``), then write ``out``/vae.safetensors,
     ``out``/vae.json (with the held-out ELBO in bits/dim and ``vae_hash``) and ``out``/recon.png
-    (held-out images above their reconstructions). Refuses an ``out`` that already holds a
-    vae.json unless ``overwrite``. Everything random comes from one ``torch.Generator`` seeded
+    (held-out images above their reconstructions). ``out`` is opened as a run folder
+    (``diffmath.rundir.open_run``): refused if it is not empty, unless ``overwrite`` (which
+    deletes only the files diffmath wrote there), and locked while the VAE trains; the data are
+    checked first. Everything random comes from one ``torch.Generator`` seeded
     with ``config.seed`` (the data order and the reparameterisation noise) and the init from
     ``torch.manual_seed(config.seed)``."""
-    from .sample import save_grid
+    from .rundir import open_run
 
     t0 = time.time()
     out = Path(out)
-    if (out / "vae.json").exists() and not overwrite:
-        from .checkpoint import RunError
-
-        raise RunError(f"{str(out)!r} already holds a VAE (vae.json); pass overwrite=True to replace it")
     if data is None:
         data = load_data(config.data, config.image_size)
     check_vae_fits(config, data.shape, where=f"the {data.name!r} images")
     if data.kind != "image":
         raise ValueError(f"a VAE needs image data; {data.name!r} is {data.kind} data")
+    with open_run(out, "train-vae", overwrite=overwrite):
+        return _train_vae(config, out, data, t0)
+
+
+def _train_vae(config: VAEConfig, out: Path, data: Data, t0: float) -> VAEResult:
+    from .sample import save_grid
+
     dev = _device(config.device)
     torch.manual_seed(config.seed)
     vae = VAE(**config.model_kwargs(data.shape[0])).to(dev)

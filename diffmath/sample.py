@@ -92,9 +92,12 @@ class LoadedModel:
         return eps_from_x0(s, x.float(), t, x0).to(x.dtype)
 
 
-def load_model(run=None, checkpoint=None, device: str = "auto", ema: bool = True) -> LoadedModel:
+def load_model(run=None, checkpoint=None, device: str = "auto", ema: bool = True,
+               trust_unverified: bool = False) -> LoadedModel:
     """The model of a run directory (its latest checkpoint) or of one checkpoint file, with the
-    EMA weights (``ema=False``: the raw weights), in eval mode."""
+    EMA weights (``ema=False``: the raw weights), in eval mode. The weights must match the
+    SHA-256 of the checkpoint's JSON sidecar; one that cannot be verified (no sidecar, or no
+    ``weights_sha256`` in it) is refused unless ``trust_unverified`` (``checkpoint.load_checkpoint``)."""
     from .checkpoint import RunError, latest_checkpoint, load_checkpoint
     from .distributed import resolve_device
     from .train import TrainConfig, build_model, make_schedule
@@ -112,11 +115,11 @@ def load_model(run=None, checkpoint=None, device: str = "auto", ema: bool = True
         ck = Path(checkpoint)
         if not ck.exists():
             raise RunError(f"--checkpoint {str(ck)!r} does not exist")
-    meta, tensors = load_checkpoint(ck)
+    meta, tensors = load_checkpoint(ck, trust_unverified=trust_unverified)
     try:
         config = TrainConfig.from_dict(meta["config"])
         data_shape = tuple(meta["data_shape"])
-    except (KeyError, TypeError, ValueError) as e:
+    except (TypeError, ValueError) as e:
         raise RunError(f"{str(ck)!r} does not hold a usable diffmath config: {e}") from e
     dev = resolve_device(device)
     model = build_model(config, data_shape)
@@ -127,7 +130,7 @@ def load_model(run=None, checkpoint=None, device: str = "auto", ema: bool = True
     except RuntimeError as e:
         raise RunError(f"the weights in {str(ck)!r} do not fit the model its config describes: {e}") from e
     model.to(dev).eval()
-    return LoadedModel(model, config, make_schedule(config), data_shape, meta.get("bins"), int(meta["step"]), dev, Path(ck))
+    return LoadedModel(model, config, make_schedule(config), data_shape, meta["bins"], meta["step"], dev, Path(ck))
 
 
 # ----------------------------------------------------------------------------- VP-SDE view
@@ -268,19 +271,7 @@ def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=
     from .samplers import sample_ode, sample_pc
     from .train import _derive
 
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer; got {num_samples!r}")
-    T = lm.schedule.num_timesteps
-    if steps is None:
-        steps = DEFAULT_STEPS[sampler] or (T if sampler == "ddpm" else None)
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"steps must be a positive integer; got {steps!r}")
-    if sampler in ("ddpm", "ddim") and steps > T:
-        raise ValueError(f"steps must lie in [1, T] = [1, {T}] for --sampler {sampler}; got {steps}")
-    if eta < 0 or not math.isfinite(eta):
-        raise ValueError(f"eta must be finite and >= 0; got {eta}")
+    steps = check_sampling(lm, num_samples, sampler, steps, eta, seed, batch_size)
     if clip_x0 == "auto":
         clip_x0 = default_clip(lm)
     rank, world = 0, 1
@@ -314,8 +305,51 @@ def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=
     if world > 1:
         parts = [None] * world
         torch.distributed.all_gather_object(parts, local.numpy())
-        return np.concatenate(parts).astype(np.float32)
-    return local.numpy().astype(np.float32)
+        x = np.concatenate(parts).astype(np.float32)
+    else:
+        x = local.numpy().astype(np.float32)
+    check_finite_samples(x, lm, sampler)
+    return x
+
+
+def check_sampling(lm: LoadedModel, num_samples, sampler, steps, eta, seed=0, batch_size=1):
+    """``ValueError`` naming the argument if a sampling request is invalid; returns the number of
+    steps (the sampler's default when ``steps`` is None; None for the adaptive ode sampler)."""
+    from .train import MAX_SEED
+
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
+    for name, v in (("num_samples", num_samples), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer; got {v!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer in [0, 2**63 - 1]; got {seed!r}")
+    T = lm.schedule.num_timesteps
+    if steps is None:
+        steps = DEFAULT_STEPS[sampler] or (T if sampler == "ddpm" else None)
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be a positive integer; got {steps!r}")
+    if sampler in ("ddpm", "ddim") and steps > T:
+        raise ValueError(f"steps must lie in [1, T] = [1, {T}] for --sampler {sampler}; got {steps}")
+    if sampler == "pc" and steps < 20:  # its predictor is the VP-SDE's discrete chain, beta_i = beta_max / N
+        raise ValueError(f"steps must be >= 20 for --sampler pc (the VP-SDE chain needs beta_max / N = 20 / N <= 1); "
+                         f"got {steps}")
+    if eta < 0 or not math.isfinite(eta):
+        raise ValueError(f"eta must be finite and >= 0; got {eta}")
+    return steps
+
+
+def check_finite_samples(x: np.ndarray, lm: LoadedModel, sampler: str) -> None:
+    """``FloatingPointError`` if the samples hold NaN or inf: whatever the sampler, nothing
+    non-finite is returned or written (a model with NaN weights gives NaN samples)."""
+    bad = ~np.isfinite(x)
+    if bad.any():
+        rows = int(bad.reshape(len(x), -1).any(axis=1).sum())
+        raise FloatingPointError(
+            f"sampling ({sampler}) gave non-finite values (NaN or inf) in {rows} of {len(x)} samples with the weights of "
+            f"{str(lm.checkpoint)!r} (step {lm.step}): the model's outputs are not finite (damaged or diverged "
+            "weights?); nothing was written"
+        )
 
 
 # ----------------------------------------------------------------------------- files
@@ -366,9 +400,14 @@ def save_grid(path, x: np.ndarray, nrow: int | None = None, scale: int = 4, titl
 
 
 def sample_run(out, *, run=None, checkpoint=None, sampler="ddim", steps=None, eta=0.0, num_samples=500, seed=0,
-               device="auto", batch_size=500, progress=True, ema=True, clip_x0="auto") -> dict:
+               device="auto", batch_size=500, progress=True, ema=True, clip_x0="auto",
+               trust_unverified: bool = False) -> dict:
     """Load, sample, and write ``out``/samples.npz (``samples`` float32 + ``info`` JSON) and
-    ``out``/samples.png. Returns the info dict."""
+    ``out``/samples.png. Returns the info dict.
+
+    The checkpoint and the arguments are checked first; then ``out`` is locked for the rest of
+    the call (``rundir.claim_output``: a samples.npz/png there that diffmath did not write is
+    never replaced); samples that are not finite are an error and nothing is written."""
     import os
 
     from .distributed import _Dist, resolve_device
@@ -381,7 +420,8 @@ def sample_run(out, *, run=None, checkpoint=None, sampler="ddim", steps=None, et
             torch.cuda.set_device(dev)
         return _sample_run(out, dd, run=run, checkpoint=checkpoint, sampler=sampler, steps=steps, eta=eta,
                            num_samples=num_samples, seed=seed, device=str(dev), batch_size=batch_size,
-                           progress=progress and dd.rank == 0, ema=ema, clip_x0=clip_x0)
+                           progress=progress and dd.rank == 0, ema=ema, clip_x0=clip_x0,
+                           trust_unverified=trust_unverified)
     finally:
         dd.close()
 
@@ -401,23 +441,50 @@ def sampling_info(lm, sampler: str, steps, eta, num_samples: int, seed, ema: boo
     }
 
 
+SAMPLE_FILES = ("samples.npz", "samples.png")
+
+
+def claim_samples_folder(out, dd=None, command: str = "sample"):
+    """Lock ``out`` to write samples.npz/png into it (rank 0 under torchrun; the other ranks get
+    rank 0's refusal too, so none of them waits for the others forever). Returns the lock or None."""
+    from .checkpoint import RunError, legacy_run_files
+    from .rundir import claim_output
+
+    lock, err = None, None
+    if dd is None or dd.rank == 0:
+        try:
+            lock = claim_output(out, command, SAMPLE_FILES, adopt=legacy_run_files)
+        except (RunError, OSError) as e:
+            err = str(e)
+    if dd is not None:
+        err = dd.broadcast_object(err)
+    if err:
+        raise RunError(err)
+    return lock
+
+
 def _sample_run(out, dd, *, run, checkpoint, sampler, steps, eta, num_samples, seed, device, batch_size, progress, ema,
-                clip_x0):
+                clip_x0, trust_unverified=False):
     import time
 
-    lm = load_model(run=run, checkpoint=checkpoint, device=device, ema=ema)
-    t0 = time.time()
-    if clip_x0 == "auto":
-        clip_x0 = default_clip(lm)
-    x = generate(lm, num_samples, sampler=sampler, steps=steps, eta=eta, seed=seed, batch_size=batch_size,
-                 progress=progress, clip_x0=clip_x0)
-    secs = time.time() - t0
-    info = sampling_info(lm, sampler, steps, eta, num_samples, seed, ema,
-                         clip_x0=clip_x0 if sampler in ("ddpm", "ddim") else None)
-    info.update(seconds=round(secs, 3), world_size=dd.world)
-    if dd.rank == 0:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_npz(out / "samples.npz", samples=x, info=np.str_(json.dumps(info)))
-        save_grid(out / "samples.png", x, title=f"{sampler}, {num_samples} samples")
-    return info
+    lm = load_model(run=run, checkpoint=checkpoint, device=device, ema=ema, trust_unverified=trust_unverified)
+    check_sampling(lm, num_samples, sampler, steps, eta, seed, batch_size)
+    lock = claim_samples_folder(out, dd)
+    try:
+        t0 = time.time()
+        if clip_x0 == "auto":
+            clip_x0 = default_clip(lm)
+        x = generate(lm, num_samples, sampler=sampler, steps=steps, eta=eta, seed=seed, batch_size=batch_size,
+                     progress=progress, clip_x0=clip_x0)
+        secs = time.time() - t0
+        info = sampling_info(lm, sampler, steps, eta, num_samples, seed, ema,
+                             clip_x0=clip_x0 if sampler in ("ddpm", "ddim") else None)
+        info.update(seconds=round(secs, 3), world_size=dd.world)
+        if dd.rank == 0:
+            out = Path(out)
+            atomic_write_npz(out / "samples.npz", samples=x, info=np.str_(json.dumps(info)))
+            save_grid(out / "samples.png", x, title=f"{sampler}, {num_samples} samples")
+        return info
+    finally:
+        if lock is not None:
+            lock.release()

@@ -43,8 +43,11 @@ distribution, not bit for bit.
 Files in ``out``: config.json, step-NNNNNN.safetensors (weights ``model.*``, EMA ``ema.*``,
 optimizer tensors ``optim.<i>.<name>``, ``loss_history``) + step-NNNNNN.json (step, config,
 RNG states, optimizer hyper-parameters, SHA-256 of the .safetensors), loss.png and
-schedule.png, all written atomically (temp file + os.replace). Nothing is ever unpickled.
-Ctrl-C / SIGTERM finish the current step, write a checkpoint and return.
+schedule.png, all written atomically (temp file + os.replace) and listed in the folder's
+``.diffmath-run`` marker; the folder is locked while the run writes (``diffmath.rundir``). No
+file is ever unpickled (under torchrun the ranks exchange small objects through torch's object
+collectives, which pickle them: ``diffmath.distributed``). Ctrl-C / SIGTERM finish the current
+step, write a checkpoint and return.
 
 This module holds the config, the building blocks and the loop; the file formats and the run
 directory live in ``diffmath.checkpoint``, the figures in ``diffmath.plots``, devices and the
@@ -71,6 +74,7 @@ from . import losses, parameterization, posterior
 from .checkpoint import (  # RunError .. CHECKPOINT_FORMAT also make train's public names (__all__)
     CHECKPOINT_FORMAT,
     RESUMABLE_FIELDS,
+    RESUME_KEYS,
     RUN_FORMAT,
     RunError,
     _load_optimizer,
@@ -107,6 +111,7 @@ __all__ = [
 ]
 
 PREDICTIONS = ("eps", "x0", "v")
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit seed
 
 # The recipe of ``diffmath demo`` (``cli.run_demo``) and of the pixel model in
 # ``latent.compare_pixel_latent``: 8x8 digits, a 0.7M-parameter U-Net, tuned to finish well
@@ -222,6 +227,8 @@ class TrainConfig:
         check_int_fields(self, ("steps", "batch_size", "channels", "num_res_blocks", "num_heads", "mlp_depth",
                                 "save_every", "log_every"))
         check_int_fields(self, ("warmup", "lr_decay_steps", "seed"), 0)
+        if self.seed > MAX_SEED:
+            raise ValueError(f"seed must lie in [0, 2**63 - 1] = [0, {MAX_SEED}] (torch's seed range); got seed = {self.seed}")
         check_int_fields(self, ("timesteps",), 2)
         check_int_fields(self, ("image_size",))
         for n, lo, hi in (("lr", 0.0, math.inf), ("dropout", 0.0, 1.0), ("ema_decay", 0.0, 1.0), ("grad_clip", 0.0, math.inf)):
@@ -301,6 +308,43 @@ def build_model(config: TrainConfig, data_shape) -> torch.nn.Module:
             dim=data_shape[0], hidden=config.channels * 4, depth=config.mlp_depth, learn_sigma=config.learn_sigma
         )
     raise ValueError(f"data samples must have shape (C, H, W) or (D,); got {data_shape}")
+
+
+def unet_resolutions(config: TrainConfig, image_size: int) -> tuple:
+    """The spatial sizes of the U-Net's levels: image_size / 2**l for each entry l of channel_mult."""
+    return tuple(image_size // 2**level for level in range(len(config.channel_mult)))
+
+
+def check_model_config(config: TrainConfig, data_shape, *, strict: bool = True) -> None:
+    """``ValueError`` before any work if the U-Net of ``config`` cannot be built for images of
+    ``data_shape`` (C, H, W) as asked: a side not divisible by its down-sampling, or an attention
+    resolution it never has (the message names the ones it has). The default attention
+    resolution 4, which a U-Net without a 4x4 level lacks, is dropped with a warning instead;
+    ``strict=False`` (a resumed run, whose config is fixed) warns for any resolution. Vectors
+    (toy data, an MLP) have no resolutions to check."""
+    data_shape = tuple(int(n) for n in data_shape)
+    if len(data_shape) != 3:
+        return
+    C, H, W = data_shape
+    if H != W:
+        raise ValueError(f"images must be square; got {H}x{W}")
+    f = 2 ** (len(config.channel_mult) - 1)
+    if H % f:
+        raise ValueError(f"the U-Net down-samples by {f} (channel_mult = {list(config.channel_mult)}), so the image side "
+                         f"must be divisible by {f}; got {H}x{W}. Use fewer channel_mult entries or another --image-size")
+    levels = unet_resolutions(config, H)
+    missing = [r for r in config.attention_resolutions if r not in levels]
+    if not missing:
+        return
+    default = TrainConfig.__dataclass_fields__["attention_resolutions"].default
+    msg = (f"attention_resolutions {list(config.attention_resolutions)}: the U-Net for {H}x{W} images with channel_mult "
+           f"{list(config.channel_mult)} has the resolutions {list(levels)} only, so {missing} would never get "
+           f"attention; choose among {list(levels)} (or [] for attention only in the middle block)")
+    if strict and tuple(config.attention_resolutions) != tuple(default):
+        raise ValueError(msg)
+    import warnings
+
+    warnings.warn(msg, UserWarning, stacklevel=3)
 
 
 def _derive(seed: int, *keys) -> int:
@@ -469,13 +513,16 @@ def _ema_update(ema, model, decay: float):
 
 
 def train(config: TrainConfig, out, *, resume: bool = False, overwrite: bool = False, data: Data | None = None,
-          stop_after: int | None = None) -> TrainResult:
+          stop_after: int | None = None, trust_unverified: bool = False) -> TrainResult:
     """Train as configured, writing into ``out``; see the module docstring.
 
     ``resume`` continues from the latest checkpoint in ``out`` (the flags must match its
-    config except ``RESUMABLE_FIELDS``); ``overwrite`` replaces an existing run. ``data``
-    overrides ``config.data`` (tests). ``stop_after`` stops (with a checkpoint) after that
-    many steps of this call, as if interrupted.
+    config except ``RESUMABLE_FIELDS``); ``overwrite`` replaces a run that diffmath wrote
+    (``diffmath.rundir``: only the files its marker lists are deleted). The data and the model
+    configuration are checked before ``out`` is touched, and ``out`` stays locked against other
+    writers until this returns. ``data`` overrides ``config.data`` (tests). ``stop_after`` stops
+    (with a checkpoint) after that many steps of this call, as if interrupted.
+    ``trust_unverified`` resumes from a checkpoint whose sidecar has no SHA-256.
     """
     import copy
 
@@ -483,6 +530,7 @@ def train(config: TrainConfig, out, *, resume: bool = False, overwrite: bool = F
     out = Path(out)
     device = resolve_device(config.device)
     dd = _Dist(device)
+    lock = None
     try:
         if device.type == "cuda" and dd.active:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dd.rank)) % torch.cuda.device_count())
@@ -490,27 +538,29 @@ def train(config: TrainConfig, out, *, resume: bool = False, overwrite: bool = F
         if config.batch_size % dd.world:
             raise RunError(f"batch_size {config.batch_size} (the global batch) must be divisible by the world size {dd.world}")
         is_main = dd.rank == 0
-        # --- the run directory (rank 0 decides, the others follow)
-        err, ckpt = None, None
-        if is_main:
-            try:
-                ckpt = prepare_out(out, config, resume=resume, overwrite=overwrite)
-                out.mkdir(parents=True, exist_ok=True)
-            except RunError as e:
-                err = str(e)
-        err, ckpt = dd.broadcast_object((err, None if ckpt is None else str(ckpt)))
-        if err:
-            raise RunError(err)
-        # --- data, schedule, model
+        # --- every input is checked before the run directory is touched
         if data is None:
             data = load_data(config.data, config.image_size)
-        s = make_schedule(config)
-        x_all = torch.from_numpy(np.ascontiguousarray(data.train)).to(device)
-        N = x_all.shape[0]
+        N = int(data.train.shape[0])
         Bg = config.batch_size
         B = Bg // dd.world
         if N < Bg:
             raise RunError(f"batch_size {Bg} exceeds the {N} training samples of {data.name!r}; lower --batch-size")
+        check_model_config(config, data.shape, strict=not resume)
+        # --- the run directory (rank 0 decides and holds its lock, the others follow)
+        err, ckpt = None, None
+        if is_main:
+            try:
+                ckpt, lock = prepare_out(out, config, resume=resume, overwrite=overwrite,
+                                         trust_unverified=trust_unverified)
+            except (RunError, OSError) as e:
+                err = str(e)
+        err, ckpt = dd.broadcast_object((err, None if ckpt is None else str(ckpt)))
+        if err:
+            raise RunError(err)
+        # --- schedule, model
+        s = make_schedule(config)
+        x_all = torch.from_numpy(np.ascontiguousarray(data.train)).to(device)
         torch.manual_seed(config.seed)
         model = build_model(config, data.shape).to(device)
         ema = copy.deepcopy(model).requires_grad_(False)
@@ -518,17 +568,29 @@ def train(config: TrainConfig, out, *, resume: bool = False, overwrite: bool = F
         losses_hist: list[float] = []
         step = 0
         if ckpt is not None:
-            meta, tensors = load_checkpoint(ckpt)
-            model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-            ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-            _load_optimizer(opt, meta["optimizer"], tensors)
-            losses_hist = tensors["loss_history"].tolist()
-            step = int(meta["step"])
-            rng = meta.get("rng", {})
-            cpu_states = rng.get("torch_cpu", [])
+            meta, tensors = load_checkpoint(ckpt, trust_unverified=trust_unverified, keys=RESUME_KEYS)
+            try:
+                model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+                ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+                losses_hist = tensors["loss_history"].tolist()
+            except (RuntimeError, KeyError) as e:
+                raise RunError(f"the weights in {str(ckpt)!r} do not fit the model its config describes: {e!r}") from e
+            _load_optimizer(opt, meta["optimizer"], tensors, where=str(ckpt))
+            step = meta["step"]
+            rng = meta["rng"]
+            cpu_states = rng["torch_cpu"]
             if len(cpu_states) == dd.world:
-                torch.set_rng_state(_rng_state_from_b64(cpu_states[dd.rank]))
-            cuda_states = rng.get("torch_cuda", [])
+                try:
+                    torch.set_rng_state(_rng_state_from_b64(cpu_states[dd.rank]))
+                except RuntimeError as e:
+                    raise RunError(f"{str(ckpt)!r}: rng.torch_cpu[{dd.rank}] is not a torch RNG state: {e}") from e
+            elif is_main:
+                import warnings
+
+                warnings.warn(f"{str(ckpt)!r} was written by {len(cpu_states)} process(es) and is resumed by {dd.world}: "
+                              "the dropout RNG restarts, so the continuation is not bit-identical to an unbroken run",
+                              UserWarning, stacklevel=2)
+            cuda_states = rng["torch_cuda"]
             if device.type == "cuda" and len(cuda_states) == dd.world and cuda_states[dd.rank]:
                 torch.cuda.set_rng_state(_rng_state_from_b64(cuda_states[dd.rank]), device)
             if is_main:  # the resumable fields (--steps, ...) may have changed
@@ -640,6 +702,8 @@ def train(config: TrainConfig, out, *, resume: bool = False, overwrite: bool = F
             plot_loss(out / "loss.png", losses_hist)
         return TrainResult(out, step, losses_hist, interrupted, last_ckpt, time.time() - t_start, steps_this_call)
     finally:
+        if lock is not None:
+            lock.release()
         dd.close()
 
 

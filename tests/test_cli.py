@@ -404,3 +404,157 @@ def test_demo_latent_and_compare_latent_call_diffmath_latent(monkeypatch, capsys
         main(["compare-latent", "--out", "cmp", "--budget", "0"])
     assert "expected a positive" in _err(capsys)
 
+
+
+# ----------------------------------------------------------------------------- issue 11: hostile input
+GMM_TINY = ["--data", "gmm", "--steps", "2", "--batch-size", "16", "--channels", "4", "--timesteps", "50",
+            "--save-every", "2", "--no-progress"]
+
+
+def _rewrite_weights(js, change):
+    """Replace the tensors of the checkpoint ``js`` by ``change(tensors)``, with a correct new SHA-256."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from diffmath._io import save_safetensors
+    from diffmath.checkpoint import CHECKPOINT_FORMAT
+
+    st = js.with_suffix(".safetensors")
+    with safe_open(str(st), framework="pt") as f:
+        small = json.loads(f.metadata()["meta"])
+    meta = json.loads(js.read_text())
+    meta["weights_sha256"] = save_safetensors(st, change(load_file(str(st))), CHECKPOINT_FORMAT, small)
+    js.write_text(json.dumps(meta))
+
+
+def test_checkpoint_sha256_is_mandatory(tmp_path, capsys):
+    # issue 11, 6.5: a .safetensors without its JSON loaded bit-flipped weights and exited 0
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run)] + GMM_TINY) == 0
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    st = lone / "step-000002.safetensors"
+    st.write_bytes((run / "step-000002.safetensors").read_bytes())
+    smp = ["--num-samples", "5", "--steps", "2", "--no-progress"]
+    assert main(["sample", "--checkpoint", str(st), "--out", str(tmp_path / "s")] + smp) == 2
+    err = _err(capsys)
+    assert "has no step-000002.json beside it" in err and "--trust-unverified" in err
+    assert not (tmp_path / "s" / "samples.npz").exists()
+    assert main(["sample", "--checkpoint", str(st), "--out", str(tmp_path / "s"), "--trust-unverified"] + smp) == 0
+    # a sidecar without weights_sha256 vouches for nothing: refused for sample and for resume
+    js = run / "step-000002.json"
+    meta = json.loads(js.read_text())
+    del meta["weights_sha256"]
+    js.write_text(json.dumps(meta))
+    assert main(["sample", "--run", str(run)] + smp) == 2
+    assert "has no 'weights_sha256'" in _err(capsys)
+    assert main(["train", "--out", str(run), "--resume", "--steps", "3", "--no-progress"]) == 2
+    assert "has no 'weights_sha256'" in _err(capsys)
+    assert main(["train", "--out", str(run), "--resume", "--steps", "3", "--no-progress", "--trust-unverified"]) == 0
+    # bit-flipped weights are refused, --trust-unverified or not
+    b = bytearray((run / "step-000003.safetensors").read_bytes())
+    b[-5] ^= 0x10
+    (run / "step-000003.safetensors").write_bytes(bytes(b))
+    for extra in ([], ["--trust-unverified"]):
+        assert main(["sample", "--run", str(run)] + smp + extra) == 2
+        assert "SHA-256 differs" in _err(capsys)
+    # documented in --help
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    assert "--trust-unverified" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("key,value,msg", [
+    ("rng", None, "lacks the key 'rng'"),
+    ("step", "2", "the key 'step' must be an integer >= 0"),
+    ("optimizer", {"param_groups": "x"}, "the key 'optimizer' must be"),
+    ("rng", {"torch_cpu": ["!!"], "torch_cuda": [""], "world_size": 1}, "the key 'rng' must be"),
+    ("config", [1, 2], "the key 'config' must be a JSON object"),
+])
+def test_tampered_sidecars_name_the_key(tmp_path, capsys, key, value, msg):
+    # issue 11: a missing `rng` silently made resume non-bit-exact; other keys gave KeyError tracebacks
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run)] + GMM_TINY) == 0
+    js = run / "step-000002.json"
+    meta = json.loads(js.read_text())
+    if value is None:
+        del meta[key]
+    else:
+        meta[key] = value
+    js.write_text(json.dumps(meta))
+    assert main(["train", "--out", str(run), "--resume", "--steps", "3", "--no-progress"]) == 2
+    err = _err(capsys)
+    assert msg in err and "Traceback" not in err, err
+    if key in ("step", "config"):  # what sampling reads too
+        assert main(["sample", "--run", str(run), "--num-samples", "3", "--steps", "2", "--no-progress"]) == 2
+        assert msg in _err(capsys)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "em", "pc", "ode"])
+def test_nan_weights_give_an_error_not_nan_samples(tmp_path, capsys, sampler):
+    # issue 11, 6.8: `diffmath sample` on NaN weights wrote a NaN samples.npz and exited 0
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run)] + GMM_TINY) == 0
+    _rewrite_weights(run / "step-000002.json",
+                     lambda t: {k: (v.fill_(float("nan")) if k.startswith("ema.") and v.is_floating_point() else v)
+                                for k, v in t.items()})
+    rc = main(["sample", "--run", str(run), "--sampler", sampler, "--steps", "20" if sampler == "pc" else "3",
+               "--num-samples", "4", "--no-progress"])
+    err = _err(capsys)
+    assert rc == 2 and "Traceback" not in err, err
+    assert re.search(r"non-finite|not finite|nan|inf", err, re.I), err
+    assert not (run / "samples.npz").exists() and not (run / "samples.png").exists()
+
+
+def test_threads_and_seed_are_bounded(capsys):
+    import os
+
+    # issue 11: --threads 100000 segfaulted (exit 139); --seed 2**64 gave "Overflow when unpacking long long"
+    for argv, msg in ((["train", "--out", "X", "--threads", "100000"], f"an integer in [0, {os.cpu_count()}]"),
+                      (["sample", "--run", "X", "--threads", "-1"], "an integer in [0,"),
+                      (["train", "--out", "X", "--seed", str(2**64)], "an integer in [0, 2**63 - 1]"),
+                      (["sample", "--run", "X", "--seed", str(2**63)], "an integer in [0, 2**63 - 1]")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        assert msg in _err(capsys), argv
+    from diffmath.train import TrainConfig
+
+    with pytest.raises(ValueError, match=r"seed must lie in \[0, 2\*\*63 - 1\]"):
+        TrainConfig(seed=2**64)  # a TOML config reaches the same check
+
+
+def test_out_of_memory_is_a_message_not_a_traceback(tmp_path, capsys, monkeypatch):
+    from diffmath import train as tr
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(tr, "training_loss", oom)
+    assert main(["train", "--out", str(tmp_path / "r")] + GMM_TINY) == 2
+    err = _err(capsys)
+    assert "out of memory" in err and "lower --batch-size (now 16)" in err and "Traceback" not in err
+    monkeypatch.undo()
+    assert main(["train", "--out", str(tmp_path / "ok")] + GMM_TINY) == 0
+    import diffmath.sample as sm
+
+    monkeypatch.setattr(sm, "generate", lambda *a, **k: (_ for _ in ()).throw(MemoryError()))
+    assert main(["sample", "--run", str(tmp_path / "ok"), "--batch-size", "7", "--no-progress"]) == 2
+    assert "out of memory (MemoryError" in (err := _err(capsys)) and "lower --batch-size (samples per network call, now 7)" in err
+
+
+def test_attention_resolutions_the_unet_never_has_are_an_error(tmp_path, capsys):
+    # issue 11: --attention-resolutions 3 on 8x8 data was silently ignored
+    out = tmp_path / "r"
+    argv = ["train", "--data", "digits", "--out", str(out)] + TINY_FLAGS
+    assert main(argv + ["--attention-resolutions", "3"]) == 2
+    err = _err(capsys)
+    assert "has the resolutions [8, 4] only" in err and "[3]" in err
+    assert not out.exists()  # refused before the folder was made
+    assert main(argv + ["--attention-resolutions", "4,2"]) == 2
+    assert "[2] would never get attention" in _err(capsys)
+    # the default (4) on a U-Net without a 4x4 level is dropped with a warning, as before
+    with pytest.warns(UserWarning, match="would never get attention"):
+        assert main(["train", "--data", "digits", "--image-size", "16", "--out", str(tmp_path / "s"), "--steps", "1",
+                     "--batch-size", "8", "--channels", "8", "--num-res-blocks", "1", "--timesteps", "50",
+                     "--no-progress"]) == 0

@@ -111,3 +111,57 @@ def test_toy_sets():
     x = gaussian_mixture(20_000, 1)
     r = np.linalg.norm(x, axis=1)
     assert abs(np.median(r) - 1.0) < 0.02
+
+
+def _gradient16(h=16, w=16):
+    """A 16-bit grey ramp over the whole range 0..65535 (with the end points)."""
+    return np.round(np.linspace(0, 65535, h * w)).astype(np.uint16).reshape(h, w)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B"])
+def test_16bit_png_is_scaled_not_clipped(tmp_path, mode):
+    # issue 11, 6.3: Pillow's 16 -> 8-bit conversion clips; 98% of a 16-bit ramp loaded as +1.0
+    a = _gradient16()
+    im = Image.frombytes(mode, (16, 16), a.astype(">u2" if mode == "I;16B" else "<u2").tobytes())
+    assert im.mode == mode
+    im.save(tmp_path / "a.png")
+    im.save(tmp_path / "b.png")
+    assert Image.open(tmp_path / "a.png").mode.startswith("I")  # still 16 bits on disk
+    d = load_image_folder(tmp_path, 16)
+    x = np.concatenate([d.train, d.held_out])
+    assert x.shape == (2, 1, 16, 16) and d.bins == 256
+    # the reference: 0..65535 onto the 256 levels 0..255 by v * 255 / 65535, rounded, then x / 127.5 - 1
+    ref = np.floor(a.astype(np.float64) * 255 / 65535 + 0.5) / 127.5 - 1
+    np.testing.assert_allclose(x[0, 0], ref, atol=1e-6)
+    assert x.min() == -1 and x.max() == 1 and (x == 1).mean() < 0.01
+    assert len(np.unique(x)) == 256  # every level used, none saturated
+
+
+def test_mode_I_images_are_16bit_or_refused():
+    from diffmath.data import to_8bit_grey
+
+    a = _gradient16(4, 4).astype(np.int32)
+    im = Image.frombytes("I", (4, 4), a.astype("<i4").tobytes())
+    np.testing.assert_array_equal(np.asarray(to_8bit_grey(im)), np.floor(a * 255 / 65535 + 0.5).astype(np.uint8))
+    big = Image.frombytes("I", (2, 1), np.array([0, 70000], "<i4").tobytes())
+    with pytest.raises(ValueError, match="outside the 16-bit range"):
+        to_8bit_grey(big)
+
+
+def test_a_decompression_bomb_is_skipped_with_a_warning(tmp_path, monkeypatch):
+    # issue 11, 6.4: one PIL.Image.DecompressionBombError aborted the whole folder with a traceback
+    import warnings
+
+    _write_images(tmp_path, 3, size=(8, 8))
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "bomb.png")  # 4096 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # > 2x the limit: DecompressionBombError
+    with pytest.warns(UserWarning, match=r"bomb.png.*DecompressionBombError"):
+        d = load_image_folder(tmp_path, 8)
+    assert len(d.train) + len(d.held_out) == 3 and any("bomb.png" in s for s in d.info["skipped"])
+    # between 1x and 2x the limit Pillow only warns; where warnings are errors, the file is skipped too
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)
+    with pytest.warns(UserWarning, match=r"bomb.png.*DecompressionBombWarning"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            d = load_image_folder(tmp_path, 8)
+    assert len(d.train) + len(d.held_out) == 3

@@ -279,3 +279,84 @@ def test_demo_latent_writes_a_report_and_reuses_its_run(tmp_path):
     assert (out / "vae" / "vae.safetensors").read_bytes() == vae_bytes and "vae_train_s" not in m2["timings"]
     with pytest.raises(RunError, match="holds something other than this latent demo run"):
         demo_latent(out, device="cpu", progress=False, config_overrides={**over, "channels": 16}, vae_overrides=vae_over)
+
+
+# ----------------------------------------------------------------------------- issue 11: the cache's SHA-256
+def _flip_a_latent_bit(path):
+    """Flip one exponent bit of the last float32 of the cache (the data sit after the JSON header)."""
+    b = bytearray(path.read_bytes())
+    b[-1] ^= 0x40
+    path.write_bytes(bytes(b))
+
+
+def test_a_damaged_latent_cache_is_refused(tmp_path, digits, vae_a):
+    # issue 11, 6.6: one flipped bit gave a latent of -9.1e37 and --resume trained on it
+    path = tmp_path / "latents.safetensors"
+    encode_dataset(vae_a, digits, path)
+    side = json.loads((tmp_path / "latents.json").read_text())
+    import hashlib
+
+    assert side["weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    _flip_a_latent_bit(path)
+    with pytest.raises(LatentCacheError, match="SHA-256 differs") as e:
+        load_latents(path, vae=vae_a, data=digits)
+    assert e.value.damaged
+    (tmp_path / "latents.json").unlink()
+    with pytest.raises(LatentCacheError, match="no latents.json beside it") as e:
+        load_latents(path)
+    assert e.value.damaged
+
+
+def test_resume_re_encodes_a_damaged_cache_with_a_warning(tmp_path, digits, vae_a):
+    out = tmp_path / "run"
+    train_latent(out, TrainConfig(**{**TINY_UNET, "steps": 3}), vae=vae_a, data=digits)
+    cache = out / "latents.safetensors"
+    good = cache.read_bytes()
+    _flip_a_latent_bit(cache)
+    with pytest.warns(UserWarning, match="SHA-256 differs.*encoding the data again"):
+        res = train_latent(out, TrainConfig(**{**TINY_UNET, "steps": 4}), resume=True, data=digits)
+    assert res.unet.step == 4 and cache.read_bytes() == good  # the same latents, bit for bit
+    # a cache that re-encodes to other latents cannot carry the U-Net on: refused
+    info = json.loads((out / "latent.json").read_text())
+    info["scale_factor"] *= 1.5
+    (out / "latent.json").write_text(json.dumps(info))
+    _flip_a_latent_bit(cache)
+    with pytest.warns(UserWarning, match="encoding the data again"), pytest.raises(LatentCacheError,
+                                                                                   match="cannot be resumed"):
+        train_latent(out, TrainConfig(**{**TINY_UNET, "steps": 5}), resume=True, data=digits)
+
+
+@pytest.mark.parametrize("key,value,msg", [("vae_hash", None, "lacks the key 'vae_hash'"),
+                                           ("scale_factor", "1.3", "the key 'scale_factor' must be"),
+                                           ("unet_run", "../elsewhere", "must name a folder inside the run")])
+def test_a_tampered_latent_json_names_the_key(tmp_path, digits, vae_a, key, value, msg):
+    out = tmp_path / "run"
+    train_latent(out, TrainConfig(**{**TINY_UNET, "steps": 3}), vae=vae_a, data=digits)
+    info = json.loads((out / "latent.json").read_text())
+    if value is None:
+        del info[key]
+    else:
+        info[key] = value
+    (out / "latent.json").write_text(json.dumps(info))
+    with pytest.raises(RunError, match=msg):
+        sample_latent(out, num_samples=2, steps=2, device="cpu")
+    with pytest.raises(RunError, match=msg):
+        train_latent(out, TrainConfig(**{**TINY_UNET, "steps": 4}), resume=True, data=digits)
+
+
+def test_a_latent_run_from_before_markers_is_adopted_then_overwritten_by_its_markers(tmp_path, digits):
+    out = tmp_path / "run"
+    train_latent(out, TrainConfig(**{**TINY_UNET, "steps": 3}), vae_config=VAEConfig(**{**TINY_VAE, "steps": 3}),
+                 data=digits)
+    for p in list(out.rglob(".diffmath-run")) + list(out.rglob(".diffmath.lock")):
+        p.unlink()  # as an older diffmath left the run
+    (out / "notes.txt").write_text("mine\n")
+    (out / "vae" / "notes.txt").write_text("mine too\n")
+    train_latent(out, TrainConfig(**{**TINY_UNET, "steps": 4}), resume=True, data=digits)
+    m = json.loads((out / ".diffmath-run").read_text())
+    assert m["runs"] == ["unet", "vae"] and "latent.json" in m["files"] and "notes.txt" not in m["files"]
+    assert "vae.json" in json.loads((out / "vae" / ".diffmath-run").read_text())["files"]
+    train_latent(out, TrainConfig(**{**TINY_UNET, "steps": 3}), vae_config=VAEConfig(**{**TINY_VAE, "steps": 3}),
+                 data=digits, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine\n" and (out / "vae" / "notes.txt").read_text() == "mine too\n"
+    assert (out / "unet" / "step-000003.json").exists() and not (out / "unet" / "step-000004.json").exists()

@@ -44,10 +44,14 @@ def test_train_writes_the_run_files(tmp_path):
     assert res.step == 6 and not res.interrupted and len(res.losses) == 6
     assert all(math.isfinite(v) for v in res.losses)
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(
+    written = sorted(
         ["config.json", "loss.png", "schedule.png"]
         + [f"step-00000{k}.{e}" for k in (3, 6) for e in ("json", "safetensors")]
     )
+    assert names == sorted(written + [".diffmath-run", ".diffmath.lock"])
+    marker = json.loads((out / ".diffmath-run").read_text())  # lists exactly what the run wrote
+    assert marker["format"] == "diffmath.folder/1" and marker["command"] == "train" and len(marker["run_id"]) == 32
+    assert marker["files"] == written and marker["runs"] == []
     meta = json.loads((out / "step-000006.json").read_text())  # plain JSON, nothing pickled
     assert meta["format"] == tr.CHECKPOINT_FORMAT and meta["step"] == 6
     assert meta["weights_sha256"] == hashlib.sha256((out / "step-000006.safetensors").read_bytes()).hexdigest()
