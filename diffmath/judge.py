@@ -169,7 +169,8 @@ def _cell_terms(data, zl, zh, yl, yh):
 
 
 def mixture_kl(
-    data, solver, sigmas, *, start=None, tol: float = 1e-7, n0: int = 1024, max_nodes: int = 1 << 21, **options
+    data, solver, sigmas, *, start=None, tol: float = 1e-7, rtol: float = 0.0, n0: int = 1024, max_nodes: int = 1 << 21,
+    **options,
 ) -> KLEstimate:
     """KL(output || data) of a deterministic sigma-space ``solver`` (a ``diffmath.samplers``
     solver, its name, or any callable with that convention) driven by the exact denoiser of the
@@ -178,7 +179,7 @@ def mixture_kl(
 
     Nodes z start uniform on [-10, 10] (``n0`` cells); every cell also has its midpoint
     evaluated, and its gain g_j = (partitioned KL with the cell halved) - (with it whole) >= 0.
-    While sum_j g_j > ``tol`` (default 1e-7 nats), the cells with the largest gains are halved
+    While sum_j g_j > max(``tol``, ``rtol`` KL) (default 1e-7 nats absolute), the cells with the largest gains are halved
     (those whose removal leaves sum <= tol / 2) and their halves' midpoints evaluated, all new
     starts as one batch. The result is the partitioned KL on every node evaluated (the finest
     partition) and err = sum_j g_j, the difference between it and the partition one refinement
@@ -192,6 +193,8 @@ def mixture_kl(
     s = _start_std(start, sig)
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not (math.isfinite(tol) and tol > 0):
         raise ValueError(f"tol must be a finite number > 0; got tol = {tol!r}")
+    if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not (math.isfinite(rtol) and rtol >= 0):
+        raise ValueError(f"rtol must be a finite number >= 0; got rtol = {rtol!r}")
     for name, v, lo in (("n0", n0, 16), ("max_nodes", max_nodes, 64)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
             raise ValueError(f"{name} must be an integer >= {lo}; got {name} = {v!r}")
@@ -221,11 +224,12 @@ def mixture_kl(
         gain = np.abs(halves[0::2] + halves[1::2] - whole)
         gain = np.where(np.isfinite(gain), gain, np.inf)
         err = float(gain.sum())
-        if err <= tol or zf.size >= max_nodes or not math.isfinite(err):
+        goal = max(tol, rtol * float(np.sum(halves[np.isfinite(halves)])))
+        if err <= goal or zf.size >= max_nodes or not math.isfinite(err):
             break
-        # halve the cells with the largest gains, keeping the rest's sum <= tol / 2
+        # halve the cells with the largest gains, keeping the rest's sum <= goal / 2
         order = np.argsort(gain)  # ascending
-        keep = np.cumsum(gain[order]) <= 0.5 * tol
+        keep = np.cumsum(gain[order]) <= 0.5 * goal
         split = np.zeros(gain.size, dtype=bool)
         split[order[~keep]] = True
         # the new coarse grid: old nodes plus the midpoints of the split cells
@@ -250,7 +254,7 @@ def mixture_kl(
         kl=kl,
         err=err,
         method="change of variables on cell masses, adaptive grid; err = KL(finest) - KL(one refinement coarser)",
-        details={"nodes": int(zf.size), "rounds": rounds, "converged": err <= tol, "start_std": s},
+        details={"nodes": int(zf.size), "rounds": rounds, "converged": err <= goal, "start_std": s},
     )
 
 

@@ -90,3 +90,79 @@ def test_ddim_eta0_10_steps_cell_against_monte_carlo_of_sample_ddim(result):
     se = np.sqrt(((m - mu0) / s0**2) ** 2 * sd**2 / n + (sd / s0**2 - 1 / sd) ** 2 * sd**2 / (2 * n))
     kl_table = result[0]["tables"]["leading"]["eta=0.0"]["10"]
     assert abs(kl_mc - kl_table) < 5 * se, (kl_mc, kl_table, se)
+
+
+# ----------------------------------------------------------------------------- --nfe
+@pytest.fixture(scope="module")
+def nfe_result(tmp_path_factory):
+    d = tmp_path_factory.mktemp("verify_nfe")
+    out = verify.run(json_path=str(d / "n.json"), plot_path=str(d / "n.png"), nfe=(5, 10, 20))
+    return out, d
+
+
+def test_nfe_layout_and_files(nfe_result, capsys):
+    out, d = nfe_result
+    rows = [r for r, _, _ in verify.NFE_ROWS]
+    assert list(out["nfe"]) == rows
+    assert set(out["nfe_mixture"]) == set(rows) - set(verify.STOCHASTIC_ROWS)
+    for key in ("nfe", "nfe_mixture"):
+        for row in out[key].values():
+            assert list(row) == ["5", "10", "20"]
+            assert all(v is None or 0 < v < float("inf") for v in row.values())
+    assert set(out["nfe_ladders"].values()) <= {"karras", "exponential"}
+    # Heun: 2n - 1 evaluations with n = (NFE + 1) // 2, the nearest count at or below the column
+    assert out["nfe_evaluations"]["heun"] == {"5": 5, "10": 9, "20": 19}
+    assert out["nfe_evaluations"]["dpmpp_2m"] == {"5": 5, "10": 10, "20": 20}
+    errs = [e for r in out["nfe_mixture_err"].values() for e in r.values() if e is not None]
+    kls = [k for r in out["nfe_mixture"].values() for k in r.values() if k is not None]
+    assert max(e / max(1.0, k / 10) for e, k in zip(errs, kls)) <= 1e-6
+    on_disk = json.loads((d / "n.json").read_text())
+    assert on_disk["nfe"] == out["nfe"] and on_disk["tables"] == out["tables"]
+    assert (d / "n.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_nfe_cells_are_the_oracle_on_the_named_ladder(nfe_result):
+    # each printed cell is the exact KL of the solver on the ladder the table names, and the
+    # row's ladder is the better of the two by mean log KL
+    import math
+
+    from diffmath.oracle import GaussianData
+    from diffmath.samplers import sigmas_exponential, sigmas_karras
+    from diffmath.schedules import linear_schedule
+
+    out = nfe_result[0]
+    s = linear_schedule(1000)
+    lo, hi = float(s.sqrt_recipm1_alphas_cumprod[0]), float(s.sqrt_recipm1_alphas_cumprod[-1])
+    data = GaussianData([verify.DATA_MEAN], [[verify.DATA_STD**2]])
+    for row, solver, opts in verify.NFE_ROWS:
+        if row not in ("dpmpp_2m", "heun", "unipc_order3"):
+            continue
+        score = {}
+        for lad, make in (("karras", sigmas_karras), ("exponential", sigmas_exponential)):
+            n_levels = {"5": 3, "10": 5, "20": 10} if row == "heun" else {"5": 5, "10": 10, "20": 20}
+            kls = {c: data.exact_solver_output(solver, make(n, lo, hi), **opts).kl(data) for c, n in n_levels.items()}
+            score[lad] = sum(math.log(v) for v in kls.values())
+            if lad == out["nfe_ladders"][row]:
+                assert kls == pytest.approx(out["nfe"][row], rel=1e-12)
+        assert out["nfe_ladders"][row] == min(score, key=score.get)
+
+
+def test_nfe_orderings(nfe_result):
+    g, m = nfe_result[0]["nfe"], nfe_result[0]["nfe_mixture"]
+    # first-order Euler improves with every column; at 20 evaluations the second-order
+    # multistep solvers beat it by orders of magnitude on both data sets
+    assert g["euler"]["5"] > g["euler"]["10"] > g["euler"]["20"]
+    for row in ("dpmpp_2m", "unipc"):
+        assert g[row]["20"] < g["euler"]["20"] / 100
+        assert m[row]["20"] < m["euler"]["20"] / 5
+
+
+def test_main_parses_nfe(monkeypatch):
+    calls = {}
+    monkeypatch.setattr(verify, "run", lambda **kw: calls.update(kw) or {})
+    assert verify.main(["--nfe", "5,10"]) == 0 and calls["nfe"] == (5, 10)
+    assert verify.main(["--nfe"]) == 0 and calls["nfe"] == verify.NFES
+    with pytest.raises(SystemExit):
+        verify.main(["--nfe", "5,x"])
+    with pytest.raises(SystemExit):
+        verify.main(["--nfe", "1"])
