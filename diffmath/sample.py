@@ -13,7 +13,7 @@ Samplers (``--sampler``):
 - ``pc``: predictor-corrector, ``samplers.sample_pc`` (reverse-diffusion predictor + one Langevin
   corrector step, snr 0.16; score_sde's VP setting) on a VP-SDE with N = steps. The corrector's
   step size uses the batch-mean norms of the score and the noise (score_sde's
-  ``LangevinCorrector``, ``corrector_norm="batch"``): per-sample norms blow up in low
+  ``LangevinCorrector``, ``sample_pc``'s default): per-sample norms blow up in low
   dimension, where a sample near a mode has a score near zero.
 - ``ode``: the probability-flow ODE, ``samplers.sample_ode`` (scipy RK45, rtol = atol = 1e-5).
 
@@ -306,7 +306,7 @@ def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=
             g = torch.Generator(device=lm.device).manual_seed(_derive(seed, "chunk", a))
             if sampler == "pc":
                 sde = type(score.sde)(beta_min=0.1, beta_max=20.0, N=steps)
-                x = sample_pc(score, sde, x_T=x, steps=steps, corrector_norm="batch", generator=g, progress=progress)
+                x = sample_pc(score, sde, x_T=x, steps=steps, generator=g, progress=progress)
             else:
                 x = sample_ode(score, score.sde, x_T=x, generator=g, progress=progress)
         outs.append(x.float().cpu())

@@ -186,7 +186,7 @@ def sample_pc(
     corrector: str = "langevin",
     snr: float = 0.16,
     n_corrector_steps: int = 1,
-    corrector_norm: str = "sample",
+    corrector_norm: str = "batch",
     alpha: float = 1.0,
     denoise: bool = True,
     generator=None,
@@ -199,6 +199,9 @@ def sample_pc(
     At each level: ``n_corrector_steps`` Langevin corrector steps
     (``langevin_corrector_step`` with ``snr``, ``alpha``, ``corrector_norm``), then one
     predictor step; the last predictor step adds no noise when ``denoise``.
+    ``corrector_norm="batch"`` (default) is score_sde's step from the batch means of the
+    norms; ``"sample"`` is the opt-in per-sample step, heavy-tailed in dimension 1-2 (no
+    finite output variance in 1-D; ``langevin_corrector_step``, docs/samplers.md).
 
     predictor="euler_maruyama": the uniform grid ``time_grid(sde, steps, eps)``.
     predictor="reverse_diffusion": the SDE's own chain, levels t_i = i/(N - 1) for
@@ -217,7 +220,7 @@ def sample_pc(
     if corrector not in ("langevin", "none", None):
         raise ValueError(f"corrector must be 'langevin' or 'none'; got {corrector!r}")
     if corrector_norm not in ("sample", "batch"):
-        raise ValueError(f"corrector_norm must be 'sample' or 'batch'; got {corrector_norm!r}")
+        raise ValueError(f"corrector_norm must be 'batch' (the default) or 'sample'; got {corrector_norm!r}")
     if predictor == "euler_maruyama":
         ts = time_grid(sde, steps, eps)
         levels = ts[:-1]
