@@ -10,7 +10,7 @@ import numpy as np
 
 from .._array import check_float, check_like, restore, upcast
 from ..sde import SDE, ReverseSDE, _check_time
-from ._common import check_positive, progress_bar, randn_like, start
+from ._common import LoopModel, check_out_dtype, check_positive, finish, progress_bar, randn_like, start
 from .langevin import langevin_corrector_step
 
 __all__ = ["euler_maruyama_step", "reverse_diffusion_step", "sample_sde", "sample_pc", "time_grid"]
@@ -150,6 +150,7 @@ def sample_sde(
     progress: bool = False,
     callback=None,
     x_T=None,
+    out_dtype=None,
 ):
     """Reverse-time SDE sampling by Euler-Maruyama (Song et al. 2021, eq. 6 and App. G):
     x_1 ~ prior, then ``euler_maruyama_step`` on ``time_grid(sde, steps, eps)`` (default
@@ -158,21 +159,30 @@ def sample_sde(
 
     ``score_fn(x, t)`` gets t as a float array (B,) of x's kind. ``callback(t=, x=)`` after
     each step. Returns x_eps of ``shape``.
+
+    Precision: the state is float32 (float64 for a float64 x_T or a numpy loop without x_T)
+    whatever the dtype of x_T or of the model's output; the model gets x in the state's dtype
+    and a float16/bfloat16 output is upcast before the update. The result is in the state's
+    dtype, or rounded once to ``out_dtype`` when given. A non-finite model output stops the
+    loop with a ValueError naming the step and t (docs/samplers.md).
     """
     _check_sde(sde)
     if not callable(score_fn):
         raise TypeError(f"score_fn must be callable score_fn(x, t); got {type(score_fn).__name__}")
     ts = time_grid(sde, steps, eps)
-    rsde = sde.reverse(score_fn)
     x, generator = start(shape, generator, x_T, scale=sde.prior_std)
+    out_dtype = check_out_dtype(out_dtype, x)
     n = len(ts) - 1
+    model = LoopModel(score_fn, "score_fn", "sample_sde", n)
+    rsde = sde.reverse(model)
     for k in progress_bar(range(n), n, progress, "Euler-Maruyama"):
+        model.step = k
         last = k == n - 1
         noise = None if (last and denoise) else randn_like(x, generator)
         x = euler_maruyama_step(rsde, x, _full_t(ts[k], x), ts[k + 1] - ts[k], noise)
         if callback is not None:
             callback(t=float(ts[k + 1]), x=x)
-    return x
+    return finish(x, out_dtype)
 
 
 def sample_pc(
@@ -193,6 +203,7 @@ def sample_pc(
     progress: bool = False,
     callback=None,
     x_T=None,
+    out_dtype=None,
 ):
     """Predictor-corrector sampling (Song et al. 2021, Alg. 1; score_sde ``get_pc_sampler``).
 
@@ -209,6 +220,12 @@ def sample_pc(
     ``steps`` must be None or ``sde.N`` (build the SDE with N = steps).
     corrector="langevin" or "none". ``score_fn(x, t)`` gets t as a float array (B,).
     ``callback(t=, x=)`` after each level. Returns a sample of ``shape``.
+
+    Precision: the state is float32 (float64 for a float64 x_T or a numpy loop without x_T)
+    whatever the dtype of x_T or of the model's output; the model gets x in the state's dtype
+    and a float16/bfloat16 output is upcast before the update. The result is in the state's
+    dtype, or rounded once to ``out_dtype`` when given. A non-finite model output stops the
+    loop with a ValueError naming the step and t (docs/samplers.md).
     """
     _check_sde(sde)
     if not callable(score_fn):
@@ -235,10 +252,13 @@ def sample_pc(
         levels = np.arange(sde.N - 1, -1, -1) / max(sde.N - 1, 1)
         score_ts = np.maximum(levels, eps)
         ts = None
-    rsde = sde.reverse(score_fn)
     x, generator = start(shape, generator, x_T, scale=sde.prior_std)
+    out_dtype = check_out_dtype(out_dtype, x)
     n = len(levels)
+    model = LoopModel(score_fn, "score_fn", "sample_pc", n)
+    rsde = sde.reverse(model)
     for k in progress_bar(range(n), n, progress, "predictor-corrector"):
+        model.step = k
         last = k == n - 1
         t_score = score_ts[k]
         if corrector == "langevin":
@@ -254,7 +274,7 @@ def sample_pc(
             t_next = float(levels[k])
         if callback is not None:
             callback(t=t_next, x=x)
-    return x
+    return finish(x, out_dtype)
 
 
 def _reverse_diffusion_at(rsde, x, t_disc, t_score, noise):
