@@ -136,10 +136,8 @@ def compute_precision(steps=PRECISION_STEPS, n: int = PRECISION_N, seed: int = P
     """The precision table (module docstring): ``{"precision": {loop: {dtype: {str(steps): kl}}},
     "precision_se": (same layout), "precision_float64": {loop: {str(steps): exact kl}}}``."""
     import torch
-    from tqdm.auto import tqdm
 
     from .oracle import GaussianData
-    from .samplers import sample_ddim, sample_ode_heun
     from .schedules import linear_schedule
     from .sde import VPSDE
 
@@ -147,11 +145,28 @@ def compute_precision(steps=PRECISION_STEPS, n: int = PRECISION_N, seed: int = P
     s = linear_schedule(1000)
     sde = VPSDE()
     x_T = torch.randn((n, 1), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     tab = {loop: {dt: {} for dt in PRECISION_DTYPES} for loop in PRECISION_LOOPS}
     se = {loop: {dt: {} for dt in PRECISION_DTYPES} for loop in PRECISION_LOOPS}
     f64 = {loop: {} for loop in PRECISION_LOOPS}
     cells = [(loop, k) for loop in PRECISION_LOOPS for k in steps]
+    # Vectors of 20,000 numbers: more threads only add synchronisation, and on busy shared cores
+    # waiting OpenMP threads make each of the ~10,000 small steps many times slower (measured 15x).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _precision_cells(cells, data, s, sde, x_T, tab, se, f64, progress)
+    finally:
+        torch.set_num_threads(threads)
+    return {"precision": tab, "precision_se": se, "precision_float64": f64}
+
+
+def _precision_cells(cells, data, s, sde, x_T, tab, se, f64, progress):
+    import torch
+    from tqdm.auto import tqdm
+
+    from .samplers import sample_ddim, sample_ode_heun
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     for loop, k in tqdm(cells, disable=not progress, desc="verify (precision)", leave=False):
         if loop == "ddim":
             exact = data.exact_output(s, "ddim", k, eta=0.0, spacing="leading")
@@ -172,7 +187,6 @@ def compute_precision(steps=PRECISION_STEPS, n: int = PRECISION_N, seed: int = P
             dt = dtypes[name]
             y = run(x_T.to(dt), dt)
             tab[loop][name][str(k)], se[loop][name][str(k)] = _kl_same_draws(y, y64, exact, data)
-    return {"precision": tab, "precision_se": se, "precision_float64": f64}
 
 
 def _format_precision(result: dict) -> list:
