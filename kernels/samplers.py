@@ -5,6 +5,11 @@ output (eps or score) and z ~ N(0, I) drawn in the kernel (``seed=``) or read (`
 one pass that reads x and m once and writes x' once. The per-sample coefficients (a, b, c)
 are folded in float64 on the host from the schedule tables (DDIM, SDE, Langevin) or gathered
 at t[b] in the kernel from float32 device copies of float64 tables (DDPM).
+
+The model output m and the noise may be of another float dtype than x: a step on a float32
+state with a bfloat16/float16 eps reads the half-precision values and writes float32 (the
+result always has x's dtype), so a sampling loop's state keeps its precision whatever the
+network's (docs/samplers.md, "Precision of the loop state").
 """
 
 from __future__ import annotations
