@@ -26,6 +26,12 @@ interpolation of the table), the network is queried at that index, and
 score(x, t) = -eps / s(t) with s(t) the SDE's marginal std. For other schedules this still
 queries the model at the matching noise level.
 
+Precision (``--dtype``): the sampling state x stays float32 whatever the network's precision;
+``dtype="bf16"``/``"fp16"`` runs the U-Net under ``torch.autocast`` in bfloat16/float16 (CPU or
+CUDA), its output read back as float32 before each update (docs/samplers.md, "Precision of the
+loop state"); ``"fp32"`` runs it in float32. ``dtype=None`` (the library default) keeps the
+loaded model's own rule: bf16 autocast on CUDA for a run trained with bf16, float32 otherwise.
+
 Noise: the start x_T and the kernel noise are keyed by (seed, global sample index), so the
 samples do not depend on the chunking (``batch_size``) or on the number of processes; the
 pc/ode samplers draw from a ``torch.Generator`` per chunk (those depend on the chunking).
@@ -51,6 +57,8 @@ from .schedules import Schedule, timesteps
 __all__ = ["LoadedModel", "load_model", "generate", "sample_run", "save_grid", "SAMPLERS", "DEFAULT_STEPS"]
 
 SAMPLERS = ("ddpm", "ddim", "em", "pc", "ode")
+#: ``--dtype``: the U-Net's autocast precision (the sampling state stays float32)
+NET_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "em": 500, "pc": 500, "ode": None}
 
 
@@ -64,12 +72,17 @@ class LoadedModel:
     step: int
     device: torch.device
     checkpoint: Path
+    dtype: str | None = None  # a NET_DTYPES key; None: bf16 autocast on CUDA for a run trained with bf16
 
     @torch.no_grad()
     def forward(self, x, t) -> torch.Tensor:
-        """The raw network output (float32), bf16 autocast on CUDA."""
-        if self.device.type == "cuda" and self.config.bf16:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+        """The raw network output (float32). The network runs under ``torch.autocast`` (CPU or
+        CUDA) in bfloat16/float16 for ``dtype`` "bf16"/"fp16", in float32 for "fp32"; with
+        ``dtype=None`` in bf16 autocast on CUDA for a run trained with bf16 (``config.bf16``)."""
+        ac = NET_DTYPES[self.dtype] if self.dtype is not None else (
+            torch.bfloat16 if (self.device.type == "cuda" and self.config.bf16) else torch.float32)
+        if ac != torch.float32:
+            with torch.autocast(self.device.type, dtype=ac):
                 return self.model(x, t).float()
         return self.model(x, t).float()
 
@@ -255,9 +268,20 @@ def default_clip(lm: LoadedModel):
     return 1.0 if len(lm.data_shape) == 3 and lm.bins is not None else None
 
 
+def check_net_dtype(dtype):
+    """A ``--dtype`` value: None or one of NET_DTYPES' keys (ValueError otherwise)."""
+    if dtype is not None and dtype not in NET_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(NET_DTYPES)} (the U-Net's precision) or None; got {dtype!r}")
+    return dtype
+
+
 def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=None, eta: float = 0.0, seed: int = 0,
-             batch_size: int = 500, progress: bool = False, clip_x0="auto") -> np.ndarray:
+             batch_size: int = 500, progress: bool = False, clip_x0="auto", dtype=None) -> np.ndarray:
     """``num_samples`` samples as a float32 numpy array (N, *data_shape), not clipped.
+
+    ``dtype``: the U-Net's precision, "fp32", "bf16" or "fp16" (``torch.autocast`` on CPU or
+    CUDA), or None for the loaded model's own (``LoadedModel.dtype``); the sampling state is
+    float32 in every case.
 
     ``clip_x0``: for ddpm/ddim, clip the predicted x0 to [-c, c] at each step ("auto":
     ``default_clip``, c = 1 for images in [-1, 1], off for toy data and latents; None: off).
@@ -283,6 +307,10 @@ def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=
         raise ValueError(f"eta must be finite and >= 0; got {eta}")
     if clip_x0 == "auto":
         clip_x0 = default_clip(lm)
+    if check_net_dtype(dtype) is not None:
+        from dataclasses import replace
+
+        lm = replace(lm, dtype=dtype)
     rank, world = 0, 1
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -366,13 +394,14 @@ def save_grid(path, x: np.ndarray, nrow: int | None = None, scale: int = 4, titl
 
 
 def sample_run(out, *, run=None, checkpoint=None, sampler="ddim", steps=None, eta=0.0, num_samples=500, seed=0,
-               device="auto", batch_size=500, progress=True, ema=True, clip_x0="auto") -> dict:
+               device="auto", batch_size=500, progress=True, ema=True, clip_x0="auto", dtype=None) -> dict:
     """Load, sample, and write ``out``/samples.npz (``samples`` float32 + ``info`` JSON) and
-    ``out``/samples.png. Returns the info dict."""
+    ``out``/samples.png. ``dtype``: the U-Net's precision (``generate``). Returns the info dict."""
     import os
 
     from .distributed import _Dist, resolve_device
 
+    check_net_dtype(dtype)
     dev = resolve_device(device)
     dd = _Dist(dev)  # under torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on CUDA
     try:
@@ -381,7 +410,7 @@ def sample_run(out, *, run=None, checkpoint=None, sampler="ddim", steps=None, et
             torch.cuda.set_device(dev)
         return _sample_run(out, dd, run=run, checkpoint=checkpoint, sampler=sampler, steps=steps, eta=eta,
                            num_samples=num_samples, seed=seed, device=str(dev), batch_size=batch_size,
-                           progress=progress and dd.rank == 0, ema=ema, clip_x0=clip_x0)
+                           progress=progress and dd.rank == 0, ema=ema, clip_x0=clip_x0, dtype=dtype)
     finally:
         dd.close()
 
@@ -402,7 +431,7 @@ def sampling_info(lm, sampler: str, steps, eta, num_samples: int, seed, ema: boo
 
 
 def _sample_run(out, dd, *, run, checkpoint, sampler, steps, eta, num_samples, seed, device, batch_size, progress, ema,
-                clip_x0):
+                clip_x0, dtype=None):
     import time
 
     lm = load_model(run=run, checkpoint=checkpoint, device=device, ema=ema)
@@ -410,10 +439,12 @@ def _sample_run(out, dd, *, run, checkpoint, sampler, steps, eta, num_samples, s
     if clip_x0 == "auto":
         clip_x0 = default_clip(lm)
     x = generate(lm, num_samples, sampler=sampler, steps=steps, eta=eta, seed=seed, batch_size=batch_size,
-                 progress=progress, clip_x0=clip_x0)
+                 progress=progress, clip_x0=clip_x0, dtype=dtype)
     secs = time.time() - t0
     info = sampling_info(lm, sampler, steps, eta, num_samples, seed, ema,
                          clip_x0=clip_x0 if sampler in ("ddpm", "ddim") else None)
+    if dtype is not None:
+        info["dtype"] = dtype
     info.update(seconds=round(secs, 3), world_size=dd.world)
     if dd.rank == 0:
         out = Path(out)
