@@ -240,8 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     _device_flag(s)
     s.add_argument("--batch-size", type=_positive_int, default=500, help="samples per network call")
     s.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="precision of the U-Net: bf16/fp16 "
-                   "run it under torch.autocast (CPU or CUDA; bf16 is the one CPUs are fast at); the sampling state stays "
-                   "float32 whatever this is (docs/samplers.md)")
+                   "run it under torch.autocast (CPU or CUDA; on CPUs without a float16 unit fp16 is slow); the sampling "
+                   "state stays float32 whatever this is (docs/samplers.md)")
     s.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
     s.add_argument("--no-clip", dest="clip", action="store_false", help="ddpm/ddim: do not clip the predicted x0 to "
                    "[-1, 1] (clipping is on for images in [-1, 1], off for toy data and for latents)")
