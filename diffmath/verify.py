@@ -237,7 +237,8 @@ def _format(result: dict, steps, seconds: float) -> str:
         f"the stochastic rows can end below it, see docs/samplers.md): "
         f"{result['sde_floor']:.3e}",
         f"predictor_corrector: Euler-Maruyama predictor + 1 Langevin corrector step, snr = {SNR}, exact: "
-        "score_sde's batch-mean step in the large-batch limit (deterministic, so the chain stays Gaussian).",
+        "score_sde's batch-mean step (sample_pc's default) in the large-batch limit (deterministic, so the chain stays "
+        "Gaussian).",
         "  With a per-sample step the 1-D output has tails P(|x| > r) ~ c/r and KL = +inf (docs/samplers.md).",
     ]
     if "precision" in result:
