@@ -269,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=_seed, default=0, help="sampling seed, in [0, 2**63 - 1]")
     _device_flag(s)
     s.add_argument("--batch-size", type=_positive_int, default=500, help="samples per network call")
+    s.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="precision of the U-Net: bf16/fp16 "
+                   "run it under torch.autocast (CPU or CUDA; on CPUs without a float16 unit fp16 is slow); the sampling "
+                   "state stays float32 whatever this is (docs/samplers.md)")
     s.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
     s.add_argument("--no-clip", dest="clip", action="store_false", help="ddpm/ddim: do not clip the predicted x0 to "
                    "[-1, 1] (clipping is on for images in [-1, 1], off for toy data and for latents)")
@@ -508,7 +511,7 @@ def _cmd_sample(args) -> int:
     info = sample_run(
         out, run=args.run, checkpoint=args.checkpoint, sampler=args.sampler, steps=args.steps, eta=args.eta,
         num_samples=args.num_samples, seed=args.seed, device=args.device, batch_size=args.batch_size,
-        progress=args.progress, ema=not args.raw_weights, clip_x0="auto" if args.clip else None,
+        progress=args.progress, ema=not args.raw_weights, clip_x0="auto" if args.clip else None, dtype=args.dtype,
         trust_unverified=args.trust_unverified,
     )
     if _rank() == 0:
@@ -529,7 +532,7 @@ def _cmd_sample_latent(args, out) -> int:
     _, info = sample_latent(
         args.run, out, sampler=args.sampler, steps=args.steps, eta=args.eta, num_samples=args.num_samples,
         seed=args.seed, device=args.device, batch_size=args.batch_size, progress=args.progress,
-        ema=not args.raw_weights, trust_unverified=args.trust_unverified,
+        ema=not args.raw_weights, trust_unverified=args.trust_unverified, dtype=args.dtype,
     )
     steps = "adaptive" if info["steps"] is None else f"{info['steps']}"
     print(f"{info['num_samples']} latent samples ({info['sampler']}, {steps} steps, decoded by the run's VAE) in "

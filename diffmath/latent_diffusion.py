@@ -327,16 +327,19 @@ def _train_latent(out, config, lv, vc, data, run_info, resume, overwrite, encode
 
 def sample_latent(run, out=None, *, vae=None, sampler: str = "ddim", steps=None, eta: float = 0.0,
                   num_samples: int = 500, seed: int = 0, device: str = "auto", batch_size: int = 500,
-                  progress: bool = False, ema: bool = True, trust_unverified: bool = False) -> tuple[np.ndarray, dict]:
+                  progress: bool = False, ema: bool = True, trust_unverified: bool = False,
+                  dtype=None) -> tuple[np.ndarray, dict]:
     """Sample a latent run: draw scaled latents with ``diffmath.sample.generate`` (any sampler
     of the pixel pipeline) from the U-Net in ``run``/unet, divide by the scaling factor and decode
     with the run's VAE (``vae`` overrides it; it must make latents of the U-Net's shape and have
     the run's hash). Returns (images (N, C, H, W) float32 in [-1, 1], info); with ``out``, writes
     ``out``/samples.npz (``samples``, ``latents`` (scaled), ``info``) and ``out``/samples.png, with
     ``out`` locked from after the checks to the end (as ``sample.sample_run``). Non-finite latents
-    are an error (``sample.generate``). ``trust_unverified``: as in ``sample.load_model``."""
-    from .sample import check_sampling, claim_samples_folder, load_model
+    are an error (``sample.generate``). ``trust_unverified``: as in ``sample.load_model``.
+    ``dtype``: the U-Net's precision ("fp32", "bf16", "fp16"; ``diffmath.sample.generate``)."""
+    from .sample import check_net_dtype, check_sampling, claim_samples_folder, load_model
 
+    check_net_dtype(dtype)
     run = Path(run)
     info_run = read_latent_run(run)
     lm = load_model(run=run / info_run.get("unet_run", "unet"), device=device, ema=ema,
@@ -368,13 +371,15 @@ def _sample_latent(lm, lv, scale, out, sampler, steps, eta, num_samples, seed, b
     t0 = time.time()
     # latents are not in [-1, 1]: never clip the predicted x0 to the pixel range
     z = generate(lm, num_samples, sampler=sampler, steps=steps, eta=eta, seed=seed, batch_size=batch_size,
-                 progress=progress, clip_x0=None)
+                 progress=progress, clip_x0=None, dtype=dtype)
     t1 = time.time()
     x = decode_latents(lv, z, scale, batch_size=batch_size)
     t2 = time.time()
     from .sample import sampling_info
 
     info = sampling_info(lm, sampler, steps, eta, num_samples, seed, ema, clip_x0=None)
+    if dtype is not None:
+        info["dtype"] = dtype
     info.update({
         "latent": True,
         "latent_shape": list(lv.latent_shape),

@@ -13,7 +13,7 @@ Samplers (``--sampler``):
 - ``pc``: predictor-corrector, ``samplers.sample_pc`` (reverse-diffusion predictor + one Langevin
   corrector step, snr 0.16; score_sde's VP setting) on a VP-SDE with N = steps. The corrector's
   step size uses the batch-mean norms of the score and the noise (score_sde's
-  ``LangevinCorrector``, ``corrector_norm="batch"``): per-sample norms blow up in low
+  ``LangevinCorrector``, ``sample_pc``'s default): per-sample norms blow up in low
   dimension, where a sample near a mode has a score near zero.
 - ``ode``: the probability-flow ODE, ``samplers.sample_ode`` (scipy RK45, rtol = atol = 1e-5).
 
@@ -25,6 +25,12 @@ fractional discrete index whose log alpha_bar equals the SDE's log m(t)^2 (linea
 interpolation of the table), the network is queried at that index, and
 score(x, t) = -eps / s(t) with s(t) the SDE's marginal std. For other schedules this still
 queries the model at the matching noise level.
+
+Precision (``--dtype``): the sampling state x stays float32 whatever the network's precision;
+``dtype="bf16"``/``"fp16"`` runs the U-Net under ``torch.autocast`` in bfloat16/float16 (CPU or
+CUDA), its output read back as float32 before each update (docs/samplers.md, "Precision of the
+loop state"); ``"fp32"`` runs it in float32. ``dtype=None`` (the library default) keeps the
+loaded model's own rule: bf16 autocast on CUDA for a run trained with bf16, float32 otherwise.
 
 Noise: the start x_T and the kernel noise are keyed by (seed, global sample index), so the
 samples do not depend on the chunking (``batch_size``) or on the number of processes; the
@@ -51,6 +57,8 @@ from .schedules import Schedule, timesteps
 __all__ = ["LoadedModel", "load_model", "generate", "sample_run", "save_grid", "SAMPLERS", "DEFAULT_STEPS"]
 
 SAMPLERS = ("ddpm", "ddim", "em", "pc", "ode")
+#: ``--dtype``: the U-Net's autocast precision (the sampling state stays float32)
+NET_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "em": 500, "pc": 500, "ode": None}
 
 
@@ -64,12 +72,17 @@ class LoadedModel:
     step: int
     device: torch.device
     checkpoint: Path
+    dtype: str | None = None  # a NET_DTYPES key; None: bf16 autocast on CUDA for a run trained with bf16
 
     @torch.no_grad()
     def forward(self, x, t) -> torch.Tensor:
-        """The raw network output (float32), bf16 autocast on CUDA."""
-        if self.device.type == "cuda" and self.config.bf16:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+        """The raw network output (float32). The network runs under ``torch.autocast`` (CPU or
+        CUDA) in bfloat16/float16 for ``dtype`` "bf16"/"fp16", in float32 for "fp32"; with
+        ``dtype=None`` in bf16 autocast on CUDA for a run trained with bf16 (``config.bf16``)."""
+        ac = NET_DTYPES[self.dtype] if self.dtype is not None else (
+            torch.bfloat16 if (self.device.type == "cuda" and self.config.bf16) else torch.float32)
+        if ac != torch.float32:
+            with torch.autocast(self.device.type, dtype=ac):
                 return self.model(x, t).float()
         return self.model(x, t).float()
 
@@ -258,9 +271,20 @@ def default_clip(lm: LoadedModel):
     return 1.0 if len(lm.data_shape) == 3 and lm.bins is not None else None
 
 
+def check_net_dtype(dtype):
+    """A ``--dtype`` value: None or one of NET_DTYPES' keys (ValueError otherwise)."""
+    if dtype is not None and dtype not in NET_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(NET_DTYPES)} (the U-Net's precision) or None; got {dtype!r}")
+    return dtype
+
+
 def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=None, eta: float = 0.0, seed: int = 0,
-             batch_size: int = 500, progress: bool = False, clip_x0="auto") -> np.ndarray:
+             batch_size: int = 500, progress: bool = False, clip_x0="auto", dtype=None) -> np.ndarray:
     """``num_samples`` samples as a float32 numpy array (N, *data_shape), not clipped.
+
+    ``dtype``: the U-Net's precision, "fp32", "bf16" or "fp16" (``torch.autocast`` on CPU or
+    CUDA), or None for the loaded model's own (``LoadedModel.dtype``); the sampling state is
+    float32 in every case.
 
     ``clip_x0``: for ddpm/ddim, clip the predicted x0 to [-c, c] at each step ("auto":
     ``default_clip``, c = 1 for images in [-1, 1], off for toy data and latents; None: off).
@@ -274,6 +298,10 @@ def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=
     steps = check_sampling(lm, num_samples, sampler, steps, eta, seed, batch_size)
     if clip_x0 == "auto":
         clip_x0 = default_clip(lm)
+    if check_net_dtype(dtype) is not None:
+        from dataclasses import replace
+
+        lm = replace(lm, dtype=dtype)
     rank, world = 0, 1
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -297,7 +325,7 @@ def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=
             g = torch.Generator(device=lm.device).manual_seed(_derive(seed, "chunk", a))
             if sampler == "pc":
                 sde = type(score.sde)(beta_min=0.1, beta_max=20.0, N=steps)
-                x = sample_pc(score, sde, x_T=x, steps=steps, corrector_norm="batch", generator=g, progress=progress)
+                x = sample_pc(score, sde, x_T=x, steps=steps, generator=g, progress=progress)
             else:
                 x = sample_ode(score, score.sde, x_T=x, generator=g, progress=progress)
         outs.append(x.float().cpu())
@@ -401,9 +429,10 @@ def save_grid(path, x: np.ndarray, nrow: int | None = None, scale: int = 4, titl
 
 def sample_run(out, *, run=None, checkpoint=None, sampler="ddim", steps=None, eta=0.0, num_samples=500, seed=0,
                device="auto", batch_size=500, progress=True, ema=True, clip_x0="auto",
-               trust_unverified: bool = False) -> dict:
+               trust_unverified: bool = False, dtype=None) -> dict:
     """Load, sample, and write ``out``/samples.npz (``samples`` float32 + ``info`` JSON) and
-    ``out``/samples.png. Returns the info dict.
+    ``out``/samples.png. ``dtype``: the U-Net's precision (``generate``).
+    Returns the info dict.
 
     The checkpoint and the arguments are checked first; then ``out`` is locked for the rest of
     the call (``rundir.claim_output``: a samples.npz/png there that diffmath did not write is
@@ -412,6 +441,7 @@ def sample_run(out, *, run=None, checkpoint=None, sampler="ddim", steps=None, et
 
     from .distributed import _Dist, resolve_device
 
+    check_net_dtype(dtype)
     dev = resolve_device(device)
     dd = _Dist(dev)  # under torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on CUDA
     try:
@@ -421,7 +451,7 @@ def sample_run(out, *, run=None, checkpoint=None, sampler="ddim", steps=None, et
         return _sample_run(out, dd, run=run, checkpoint=checkpoint, sampler=sampler, steps=steps, eta=eta,
                            num_samples=num_samples, seed=seed, device=str(dev), batch_size=batch_size,
                            progress=progress and dd.rank == 0, ema=ema, clip_x0=clip_x0,
-                           trust_unverified=trust_unverified)
+                           trust_unverified=trust_unverified, dtype=dtype)
     finally:
         dd.close()
 
@@ -464,7 +494,7 @@ def claim_samples_folder(out, dd=None, command: str = "sample"):
 
 
 def _sample_run(out, dd, *, run, checkpoint, sampler, steps, eta, num_samples, seed, device, batch_size, progress, ema,
-                clip_x0, trust_unverified=False):
+                clip_x0, trust_unverified=False, dtype=None):
     import time
 
     lm = load_model(run=run, checkpoint=checkpoint, device=device, ema=ema, trust_unverified=trust_unverified)
@@ -475,10 +505,12 @@ def _sample_run(out, dd, *, run, checkpoint, sampler, steps, eta, num_samples, s
         if clip_x0 == "auto":
             clip_x0 = default_clip(lm)
         x = generate(lm, num_samples, sampler=sampler, steps=steps, eta=eta, seed=seed, batch_size=batch_size,
-                     progress=progress, clip_x0=clip_x0)
+                     progress=progress, clip_x0=clip_x0, dtype=dtype)
         secs = time.time() - t0
         info = sampling_info(lm, sampler, steps, eta, num_samples, seed, ema,
                              clip_x0=clip_x0 if sampler in ("ddpm", "ddim") else None)
+        if dtype is not None:
+            info["dtype"] = dtype
         info.update(seconds=round(secs, 3), world_size=dd.world)
         if dd.rank == 0:
             out = Path(out)

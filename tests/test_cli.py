@@ -97,6 +97,7 @@ def test_help_explains_the_latent_flags(cmd, capsys):
         (["sample", "--out", "X"], "one of the arguments --run/--run-dir --checkpoint is required"),
         (["sample", "--run", "A", "--checkpoint", "B"], "not allowed with argument"),
         (["sample", "--run", "A", "--sampler", "heun"], "invalid choice"),
+        (["sample", "--run", "A", "--dtype", "fp8"], "invalid choice"),
         (["evaluate"], "the following arguments are required: --run"),
     ],
 )
