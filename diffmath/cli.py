@@ -261,9 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, default=None, help="where to write samples.npz/png (default: the --run directory); "
                    "locked while sampling, and a samples.npz/png there that diffmath did not write is never replaced")
     _trust_flag(s, "load")
-    s.add_argument("--sampler", choices=("ddpm", "ddim", "em", "pc", "ode"), default="ddim", help="the sampler")
-    s.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default: ddim 50, ddpm T, em/pc 500; "
-                   "ignored by ode, which is adaptive)")
+    s.add_argument("--sampler", choices=("ddpm", "ddim", "em", "pc", "ode", "euler", "heun", "edm", "euler-a", "dpmpp-2m",
+                   "dpmpp-2m-sde", "dpmpp-3m-sde", "unipc", "lms"), default="ddim", help="the sampler; euler .. lms are "
+                   "the sigma-space solvers of diffmath.samplers on the model's denoiser (docs/samplers.md)")
+    s.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default: ddim 50, ddpm T, em/pc 500, "
+                   "the sigma-space solvers 20 noise levels; ignored by ode, which is adaptive)")
+    s.add_argument("--sigmas", choices=("karras", "exponential", "schedule"), default="karras", help="the noise-level "
+                   "ladder of the sigma-space solvers: Karras rho = 7 or exponential between the schedule's sigma_min and "
+                   "sigma_max, or the schedule's own sigmas at leading timesteps")
     s.add_argument("--eta", type=_nonneg_float, default=0.0, help="DDIM eta (0 deterministic, 1 DDPM-like)")
     s.add_argument("--num-samples", type=_positive_int, default=500, help="number of samples")
     s.add_argument("--seed", type=_seed, default=0, help="sampling seed, in [0, 2**63 - 1]")
@@ -512,7 +517,7 @@ def _cmd_sample(args) -> int:
         out, run=args.run, checkpoint=args.checkpoint, sampler=args.sampler, steps=args.steps, eta=args.eta,
         num_samples=args.num_samples, seed=args.seed, device=args.device, batch_size=args.batch_size,
         progress=args.progress, ema=not args.raw_weights, clip_x0="auto" if args.clip else None, dtype=args.dtype,
-        trust_unverified=args.trust_unverified,
+        trust_unverified=args.trust_unverified, sigmas=args.sigmas,
     )
     if _rank() == 0:
         steps = "adaptive" if info["steps"] is None else f"{info['steps']}"

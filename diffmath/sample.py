@@ -16,6 +16,10 @@ Samplers (``--sampler``):
   ``LangevinCorrector``, ``sample_pc``'s default): per-sample norms blow up in low
   dimension, where a sample near a mode has a score near zero.
 - ``ode``: the probability-flow ODE, ``samplers.sample_ode`` (scipy RK45, rtol = atol = 1e-5).
+- ``euler``, ``heun``, ``edm``, ``euler-a``, ``dpmpp-2m``, ``dpmpp-2m-sde``, ``dpmpp-3m-sde``,
+  ``unipc``, ``lms``: the sigma-space solvers of ``diffmath.samplers`` on
+  ``Denoiser.from_schedule`` around the network, over ``--sigmas karras|exponential|schedule``
+  (``generate``); ``--steps`` levels (Heun/EDM: 2 steps - 1 model evaluations).
 
 The discrete eps-model becomes a score for the SDE samplers through the VP-SDE
 correspondence (Song et al. 2021, App. B): the run's schedule is matched to
@@ -60,6 +64,14 @@ SAMPLERS = ("ddpm", "ddim", "em", "pc", "ode")
 #: ``--dtype``: the U-Net's autocast precision (the sampling state stays float32)
 NET_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "em": 500, "pc": 500, "ode": None}
+#: --sampler name -> the sigma-space solver of ``diffmath.samplers`` (``SOLVERS``)
+SOLVER_SAMPLERS = {
+    "euler": "euler", "heun": "heun", "edm": "edm", "euler-a": "euler_ancestral", "dpmpp-2m": "dpmpp_2m",
+    "dpmpp-2m-sde": "dpmpp_2m_sde", "dpmpp-3m-sde": "dpmpp_3m_sde", "unipc": "unipc", "lms": "lms",
+}
+SAMPLERS = SAMPLERS + tuple(SOLVER_SAMPLERS)
+DEFAULT_STEPS.update({name: 20 for name in SOLVER_SAMPLERS})
+LADDERS = ("karras", "exponential", "schedule")
 
 
 @dataclass
@@ -263,6 +275,33 @@ def _loop_em(lm, x, seed, start, n_total, steps, progress):
     return x
 
 
+def solver_ladder(lm: LoadedModel, steps: int, sigmas: str) -> np.ndarray:
+    """The float64 ladder of ``steps`` levels then 0 for the sigma-space solvers (``generate``)."""
+    from .denoiser import schedule_sigmas
+    from .samplers import sigmas_exponential, sigmas_from_schedule, sigmas_karras
+
+    tab = schedule_sigmas(lm.schedule)
+    tab = tab[np.isfinite(tab)]
+    lo, hi = float(tab[0]), float(tab[-1])
+    if sigmas == "karras":
+        return sigmas_karras(steps, lo, hi)
+    if sigmas == "exponential":
+        return sigmas_exponential(steps, lo, hi)
+    return sigmas_from_schedule(lm.schedule, steps, "leading")
+
+
+def _loop_solver(lm, x, sampler, steps, sigmas, generator, progress):
+    from .denoiser import Denoiser
+    from .samplers import SOLVERS
+
+    C = lm.data_shape[0]
+    D = Denoiser.from_schedule(lambda x_t, t: lm.forward(x_t, t)[:, :C], lm.schedule, lm.config.prediction)
+    sig = solver_ladder(lm, steps, sigmas)
+    fn = SOLVERS[SOLVER_SAMPLERS[sampler]]
+    kw = {"generator": generator} if sampler in ("euler-a", "dpmpp-2m-sde", "dpmpp-3m-sde", "edm") else {}
+    return fn(D, x.float() * math.sqrt(1.0 + float(sig[0]) ** 2), sig, progress=progress, **kw)
+
+
 def default_clip(lm: LoadedModel):
     """The default ``clip_x0``: 1.0 for bounded images (data on a grid of ``bins`` levels in
     [-1, 1]: the digits, image folders), None (no clipping) for data with no such bound
@@ -279,8 +318,15 @@ def check_net_dtype(dtype):
 
 
 def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=None, eta: float = 0.0, seed: int = 0,
-             batch_size: int = 500, progress: bool = False, clip_x0="auto", dtype=None) -> np.ndarray:
+             batch_size: int = 500, progress: bool = False, clip_x0="auto", dtype=None, sigmas: str = "karras") -> np.ndarray:
     """``num_samples`` samples as a float32 numpy array (N, *data_shape), not clipped.
+
+    The sigma-space solvers (``SOLVER_SAMPLERS``: euler, heun, edm, euler-a, dpmpp-2m,
+    dpmpp-2m-sde, dpmpp-3m-sde, unipc, lms) run on ``Denoiser.from_schedule`` around the network
+    (its prediction type; the timestep interpolated in log sigma off the table), over ``steps``
+    levels of the ladder ``sigmas``: "karras" (rho = 7) or "exponential" between the schedule's
+    sigma_min and sigma_max, or "schedule" (the schedule's own sigmas at leading timesteps),
+    each then 0; the start is x_T sqrt(1 + sigma_0^2) (the VP prior N(0, I) in sigma space).
 
     ``dtype``: the U-Net's precision, "fp32", "bf16" or "fp16" (``torch.autocast`` on CPU or
     CUDA), or None for the loaded model's own (``LoadedModel.dtype``); the sampling state is
@@ -295,7 +341,7 @@ def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=
     from .samplers import sample_ode, sample_pc
     from .train import _derive
 
-    steps = check_sampling(lm, num_samples, sampler, steps, eta, seed, batch_size)
+    steps = check_sampling(lm, num_samples, sampler, steps, eta, seed, batch_size, sigmas)
     if clip_x0 == "auto":
         clip_x0 = default_clip(lm)
     if check_net_dtype(dtype) is not None:
@@ -320,6 +366,9 @@ def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=
             x = _loop_ddpm(lm, x, kseed, a, num_samples, steps, progress, clip_x0)
         elif sampler == "em":
             x = _loop_em(lm, x, kseed, a, num_samples, steps, progress)
+        elif sampler in SOLVER_SAMPLERS:
+            g = torch.Generator(device=lm.device).manual_seed(_derive(seed, "chunk", a))
+            x = _loop_solver(lm, x, sampler, steps, sigmas, g, progress)
         else:
             score = _ScoreFromEps(lm)
             g = torch.Generator(device=lm.device).manual_seed(_derive(seed, "chunk", a))
@@ -340,7 +389,7 @@ def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=
     return x
 
 
-def check_sampling(lm: LoadedModel, num_samples, sampler, steps, eta, seed=0, batch_size=1):
+def check_sampling(lm: LoadedModel, num_samples, sampler, steps, eta, seed=0, batch_size=1, sigmas="karras"):
     """``ValueError`` naming the argument if a sampling request is invalid; returns the number of
     steps (the sampler's default when ``steps`` is None; None for the adaptive ode sampler)."""
     from .train import MAX_SEED
@@ -359,6 +408,10 @@ def check_sampling(lm: LoadedModel, num_samples, sampler, steps, eta, seed=0, ba
         raise ValueError(f"steps must be a positive integer; got {steps!r}")
     if sampler in ("ddpm", "ddim") and steps > T:
         raise ValueError(f"steps must lie in [1, T] = [1, {T}] for --sampler {sampler}; got {steps}")
+    if sigmas not in LADDERS:
+        raise ValueError(f"sigmas must be one of {', '.join(LADDERS)}; got {sigmas!r}")
+    if sampler in SOLVER_SAMPLERS and sigmas == "schedule" and steps > T:
+        raise ValueError(f"steps must lie in [1, T] = [1, {T}] for --sigmas schedule; got {steps}")
     if sampler == "pc" and steps < 20:  # its predictor is the VP-SDE's discrete chain, beta_i = beta_max / N
         raise ValueError(f"steps must be >= 20 for --sampler pc (the VP-SDE chain needs beta_max / N = 20 / N <= 1); "
                          f"got {steps}")
@@ -429,7 +482,7 @@ def save_grid(path, x: np.ndarray, nrow: int | None = None, scale: int = 4, titl
 
 def sample_run(out, *, run=None, checkpoint=None, sampler="ddim", steps=None, eta=0.0, num_samples=500, seed=0,
                device="auto", batch_size=500, progress=True, ema=True, clip_x0="auto",
-               trust_unverified: bool = False, dtype=None) -> dict:
+               trust_unverified: bool = False, dtype=None, sigmas: str = "karras") -> dict:
     """Load, sample, and write ``out``/samples.npz (``samples`` float32 + ``info`` JSON) and
     ``out``/samples.png. ``dtype``: the U-Net's precision (``generate``).
     Returns the info dict.
@@ -451,7 +504,7 @@ def sample_run(out, *, run=None, checkpoint=None, sampler="ddim", steps=None, et
         return _sample_run(out, dd, run=run, checkpoint=checkpoint, sampler=sampler, steps=steps, eta=eta,
                            num_samples=num_samples, seed=seed, device=str(dev), batch_size=batch_size,
                            progress=progress and dd.rank == 0, ema=ema, clip_x0=clip_x0,
-                           trust_unverified=trust_unverified, dtype=dtype)
+                           trust_unverified=trust_unverified, dtype=dtype, sigmas=sigmas)
     finally:
         dd.close()
 
@@ -494,23 +547,26 @@ def claim_samples_folder(out, dd=None, command: str = "sample"):
 
 
 def _sample_run(out, dd, *, run, checkpoint, sampler, steps, eta, num_samples, seed, device, batch_size, progress, ema,
-                clip_x0, trust_unverified=False, dtype=None):
+                clip_x0, trust_unverified=False, dtype=None, sigmas="karras"):
     import time
 
     lm = load_model(run=run, checkpoint=checkpoint, device=device, ema=ema, trust_unverified=trust_unverified)
-    check_sampling(lm, num_samples, sampler, steps, eta, seed, batch_size)
+    check_sampling(lm, num_samples, sampler, steps, eta, seed, batch_size, sigmas)
     lock = claim_samples_folder(out, dd)
     try:
         t0 = time.time()
         if clip_x0 == "auto":
             clip_x0 = default_clip(lm)
         x = generate(lm, num_samples, sampler=sampler, steps=steps, eta=eta, seed=seed, batch_size=batch_size,
-                     progress=progress, clip_x0=clip_x0, dtype=dtype)
+                     progress=progress, clip_x0=clip_x0, dtype=dtype, sigmas=sigmas)
         secs = time.time() - t0
         info = sampling_info(lm, sampler, steps, eta, num_samples, seed, ema,
                              clip_x0=clip_x0 if sampler in ("ddpm", "ddim") else None)
         if dtype is not None:
             info["dtype"] = dtype
+        if sampler in SOLVER_SAMPLERS:
+            info["sigmas"] = sigmas
+            info["nfe"] = 2 * info["steps"] - 1 if sampler in ("heun", "edm") else info["steps"]
         info.update(seconds=round(secs, 3), world_size=dd.world)
         if dd.rank == 0:
             out = Path(out)
