@@ -42,6 +42,7 @@ the arithmetic and, where diffusers is wrong, the rule (docs/diffusers.md has th
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from collections.abc import Mapping
@@ -400,6 +401,16 @@ class _DiffmathScheduler(SchedulerMixin, ConfigMixin):
         t = self._train_timesteps(timesteps, sample)
         cd = _compute_dtype(sample.device)
         return v_from_x0_eps(self.schedule, t, sample.to(cd), noise.to(cd)).to(sample.dtype)
+
+    def to_json_string(self) -> str:
+        """The saved config. ``diffusers_compat`` is written only when True, so a config saved
+        with the defaults has exactly diffusers' keys and diffusers' classes load it silently."""
+        text = super().to_json_string()
+        if self.config.diffusers_compat:
+            return text
+        d = json.loads(text)
+        d.pop("diffusers_compat", None)
+        return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
     def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
         """The identity (DDPM and DDIM feed x_t to the model unscaled)."""
