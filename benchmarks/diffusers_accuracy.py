@@ -120,5 +120,116 @@ def main():
         print(f"| {label} | {d:.1e} | {a:.1e} |")
 
 
+
+
+# ----------------------------------------------------------------------------- diffusers' full-loop tests
+def _deter(flip=False):
+    """diffusers' dummy_sample_deter / dummy_noise_deter (tests/schedulers/test_schedulers.py)."""
+    n = 4 * 3 * 8 * 8
+    a = torch.arange(n)
+    a = a.flip(-1) if flip else a
+    return (a.reshape(3, 8, 8, 4) / n).permute(3, 0, 1, 2)
+
+
+def _mp_loop(kind, config, steps, t_start, noises, dps=40):
+    """The loop of diffusers' full-loop tests in mpmath: exact betas from the config, the dummy
+    model m = x t / (t + 1), DDPM over every step (noise = the float32 draws the test makes)
+    or DDIM (eta 0) on the leading grid; returns sum |x|."""
+    with mp.workdps(dps):
+        T = 1000
+        bs, be = mp.mpf(config.get("beta_start", "0.0001")), mp.mpf("0.02")
+        betas = [bs + (be - bs) * i / (T - 1) for i in range(T)]
+        ab, p = [], mp.mpf(1)
+        for b in betas:
+            p *= 1 - b
+            ab.append(p)
+        pred = config.get("prediction_type", "epsilon")
+        x = [mp.mpf(v) for v in _deter().reshape(-1).tolist()]
+        if kind == "DDPMScheduler":
+            ts = list(range(T - 1, -1, -1))[t_start:]
+        else:
+            ts = [i * (T // steps) for i in range(steps)][::-1][t_start:]
+        if t_start:  # add_noise at the first timestep
+            z = [mp.mpf(v) for v in _deter(flip=True).reshape(-1).tolist()]
+            a = ab[ts[0]]
+            x = [mp.sqrt(a) * xv + mp.sqrt(1 - a) * zv for xv, zv in zip(x, z)]
+        k = 0
+        for i, t in enumerate(ts):
+            a = ab[t]
+            if kind == "DDPMScheduler":
+                ap = ab[t - 1] if t > 0 else mp.mpf(1)
+            else:
+                tp = t - T // steps
+                ap = ab[tp] if tp >= 0 else (mp.mpf(1) if config.get("set_alpha_to_one", True) else ab[0])
+            out = []
+            for xv in x:
+                m = xv * t / (t + 1)
+                if pred == "epsilon":
+                    x0, e = (xv - mp.sqrt(1 - a) * m) / mp.sqrt(a), m
+                else:
+                    x0, e = mp.sqrt(a) * xv - mp.sqrt(1 - a) * m, mp.sqrt(a) * m + mp.sqrt(1 - a) * xv
+                x0 = min(max(x0, mp.mpf(-1)), mp.mpf(1))  # clip_sample=True
+                if kind == "DDPMScheduler":
+                    beta = 1 - a / ap
+                    out.append(mp.sqrt(ap) * beta / (1 - a) * x0 + mp.sqrt(1 - beta) * (1 - ap) / (1 - a) * xv)
+                else:
+                    out.append(mp.sqrt(ap) * x0 + mp.sqrt(1 - ap) * e)
+            if kind == "DDPMScheduler" and t > 0:
+                var = (1 - ap) / (1 - a) * (1 - a / ap)
+                out = [o + mp.sqrt(var) * mp.mpf(zv) for o, zv in zip(out, noises[k])]
+                k += 1
+            x = out
+        return float(mp.fsum(abs(v) for v in x))
+
+
+def _torch_loop(sched, kind, steps, t_start):
+    sample = _deter()
+    if steps:
+        sched.set_timesteps(steps)
+    timesteps = sched.timesteps[t_start:]
+    if t_start:
+        sample = sched.add_noise(sample, _deter(flip=True), timesteps[:1])
+    draws = []
+    gen = torch.manual_seed(0)
+    for t in timesteps:
+        residual = sample * t / (t + 1)
+        if kind == "DDPMScheduler":
+            state = gen.get_state()
+            if t > 0:
+                draws.append(torch.randn(sample.shape, generator=gen).reshape(-1).tolist())
+            gen.set_state(state)
+            sample = sched.step(residual, t, sample, generator=gen).prev_sample
+        else:
+            sample = sched.step(residual, t, sample, 0.0).prev_sample
+    return float(torch.sum(torch.abs(sample))), draws
+
+
+LOOPS = [  # (test, kind, config, steps, t_start, diffusers' expected sum)
+    ("test_full_loop_no_noise", "DDPMScheduler", {}, None, 0, 258.9606),
+    ("test_full_loop_with_v_prediction", "DDPMScheduler", dict(prediction_type="v_prediction"), None, 0, 202.0296),
+    ("test_full_loop_with_noise", "DDPMScheduler", {}, None, 998, 387.9466),
+    ("test_full_loop_no_noise", "DDIMScheduler", {}, 10, 0, 172.0067),
+    ("test_full_loop_with_v_prediction", "DDIMScheduler", dict(prediction_type="v_prediction"), 10, 0, 52.5302),
+    ("test_full_loop_with_set_alpha_to_one", "DDIMScheduler", dict(set_alpha_to_one=True, beta_start=0.01), 10, 0,
+     149.8295),
+    ("test_full_loop_with_no_set_alpha_to_one", "DDIMScheduler", dict(set_alpha_to_one=False, beta_start=0.01), 10, 0,
+     149.0784),
+    ("test_full_loop_with_noise", "DDIMScheduler", {}, 10, 8, 354.5418),
+]
+
+
+def full_loops():
+    print("| test | expected (diffusers' file) | diffusers 0.40.0 | adapter | mpmath (40 digits) |")
+    print("|---|---|---|---|---|")
+    for name, kind, config, steps, t_start, expected in LOOPS:
+        cfg = dict(config, clip_sample=True)
+        d, draws = _torch_loop(getattr(diffusers, kind)(**cfg), kind, steps, t_start)
+        a, _ = _torch_loop(getattr(dm, kind)(**cfg), kind, steps, t_start)
+        m = _mp_loop(kind, cfg, steps, t_start, draws)
+        print(f"| {kind}.{name} | {expected} | {d:.6f} | {a:.6f} | {m:.6f} |")
+
+
 if __name__ == "__main__":
     main()
+    print()
+    full_loops()

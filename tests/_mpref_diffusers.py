@@ -85,8 +85,10 @@ def ddim_step(betas, x, m, t, t_prev, *, eta=0.0, noise=None, prediction="epsilo
         X, x0, eps, shape = _prepare(x, m, a, prediction, clip, threshold)
         if use_clipped:
             eps = [(xv - mp.sqrt(a) * x0v) / mp.sqrt(1 - a) for xv, x0v in zip(X, x0)]
-        sigma = mp.mpf(eta) * mp.sqrt((1 - ap) / (1 - a)) * mp.sqrt(1 - a / ap)
-        c_eps = mp.sqrt(1 - ap - sigma**2)
+        sigma2 = mp.mpf(eta) ** 2 * (1 - ap) / (1 - a) * (1 - a / ap)
+        sigma = mp.sqrt(sigma2)
+        c2 = 1 - ap - sigma2  # >= 0 for eta <= 1; exactly 0 at eta = 1, abar_t = 0 (zero terminal SNR)
+        c_eps = mp.sqrt(c2 if c2 > 0 or c2 < -mp.mpf(10) ** (10 - dps) else 0)
         Z = [mp.mpf(v) for v in _flat(noise)[0]] if noise is not None else [mp.mpf(0)] * len(X)
         out = [mp.sqrt(ap) * x0v + c_eps * e + sigma * z for x0v, e, z in zip(x0, eps, Z)]
         return (np.array([float(v) for v in out]).reshape(shape), np.array([float(v) for v in x0]).reshape(shape))

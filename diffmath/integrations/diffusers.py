@@ -10,7 +10,7 @@ the arithmetic and, where diffusers is wrong, the rule (docs/diffusers.md has th
 
 - The schedule is a float64 ``diffmath.schedules.Schedule`` built from the config
   (``schedule_from_config``): cancellation-free tables within 1e-13 of 50-digit mpmath
-  (diffusers keeps float32 ``cumprod`` tables, off by up to ~5e-4 relative).
+  (diffusers keeps float32 ``cumprod`` tables).
 - ``step`` upcasts the model output and sample to float64 (float32 on MPS, which has no
   float64), applies the verified core functions -- ``diffmath.parameterization`` (x0 and eps
   from eps, v or x0 predictions), ``diffmath.posterior.q_posterior_mean`` on the respaced
@@ -42,7 +42,6 @@ the arithmetic and, where diffusers is wrong, the rule (docs/diffusers.md has th
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 from collections.abc import Mapping
@@ -401,16 +400,6 @@ class _DiffmathScheduler(SchedulerMixin, ConfigMixin):
         t = self._train_timesteps(timesteps, sample)
         cd = _compute_dtype(sample.device)
         return v_from_x0_eps(self.schedule, t, sample.to(cd), noise.to(cd)).to(sample.dtype)
-
-    def to_json_string(self) -> str:
-        """The saved config. ``diffusers_compat`` is written only when True, so a config saved
-        with the defaults has exactly diffusers' keys and diffusers' classes load it silently."""
-        text = super().to_json_string()
-        if self.config.diffusers_compat:
-            return text
-        d = json.loads(text)
-        d.pop("diffusers_compat", None)
-        return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
     def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
         """The identity (DDPM and DDIM feed x_t to the model unscaled)."""
