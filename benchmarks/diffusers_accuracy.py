@@ -1,6 +1,6 @@
 """diffusers' DDPM/DDIM schedulers and diffmath's adapter against 50-digit mpmath.
 
-    .venv/bin/python benchmarks/diffusers_accuracy.py            (about a minute on 2 cores)
+    .venv/bin/python benchmarks/diffusers_accuracy.py            (about 4 minutes on 2 cores)
 
 Prints the tables of docs/diffusers.md: for each configuration, the worst norm-wise relative
 error ||out - ref|| / ||ref|| of one step over every timestep of the grid, for diffusers'
@@ -16,13 +16,12 @@ import os
 import sys
 
 import mpmath as mp
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 import diffusers  # noqa: E402
-from _mpref_diffusers import abar, ddim_step, ddpm_step, rel_error  # noqa: E402
+from _mpref_diffusers import ddim_step, ddpm_step, rel_error  # noqa: E402
 
 from diffmath.integrations import diffusers as dm  # noqa: E402
 
@@ -229,7 +228,87 @@ def full_loops():
         print(f"| {kind}.{name} | {expected} | {d:.6f} | {a:.6f} | {m:.6f} |")
 
 
+
+
+# ----------------------------------------------------------------------------- the exact Gaussian oracle
+def oracle_kl(sched, s, data, dtype, **step_kwargs):
+    """KL(output || data) of the scheduler's full loop driven by the data's exact eps from
+    x_T ~ N(0, I): the loop is affine in (x_T, z_1, ..., z_K) and is identified on the basis
+    vectors in one batched run, the noise draws replaced by a stub of randn_tensor."""
+    from diffusers.schedulers import scheduling_ddim, scheduling_ddpm
+    from diffusers.utils import torch_utils
+
+    from diffmath.oracle import GaussianData
+
+    D, K = data.dim, len(sched.timesteps)
+    x = torch.zeros(1 + D + K * D, D, dtype=dtype)
+    x[1 : 1 + D] = torch.eye(D, dtype=dtype)
+    calls = []
+
+    def stub(shape, generator=None, device=None, dtype=None, layout=None):
+        k = len(calls)
+        calls.append(k)
+        z = torch.zeros(shape, dtype=dtype)
+        if k < K:
+            z[1 + D + k * D : 1 + D + (k + 1) * D] = torch.eye(D, dtype=dtype)
+        return z
+
+    mods = (torch_utils, scheduling_ddim, scheduling_ddpm)
+    saved = [m.randn_tensor for m in mods]
+    for m in mods:
+        m.randn_tensor = stub
+    try:
+        for t in sched.timesteps:
+            eps = torch.as_tensor(data.eps(x.double().numpy(), int(t), s)).to(dtype)
+            x = sched.step(eps, t, x, **step_kwargs).prev_sample
+    finally:
+        for m, f in zip(mods, saved):
+            m.randn_tensor = f
+    out = x.double().numpy()
+    b = out[0]
+    A = (out[1 : 1 + D] - b).T
+    cov = A @ A.T
+    for k in range(min(len(calls), K)):
+        N = (out[1 + D + k * D : 1 + D + (k + 1) * D] - b).T
+        cov += N @ N.T
+    return GaussianData(b, 0.5 * (cov + cov.T)).kl(data)
+
+
+ORACLE = [
+    ("DDIMScheduler", "leading, 10 steps, eta 0", dict(), 10, dict(eta=0.0)),
+    ("DDIMScheduler", "leading, 10 steps, eta 1", dict(), 10, dict(eta=1.0)),
+    ("DDIMScheduler", "trailing, 10 steps, eta 0", dict(timestep_spacing="trailing"), 10, dict(eta=0.0)),
+    ("DDIMScheduler", "trailing, 7 steps, eta 0", dict(timestep_spacing="trailing"), 7, dict(eta=0.0)),
+    ("DDIMScheduler", "linspace, 10 steps, eta 0", dict(timestep_spacing="linspace"), 10, dict(eta=0.0)),
+    ("DDIMScheduler", "linspace, 20 steps, eta 0", dict(timestep_spacing="linspace"), 20, dict(eta=0.0)),
+    ("DDIMScheduler", "linspace, 50 steps, eta 0", dict(timestep_spacing="linspace"), 50, dict(eta=0.0)),
+    ("DDPMScheduler", "leading, 10 steps, fixed_small", dict(), 10, {}),
+    ("DDPMScheduler", "leading, 10 steps, fixed_large", dict(variance_type="fixed_large"), 10, {}),
+    ("DDPMScheduler", "trailing, 7 steps, fixed_large", dict(variance_type="fixed_large", timestep_spacing="trailing"),
+     7, {}),
+]
+
+
+def oracle_table():
+    from diffmath.oracle import GaussianData
+
+    data = GaussianData([0.5, -0.3], [[0.04, 0.01], [0.01, 0.09]])
+    print("| scheduler | grid | adapter | diffusers | adapter, diffusers_compat=True |")
+    print("|---|---|---|---|---|")
+    for kind, label, config, steps, kw in ORACLE:
+        config = dict(config, clip_sample=False)
+        scheds = [getattr(dm, kind)(**config), getattr(diffusers, kind)(**config),
+                  getattr(dm, kind)(**config, diffusers_compat=True)]
+        for sch in scheds:
+            sch.set_timesteps(steps)
+        s = scheds[0].schedule
+        kls = [oracle_kl(sch, s, data, dt, **kw) for sch, dt in zip(scheds, (torch.float64, torch.float32, torch.float32))]
+        print(f"| {kind} | {label} | {kls[0]:.4e} | {kls[1]:.4e} | {kls[2]:.4e} |")
+
+
 if __name__ == "__main__":
     main()
+    print()
+    oracle_table()
     print()
     full_loops()

@@ -642,3 +642,24 @@ def test_oracle_kl_of_the_full_loop(kind, config, steps, step_kwargs, compare, m
     if compare:
         # never worse than diffusers beyond float32 noise in diffusers' own tables
         assert kl <= kl_d * (1 + 1e-4), (kl, kl_d)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_steps_match_cpu(kind):
+    cpu, gpu = getattr(dm, kind)(clip_sample=False), getattr(dm, kind)(clip_sample=False)
+    theirs = getattr(diffusers, kind)(clip_sample=False)
+    cpu.set_timesteps(10)
+    gpu.set_timesteps(10, device="cuda")
+    theirs.set_timesteps(10, device="cuda")
+    assert gpu.timesteps.device.type == "cuda"
+    x, m = make_inputs(cpu, 900, torch.Generator().manual_seed(0), torch.float32)
+    for t in cpu.timesteps.tolist():
+        # a CPU generator: randn_tensor draws on the CPU and moves the noise, the same numbers everywhere
+        kw = dict(eta=1.0) if kind == "DDIMScheduler" else {}
+        a = cpu.step(m, t, x, generator=torch.Generator().manual_seed(t), **kw).prev_sample
+        b = gpu.step(m.cuda(), gpu.timesteps[0].new_tensor(t), x.cuda(), generator=torch.Generator().manual_seed(t), **kw)
+        d = theirs.step(m.cuda(), t, x.cuda(), generator=torch.Generator().manual_seed(t), **kw).prev_sample
+        assert b.prev_sample.device.type == "cuda" and b.prev_sample.dtype == torch.float32
+        assert ref.rel_error(b.prev_sample, a) < 2 * TOL_FP32
+        assert ref.rel_error(b.prev_sample, d) < 1e-5

@@ -180,16 +180,16 @@ def _compute_dtype(device) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
-def _check_tensors(model_output, sample):
-    for name, x in (("model_output", model_output), ("sample", sample)):
+def _check_tensors(model_output, sample, names=("model_output", "sample")):
+    for name, x in zip(names, (model_output, sample)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor; got dtype {x.dtype}")
     if model_output.device != sample.device:
-        raise ValueError(f"model_output is on {model_output.device} but sample is on {sample.device}")
+        raise ValueError(f"{names[0]} is on {model_output.device} but {names[1]} is on {sample.device}")
     if sample.ndim < 1:
-        raise ValueError("sample must have a batch dimension, shape (B, ...); got a 0-d tensor")
+        raise ValueError(f"{names[1]} must have a batch dimension, shape (B, ...); got a 0-d tensor")
 
 
 def _check_same_shape(model_output, sample, what="model_output"):
@@ -383,7 +383,7 @@ class _DiffmathScheduler(SchedulerMixin, ConfigMixin):
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps   (DDPM eq. 4), float64, in the
         samples' dtype (``diffmath.forward.q_sample``)."""
-        _check_tensors(noise, original_samples)
+        _check_tensors(noise, original_samples, ("noise", "original_samples"))
         _check_same_shape(noise, original_samples, "noise")
         self._check_length()
         t = self._train_timesteps(timesteps, original_samples)
@@ -394,7 +394,7 @@ class _DiffmathScheduler(SchedulerMixin, ConfigMixin):
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0   (Salimans & Ho 2022, Sec. 4), float64,
         in the sample's dtype (``diffmath.parameterization.v_from_x0_eps``)."""
-        _check_tensors(noise, sample)
+        _check_tensors(noise, sample, ("noise", "sample"))
         _check_same_shape(noise, sample, "noise")
         self._check_length()
         t = self._train_timesteps(timesteps, sample)
@@ -684,7 +684,7 @@ class DDIMScheduler(_DiffmathScheduler):
                     model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
                 )
             else:
-                _check_tensors(variance_noise, sample)
+                _check_tensors(variance_noise, sample, ("variance_noise", "sample"))
                 _check_same_shape(variance_noise, sample, "variance_noise")
             prev = prev + sigma * variance_noise.to(cd)
         out_dtype = torch.promote_types(model_output.dtype, sample.dtype)
