@@ -359,13 +359,13 @@ def sample_latent(run, out=None, *, vae=None, sampler: str = "ddim", steps=None,
     check_sampling(lm, num_samples, sampler, steps, eta, seed, batch_size)
     lock = claim_samples_folder(out) if out is not None else None
     try:
-        return _sample_latent(lm, lv, scale, out, sampler, steps, eta, num_samples, seed, batch_size, progress, ema)
+        return _sample_latent(lm, lv, scale, out, sampler, steps, eta, num_samples, seed, batch_size, progress, ema, dtype)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _sample_latent(lm, lv, scale, out, sampler, steps, eta, num_samples, seed, batch_size, progress, ema):
+def _sample_latent(lm, lv, scale, out, sampler, steps, eta, num_samples, seed, batch_size, progress, ema, dtype=None):
     from .sample import generate, save_grid
 
     t0 = time.time()
