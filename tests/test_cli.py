@@ -96,7 +96,7 @@ def test_help_explains_the_latent_flags(cmd, capsys):
         (["train", "--out", "X", "--channel-mult", "1,a"], "comma-separated integers"),
         (["sample", "--out", "X"], "one of the arguments --run/--run-dir --checkpoint is required"),
         (["sample", "--run", "A", "--checkpoint", "B"], "not allowed with argument"),
-        (["sample", "--run", "A", "--sampler", "heun"], "invalid choice"),
+        (["sample", "--run", "A", "--sampler", "rk4"], "invalid choice"),
         (["sample", "--run", "A", "--dtype", "fp8"], "invalid choice"),
         (["evaluate"], "the following arguments are required: --run"),
     ],

@@ -164,7 +164,7 @@ def test_samples_do_not_depend_on_the_chunking_on_the_philox_path():
 def test_generate_bad_input():
     lm = _loaded()
     with pytest.raises(ValueError, match="sampler must be one of"):
-        generate(lm, 4, sampler="heun")
+        generate(lm, 4, sampler="rk4")
     with pytest.raises(ValueError, match=r"steps must lie in \[1, T\] = \[1, 200\]"):
         generate(lm, 4, sampler="ddim", steps=500)
     with pytest.raises(ValueError, match="num_samples must be a positive integer"):
