@@ -28,6 +28,7 @@ test: $(STAMP)
 # pytest-benchmark suite over the same cases (BENCH_ARGS=--benchmark-json=FILE to save it).
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[dev,bench]"
+	$(PY) -m pip install -q --no-deps "k-diffusion==0.1.1.post1"
 	$(PY) -m diffmath bench
 	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-group-by=group $(BENCH_ARGS)
 

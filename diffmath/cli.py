@@ -279,14 +279,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, default=None, help="where to write samples.npz/png (default: the --run directory); "
                    "locked while sampling, and a samples.npz/png there that diffmath did not write is never replaced")
     _trust_flag(s, "load")
-    s.add_argument("--sampler", choices=("ddpm", "ddim", "em", "pc", "ode"), default="ddim", help="the sampler")
-    s.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default: ddim 50, ddpm T, em/pc 500; "
-                   "ignored by ode, which is adaptive)")
+    s.add_argument("--sampler", choices=("ddpm", "ddim", "em", "pc", "ode", "euler", "heun", "edm", "euler-a", "dpmpp-2m",
+                   "dpmpp-2m-sde", "dpmpp-3m-sde", "unipc", "lms"), default="ddim", help="the sampler; euler .. lms are "
+                   "the sigma-space solvers of diffmath.samplers on the model's denoiser (docs/samplers.md)")
+    s.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default: ddim 50, ddpm T, em/pc 500, "
+                   "the sigma-space solvers 20 noise levels; ignored by ode, which is adaptive)")
+    s.add_argument("--sigmas", choices=("karras", "exponential", "schedule"), default="karras", help="the noise-level "
+                   "ladder of the sigma-space solvers: Karras rho = 7 or exponential between the schedule's sigma_min and "
+                   "sigma_max, or the schedule's own sigmas at leading timesteps")
     s.add_argument("--eta", type=_nonneg_float, default=0.0, help="DDIM eta (0 deterministic, 1 DDPM-like)")
     s.add_argument("--num-samples", type=_positive_int, default=500, help="number of samples")
     s.add_argument("--seed", type=_seed, default=0, help="sampling seed, in [0, 2**63 - 1]")
     _device_flag(s)
     s.add_argument("--batch-size", type=_positive_int, default=500, help="samples per network call")
+    s.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="precision of the U-Net: bf16/fp16 "
+                   "run it under torch.autocast (CPU or CUDA; on CPUs without a float16 unit fp16 is slow); the sampling "
+                   "state stays float32 whatever this is (docs/samplers.md)")
     s.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
     s.add_argument("--no-clip", dest="clip", action="store_false", help="ddpm/ddim: do not clip the predicted x0 to "
                    "[-1, 1] (clipping is on for images in [-1, 1], off for toy data and for latents)")
@@ -543,8 +551,8 @@ def _cmd_sample(args) -> int:
     info = sample_run(
         out, run=args.run, checkpoint=args.checkpoint, sampler=args.sampler, steps=args.steps, eta=args.eta,
         num_samples=args.num_samples, seed=args.seed, device=args.device, batch_size=args.batch_size,
-        progress=args.progress, ema=not args.raw_weights, clip_x0="auto" if args.clip else None,
-        trust_unverified=args.trust_unverified, **_guidance_args(args),
+        progress=args.progress, ema=not args.raw_weights, clip_x0="auto" if args.clip else None, dtype=args.dtype,
+        trust_unverified=args.trust_unverified, sigmas=args.sigmas, **_guidance_args(args),
     )
     if _rank() == 0:
         steps = "adaptive" if info["steps"] is None else f"{info['steps']}"
@@ -579,7 +587,7 @@ def _cmd_sample_latent(args, out) -> int:
     _, info = sample_latent(
         args.run, out, sampler=args.sampler, steps=args.steps, eta=args.eta, num_samples=args.num_samples,
         seed=args.seed, device=args.device, batch_size=args.batch_size, progress=args.progress,
-        ema=not args.raw_weights, trust_unverified=args.trust_unverified, **_guidance_args(args),
+        ema=not args.raw_weights, trust_unverified=args.trust_unverified, dtype=args.dtype, **_guidance_args(args),
     )
     steps = "adaptive" if info["steps"] is None else f"{info['steps']}"
     print(f"{info['num_samples']} latent samples ({info['sampler']}, {steps} steps{_conditioning_note(info)}, decoded "

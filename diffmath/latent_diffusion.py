@@ -333,8 +333,8 @@ def _train_latent(out, config, lv, vc, data, run_info, resume, overwrite, encode
 
 def sample_latent(run, out=None, *, vae=None, sampler: str = "ddim", steps=None, eta: float = 0.0,
                   num_samples: int = 500, seed: int = 0, device: str = "auto", batch_size: int = 500,
-                  progress: bool = False, ema: bool = True, trust_unverified: bool = False, classes=None,
-                  guidance=None, guidance_rescale: float = 0.0) -> tuple[np.ndarray, dict]:
+                  progress: bool = False, ema: bool = True, trust_unverified: bool = False,
+                  dtype=None, classes=None, guidance=None, guidance_rescale: float = 0.0) -> tuple[np.ndarray, dict]:
     """Sample a latent run: draw scaled latents with ``diffmath.sample.generate`` (any sampler
     of the pixel pipeline) from the U-Net in ``run``/unet, divide by the scaling factor and decode
     with the run's VAE (``vae`` overrides it; it must make latents of the U-Net's shape and have
@@ -342,10 +342,13 @@ def sample_latent(run, out=None, *, vae=None, sampler: str = "ddim", steps=None,
     ``out``/samples.npz (``samples``, ``latents`` (scaled), ``info``) and ``out``/samples.png, with
     ``out`` locked from after the checks to the end (as ``sample.sample_run``). Non-finite latents
     are an error (``sample.generate``). ``trust_unverified``: as in ``sample.load_model``.
+    ``dtype``: the U-Net's precision ("fp32", "bf16", "fp16"; ``diffmath.sample.generate``).
     ``classes``, ``guidance``, ``guidance_rescale``: a conditional latent U-Net (``train_latent``
     with ``conditional``), as in ``sample.sample_run``; samples.npz then holds ``labels`` too."""
-    from .sample import check_conditioning, check_sampling, claim_samples_folder, load_model, request_labels
+    from .sample import (check_conditioning, check_net_dtype, check_sampling, claim_samples_folder, load_model,
+                         request_labels)
 
+    check_net_dtype(dtype)
     run = Path(run)
     info_run = read_latent_run(run)
     lm = load_model(run=run / info_run.get("unet_run", "unet"), device=device, ema=ema,
@@ -367,14 +370,14 @@ def sample_latent(run, out=None, *, vae=None, sampler: str = "ddim", steps=None,
     cond = check_conditioning(lm, labels, guidance, guidance_rescale, num_samples)
     lock = claim_samples_folder(out) if out is not None else None
     try:
-        return _sample_latent(lm, lv, scale, out, sampler, steps, eta, num_samples, seed, batch_size, progress, ema,
+        return _sample_latent(lm, lv, scale, out, sampler, steps, eta, num_samples, seed, batch_size, progress, ema, dtype,
                               cond)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _sample_latent(lm, lv, scale, out, sampler, steps, eta, num_samples, seed, batch_size, progress, ema,
+def _sample_latent(lm, lv, scale, out, sampler, steps, eta, num_samples, seed, batch_size, progress, ema, dtype=None,
                    cond=(None, None, 0.0)):
     from .sample import conditioning_info, generate, save_class_grid, save_grid
 
@@ -382,13 +385,15 @@ def _sample_latent(lm, lv, scale, out, sampler, steps, eta, num_samples, seed, b
     t0 = time.time()
     # latents are not in [-1, 1]: never clip the predicted x0 to the pixel range
     z = generate(lm, num_samples, sampler=sampler, steps=steps, eta=eta, seed=seed, batch_size=batch_size,
-                 progress=progress, clip_x0=None, labels=labels, guidance=guidance, guidance_rescale=rescale)
+                 progress=progress, clip_x0=None, dtype=dtype, labels=labels, guidance=guidance, guidance_rescale=rescale)
     t1 = time.time()
     x = decode_latents(lv, z, scale, batch_size=batch_size)
     t2 = time.time()
     from .sample import sampling_info
 
     info = sampling_info(lm, sampler, steps, eta, num_samples, seed, ema, clip_x0=None)
+    if dtype is not None:
+        info["dtype"] = dtype
     info.update(conditioning_info(lm, labels, guidance, rescale))
     info.update({
         "latent": True,

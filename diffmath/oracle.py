@@ -528,8 +528,8 @@ class GaussianData:
         "probability_flow_heun" ``sample_ode_heun``
         "probability_flow"      the exact flow of the probability-flow ODE from t = 1 to eps
                                 (no discretization: x -> m_eps + C_eps^{1/2} C_1^{-1/2} (x - m_1))
-        "predictor_corrector"   ``sample_pc(predictor="euler_maruyama", corrector="langevin",
-                                corrector_norm="batch")`` in the limit of a large batch: the
+        "predictor_corrector"   ``sample_pc(predictor="euler_maruyama", corrector="langevin")``
+                                (default corrector_norm="batch") in the limit of a large batch: the
                                 step 2 alpha (snr E||z|| / E||score||)^2 is then deterministic
                                 (E over the current Gaussian, ``expected_norm``), so the
                                 corrector is affine-Gaussian and the output exact.

@@ -13,9 +13,13 @@ Samplers (``--sampler``):
 - ``pc``: predictor-corrector, ``samplers.sample_pc`` (reverse-diffusion predictor + one Langevin
   corrector step, snr 0.16; score_sde's VP setting) on a VP-SDE with N = steps. The corrector's
   step size uses the batch-mean norms of the score and the noise (score_sde's
-  ``LangevinCorrector``, ``corrector_norm="batch"``): per-sample norms blow up in low
+  ``LangevinCorrector``, ``sample_pc``'s default): per-sample norms blow up in low
   dimension, where a sample near a mode has a score near zero.
 - ``ode``: the probability-flow ODE, ``samplers.sample_ode`` (scipy RK45, rtol = atol = 1e-5).
+- ``euler``, ``heun``, ``edm``, ``euler-a``, ``dpmpp-2m``, ``dpmpp-2m-sde``, ``dpmpp-3m-sde``,
+  ``unipc``, ``lms``: the sigma-space solvers of ``diffmath.samplers`` on
+  ``Denoiser.from_schedule`` around the network, over ``--sigmas karras|exponential|schedule``
+  (``generate``); ``--steps`` levels (Heun/EDM: 2 steps - 1 model evaluations).
 
 The discrete eps-model becomes a score for the SDE samplers through the VP-SDE
 correspondence (Song et al. 2021, App. B): the run's schedule is matched to
@@ -40,6 +44,12 @@ which gives the same numbers as the combination. A learned-variance network's va
 channels are sliced off before the combination, and ddpm uses the variance predicted by the
 conditional half (GLIDE's and diffusers' DiT pipeline's choice: the variance is not guided).
 Without ``classes`` a conditional run samples its unconditional model (the null label).
+
+Precision (``--dtype``): the sampling state x stays float32 whatever the network's precision;
+``dtype="bf16"``/``"fp16"`` runs the U-Net under ``torch.autocast`` in bfloat16/float16 (CPU or
+CUDA), its output read back as float32 before each update (docs/samplers.md, "Precision of the
+loop state"); ``"fp32"`` runs it in float32. ``dtype=None`` (the library default) keeps the
+loaded model's own rule: bf16 autocast on CUDA for a run trained with bf16, float32 otherwise.
 
 Noise: the start x_T and the kernel noise are keyed by (seed, global sample index), so the
 samples do not depend on the chunking (``batch_size``) or on the number of processes; the
@@ -67,7 +77,17 @@ __all__ = ["LoadedModel", "load_model", "generate", "sample_run", "save_grid", "
            "class_labels", "check_conditioning", "SAMPLERS", "DEFAULT_STEPS", "DEFAULT_GUIDANCE"]
 
 SAMPLERS = ("ddpm", "ddim", "em", "pc", "ode")
+#: ``--dtype``: the U-Net's autocast precision (the sampling state stays float32)
+NET_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "em": 500, "pc": 500, "ode": None}
+#: --sampler name -> the sigma-space solver of ``diffmath.samplers`` (``SOLVERS``)
+SOLVER_SAMPLERS = {
+    "euler": "euler", "heun": "heun", "edm": "edm", "euler-a": "euler_ancestral", "dpmpp-2m": "dpmpp_2m",
+    "dpmpp-2m-sde": "dpmpp_2m_sde", "dpmpp-3m-sde": "dpmpp_3m_sde", "unipc": "unipc", "lms": "lms",
+}
+SAMPLERS = SAMPLERS + tuple(SOLVER_SAMPLERS)
+DEFAULT_STEPS.update({name: 20 for name in SOLVER_SAMPLERS})
+LADDERS = ("karras", "exponential", "schedule")
 # The guidance scale s of ``sample --class`` when --guidance is not given (diffusers' convention:
 # 1 = the plain conditional model). Chosen on the demo's digits (README, docs/guidance.md).
 DEFAULT_GUIDANCE = 3.0
@@ -83,6 +103,7 @@ class LoadedModel:
     step: int
     device: torch.device
     checkpoint: Path
+    dtype: str | None = None  # a NET_DTYPES key; None: bf16 autocast on CUDA for a run trained with bf16
     # classifier-free guidance of a conditional run (``conditioned``): the requested class of
     # each sample of the batch, the scale s and the rescale phi; labels None: no labels
     labels: torch.Tensor | None = None
@@ -104,11 +125,15 @@ class LoadedModel:
 
     @torch.no_grad()
     def forward(self, x, t, y=None) -> torch.Tensor:
-        """The raw network output (float32), bf16 autocast on CUDA; ``y``: class labels (a
-        conditional network; None there is the null class)."""
+        """The raw network output (float32). The network runs under ``torch.autocast`` (CPU or
+        CUDA) in bfloat16/float16 for ``dtype`` "bf16"/"fp16", in float32 for "fp32"; with
+        ``dtype=None`` in bf16 autocast on CUDA for a run trained with bf16 (``config.bf16``).
+        ``y``: class labels (a conditional network; None there is the null class)."""
         args = (x, t) if y is None else (x, t, y)
-        if self.device.type == "cuda" and self.config.bf16:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+        ac = NET_DTYPES[self.dtype] if self.dtype is not None else (
+            torch.bfloat16 if (self.device.type == "cuda" and self.config.bf16) else torch.float32)
+        if ac != torch.float32:
+            with torch.autocast(self.device.type, dtype=ac):
                 return self.model(*args).float()
         return self.model(*args).float()
 
@@ -342,6 +367,63 @@ def _loop_em(lm, x, seed, start, n_total, steps, progress):
     return x
 
 
+def solver_ladder(lm: LoadedModel, steps: int, sigmas: str) -> np.ndarray:
+    """The float64 ladder of ``steps`` levels then 0 for the sigma-space solvers (``generate``)."""
+    from .denoiser import schedule_sigmas
+    from .samplers import sigmas_exponential, sigmas_from_schedule, sigmas_karras
+
+    tab = schedule_sigmas(lm.schedule)
+    tab = tab[np.isfinite(tab)]
+    lo, hi = float(tab[0]), float(tab[-1])
+    if sigmas == "karras":
+        return sigmas_karras(steps, lo, hi)
+    if sigmas == "exponential":
+        return sigmas_exponential(steps, lo, hi)
+    return sigmas_from_schedule(lm.schedule, steps, "leading")
+
+
+def _loop_solver(lm, x, sampler, steps, sigmas, generator, progress):
+    from .denoiser import Denoiser
+    from .samplers import SOLVERS
+
+    C = lm.data_shape[0]
+    if lm.labels is None:
+        D = Denoiser.from_schedule(lambda x_t, t: lm.forward(x_t, t)[:, :C], lm.schedule, lm.config.prediction)
+    else:
+        D = _guided_solver_denoiser(lm, Denoiser)
+    sig = solver_ladder(lm, steps, sigmas)
+    fn = SOLVERS[SOLVER_SAMPLERS[sampler]]
+    kw = {"generator": generator} if sampler in ("euler-a", "dpmpp-2m-sde", "dpmpp-3m-sde", "edm") else {}
+    return fn(D, x.float() * math.sqrt(1.0 + float(sig[0]) ** 2), sig, progress=progress, **kw)
+
+
+def _guided_solver_denoiser(lm: LoadedModel, Denoiser):
+    """D_s(x, sigma) for the sigma-space solvers: ``guidance.guided_denoiser`` (one network call
+    on [x; x] with labels [y; null], D_s = (1 - s) D_u + s D_c, the rescale on x - D = sigma eps)
+    around ``Denoiser.from_schedule`` of the conditional network; s = 0 or 1 without rescale:
+    one call on the null label or the labels."""
+    from .guidance import guided_denoiser
+
+    C = lm.data_shape[0]
+    cur = {}
+    D = Denoiser.from_schedule(lambda x_t, t: lm.forward(x_t, t, cur["y"])[:, :C], lm.schedule, lm.config.prediction)
+    s, phi = lm.guidance, lm.guidance_rescale
+    if phi == 0.0 and s in (0.0, 1.0):
+        y = lm.labels if s == 1.0 else None
+
+        def plain(x, sigma):
+            cur["y"] = y
+            return D(x, sigma)
+
+        return plain
+
+    def den(x, sigma, y):
+        cur["y"] = y
+        return D(x, sigma)
+
+    return guided_denoiser(den, lm.labels, s, rescale=phi, null_class=lm.num_classes)
+
+
 def default_clip(lm: LoadedModel):
     """The default ``clip_x0``: 1.0 for bounded images (data on a grid of ``bins`` levels in
     [-1, 1]: the digits, image folders), None (no clipping) for data with no such bound
@@ -350,10 +432,28 @@ def default_clip(lm: LoadedModel):
     return 1.0 if len(lm.data_shape) == 3 and lm.bins is not None else None
 
 
+def check_net_dtype(dtype):
+    """A ``--dtype`` value: None or one of NET_DTYPES' keys (ValueError otherwise)."""
+    if dtype is not None and dtype not in NET_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(NET_DTYPES)} (the U-Net's precision) or None; got {dtype!r}")
+    return dtype
+
+
 def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=None, eta: float = 0.0, seed: int = 0,
-             batch_size: int = 500, progress: bool = False, clip_x0="auto", labels=None, guidance=None,
-             guidance_rescale: float = 0.0) -> np.ndarray:
+             batch_size: int = 500, progress: bool = False, clip_x0="auto", dtype=None, sigmas: str = "karras",
+             labels=None, guidance=None, guidance_rescale: float = 0.0) -> np.ndarray:
     """``num_samples`` samples as a float32 numpy array (N, *data_shape), not clipped.
+
+    The sigma-space solvers (``SOLVER_SAMPLERS``: euler, heun, edm, euler-a, dpmpp-2m,
+    dpmpp-2m-sde, dpmpp-3m-sde, unipc, lms) run on ``Denoiser.from_schedule`` around the network
+    (its prediction type; the timestep interpolated in log sigma off the table), over ``steps``
+    levels of the ladder ``sigmas``: "karras" (rho = 7) or "exponential" between the schedule's
+    sigma_min and sigma_max, or "schedule" (the schedule's own sigmas at leading timesteps),
+    each then 0; the start is x_T sqrt(1 + sigma_0^2) (the VP prior N(0, I) in sigma space).
+
+    ``dtype``: the U-Net's precision, "fp32", "bf16" or "fp16" (``torch.autocast`` on CPU or
+    CUDA), or None for the loaded model's own (``LoadedModel.dtype``); the sampling state is
+    float32 in every case.
 
     ``clip_x0``: for ddpm/ddim, clip the predicted x0 to [-c, c] at each step ("auto":
     ``default_clip``, c = 1 for images in [-1, 1], off for toy data and latents; None: off).
@@ -370,10 +470,14 @@ def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=
     from .samplers import sample_ode, sample_pc
     from .train import _derive
 
-    steps = check_sampling(lm, num_samples, sampler, steps, eta, seed, batch_size)
+    steps = check_sampling(lm, num_samples, sampler, steps, eta, seed, batch_size, sigmas)
     labels, guidance, guidance_rescale = check_conditioning(lm, labels, guidance, guidance_rescale, num_samples)
     if clip_x0 == "auto":
         clip_x0 = default_clip(lm)
+    if check_net_dtype(dtype) is not None:
+        from dataclasses import replace
+
+        lm = replace(lm, dtype=dtype)
     rank, world = 0, 1
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -394,12 +498,15 @@ def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=
             x = _loop_ddpm(lm, x, kseed, a, num_samples, steps, progress, clip_x0)
         elif sampler == "em":
             x = _loop_em(lm, x, kseed, a, num_samples, steps, progress)
+        elif sampler in SOLVER_SAMPLERS:
+            g = torch.Generator(device=lm.device).manual_seed(_derive(seed, "chunk", a))
+            x = _loop_solver(lm, x, sampler, steps, sigmas, g, progress)
         else:
             score = _ScoreFromEps(lm)
             g = torch.Generator(device=lm.device).manual_seed(_derive(seed, "chunk", a))
             if sampler == "pc":
                 sde = type(score.sde)(beta_min=0.1, beta_max=20.0, N=steps)
-                x = sample_pc(score, sde, x_T=x, steps=steps, corrector_norm="batch", generator=g, progress=progress)
+                x = sample_pc(score, sde, x_T=x, steps=steps, generator=g, progress=progress)
             else:
                 x = sample_ode(score, score.sde, x_T=x, generator=g, progress=progress)
         outs.append(x.float().cpu())
@@ -414,7 +521,7 @@ def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=
     return x
 
 
-def check_sampling(lm: LoadedModel, num_samples, sampler, steps, eta, seed=0, batch_size=1):
+def check_sampling(lm: LoadedModel, num_samples, sampler, steps, eta, seed=0, batch_size=1, sigmas="karras"):
     """``ValueError`` naming the argument if a sampling request is invalid; returns the number of
     steps (the sampler's default when ``steps`` is None; None for the adaptive ode sampler)."""
     from .train import MAX_SEED
@@ -433,6 +540,10 @@ def check_sampling(lm: LoadedModel, num_samples, sampler, steps, eta, seed=0, ba
         raise ValueError(f"steps must be a positive integer; got {steps!r}")
     if sampler in ("ddpm", "ddim") and steps > T:
         raise ValueError(f"steps must lie in [1, T] = [1, {T}] for --sampler {sampler}; got {steps}")
+    if sigmas not in LADDERS:
+        raise ValueError(f"sigmas must be one of {', '.join(LADDERS)}; got {sigmas!r}")
+    if sampler in SOLVER_SAMPLERS and sigmas == "schedule" and steps > T:
+        raise ValueError(f"steps must lie in [1, T] = [1, {T}] for --sigmas schedule; got {steps}")
     if sampler == "pc" and steps < 20:  # its predictor is the VP-SDE's discrete chain, beta_i = beta_max / N
         raise ValueError(f"steps must be >= 20 for --sampler pc (the VP-SDE chain needs beta_max / N = 20 / N <= 1); "
                          f"got {steps}")
@@ -659,9 +770,11 @@ def save_class_grid(path, x: np.ndarray, labels, per_class: int = 10, names=(), 
 
 def sample_run(out, *, run=None, checkpoint=None, sampler="ddim", steps=None, eta=0.0, num_samples=500, seed=0,
                device="auto", batch_size=500, progress=True, ema=True, clip_x0="auto",
-               trust_unverified: bool = False, classes=None, guidance=None, guidance_rescale: float = 0.0) -> dict:
+               trust_unverified: bool = False, dtype=None, sigmas: str = "karras", classes=None, guidance=None,
+               guidance_rescale: float = 0.0) -> dict:
     """Load, sample, and write ``out``/samples.npz (``samples`` float32 + ``info`` JSON) and
-    ``out``/samples.png. Returns the info dict.
+    ``out``/samples.png. ``dtype``: the U-Net's precision (``generate``).
+    Returns the info dict.
 
     ``classes`` (a conditional run; ``parse_classes``: 4, "0-9", "1,3,5", "all", ...): the
     samples split equally over the classes asked (``class_labels``), guided with scale
@@ -677,6 +790,7 @@ def sample_run(out, *, run=None, checkpoint=None, sampler="ddim", steps=None, et
 
     from .distributed import _Dist, resolve_device
 
+    check_net_dtype(dtype)
     dev = resolve_device(device)
     dd = _Dist(dev)  # under torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on CUDA
     try:
@@ -686,8 +800,8 @@ def sample_run(out, *, run=None, checkpoint=None, sampler="ddim", steps=None, et
         return _sample_run(out, dd, run=run, checkpoint=checkpoint, sampler=sampler, steps=steps, eta=eta,
                            num_samples=num_samples, seed=seed, device=str(dev), batch_size=batch_size,
                            progress=progress and dd.rank == 0, ema=ema, clip_x0=clip_x0,
-                           trust_unverified=trust_unverified, classes=classes, guidance=guidance,
-                           guidance_rescale=guidance_rescale)
+                           trust_unverified=trust_unverified, dtype=dtype, sigmas=sigmas, classes=classes,
+                           guidance=guidance, guidance_rescale=guidance_rescale)
     finally:
         dd.close()
 
@@ -755,11 +869,12 @@ def claim_samples_folder(out, dd=None, command: str = "sample"):
 
 
 def _sample_run(out, dd, *, run, checkpoint, sampler, steps, eta, num_samples, seed, device, batch_size, progress, ema,
-                clip_x0, trust_unverified=False, classes=None, guidance=None, guidance_rescale=0.0):
+                clip_x0, trust_unverified=False, dtype=None, sigmas="karras", classes=None, guidance=None,
+                guidance_rescale=0.0):
     import time
 
     lm = load_model(run=run, checkpoint=checkpoint, device=device, ema=ema, trust_unverified=trust_unverified)
-    check_sampling(lm, num_samples, sampler, steps, eta, seed, batch_size)
+    check_sampling(lm, num_samples, sampler, steps, eta, seed, batch_size, sigmas)
     labels = request_labels(lm, classes, num_samples)
     labels, guidance, guidance_rescale = check_conditioning(lm, labels, guidance, guidance_rescale, num_samples)
     lock = claim_samples_folder(out, dd)
@@ -768,11 +883,16 @@ def _sample_run(out, dd, *, run, checkpoint, sampler, steps, eta, num_samples, s
         if clip_x0 == "auto":
             clip_x0 = default_clip(lm)
         x = generate(lm, num_samples, sampler=sampler, steps=steps, eta=eta, seed=seed, batch_size=batch_size,
-                     progress=progress, clip_x0=clip_x0, labels=labels, guidance=guidance,
+                     progress=progress, clip_x0=clip_x0, dtype=dtype, sigmas=sigmas, labels=labels, guidance=guidance,
                      guidance_rescale=guidance_rescale)
         secs = time.time() - t0
         info = sampling_info(lm, sampler, steps, eta, num_samples, seed, ema,
                              clip_x0=clip_x0 if sampler in ("ddpm", "ddim") else None)
+        if dtype is not None:
+            info["dtype"] = dtype
+        if sampler in SOLVER_SAMPLERS:
+            info["sigmas"] = sigmas
+            info["nfe"] = 2 * info["steps"] - 1 if sampler in ("heun", "edm") else info["steps"]
         info.update(conditioning_info(lm, labels, guidance, guidance_rescale))
         info.update(seconds=round(secs, 3), world_size=dd.world)
         if dd.rank == 0:

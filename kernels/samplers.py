@@ -8,6 +8,11 @@ at t[b] in the kernel from float32 device copies of float64 tables (DDPM); each 
 docstring gives them, and docs/kernels.md has the table of all of them. Beside each wrapper
 sits its torch reference (``<step>_reference``): the verified core step of
 ``diffmath.samplers`` in float64, which the tests hold both paths to.
+
+The model output m and the noise may be of another float dtype than x: a step on a float32
+state with a bfloat16/float16 eps reads the half-precision values and writes float32 (the
+result always has x's dtype), so a sampling loop's state keeps its precision whatever the
+network's (docs/samplers.md, "Precision of the loop state").
 """
 
 from __future__ import annotations

@@ -96,7 +96,8 @@ def test_help_explains_the_latent_flags(cmd, capsys):
         (["train", "--out", "X", "--channel-mult", "1,a"], "comma-separated integers"),
         (["sample", "--out", "X"], "one of the arguments --run/--run-dir --checkpoint is required"),
         (["sample", "--run", "A", "--checkpoint", "B"], "not allowed with argument"),
-        (["sample", "--run", "A", "--sampler", "heun"], "invalid choice"),
+        (["sample", "--run", "A", "--sampler", "rk4"], "invalid choice"),
+        (["sample", "--run", "A", "--dtype", "fp8"], "invalid choice"),
         (["evaluate"], "the following arguments are required: --run"),
     ],
 )
@@ -564,3 +565,30 @@ def test_attention_resolutions_the_unet_never_has_are_an_error(tmp_path, capsys)
         assert main(["train", "--data", "digits", "--image-size", "16", "--out", str(tmp_path / "s"), "--steps", "1",
                      "--batch-size", "8", "--channels", "8", "--num-res-blocks", "1", "--timesteps", "50",
                      "--no-progress"]) == 0
+
+
+def test_sigma_space_solvers_from_the_cli(tmp_path, capsys):
+    # a tiny toy run; every --sampler of diffmath.samplers' solvers samples from it through the
+    # model's denoiser, and Euler on the schedule's own sigmas is DDIM (Song et al. 2021, eq. 14)
+    run = tmp_path / "gmm"
+    assert main(["train", "--data", "gmm", "--out", str(run), "--steps", "30", "--batch-size", "64", "--channels", "8",
+                 "--timesteps", "50", "--save-every", "30", "--no-progress"]) == 0
+    for sampler in ("euler", "heun", "edm", "euler-a", "dpmpp-2m", "dpmpp-2m-sde", "dpmpp-3m-sde", "unipc", "lms"):
+        for ladder in ("karras", "exponential"):
+            out = tmp_path / f"{sampler}-{ladder}"
+            assert main(["sample", "--run", str(run), "--out", str(out), "--sampler", sampler, "--steps", "6",
+                         "--sigmas", ladder, "--num-samples", "40", "--no-progress"]) == 0
+            with np.load(out / "samples.npz", allow_pickle=False) as z:
+                info = json.loads(str(z["info"]))
+                assert z["samples"].shape == (40, 2) and np.all(np.isfinite(z["samples"]))
+            assert info["sampler"] == sampler and info["sigmas"] == ladder
+            assert info["nfe"] == (11 if sampler in ("heun", "edm") else 6)
+    for args in (["--sampler", "euler", "--sigmas", "schedule"], ["--sampler", "ddim"]):
+        out = tmp_path / args[1]
+        assert main(["sample", "--run", str(run), "--out", str(out), "--steps", "10", "--num-samples", "64",
+                     "--no-progress", *args]) == 0
+    with np.load(tmp_path / "euler" / "samples.npz") as a, np.load(tmp_path / "ddim" / "samples.npz") as b:
+        np.testing.assert_allclose(a["samples"], b["samples"], rtol=1e-4, atol=1e-4)  # float32 loops, two routes
+    assert main(["sample", "--run", str(run), "--out", str(tmp_path / "bad"), "--sampler", "euler", "--sigmas", "schedule",
+                 "--steps", "51", "--no-progress"]) == 2
+    assert "--sigmas schedule" in capsys.readouterr().err

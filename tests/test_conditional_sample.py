@@ -87,7 +87,9 @@ def _check_moments(x, mean, cov, n_se=5.0, bias=0.03):
 # every sampler with an eps network; x0 and v through both conversions (the discrete tables of
 # ddim/ddpm, the VP-SDE's m(t), s(t) of em/pc/ode)
 CASES = [("ddim", 50, "eps"), ("ddpm", 50, "eps"), ("em", 300, "eps"), ("pc", 200, "eps"), ("ode", None, "eps"),
-         ("ddim", 50, "x0"), ("em", 300, "x0"), ("ddpm", 50, "v"), ("ode", None, "v")]
+         ("ddim", 50, "x0"), ("em", 300, "x0"), ("ddpm", 50, "v"), ("ode", None, "v"),
+         ("heun", 30, "eps"), ("dpmpp-2m", 30, "v"), ("unipc", 30, "x0"), ("dpmpp-2m-sde", 40, "eps")]
+DISCRETE = ("ddim", "ddpm")
 
 
 @pytest.mark.parametrize("sampler,steps,prediction", CASES)
@@ -98,7 +100,7 @@ def test_each_class_lands_on_its_component_and_the_null_label_on_the_mixture(sam
     x = generate(lm, 2 * n, sampler=sampler, steps=steps, seed=3, labels=y, guidance=1.0)
     for k in (0, 1):
         target = GaussianData(MEANS[k], np.diag(VARS[k]))
-        if sampler in ("ddim", "ddpm"):  # the exact output of the discrete chain
+        if sampler in DISCRETE:  # the exact output of the discrete chain
             target = target.exact_output(lm.schedule, sampler, steps=steps, variance="small")
         _check_moments(x[y == k], target.mean, target.cov)
     # s = 0 asks the unconditional model whatever the labels: the same samples as no labels at all
@@ -115,7 +117,8 @@ def test_ddim_at_s1_matches_the_exact_output_distribution_of_the_component():
     _check_moments(x, ex.mean, ex.cov, bias=0.0)
 
 
-@pytest.mark.parametrize("sampler,steps", [("ddim", 50), ("ddpm", 50), ("em", 300), ("pc", 200), ("ode", None)])
+@pytest.mark.parametrize("sampler,steps", [("ddim", 50), ("ddpm", 50), ("em", 300), ("pc", 200), ("ode", None),
+                                           ("dpmpp-2m", 20), ("euler-a", 40), ("unipc", 20), ("lms", 20), ("edm", 20)])
 def test_guidance_trades_diversity_for_agreement_in_every_sampler(sampler, steps):
     # overlapping classes (as docs/guidance.md's example): at s = 1 about 92% of class 1 lies right of 0
     lm = _loaded("v", means=np.array([[-1.0, 0.0], [1.0, 0.0]]), variances=np.full((2, 2), 0.5))
@@ -159,6 +162,28 @@ def test_guided_eps_is_the_combination_of_two_separate_calls(prediction):
 
     ref = classifier_free_guidance(to_eps(net(x, idx, y)), to_eps(net(x, idx, None)), 2.0)
     torch.testing.assert_close(sc(x, tc), -ref / std, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_the_solvers_guided_denoiser_is_the_combination_of_two_separate_denoisers(prediction):
+    from diffmath.denoiser import Denoiser
+    from diffmath.sample import _guided_solver_denoiser
+
+    lm = _loaded(prediction)
+    net = lm.model
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(3))
+    sigma = torch.tensor([0.05, 0.3, 1.0, 4.0, 20.0])
+    y = np.array([1, 0, 1, 1, 0])
+    d_c = Denoiser.from_schedule(lambda xt, t: net(xt, t, torch.as_tensor(y)), lm.schedule, prediction)(x, sigma)
+    d_u = Denoiser.from_schedule(lambda xt, t: net(xt, t, None), lm.schedule, prediction)(x, sigma)
+    for scale, phi in ((4.0, 0.0), (2.0, 0.6), (1.0, 0.0), (0.0, 0.0)):
+        net.calls.clear()
+        got = _guided_solver_denoiser(lm.conditioned(y, scale, phi), Denoiser)(x, sigma)
+        assert net.calls == ([10] if (phi or scale not in (0, 1)) else [5])
+        # D = x - sigma eps: the rescale acts on eps = (x - D) / sigma
+        e_c, e_u = (x - d_c) / sigma[:, None], (x - d_u) / sigma[:, None]
+        ref = x - sigma[:, None] * classifier_free_guidance(e_c, e_u, scale, phi)
+        torch.testing.assert_close(got, ref.to(got.dtype), rtol=1e-5, atol=1e-5)
 
 
 def test_learned_variance_is_the_conditional_halfs():

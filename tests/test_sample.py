@@ -164,7 +164,7 @@ def test_samples_do_not_depend_on_the_chunking_on_the_philox_path():
 def test_generate_bad_input():
     lm = _loaded()
     with pytest.raises(ValueError, match="sampler must be one of"):
-        generate(lm, 4, sampler="heun")
+        generate(lm, 4, sampler="rk4")
     with pytest.raises(ValueError, match=r"steps must lie in \[1, T\] = \[1, 200\]"):
         generate(lm, 4, sampler="ddim", steps=500)
     with pytest.raises(ValueError, match="num_samples must be a positive integer"):
@@ -219,3 +219,48 @@ def test_save_grid_takes_any_channel_count(tmp_path):
         # C = 1 grey, 3 RGB; other counts put the channels side by side (with a 1-pixel gap) in grey
         width = 2 * ((4 if C in (1, 3) else C * 4 + C - 1) + 1) + 1
         assert im.mode == ("RGB" if C == 3 else "L") and im.size == (width * 4, (2 * 5 + 1) * 4)
+
+
+# ----------------------------------------------------------------------------- --dtype: the U-Net's precision
+class AutocastProbe(torch.nn.Module):
+    """OracleNet's exact eps through an identity Linear layer (an op autocast runs in half
+    precision), recording the dtype of the input x and of the layer's output at each call."""
+
+    def __init__(self, s):
+        super().__init__()
+        self.inner = OracleNet(s)
+        self.lin = torch.nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.eye(2))
+        self.seen = set()
+
+    def forward(self, x, t):
+        y = self.lin(self.inner(x, t))
+        self.seen.add((x.dtype, y.dtype))
+        return y
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddim", 20), ("ddpm", 20), ("em", 100), ("pc", 50), ("ode", None)])
+def test_dtype_bf16_runs_the_net_in_autocast_over_a_float32_state(sampler, steps):
+    # --dtype bf16: the network's layers run in bfloat16 (torch.autocast on CPU), its input is
+    # the float32 state, the samples are float32 and differ from the float32 network's only by
+    # the network's rounding (bf16 epsilon 2^-8 on eps: well under 5% of the data's std here).
+    cfg = TrainConfig(data="gmm", timesteps=T, progress=False)
+    s = named_schedule("linear", T)
+    net = AutocastProbe(s)
+    lm = LoadedModel(net, cfg, s, (2,), None, 0, torch.device("cpu"), Path("probe"))
+    ref = generate(lm, 200, sampler=sampler, steps=steps, seed=2, dtype="fp32")
+    assert net.seen == {(torch.float32, torch.float32)}
+    net.seen.clear()
+    x = generate(lm, 200, sampler=sampler, steps=steps, seed=2, dtype="bf16")
+    assert net.seen == {(torch.float32, torch.bfloat16)} and x.dtype == np.float32
+    assert lm.dtype is None  # generate does not change the caller's model
+    d = np.abs(x - ref).max(0)
+    assert np.all(d < 0.05 * np.sqrt(VAR)), d
+    assert not np.array_equal(x, ref)
+    np.testing.assert_array_equal(generate(lm, 200, sampler=sampler, steps=steps, seed=2), ref)  # None = fp32 on CPU
+
+
+def test_dtype_must_be_a_known_precision():
+    with pytest.raises(ValueError, match=r"dtype must be one of fp32, bf16, fp16 .*; got 'float8'"):
+        generate(_loaded(), 4, dtype="float8")

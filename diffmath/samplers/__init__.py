@@ -17,6 +17,11 @@ Sigma space (Karras et al. 2022; k-diffusion's convention, on a denoiser D(x; si
 Step functions return the new sample only; loops take a model callable, a shape, a
 ``numpy.random.Generator`` or ``torch.Generator``, ``progress`` (tqdm) and ``callback``.
 No loop modifies its inputs, so interrupting one (KeyboardInterrupt) leaves them intact.
+
+Every loop keeps its state in float32 (float64 when given float64) whatever the dtype of x_T,
+the model's output or the noise, upcasts a half-precision model output before each update and
+returns the state's dtype (``out_dtype=`` rounds once at the end); a model output that is not
+finite stops it with a ValueError naming the step and t (docs/samplers.md).
 """
 
 from .ddim import ddim_coefs, ddim_pairs, ddim_step, sample_ddim

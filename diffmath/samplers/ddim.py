@@ -20,7 +20,7 @@ from .._array import (
 )
 from ..parameterization import _x0_from_eps
 from ..schedules import Schedule, timesteps
-from ._common import call_model, check_eta, check_steps, model_t, progress_bar, randn_like, start
+from ._common import LoopModel, check_eta, check_out_dtype, check_steps, finish, model_t, progress_bar, randn_like, start
 
 __all__ = ["ddim_step", "ddim_coefs", "ddim_pairs", "sample_ddim"]
 
@@ -122,6 +122,7 @@ def sample_ddim(
     progress: bool = False,
     callback=None,
     x_T=None,
+    out_dtype=None,
 ):
     """DDIM sampling (Song et al. 2021, Sec. 4.2 / eq. 12): x_T ~ N(0, I), then ``ddim_step``
     over ``timesteps(T, steps, spacing)`` (leading | trailing | linspace) and a final noiseless
@@ -131,6 +132,12 @@ def sample_ddim(
     index via ``s.timestep_map`` if ``s`` is itself respaced). ``generator``:
     numpy.random.Generator or torch.Generator; ``x_T`` optionally the start (not modified).
     ``callback(t=, x=, eps=)`` after each step. Returns x_0 of ``shape``.
+
+    Precision: the state is float32 (float64 for a float64 x_T or a numpy loop without x_T)
+    whatever the dtype of x_T or of the model's output; the model gets x in the state's dtype
+    and a float16/bfloat16 output is upcast before the update. The result is in the state's
+    dtype, or rounded once to ``out_dtype`` when given. A non-finite model output stops the
+    loop with a ValueError naming the step and t (docs/samplers.md).
     """
     check_schedule(s)
     eta = check_eta(eta)
@@ -139,10 +146,13 @@ def sample_ddim(
     steps = check_steps(steps, s.num_timesteps)
     pairs = ddim_pairs(s.num_timesteps, steps, spacing)
     x, generator = start(shape, generator, x_T)
-    for t, t_prev in progress_bar(pairs, len(pairs), progress, "DDIM"):
-        eps = call_model(eps_model, x, model_t(s.timestep_map[t], x), "eps_model")
+    out_dtype = check_out_dtype(out_dtype, x)
+    model = LoopModel(eps_model, "eps_model", "sample_ddim", len(pairs))
+    for k, (t, t_prev) in enumerate(progress_bar(pairs, len(pairs), progress, "DDIM")):
+        model.step = k
+        eps = model(x, model_t(s.timestep_map[t], x))
         noise = randn_like(x, generator) if (eta > 0 and t_prev >= 0) else None
         x = ddim_step(s, x, t, t_prev, eps, noise=noise, eta=eta)
         if callback is not None:
             callback(t=t, x=x, eps=eps)
-    return x
+    return finish(x, out_dtype)

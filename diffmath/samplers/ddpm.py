@@ -12,7 +12,7 @@ from ..losses import _check_variance
 from ..parameterization import _x0_from_eps
 from ..posterior import _posterior_mean
 from ..schedules import Schedule, timesteps
-from ._common import call_model, check_steps, model_t, progress_bar, randn_like, start
+from ._common import LoopModel, check_out_dtype, check_steps, finish, model_t, progress_bar, randn_like, start
 
 __all__ = ["ddpm_step", "sample_ddpm", "ddpm_std"]
 
@@ -90,6 +90,7 @@ def sample_ddpm(
     progress: bool = False,
     callback=None,
     x_T=None,
+    out_dtype=None,
 ):
     """DDPM ancestral sampling (Ho et al. 2020, Alg. 2): x_T ~ N(0, I), then ``ddpm_step``
     for t = T-1, ..., 0 (no noise at t = 0).
@@ -100,6 +101,12 @@ def sample_ddpm(
     ORIGINAL index (``timestep_map``). ``generator``: numpy.random.Generator (numpy loop) or
     torch.Generator (torch loop); ``x_T`` optionally gives the start (it is not modified).
     ``callback(t=, x=, eps=)`` runs after each step with the new x. Returns x_0 of ``shape``.
+
+    Precision: the state is float32 (float64 for a float64 x_T or a numpy loop without x_T)
+    whatever the dtype of x_T or of the model's output; the model gets x in the state's dtype
+    and a float16/bfloat16 output is upcast before the update. The result is in the state's
+    dtype, or rounded once to ``out_dtype`` when given. A non-finite model output stops the
+    loop with a ValueError naming the step and t (docs/samplers.md).
     """
     check_schedule(s)
     _check_variance(variance)
@@ -110,11 +117,14 @@ def sample_ddpm(
         check_steps(steps, s.num_timesteps)
         s = s.respace(timesteps(s.num_timesteps, steps, spacing))
     x, generator = start(shape, generator, x_T)
+    out_dtype = check_out_dtype(out_dtype, x)
     T = s.num_timesteps
+    model = LoopModel(eps_model, "eps_model", "sample_ddpm", T)
     for t in progress_bar(range(T - 1, -1, -1), T, progress, "DDPM"):
-        eps = call_model(eps_model, x, model_t(s.timestep_map[t], x), "eps_model")
+        model.step = T - 1 - t
+        eps = model(x, model_t(s.timestep_map[t], x))
         noise = randn_like(x, generator) if t > 0 else None
         x = ddpm_step(s, x, t, eps, noise, variance=variance, clip_x0=clip_x0)
         if callback is not None:
             callback(t=t, x=x, eps=eps)
-    return x
+    return finish(x, out_dtype)

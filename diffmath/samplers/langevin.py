@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .._array import backend, broadcast_coef, check_float, check_like, is_tensor, restore, upcast
-from ._common import call_model, check_positive, model_t, progress_bar, randn_like, start
+from ._common import LoopModel, check_out_dtype, check_positive, finish, model_t, progress_bar, randn_like, start
 
 __all__ = [
     "langevin_step",
@@ -66,19 +66,22 @@ def corrector_step_size(score_norm, noise_norm, snr: float, alpha: float = 1.0):
     return ops.where(score_norm > 0, 2.0 * alpha * (snr * noise_norm / safe) ** 2, 0 * score_norm)
 
 
-def langevin_corrector_step(score, x, snr: float, noise, alpha: float = 1.0, norm: str = "sample"):
-    """score_sde's Langevin corrector  (Song et al. 2021, Alg. 4-5):
+def langevin_corrector_step(score, x, snr: float, noise, alpha: float = 1.0, norm: str = "batch"):
+    """score_sde's Langevin corrector  (Song et al. 2021, Alg. 4-5; score_sde ``LangevinCorrector``):
 
     step = 2 alpha (snr ||noise|| / ||score||)^2,
     x'   = x + step score + sqrt(2 step) noise  = ``langevin_step(x, score, 2 step, noise)``.
 
     ``score`` is the score's value at x (the score of the current marginal p_t); norms are
-    over the non-batch dims. ``norm="sample"``: one step per sample (docs/design.md, "Choices");
-    ``norm="batch"``: score_sde's code, which uses the batch means of ||noise|| and ||score||
-    (one step for the whole batch; in the limit of a large batch the step is deterministic,
-    which ``oracle.GaussianData.exact_sde_output`` models exactly). Note that in dimension
-    1 and 2 the per-sample step has heavy tails (||score|| -> 0 near the mode): see
-    docs/samplers.md. score, x, noise: (B, ...); snr > 0, alpha > 0.
+    over the non-batch dims. ``norm="batch"`` (the default): score_sde's code, which uses the
+    batch means of ||noise|| and ||score|| (one step for the whole batch; in the limit of a
+    large batch the step is deterministic, which ``oracle.GaussianData.exact_sde_output``
+    models exactly). ``norm="sample"`` (opt-in): one step per sample, as Alg. 4-5 read
+    literally (docs/design.md, "Choices"). Warning: in dimension 1 and 2 the per-sample step has heavy tails
+    (||score|| -> 0 near the mode gives a huge step; in 1-D P(|x' - x| > r) ~ c / r, so the
+    output has no finite variance; on N(0.5, 0.1^2) data a PC run of 4000 samples gave
+    variance 24.9 instead of 0.01): see docs/samplers.md. In high dimension the norms
+    concentrate and the two agree. score, x, noise: (B, ...); snr > 0, alpha > 0.
     """
     x = check_float(x, "x")
     score = check_like(score, x, "score", "x")
@@ -86,7 +89,7 @@ def langevin_corrector_step(score, x, snr: float, noise, alpha: float = 1.0, nor
     snr = check_positive(snr, "snr")
     alpha = check_positive(alpha, "alpha")
     if norm not in ("sample", "batch"):
-        raise ValueError(f"norm must be 'sample' (per-sample step) or 'batch' (score_sde's batch means); got {norm!r}")
+        raise ValueError(f"norm must be 'batch' (score_sde's batch means, the default) or 'sample' (per-sample step); got {norm!r}")
     sc, nc = upcast(score), upcast(noise)
     sn, nn = _norms(sc), _norms(nc)
     if norm == "batch":
@@ -141,6 +144,7 @@ def annealed_langevin(
     callback=None,
     x_T=None,
     denoise: bool = False,
+    out_dtype=None,
 ):
     """Annealed Langevin dynamics (NCSN; Song & Ermon 2019, Alg. 1):
 
@@ -152,6 +156,12 @@ def annealed_langevin(
     the VE prior is the Gaussian). With ``denoise``, a final Tweedie step
     x <- x + sigma_L^2 s(x, sigma_L) (Jolicoeur-Martineau et al. 2021; NCSNv2).
     ``callback(i=, sigma=, x=)`` after each step. Returns x of ``shape``.
+
+    Precision: the state is float32 (float64 for a float64 x_T or a numpy loop without x_T)
+    whatever the dtype of x_T or of the model's output; the model gets x in the state's dtype
+    and a float16/bfloat16 output is upcast before the update. The result is in the state's
+    dtype, or rounded once to ``out_dtype`` when given. A non-finite model output stops the
+    loop with a ValueError naming the step and sigma (docs/samplers.md).
     """
     if not callable(score_model):
         raise TypeError(f"score_model must be callable score_model(x, sigma); got {type(score_model).__name__}")
@@ -160,19 +170,22 @@ def annealed_langevin(
     if isinstance(n_steps_each, bool) or not isinstance(n_steps_each, (int, np.integer)) or n_steps_each < 1:
         raise ValueError(f"n_steps_each must be an integer >= 1; got n_steps_each = {n_steps_each!r}")
     x, generator = start(shape, generator, x_T, scale=float(sig[0]))
+    out_dtype = check_out_dtype(out_dtype, x)
     total = len(sig) * int(n_steps_each)
+    model = LoopModel(score_model, "score_model", "annealed_langevin", total, tname="sigma")
     bar = progress_bar(None, total, progress, "annealed Langevin")
     try:
         for i, (sigma, a) in enumerate(zip(sig.tolist(), alphas.tolist())):
             for _ in range(int(n_steps_each)):
-                score = call_model(score_model, x, model_t(sigma, x, integer=False), "score_model")
+                score = model(x, model_t(sigma, x, integer=False))
                 x = langevin_step(x, score, a, randn_like(x, generator))
+                model.step += 1
                 bar.update(1)
                 if callback is not None:
                     callback(i=i, sigma=sigma, x=x)
         if denoise:
-            score = call_model(score_model, x, model_t(sig[-1], x, integer=False), "score_model")
+            score = model(x, model_t(sig[-1], x, integer=False))
             x = restore(upcast(x) + float(sig[-1]) ** 2 * upcast(score), x)
     finally:
         bar.close()
-    return x
+    return finish(x, out_dtype)

@@ -17,7 +17,7 @@ import torch
 
 from .._array import check_float, is_tensor, restore, upcast
 from ..sde import SDE, ReverseSDE
-from ._common import progress_bar, start
+from ._common import LoopModel, check_out_dtype, finish, progress_bar, start
 from .sde_solvers import _check_dt, _check_eps, _check_sde, _full_t, time_grid
 
 __all__ = ["heun_step", "sample_ode", "sample_ode_heun"]
@@ -55,22 +55,33 @@ def sample_ode_heun(
     progress: bool = False,
     callback=None,
     x_T=None,
+    out_dtype=None,
 ):
     """Fixed-step Heun integration of the probability-flow ODE from x_1 ~ prior to t = eps on
     ``time_grid(sde, steps, eps)`` (2 score evaluations per step; second order).
-    Works on numpy and torch (CPU/CUDA); ``callback(t=, x=)`` after each step."""
+    Works on numpy and torch (CPU/CUDA); ``callback(t=, x=)`` after each step.
+
+    Precision: the state is float32 (float64 for a float64 x_T or a numpy loop without x_T)
+    whatever the dtype of x_T or of the model's output; the model gets x in the state's dtype
+    and a float16/bfloat16 output is upcast before the update. The result is in the state's
+    dtype, or rounded once to ``out_dtype`` when given. A non-finite model output stops the
+    loop with a ValueError naming the step and t (docs/samplers.md).
+    """
     _check_sde(sde)
     if not callable(score_fn):
         raise TypeError(f"score_fn must be callable score_fn(x, t); got {type(score_fn).__name__}")
     ts = time_grid(sde, steps, eps)
-    rsde = sde.reverse(score_fn, probability_flow=True)
     x, _ = start(shape, generator, x_T, scale=sde.prior_std)
+    out_dtype = check_out_dtype(out_dtype, x)
     n = len(ts) - 1
+    model = LoopModel(score_fn, "score_fn", "sample_ode_heun", n)
+    rsde = sde.reverse(model, probability_flow=True)
     for k in progress_bar(range(n), n, progress, "Heun (probability flow)"):
+        model.step = k
         x = heun_step(rsde, x, _full_t(ts[k], x), ts[k + 1] - ts[k])
         if callback is not None:
             callback(t=float(ts[k + 1]), x=x)
-    return x
+    return finish(x, out_dtype)
 
 
 def _check_tol(v, name):
@@ -92,15 +103,19 @@ def sample_ode(
     progress: bool = False,
     x_T=None,
     return_nfev: bool = False,
+    out_dtype=None,
 ):
     """Probability-flow ODE sampling (Song et al. 2021, eq. 13) with ``scipy.integrate.solve_ivp``
     (score_sde ``get_ode_sampler``): x_1 ~ prior, integrate dx/dt = f - g^2 score / 2 from t = 1 to
     eps (default 1e-3 VP/sub-VP, 1e-5 VE) with ``method`` at tolerances ``rtol``, ``atol``.
 
     The solver state is float64 numpy; ``score_fn(x, t)`` is called with x of the sample's
-    kind (numpy, or a tensor on x_T's / the generator's device, in its dtype) and t a float
-    array (B,). Returns the sample (and the number of score evaluations with
-    ``return_nfev``).
+    kind (numpy, or a tensor on x_T's / the generator's device) in the loop state's dtype
+    (float32, or float64 for a float64 x_T or a numpy loop without x_T; a float16/bfloat16
+    x_T is upcast) and t a float array (B,); its output is read in float64. A non-finite
+    output stops the integration with a ValueError naming t. Returns the sample in the state's
+    dtype, or rounded once to ``out_dtype`` when given (and the number of score evaluations
+    with ``return_nfev``).
     """
     from scipy.integrate import solve_ivp
 
@@ -110,6 +125,7 @@ def sample_ode(
     eps = _check_eps(sde, eps)
     rtol, atol = _check_tol(rtol, "rtol"), _check_tol(atol, "atol")
     x, _ = start(shape, generator, x_T, scale=sde.prior_std)
+    out_dtype = check_out_dtype(out_dtype, x)
     rsde = sde.reverse(score_fn, probability_flow=True)
     shp = tuple(x.shape)
     if is_tensor(x):
@@ -152,6 +168,5 @@ def sample_ode(
         bar.close()
     if not sol.success:
         raise RuntimeError(f"solve_ivp failed: {sol.message}")
-    out = to_kind(sol.y[:, -1])
-    out = restore(out, x)
+    out = finish(restore(to_kind(sol.y[:, -1]), x), out_dtype)
     return (out, int(sol.nfev)) if return_nfev else out

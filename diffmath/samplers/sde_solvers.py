@@ -10,7 +10,7 @@ import numpy as np
 
 from .._array import check_float, check_like, restore, upcast
 from ..sde import SDE, ReverseSDE, _check_time
-from ._common import check_positive, progress_bar, randn_like, start
+from ._common import LoopModel, check_out_dtype, check_positive, finish, progress_bar, randn_like, start
 from .langevin import langevin_corrector_step
 
 __all__ = ["euler_maruyama_step", "reverse_diffusion_step", "sample_sde", "sample_pc", "time_grid"]
@@ -150,6 +150,7 @@ def sample_sde(
     progress: bool = False,
     callback=None,
     x_T=None,
+    out_dtype=None,
 ):
     """Reverse-time SDE sampling by Euler-Maruyama (Song et al. 2021, eq. 6 and App. G):
     x_1 ~ prior, then ``euler_maruyama_step`` on ``time_grid(sde, steps, eps)`` (default
@@ -158,21 +159,30 @@ def sample_sde(
 
     ``score_fn(x, t)`` gets t as a float array (B,) of x's kind. ``callback(t=, x=)`` after
     each step. Returns x_eps of ``shape``.
+
+    Precision: the state is float32 (float64 for a float64 x_T or a numpy loop without x_T)
+    whatever the dtype of x_T or of the model's output; the model gets x in the state's dtype
+    and a float16/bfloat16 output is upcast before the update. The result is in the state's
+    dtype, or rounded once to ``out_dtype`` when given. A non-finite model output stops the
+    loop with a ValueError naming the step and t (docs/samplers.md).
     """
     _check_sde(sde)
     if not callable(score_fn):
         raise TypeError(f"score_fn must be callable score_fn(x, t); got {type(score_fn).__name__}")
     ts = time_grid(sde, steps, eps)
-    rsde = sde.reverse(score_fn)
     x, generator = start(shape, generator, x_T, scale=sde.prior_std)
+    out_dtype = check_out_dtype(out_dtype, x)
     n = len(ts) - 1
+    model = LoopModel(score_fn, "score_fn", "sample_sde", n)
+    rsde = sde.reverse(model)
     for k in progress_bar(range(n), n, progress, "Euler-Maruyama"):
+        model.step = k
         last = k == n - 1
         noise = None if (last and denoise) else randn_like(x, generator)
         x = euler_maruyama_step(rsde, x, _full_t(ts[k], x), ts[k + 1] - ts[k], noise)
         if callback is not None:
             callback(t=float(ts[k + 1]), x=x)
-    return x
+    return finish(x, out_dtype)
 
 
 def sample_pc(
@@ -186,13 +196,14 @@ def sample_pc(
     corrector: str = "langevin",
     snr: float = 0.16,
     n_corrector_steps: int = 1,
-    corrector_norm: str = "sample",
+    corrector_norm: str = "batch",
     alpha: float = 1.0,
     denoise: bool = True,
     generator=None,
     progress: bool = False,
     callback=None,
     x_T=None,
+    out_dtype=None,
 ):
     """Predictor-corrector sampling (Song et al. 2021, Alg. 1; score_sde ``get_pc_sampler``).
     With the default reverse-diffusion predictor and Langevin corrector this is Song et al.
@@ -201,6 +212,9 @@ def sample_pc(
     At each level: ``n_corrector_steps`` Langevin corrector steps
     (``langevin_corrector_step`` with ``snr``, ``alpha``, ``corrector_norm``), then one
     predictor step; the last predictor step adds no noise when ``denoise``.
+    ``corrector_norm="batch"`` (default) is score_sde's step from the batch means of the
+    norms; ``"sample"`` is the opt-in per-sample step, heavy-tailed in dimension 1-2 (no
+    finite output variance in 1-D; ``langevin_corrector_step``, docs/samplers.md).
 
     predictor="euler_maruyama": the uniform grid ``time_grid(sde, steps, eps)``.
     predictor="reverse_diffusion": the SDE's own chain, levels t_i = i/(N - 1) for
@@ -208,6 +222,12 @@ def sample_pc(
     ``steps`` must be None or ``sde.N`` (build the SDE with N = steps).
     corrector="langevin" or "none". ``score_fn(x, t)`` gets t as a float array (B,).
     ``callback(t=, x=)`` after each level. Returns a sample of ``shape``.
+
+    Precision: the state is float32 (float64 for a float64 x_T or a numpy loop without x_T)
+    whatever the dtype of x_T or of the model's output; the model gets x in the state's dtype
+    and a float16/bfloat16 output is upcast before the update. The result is in the state's
+    dtype, or rounded once to ``out_dtype`` when given. A non-finite model output stops the
+    loop with a ValueError naming the step and t (docs/samplers.md).
     """
     _check_sde(sde)
     if not callable(score_fn):
@@ -219,7 +239,7 @@ def sample_pc(
     if corrector not in ("langevin", "none", None):
         raise ValueError(f"corrector must be 'langevin' or 'none'; got {corrector!r}")
     if corrector_norm not in ("sample", "batch"):
-        raise ValueError(f"corrector_norm must be 'sample' or 'batch'; got {corrector_norm!r}")
+        raise ValueError(f"corrector_norm must be 'batch' (the default) or 'sample'; got {corrector_norm!r}")
     if predictor == "euler_maruyama":
         ts = time_grid(sde, steps, eps)
         levels = ts[:-1]
@@ -234,10 +254,13 @@ def sample_pc(
         levels = np.arange(sde.N - 1, -1, -1) / max(sde.N - 1, 1)
         score_ts = np.maximum(levels, eps)
         ts = None
-    rsde = sde.reverse(score_fn)
     x, generator = start(shape, generator, x_T, scale=sde.prior_std)
+    out_dtype = check_out_dtype(out_dtype, x)
     n = len(levels)
+    model = LoopModel(score_fn, "score_fn", "sample_pc", n)
+    rsde = sde.reverse(model)
     for k in progress_bar(range(n), n, progress, "predictor-corrector"):
+        model.step = k
         last = k == n - 1
         t_score = score_ts[k]
         if corrector == "langevin":
@@ -253,7 +276,7 @@ def sample_pc(
             t_next = float(levels[k])
         if callback is not None:
             callback(t=t_next, x=x)
-    return x
+    return finish(x, out_dtype)
 
 
 def _reverse_diffusion_at(rsde, x, t_disc, t_score, noise):

@@ -240,3 +240,57 @@ def test_fallback_and_kernel_agree_with_explicit_noise(triton_path, monkeypatch,
     b = step(x.cpu(), m.cpu(), noise=z.cpu()).float()
     eps = torch.finfo(dtype).eps
     assert (a - b).abs().max() <= 4 * eps * (1 + b.abs().max()), (a - b).abs().max()
+
+
+# ----------------------------------------------------------------------------- mixed precision
+def _mixed_steps(s, sde, tt):
+    """Each step on (x, model output m, noise z) with a per-sample t where it takes one, and
+    its float64 reference; DDPM with clipping also gives the unclipped reference, whose terms
+    set the error scale (``magnitude``: the clip passes on x0's rounding)."""
+    return {
+        "ddpm": (
+            lambda x, m, z: K.ddpm_step(s, x, tt(torch.tensor([5, 60, 99])), m, noise=z),
+            lambda xn, mn, zn: ddpm_ref(s.betas, xn, np.array([5, 60, 99]), mn, zn),
+        ),
+        "ddpm_clip": (
+            lambda x, m, z: K.ddpm_step(s, x, 40, m, noise=z, clip_x0=1.0, variance="large"),
+            lambda xn, mn, zn: ddpm_ref(s.betas, xn, 40, mn, zn, "large", 1.0),
+            lambda xn, mn, zn: ddpm_ref(s.betas, xn, 40, mn, zn, "large", None),
+        ),
+        "ddim": (
+            lambda x, m, z: K.ddim_step(s, x, tt(torch.tensor([50, 60, 99])), 30, m, noise=z, eta=0.7),
+            lambda xn, mn, zn: ddim_ref(s.betas, xn, np.array([50, 60, 99]), 30, mn, zn, 0.7),
+        ),
+        "em": (
+            lambda x, m, z: K.euler_maruyama_step(sde, x, 0.5, -0.01, m, noise=z),
+            lambda xn, mn, zn: em_ref(vp_coefs, xn, 0.5, -0.01, mn, zn),
+        ),
+        "langevin": (
+            lambda x, m, z: K.langevin_step(x, m, 0.1, noise=z),
+            lambda xn, mn, zn: langevin_ref(xn, mn, 0.1, zn),
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddpm_clip", "ddim", "em", "langevin"])
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("state", [torch.float32, torch.float64])
+def test_half_precision_model_output_on_a_float32_state(path, name, half, state):
+    # Issue 16: a sampler step on a float32 (or float64) state with a bfloat16/float16 model output
+    # (and noise) reads the half-precision values and writes the state's dtype: the result is
+    # the float64 reference on the rounded inputs to the state's precision (1e-6 for float32),
+    # not rounded to the half dtype (~4e-3). float64 states run on the torch path only.
+    p, dev = path
+    if state == torch.float64 and p == "triton":
+        pytest.skip("the Triton kernels take float32/16-bit states; float64 runs on the torch path")
+    step, ref_fn, *unclipped = _mixed_steps(dm.linear_schedule(100), sde_mod.VPSDE(), lambda t: t.to(dev))[name]
+    (x,), (xn,) = make((3, 5, 41), state, dev, 11, 1)
+    (m, z), (mn, zn) = make((3, 5, 41), half, dev, 12, 2)
+    out = step(x, m, z)
+    assert out.dtype == state and out.shape == x.shape
+    ref = ref_fn(xn, mn, zn)
+    o = out.cpu().double().numpy()
+    err = rel_err(o, ref, magnitude((unclipped or [ref_fn])[0], xn, mn, zn))
+    assert err <= (1e-6 if state == torch.float32 else 1e-12), err
+    # the same step with the output rounded to the half dtype would be off by ~its epsilon
+    assert rel_err(out.to(half).cpu().double().numpy(), ref) > 1e-5

@@ -86,7 +86,7 @@ def test_per_sample_corrector_has_tails_one_over_r_in_one_dimension():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, 1))
     z = rng.standard_normal((n, 1))
-    d = langevin_corrector_step(-x, x, snr, z) - x
+    d = langevin_corrector_step(-x, x, snr, z, norm="sample") - x
     p_hat = np.mean(np.abs(d) > r)
     p = 2 * (2 * snr) / (math.sqrt(2 * math.pi) * r)
     assert abs(p_hat - p) < 5 * math.sqrt(p * (1 - p) / n), (p_hat, p)

@@ -136,3 +136,28 @@ def test_loops_reject_bad_settings(loop, kw, match):
 def test_loop_names_a_score_of_the_wrong_shape():
     with pytest.raises(ValueError, match=r"score_fn returned shape \(2, 1\) but x has shape \(2, 3\)"):
         sample_sde(lambda y, t: y[:, :1], VPSDE(), (2, 3), steps=3)
+
+
+def test_pc_default_corrector_is_batch_mean_and_gives_the_right_variance_in_1d():
+    # Issue 11 item 4: on 1-D data N(0.5, 0.1^2) the default corrector step is score_sde's
+    # batch-mean one, whose large-batch limit the oracle propagates exactly
+    # (exact_sde_output "predictor_corrector", from expected_norm). 4000 samples, seed 0: the
+    # sample mean within 5 SE (sqrt(v/n)) and the variance within 5 SE (v sqrt(2/n)) of the
+    # exact Gaussian. The opt-in per-sample step ("sample") has tails ~ 1/r in 1-D: the same
+    # draws give a variance orders of magnitude above the data's.
+    data = GaussianData([0.5], [[0.01]])
+    sde = VPSDE(N=100)
+    n = 4000
+    exact = data.exact_sde_output(sde, "predictor_corrector", 100, snr=0.16)
+    m, v = float(exact.mean[0]), float(exact.cov[0, 0])
+
+    def run(**kw):
+        return sample_pc(lambda x, t: data.score(x, t, sde), sde, (n, 1), predictor="euler_maruyama", steps=100,
+                         snr=0.16, generator=np.random.default_rng(0), **kw)
+
+    x = run()
+    assert np.array_equal(x, run(corrector_norm="batch"))
+    assert abs(x.mean() - m) < 5 * np.sqrt(v / n), (x.mean(), m)
+    assert abs(x.var(ddof=1) - v) < 5 * v * np.sqrt(2 / n), (x.var(ddof=1), v)
+    xs = run(corrector_norm="sample")
+    assert xs.var() > 100 * v, xs.var()

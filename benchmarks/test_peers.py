@@ -1,0 +1,57 @@
+"""diffmath's solvers against diffusers' and k-diffusion's own loops, same algorithm, same ladder,
+same (exact) denoiser: the output mean and variance on Gaussian data, identified exactly by the
+oracle from each loop run in float64 (benchmarks/peers.py), agree to <= 1e-6 relative.
+Skipped where a peer is not installed (``make bench`` installs both)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import peers  # noqa: E402
+
+KDS = peers.load_k_diffusion()
+DIFFUSERS = peers.load_diffusers()
+NFES = (5, 10, 20)
+
+
+def _rel(a, b):
+    dm = abs(float(a.mean[0]) - float(b.mean[0])) / abs(float(b.mean[0]))
+    dv = abs(float(a.cov[0, 0]) - float(b.cov[0, 0])) / float(b.cov[0, 0])
+    return max(dm, dv)
+
+
+@pytest.mark.skipif(KDS is None, reason="k-diffusion is not installed (make bench installs it)")
+@pytest.mark.parametrize("name", ["euler", "heun", "dpmpp_2m", "lms"])
+@pytest.mark.parametrize("ladder", ["karras", "exponential"])
+def test_k_diffusion_same_output(name, ladder):
+    for n in NFES:
+        sig = peers.kd_ladder(KDS, ladder, (n + 1) // 2 if name == "heun" else n)
+        theirs = peers.DATA.exact_solver_output(peers.kd_solver(KDS, name), sig)
+        ours = peers.DATA.exact_solver_output(name, sig)
+        assert _rel(theirs, ours) <= 1e-6, (name, ladder, n)
+
+
+@pytest.mark.skipif(KDS is None, reason="k-diffusion is not installed")
+def test_k_diffusion_3m_differs_by_the_third_order_term():
+    # docs/samplers.md: k-diffusion's 3M carries half of the exact J_2 term; the outputs differ
+    sig = peers.kd_ladder(KDS, "exponential", 10)
+    theirs = peers.DATA.exact_solver_output(peers.kd_solver(KDS, "dpmpp_3m_sde", eta=0.0), sig)
+    ours = peers.DATA.exact_solver_output("dpmpp_3m_sde", sig, eta=0.0)
+    assert _rel(theirs, ours) > 1e-3
+
+
+@pytest.mark.skipif(DIFFUSERS is None, reason="diffusers is not installed (pip install -e '.[bench]')")
+@pytest.mark.parametrize("cls_name", list(peers.DIFFUSERS))
+@pytest.mark.parametrize("ladder", list(peers.LADDER_FLAGS))
+def test_diffusers_same_output(cls_name, ladder):
+    name = peers.DIFFUSERS[cls_name][0]
+    for n in NFES:
+        steps = peers.diffusers_steps(cls_name, n)
+        sig, start = peers.diffusers_ladder_and_start(DIFFUSERS, cls_name, ladder, steps)
+        theirs = peers.DATA.exact_solver_output(peers.diffusers_solver(DIFFUSERS, cls_name, ladder, steps, "scheduler"), sig, start=start)
+        ours = peers.DATA.exact_solver_output(name, sig, start=start)
+        assert _rel(theirs, ours) <= 1e-6, (cls_name, ladder, n, _rel(theirs, ours))

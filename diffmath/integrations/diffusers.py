@@ -1,0 +1,694 @@
+"""Drop-in diffusers schedulers whose arithmetic is diffmath's float64 core.
+
+    pipe.scheduler = diffmath.integrations.diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+
+``DDPMScheduler`` and ``DDIMScheduler`` are real diffusers schedulers (``SchedulerMixin``,
+``ConfigMixin``, the same config keys and defaults as diffusers' classes, ``save_pretrained`` /
+``from_pretrained`` / ``from_config`` in both directions, ``step`` returning diffusers' output
+classes), so every pipeline that accepts diffusers' classes accepts them. What differs is
+the arithmetic and, where diffusers is wrong, the rule (docs/diffusers.md has the numbers):
+
+- The schedule is a float64 ``diffmath.schedules.Schedule`` built from the config
+  (``schedule_from_config``): cancellation-free tables within 1e-13 of 50-digit mpmath
+  (diffusers keeps float32 ``cumprod`` tables).
+- ``step`` upcasts the model output and sample to float64 (float32 on MPS, which has no
+  float64), applies the verified core functions -- ``diffmath.parameterization`` (x0 and eps
+  from eps, v or x0 predictions), ``diffmath.posterior.q_posterior_mean`` on the respaced
+  chain (Improved DDPM's respacing) and ``diffmath.samplers.ddpm_std`` for DDPM,
+  ``diffmath.samplers.ddim_coefs`` for DDIM (DDIM eq. 12, 16) -- and casts the result to
+  the dtype of ``model_output`` promoted with that of ``sample`` (what diffusers returns).
+- Noise is drawn exactly where and how diffusers draws it
+  (``diffusers.utils.torch_utils.randn_tensor`` with the caller's generator, the same shape,
+  device, dtype and order), so seeded pipelines give the same images up to diffusers' own
+  float32 error.
+- DDIM steps from each timestep to the next one of ``self.timesteps`` and from the last to
+  the final alpha_cumprod (1, or alphas_cumprod[0] with ``set_alpha_to_one=False``).
+  diffusers uses ``t - num_train_timesteps // num_inference_steps``, which is wrong on
+  ``linspace`` grids and on ``trailing`` grids whose step count does not divide
+  ``num_train_timesteps`` (diffusers issues #11347, #12633). ``diffusers_compat=True``
+  reproduces diffusers' rule (and accepts timesteps off the grid, as diffusers does).
+- DDPM adds no noise on the step to t_prev = -1 (Ho et al. 2020, Alg. 2: z = 0 at the last
+  step). diffusers adds noise whenever the timestep is > 0, which on ``trailing`` grids, with
+  ``steps_offset`` or custom timesteps and ``variance_type="fixed_large"`` puts
+  sqrt(1 - abar_t) noise on the final sample; ``diffusers_compat=True`` reproduces that. The
+  noise is drawn in both cases, so the generator's stream stays diffusers'.
+- Bad input gets a clear error instead of a NaN: betas outside (0, 1] (e.g. ``beta_end=2``),
+  an unknown ``variance_type`` (diffusers silently falls back to ``fixed_small``), a
+  timestep off the grid, a model output of the wrong shape, a negative learned variance,
+  eps-prediction at zero terminal SNR (x0 is undefined there; predict v).
+  ``variance_type="fixed_large_log"`` is the "large" variance beta (diffusers takes the square
+  root of its logarithm and returns NaN).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
+from diffusers.utils import torch_utils
+from scipy.special import expit
+
+from ..forward import q_sample
+from ..losses import learned_range_log_variance
+from ..parameterization import eps_from_v, eps_from_x0, v_from_x0_eps, x0_from_eps, x0_from_v
+from ..posterior import q_posterior_mean
+from ..samplers import ddim_coefs, ddpm_std
+from ..schedules import (
+    Schedule,
+    betas_for_alpha_bar,
+    cosine_schedule,
+    linear_schedule,
+    rescale_zero_terminal_snr,
+    scaled_linear_schedule,
+)
+from ..schedules import timesteps as spaced_timesteps
+
+__all__ = ["DDPMScheduler", "DDIMScheduler", "DDPMSchedulerOutput", "DDIMSchedulerOutput", "schedule_from_config"]
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+# diffusers clamps the DDPM variance at 1e-20 before it takes logs or square roots
+_DIFFUSERS_MIN_VARIANCE = 1e-20
+
+
+# ----------------------------------------------------------------------------- the schedule
+def _laplace_alpha_bar(u):
+    """diffusers' "laplace" abar(u) = sqrt(sigmoid(lambda(u))), lambda(u) = -sign(1/2 - u)
+    log(1 - 2|1/2 - u| + 1e-6) / 2 (a Laplace density of log-SNR; sigmoid(lambda) = snr/(1 + snr))."""
+    c = 0.5 - u
+    lam = -0.5 * np.copysign(1.0, c) * np.log1p(-2.0 * np.abs(c) + 1e-6)
+    return np.sqrt(expit(lam))
+
+
+def _config_value(config, key, default):
+    return config.get(key, default) if isinstance(config, Mapping) else getattr(config, key, default)
+
+
+def schedule_from_config(config) -> Schedule:
+    """The float64 ``Schedule`` a diffusers DDPM/DDIM config describes (a mapping such as
+    ``scheduler.config``; missing keys take diffusers' defaults):
+
+    trained_betas        the given betas
+    linear               linspace(beta_start, beta_end, T)                     (DDPM, Sec. 4)
+    scaled_linear        linspace(sqrt(beta_start), sqrt(beta_end), T)^2        (Stable Diffusion)
+    squaredcos_cap_v2    the cosine schedule, betas capped at 0.999            (Nichol & Dhariwal 2021, eq. 17)
+    sigmoid              sigmoid(linspace(-6, 6, T)) (beta_end - beta_start) + beta_start (GeoDiff)
+    laplace              ``betas_for_alpha_bar`` of diffusers' Laplace abar(u)
+
+    then ``rescale_zero_terminal_snr`` if ``rescale_betas_zero_snr`` (Lin et al. 2024, Alg. 1).
+    Betas outside (0, 1] are refused (diffusers accepts them and returns NaN or garbage).
+    """
+    T = _config_value(config, "num_train_timesteps", 1000)
+    beta_start = _config_value(config, "beta_start", 0.0001)
+    beta_end = _config_value(config, "beta_end", 0.02)
+    name = _config_value(config, "beta_schedule", "linear")
+    trained = _config_value(config, "trained_betas", None)
+    rescale = _config_value(config, "rescale_betas_zero_snr", False)
+    if isinstance(T, (bool, np.bool_)) or not isinstance(T, (int, np.integer)) or T < 1:
+        raise ValueError(f"num_train_timesteps must be an integer >= 1; got {T!r}")
+    for key, v in (("beta_start", beta_start), ("beta_end", beta_end)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise ValueError(f"{key} must be a finite number; got {v!r}")
+    T = int(T)
+    try:
+        if trained is not None:
+            what = "trained_betas"
+            s = Schedule.from_betas(np.asarray(trained, dtype=np.float64).reshape(-1))
+        else:
+            what = f"beta_schedule={name!r} with beta_start={beta_start}, beta_end={beta_end}"
+            if name == "linear":
+                s = linear_schedule(T, beta_start, beta_end)
+            elif name == "scaled_linear":
+                s = scaled_linear_schedule(T, beta_start, beta_end)
+            elif name == "squaredcos_cap_v2":
+                s = cosine_schedule(T)
+            elif name == "sigmoid":
+                s = Schedule.from_betas(expit(np.linspace(-6.0, 6.0, T)) * (beta_end - beta_start) + beta_start)
+            elif name == "laplace":
+                s = Schedule.from_betas(betas_for_alpha_bar(_laplace_alpha_bar, T))
+            else:
+                raise NotImplementedError(f"{name} is not implemented for the diffmath adapter (valid: {BETA_SCHEDULES})")
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"{what} does not give a valid schedule: {e}. Betas must lie in (0, 1] "
+            "(diffusers accepts such configs and steps with NaN or negative variances)"
+        ) from e
+    if rescale:
+        s = rescale_zero_terminal_snr(s)
+    return s
+
+
+# ----------------------------------------------------------------------------- checks
+def _check_choice(value, name, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def _check_positive(value, name, upper=None):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
+    if upper is not None and value > upper:
+        raise ValueError(f"{name} must lie in (0, {upper}]; got {value!r}")
+
+
+def _as_int(value, name):
+    """A python int from an int, an integral float or a one-element tensor/array."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        n = value.size if isinstance(value, np.ndarray) else value.numel()
+        if n != 1:
+            raise ValueError(f"{name} must be a single timestep; got shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer timestep; got {value!r}")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real) and float(value).is_integer():
+        return int(value)
+    raise ValueError(f"{name} must be an integer timestep; got {value!r}")
+
+
+def _compute_dtype(device) -> torch.dtype:
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def _check_tensors(model_output, sample, names=("model_output", "sample")):
+    for name, x in zip(names, (model_output, sample)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor; got dtype {x.dtype}")
+    if model_output.device != sample.device:
+        raise ValueError(f"{names[0]} is on {model_output.device} but {names[1]} is on {sample.device}")
+    if sample.ndim < 1:
+        raise ValueError(f"{names[1]} must have a batch dimension, shape (B, ...); got a 0-d tensor")
+
+
+def _check_same_shape(model_output, sample, what="model_output"):
+    if tuple(model_output.shape) != tuple(sample.shape):
+        raise ValueError(f"{what} must have the shape of sample {tuple(sample.shape)}; got {tuple(model_output.shape)}")
+
+
+def _dynamic_threshold(x0, ratio: float, max_value: float):
+    """Dynamic thresholding (Saharia et al. 2022, "Imagen", Sec. 2.3): per sample,
+    s = clamp(quantile(|x0|, ratio), 1, max_value) and x0 <- clamp(x0, -s, s) / s. The
+    quantile is the linear interpolation between order statistics (Hyndman & Fan type 7,
+    torch.quantile's default), over all non-batch dimensions; computed by sorting, so any
+    size works (torch.quantile refuses inputs above 2^24 elements)."""
+    B = x0.shape[0]
+    flat = x0.reshape(B, -1)
+    srt = flat.abs().sort(dim=1).values
+    n = srt.shape[1]
+    pos = ratio * (n - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, n - 1)
+    w = pos - lo
+    q = srt[:, lo] + w * (srt[:, hi] - srt[:, lo])
+    s = q.clamp(min=1.0).clamp(max=max_value).unsqueeze(1)
+    return (torch.maximum(torch.minimum(flat, s), -s) / s).reshape(x0.shape)
+
+
+# ----------------------------------------------------------------------------- shared base
+class _DiffmathScheduler(SchedulerMixin, ConfigMixin):
+    """What DDPM and DDIM share: the float64 schedule, the inference grid, x0/eps from the
+    model output, clipping/thresholding, ``add_noise`` and ``get_velocity``."""
+
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
+    order = 1
+
+    def _setup(self):
+        c = self.config
+        if c.trained_betas is None:
+            if c.beta_schedule not in BETA_SCHEDULES:
+                raise NotImplementedError(f"{c.beta_schedule} is not implemented for {self.__class__}")
+        _check_choice(c.prediction_type, "prediction_type", PREDICTION_TYPES)
+        _check_choice(c.timestep_spacing, "timestep_spacing", TIMESTEP_SPACINGS)
+        _check_positive(c.clip_sample_range, "clip_sample_range")
+        _check_positive(c.dynamic_thresholding_ratio, "dynamic_thresholding_ratio", upper=1.0)
+        _check_positive(c.sample_max_value, "sample_max_value")
+        so = c.steps_offset
+        if isinstance(so, bool) or not isinstance(so, numbers.Integral) or so < 0:
+            raise ValueError(f"steps_offset must be an integer >= 0; got {so!r}")
+        if not isinstance(c.diffusers_compat, (bool, np.bool_)):
+            raise TypeError(f"diffusers_compat must be True or False; got {c.diffusers_compat!r}")
+        self.schedule = schedule_from_config(c)
+        s = self.schedule
+        # diffusers' public tables, float32 as diffusers keeps them (so code that mixes them
+        # with fp16 latents keeps its dtypes) but correctly rounded from the float64 tables;
+        # the arithmetic below reads the float64 ``self.schedule``.
+        self.betas = torch.from_numpy(s.betas.astype(np.float32))
+        self.alphas = torch.from_numpy(s.alphas.astype(np.float32))
+        self.alphas_cumprod = torch.from_numpy(s.alphas_cumprod.astype(np.float32))
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps = None
+        self.custom_timesteps = False
+        self._grid = None  # the inference timesteps (int64, descending) once set_timesteps ran
+        self._grid_pos = {}
+        self.timesteps = torch.from_numpy(np.arange(0, c.num_train_timesteps)[::-1].copy().astype(np.int64))
+
+    # -- grid ----------------------------------------------------------------------------
+    def _check_length(self):
+        T, n = self.config.num_train_timesteps, self.schedule.num_timesteps
+        if T != n:
+            raise ValueError(
+                f"the schedule has {n} betas (trained_betas) but num_train_timesteps = {T}; "
+                f"pass num_train_timesteps={n} with these trained_betas"
+            )
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None):
+        """The inference grid (descending): ``timesteps(T, num_inference_steps, spacing)`` --
+        leading = arange(S) (T // S) + steps_offset, trailing = round(arange(T, 0, -T/S)) - 1,
+        linspace = round(linspace(0, T - 1, S)) -- or custom ``timesteps`` (strictly
+        descending integers in [0, T)); moved to ``device``."""
+        self._check_length()
+        T = self.config.num_train_timesteps
+        if num_inference_steps is not None and timesteps is not None:
+            raise ValueError("Can only pass one of `num_inference_steps` or `custom_timesteps`.")
+        if timesteps is not None:
+            ts = [_as_int(v, "timesteps") for v in (timesteps.tolist() if hasattr(timesteps, "tolist") else timesteps)]
+            if not ts:
+                raise ValueError("`timesteps` must hold at least one timestep; got an empty list")
+            for i in range(1, len(ts)):
+                if ts[i] >= ts[i - 1]:
+                    raise ValueError("`custom_timesteps` must be in descending order.")
+            if ts[0] >= T:
+                raise ValueError(f"`timesteps` must start before `self.config.train_timesteps`: {T}.")
+            if ts[-1] < 0:
+                raise ValueError(f"`timesteps` must be >= 0; got {ts[-1]}")
+            grid = np.asarray(ts, dtype=np.int64)
+            self.custom_timesteps = True
+        else:
+            if num_inference_steps is None:
+                raise ValueError("set_timesteps needs `num_inference_steps` or `timesteps`")
+            S = _as_int(num_inference_steps, "num_inference_steps")
+            if S > T:
+                raise ValueError(
+                    f"`num_inference_steps`: {S} cannot be larger than `self.config.train_timesteps`:"
+                    f" {T} as the unet model trained with this scheduler can only handle"
+                    f" maximal {T} timesteps."
+                )
+            if S < 1:
+                raise ValueError(f"`num_inference_steps` must be >= 1; got {S}")
+            grid = spaced_timesteps(T, S, self.config.timestep_spacing).copy()
+            if self.config.timestep_spacing == "leading":
+                grid += self.config.steps_offset
+                if grid[0] >= T:
+                    raise ValueError(
+                        f"steps_offset = {self.config.steps_offset} moves the first timestep to {int(grid[0])}, "
+                        f"outside [0, {T}); use fewer steps or a smaller offset"
+                    )
+            self.custom_timesteps = False
+        self.num_inference_steps = int(grid.shape[0])
+        self._grid = grid
+        self._grid_pos = {int(t): i for i, t in enumerate(grid.tolist())}
+        self.timesteps = torch.from_numpy(grid.copy()).to(device)
+        self._on_new_grid()
+
+    def _on_new_grid(self):
+        pass
+
+    def _grid_index(self, t: int) -> int:
+        try:
+            return self._grid_pos[t]
+        except KeyError:
+            shown = self._grid.tolist()
+            shown = shown if len(shown) <= 12 else shown[:6] + ["..."] + shown[-6:]
+            raise ValueError(
+                f"timestep {t} is not on the inference grid set by set_timesteps ({shown}); "
+                "step at the timesteps of `scheduler.timesteps`"
+            ) from None
+
+    def _grid_previous(self, t: int) -> int:
+        """The next element of the grid after ``t``, or -1 after the last."""
+        i = self._grid_index(t)
+        return int(self._grid[i + 1]) if i + 1 < self._grid.shape[0] else -1
+
+    def _check_train_t(self, t: int, name="timestep"):
+        T = self.schedule.num_timesteps
+        if not 0 <= t < T:
+            raise ValueError(f"{name} must lie in [0, {T}); got {t}")
+
+    # -- model output --------------------------------------------------------------------
+    def _x0_eps(self, m, x, t: int, need_eps: bool):
+        """x0 and eps from the model output m at step t (float64 tensors):
+        epsilon: x0 = x/sqrt(abar) - sqrt(1/abar - 1) m   (DDPM eq. 15)
+        v:       x0 = sqrt(abar) x - sqrt(1 - abar) m, eps = sqrt(abar) m + sqrt(1 - abar) x
+        sample:  x0 = m, eps = (x - sqrt(abar) m) / sqrt(1 - abar)     (Salimans & Ho 2022)."""
+        s, p = self.schedule, self.config.prediction_type
+        if p == "epsilon":
+            return x0_from_eps(s, x, t, m), m
+        if p == "v_prediction":
+            return x0_from_v(s, x, t, m), (eps_from_v(s, x, t, m) if need_eps else None)
+        return m, (eps_from_x0(s, x, t, m) if need_eps else None)
+
+    def _process_x0(self, x0):
+        c = self.config
+        if c.thresholding:
+            return _dynamic_threshold(x0, float(c.dynamic_thresholding_ratio), float(c.sample_max_value))
+        if c.clip_sample:
+            r = float(c.clip_sample_range)
+            return x0.clamp(-r, r)
+        return x0
+
+    # -- forward process -----------------------------------------------------------------
+    def _train_timesteps(self, timesteps, like):
+        """Timesteps for add_noise/get_velocity as python int or an int64 tensor of shape
+        (B,) on ``like``'s device (a single timestep broadcasts over the batch, as in diffusers)."""
+        if isinstance(timesteps, torch.Tensor):
+            if timesteps.is_floating_point() or timesteps.is_complex() or timesteps.dtype == torch.bool:
+                raise TypeError(f"timesteps must be an integer tensor; got dtype {timesteps.dtype}")
+            flat = timesteps.reshape(-1).to(device=like.device, dtype=torch.long)
+        else:
+            flat = torch.as_tensor(np.asarray(timesteps).reshape(-1))
+            if flat.is_floating_point() or flat.dtype == torch.bool:
+                raise TypeError(f"timesteps must be integers; got {timesteps!r}")
+            flat = flat.to(device=like.device, dtype=torch.long)
+        if flat.numel() == 1:
+            return int(flat.item())
+        if like.ndim < 1 or flat.numel() != like.shape[0]:
+            raise ValueError(
+                f"timesteps must hold one value or one per sample ({like.shape[0] if like.ndim else 0}); "
+                f"got {flat.numel()}"
+            )
+        return flat
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps   (DDPM eq. 4), float64, in the
+        samples' dtype (``diffmath.forward.q_sample``)."""
+        _check_tensors(noise, original_samples, ("noise", "original_samples"))
+        _check_same_shape(noise, original_samples, "noise")
+        self._check_length()
+        t = self._train_timesteps(timesteps, original_samples)
+        cd = _compute_dtype(original_samples.device)
+        out = q_sample(self.schedule, original_samples.to(cd), t, noise.to(cd))
+        return out.to(original_samples.dtype)
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0   (Salimans & Ho 2022, Sec. 4), float64,
+        in the sample's dtype (``diffmath.parameterization.v_from_x0_eps``)."""
+        _check_tensors(noise, sample, ("noise", "sample"))
+        _check_same_shape(noise, sample, "noise")
+        self._check_length()
+        t = self._train_timesteps(timesteps, sample)
+        cd = _compute_dtype(sample.device)
+        return v_from_x0_eps(self.schedule, t, sample.to(cd), noise.to(cd)).to(sample.dtype)
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
+        """The identity (DDPM and DDIM feed x_t to the model unscaled)."""
+        return sample
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+
+# ----------------------------------------------------------------------------- DDPM
+class DDPMScheduler(_DiffmathScheduler):
+    """diffusers' ``DDPMScheduler`` (same config, same API) on diffmath's float64 arithmetic.
+
+    One step from t to the next grid timestep t' (t' = -1 after the last), on the respaced
+    chain abar'_j = abar[grid_j] (Improved DDPM, Sec. 4; ``Schedule.respace``):
+
+        x0     from the model output (``prediction_type``), then thresholded or clipped
+        mean   = coef1 x0 + coef2 x_t              (DDPM eq. 7: ``q_posterior_mean``)
+        x_{t'} = mean + std * z,  z = randn_tensor(..., generator)  drawn when t > 0
+        std    = sqrt(beta_tilde) (fixed_small[_log]), sqrt(beta') (fixed_large[_log]),
+                 sqrt(predicted variance) (learned), exp(log var / 2) with Improved DDPM's
+                 eq. 15 interpolation (learned_range), and 0 on the step to t' = -1.
+
+    Without ``set_timesteps`` the grid is every training step (t' = t - 1), as in diffusers.
+    ``diffusers_compat=True`` adds diffusers' noise on the last step when its timestep is > 0.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: np.ndarray | list[float] | None = None,
+        variance_type: str = "fixed_small",
+        clip_sample: bool = True,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        clip_sample_range: float = 1.0,
+        sample_max_value: float = 1.0,
+        timestep_spacing: str = "leading",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        diffusers_compat: bool = False,
+    ):
+        _check_choice(variance_type, "variance_type", VARIANCE_TYPES)
+        self._setup()
+        self.one = torch.tensor(1.0)
+        self.variance_type = variance_type
+        self._chain = self.schedule  # the (respaced) chain the steps run on
+
+    def _on_new_grid(self):
+        self._chain = self.schedule.respace(self._grid)
+
+    def _position(self, t: int):
+        """(t_prev, j): the previous timestep and t's index in the chain ``self._chain``."""
+        if self._grid is None:
+            self._check_length()
+            self._check_train_t(t)
+            return t - 1, t
+        prev = self._grid_previous(t)
+        return prev, int(np.searchsorted(self._chain.timestep_map, t))
+
+    def previous_timestep(self, timestep):
+        """The timestep the step from ``timestep`` goes to (-1 after the last)."""
+        t = _as_int(timestep, "timestep")
+        if self._grid is None:
+            return timestep - 1
+        return torch.tensor(self._grid_previous(t))
+
+    def _get_variance(self, t, predicted_variance=None, variance_type=None):
+        """diffusers' private ``_get_variance`` (same meaning per variance type: the variance,
+        its square root for fixed_small_log, log beta' for fixed_large_log, the log variance
+        for learned_range), from the float64 chain; float32 like diffusers'."""
+        t = _as_int(t, "t")
+        _, j = self._position(t)
+        ch = self._chain
+        var = max(float(ch.posterior_variance[j]), _DIFFUSERS_MIN_VARIANCE)
+        beta = float(ch.betas[j])
+        vt = variance_type or self.variance_type
+        if vt == "learned":
+            return predicted_variance
+        if vt == "learned_range":
+            frac = (predicted_variance + 1) / 2
+            return frac * math.log(beta) + (1 - frac) * math.log(var)
+        value = {
+            "fixed_small": var,
+            "fixed_small_log": math.sqrt(var),
+            "fixed_large": beta,
+            "fixed_large_log": math.log(beta),
+        }[vt]
+        return torch.tensor(value, dtype=torch.float32)
+
+    def _std(self, j: int, t: int, predicted_variance, cd):
+        """The noise std of the step at chain index j (None: no noise)."""
+        vt, ch = self.variance_type, self._chain
+        if j == 0:  # the step to t' = -1
+            if not (self.config.diffusers_compat and t > 0):
+                return None
+            # diffusers' last step: abar_prev = 1, so beta_tilde = 0 (clamped to 1e-20) and beta' = 1 - abar_t
+            beta = float(ch.betas[0])
+            if vt in ("fixed_small", "fixed_small_log"):
+                return math.sqrt(_DIFFUSERS_MIN_VARIANCE)
+            if vt in ("fixed_large", "fixed_large_log"):
+                return math.sqrt(beta)
+            if vt == "learned_range":
+                frac = (predicted_variance.to(cd) + 1) / 2
+                return torch.exp(0.5 * (frac * math.log(beta) + (1 - frac) * math.log(_DIFFUSERS_MIN_VARIANCE)))
+        if vt in ("fixed_small", "fixed_small_log"):
+            return float(ddpm_std(ch, "small")[j])
+        if vt in ("fixed_large", "fixed_large_log"):
+            return float(ddpm_std(ch, "large")[j])
+        if vt == "learned":
+            pv = predicted_variance.to(cd)
+            if bool((pv < 0).any()):
+                raise ValueError(
+                    f"variance_type='learned' reads the model's second half of channels as a variance; "
+                    f"got a negative value {float(pv.min())} (diffusers would return NaN)"
+                )
+            return pv.sqrt()
+        return torch.exp(0.5 * learned_range_log_variance(ch, j, predicted_variance.to(cd)))
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ) -> DDPMSchedulerOutput | tuple:
+        """One DDPM step x_t -> x_{t'} (see the class docstring). ``model_output`` holds the
+        prediction (and, for learned variances, the variance in a second half of channels).
+        Returns ``DDPMSchedulerOutput(prev_sample, pred_original_sample)`` or that tuple."""
+        t = _as_int(timestep, "timestep")
+        _check_tensors(model_output, sample)
+        predicted_variance = None
+        if self.variance_type in ("learned", "learned_range"):
+            C = sample.shape[1] if sample.ndim > 1 else None
+            if C is None or tuple(model_output.shape) != (sample.shape[0], 2 * C, *sample.shape[2:]):
+                raise ValueError(
+                    f"variance_type={self.variance_type!r} needs a model output of twice the sample's channels "
+                    f"(prediction, variance) for sample {tuple(sample.shape)}; got {tuple(model_output.shape)}"
+                )
+            model_output, predicted_variance = torch.split(model_output, C, dim=1)
+        else:
+            _check_same_shape(model_output, sample)
+        _, j = self._position(t)
+        cd = _compute_dtype(sample.device)
+        x, m = sample.to(cd), model_output.to(cd)
+        x0, _ = self._x0_eps(m, x, t, need_eps=False)
+        x0 = self._process_x0(x0)
+        prev = q_posterior_mean(self._chain, x0, x, j)
+        if t > 0:  # where diffusers draws its noise
+            noise = torch_utils.randn_tensor(
+                model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
+            )
+            std = self._std(j, t, predicted_variance, cd)
+            if std is not None:
+                prev = prev + std * noise.to(cd)
+        out_dtype = torch.promote_types(model_output.dtype, sample.dtype)
+        prev, x0 = prev.to(out_dtype), x0.to(out_dtype)
+        if not return_dict:
+            return (prev, x0)
+        return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+
+# ----------------------------------------------------------------------------- DDIM
+class DDIMScheduler(_DiffmathScheduler):
+    """diffusers' ``DDIMScheduler`` (same config, same API) on diffmath's float64 arithmetic.
+
+    One step from t to t' (DDIM eq. 12, sigma from eq. 16; ``diffmath.samplers.ddim_coefs``):
+
+        x0, eps from the model output (``prediction_type``); x0 thresholded or clipped, and eps
+                 re-derived from the clipped x0 with ``use_clipped_model_output``
+        x_{t'} = sqrt(abar') x0 + sqrt(1 - abar' - sigma^2) eps + sigma z
+        sigma  = eta sqrt((1 - abar')/(1 - abar_t)) sqrt(1 - abar_t/abar')
+
+    t' is the next timestep of ``self.timesteps``; after the last one abar' is the final
+    alpha_cumprod (1 with ``set_alpha_to_one``, else alphas_cumprod[0]). With
+    ``diffusers_compat=True``, t' = t - num_train_timesteps // num_inference_steps as in
+    diffusers (wrong on linspace and non-divisible trailing grids; any t is accepted).
+    ``set_timesteps`` also takes custom ``timesteps`` (diffusers' DDIM does not).
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: np.ndarray | list[float] | None = None,
+        clip_sample: bool = True,
+        set_alpha_to_one: bool = True,
+        steps_offset: int = 0,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        clip_sample_range: float = 1.0,
+        sample_max_value: float = 1.0,
+        timestep_spacing: str = "leading",
+        rescale_betas_zero_snr: bool = False,
+        diffusers_compat: bool = False,
+    ):
+        self._setup()
+        self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
+
+    def _previous(self, t: int) -> int:
+        if self.num_inference_steps is None:
+            raise ValueError(
+                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
+            )
+        if self.config.diffusers_compat and not self.custom_timesteps:
+            self._check_train_t(t)
+            return t - self.config.num_train_timesteps // self.num_inference_steps
+        return self._grid_previous(t)
+
+    def previous_timestep(self, timestep):
+        """The timestep the step from ``timestep`` goes to (negative: the final alpha_cumprod)."""
+        return torch.tensor(self._previous(_as_int(timestep, "timestep")))
+
+    def _coefs(self, t: int, t_prev: int, eta: float):
+        """(sqrt(abar'), sqrt(1 - abar' - sigma^2), sigma) as python floats, t_prev < 0 meaning
+        the final alpha_cumprod."""
+        s = self.schedule
+        if t_prev < 0:
+            t_prev = -1 if self.config.set_alpha_to_one else 0
+        if t_prev == t:  # the final step from t = 0 to abar' = abar_0: the identity chain
+            return float(s.sqrt_alphas_cumprod[0]), float(s.sqrt_one_minus_alphas_cumprod[0]), 0.0
+        if t_prev > t:
+            raise ValueError(f"prev_timestep must be < timestep (DDIM steps backward); got {t_prev} >= {t}")
+        return tuple(float(c) for c in ddim_coefs(s, t, t_prev, eta))
+
+    def _get_variance(self, timestep, prev_timestep):
+        """diffusers' private ``_get_variance``: (1 - abar')/(1 - abar_t) (1 - abar_t/abar'),
+        the DDIM sigma^2 at eta = 1, from the float64 tables; float32 like diffusers'."""
+        t, tp = _as_int(timestep, "timestep"), _as_int(prev_timestep, "prev_timestep")
+        self._check_train_t(t)
+        return torch.tensor(self._coefs(t, tp, 1.0)[2] ** 2, dtype=torch.float32)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int,
+        sample: torch.Tensor,
+        eta: float = 0.0,
+        use_clipped_model_output: bool = False,
+        generator: torch.Generator | None = None,
+        variance_noise: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> DDIMSchedulerOutput | tuple:
+        """One DDIM step x_t -> x_{t'} (see the class docstring). ``variance_noise`` replaces
+        the draw from ``generator`` (not both). Returns
+        ``DDIMSchedulerOutput(prev_sample, pred_original_sample)`` or that tuple."""
+        t = _as_int(timestep, "timestep")
+        t_prev = self._previous(t)
+        if isinstance(eta, torch.Tensor):
+            eta = eta.item()
+        if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not (math.isfinite(eta) and eta >= 0):
+            raise ValueError(f"eta must be a finite number >= 0 (0 = DDIM, 1 = DDPM's variance); got {eta!r}")
+        eta = float(eta)
+        _check_tensors(model_output, sample)
+        _check_same_shape(model_output, sample)
+        a_prev, c_eps, sigma = self._coefs(t, t_prev, eta)
+        cd = _compute_dtype(sample.device)
+        x, m = sample.to(cd), model_output.to(cd)
+        x0, eps = self._x0_eps(m, x, t, need_eps=True)
+        x0 = self._process_x0(x0)
+        if use_clipped_model_output:  # eps re-derived from the clipped x0, as in GLIDE
+            eps = eps_from_x0(self.schedule, x, t, x0)
+        prev = a_prev * x0 + c_eps * eps
+        if eta > 0:
+            if variance_noise is not None and generator is not None:
+                raise ValueError(
+                    "Cannot pass both generator and variance_noise. Please make sure that either `generator` or"
+                    " `variance_noise` stays `None`."
+                )
+            if variance_noise is None:
+                variance_noise = torch_utils.randn_tensor(
+                    model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
+                )
+            else:
+                _check_tensors(variance_noise, sample, ("variance_noise", "sample"))
+                _check_same_shape(variance_noise, sample, "variance_noise")
+            prev = prev + sigma * variance_noise.to(cd)
+        out_dtype = torch.promote_types(model_output.dtype, sample.dtype)
+        prev, x0 = prev.to(out_dtype), x0.to(out_dtype)
+        if not return_dict:
+            return (prev, x0)
+        return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
