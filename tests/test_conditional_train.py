@@ -274,3 +274,67 @@ def test_unconditional_runs_are_byte_identical_to_before_classes(tmp_path):
     ma, mb = (json.loads((p / "step-000003.json").read_text()) for p in (a, b))
     assert {k: v for k, v in ma.items() if k != "written"} == {k: v for k, v in mb.items() if k != "written"}
     assert np.array_equal(np.load(str(a) + ".npy"), np.load(str(b) + ".npy"))
+
+
+# ----------------------------------------------------------------------------- latent and DDP
+def test_latent_conditional_unet_samples_and_evaluates_per_class(tmp_path):
+    from diffmath.latent import VAEConfig, evaluate_latent, sample_latent, train_latent
+
+    unet = dict(data="digits", image_size=8, steps=4, batch_size=32, channels=8, channel_mult=(1,), num_res_blocks=1,
+                attention_resolutions=(4,), dropout=0.0, schedule="cosine", timesteps=50, warmup=2, lr=1e-3,
+                save_every=4, progress=False, device="cpu", conditional=True)
+    vae = dict(channels=8, steps=5, batch_size=64, lr=3e-3, warmup=2, progress=False, device="cpu", elbo_samples=1)
+    res = train_latent(tmp_path / "lat", TrainConfig(**unet), vae_config=VAEConfig(**vae))
+    cfg = json.loads((tmp_path / "lat" / "unet" / "config.json").read_text())["config"]
+    assert cfg["num_classes"] == 10 and cfg["class_names"] == [str(d) for d in range(10)] and res.unet.step == 4
+    x, info = sample_latent(tmp_path / "lat", tmp_path / "lat", steps=3, num_samples=20, classes="all", guidance=2.0,
+                            device="cpu")
+    assert x.shape == (20, 1, 8, 8) and info["guidance"] == 2.0 and info["classes"] == list(range(10))
+    with np.load(tmp_path / "lat" / "samples.npz", allow_pickle=False) as z:
+        assert z["labels"].tolist() == list(np.repeat(np.arange(10), 2)) and z["latents"].shape == (20, 2, 4, 4)
+    m = evaluate_latent(tmp_path / "lat", device="cpu")
+    assert set(m["per_class"]["classes"]) == {str(d) for d in range(10)}
+    # a folder with one class is refused before the VAE trains
+    root = _folder(tmp_path / "one", {f"a/{i}.png": 10 * i for i in range(4)})
+    with pytest.raises(ValueError, match="needs at least 2 classes"):
+        train_latent(tmp_path / "lat2", TrainConfig(**{**unet, "data": str(root), "batch_size": 2}),
+                     vae_config=VAEConfig(**vae))
+    assert not (tmp_path / "lat2").exists()
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_conditional_matches_one_process(tmp_path):
+    """Under torchrun with 2 processes the labels are sharded with their images and dropped by one
+    generator drawing the global batch: the same losses as one process, the same dropout state."""
+    args = ["train", "--data", "digits", "--steps", "3", "--batch-size", "16", "--channels", "8", "--channel-mult", "1,2",
+            "--num-res-blocks", "1", "--timesteps", "50", "--save-every", "3", "--dropout", "0", "--no-progress",
+            "--conditional", "--uncond-prob", "0.3", "--lr", "0.01", "--warmup", "0"]
+    # lr 0.01 from the first step: Adam moves each class-embedding row that got a gradient by ~0.01,
+    # so a label given to the wrong image on either rank would show in model.class_emb.weight
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
+    one = subprocess.run([sys.executable, "-m", "diffmath", *args, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         f"--master_port={_free_port()}", "-m", "diffmath", *args, "--out", str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    m1, m2 = (json.loads((tmp_path / d / "step-000003.json").read_text()) for d in ("one", "two"))
+    assert m2["world_size"] == 2 and m2["config"]["num_classes"] == 10
+    assert m1["rng"]["label_dropout"] == m2["rng"]["label_dropout"]
+    l1 = load_file(str(tmp_path / "one" / "step-000003.safetensors"))
+    l2 = load_file(str(tmp_path / "two" / "step-000003.safetensors"))
+    np.testing.assert_allclose(l2["loss_history"].numpy(), l1["loss_history"].numpy(), rtol=1e-5)
+    assert "model.class_emb.weight" in l1
+    for k in l1:
+        if k.startswith("model."):
+            torch.testing.assert_close(l2[k], l1[k], rtol=1e-4, atol=1e-5)
