@@ -93,6 +93,16 @@ def _int_list(s: str) -> tuple:
     return v
 
 
+def _float_list(s: str) -> tuple:
+    try:
+        v = tuple(float(p) for p in s.replace(" ", "").split(",") if p)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0,1,2,3,5; got {s!r}") from None
+    if not v or any(not (x >= 0 and x < float("inf")) for x in v):
+        raise argparse.ArgumentTypeError(f"expected finite numbers >= 0; got {s!r}")
+    return v
+
+
 def _device(s: str) -> str:
     if s in ("auto", "cpu", "cuda") or s.startswith("cuda:"):
         return s
@@ -329,6 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
         "likelihood, not the images'), so --vlb-images is ignored.",
     )
     e.add_argument("--run", type=Path, required=True, help="the run directory")
+    e.add_argument("--guidance-sweep", type=_float_list, default=None, metavar="S,S,...", help="instead of scoring "
+                   "samples: sample every class of a class-conditional run at each guidance scale s (e.g. 0,1,2,3,5), "
+                   "score them per class and write guidance.json and guidance.png into --out")
+    e.add_argument("--per-class", type=_positive_int, default=100, help="with --guidance-sweep: samples per class at "
+                   "each scale (DDIM, 50 steps)")
     e.add_argument("--samples", type=Path, default=None, help="samples .npz (default RUN/samples.npz)")
     e.add_argument("--out", type=Path, default=None, help="where to write metrics.json (default: the run directory)")
     _trust_flag(e, "for the test VLB, load")
@@ -607,6 +622,15 @@ def _latent_summary(m: dict) -> str:
 def _cmd_evaluate(args) -> int:
     from .evaluate import evaluate_run, format_metrics
 
+    if args.guidance_sweep is not None:
+        from .evaluate import evaluate_guidance, guidance_table
+
+        g = evaluate_guidance(args.run, args.out, scales=args.guidance_sweep, per_class=args.per_class,
+                              device=args.device, progress=args.progress, trust_unverified=args.trust_unverified)
+        print("\n".join(guidance_table(g["scales"])))
+        where = Path(args.out if args.out is not None else args.run)
+        print(f"-> {where / 'guidance.json'}, {where / 'guidance.png'}")
+        return 0
     if _is_latent_run(args.run):
         from .latent import evaluate_latent
 

@@ -70,6 +70,7 @@ __all__ = [
     "class_metrics",
     "per_class_metrics",
     "guidance_sweep",
+    "evaluate_guidance",
     "guidance_table",
     "class_table",
     "vlb_bpd",
@@ -374,12 +375,13 @@ def per_class_metrics(x: np.ndarray, labels, data, *, clf=None, seed: int = 0) -
 
 def guidance_sweep(loaded, data, scales, *, per_class: int = 100, classes=None, sampler: str = "ddim", steps=50,
                    seed: int = 0, batch_size: int = 500, progress: bool = False, keep: float | None = None,
-                   rescale: float = 0.0):
+                   rescale: float = 0.0, decode=None):
     """Sample ``per_class`` samples of each class (default all of the run's) at every guidance
     scale s in ``scales`` (``diffmath.sample.generate``: the same start and noise at every s)
     and score them with ``per_class_metrics``. ``per_class`` may be a dict {s: count}. Returns
     (rows, kept) with one row per s: {"guidance": s, "mean": ..., "classes": ...}, and kept the
-    (samples, labels) drawn at s = ``keep`` (None if not asked)."""
+    (samples, labels) drawn at s = ``keep`` (None if not asked). ``decode``: turns the samples
+    into the data's images first (a latent run's VAE decoder)."""
     from .sample import class_labels, generate
 
     K = loaded.num_classes
@@ -389,12 +391,68 @@ def guidance_sweep(loaded, data, scales, *, per_class: int = 100, classes=None, 
         n = per_class[s] if isinstance(per_class, dict) else per_class
         y = class_labels(classes, n * len(classes))
         x = generate(loaded, len(y), sampler=sampler, steps=steps, seed=seed, batch_size=batch_size, progress=progress,
-                     labels=y, guidance=float(s), guidance_rescale=rescale)
+                     labels=y, guidance=float(s), guidance_rescale=rescale, clip_x0=None if decode else "auto")
+        if decode is not None:
+            x = decode(x)
         m = per_class_metrics(x, y, data, seed=seed)
         rows.append({"guidance": float(s), "per_class": int(n), **m})
         if keep is not None and float(s) == float(keep):
             kept = (x, y)
     return rows, kept
+
+
+def evaluate_guidance(run, out=None, *, scales=(0.0, 1.0, 2.0, 3.0, 5.0), per_class: int = 100, sampler: str = "ddim",
+                      steps=50, seed: int = 0, device: str = "auto", progress: bool = False,
+                      trust_unverified: bool = False) -> dict:
+    """``diffmath evaluate --guidance-sweep``: the guidance sweep of a class-conditional run
+    (``guidance_sweep``: ``per_class`` samples of every class at each scale s, scored per
+    class); writes ``out``/guidance.json and guidance.png (default ``out`` = the run) and returns
+    {"scales": rows, ...}. A latent run (``run`` holds latent.json) samples its U-Net and
+    decodes with its VAE. ``ValueError`` before any work for an unconditional run or a scale
+    that is negative or not finite."""
+    from .data import load_data
+    from .plots import plot_guidance
+    from .rundir import claim_output
+    from .sample import _unconditional, check_sampling, load_model
+
+    run = Path(run)
+    scales = [float(v) for v in scales]
+    bad = [v for v in scales if not (math.isfinite(v) and v >= 0)]
+    if bad or not scales:
+        raise ValueError(f"guidance scales must be finite and >= 0; got {bad or scales}")
+    decode, adopt = None, None
+    if (run / "latent.json").is_file():
+        from .latent_diffusion import _legacy_latent_files, _resolve, read_latent_run
+        from .latent_cache import decode_latents
+        from .latent_vae import load_vae
+
+        info = read_latent_run(run)
+        lm = load_model(run=run / info.get("unet_run", "unet"), device=device, trust_unverified=trust_unverified)
+        lv = load_vae(_resolve(run, info["vae_checkpoint"]), lm.device)
+        scale = float(info["scale_factor"])
+
+        def decode(z):
+            return decode_latents(lv, z, scale)
+
+        adopt = _legacy_latent_files
+    else:
+        from .checkpoint import legacy_run_files
+
+        lm = load_model(run=run, device=device, trust_unverified=trust_unverified)
+        adopt = legacy_run_files
+    if lm.num_classes == 0:
+        raise _unconditional(lm, "--guidance-sweep")
+    check_sampling(lm, per_class * lm.num_classes, sampler, steps, 0.0, seed)
+    data = load_data(lm.config.data, lm.config.image_size)
+    out = Path(out) if out is not None else run
+    with claim_output(out, "evaluate", ("guidance.json", "guidance.png"), adopt=adopt):
+        rows, _ = guidance_sweep(lm, data, scales, per_class=per_class, sampler=sampler, steps=steps, seed=seed,
+                                 progress=progress, decode=decode)
+        res = {"run": str(run), "sampler": sampler, "steps": steps, "seed": seed, "checkpoint": str(lm.checkpoint),
+               "scales": rows}
+        atomic_write_json(out / "guidance.json", res)
+        plot_guidance(out / "guidance.png", rows, title=f"{data.name}: classifier-free guidance ({sampler})")
+    return res
 
 
 # ----------------------------------------------------------------------------- test VLB

@@ -52,7 +52,7 @@ __all__ = [
 KNOWN_FILES = re.compile(
     r"^(config\.json|loss\.png|schedule\.png|samples\.npz|samples\.png|metrics\.json|report\.md"
     r"|step-\d{6,}\.(json|safetensors)|latent\.json|latents\.safetensors|latents\.json|vae\.json|vae\.safetensors"
-    r"|recon\.png|comparison\.json|comparison\.md|classes\.npz|classes\.png|guidance\.png|\.diffmath-run)$"
+    r"|recon\.png|comparison\.json|comparison\.md|classes\.npz|classes\.png|guidance\.png|guidance\.json|\.diffmath-run)$"
 )
 
 

@@ -118,3 +118,20 @@ def test_guidance_sweep_and_its_plot(runs, digits, tmp_path):
     assert all(r["classes"]["3"]["samples"] == r["per_class"] for r in rows)
     plot_guidance(tmp_path / "g.png", rows)
     assert Image.open(tmp_path / "g.png").size[0] > 1000  # three panels: agreement, FD, spread
+
+
+def test_evaluate_guidance_sweep_cli(runs, tmp_path, capsys):
+    from diffmath.cli import main
+
+    out = tmp_path / "g"
+    assert main(["evaluate", "--run", str(runs / "cond"), "--out", str(out), "--guidance-sweep", "0,2",
+                 "--per-class", "2", "--no-progress"]) == 0
+    assert "| guidance s |" in capsys.readouterr().out
+    g = json.loads((out / "guidance.json").read_text())
+    assert [r["guidance"] for r in g["scales"]] == [0.0, 2.0] and (out / "guidance.png").exists()
+    assert main(["evaluate", "--run", str(runs / "uncond"), "--out", str(tmp_path / "h"), "--guidance-sweep", "1"]) == 2
+    assert "--guidance-sweep needs a class-conditional run" in capsys.readouterr().err
+    assert not (tmp_path / "h").exists()
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--run", str(runs / "cond"), "--guidance-sweep", "1,-2"])
+    assert "expected finite numbers >= 0" in capsys.readouterr().err
