@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--class", dest="classes", default=None, metavar="CLASSES", help="the classes to sample: 4, 0-9, "
                     "1,3,5 or all")
     sg.add_argument("--guidance", type=_nonneg_float, default=None, metavar="S", help="with --class: the guidance scale "
-                    "s >= 0 (diffusers' guidance_scale: 0 unconditional, 1 plain conditional, > 1 guided; default 3)")
+                    "s >= 0 (diffusers' guidance_scale: 0 unconditional, 1 plain conditional, > 1 guided; default 1.5)")
     sg.add_argument("--guidance-rescale", type=_checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
                     default=None, metavar="PHI", help="with --class: Lin et al. (2023)'s guidance rescale phi in "
                     "[0, 1] (0: off; against over-saturation at large s)")
@@ -715,7 +715,7 @@ def _demo(out, config, resume, overwrite, device, progress, num_samples, vlb_ima
     from .train import train
 
     timings = {}
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     load0 = _load_average()
     res = train(config, out, resume=resume, overwrite=overwrite)
     timings["train_s"] = round(time.time() - t0, 1)
@@ -732,6 +732,7 @@ def _demo(out, config, resume, overwrite, device, progress, num_samples, vlb_ima
         metrics["guidance"] = _demo_guidance(out, device, progress, **sweep)
         timings["guidance_s"] = round(time.time() - t3, 1)
     timings["total_s"] = round(time.time() - t0, 1)
+    timings["cpu_s"] = round(time.process_time() - c0, 1)  # this process's CPU time: the wall time on idle cores
     if load0 is not None:
         timings["load_avg_1min"] = [load0, _load_average()]
     from .distributed import resolve_device

@@ -90,7 +90,7 @@ DEFAULT_STEPS.update({name: 20 for name in SOLVER_SAMPLERS})
 LADDERS = ("karras", "exponential", "schedule")
 # The guidance scale s of ``sample --class`` when --guidance is not given (diffusers' convention:
 # 1 = the plain conditional model). Chosen on the demo's digits (README, docs/guidance.md).
-DEFAULT_GUIDANCE = 3.0
+DEFAULT_GUIDANCE = 1.5
 
 
 @dataclass

@@ -227,10 +227,10 @@ def test_demo_writes_the_report_and_reuses_its_training(tmp_path, cache):
     for link in ("(samples.png)", "(loss.png)", "(schedule.png)", "(metrics.json)", "(classes.png)", "(guidance.png)"):
         assert link in report
     assert "mean classifier confidence" in report and "floor (real held-out)" in report
-    assert "| guidance s |" in report and "Per digit at s = 3" in report and "Per digit at s = 1" in report
-    assert set(m["timings"]) == {"train_s", "sample_s", "evaluate_s", "guidance_s", "total_s", "device", "threads",
-                                 "load_avg_1min"}
-    assert [r["guidance"] for r in m["guidance"]["scales"]] == [0.0, 1.0, 3.0]
+    assert "| guidance s |" in report and "Per digit at s = 1.5" in report and "Per digit at s = 1 " in report
+    assert set(m["timings"]) == {"train_s", "sample_s", "evaluate_s", "guidance_s", "total_s", "cpu_s", "device",
+                                 "threads", "load_avg_1min"}
+    assert [r["guidance"] for r in m["guidance"]["scales"]] == [0.0, 1.0, 1.5]
     assert [r["per_class"] for r in m["guidance"]["scales"]] == [1, 2, 2]
     before = (out / "step-000004.safetensors").read_bytes()
     run_demo(out, progress=False, config_overrides=tiny, num_samples=30, vlb_images=0, **sweep)
