@@ -73,6 +73,7 @@ def plot_guidance(path: Path, rows, title: str = "classifier-free guidance"):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = sorted(rows, key=lambda r: r["guidance"])
     s = [r["guidance"] for r in rows]
     mean = [r["mean"] for r in rows]
     fd_key = "fd" if all("fd" in m for m in mean) else "sliced_wasserstein"
@@ -89,6 +90,8 @@ def plot_guidance(path: Path, rows, title: str = "classifier-free guidance"):
             ax.set_ylim(-0.02, 1.02)
         elif key in ("fd", "sliced_wasserstein"):
             ax.plot(s, [m[f"{key}_floor"] for m in mean], "k--", lw=1, label="floor (real held-out)")
+            if all(m[key] > 0 for m in mean):
+                ax.set_yscale("log")  # s = 0 (the unconditional model) is far off every class
         elif key == "spread":
             ax.axhline(1.0, color="k", ls="--", lw=1, label="real")
         ax.set_xlabel("guidance scale s")
