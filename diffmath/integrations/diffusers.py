@@ -2,7 +2,8 @@
 
     pipe.scheduler = diffmath.integrations.diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
 
-``DDPMScheduler`` and ``DDIMScheduler`` are real diffusers schedulers (``SchedulerMixin``,
+``DDPMScheduler``, ``DDIMScheduler``, ``EulerDiscreteScheduler`` and
+``EulerAncestralDiscreteScheduler`` are real diffusers schedulers (``SchedulerMixin``,
 ``ConfigMixin``, the same config keys and defaults as diffusers' classes, ``save_pretrained`` /
 ``from_pretrained`` / ``from_config`` in both directions, ``step`` returning diffusers' output
 classes), so every pipeline that accepts diffusers' classes accepts them. What differs is
@@ -51,6 +52,8 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
+from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
+from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import torch_utils
 from scipy.special import expit
@@ -59,7 +62,10 @@ from ..forward import q_sample
 from ..losses import learned_range_log_variance
 from ..parameterization import eps_from_v, eps_from_x0, v_from_x0_eps, x0_from_eps, x0_from_v
 from ..posterior import q_posterior_mean
+from ..denoiser import preconditioning
 from ..samplers import ddim_coefs, ddpm_std
+from ..samplers.sigmas import sigmas_beta, sigmas_exponential, sigmas_karras
+from ..samplers.solvers import ancestral_step, churn_gamma, churn_std, euler_ancestral_step, euler_step
 from ..schedules import (
     Schedule,
     betas_for_alpha_bar,
@@ -70,7 +76,17 @@ from ..schedules import (
 )
 from ..schedules import timesteps as spaced_timesteps
 
-__all__ = ["DDPMScheduler", "DDIMScheduler", "DDPMSchedulerOutput", "DDIMSchedulerOutput", "schedule_from_config"]
+__all__ = [
+    "DDPMScheduler",
+    "DDIMScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DDPMSchedulerOutput",
+    "DDIMSchedulerOutput",
+    "EulerDiscreteSchedulerOutput",
+    "EulerAncestralDiscreteSchedulerOutput",
+    "schedule_from_config",
+]
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -692,3 +708,454 @@ class DDIMScheduler(_DiffmathScheduler):
         if not return_dict:
             return (prev, x0)
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+
+# ----------------------------------------------------------------------------- sigma-space schedulers
+SIGMA_SPACINGS = ("linspace", "leading", "trailing")
+FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+# diffusers' sigma-space schedulers replace alphas_cumprod = 0 (rescale_betas_zero_snr) by 2^-24
+# at the last training step so that its sigma is finite: sqrt(2^24 - 1) = 4096.0
+_ZERO_SNR_ALPHA_CUMPROD = 2.0**-24
+
+
+def _float_or_none(v, name):
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be None or a finite number > 0; got {v!r}")
+    return float(v)
+
+
+class _SigmaScheduler(SchedulerMixin, ConfigMixin):
+    """What the sigma-space schedulers (Euler, Euler ancestral, Heun, LMS, DPM-Solver++, UniPC)
+    share: the float64 ladder sigma_i of x = x_t / sqrt(abar_t) = x_0 + sigma eps (EDM's VP
+    view, sigma_t = sqrt((1 - abar_t)/abar_t), ``diffmath.denoiser``), diffusers' step-index
+    bookkeeping, ``scale_model_input`` and ``add_noise``.
+
+    The ladder: at the inference timesteps (float, diffusers' spacing rules) sigma is the linear
+    interpolation of the float64 table sigma_t in t (diffusers' ``interpolation_type="linear"``),
+    or the Karras / exponential / beta ladder (``diffmath.samplers.sigmas_*``) between the
+    table's ends with timesteps t(sigma) interpolated linearly in log sigma
+    (``diffmath.denoiser.sigma_to_t_schedule``); then the final sigma (0, or sigma_0 with
+    ``final_sigmas_type="sigma_min"``). ``self.sigmas`` is that ladder in float32 (as in
+    diffusers); the steps read the float64 ``self._sig``.
+    """
+
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
+    order = 1
+    _has_sigma_options = True  # use_karras_sigmas & co. in the config
+
+    def _setup_sigmas(self):
+        c = self.config
+        if c.trained_betas is None and c.beta_schedule not in BETA_SCHEDULES:
+            raise NotImplementedError(f"{c.beta_schedule} is not implemented for {self.__class__}")
+        _check_choice(c.prediction_type, "prediction_type", self._prediction_types)
+        _check_choice(c.timestep_spacing, "timestep_spacing", SIGMA_SPACINGS)
+        so = c.steps_offset
+        if isinstance(so, bool) or not isinstance(so, numbers.Integral) or so < 0:
+            raise ValueError(f"steps_offset must be an integer >= 0; got {so!r}")
+        cfg = dict(c)
+        if self._has_sigma_options:
+            flags = [bool(cfg.get(k)) for k in ("use_beta_sigmas", "use_exponential_sigmas", "use_karras_sigmas")]
+            if sum(flags) > 1:
+                raise ValueError(
+                    "Only one of `config.use_beta_sigmas`, `config.use_exponential_sigmas`, `config.use_karras_sigmas` can be used."
+                )
+        _check_choice(cfg.get("final_sigmas_type", "zero"), "final_sigmas_type", FINAL_SIGMAS_TYPES)
+        _float_or_none(cfg.get("sigma_min"), "sigma_min")
+        _float_or_none(cfg.get("sigma_max"), "sigma_max")
+        self.schedule = schedule_from_config(c)
+        s = self.schedule
+        self.betas = torch.from_numpy(s.betas.astype(np.float32))
+        self.alphas = torch.from_numpy(s.alphas.astype(np.float32))
+        abar = np.array(s.alphas_cumprod, dtype=np.float64)
+        tab = np.array(s.sqrt_recipm1_alphas_cumprod, dtype=np.float64)
+        if abar[-1] == 0:  # zero terminal SNR: diffusers' finite stand-in
+            abar[-1] = _ZERO_SNR_ALPHA_CUMPROD
+            tab[-1] = math.sqrt(1.0 / _ZERO_SNR_ALPHA_CUMPROD - 1.0)
+        self.alphas_cumprod = torch.from_numpy(abar.astype(np.float32))
+        self._abar = abar
+        self._tab = tab  # sigma_t, float64, increasing in t
+        self.num_inference_steps = None
+        T = c.num_train_timesteps
+        self._timesteps_np = np.arange(T - 1, -1, -1, dtype=np.float64)
+        self._set_ladder(tab[::-1].copy(), 0.0, self._timesteps_np)
+        self.is_scale_input_called = False
+        self._step_index = None
+        self._begin_index = None
+
+    def _set_ladder(self, sig, last, ts, device=None):
+        self._sig = np.concatenate([np.asarray(sig, dtype=np.float64), [float(last)]])
+        self.sigmas = torch.from_numpy(self._sig.astype(np.float32))
+        self._ts = np.asarray(ts, dtype=np.float64)
+        self.timesteps = torch.from_numpy(self._ts.astype(np.float32)).to(device)
+
+    # -- the ladder ------------------------------------------------------------------------
+    def _spaced(self, S: int) -> np.ndarray:
+        """diffusers' float timesteps (descending) for S steps."""
+        c, T = self.config, self.config.num_train_timesteps
+        if c.timestep_spacing == "linspace":
+            return np.linspace(0, T - 1, S, dtype=np.float32)[::-1].astype(np.float64)
+        if c.timestep_spacing == "leading":
+            ratio = T // S
+            return (np.arange(0, S) * ratio)[::-1].astype(np.float64) + c.steps_offset
+        ratio = T / S
+        return np.round(np.arange(T, 0, -ratio)) - 1.0
+
+    def _sigma_at(self, ts: np.ndarray) -> np.ndarray:
+        """sigma at float timesteps: linear interpolation of the float64 table in t."""
+        T = self._tab.shape[0]
+        if np.any(ts < 0) or np.any(ts > T - 1):
+            raise ValueError(f"timesteps must lie in [0, {T - 1}]; got {ts.min()} .. {ts.max()}")
+        return np.interp(ts, np.arange(T, dtype=np.float64), self._tab)
+
+    def _t_of_sigma(self, sig: np.ndarray) -> np.ndarray:
+        """t(sigma): linear in log sigma between the table's indices (clamped to [0, T - 1])."""
+        return np.interp(np.log(np.maximum(sig, 1e-300)), np.log(self._tab), np.arange(self._tab.shape[0], dtype=np.float64))
+
+    def _converted(self, sig: np.ndarray, S: int) -> np.ndarray | None:
+        """The Karras / exponential / beta ladder between the ends of ``sig`` (or the config's
+        sigma_min / sigma_max), without the final 0; None when none is configured."""
+        cfg = dict(self.config)
+        smin = cfg.get("sigma_min") or float(sig[-1])
+        smax = cfg.get("sigma_max") or float(sig[0])
+        if cfg.get("use_karras_sigmas"):
+            return _ladder(sigmas_karras, S, smin, smax)
+        if cfg.get("use_exponential_sigmas"):
+            return _ladder(sigmas_exponential, S, smin, smax)
+        if cfg.get("use_beta_sigmas"):
+            return _ladder(sigmas_beta, S, smin, smax)
+        return None
+
+    def _last_sigma(self) -> float:
+        return float(self._tab[0]) if dict(self.config).get("final_sigmas_type", "zero") == "sigma_min" else 0.0
+
+    def _check_steps(self, S, name="num_inference_steps"):
+        S = _as_int(S, name)
+        if S < 1:
+            raise ValueError(f"`{name}` must be >= 1; got {S}")
+        return S
+
+    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None):
+        """The inference ladder (see the class docstring); ``timesteps`` (float model times) or
+        ``sigmas`` (a ladder including its final value) replace the spacing rule."""
+        given = sum(v is not None for v in (num_inference_steps, timesteps, sigmas))
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("Only one of `timesteps` or `sigmas` should be set.")
+        if given == 0:
+            raise ValueError("Must pass exactly one of `num_inference_steps` or `timesteps` or `sigmas.")
+        if given > 1:
+            raise ValueError("Can only pass one of `num_inference_steps` or `timesteps` or `sigmas`.")
+        cfg = dict(self.config)
+        for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
+            if timesteps is not None and cfg.get(key):
+                raise ValueError(f"Cannot set `timesteps` with `config.{key} = True`.")
+        if sigmas is not None:
+            sig = np.asarray(sigmas.tolist() if hasattr(sigmas, "tolist") else sigmas, dtype=np.float64).reshape(-1)
+            if sig.size < 2 or not np.all(np.isfinite(sig)) or np.any(sig < 0) or np.any(sig[:-1] <= 0):
+                raise ValueError(f"`sigmas` must hold >= 2 finite values > 0 (the last may be 0); got {sig.tolist()}")
+            ts = self._t_of_sigma(sig[:-1])
+            self.num_inference_steps = sig.size - 1
+            self._finish(sig[:-1], float(sig[-1]), ts, device)
+            return
+        if timesteps is not None:
+            ts = np.asarray(timesteps.tolist() if hasattr(timesteps, "tolist") else timesteps, dtype=np.float64).reshape(-1)
+            if ts.size < 1 or np.any(np.diff(ts) >= 0):
+                raise ValueError(f"`timesteps` must be strictly descending; got {ts.tolist()}")
+            S = ts.size
+        else:
+            S = self._check_steps(num_inference_steps)
+            if S > self.config.num_train_timesteps and self.config.timestep_spacing != "linspace":
+                raise ValueError(
+                    f"`num_inference_steps`: {S} cannot be larger than `num_train_timesteps`: {self.config.num_train_timesteps}"
+                )
+            ts = self._spaced(S)
+        self.num_inference_steps = S
+        sig = self._sigma_at(ts)
+        if dict(self.config).get("interpolation_type", "linear") == "log_linear":
+            # diffusers' rule: S + 1 levels uniform in log sigma over the whole table (one more
+            # level than timesteps, so the loop ends at sigma_min, not at the final sigma)
+            sig = sigmas_exponential(S + 1, float(self._tab[0]), float(self._tab[-1]))[:-1]
+        conv = self._converted(sig, S)
+        if conv is not None:
+            sig = conv
+            ts = self._t_of_sigma(sig)
+        self._finish(sig, self._last_sigma(), ts, device)
+
+    def _finish(self, sig, last, ts, device):
+        if dict(self.config).get("timestep_type") == "continuous" and self.config.prediction_type == "v_prediction":
+            ts = 0.25 * np.log(sig)
+        self._set_ladder(sig, last, ts, device)
+        self._step_index = None
+        self._begin_index = None
+        self._on_new_ladder()
+
+    def _on_new_ladder(self):
+        pass
+
+    @property
+    def init_noise_sigma(self) -> torch.Tensor:
+        """The std of the initial noise: sigma_max (linspace, trailing) or sqrt(sigma_max^2 + 1)
+        (leading), as in diffusers; a 0-d float64 tensor (multiplying a float32 latent by it
+        keeps float32)."""
+        smax = float(self._sig.max())
+        if self.config.timestep_spacing not in ("linspace", "trailing"):
+            smax = math.sqrt(smax * smax + 1.0)
+        return torch.tensor(smax, dtype=torch.float64)
+
+    # -- diffusers' step-index bookkeeping ---------------------------------------------------
+    @property
+    def step_index(self):
+        return self._step_index
+
+    @property
+    def begin_index(self):
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0):
+        self._begin_index = begin_index
+
+    def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
+        """The index of ``timestep`` in the timesteps (the second match if it occurs twice, as
+        in diffusers, for image-to-image starts)."""
+        if schedule_timesteps is None:
+            schedule_timesteps = self.timesteps
+        indices = (schedule_timesteps == timestep).nonzero()
+        if len(indices) == 0:
+            shown = schedule_timesteps.tolist()
+            shown = shown if len(shown) <= 12 else shown[:6] + ["..."] + shown[-6:]
+            raise ValueError(f"timestep {timestep} is not one of the scheduler's timesteps ({shown})")
+        return indices[1 if len(indices) > 1 else 0].item()
+
+    def _init_step_index(self, timestep):
+        if self.begin_index is None:
+            if isinstance(timestep, torch.Tensor):
+                timestep = timestep.to(self.timesteps.device)
+            self._step_index = self.index_for_timestep(timestep)
+        else:
+            self._step_index = self._begin_index
+
+    def _check_step_timestep(self, timestep):
+        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+            raise ValueError(
+                (
+                    "Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to"
+                    f" `{self.__class__.__name__}.step()` is not supported. Make sure to pass"
+                    " one of the `scheduler.timesteps` as a timestep."
+                ),
+            )
+
+    # -- model input / output ----------------------------------------------------------------
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        """x_t = x / sqrt(sigma^2 + 1) (the VP model's input at this level; float64, in the
+        sample's dtype)."""
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        sigma = float(self._sig[self.step_index])
+        self.is_scale_input_called = True
+        cd = _compute_dtype(sample.device)
+        return (sample.to(cd) / math.sqrt(sigma * sigma + 1.0)).to(sample.dtype)
+
+    def _denoised(self, model_output, x, sigma: float, sigma_v: float | None = None):
+        """D(x; sigma) = c_skip x + c_out F from the model output (``diffmath.denoiser.preconditioning``
+        with m = 1/sqrt(1 + sigma^2)): eps: x - sigma eps; v: x/(1 + sigma^2) - sigma/sqrt(1 + sigma^2) v;
+        sample: F. ``sigma_v``: the sigma of the v-formula where diffusers uses another one."""
+        p = self.config.prediction_type
+        if p == "v_prediction" and sigma_v is not None:
+            sigma = sigma_v
+        kind = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}[p]
+        c_skip, c_out = preconditioning(kind, sigma, 1.0 / math.sqrt(1.0 + sigma * sigma))
+        c_skip, c_out = float(c_skip), float(c_out)
+        if kind == "x0":
+            return model_output.clone()
+        return c_skip * x + c_out * model_output
+
+    def _sigma_index_for(self, timesteps, like):
+        sched = self.timesteps.to(like.device)
+        timesteps = timesteps.to(like.device)
+        if self.begin_index is None:
+            return [self.index_for_timestep(t, sched) for t in timesteps.reshape(-1)]
+        if self.step_index is not None:
+            return [self.step_index] * timesteps.reshape(-1).shape[0]
+        return [self.begin_index] * timesteps.reshape(-1).shape[0]
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x = x_0 + sigma eps at the timesteps' levels (float64, in the samples' dtype)."""
+        _check_tensors(noise, original_samples, ("noise", "original_samples"))
+        _check_same_shape(noise, original_samples, "noise")
+        if not isinstance(timesteps, torch.Tensor):
+            timesteps = torch.as_tensor(timesteps)
+        idx = self._sigma_index_for(timesteps, original_samples)
+        cd = _compute_dtype(original_samples.device)
+        sigma = torch.tensor(self._sig[idx], dtype=cd, device=original_samples.device)
+        while sigma.ndim < original_samples.ndim:
+            sigma = sigma.unsqueeze(-1)
+        return (original_samples.to(cd) + noise.to(cd) * sigma).to(original_samples.dtype)
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+
+def _ladder(fn, S, smin, smax):
+    """The first S levels of ``fn`` (without its final 0); [smax] for S = 1 as diffusers."""
+    if S == 1:
+        return np.array([float(smax)])
+    return fn(S, smin, smax)[:-1]
+
+
+# ----------------------------------------------------------------------------- Euler
+class EulerDiscreteScheduler(_SigmaScheduler):
+    """diffusers' ``EulerDiscreteScheduler`` (same config, same API) on diffmath's float64
+    arithmetic: D from the model output (``_denoised``), then the Euler step
+    ``diffmath.samplers.solvers.euler_step`` sigma_hat -> sigma_{i+1} (EDM eq. 1 and 3; Alg. 2 with
+    churn: ``churn_gamma``, ``churn_std``), the solver ``sample_euler`` runs. Noise (s_churn > 0)
+    from ``randn_tensor`` with the caller's generator, as diffusers draws it.
+    ``interpolation_type="log_linear"`` follows diffusers: S + 1 levels uniform in log sigma for
+    S timesteps, so the loop ends at the table's sigma_min."""
+
+    _prediction_types = PREDICTION_TYPES
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: np.ndarray | list[float] | None = None,
+        prediction_type: str = "epsilon",
+        interpolation_type: str = "linear",
+        use_karras_sigmas: bool | None = False,
+        use_exponential_sigmas: bool | None = False,
+        use_beta_sigmas: bool | None = False,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        timestep_spacing: str = "linspace",
+        timestep_type: str = "discrete",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        final_sigmas_type: str = "zero",
+    ):
+        _check_choice(interpolation_type, "interpolation_type", ("linear", "log_linear"))
+        _check_choice(timestep_type, "timestep_type", ("discrete", "continuous"))
+        self._setup_sigmas()
+        self.use_karras_sigmas = use_karras_sigmas
+        self.use_exponential_sigmas = use_exponential_sigmas
+        self.use_beta_sigmas = use_beta_sigmas
+        if timestep_type == "continuous" and prediction_type == "v_prediction":
+            self._finish(self._sig[:-1], 0.0, self._ts, None)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        s_churn: float = 0.0,
+        s_tmin: float = 0.0,
+        s_tmax: float = float("inf"),
+        s_noise: float = 1.0,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ):
+        """One Euler step sigma_i -> sigma_{i+1} (see the class docstring). Returns
+        ``EulerDiscreteSchedulerOutput(prev_sample, pred_original_sample)`` or that tuple."""
+        self._check_step_timestep(timestep)
+        _check_tensors(model_output, sample)
+        _check_same_shape(model_output, sample)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        i = self.step_index
+        sigma, sigma_next = float(self._sig[i]), float(self._sig[i + 1])
+        gamma = churn_gamma(sigma, len(self._sig) - 1, float(s_churn), float(s_tmin), float(s_tmax))
+        sigma_hat = sigma * (gamma + 1.0)
+        cd = _compute_dtype(sample.device)
+        x = sample.to(cd)
+        if gamma > 0:
+            noise = torch_utils.randn_tensor(
+                model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator
+            )
+            x = x + noise.to(cd) * churn_std(sigma, gamma, float(s_noise))
+        den = self._denoised(model_output.to(cd), x, sigma_hat, sigma_v=sigma)
+        prev = euler_step(x, den, sigma_hat, sigma_next)
+        self._step_index += 1
+        prev = prev.to(model_output.dtype)
+        den = den.to(torch.promote_types(model_output.dtype, torch.float32))
+        if not return_dict:
+            return (prev, den)
+        return EulerDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=den)
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 at the timesteps' training steps
+        (Salimans & Ho 2022, Sec. 4), float64, in the sample's dtype."""
+        self._check_step_timestep(timesteps)
+        _check_tensors(noise, sample, ("noise", "sample"))
+        idx = [self.index_for_timestep(t, self.timesteps.to(sample.device)) for t in timesteps.to(sample.device)]
+        cd = _compute_dtype(sample.device)
+        abar = torch.tensor(self._abar[idx], dtype=cd, device=sample.device)
+        while abar.ndim < sample.ndim:
+            abar = abar.unsqueeze(-1)
+        return (abar.sqrt() * noise.to(cd) - (1 - abar).sqrt() * sample.to(cd)).to(sample.dtype)
+
+
+# ----------------------------------------------------------------------------- Euler ancestral
+class EulerAncestralDiscreteScheduler(_SigmaScheduler):
+    """diffusers' ``EulerAncestralDiscreteScheduler`` on diffmath's float64 arithmetic:
+    (sigma_down, sigma_up) = ``ancestral_step(sigma_i, sigma_{i+1})`` (eta = 1, DDPM's posterior
+    in sigma space), then ``euler_ancestral_step`` -- the Euler step to sigma_down plus sigma_up z
+    (the solver ``sample_euler_ancestral``). z is drawn at every step with ``randn_tensor`` and
+    the caller's generator, as diffusers draws it (on the last step sigma_up = 0).
+    ``prediction_type="sample"`` is supported (diffusers raises NotImplementedError)."""
+
+    _prediction_types = PREDICTION_TYPES
+    _has_sigma_options = False
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: np.ndarray | list[float] | None = None,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+    ) -> None:
+        self._setup_sigmas()
+
+    def set_timesteps(self, num_inference_steps: int, device=None):
+        """The inference ladder: sigma at diffusers' spaced timesteps, then 0."""
+        super().set_timesteps(num_inference_steps=num_inference_steps, device=device)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ):
+        """One Euler ancestral step sigma_i -> sigma_{i+1}. Returns
+        ``EulerAncestralDiscreteSchedulerOutput(prev_sample, pred_original_sample)`` or that tuple."""
+        self._check_step_timestep(timestep)
+        _check_tensors(model_output, sample)
+        _check_same_shape(model_output, sample)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        i = self.step_index
+        sigma, sigma_next = float(self._sig[i]), float(self._sig[i + 1])
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, 1.0)
+        cd = _compute_dtype(sample.device)
+        x = sample.to(cd)
+        den = self._denoised(model_output.to(cd), x, sigma)
+        noise = torch_utils.randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator)
+        prev = euler_ancestral_step(x, den, sigma, sigma_down, noise.to(cd), sigma_up)
+        self._step_index += 1
+        prev = prev.to(model_output.dtype)
+        den = den.to(torch.promote_types(model_output.dtype, torch.float32))
+        if not return_dict:
+            return (prev, den)
+        return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=den)
+
+    get_velocity = EulerDiscreteScheduler.get_velocity

@@ -69,6 +69,10 @@ __all__ = [
     "phi",
     "ancestral_step",
     "lms_coefficients",
+    "churn_gamma",
+    "churn_std",
+    "euler_step",
+    "euler_ancestral_step",
 ]
 
 
@@ -264,11 +268,39 @@ def lms_coefficients(sigmas, i: int, order: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- Euler / Heun / EDM
-def _churn(sigma, N, S_churn, S_tmin, S_tmax):
-    """EDM Alg. 2, line 4: gamma_i = min(S_churn / N, sqrt(2) - 1) for sigma_i in [S_tmin, S_tmax]."""
+def churn_gamma(sigma: float, N: int, S_churn: float, S_tmin: float, S_tmax: float) -> float:
+    """EDM Alg. 2, line 4: gamma_i = min(S_churn / N, sqrt(2) - 1) for sigma_i in [S_tmin, S_tmax],
+    else 0 (N = the number of steps, len(sigmas) - 1)."""
     if S_churn > 0 and S_tmin <= sigma <= S_tmax:
         return min(S_churn / N, math.sqrt(2.0) - 1.0)
     return 0.0
+
+
+_churn = churn_gamma
+
+
+def churn_std(sigma: float, gamma: float, S_noise: float = 1.0) -> float:
+    """The std of the churn noise that raises sigma to sigma_hat = sigma (1 + gamma):
+    S_noise sqrt(sigma_hat^2 - sigma^2) = S_noise sigma sqrt(gamma (2 + gamma)) without
+    cancellation (EDM Alg. 2, lines 5-6)."""
+    return S_noise * sigma * math.sqrt(gamma * (2.0 + gamma))
+
+
+def euler_step(x, denoised, sigma: float, sigma_next: float):
+    """One Euler step of dx/dsigma = (x - D)/sigma from sigma to sigma_next (EDM eq. 1 and 3):
+    x + (sigma_next - sigma) (x - D)/sigma, in the form D + (sigma_next/sigma) (x - D) (exact D
+    at sigma_next = 0). x, denoised: arrays of one kind; sigma > 0, sigma_next >= 0 floats."""
+    return denoised + (sigma_next / sigma) * (x - denoised)
+
+
+def euler_ancestral_step(x, denoised, sigma: float, sigma_down: float, noise=None, noise_std: float = 0.0):
+    """One Euler ancestral step: the Euler step sigma -> sigma_down, then ``noise`` * noise_std
+    (noise_std = s_noise sigma_up; ``ancestral_step`` gives sigma_down and sigma_up). No noise
+    is added when ``noise`` is None or noise_std is 0 (k-diffusion's sample_euler_ancestral)."""
+    x = euler_step(x, denoised, sigma, sigma_down)
+    if noise is not None and noise_std > 0:
+        x = x + noise * noise_std
+    return x
 
 
 def sample_euler(
@@ -295,9 +327,9 @@ def sample_euler(
         gamma = _churn(s, N, s_churn, s_tmin, s_tmax)
         s_hat = s * (1.0 + gamma)
         if gamma > 0:
-            x = x + noise(s, s_hat) * (s_noise * s * math.sqrt(gamma * (2.0 + gamma)))  # sqrt(s_hat^2 - s^2)
+            x = x + noise(s, s_hat) * churn_std(s, gamma, s_noise)  # sqrt(s_hat^2 - s^2)
         den = model(x, s_hat)
-        x = den + (s_next / s_hat) * (x - den)
+        x = euler_step(x, den, s_hat, s_next)
         _report(callback, i, sig, x, den, model, sigma_hat=s_hat)
     return x
 
@@ -310,7 +342,7 @@ def _heun(model, x, sig, noise, callback, progress, S_churn, S_tmin, S_tmax, S_n
         gamma = _churn(s, N, S_churn, S_tmin, S_tmax)
         s_hat = s * (1.0 + gamma)
         if gamma > 0:  # lines 5-6: x_hat = x + sqrt(s_hat^2 - s^2) S_noise eps
-            x = x + noise(s, s_hat) * (S_noise * s * math.sqrt(gamma * (2.0 + gamma)))
+            x = x + noise(s, s_hat) * churn_std(s, gamma, S_noise)
         den = model(x, s_hat)
         d = (x - den) / s_hat                                # line 7
         if s_next == 0:
@@ -371,9 +403,8 @@ def sample_euler_ancestral(
         s, s_next = sig[i], sig[i + 1]
         s_down, s_up = ancestral_step(s, s_next, eta)
         den = model(x, s)
-        x = den + (s_down / s) * (x - den)
-        if s_next > 0 and s_up > 0:
-            x = x + noise(s, s_next) * (s_noise * s_up)
+        z = noise(s, s_next) if s_next > 0 and s_up > 0 else None
+        x = euler_ancestral_step(x, den, s, s_down, z, s_noise * s_up)
         _report(callback, i, sig, x, den, model, sigma_down=s_down, sigma_up=s_up)
     return x
 
