@@ -265,7 +265,34 @@ def test_timesteps_match_diffusers_formulas():
             assert ts.shape == (S,) and np.all(np.diff(ts) < 0) and ts.min() >= 0 and ts.max() < T
 
 
+def test_timesteps_are_diffusers_own():
+    # Every (T, S, spacing) for T in {7, 10, 999, 1000} against diffusers itself (steps_offset = 0),
+    # DDIM's and DDPM's set_timesteps. The one deviation: where the float step T/S makes
+    # diffusers' arange(T, 0, -T/S) yield S + 1 values (T = 999, S = 13), diffusers returns
+    # S + 1 timesteps ending in -1 (not an index); the first S agree and -1 is dropped here.
+    from diffusers.schedulers import DDIMScheduler, DDPMScheduler  # lazily: a heavy import
+
+    extra = []
+    for T in (7, 10, 999, 1000):
+        for cls in (DDIMScheduler, DDPMScheduler):
+            for spacing in ("leading", "trailing", "linspace"):
+                sched = cls(num_train_timesteps=T, timestep_spacing=spacing, steps_offset=0)
+                for S in range(1, T + 1):
+                    sched.set_timesteps(S)
+                    ref = sched.timesteps.numpy()
+                    ours = dm.timesteps(T, S, spacing)
+                    assert ours.dtype == np.int64 and ours.shape == (S,)
+                    if ref.shape == (S + 1,) and ref[-1] == -1:
+                        extra.append((T, S, spacing))
+                        ref = ref[:S]
+                    assert_array_equal(ours, ref, err_msg=f"{cls.__name__} T={T} S={S} {spacing}")
+    # the deviation occurs, for trailing only (one check that the comparison above was exercised)
+    assert (999, 13, "trailing") in extra and {sp for _, _, sp in extra} == {"trailing"}
+
+
 def test_timesteps_known_values():
+    # the issue's case: diffusers gives 498 at index 25 (round half to even of 498.5 + ... - 1)
+    assert dm.timesteps(999, 50, "trailing")[25] == 498
     assert dm.timesteps(1000, 10, "trailing").tolist() == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
     assert dm.timesteps(1000, 10, "leading").tolist() == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
     assert dm.timesteps(1000, 10, "linspace").tolist() == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
@@ -320,3 +347,14 @@ def test_tables_are_read_only():
     s = dm.linear_schedule(10)
     with pytest.raises(ValueError):
         s.betas[0] = 0.5
+
+
+def test_from_betas_leaves_the_callers_arrays_writable():
+    b = np.full(10, 0.1)
+    m = np.arange(10, dtype=np.int64)
+    s = Schedule.from_betas(b, timestep_map=m)
+    b[0] = 0.9  # was: ValueError, assignment destination is read-only
+    m[0] = 5
+    assert b.flags.writeable and m.flags.writeable
+    assert s.betas[0] == 0.1 and s.timestep_map[0] == 0  # the schedule keeps its own copy
+    assert not s.betas.flags.writeable and not s.timestep_map.flags.writeable
