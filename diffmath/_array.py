@@ -119,7 +119,8 @@ def backend(x):
 
 def check_float(x, name: str):
     """Validate that ``x`` is a floating-point array or tensor; python floats and lists of
-    floats become float64 numpy arrays. Integer, boolean and complex inputs raise TypeError."""
+    floats become float64 numpy arrays. Integer, boolean and complex inputs raise TypeError
+    (a complex tensor cast to a real dtype would silently lose its imaginary part)."""
     if is_tensor(x):
         if not x.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor; got dtype {x.dtype}")
@@ -226,6 +227,9 @@ def check_positive(value, name: str, allow_array: bool = False):
             raise ValueError(f"{name} must be finite and > 0; got {name} = {v}")
         return v
     if allow_array and (is_tensor(value) or isinstance(value, np.ndarray)):
+        real = (not value.is_complex() and value.dtype != torch.bool) if is_tensor(value) else value.dtype.kind in "fiu"
+        if not real:  # complex values would be compared by real part, then cast to real silently
+            raise TypeError(f"{name} must hold real positive numbers; got dtype {value.dtype}")
         bad = ~(value > 0) | (value == math.inf)
         if bool(bad.any()):
             v = value[bad].reshape(-1)[0]
