@@ -48,7 +48,10 @@ def ode_likelihood(
     x: (B, ...) numpy or torch; the data at time ``eps`` (default ``sde.default_eps``; the
     density is that of p_eps, which tends to the data density as eps -> 0). ``score_fn(x, t)``
     is called with float64 torch tensors (x on x's device, t of shape (B,)) and must be
-    differentiable by torch autograd. ``divergence``: "exact" or "hutchinson" (``probe``
+    differentiable by torch autograd: one call at the data before integrating checks that its
+    output has x's shape and reaches x through autograd (ValueError for a score computed in
+    numpy, under ``torch.no_grad`` or from ``x.detach()``, whose divergence autograd would
+    miss, giving a confidently wrong log-likelihood). ``divergence``: "exact" or "hutchinson" (``probe``
     "rademacher" or "gaussian", drawn from ``generator``: a torch.Generator, or a numpy
     Generator whose draws are converted). ``prior_logp(z) -> (B,)`` defaults to the SDE's
     exact prior (N(0, I) for VP/sub-VP, N(0, sigma_max^2 I) for VE); pass the exact marginal
