@@ -33,6 +33,7 @@ __all__ = [
     "gather_t",
     "broadcast_to_like",
     "broadcast_coef",
+    "widen_for_tables",
     "randn",
     "backend",
 ]
@@ -118,7 +119,8 @@ def backend(x):
 
 def check_float(x, name: str):
     """Validate that ``x`` is a floating-point array or tensor; python floats and lists of
-    floats become float64 numpy arrays. Integer, boolean and complex inputs raise TypeError."""
+    floats become float64 numpy arrays. Integer, boolean and complex inputs raise TypeError
+    (a complex tensor cast to a real dtype would silently lose its imaginary part)."""
     if is_tensor(x):
         if not x.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor; got dtype {x.dtype}")
@@ -171,7 +173,10 @@ def restore(out, like):
     if is_tensor(like):
         return out if out.dtype == like.dtype else out.to(like.dtype)
     out = np.asarray(out)
-    return out if out.dtype == like.dtype else out.astype(like.dtype)
+    if out.dtype == like.dtype:
+        return out
+    with np.errstate(over="ignore"):  # beyond the output dtype's range is +-inf, documented
+        return out.astype(like.dtype)
 
 
 def check_schedule(s):
@@ -222,6 +227,9 @@ def check_positive(value, name: str, allow_array: bool = False):
             raise ValueError(f"{name} must be finite and > 0; got {name} = {v}")
         return v
     if allow_array and (is_tensor(value) or isinstance(value, np.ndarray)):
+        real = (not value.is_complex() and value.dtype != torch.bool) if is_tensor(value) else value.dtype.kind in "fiu"
+        if not real:  # complex values would be compared by real part, then cast to real silently
+            raise TypeError(f"{name} must hold real positive numbers; got dtype {value.dtype}")
         bad = ~(value > 0) | (value == math.inf)
         if bool(bad.any()):
             v = value[bad].reshape(-1)[0]
@@ -354,6 +362,52 @@ def broadcast_coef(c, x):
     if c.ndim == 1:
         c = c.reshape((-1,) + (1,) * (ndim - 1))
     return c
+
+
+def _float32_misfits(s, name: str):
+    """(entries of the float64 table ``s.<name>`` that float32 cannot hold: finite but beyond
+    its range, or nonzero but below its smallest subnormal; whether there is any), computed
+    once per schedule and table."""
+
+    def build(s):
+        tab = np.asarray(getattr(s, name), dtype=np.float64)
+        with np.errstate(over="ignore", under="ignore"):
+            t32 = tab.astype(np.float32)
+        bad = np.isfinite(tab) & (np.isinf(t32) | ((t32 == 0) & (tab != 0)))
+        bad.setflags(write=False)
+        return bad, bool(bad.any())
+
+    return schedule_cache(s, ("float32_misfits", name), build)
+
+
+def widen_for_tables(s, t, names, *xs):
+    """``xs`` (upcast arrays of one kind and compute dtype) unchanged, or all in float64 where
+    that dtype is float32 and a float64 table ``s.<name>`` at ``t`` does not fit float32.
+
+    In float32, 1/sqrt(abar_t) overflows for abar_t < ~1e-77, and inf x_t - inf eps = NaN
+    where the value is finite (or +-inf with a sign); a coefficient that rounds to 0 turns a
+    division into 0/0. Computing such a step in float64 and rounding once at the end
+    (``restore``) gives the float32 number, or +-inf with the right sign where the value is
+    beyond float32's range, never NaN. Other steps keep their float32 path, bit for bit. The
+    test costs a dictionary lookup unless the schedule holds such entries at all. (On an MPS
+    device, which has no float64, the float32 path is kept.)"""
+    x = xs[0]
+    if is_tensor(x):
+        if x.dtype == torch.float64 or x.device.type == "mps":
+            return xs
+    elif x.dtype == np.float64:
+        return xs
+    for name in names:
+        bad, any_bad = _float32_misfits(s, name)
+        if not any_bad:
+            continue
+        if isinstance(t, int):
+            hit = bool(bad[t])
+        else:
+            hit = bool(bad[np.asarray(t.detach().cpu() if is_tensor(t) else t, dtype=np.int64)].any())
+        if hit:
+            return tuple(v.to(torch.float64) if is_tensor(v) else np.asarray(v, dtype=np.float64) for v in xs)
+    return xs
 
 
 def randn(shape, generator, like=None, dtype=None):

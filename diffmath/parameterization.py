@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._array import check_float, check_pair, check_schedule, check_t, gather, restore, upcast
+from ._array import check_float, check_pair, check_schedule, check_t, gather, restore, upcast, widen_for_tables
 from .schedules import Schedule
+
+#: the tables x0 = sqrt(1/abar) x_t - sqrt(1/abar - 1) eps reads: 1/sqrt(abar) overflows float32
+#: for abar < ~1e-77, where a float32 step computes in float64 instead (``widen_for_tables``)
+X0_TABLES = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod")
 
 __all__ = ["x0_from_eps", "eps_from_x0", "v_from_x0_eps", "x0_from_v", "eps_from_v", "score_from_eps", "eps_from_score"]
 
@@ -38,8 +42,11 @@ def _check_signal(s: Schedule, t, what: str):
 
 def x0_from_eps(s: Schedule, x_t, t, eps):
     """x0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps   (DDPM eq. 15). Shapes (B, ...).
-    Raises ValueError where abar_t = 0 (zero terminal SNR), where x0 is not determined."""
+    Raises ValueError where abar_t = 0 (zero terminal SNR), where x0 is not determined.
+    float32 input where 1/sqrt(abar_t) exceeds float32's range (abar_t < ~1e-77) is computed in
+    float64 and rounded once: x0 in float32, or +-inf where |x0| is beyond its range, never NaN."""
     x_t, eps, t, xc, ec = check_pair(s, x_t, "x_t", eps, "eps", t)
+    xc, ec = widen_for_tables(s, t, X0_TABLES, xc, ec)
     return restore(_x0_from_eps(s, xc, t, ec), x_t)
 
 
@@ -50,9 +57,14 @@ def _x0_from_eps(s: Schedule, xc, t, ec):
 
 
 def eps_from_x0(s: Schedule, x_t, t, x0):
-    """eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t) = (sqrt(1/abar_t) x_t - x0) / sqrt(1/abar_t - 1).
-    At abar_t = 0 (zero terminal SNR) eps = x_t exactly, returned as such."""
+    """eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t) = (sqrt(1/abar_t) x_t - x0) / sqrt(1/abar_t - 1),
+
+    DDPM eq. 4, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, solved for eps (the inverse of
+    ``x0_from_eps``, DDPM eq. 15). At abar_t = 0 (zero terminal SNR) eps = x_t exactly, returned
+    as such. float32 input where a coefficient does not fit float32 (abar_t < ~1e-77, or
+    1 - abar_t below its smallest subnormal) is computed in float64 and rounded once, never NaN."""
     x_t, x0, t, xc, x0c = check_pair(s, x_t, "x_t", x0, "x0", t)
+    xc, x0c = widen_for_tables(s, t, X0_TABLES + ("sqrt_one_minus_alphas_cumprod",), xc, x0c)
     if np.any(s.alphas_cumprod[_t_numpy(t)] == 0):
         # (x_t - sqrt(abar) x0)/sqrt(1 - abar) without the inf/inf of the second form
         out = (xc - gather(s.sqrt_alphas_cumprod, t, xc) * x0c) / gather(s.sqrt_one_minus_alphas_cumprod, t, xc)
@@ -83,16 +95,20 @@ def eps_from_v(s: Schedule, x_t, t, v):
 
 
 def score_from_eps(s: Schedule, t, eps):
-    """score = grad_x log q(x_t | x0) = -eps / sqrt(1 - abar_t)   (Song et al. 2021, App. B)."""
+    """score = grad_x log q(x_t | x0) = -eps / sqrt(1 - abar_t)   (Song et al. 2021, App. B).
+    float32 input where sqrt(1 - abar_t) underflows float32 (betas ~1e-90) is computed in
+    float64 and rounded once (0 / 0 was NaN)."""
     check_schedule(s)
     eps = check_float(eps, "eps")
     t = check_t(t, s.num_timesteps, eps)
-    ec = upcast(eps)
+    (ec,) = widen_for_tables(s, t, ("sqrt_one_minus_alphas_cumprod",), upcast(eps))
     return restore(-ec / gather(s.sqrt_one_minus_alphas_cumprod, t, ec), eps)
 
 
 def eps_from_score(s: Schedule, t, score):
-    """eps = -sqrt(1 - abar_t) * score, the inverse of ``score_from_eps``."""
+    """eps = -sqrt(1 - abar_t) * score, the inverse of ``score_from_eps``: the score of
+    q(x_t | x0) = N(sqrt(abar_t) x0, (1 - abar_t) I) is -(x_t - sqrt(abar_t) x0) / (1 - abar_t)
+    = -eps / sqrt(1 - abar_t) (DDPM eq. 4; Song et al. 2021, App. B)."""
     check_schedule(s)
     score = check_float(score, "score")
     t = check_t(t, s.num_timesteps, score)

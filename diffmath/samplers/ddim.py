@@ -17,8 +17,9 @@ from .._array import (
     restore,
     schedule_table,
     upcast,
+    widen_for_tables,
 )
-from ..parameterization import _x0_from_eps
+from ..parameterization import X0_TABLES, _x0_from_eps
 from ..schedules import Schedule, timesteps
 from ._common import LoopModel, check_eta, check_out_dtype, check_steps, finish, model_t, progress_bar, randn_like, start
 
@@ -84,11 +85,14 @@ def ddim_step(s: Schedule, x_t, t, t_prev, eps, noise=None, eta: float = 0.0):
     (respaced) chain t -> t_prev, i.e. DDPM with variance "small". ``t_prev = -1`` is the
     final step to x0 (abar_prev = 1, sigma = 0). x_t, eps, noise: (B, ...); t, t_prev: ints
     or integer arrays (B,), t_prev < t. ``noise`` ~ N(0, I) is required iff eta > 0 and some
-    t_prev >= 0. Returns x_{t_prev} with x_t's shape and dtype.
+    t_prev >= 0. Returns x_{t_prev} with x_t's shape and dtype. A float32 step where
+    1/sqrt(abar_t) exceeds float32's range (abar_t < ~1e-77) is computed in float64 and rounded
+    once, never NaN.
     """
     eta = check_eta(eta)
     x_t, eps, t, xc, ec = check_pair(s, x_t, "x_t", eps, "eps", t)
     t_prev = check_t(t_prev, s.num_timesteps, x_t, name="t_prev", lo=-1)
+    xc, ec = widen_for_tables(s, t, X0_TABLES, xc, ec)  # float32 where 1/sqrt(abar_t) overflows: float64
     if is_tensor(xc):  # batched indices as tensors on x's device, so the coefficients are too
         t, t_prev = (v if isinstance(v, int) else torch.as_tensor(v, device=xc.device) for v in (t, t_prev))
     a_prev, c_eps, sigma = ddim_coefs(s, t, t_prev, eta)

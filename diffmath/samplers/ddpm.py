@@ -7,9 +7,9 @@ import numbers
 
 import numpy as np
 
-from .._array import backend, check_like, check_pair, check_schedule, gather, restore, schedule_table, upcast
+from .._array import backend, check_like, check_pair, check_schedule, gather, restore, schedule_table, upcast, widen_for_tables
 from ..losses import _check_variance
-from ..parameterization import _x0_from_eps
+from ..parameterization import X0_TABLES, _x0_from_eps
 from ..posterior import _posterior_mean
 from ..schedules import Schedule, timesteps
 from ._common import LoopModel, check_out_dtype, check_steps, finish, model_t, progress_bar, randn_like, start
@@ -59,11 +59,14 @@ def ddpm_step(s: Schedule, x_t, t, eps, noise=None, variance: str = "small", cli
     x_{t-1} = mean + std * noise, and std = 0 at t = 0 (no noise on the last step).
 
     x_t, eps, noise: shape (B, ...); t: int or integer array (B,). ``noise`` ~ N(0, I) is
-    required where t > 0. Returns x_{t-1} with x_t's shape and dtype.
+    required where t > 0. Returns x_{t-1} with x_t's shape and dtype. A float32 step where
+    1/sqrt(abar_t) exceeds float32's range (abar_t < ~1e-77) is computed in float64 and rounded
+    once (x0 * coef1 is finite there; inf - inf was NaN).
     """
     _check_variance(variance)
     c = _check_clip(clip_x0)
     x_t, eps, t, xc, ec = check_pair(s, x_t, "x_t", eps, "eps", t)
+    xc, ec = widen_for_tables(s, t, X0_TABLES, xc, ec)  # float32 where 1/sqrt(abar_t) overflows: float64
     x0 = _x0_from_eps(s, xc, t, ec)
     if c is not None:
         x0 = backend(x0).clip(x0, -c, c)
