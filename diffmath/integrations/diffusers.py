@@ -1393,7 +1393,12 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
         else:
             p = 3
         hist = [self.model_outputs[-1 - k].to(cd) for k in range(1, p)]
-        if not sde and (p == 1 or (p == 2 and c.solver_type == "midpoint")):
+        if s_next == s:
+            # a zero-length step (Karras / Lu / exponential ladders end at sigma_min, and
+            # final_sigmas_type="sigma_min" appends sigma_min again): the identity, the h -> 0
+            # limit of every step below (diffusers gets it as 0 * inf terms that vanish)
+            prev = x
+        elif not sde and (p == 1 or (p == 2 and c.solver_type == "midpoint")):
             h_prev = math.log(float(self._sig[i - 1]) / s) if p == 2 else None
             prev = dpmpp_2m_step(x, D, s, s_next, hist[0] if p == 2 else None, h_prev)
         elif s_next == 0:
