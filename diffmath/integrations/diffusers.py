@@ -2,8 +2,8 @@
 
     pipe.scheduler = diffmath.integrations.diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
 
-``DDPMScheduler``, ``DDIMScheduler``, ``EulerDiscreteScheduler`` and
-``EulerAncestralDiscreteScheduler`` are real diffusers schedulers (``SchedulerMixin``,
+``DDPMScheduler``, ``DDIMScheduler``, ``EulerDiscreteScheduler``,
+``EulerAncestralDiscreteScheduler`` and ``DPMSolverMultistepScheduler`` are real diffusers schedulers (``SchedulerMixin``,
 ``ConfigMixin``, the same config keys and defaults as diffusers' classes, ``save_pretrained`` /
 ``from_pretrained`` / ``from_config`` in both directions, ``step`` returning diffusers' output
 classes), so every pipeline that accepts diffusers' classes accepts them. What differs is
