@@ -43,7 +43,7 @@ from diffmath.samplers import (
     sigmas_from_schedule,
     sigmas_karras,
 )
-from diffmath.samplers.solvers import _dpmpp_sde_step, _unipc_step
+from diffmath.samplers.solvers import dpmpp_multistep_step, _unipc_step
 from diffmath.schedules import linear_schedule
 
 S = linear_schedule(1000)
@@ -167,7 +167,7 @@ def test_third_order_step_two_ways(variant):
     x, D0, D1, D2 = (rng.standard_normal((3, 2)) for _ in range(4))
     sig = [9.0, 4.0, 1.3, 0.5]  # sigma_{i-2}, sigma_{i-1}, sigma_i, sigma_{i+1}
     lam = [-math.log(v) for v in sig]
-    a = _dpmpp_sde_step(x, sig[2], sig[3], D0, [(lam[1], D1), (lam[0], D2)], 0.0, "heun")
+    a = dpmpp_multistep_step(x, sig[2], sig[3], D0, [(lam[1], D1), (lam[0], D2)], 0.0, "heun")
     b = _unipc_step(x, sig[2], sig[3], lam, 2, [D0, D1, D2], variant, None)
     assert_allclose(a, b, rtol=1e-12, atol=1e-13)
 

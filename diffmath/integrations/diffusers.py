@@ -2,8 +2,8 @@
 
     pipe.scheduler = diffmath.integrations.diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
 
-``DDPMScheduler``, ``DDIMScheduler``, ``EulerDiscreteScheduler`` and
-``EulerAncestralDiscreteScheduler`` are real diffusers schedulers (``SchedulerMixin``,
+``DDPMScheduler``, ``DDIMScheduler``, ``EulerDiscreteScheduler``,
+``EulerAncestralDiscreteScheduler`` and ``DPMSolverMultistepScheduler`` are real diffusers schedulers (``SchedulerMixin``,
 ``ConfigMixin``, the same config keys and defaults as diffusers' classes, ``save_pretrained`` /
 ``from_pretrained`` / ``from_config`` in both directions, ``step`` returning diffusers' output
 classes), so every pipeline that accepts diffusers' classes accepts them. What differs is
@@ -54,7 +54,7 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
-from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
 from diffusers.utils import torch_utils
 from scipy.special import expit
 
@@ -65,7 +65,20 @@ from ..posterior import q_posterior_mean
 from ..denoiser import preconditioning
 from ..samplers import ddim_coefs, ddpm_std
 from ..samplers.sigmas import sigmas_beta, sigmas_exponential, sigmas_karras
-from ..samplers.solvers import ancestral_step, churn_gamma, churn_std, euler_ancestral_step, euler_step
+from ..samplers.solvers import (
+    ancestral_step,
+    churn_gamma,
+    churn_std,
+    dpmpp_2m_step,
+    dpmpp_multistep_step,
+    dpmpp_sde_noise_std,
+    euler_ancestral_step,
+    euler_step,
+    heun_correct,
+    heun_predict,
+    lms_coefficients,
+    lms_step,
+)
 from ..schedules import (
     Schedule,
     betas_for_alpha_bar,
@@ -81,10 +94,12 @@ __all__ = [
     "DDIMScheduler",
     "EulerDiscreteScheduler",
     "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
     "DDPMSchedulerOutput",
     "DDIMSchedulerOutput",
     "EulerDiscreteSchedulerOutput",
     "EulerAncestralDiscreteSchedulerOutput",
+    "SchedulerOutput",
     "schedule_from_config",
 ]
 
@@ -1159,3 +1174,260 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
         return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=den)
 
     get_velocity = EulerDiscreteScheduler.get_velocity
+
+
+# ----------------------------------------------------------------------------- DPM-Solver++
+DPM_ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
+
+
+class DPMSolverMultistepScheduler(_SigmaScheduler):
+    """diffusers' ``DPMSolverMultistepScheduler`` on diffmath's float64 arithmetic. The sample is
+    diffusers' VP x_t; each step maps it to x = x_t sqrt(1 + sigma^2) (EDM's VP view, x = x_0 +
+    sigma eps), forms D from the model output (``_denoised``; thresholding on D), and applies the
+    core's per-step functions in lambda = -log sigma:
+
+    - "dpmsolver++", midpoint, orders 1-2: ``diffmath.samplers.solvers.dpmpp_2m_step`` (the loop
+      ``sample_dpmpp_2m``; DPM-Solver++(2M), Lu et al. 2022b, Alg. 2);
+    - "dpmsolver++" with ``solver_type="heun"`` or order 3, and "sde-dpmsolver++":
+      ``dpmpp_multistep_step`` with eta = 0 / 1 (the loops ``sample_dpmpp_2m_sde`` /
+      ``sample_dpmpp_3m_sde``), the SDE noise of std ``dpmpp_sde_noise_std`` drawn with
+      ``randn_tensor`` (float32, the caller's generator) at every step, as diffusers draws it.
+
+    The third-order term integrates the quadratic exactly (J_2 = 2 h^2 phi_3(-h)); diffusers'
+    carries a different coefficient (docs/samplers.md), so order-3 steps differ from diffusers'
+    by design. The lower-order warm-up, ``lower_order_final``, ``euler_at_final`` and
+    ``final_sigmas_type`` follow diffusers. The deprecated noise-prediction algorithms
+    ("dpmsolver", "sde-dpmsolver"), flow sigmas and dynamic shifting are refused with a
+    ``ValueError``."""
+
+    _prediction_types = PREDICTION_TYPES
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: np.ndarray | list[float] | None = None,
+        solver_order: int = 2,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        algorithm_type: str = "dpmsolver++",
+        solver_type: str = "midpoint",
+        lower_order_final: bool = True,
+        euler_at_final: bool = False,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        use_lu_lambdas: bool = False,
+        use_flow_sigmas: bool = False,
+        flow_shift: float = 1.0,
+        final_sigmas_type: str = "zero",
+        lambda_min_clipped: float = -float("inf"),
+        variance_type: str | None = None,
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        use_dynamic_shifting: bool = False,
+        time_shift_type: str = "exponential",
+    ):
+        if algorithm_type == "deis":  # diffusers maps it to dpmsolver++
+            self.register_to_config(algorithm_type="dpmsolver++")
+        elif algorithm_type in ("dpmsolver", "sde-dpmsolver"):
+            raise ValueError(
+                f"algorithm_type={algorithm_type!r} (noise prediction, deprecated in diffusers) is not supported by the "
+                f"diffmath adapter; use one of {DPM_ALGORITHMS}"
+            )
+        elif algorithm_type not in DPM_ALGORITHMS:
+            raise NotImplementedError(f"{algorithm_type} is not implemented for {self.__class__}")
+        if solver_type in ("logrho", "bh1", "bh2"):
+            self.register_to_config(solver_type="midpoint")
+        elif solver_type not in ("midpoint", "heun"):
+            raise NotImplementedError(f"{solver_type} is not implemented for {self.__class__}")
+        if isinstance(solver_order, bool) or solver_order not in (1, 2, 3):
+            raise ValueError(f"solver_order must be 1, 2 or 3; got {solver_order!r}")
+        for key in ("use_flow_sigmas", "use_dynamic_shifting"):
+            if dict(self.config)[key]:
+                raise ValueError(f"{key}=True (flow matching) is not supported by the diffmath adapter")
+        _check_choice(variance_type, "variance_type", (None, "learned", "learned_range"))
+        d = dynamic_thresholding_ratio
+        if isinstance(d, bool) or not isinstance(d, numbers.Real) or not 0 <= d <= 1:
+            raise ValueError(f"dynamic_thresholding_ratio must lie in [0, 1]; got {d!r}")
+        _check_positive(sample_max_value, "sample_max_value")
+        if not isinstance(lambda_min_clipped, numbers.Real) or math.isnan(lambda_min_clipped):
+            raise ValueError(f"lambda_min_clipped must be a number; got {lambda_min_clipped!r}")
+        flags = [use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas]
+        if sum(bool(f) for f in flags) > 1:
+            raise ValueError(
+                "Only one of `config.use_beta_sigmas`, `config.use_exponential_sigmas`, `config.use_karras_sigmas` can be used."
+            )
+        self._setup_sigmas()
+        self.model_outputs = [None] * solver_order
+        self.lower_order_nums = 0
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """1.0: the sample is diffusers' VP x_t."""
+        return 1.0
+
+    def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The sample itself (the model takes the VP x_t)."""
+        return sample
+
+    def _dpm_timesteps(self, S: int) -> np.ndarray:
+        """diffusers' integer timesteps (descending) for S steps, below lambda_min_clipped."""
+        c, T = self.config, self.config.num_train_timesteps
+        lam = -np.log(self._tab)  # lambda_t = log(alpha_t / sigma_t), decreasing in t
+        last = T - int(np.searchsorted(lam[::-1], c.lambda_min_clipped))
+        if c.timestep_spacing == "linspace":
+            ts = np.linspace(0, last - 1, S + 1).round()[::-1][:-1]
+        elif c.timestep_spacing == "leading":
+            ratio = last // (S + 1)
+            ts = (np.arange(0, S + 1) * ratio).round()[::-1][:-1] + c.steps_offset
+        else:
+            ts = np.arange(last, 0, -T / S).round() - 1
+        return ts.astype(np.int64)
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, mu: float | None = None, timesteps=None):
+        """The inference ladder: diffusers' integer timesteps and sigma of the float64 table at
+        them, or the Karras / Lu (uniform lambda) / exponential / beta ladder between the table's
+        ends with t(sigma) linear in log sigma (rounded for Karras and Lu, as diffusers); then the
+        final sigma (0, or sigma_0 with ``final_sigmas_type="sigma_min"``)."""
+        if mu is not None:
+            raise ValueError("mu (dynamic shifting) is not supported by the diffmath adapter")
+        if num_inference_steps is None and timesteps is None:
+            raise ValueError("Must pass exactly one of `num_inference_steps` or `timesteps`.")
+        if num_inference_steps is not None and timesteps is not None:
+            raise ValueError("Can only pass one of `num_inference_steps` or `custom_timesteps`.")
+        c = self.config
+        for key in ("use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas", "use_beta_sigmas"):
+            if timesteps is not None and c[key]:
+                raise ValueError(f"Cannot set `timesteps` with `config.{key} = True`.")
+        T = c.num_train_timesteps
+        if timesteps is not None:
+            ts = np.array(timesteps.tolist() if hasattr(timesteps, "tolist") else timesteps).astype(np.int64).reshape(-1)
+            if ts.size < 1 or np.any(np.diff(ts) >= 0) or ts.min() < 0 or ts.max() > T - 1:
+                raise ValueError(f"`timesteps` must be strictly descending integers in [0, {T - 1}]; got {ts.tolist()}")
+            S = ts.size
+        else:
+            S = self._check_steps(num_inference_steps)
+            ts = self._dpm_timesteps(S)
+        full = self._tab[::-1].copy()  # sigma from t = T - 1 down to 0
+        smin, smax = float(full[-1]), float(full[0])
+        sig = None
+        if timesteps is None:
+            if c.use_karras_sigmas:
+                sig = _ladder(sigmas_karras, S, smin, smax)
+            elif c.use_lu_lambdas or c.use_exponential_sigmas:
+                sig = _ladder(sigmas_exponential, S, smin, smax)
+            elif c.use_beta_sigmas:
+                sig = _ladder(sigmas_beta, S, smin, smax)
+        if sig is None:
+            sig = self._sigma_at(ts.astype(np.float64))
+        else:
+            ts = self._t_of_sigma(sig)
+            if (c.use_karras_sigmas or c.use_lu_lambdas) and c.beta_schedule != "squaredcos_cap_v2":
+                ts = ts.round()
+        self._set_ladder(sig, self._last_sigma(), ts, device)
+        self.timesteps = torch.from_numpy(np.asarray(ts).astype(np.int64)).to(device=device)
+        self.num_inference_steps = len(ts)
+        self.model_outputs = [None] * c.solver_order
+        self.lower_order_nums = 0
+        self._step_index = None
+        self._begin_index = None
+
+    def _x0(self, model_output, x, sigma: float):
+        """D = E[x_0 | x] from the model output (learned-variance channels dropped), thresholded."""
+        D = self._denoised(model_output, x, sigma)
+        if self.config.thresholding:
+            D = _dynamic_threshold(D, float(self.config.dynamic_thresholding_ratio), float(self.config.sample_max_value))
+        return D
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        variance_noise: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ):
+        """One multistep step sigma_i -> sigma_{i+1} (see the class docstring). Returns
+        ``SchedulerOutput(prev_sample)`` or that tuple."""
+        if self.num_inference_steps is None:
+            raise ValueError(
+                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
+            )
+        c = self.config
+        _check_tensors(model_output, sample)
+        if c.variance_type in ("learned", "learned_range") and c.prediction_type == "epsilon":
+            model_output = model_output[:, : sample.shape[1]]
+        _check_same_shape(model_output, sample)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        i, N = self.step_index, len(self.timesteps)
+        lower_final = i == N - 1 and (c.euler_at_final or (c.lower_order_final and N < 15) or c.final_sigmas_type == "zero")
+        lower_second = i == N - 2 and c.lower_order_final and N < 15
+        s, s_next = float(self._sig[i]), float(self._sig[i + 1])
+        cd = _compute_dtype(sample.device)
+        x = sample.to(cd) * math.sqrt(1.0 + s * s)  # x = x_t / alpha_t
+        D = self._x0(model_output.to(cd), x, s)
+        for k in range(c.solver_order - 1):
+            self.model_outputs[k] = self.model_outputs[k + 1]
+        self.model_outputs[-1] = D
+        sde = c.algorithm_type == "sde-dpmsolver++"
+        noise = None
+        if sde:
+            if variance_noise is None:
+                noise = torch_utils.randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32)
+            else:
+                noise = variance_noise.to(device=model_output.device, dtype=torch.float32)
+        if c.solver_order == 1 or self.lower_order_nums < 1 or lower_final:
+            p = 1
+        elif c.solver_order == 2 or self.lower_order_nums < 2 or lower_second:
+            p = 2
+        else:
+            p = 3
+        hist = [self.model_outputs[-1 - k].to(cd) for k in range(1, p)]
+        if s_next == s:
+            # a zero-length step (Karras / Lu / exponential ladders end at sigma_min, and
+            # final_sigmas_type="sigma_min" appends sigma_min again): the identity, the h -> 0
+            # limit of every step below (diffusers gets it as 0 * inf terms that vanish)
+            prev = x
+        elif not sde and (p == 1 or (p == 2 and c.solver_type == "midpoint")):
+            h_prev = math.log(float(self._sig[i - 1]) / s) if p == 2 else None
+            prev = dpmpp_2m_step(x, D, s, s_next, hist[0] if p == 2 else None, h_prev)
+        elif s_next == 0:
+            prev = D
+        else:
+            lam_hist = [(-math.log(float(self._sig[i - k])), hist[k - 1]) for k in range(1, p)]
+            solver_type = c.solver_type if p == 2 else "heun"
+            prev = dpmpp_multistep_step(x, s, s_next, D, lam_hist, 1.0 if sde else 0.0, solver_type)
+            if sde:
+                prev = prev + noise.to(cd) * dpmpp_sde_noise_std(s, s_next, 1.0)
+        if self.lower_order_nums < c.solver_order:
+            self.lower_order_nums += 1
+        prev = (prev / math.sqrt(1.0 + s_next * s_next)).to(model_output.dtype)
+        self._step_index += 1
+        if not return_dict:
+            return (prev,)
+        return SchedulerOutput(prev_sample=prev)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """x_t = alpha x_0 + sigma_t eps, alpha = 1/sqrt(1 + sigma^2), sigma_t = sigma alpha at the
+        timesteps' levels (float64, in the samples' dtype)."""
+        _check_tensors(noise, original_samples, ("noise", "original_samples"))
+        _check_same_shape(noise, original_samples, "noise")
+        if not isinstance(timesteps, torch.Tensor):
+            timesteps = torch.as_tensor(timesteps)
+        idx = self._sigma_index_for(timesteps, original_samples)
+        cd = _compute_dtype(original_samples.device)
+        sigma = torch.tensor(self._sig[idx], dtype=cd, device=original_samples.device)
+        while sigma.ndim < original_samples.ndim:
+            sigma = sigma.unsqueeze(-1)
+        alpha = 1.0 / torch.sqrt(1.0 + sigma * sigma)
+        return (alpha * original_samples.to(cd) + (sigma * alpha) * noise.to(cd)).to(original_samples.dtype)

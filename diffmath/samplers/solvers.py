@@ -73,6 +73,12 @@ __all__ = [
     "churn_std",
     "euler_step",
     "euler_ancestral_step",
+    "heun_predict",
+    "heun_correct",
+    "dpmpp_2m_step",
+    "dpmpp_multistep_step",
+    "dpmpp_sde_noise_std",
+    "lms_step",
 ]
 
 
@@ -334,6 +340,22 @@ def sample_euler(
     return x
 
 
+def heun_predict(x, denoised, sigma: float, sigma_next: float):
+    """The predictor of Heun's step sigma -> sigma_next > 0 (Karras et al. 2022, Alg. 1, lines
+    7-8): d = (x - D(x; sigma)) / sigma and the Euler point x~ = x + (sigma_next - sigma) d.
+    Returns (x~, d)."""
+    d = (x - denoised) / sigma
+    return x + (sigma_next - sigma) * d, d
+
+
+def heun_correct(x, d, x_pred, denoised_pred, sigma: float, sigma_next: float):
+    """The corrector of Heun's step (Karras et al. 2022, Alg. 1, lines 10-11): d' = (x~ -
+    D(x~; sigma_next)) / sigma_next and the trapezoidal rule x + (sigma_next - sigma) (d + d') / 2,
+    from ``heun_predict``'s x~ = ``x_pred`` and d; sigma_next > 0."""
+    d2 = (x_pred - denoised_pred) / sigma_next
+    return x + (sigma_next - sigma) * (0.5 * d + 0.5 * d2)
+
+
 def _heun(model, x, sig, noise, callback, progress, S_churn, S_tmin, S_tmax, S_noise, desc):
     """EDM Alg. 2 (Alg. 1 when S_churn = 0)."""
     N = len(sig) - 1
@@ -344,14 +366,12 @@ def _heun(model, x, sig, noise, callback, progress, S_churn, S_tmin, S_tmax, S_n
         if gamma > 0:  # lines 5-6: x_hat = x + sqrt(s_hat^2 - s^2) S_noise eps
             x = x + noise(s, s_hat) * churn_std(s, gamma, S_noise)
         den = model(x, s_hat)
-        d = (x - den) / s_hat                                # line 7
         if s_next == 0:
             x = den                                          # line 8, the Euler step to sigma = 0
         else:
-            x_e = x + (s_next - s_hat) * d                   # line 8
+            x_e, d = heun_predict(x, den, s_hat, s_next)     # lines 7-8
             den2 = model(x_e, s_next)
-            d2 = (x_e - den2) / s_next                       # line 10
-            x = x + (s_next - s_hat) * (0.5 * d + 0.5 * d2)  # line 11, the trapezoidal rule
+            x = heun_correct(x, d, x_e, den2, s_hat, s_next)  # lines 10-11
         _report(callback, i, sig, x, den, model, sigma_hat=s_hat)
     return x
 
@@ -424,18 +444,28 @@ def sample_dpmpp_2m(denoiser, x, sigmas, *, generator=None, callback=None, progr
     for i in _steps(sig, progress, "DPM-Solver++(2M)"):
         s, s_next = sig[i], sig[i + 1]
         den = model(x, s)
-        if s_next == 0:
-            x, h = den, math.inf
-        else:
-            h = math.log(s / s_next)
-            D = den
-            if den_prev is not None:
-                r = h_prev / h
-                D = (1.0 + 0.5 / r) * den - (0.5 / r) * den_prev
-            x = (s_next / s) * x - math.expm1(-h) * D
-        den_prev, h_prev = den, h
+        x = dpmpp_2m_step(x, den, s, s_next, den_prev, h_prev)
+        den_prev, h_prev = den, (math.log(s / s_next) if s_next > 0 else math.inf)
         _report(callback, i, sig, x, den, model)
     return x
+
+
+def dpmpp_2m_step(x, denoised, sigma: float, sigma_next: float, denoised_prev=None, h_prev: float | None = None):
+    """One step sigma -> sigma_next of DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2): with
+    h = log(sigma / sigma_next) and r = h_prev / h,
+
+        D~ = (1 + 1/(2 r)) D - (1/(2 r)) D_prev,   x' = (sigma_next / sigma) x - (e^{-h} - 1) D~,
+
+    D~ = D when ``denoised_prev`` is None (the first-order step, DDIM); ``h_prev`` is the
+    previous step's log(sigma_prev / sigma). The step to sigma_next = 0 returns D."""
+    if sigma_next == 0:
+        return denoised
+    h = math.log(sigma / sigma_next)
+    D = denoised
+    if denoised_prev is not None:
+        r = h_prev / h
+        D = (1.0 + 0.5 / r) * denoised - (0.5 / r) * denoised_prev
+    return (sigma_next / sigma) * x - math.expm1(-h) * D
 
 
 def _dpmpp_sde(model, x, sig, noise, callback, progress, eta, s_noise, order, solver_type, desc):
@@ -459,19 +489,27 @@ def _dpmpp_sde(model, x, sig, noise, callback, progress, eta, s_noise, order, so
         if s_next == 0:
             x = den
         else:
-            h = math.log(s / s_next)
-            x = _dpmpp_sde_step(x, s, s_next, den, hist, eta, solver_type)
+            x = dpmpp_multistep_step(x, s, s_next, den, hist, eta, solver_type)
             if eta > 0 and s_noise > 0:
-                x = x + noise(s, s_next) * (s_noise * s_next * math.sqrt(-math.expm1(-2.0 * eta * h)))
+                x = x + noise(s, s_next) * dpmpp_sde_noise_std(s, s_next, eta, s_noise)
         hist = [(-math.log(s), den)] + hist[: order - 2] if order > 1 else []
         _report(callback, i, sig, x, den, model)
     return x
 
 
-def _dpmpp_sde_step(x, s, s_next, den, hist, eta, solver_type):
-    """The deterministic part of one step sigma = s -> s_next > 0 of ``_dpmpp_sde``, from the
-    denoised value ``den`` at s and ``hist`` = [(lambda, D)] of the previous levels, newest
-    first (none: first order; one: second; two: third)."""
+def dpmpp_sde_noise_std(s: float, s_next: float, eta: float, s_noise: float = 1.0) -> float:
+    """The std of the fresh noise of one step s -> s_next > 0 of the data-prediction SDE family
+    (``_dpmpp_sde``): s_noise sigma_{i+1} sqrt(1 - e^{-2 eta h}), h = log(s / s_next)."""
+    h = math.log(s / s_next)
+    return s_noise * s_next * math.sqrt(-math.expm1(-2.0 * eta * h))
+
+
+def dpmpp_multistep_step(x, s, s_next, den, hist, eta, solver_type):
+    """The deterministic part of one step sigma = s -> s_next > 0 of the data-prediction
+    multistep family of ``sample_dpmpp_2m_sde`` / ``sample_dpmpp_3m_sde`` (Lu et al. 2022b;
+    eta = 0: the ODE solvers DPM-Solver++(2M) "heun" and (3M) with exact J_n, see ``_dpmpp_sde``),
+    from the denoised value ``den`` at s and ``hist`` = [(lambda, D)] of the previous levels,
+    lambda = -log sigma, newest first (none: first order; one: second; two: third)."""
     lam = -math.log(s)
     h = math.log(s / s_next)
     H = (1.0 + eta) * h
@@ -615,6 +653,14 @@ def _unipc_step(x, s, s_next, lam, i, hist, variant, den_new):
 
 
 # ----------------------------------------------------------------------------- LMS
+def lms_step(x, derivatives, coefficients):
+    """One linear multistep step x + sum_j c_j d_{i-j} (``sample_lms``), from the derivatives
+    d_i, d_{i-1}, ... (newest first, d = (x - D)/sigma) and the weights ``lms_coefficients``."""
+    for j, d in enumerate(derivatives):
+        x = x + float(coefficients[j]) * d
+    return x
+
+
 def sample_lms(denoiser, x, sigmas, *, generator=None, callback=None, progress=False, order=4):
     """Linear multistep (Adams-Bashforth) on dx/dsigma = (x - D(x; sigma))/sigma (Karras et
     al. 2022, eq. 1 and 3; k-diffusion's sample_lms):
@@ -633,9 +679,7 @@ def sample_lms(denoiser, x, sigmas, *, generator=None, callback=None, progress=F
         s = sig[i]
         den = model(x, s)
         ds = [(x - den) / s] + ds[: int(order) - 1]
-        c = lms_coefficients(sig, i, len(ds))
-        for j, d in enumerate(ds):
-            x = x + float(c[j]) * d
+        x = lms_step(x, ds, lms_coefficients(sig, i, len(ds)))
         _report(callback, i, sig, x, den, model)
     return x
 
