@@ -35,6 +35,7 @@ CELLS = [
     ("ddim", None),
     ("dpmpp-2m", "exponential"), ("dpmpp-2m", "karras"),
     ("unipc", "exponential"),
+    ("dpmpp-2m", "schedule"), ("unipc", "schedule"),
     ("heun", "exponential"),
     ("euler", "exponential"),
     ("dpmpp-3m-sde", "exponential"),
