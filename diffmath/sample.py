@@ -290,12 +290,15 @@ def solver_ladder(lm: LoadedModel, steps: int, sigmas: str) -> np.ndarray:
     return sigmas_from_schedule(lm.schedule, steps, "leading")
 
 
-def _loop_solver(lm, x, sampler, steps, sigmas, generator, progress):
+def _loop_solver(lm, x, sampler, steps, sigmas, generator, progress, clip_x0=None):
     from .denoiser import Denoiser
     from .samplers import SOLVERS
 
     C = lm.data_shape[0]
     D = Denoiser.from_schedule(lambda x_t, t: lm.forward(x_t, t)[:, :C], lm.schedule, lm.config.prediction)
+    if clip_x0 is not None:  # clip D = the predicted x0, as the ddim/ddpm loops do (diffusers' clip_sample)
+        D0, c = D, float(clip_x0)
+        D = lambda x_t, sigma: D0(x_t, sigma).clamp(-c, c)  # noqa: E731
     sig = solver_ladder(lm, steps, sigmas)
     fn = SOLVERS[SOLVER_SAMPLERS[sampler]]
     kw = {"generator": generator} if sampler in ("euler-a", "dpmpp-2m-sde", "dpmpp-3m-sde", "edm") else {}
@@ -368,7 +371,7 @@ def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=
             x = _loop_em(lm, x, kseed, a, num_samples, steps, progress)
         elif sampler in SOLVER_SAMPLERS:
             g = torch.Generator(device=lm.device).manual_seed(_derive(seed, "chunk", a))
-            x = _loop_solver(lm, x, sampler, steps, sigmas, g, progress)
+            x = _loop_solver(lm, x, sampler, steps, sigmas, g, progress, clip_x0)
         else:
             score = _ScoreFromEps(lm)
             g = torch.Generator(device=lm.device).manual_seed(_derive(seed, "chunk", a))
