@@ -5,23 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .._array import (
-    backend,
-    broadcast_coef,
-    check_like,
-    check_pair,
-    check_schedule,
-    check_t,
-    gather_t,
-    is_tensor,
-    restore,
-    schedule_table,
-    upcast,
-    widen_for_tables,
-)
-from ..parameterization import X0_TABLES, _x0_from_eps
+from .._array import backend, broadcast_coef, gather_t, is_tensor, restore, schedule_table, upcast, widen_for_tables
+from ..checks import check_eta, check_like, check_pair, check_schedule, check_steps, check_t
+from ..parameterization import X0_TABLES, x0_from_eps_prepared
 from ..schedules import Schedule, timesteps
-from ._common import LoopModel, check_eta, check_out_dtype, check_steps, finish, model_t, progress_bar, randn_like, start
+from ._common import LoopModel, check_out_dtype, finish, model_t, progress_bar, randn_like, start
 
 __all__ = ["ddim_step", "ddim_coefs", "ddim_pairs", "sample_ddim"]
 
@@ -96,7 +84,7 @@ def ddim_step(s: Schedule, x_t, t, t_prev, eps, noise=None, eta: float = 0.0):
     if is_tensor(xc):  # batched indices as tensors on x's device, so the coefficients are too
         t, t_prev = (v if isinstance(v, int) else torch.as_tensor(v, device=xc.device) for v in (t, t_prev))
     a_prev, c_eps, sigma = ddim_coefs(s, t, t_prev, eta)
-    x0 = _x0_from_eps(s, xc, t, ec)
+    x0 = x0_from_eps_prepared(s, xc, t, ec)
     out = broadcast_coef(a_prev, xc) * x0 + broadcast_coef(c_eps, xc) * ec
     needs_noise = eta > 0 and (t_prev >= 0 if isinstance(t_prev, int) else bool((t_prev >= 0).any()))
     if needs_noise:
