@@ -9,8 +9,6 @@ bfloat16 inputs compute in float32 and are cast back at the end.
 
 from __future__ import annotations
 
-import math
-import numbers
 import weakref
 
 import numpy as np
@@ -18,12 +16,6 @@ import torch
 
 __all__ = [
     "is_tensor",
-    "check_float",
-    "check_like",
-    "check_t",
-    "check_schedule",
-    "check_pair",
-    "check_positive",
     "schedule_cache",
     "schedule_table",
     "compute_dtype",
@@ -117,43 +109,6 @@ def backend(x):
     return _TorchOps if is_tensor(x) else _NumpyOps
 
 
-def check_float(x, name: str):
-    """Validate that ``x`` is a floating-point array or tensor; python floats and lists of
-    floats become float64 numpy arrays. Integer, boolean and complex inputs raise TypeError
-    (a complex tensor cast to a real dtype would silently lose its imaginary part)."""
-    if is_tensor(x):
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor; got dtype {x.dtype}")
-        return x
-    if isinstance(x, np.ndarray):
-        if not np.issubdtype(x.dtype, np.floating):
-            raise TypeError(f"{name} must be a floating-point array; got dtype {x.dtype}")
-        return x
-    if isinstance(x, (bool, np.bool_)) or isinstance(x, numbers.Integral):
-        raise TypeError(f"{name} must be floating-point; got the integer {x!r}")
-    if isinstance(x, numbers.Real):
-        return np.asarray(float(x), dtype=np.float64)
-    if isinstance(x, (list, tuple)):
-        arr = np.asarray(x)
-        if not np.issubdtype(arr.dtype, np.floating):
-            raise TypeError(f"{name} must hold floating-point values; got dtype {arr.dtype}")
-        return arr
-    raise TypeError(f"{name} must be a numpy array or torch tensor; got {type(x).__name__}")
-
-
-def check_like(y, x, name: str, xname: str = "x"):
-    """Validate ``y`` as a floating array of the same kind, device and shape as ``x``."""
-    y = check_float(y, name)
-    if is_tensor(x) != is_tensor(y):
-        kind = "a torch tensor" if is_tensor(x) else "a numpy array"
-        raise TypeError(f"{name} must be {kind} like {xname}; got {type(y).__name__}")
-    if is_tensor(x) and y.device != x.device:
-        raise ValueError(f"{name} is on {y.device} but {xname} is on {x.device}; move them to one device")
-    if tuple(y.shape) != tuple(x.shape):
-        raise ValueError(f"{name} must have the shape of {xname} {tuple(x.shape)}; got {tuple(y.shape)}")
-    return y
-
-
 def compute_dtype(x):
     """float16/bfloat16 compute in float32; float32/float64 keep their precision."""
     if is_tensor(x):
@@ -177,14 +132,6 @@ def restore(out, like):
         return out
     with np.errstate(over="ignore"):  # beyond the output dtype's range is +-inf, documented
         return out.astype(like.dtype)
-
-
-def check_schedule(s):
-    from .schedules import Schedule
-
-    if not isinstance(s, Schedule):
-        raise TypeError(f"s must be a diffmath.schedules.Schedule; got {type(s).__name__}")
-    return s
 
 
 # Values derived from a schedule, computed once per schedule and key and dropped with it: a
@@ -215,88 +162,6 @@ def schedule_table(s, key, build) -> np.ndarray:
         return tab
 
     return schedule_cache(s, ("table", key), table)
-
-
-def check_positive(value, name: str, allow_array: bool = False):
-    """A finite float > 0 (or, with ``allow_array``, an array of them)."""
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a positive number; got {value!r}")
-    if isinstance(value, numbers.Real):
-        v = float(value)
-        if not (math.isfinite(v) and v > 0):
-            raise ValueError(f"{name} must be finite and > 0; got {name} = {v}")
-        return v
-    if allow_array and (is_tensor(value) or isinstance(value, np.ndarray)):
-        real = (not value.is_complex() and value.dtype != torch.bool) if is_tensor(value) else value.dtype.kind in "fiu"
-        if not real:  # complex values would be compared by real part, then cast to real silently
-            raise TypeError(f"{name} must hold real positive numbers; got dtype {value.dtype}")
-        bad = ~(value > 0) | (value == math.inf)
-        if bool(bad.any()):
-            v = value[bad].reshape(-1)[0]
-            raise ValueError(f"{name} must be finite and > 0; got {name} = {float(v)}")
-        return value
-    raise TypeError(f"{name} must be a positive number; got {type(value).__name__}")
-
-
-def check_t(t, T: int, x=None, name: str = "t", lo: int = 0):
-    """Validate a discrete timestep index.
-
-    ``t`` may be a python int or an integer array/tensor of shape (B,) (a 0-d array counts as
-    a scalar). It must lie in ``[lo, T)``; with ``x`` given, a batch of t must match
-    ``x.shape[0]``. Returns a python int or an integer array/tensor of shape (B,).
-    """
-    if isinstance(t, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an integer timestep index; got the boolean {t!r}")
-    if isinstance(t, numbers.Integral):
-        ti = int(t)
-        if not lo <= ti < T:
-            raise ValueError(f"{name} must lie in [{lo}, {T}) for a schedule of {T} steps; got {name} = {ti}")
-        return ti
-    if is_tensor(t):
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise TypeError(f"{name} must be an integer tensor of timestep indices; got dtype {t.dtype}")
-        if t.ndim == 0:
-            return check_t(int(t.item()), T, x, name, lo)
-        if t.ndim != 1:
-            raise ValueError(f"{name} must be a scalar or have shape (B,); got shape {tuple(t.shape)}")
-        if t.numel():
-            tmin, tmax = int(t.min().item()), int(t.max().item())
-            if tmin < lo or tmax >= T:
-                bad = tmin if tmin < lo else tmax
-                raise ValueError(f"{name} must lie in [{lo}, {T}) for a schedule of {T} steps; got {name} = {bad}")
-    else:
-        if isinstance(t, float) or (isinstance(t, np.ndarray) and not np.issubdtype(t.dtype, np.integer)):
-            raise TypeError(f"{name} must be an integer timestep index; got {t!r:.60}")
-        t = np.asarray(t)
-        if not np.issubdtype(t.dtype, np.integer):
-            raise TypeError(f"{name} must be an integer timestep index; got dtype {t.dtype}")
-        if t.ndim == 0:
-            return check_t(int(t), T, x, name, lo)
-        if t.ndim != 1:
-            raise ValueError(f"{name} must be a scalar or have shape (B,); got shape {t.shape}")
-        if t.size:
-            tmin, tmax = int(t.min()), int(t.max())
-            if tmin < lo or tmax >= T:
-                bad = tmin if tmin < lo else tmax
-                raise ValueError(f"{name} must lie in [{lo}, {T}) for a schedule of {T} steps; got {name} = {bad}")
-    if x is not None:
-        n = t.shape[0]
-        if np.ndim(x) == 0 or x.shape[0] != n:
-            raise ValueError(
-                f"a batch of {n} timesteps {name} must match the batch of x; x has shape {tuple(np.shape(x))}"
-            )
-    return t
-
-
-def check_pair(s, a, aname: str, b, bname: str, t):
-    """Validate the arguments of a schedule function of two arrays at step ``t``: ``s`` a
-    Schedule, ``a`` a floating array, ``b`` an array like ``a`` (kind, device, shape) and ``t``
-    a timestep index matching ``a``'s batch. Returns ``(a, b, t, upcast(a), upcast(b))``."""
-    check_schedule(s)
-    a = check_float(a, aname)
-    b = check_like(b, a, bname, aname)
-    t = check_t(t, s.num_timesteps, a)
-    return a, b, t, upcast(a), upcast(b)
 
 
 def gather(table, t, x):

@@ -20,7 +20,8 @@ import math
 import numpy as np
 import torch
 
-from ._array import check_float, is_tensor
+from ._array import is_tensor
+from .checks import check_float
 from .losses import LN2
 from .sde import SDE
 
@@ -60,8 +61,8 @@ def ode_likelihood(
     """
     from scipy.integrate import solve_ivp
 
-    from .samplers.ode import _check_tol
-    from .samplers.sde_solvers import _check_eps
+    from .checks import check_tol
+    from .checks import check_eps
 
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be a diffmath SDE; got {type(sde).__name__}")
@@ -71,8 +72,8 @@ def ode_likelihood(
         raise ValueError(f"divergence must be 'exact' or 'hutchinson'; got {divergence!r}")
     if probe not in ("rademacher", "gaussian"):
         raise ValueError(f"probe must be 'rademacher' or 'gaussian'; got {probe!r}")
-    eps = _check_eps(sde, eps)
-    rtol, atol = _check_tol(rtol, "rtol"), _check_tol(atol, "atol")
+    eps = check_eps(sde, eps)
+    rtol, atol = check_tol(rtol, "rtol"), check_tol(atol, "atol")
     x = check_float(x, "x")
     if x.ndim < 2:
         raise ValueError(f"x must have shape (B, ...) with at least one data dimension; got {tuple(x.shape)}")

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._array import check_float, check_pair, check_schedule, check_t, gather, restore, upcast, widen_for_tables
+from ._array import gather, restore, upcast, widen_for_tables
+from .checks import check_float, check_pair, check_schedule, check_signal, check_t
 from .schedules import Schedule
 
 #: the tables x0 = sqrt(1/abar) x_t - sqrt(1/abar - 1) eps reads: 1/sqrt(abar) overflows float32
@@ -27,19 +28,6 @@ def _t_numpy(t) -> np.ndarray:
     return np.asarray(t.detach().cpu() if hasattr(t, "detach") else t)
 
 
-def _check_signal(s: Schedule, t, what: str):
-    """abar_t = 0 (zero terminal SNR) carries no signal: x_t is pure noise and x0 cannot be
-    recovered from eps (Lin et al. 2024 use v-prediction there). Raise instead of a NaN."""
-    tn = _t_numpy(t)
-    zero = s.alphas_cumprod[tn] == 0
-    if np.any(zero):
-        bad = int(tn.reshape(-1)[np.argmax(zero.reshape(-1))])
-        raise ValueError(
-            f"{what} is undefined at t = {bad}, where alphas_cumprod = 0 (zero terminal SNR, or below float64's range): x_t holds no "
-            "signal; predict v (x0_from_v) or x0 there instead of eps"
-        )
-
-
 def x0_from_eps(s: Schedule, x_t, t, eps):
     """x0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps   (DDPM eq. 15). Shapes (B, ...).
     Raises ValueError where abar_t = 0 (zero terminal SNR), where x0 is not determined.
@@ -47,12 +35,12 @@ def x0_from_eps(s: Schedule, x_t, t, eps):
     float64 and rounded once: x0 in float32, or +-inf where |x0| is beyond its range, never NaN."""
     x_t, eps, t, xc, ec = check_pair(s, x_t, "x_t", eps, "eps", t)
     xc, ec = widen_for_tables(s, t, X0_TABLES, xc, ec)
-    return restore(_x0_from_eps(s, xc, t, ec), x_t)
+    return restore(x0_from_eps_prepared(s, xc, t, ec), x_t)
 
 
-def _x0_from_eps(s: Schedule, xc, t, ec):
+def x0_from_eps_prepared(s: Schedule, xc, t, ec):
     """``x0_from_eps`` on inputs already validated and upcast (the samplers' path)."""
-    _check_signal(s, t, "x0_from_eps")
+    check_signal(s, t, "x0_from_eps")
     return gather(s.sqrt_recip_alphas_cumprod, t, xc) * xc - gather(s.sqrt_recipm1_alphas_cumprod, t, xc) * ec
 
 

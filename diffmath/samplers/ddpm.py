@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 
 import numpy as np
 
-from .._array import backend, check_like, check_pair, check_schedule, gather, restore, schedule_table, upcast, widen_for_tables
-from ..losses import _check_variance
-from ..parameterization import X0_TABLES, _x0_from_eps
-from ..posterior import _posterior_mean
+from .._array import backend, gather, restore, schedule_table, upcast, widen_for_tables
+from ..checks import check_clip, check_like, check_pair, check_schedule, check_steps, check_variance
+from ..parameterization import X0_TABLES, x0_from_eps_prepared
+from ..posterior import posterior_mean_prepared
 from ..schedules import Schedule, timesteps
-from ._common import LoopModel, check_out_dtype, check_steps, finish, model_t, progress_bar, randn_like, start
+from ._common import LoopModel, check_out_dtype, finish, model_t, progress_bar, randn_like, start
 
 __all__ = ["ddpm_step", "sample_ddpm", "ddpm_std"]
-
-
-def _check_clip(clip_x0):
-    if clip_x0 is None:
-        return None
-    if isinstance(clip_x0, (bool, np.bool_)) or not isinstance(clip_x0, numbers.Real):
-        raise TypeError(f"clip_x0 must be None or a positive float; got {clip_x0!r}")
-    c = float(clip_x0)
-    if not (math.isfinite(c) and c > 0):
-        raise ValueError(f"clip_x0 must be None or a finite float > 0; got clip_x0 = {c}")
-    return c
 
 
 def ddpm_std(s: Schedule, variance: str = "small") -> np.ndarray:
@@ -34,7 +21,7 @@ def ddpm_std(s: Schedule, variance: str = "small") -> np.ndarray:
     with entry 0 set to 0 (DDPM adds no noise at t = 0; Ho et al. 2020, Alg. 2).
     Returns a fresh (writable) copy of the table ``ddpm_step`` uses."""
     check_schedule(s)
-    _check_variance(variance)
+    check_variance(variance)
     return _std_table(s, variance).copy()
 
 
@@ -63,14 +50,14 @@ def ddpm_step(s: Schedule, x_t, t, eps, noise=None, variance: str = "small", cli
     1/sqrt(abar_t) exceeds float32's range (abar_t < ~1e-77) is computed in float64 and rounded
     once (x0 * coef1 is finite there; inf - inf was NaN).
     """
-    _check_variance(variance)
-    c = _check_clip(clip_x0)
+    check_variance(variance)
+    c = check_clip(clip_x0)
     x_t, eps, t, xc, ec = check_pair(s, x_t, "x_t", eps, "eps", t)
     xc, ec = widen_for_tables(s, t, X0_TABLES, xc, ec)  # float32 where 1/sqrt(abar_t) overflows: float64
-    x0 = _x0_from_eps(s, xc, t, ec)
+    x0 = x0_from_eps_prepared(s, xc, t, ec)
     if c is not None:
         x0 = backend(x0).clip(x0, -c, c)
-    mean = _posterior_mean(s, x0, xc, t)
+    mean = posterior_mean_prepared(s, x0, xc, t)
     any_noise = (t > 0) if isinstance(t, int) else bool((t > 0).any())
     if not any_noise:
         return restore(mean, x_t)
@@ -112,8 +99,8 @@ def sample_ddpm(
     loop with a ValueError naming the step and t (docs/samplers.md).
     """
     check_schedule(s)
-    _check_variance(variance)
-    _check_clip(clip_x0)
+    check_variance(variance)
+    check_clip(clip_x0)
     if not callable(eps_model):
         raise TypeError(f"eps_model must be callable eps_model(x, t); got {type(eps_model).__name__}")
     if steps is not None:

@@ -25,7 +25,7 @@ import numbers
 
 import numpy as np
 
-from .._array import check_schedule
+from ..checks import check_schedule
 from ..schedules import timesteps
 
 __all__ = [

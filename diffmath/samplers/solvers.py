@@ -51,8 +51,9 @@ import numbers
 import numpy as np
 import torch
 
-from .._array import check_like, is_tensor
-from ._common import check_generator, progress_bar, randn
+from .._array import is_tensor
+from ._common import progress_bar, randn
+from ..checks import check_generator, check_like
 
 __all__ = [
     "sample_euler",
