@@ -54,6 +54,7 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
+from diffusers.schedulers.scheduling_heun_discrete import HeunDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
 from diffusers.utils import torch_utils
 from scipy.special import expit
@@ -95,15 +96,17 @@ __all__ = [
     "EulerDiscreteScheduler",
     "EulerAncestralDiscreteScheduler",
     "DPMSolverMultistepScheduler",
+    "HeunDiscreteScheduler",
     "DDPMSchedulerOutput",
     "DDIMSchedulerOutput",
     "EulerDiscreteSchedulerOutput",
     "EulerAncestralDiscreteSchedulerOutput",
+    "HeunDiscreteSchedulerOutput",
     "SchedulerOutput",
     "schedule_from_config",
 ]
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace", "exp")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
@@ -134,6 +137,7 @@ def schedule_from_config(config) -> Schedule:
     squaredcos_cap_v2    the cosine schedule, betas capped at 0.999            (Nichol & Dhariwal 2021, eq. 17)
     sigmoid              sigmoid(linspace(-6, 6, T)) (beta_end - beta_start) + beta_start (GeoDiff)
     laplace              ``betas_for_alpha_bar`` of diffusers' Laplace abar(u)
+    exp                  abar(u) = exp(-12 u): constant betas 1 - exp(-12/T)  (diffusers' "exp")
 
     then ``rescale_zero_terminal_snr`` if ``rescale_betas_zero_snr`` (Lin et al. 2024, Alg. 1).
     Betas outside (0, 1] are refused (diffusers accepts them and returns NaN or garbage).
@@ -166,6 +170,9 @@ def schedule_from_config(config) -> Schedule:
                 s = Schedule.from_betas(expit(np.linspace(-6.0, 6.0, T)) * (beta_end - beta_start) + beta_start)
             elif name == "laplace":
                 s = Schedule.from_betas(betas_for_alpha_bar(_laplace_alpha_bar, T))
+            elif name == "exp":
+                # abar(u) = exp(-12 u): every beta is 1 - abar((i+1)/T)/abar(i/T) = -expm1(-12/T)
+                s = Schedule.from_betas(np.full(T, min(-math.expm1(-12.0 / T), 0.999)))
             else:
                 raise NotImplementedError(f"{name} is not implemented for the diffmath adapter (valid: {BETA_SCHEDULES})")
     except (TypeError, ValueError) as e:
@@ -1431,3 +1438,112 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
             sigma = sigma.unsqueeze(-1)
         alpha = 1.0 / torch.sqrt(1.0 + sigma * sigma)
         return (alpha * original_samples.to(cd) + (sigma * alpha) * noise.to(cd)).to(original_samples.dtype)
+
+
+# ----------------------------------------------------------------------------- Heun
+class HeunDiscreteScheduler(_SigmaScheduler):
+    """diffusers' ``HeunDiscreteScheduler`` (same config, same API, ``order = 2``) on diffmath's
+    float64 arithmetic: Heun's step sigma_i -> sigma_{i+1} (Karras et al. 2022, Alg. 1) split
+    over two ``step`` calls as diffusers splits it. The timesteps and sigmas are diffusers'
+    doubled ones, [t_0, t_1, t_1, ..., t_{N-1}, t_{N-1}] and [s_0, s_1, s_1, ..., s_{N-1},
+    s_{N-1}, 0], so a pipeline calls the model 2N - 1 times:
+
+    - first call (``state_in_first_order``): D_i from the model output at sigma_i, then the
+      Euler point x~ = ``heun_predict`` (stored with d_i and dt as ``sample``,
+      ``prev_derivative`` and ``dt``); the step to sigma = 0 returns D_i (the core's rule; Euler
+      gives it up to rounding);
+    - second call, at sigma_{i+1}: D~ from the model output at x~, then ``heun_correct``
+      (the trapezoidal rule) from the stored x_i and d_i.
+
+    That is the loop ``diffmath.samplers.solvers.sample_heun`` runs. ``clip_sample`` clamps D to
+    [-clip_sample_range, clip_sample_range] at both calls, as diffusers does."""
+
+    _prediction_types = PREDICTION_TYPES
+    order = 2
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        beta_schedule: str = "linear",
+        trained_betas: np.ndarray | list[float] | None = None,
+        prediction_type: str = "epsilon",
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        clip_sample: bool = False,
+        clip_sample_range: float = 1.0,
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+    ) -> None:
+        _check_positive(clip_sample_range, "clip_sample_range")
+        self._setup_sigmas()
+        self._on_new_ladder()
+        self.use_karras_sigmas = use_karras_sigmas
+
+    def _set_ladder(self, sig, last, ts, device=None):
+        """Keep the ladder s_0 .. s_{N-1}, last (``_lev``) and expose diffusers' doubled one."""
+        self._lev = np.concatenate([np.asarray(sig, dtype=np.float64), [float(last)]])
+        self._sig = np.concatenate([self._lev[:1], np.repeat(self._lev[1:-1], 2), self._lev[-1:]])
+        self.sigmas = torch.from_numpy(self._sig.astype(np.float32))
+        ts = np.asarray(ts, dtype=np.float64)
+        self._ts = np.concatenate([ts[:1], np.repeat(ts[1:], 2)])
+        self.timesteps = torch.from_numpy(self._ts.astype(np.float32)).to(device)
+
+    def _on_new_ladder(self):
+        self.prev_derivative = None
+        self.dt = None
+        self.sample = None
+
+    def set_timesteps(self, num_inference_steps=None, device=None, num_train_timesteps=None, timesteps=None):
+        """The inference ladder (``_SigmaScheduler``), doubled; resets the Heun state."""
+        if num_inference_steps is None and timesteps is None:
+            raise ValueError("Must pass exactly one of `num_inference_steps` or `custom_timesteps`.")
+        if num_inference_steps is not None and timesteps is not None:
+            raise ValueError("Can only pass one of `num_inference_steps` or `custom_timesteps`.")
+        if num_train_timesteps is not None and num_train_timesteps != self.config.num_train_timesteps:
+            raise ValueError(
+                f"num_train_timesteps must be None or the config's {self.config.num_train_timesteps}; got {num_train_timesteps!r}"
+            )
+        super().set_timesteps(num_inference_steps=num_inference_steps, device=device, timesteps=timesteps)
+
+    @property
+    def state_in_first_order(self) -> bool:
+        return self.dt is None
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+        """One half of Heun's step (see the class docstring). Returns
+        ``HeunDiscreteSchedulerOutput(prev_sample, pred_original_sample)`` or that tuple."""
+        _check_tensors(model_output, sample)
+        _check_same_shape(model_output, sample)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        k = self.step_index
+        if k >= len(self.timesteps):
+            raise ValueError(f"step called {k + 1} times on a ladder of {len(self.timesteps)} timesteps; call set_timesteps again")
+        c = self.config
+        cd = _compute_dtype(sample.device)
+        first = self.state_in_first_order
+        sigma, sigma_next = (float(self._sig[k]), float(self._sig[k + 1])) if first else (float(self._sig[k - 1]), float(self._sig[k]))
+        x = sample.to(cd)
+        den = self._denoised(model_output.to(cd), x, sigma if first else sigma_next)
+        if c.clip_sample:
+            r = float(c.clip_sample_range)
+            den = den.clamp(-r, r)
+        if first:
+            if sigma_next == 0:
+                prev, d = den, (x - den) / sigma
+            else:
+                prev, d = heun_predict(x, den, sigma, sigma_next)
+            self.prev_derivative, self.dt, self.sample = d, sigma_next - sigma, x
+        else:
+            prev = heun_correct(self.sample, self.prev_derivative, x, den, sigma, sigma_next)
+            self.prev_derivative = self.dt = self.sample = None
+        self._step_index += 1
+        prev = prev.to(model_output.dtype)
+        den = den.to(torch.promote_types(model_output.dtype, torch.float32))
+        if not return_dict:
+            return (prev, den)
+        return HeunDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=den)
