@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
@@ -55,6 +56,7 @@ from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_heun_discrete import HeunDiscreteSchedulerOutput
+from diffusers.schedulers.scheduling_lms_discrete import LMSDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
 from diffusers.utils import torch_utils
 from scipy.special import expit
@@ -97,11 +99,13 @@ __all__ = [
     "EulerAncestralDiscreteScheduler",
     "DPMSolverMultistepScheduler",
     "HeunDiscreteScheduler",
+    "LMSDiscreteScheduler",
     "DDPMSchedulerOutput",
     "DDIMSchedulerOutput",
     "EulerDiscreteSchedulerOutput",
     "EulerAncestralDiscreteSchedulerOutput",
     "HeunDiscreteSchedulerOutput",
+    "LMSDiscreteSchedulerOutput",
     "SchedulerOutput",
     "schedule_from_config",
 ]
@@ -1547,3 +1551,86 @@ class HeunDiscreteScheduler(_SigmaScheduler):
         if not return_dict:
             return (prev, den)
         return HeunDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=den)
+
+
+# ----------------------------------------------------------------------------- LMS
+class LMSDiscreteScheduler(_SigmaScheduler):
+    """diffusers' ``LMSDiscreteScheduler`` (same config, same API, ``step(..., order=4)``) on
+    diffmath's float64 arithmetic: the linear multistep (Adams-Bashforth) step on dx/dsigma =
+    (x - D)/sigma (Karras et al. 2022, eq. 1 and 3),
+
+        x_{i+1} = x_i + sum_{j < q} c_j d_{i-j},   d_i = (x_i - D(x_i; sigma_i)) / sigma_i,
+
+    with the weights c_j the Lagrange basis integrated exactly over [sigma_i, sigma_{i+1}]
+    (``diffmath.samplers.solvers.lms_coefficients``; diffusers integrates with scipy ``quad`` at
+    ``epsrel=1e-4`` from its float32 sigmas) and the step ``lms_step`` -- the loop
+    ``sample_lms`` runs. q = min(order, number of derivatives held): a start mid-ladder
+    (``set_begin_index``) warms up from first order, where diffusers takes order-q weights with
+    fewer derivatives than nodes."""
+
+    _prediction_types = PREDICTION_TYPES
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: np.ndarray | list[float] | None = None,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+    ):
+        self._setup_sigmas()
+        self.derivatives = []
+        self.use_karras_sigmas = use_karras_sigmas
+
+    def set_timesteps(self, num_inference_steps: int, device=None):
+        """The inference ladder (``_SigmaScheduler``); clears the derivative history."""
+        super().set_timesteps(num_inference_steps=num_inference_steps, device=device)
+
+    def _on_new_ladder(self):
+        self.derivatives = []
+
+    def get_lms_coefficient(self, order: int, t: int, current_order: int) -> float:
+        """The weight of d_{t - current_order} in the order-``order`` step from ladder index t
+        (``lms_coefficients`` on the float64 ladder)."""
+        return float(lms_coefficients(self._sig, int(t), int(order))[int(current_order)])
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, order: int = 4, return_dict: bool = True):
+        """One linear multistep step sigma_i -> sigma_{i+1} (see the class docstring). Returns
+        ``LMSDiscreteSchedulerOutput(prev_sample, pred_original_sample)`` or that tuple."""
+        if isinstance(order, (bool, np.bool_)) or not isinstance(order, (int, np.integer)) or order < 1:
+            raise ValueError(f"order must be an integer >= 1; got {order!r}")
+        _check_tensors(model_output, sample)
+        _check_same_shape(model_output, sample)
+        if not self.is_scale_input_called:
+            warnings.warn(
+                "The `scale_model_input` function should be called before `step` to ensure correct denoising. "
+                "See `StableDiffusionPipeline` for a usage example."
+            )
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        i = self.step_index
+        if i >= len(self.timesteps):
+            raise ValueError(f"step called {i + 1} times on a ladder of {len(self.timesteps)} timesteps; call set_timesteps again")
+        sigma = float(self._sig[i])
+        cd = _compute_dtype(sample.device)
+        x = sample.to(cd)
+        den = self._denoised(model_output.to(cd), x, sigma)
+        self.derivatives.append((x - den) / sigma)
+        if len(self.derivatives) > order:
+            self.derivatives.pop(0)
+        q = min(int(order), i + 1, len(self.derivatives))
+        ds = self.derivatives[::-1][:q]  # newest first
+        prev = lms_step(x, ds, lms_coefficients(self._sig, i, q))
+        self._step_index += 1
+        prev = prev.to(model_output.dtype)
+        den = den.to(torch.promote_types(model_output.dtype, torch.float32))
+        if not return_dict:
+            return (prev, den)
+        return LMSDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=den)
