@@ -81,6 +81,8 @@ from ..samplers.solvers import (
     heun_predict,
     lms_coefficients,
     lms_step,
+    unipc_corrector_step,
+    unipc_predictor_step,
 )
 from ..schedules import (
     Schedule,
@@ -100,6 +102,7 @@ __all__ = [
     "DPMSolverMultistepScheduler",
     "HeunDiscreteScheduler",
     "LMSDiscreteScheduler",
+    "UniPCMultistepScheduler",
     "DDPMSchedulerOutput",
     "DDIMSchedulerOutput",
     "EulerDiscreteSchedulerOutput",
@@ -1634,3 +1637,230 @@ class LMSDiscreteScheduler(_SigmaScheduler):
         if not return_dict:
             return (prev, den)
         return LMSDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=den)
+
+
+# ----------------------------------------------------------------------------- UniPC
+class UniPCMultistepScheduler(_SigmaScheduler):
+    """diffusers' ``UniPCMultistepScheduler`` (same config, same API) on diffmath's float64
+    arithmetic. The sample is diffusers' VP x_t; each step maps it to x = x_t sqrt(1 + sigma^2)
+    (x = x_0 + sigma eps), forms the model value -- D (thresholded) with ``predict_x0=True``, eps
+    with ``predict_x0=False`` -- and applies the core's UniPC steps (Zhao et al. 2023, Alg. 2, B(h)
+    = "bh1" | "bh2"): first the corrector ``unipc_corrector_step`` of the previous step with the
+    new model value (unless the previous index is in ``disable_corrector``), then the predictor
+    ``unipc_predictor_step`` of order min(solver_order, warm-up, and with ``lower_order_final``
+    the steps left). That is the loop ``diffmath.samplers.solvers.sample_unipc`` runs.
+
+    The step to sigma = 0 returns the denoised value D (the h -> inf limit; diffusers gets it as
+    the first-order step with ``lower_order_final``, and NaN without it or with
+    ``predict_x0=False``, where 0 * inf appears); a zero-length step (sigma_min repeated by
+    ``final_sigmas_type="sigma_min"`` after a Karras / exponential / beta ladder) is the identity.
+    Flow sigmas, dynamic shifting, custom ``sigmas``, ``solver_p`` and
+    ``prediction_type="flow_prediction"`` are refused with a ``ValueError``."""
+
+    _prediction_types = PREDICTION_TYPES
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: np.ndarray | list[float] | None = None,
+        solver_order: int = 2,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        predict_x0: bool = True,
+        solver_type: str = "bh2",
+        lower_order_final: bool = True,
+        disable_corrector: list[int] = [],
+        solver_p: SchedulerMixin = None,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        use_flow_sigmas: bool = False,
+        flow_shift: float = 1.0,
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+        final_sigmas_type: str = "zero",
+        rescale_betas_zero_snr: bool = False,
+        use_dynamic_shifting: bool = False,
+        time_shift_type: str = "exponential",
+        sigma_min: float | None = None,
+        sigma_max: bool | None = None,
+        shift_terminal: bool | None = None,
+    ) -> None:
+        if solver_type in ("midpoint", "heun", "logrho"):  # diffusers maps these to bh2
+            self.register_to_config(solver_type="bh2")
+        elif solver_type not in ("bh1", "bh2"):
+            raise NotImplementedError(f"{solver_type} is not implemented for {self.__class__}")
+        if isinstance(solver_order, bool) or not isinstance(solver_order, numbers.Integral) or solver_order < 1:
+            raise ValueError(f"solver_order must be an integer >= 1; got {solver_order!r}")
+        for key in ("use_flow_sigmas", "use_dynamic_shifting"):
+            if dict(self.config)[key]:
+                raise ValueError(f"{key}=True (flow matching) is not supported by the diffmath adapter")
+        if shift_terminal is not None:
+            raise ValueError("`shift_terminal` is only supported when `use_flow_sigmas=True`.")
+        if solver_p is not None:
+            raise ValueError("solver_p (another scheduler as the predictor) is not supported by the diffmath adapter")
+        d = dynamic_thresholding_ratio
+        if isinstance(d, bool) or not isinstance(d, numbers.Real) or not 0 <= d <= 1:
+            raise ValueError(f"dynamic_thresholding_ratio must lie in [0, 1]; got {d!r}")
+        _check_positive(sample_max_value, "sample_max_value")
+        if isinstance(disable_corrector, (str, bytes)) or not all(
+            isinstance(k, numbers.Integral) and not isinstance(k, bool) for k in disable_corrector
+        ):
+            raise ValueError(f"disable_corrector must be a list of step indices; got {disable_corrector!r}")
+        self._setup_sigmas()
+        self.predict_x0 = predict_x0
+        self.disable_corrector = disable_corrector
+        self.solver_p = None
+        self._reset_history()
+
+    def _reset_history(self):
+        n = self.config.solver_order
+        self.model_outputs = [None] * n
+        self.timestep_list = [None] * n
+        self._levels = [None] * n  # the sigma of each model value
+        self.lower_order_nums = 0
+        self.last_sample = None
+        self.this_order = None
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """1.0: the sample is diffusers' VP x_t."""
+        return 1.0
+
+    def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The sample itself (the model takes the VP x_t)."""
+        return sample
+
+    def _unipc_timesteps(self, S: int) -> np.ndarray:
+        """diffusers' integer timesteps (descending) for S steps."""
+        c, T = self.config, self.config.num_train_timesteps
+        if c.timestep_spacing == "linspace":
+            ts = np.linspace(0, T - 1, S + 1).round()[::-1][:-1]
+        elif c.timestep_spacing == "leading":
+            ratio = T // (S + 1)
+            ts = (np.arange(0, S + 1) * ratio).round()[::-1][:-1] + c.steps_offset
+        else:
+            ts = np.arange(T, 0, -T / S).round() - 1
+        return ts.astype(np.int64)
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, sigmas=None, mu=None):
+        """The inference ladder: sigma of the float64 table at diffusers' integer timesteps, or the
+        Karras / exponential / beta ladder between the table's ends (or ``sigma_min`` /
+        ``sigma_max``) with t(sigma) linear in log sigma (rounded for Karras, truncated otherwise,
+        as diffusers); then the final sigma (0, or sigma_min with ``final_sigmas_type``)."""
+        if sigmas is not None:
+            raise ValueError(
+                "Passing `sigmas` is only supported when `use_flow_sigmas=True`. "
+                "Please set `use_flow_sigmas=True` during scheduler initialization."
+            )
+        if mu is not None:
+            raise ValueError("mu (dynamic shifting) is not supported by the diffmath adapter")
+        c = self.config
+        S = self._check_steps(num_inference_steps)
+        ts = self._unipc_timesteps(S)
+        T = c.num_train_timesteps
+        if ts.min() < 0 or ts.max() > T - 1:
+            raise ValueError(f"the timesteps of {S} steps leave [0, {T - 1}]: {ts.tolist()}")
+        full = self._tab[::-1].copy()
+        conv = self._converted(full, S)
+        if conv is not None:
+            sig = conv
+            ts = self._t_of_sigma(sig)
+            if c.use_karras_sigmas:
+                ts = ts.round()
+            last = float(sig[-1]) if c.final_sigmas_type == "sigma_min" else 0.0
+        else:
+            sig = self._sigma_at(ts.astype(np.float64))
+            last = self._last_sigma()
+        self._set_ladder(sig, last, ts, device)
+        self.timesteps = torch.from_numpy(np.asarray(ts).astype(np.int64)).to(device=device)
+        self.num_inference_steps = len(ts)
+        self._reset_history()
+        self._step_index = None
+        self._begin_index = None
+
+    def convert_model_output(self, model_output: torch.Tensor, *args, sample: torch.Tensor = None, **kwargs) -> torch.Tensor:
+        """The model value UniPC steps with, on diffusers' VP sample: x0 (D, thresholded) with
+        ``predict_x0``, eps otherwise (float64; at the current step's sigma)."""
+        if sample is None:
+            if len(args) > 1:
+                sample = args[1]
+            else:
+                raise ValueError("missing `sample` as a required keyword argument")
+        s = float(self._sig[self.step_index])
+        cd = _compute_dtype(sample.device)
+        x = sample.to(cd) * math.sqrt(1.0 + s * s)
+        return self._model_value(model_output.to(cd), x, s)
+
+    def _model_value(self, m, x, s: float):
+        c = self.config
+        if self.predict_x0:
+            D = self._denoised(m, x, s)
+            if c.thresholding:
+                D = _dynamic_threshold(D, float(c.dynamic_thresholding_ratio), float(c.sample_max_value))
+            return D
+        if c.prediction_type == "epsilon":
+            return m
+        return (x - self._denoised(m, x, s)) / s
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+        """One UniPC step sigma_i -> sigma_{i+1}: the corrector of the previous step, then the
+        predictor (see the class docstring). Returns ``SchedulerOutput(prev_sample)`` or that tuple."""
+        if self.num_inference_steps is None:
+            raise ValueError(
+                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
+            )
+        c = self.config
+        _check_tensors(model_output, sample)
+        _check_same_shape(model_output, sample)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        i, N = self.step_index, len(self.timesteps)
+        if i >= N:
+            raise ValueError(f"step called {i + 1} times on a ladder of {N} timesteps; call set_timesteps again")
+        s, s_next = float(self._sig[i]), float(self._sig[i + 1])
+        cd = _compute_dtype(sample.device)
+        x = sample.to(cd) * math.sqrt(1.0 + s * s)  # x = x_t / alpha_t
+        M = self._model_value(model_output.to(cd), x, s)
+        variant = c.solver_type
+        pred = "data" if self.predict_x0 else "noise"
+        if i > 0 and (i - 1) not in self.disable_corrector and self.last_sample is not None:
+            s_prev = float(self._sig[i - 1])
+            p = self.this_order
+            hist = [self.model_outputs[-1 - k] for k in range(p)]
+            levels = [self._levels[-1 - k] for k in range(p)]
+            if s != s_prev:  # a zero-length previous step needs no correction
+                x = unipc_corrector_step(self.last_sample, s_prev, s, hist, levels, M, variant, pred)
+        for k in range(c.solver_order - 1):
+            self.model_outputs[k] = self.model_outputs[k + 1]
+            self.timestep_list[k] = self.timestep_list[k + 1]
+            self._levels[k] = self._levels[k + 1]
+        self.model_outputs[-1], self.timestep_list[-1], self._levels[-1] = M, timestep, s
+        order = min(c.solver_order, N - i) if c.lower_order_final else c.solver_order
+        self.this_order = min(order, self.lower_order_nums + 1)
+        self.last_sample = x
+        if s_next == s:
+            prev = x  # a zero-length step: the identity
+        elif s_next == 0:
+            prev = M if self.predict_x0 else x - s * M  # D, the h -> inf limit of every order
+        else:
+            p = self.this_order
+            hist = [self.model_outputs[-1 - k] for k in range(p)]
+            levels = [self._levels[-1 - k] for k in range(p)]
+            prev = unipc_predictor_step(x, s, s_next, hist, levels, variant, pred)
+        if self.lower_order_nums < c.solver_order:
+            self.lower_order_nums += 1
+        prev = (prev / math.sqrt(1.0 + s_next * s_next)).to(model_output.dtype)
+        self._step_index += 1
+        if not return_dict:
+            return (prev,)
+        return SchedulerOutput(prev_sample=prev)
+
+    add_noise = DPMSolverMultistepScheduler.add_noise
