@@ -3,7 +3,8 @@
     pipe.scheduler = diffmath.integrations.diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
 
 ``DDPMScheduler``, ``DDIMScheduler``, ``EulerDiscreteScheduler``,
-``EulerAncestralDiscreteScheduler`` and ``DPMSolverMultistepScheduler`` are real diffusers schedulers (``SchedulerMixin``,
+``EulerAncestralDiscreteScheduler``, ``HeunDiscreteScheduler``, ``LMSDiscreteScheduler``,
+``DPMSolverMultistepScheduler`` and ``UniPCMultistepScheduler`` are real diffusers schedulers (``SchedulerMixin``,
 ``ConfigMixin``, the same config keys and defaults as diffusers' classes, ``save_pretrained`` /
 ``from_pretrained`` / ``from_config`` in both directions, ``step`` returning diffusers' output
 classes), so every pipeline that accepts diffusers' classes accepts them. What differs is
@@ -18,6 +19,11 @@ the arithmetic and, where diffusers is wrong, the rule (docs/diffusers.md has th
   chain (Improved DDPM's respacing) and ``diffmath.samplers.ddpm_std`` for DDPM,
   ``diffmath.samplers.ddim_coefs`` for DDIM (DDIM eq. 12, 16) -- and casts the result to
   the dtype of ``model_output`` promoted with that of ``sample`` (what diffusers returns).
+  The sigma-space classes step with the per-step functions of ``diffmath.samplers.solvers``
+  that the loops ``sample_euler``, ``sample_heun``, ``sample_lms``, ``sample_dpmpp_*`` and
+  ``sample_unipc`` call (``euler_step``, ``heun_predict`` / ``heun_correct``, ``lms_step``,
+  ``dpmpp_2m_step``, ``unipc_predictor_step`` / ``unipc_corrector_step``, ...), so a loop
+  of adapter steps is the core solver on the adapter's float64 ladder.
 - Noise is drawn exactly where and how diffusers draws it
   (``diffusers.utils.torch_utils.randn_tensor`` with the caller's generator, the same shape,
   device, dtype and order), so seeded pipelines give the same images up to diffusers' own
