@@ -3,7 +3,8 @@
     pipe.scheduler = diffmath.integrations.diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
 
 ``DDPMScheduler``, ``DDIMScheduler``, ``EulerDiscreteScheduler``,
-``EulerAncestralDiscreteScheduler`` and ``DPMSolverMultistepScheduler`` are real diffusers schedulers (``SchedulerMixin``,
+``EulerAncestralDiscreteScheduler``, ``HeunDiscreteScheduler``, ``LMSDiscreteScheduler``,
+``DPMSolverMultistepScheduler`` and ``UniPCMultistepScheduler`` are real diffusers schedulers (``SchedulerMixin``,
 ``ConfigMixin``, the same config keys and defaults as diffusers' classes, ``save_pretrained`` /
 ``from_pretrained`` / ``from_config`` in both directions, ``step`` returning diffusers' output
 classes), so every pipeline that accepts diffusers' classes accepts them. What differs is
@@ -18,6 +19,11 @@ the arithmetic and, where diffusers is wrong, the rule (docs/diffusers.md has th
   chain (Improved DDPM's respacing) and ``diffmath.samplers.ddpm_std`` for DDPM,
   ``diffmath.samplers.ddim_coefs`` for DDIM (DDIM eq. 12, 16) -- and casts the result to
   the dtype of ``model_output`` promoted with that of ``sample`` (what diffusers returns).
+  The sigma-space classes step with the per-step functions of ``diffmath.samplers.solvers``
+  that the loops ``sample_euler``, ``sample_heun``, ``sample_lms``, ``sample_dpmpp_*`` and
+  ``sample_unipc`` call (``euler_step``, ``heun_predict`` / ``heun_correct``, ``lms_step``,
+  ``dpmpp_2m_step``, ``unipc_predictor_step`` / ``unipc_corrector_step``, ...), so a loop
+  of adapter steps is the core solver on the adapter's float64 ladder.
 - Noise is drawn exactly where and how diffusers draws it
   (``diffusers.utils.torch_utils.randn_tensor`` with the caller's generator, the same shape,
   device, dtype and order), so seeded pipelines give the same images up to diffusers' own
@@ -45,6 +51,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
@@ -54,6 +61,8 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
+from diffusers.schedulers.scheduling_heun_discrete import HeunDiscreteSchedulerOutput
+from diffusers.schedulers.scheduling_lms_discrete import LMSDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
 from diffusers.utils import torch_utils
 from scipy.special import expit
@@ -78,6 +87,8 @@ from ..samplers.solvers import (
     heun_predict,
     lms_coefficients,
     lms_step,
+    unipc_corrector_step,
+    unipc_predictor_step,
 )
 from ..schedules import (
     Schedule,
@@ -95,15 +106,20 @@ __all__ = [
     "EulerDiscreteScheduler",
     "EulerAncestralDiscreteScheduler",
     "DPMSolverMultistepScheduler",
+    "HeunDiscreteScheduler",
+    "LMSDiscreteScheduler",
+    "UniPCMultistepScheduler",
     "DDPMSchedulerOutput",
     "DDIMSchedulerOutput",
     "EulerDiscreteSchedulerOutput",
     "EulerAncestralDiscreteSchedulerOutput",
+    "HeunDiscreteSchedulerOutput",
+    "LMSDiscreteSchedulerOutput",
     "SchedulerOutput",
     "schedule_from_config",
 ]
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace", "exp")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
@@ -134,6 +150,7 @@ def schedule_from_config(config) -> Schedule:
     squaredcos_cap_v2    the cosine schedule, betas capped at 0.999            (Nichol & Dhariwal 2021, eq. 17)
     sigmoid              sigmoid(linspace(-6, 6, T)) (beta_end - beta_start) + beta_start (GeoDiff)
     laplace              ``betas_for_alpha_bar`` of diffusers' Laplace abar(u)
+    exp                  abar(u) = exp(-12 u): constant betas 1 - exp(-12/T)  (diffusers' "exp")
 
     then ``rescale_zero_terminal_snr`` if ``rescale_betas_zero_snr`` (Lin et al. 2024, Alg. 1).
     Betas outside (0, 1] are refused (diffusers accepts them and returns NaN or garbage).
@@ -166,6 +183,9 @@ def schedule_from_config(config) -> Schedule:
                 s = Schedule.from_betas(expit(np.linspace(-6.0, 6.0, T)) * (beta_end - beta_start) + beta_start)
             elif name == "laplace":
                 s = Schedule.from_betas(betas_for_alpha_bar(_laplace_alpha_bar, T))
+            elif name == "exp":
+                # abar(u) = exp(-12 u): every beta is 1 - abar((i+1)/T)/abar(i/T) = -expm1(-12/T)
+                s = Schedule.from_betas(np.full(T, min(-math.expm1(-12.0 / T), 0.999)))
             else:
                 raise NotImplementedError(f"{name} is not implemented for the diffmath adapter (valid: {BETA_SCHEDULES})")
     except (TypeError, ValueError) as e:
@@ -1431,3 +1451,422 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
             sigma = sigma.unsqueeze(-1)
         alpha = 1.0 / torch.sqrt(1.0 + sigma * sigma)
         return (alpha * original_samples.to(cd) + (sigma * alpha) * noise.to(cd)).to(original_samples.dtype)
+
+
+# ----------------------------------------------------------------------------- Heun
+class HeunDiscreteScheduler(_SigmaScheduler):
+    """diffusers' ``HeunDiscreteScheduler`` (same config, same API, ``order = 2``) on diffmath's
+    float64 arithmetic: Heun's step sigma_i -> sigma_{i+1} (Karras et al. 2022, Alg. 1) split
+    over two ``step`` calls as diffusers splits it. The timesteps and sigmas are diffusers'
+    doubled ones, [t_0, t_1, t_1, ..., t_{N-1}, t_{N-1}] and [s_0, s_1, s_1, ..., s_{N-1},
+    s_{N-1}, 0], so a pipeline calls the model 2N - 1 times:
+
+    - first call (``state_in_first_order``): D_i from the model output at sigma_i, then the
+      Euler point x~ = ``heun_predict`` (stored with d_i and dt as ``sample``,
+      ``prev_derivative`` and ``dt``); the step to sigma = 0 returns D_i (the core's rule; Euler
+      gives it up to rounding);
+    - second call, at sigma_{i+1}: D~ from the model output at x~, then ``heun_correct``
+      (the trapezoidal rule) from the stored x_i and d_i.
+
+    That is the loop ``diffmath.samplers.solvers.sample_heun`` runs. ``clip_sample`` clamps D to
+    [-clip_sample_range, clip_sample_range] at both calls, as diffusers does."""
+
+    _prediction_types = PREDICTION_TYPES
+    order = 2
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        beta_schedule: str = "linear",
+        trained_betas: np.ndarray | list[float] | None = None,
+        prediction_type: str = "epsilon",
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        clip_sample: bool = False,
+        clip_sample_range: float = 1.0,
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+    ) -> None:
+        _check_positive(clip_sample_range, "clip_sample_range")
+        self._setup_sigmas()
+        self._on_new_ladder()
+        self.use_karras_sigmas = use_karras_sigmas
+
+    def _set_ladder(self, sig, last, ts, device=None):
+        """Keep the ladder s_0 .. s_{N-1}, last (``_lev``) and expose diffusers' doubled one."""
+        self._lev = np.concatenate([np.asarray(sig, dtype=np.float64), [float(last)]])
+        self._sig = np.concatenate([self._lev[:1], np.repeat(self._lev[1:-1], 2), self._lev[-1:]])
+        self.sigmas = torch.from_numpy(self._sig.astype(np.float32))
+        ts = np.asarray(ts, dtype=np.float64)
+        self._ts = np.concatenate([ts[:1], np.repeat(ts[1:], 2)])
+        self.timesteps = torch.from_numpy(self._ts.astype(np.float32)).to(device)
+
+    def _on_new_ladder(self):
+        self.prev_derivative = None
+        self.dt = None
+        self.sample = None
+
+    def set_timesteps(self, num_inference_steps=None, device=None, num_train_timesteps=None, timesteps=None):
+        """The inference ladder (``_SigmaScheduler``), doubled; resets the Heun state."""
+        if num_inference_steps is None and timesteps is None:
+            raise ValueError("Must pass exactly one of `num_inference_steps` or `custom_timesteps`.")
+        if num_inference_steps is not None and timesteps is not None:
+            raise ValueError("Can only pass one of `num_inference_steps` or `custom_timesteps`.")
+        if num_train_timesteps is not None and num_train_timesteps != self.config.num_train_timesteps:
+            raise ValueError(
+                f"num_train_timesteps must be None or the config's {self.config.num_train_timesteps}; got {num_train_timesteps!r}"
+            )
+        super().set_timesteps(num_inference_steps=num_inference_steps, device=device, timesteps=timesteps)
+
+    @property
+    def state_in_first_order(self) -> bool:
+        return self.dt is None
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+        """One half of Heun's step (see the class docstring). Returns
+        ``HeunDiscreteSchedulerOutput(prev_sample, pred_original_sample)`` or that tuple."""
+        _check_tensors(model_output, sample)
+        _check_same_shape(model_output, sample)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        k = self.step_index
+        if k >= len(self.timesteps):
+            raise ValueError(f"step called {k + 1} times on a ladder of {len(self.timesteps)} timesteps; call set_timesteps again")
+        c = self.config
+        cd = _compute_dtype(sample.device)
+        first = self.state_in_first_order
+        sigma, sigma_next = (float(self._sig[k]), float(self._sig[k + 1])) if first else (float(self._sig[k - 1]), float(self._sig[k]))
+        x = sample.to(cd)
+        den = self._denoised(model_output.to(cd), x, sigma if first else sigma_next)
+        if c.clip_sample:
+            r = float(c.clip_sample_range)
+            den = den.clamp(-r, r)
+        if first:
+            if sigma_next == 0:
+                prev, d = den, (x - den) / sigma
+            else:
+                prev, d = heun_predict(x, den, sigma, sigma_next)
+            self.prev_derivative, self.dt, self.sample = d, sigma_next - sigma, x
+        else:
+            prev = heun_correct(self.sample, self.prev_derivative, x, den, sigma, sigma_next)
+            self.prev_derivative = self.dt = self.sample = None
+        self._step_index += 1
+        prev = prev.to(model_output.dtype)
+        den = den.to(torch.promote_types(model_output.dtype, torch.float32))
+        if not return_dict:
+            return (prev, den)
+        return HeunDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=den)
+
+
+# ----------------------------------------------------------------------------- LMS
+class LMSDiscreteScheduler(_SigmaScheduler):
+    """diffusers' ``LMSDiscreteScheduler`` (same config, same API, ``step(..., order=4)``) on
+    diffmath's float64 arithmetic: the linear multistep (Adams-Bashforth) step on dx/dsigma =
+    (x - D)/sigma (Karras et al. 2022, eq. 1 and 3),
+
+        x_{i+1} = x_i + sum_{j < q} c_j d_{i-j},   d_i = (x_i - D(x_i; sigma_i)) / sigma_i,
+
+    with the weights c_j the Lagrange basis integrated exactly over [sigma_i, sigma_{i+1}]
+    (``diffmath.samplers.solvers.lms_coefficients``; diffusers integrates with scipy ``quad`` at
+    ``epsrel=1e-4`` from its float32 sigmas) and the step ``lms_step`` -- the loop
+    ``sample_lms`` runs. q = min(order, number of derivatives held): a start mid-ladder
+    (``set_begin_index``) warms up from first order, where diffusers takes order-q weights with
+    fewer derivatives than nodes."""
+
+    _prediction_types = PREDICTION_TYPES
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: np.ndarray | list[float] | None = None,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+    ):
+        self._setup_sigmas()
+        self.derivatives = []
+        self.use_karras_sigmas = use_karras_sigmas
+
+    def set_timesteps(self, num_inference_steps: int, device=None):
+        """The inference ladder (``_SigmaScheduler``); clears the derivative history."""
+        super().set_timesteps(num_inference_steps=num_inference_steps, device=device)
+
+    def _on_new_ladder(self):
+        self.derivatives = []
+
+    def get_lms_coefficient(self, order: int, t: int, current_order: int) -> float:
+        """The weight of d_{t - current_order} in the order-``order`` step from ladder index t
+        (``lms_coefficients`` on the float64 ladder)."""
+        return float(lms_coefficients(self._sig, int(t), int(order))[int(current_order)])
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, order: int = 4, return_dict: bool = True):
+        """One linear multistep step sigma_i -> sigma_{i+1} (see the class docstring). Returns
+        ``LMSDiscreteSchedulerOutput(prev_sample, pred_original_sample)`` or that tuple."""
+        if isinstance(order, (bool, np.bool_)) or not isinstance(order, (int, np.integer)) or order < 1:
+            raise ValueError(f"order must be an integer >= 1; got {order!r}")
+        _check_tensors(model_output, sample)
+        _check_same_shape(model_output, sample)
+        if not self.is_scale_input_called:
+            warnings.warn(
+                "The `scale_model_input` function should be called before `step` to ensure correct denoising. "
+                "See `StableDiffusionPipeline` for a usage example."
+            )
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        i = self.step_index
+        if i >= len(self.timesteps):
+            raise ValueError(f"step called {i + 1} times on a ladder of {len(self.timesteps)} timesteps; call set_timesteps again")
+        sigma = float(self._sig[i])
+        cd = _compute_dtype(sample.device)
+        x = sample.to(cd)
+        den = self._denoised(model_output.to(cd), x, sigma)
+        self.derivatives.append((x - den) / sigma)
+        if len(self.derivatives) > order:
+            self.derivatives.pop(0)
+        q = min(int(order), i + 1, len(self.derivatives))
+        ds = self.derivatives[::-1][:q]  # newest first
+        prev = lms_step(x, ds, lms_coefficients(self._sig, i, q))
+        self._step_index += 1
+        prev = prev.to(model_output.dtype)
+        den = den.to(torch.promote_types(model_output.dtype, torch.float32))
+        if not return_dict:
+            return (prev, den)
+        return LMSDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=den)
+
+
+# ----------------------------------------------------------------------------- UniPC
+class UniPCMultistepScheduler(_SigmaScheduler):
+    """diffusers' ``UniPCMultistepScheduler`` (same config, same API) on diffmath's float64
+    arithmetic. The sample is diffusers' VP x_t; each step maps it to x = x_t sqrt(1 + sigma^2)
+    (x = x_0 + sigma eps), forms the model value -- D (thresholded) with ``predict_x0=True``, eps
+    with ``predict_x0=False`` -- and applies the core's UniPC steps (Zhao et al. 2023, Alg. 2, B(h)
+    = "bh1" | "bh2"): first the corrector ``unipc_corrector_step`` of the previous step with the
+    new model value (unless the previous index is in ``disable_corrector``), then the predictor
+    ``unipc_predictor_step`` of order min(solver_order, warm-up, and with ``lower_order_final``
+    the steps left). That is the loop ``diffmath.samplers.solvers.sample_unipc`` runs.
+
+    The step to sigma = 0 returns the denoised value D (the h -> inf limit; diffusers gets it as
+    the first-order step with ``lower_order_final``, and NaN without it or with
+    ``predict_x0=False``, where 0 * inf appears); a zero-length step (sigma_min repeated by
+    ``final_sigmas_type="sigma_min"`` after a Karras / exponential / beta ladder) is the identity.
+    Flow sigmas, dynamic shifting, custom ``sigmas``, ``solver_p`` and
+    ``prediction_type="flow_prediction"`` are refused with a ``ValueError``."""
+
+    _prediction_types = PREDICTION_TYPES
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: np.ndarray | list[float] | None = None,
+        solver_order: int = 2,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        predict_x0: bool = True,
+        solver_type: str = "bh2",
+        lower_order_final: bool = True,
+        disable_corrector: list[int] = [],
+        solver_p: SchedulerMixin = None,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        use_flow_sigmas: bool = False,
+        flow_shift: float = 1.0,
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+        final_sigmas_type: str = "zero",
+        rescale_betas_zero_snr: bool = False,
+        use_dynamic_shifting: bool = False,
+        time_shift_type: str = "exponential",
+        sigma_min: float | None = None,
+        sigma_max: bool | None = None,
+        shift_terminal: bool | None = None,
+    ) -> None:
+        if solver_type in ("midpoint", "heun", "logrho"):  # diffusers maps these to bh2
+            self.register_to_config(solver_type="bh2")
+        elif solver_type not in ("bh1", "bh2"):
+            raise NotImplementedError(f"{solver_type} is not implemented for {self.__class__}")
+        if isinstance(solver_order, bool) or not isinstance(solver_order, numbers.Integral) or solver_order < 1:
+            raise ValueError(f"solver_order must be an integer >= 1; got {solver_order!r}")
+        for key in ("use_flow_sigmas", "use_dynamic_shifting"):
+            if dict(self.config)[key]:
+                raise ValueError(f"{key}=True (flow matching) is not supported by the diffmath adapter")
+        if shift_terminal is not None:
+            raise ValueError("`shift_terminal` is only supported when `use_flow_sigmas=True`.")
+        if solver_p is not None:
+            raise ValueError("solver_p (another scheduler as the predictor) is not supported by the diffmath adapter")
+        d = dynamic_thresholding_ratio
+        if isinstance(d, bool) or not isinstance(d, numbers.Real) or not 0 <= d <= 1:
+            raise ValueError(f"dynamic_thresholding_ratio must lie in [0, 1]; got {d!r}")
+        _check_positive(sample_max_value, "sample_max_value")
+        if isinstance(disable_corrector, (str, bytes)) or not all(
+            isinstance(k, numbers.Integral) and not isinstance(k, bool) for k in disable_corrector
+        ):
+            raise ValueError(f"disable_corrector must be a list of step indices; got {disable_corrector!r}")
+        self._setup_sigmas()
+        self.predict_x0 = predict_x0
+        self.disable_corrector = disable_corrector
+        self.solver_p = None
+        self._reset_history()
+
+    def _reset_history(self):
+        n = self.config.solver_order
+        self.model_outputs = [None] * n
+        self.timestep_list = [None] * n
+        self._levels = [None] * n  # the sigma of each model value
+        self.lower_order_nums = 0
+        self.last_sample = None
+        self.this_order = None
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """1.0: the sample is diffusers' VP x_t."""
+        return 1.0
+
+    def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The sample itself (the model takes the VP x_t)."""
+        return sample
+
+    def _unipc_timesteps(self, S: int) -> np.ndarray:
+        """diffusers' integer timesteps (descending) for S steps."""
+        c, T = self.config, self.config.num_train_timesteps
+        if c.timestep_spacing == "linspace":
+            ts = np.linspace(0, T - 1, S + 1).round()[::-1][:-1]
+        elif c.timestep_spacing == "leading":
+            ratio = T // (S + 1)
+            ts = (np.arange(0, S + 1) * ratio).round()[::-1][:-1] + c.steps_offset
+        else:
+            ts = np.arange(T, 0, -T / S).round() - 1
+        return ts.astype(np.int64)
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, sigmas=None, mu=None):
+        """The inference ladder: sigma of the float64 table at diffusers' integer timesteps, or the
+        Karras / exponential / beta ladder between the table's ends (or ``sigma_min`` /
+        ``sigma_max``) with t(sigma) linear in log sigma (rounded for Karras, truncated otherwise,
+        as diffusers); then the final sigma (0, or sigma_min with ``final_sigmas_type``)."""
+        if sigmas is not None:
+            raise ValueError(
+                "Passing `sigmas` is only supported when `use_flow_sigmas=True`. "
+                "Please set `use_flow_sigmas=True` during scheduler initialization."
+            )
+        if mu is not None:
+            raise ValueError("mu (dynamic shifting) is not supported by the diffmath adapter")
+        c = self.config
+        S = self._check_steps(num_inference_steps)
+        ts = self._unipc_timesteps(S)
+        T = c.num_train_timesteps
+        if ts.min() < 0 or ts.max() > T - 1:
+            raise ValueError(f"the timesteps of {S} steps leave [0, {T - 1}]: {ts.tolist()}")
+        full = self._tab[::-1].copy()
+        conv = self._converted(full, S)
+        if conv is not None:
+            sig = conv
+            ts = self._t_of_sigma(sig)
+            if c.use_karras_sigmas:
+                ts = ts.round()
+            last = float(sig[-1]) if c.final_sigmas_type == "sigma_min" else 0.0
+        else:
+            sig = self._sigma_at(ts.astype(np.float64))
+            last = self._last_sigma()
+        self._set_ladder(sig, last, ts, device)
+        self.timesteps = torch.from_numpy(np.asarray(ts).astype(np.int64)).to(device=device)
+        self.num_inference_steps = len(ts)
+        self._reset_history()
+        self._step_index = None
+        self._begin_index = None
+
+    def convert_model_output(self, model_output: torch.Tensor, *args, sample: torch.Tensor = None, **kwargs) -> torch.Tensor:
+        """The model value UniPC steps with, on diffusers' VP sample: x0 (D, thresholded) with
+        ``predict_x0``, eps otherwise (float64; at the current step's sigma)."""
+        if sample is None:
+            if len(args) > 1:
+                sample = args[1]
+            else:
+                raise ValueError("missing `sample` as a required keyword argument")
+        s = float(self._sig[self.step_index])
+        cd = _compute_dtype(sample.device)
+        x = sample.to(cd) * math.sqrt(1.0 + s * s)
+        return self._model_value(model_output.to(cd), x, s)
+
+    def _model_value(self, m, x, s: float):
+        c = self.config
+        if self.predict_x0:
+            D = self._denoised(m, x, s)
+            if c.thresholding:
+                D = _dynamic_threshold(D, float(c.dynamic_thresholding_ratio), float(c.sample_max_value))
+            return D
+        if c.prediction_type == "epsilon":
+            return m
+        return (x - self._denoised(m, x, s)) / s
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+        """One UniPC step sigma_i -> sigma_{i+1}: the corrector of the previous step, then the
+        predictor (see the class docstring). Returns ``SchedulerOutput(prev_sample)`` or that tuple."""
+        if self.num_inference_steps is None:
+            raise ValueError(
+                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
+            )
+        c = self.config
+        _check_tensors(model_output, sample)
+        _check_same_shape(model_output, sample)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        i, N = self.step_index, len(self.timesteps)
+        if i >= N:
+            raise ValueError(f"step called {i + 1} times on a ladder of {N} timesteps; call set_timesteps again")
+        s, s_next = float(self._sig[i]), float(self._sig[i + 1])
+        cd = _compute_dtype(sample.device)
+        x = sample.to(cd) * math.sqrt(1.0 + s * s)  # x = x_t / alpha_t
+        M = self._model_value(model_output.to(cd), x, s)
+        variant = c.solver_type
+        pred = "data" if self.predict_x0 else "noise"
+        if i > 0 and (i - 1) not in self.disable_corrector and self.last_sample is not None:
+            s_prev = float(self._sig[i - 1])
+            p = self.this_order
+            hist = [self.model_outputs[-1 - k] for k in range(p)]
+            levels = [self._levels[-1 - k] for k in range(p)]
+            if s != s_prev:  # a zero-length previous step needs no correction
+                x = unipc_corrector_step(self.last_sample, s_prev, s, hist, levels, M, variant, pred)
+        for k in range(c.solver_order - 1):
+            self.model_outputs[k] = self.model_outputs[k + 1]
+            self.timestep_list[k] = self.timestep_list[k + 1]
+            self._levels[k] = self._levels[k + 1]
+        self.model_outputs[-1], self.timestep_list[-1], self._levels[-1] = M, timestep, s
+        order = min(c.solver_order, N - i) if c.lower_order_final else c.solver_order
+        self.this_order = min(order, self.lower_order_nums + 1)
+        self.last_sample = x
+        if s_next == s:
+            prev = x  # a zero-length step: the identity
+        elif s_next == 0:
+            prev = M if self.predict_x0 else x - s * M  # D, the h -> inf limit of every order
+        else:
+            p = self.this_order
+            hist = [self.model_outputs[-1 - k] for k in range(p)]
+            levels = [self._levels[-1 - k] for k in range(p)]
+            prev = unipc_predictor_step(x, s, s_next, hist, levels, variant, pred)
+        if self.lower_order_nums < c.solver_order:
+            self.lower_order_nums += 1
+        prev = (prev / math.sqrt(1.0 + s_next * s_next)).to(model_output.dtype)
+        self._step_index += 1
+        if not return_dict:
+            return (prev,)
+        return SchedulerOutput(prev_sample=prev)
+
+    add_noise = DPMSolverMultistepScheduler.add_noise

@@ -80,6 +80,8 @@ __all__ = [
     "dpmpp_multistep_step",
     "dpmpp_sde_noise_std",
     "lms_step",
+    "unipc_predictor_step",
+    "unipc_corrector_step",
 ]
 
 
@@ -580,6 +582,14 @@ def _unipc_rhs(h: float, variant: str, K: int) -> tuple[float, np.ndarray]:
     return B, g
 
 
+def _unipc_rhs_noise(h: float, variant: str, K: int) -> tuple[float, np.ndarray]:
+    """The same for noise prediction (Zhao et al. 2023, Sec. 3, eps form): B(h) = h ("bh1") or
+    e^h - 1 ("bh2") and g_k = k! h phi_{k+1}(h) / B(h)."""
+    B = h if variant == "bh1" else math.expm1(h)
+    g = np.array([math.factorial(k) * h * phi(k + 1, h) / B for k in range(1, K + 1)])
+    return B, g
+
+
 def _unipc_weights(r: np.ndarray, g: np.ndarray) -> np.ndarray:
     """Solve sum_m a_m r_m^{k-1} = g_k, k = 1 .. K (the Vandermonde system R_p a = phi_p / B of
     UniPC, Zhao et al. 2023, Sec. 3). For K = 1 UniPC takes a = 1/2 (its reference code and diffusers), which
@@ -591,6 +601,57 @@ def _unipc_weights(r: np.ndarray, g: np.ndarray) -> np.ndarray:
     return np.linalg.solve(R, g)
 
 
+def unipc_predictor_step(x, sigma: float, sigma_next: float, model_values, sigmas, variant: str = "bh2", prediction: str = "data"):
+    """One UniP-p step sigma -> sigma_next > 0 (Zhao et al. 2023, "UniPC", Alg. 2, B(h) form)
+    from x at sigma, p = len(model_values). With lambda = -log sigma, h = lambda_next - lambda,
+    r_m = (lambda_{i-m} - lambda_i) / h and D1_m = (M_{i-m} - M_i) / r_m:
+
+      prediction="data" (M = D, the denoised values; diffusers' predict_x0=True):
+        x' = (sigma_next / sigma) x + (1 - e^{-h}) D_i + B(h) sum_m a_m D1_m,  B = h | 1 - e^{-h}
+      prediction="noise" (M = eps; predict_x0=False):
+        x' = x - (sigma - sigma_next) eps_i - sigma_next B(h) sum_m a_m D1_m,  B = h | e^h - 1
+
+    with a solving sum_m a_m r_m^{k-1} = k! h phi_{k+1}(-+h) / B(h) (a = 1/2 for one
+    difference). ``model_values`` = [M_i, M_{i-1}, ...] newest first, ``sigmas`` = [sigma_i,
+    sigma_{i-1}, ...] their levels (sigmas[0] == sigma). x, M: arrays of one kind."""
+    return _unipc_update(x, sigma, sigma_next, model_values, sigmas, variant, prediction, None)
+
+
+def unipc_corrector_step(x, sigma: float, sigma_next: float, model_values, sigmas, model_next, variant: str = "bh2", prediction: str = "data"):
+    """The UniC-p correction (Zhao et al. 2023, Alg. 2) of the step sigma -> sigma_next > 0 taken
+    from x with ``unipc_predictor_step`` and the same p = len(model_values) values, once the model
+    value ``model_next`` at the predicted point is known: the predictor's formula with one more
+    difference, r = 1 and D1 = M_next - M_i, and the weights solving the p order conditions
+    (a = 1/2 for p = 1). It raises the order by one and costs no model call."""
+    return _unipc_update(x, sigma, sigma_next, model_values, sigmas, variant, prediction, model_next)
+
+
+def _unipc_update(x, s, s_next, hist, sigmas, variant, prediction, den_new):
+    lam0 = -math.log(s)
+    h = -math.log(s_next) - lam0
+    D0 = hist[0]
+    r = [(-math.log(sigmas[m]) - lam0) / h for m in range(1, len(hist))]
+    D1 = [(hist[m] - D0) / r[m - 1] for m in range(1, len(hist))]
+    if den_new is not None:
+        r.append(1.0)
+        D1.append(den_new - D0)
+    if prediction == "noise":
+        out = x - (s - s_next) * D0
+        if not D1:
+            return out
+        B, g = _unipc_rhs_noise(h, variant, len(D1))
+        a = _unipc_weights(np.array(r), g)
+        corr = sum(float(a[m]) * D1[m] for m in range(len(D1)))
+        return out - (s_next * B) * corr
+    out = (s_next / s) * x + (-math.expm1(-h)) * D0
+    if not D1:
+        return out
+    B, g = _unipc_rhs(h, variant, len(D1))
+    a = _unipc_weights(np.array(r), g)
+    corr = sum(float(a[m]) * D1[m] for m in range(len(D1)))
+    return out + B * corr
+
+
 def sample_unipc(
     denoiser, x, sigmas, *, generator=None, callback=None, progress=False, order=2, variant="bh2", corrector=True,
 ):
@@ -598,10 +659,10 @@ def sample_unipc(
     data prediction, diffusers' default. With lambda = -log sigma, h = lambda_{i+1} - lambda_i,
     r_m = (lambda_{i-m} - lambda_i) / h and D1_m = (D_{i-m} - D_i) / r_m:
 
-    UniP-p (predictor, uses p - 1 previous denoised values):
+    UniP-p (predictor, uses p - 1 previous denoised values; ``unipc_predictor_step``):
         x~_{i+1} = (sigma_{i+1}/sigma_i) x_i + (1 - e^{-h}) D_i + B(h) sum_m a_m D1_m
     UniC-p (corrector, after D~_{i+1} = D(x~_{i+1}; sigma_{i+1}) is evaluated for the next step,
-    so it costs no extra model call):
+    so it costs no extra model call; ``unipc_corrector_step``):
         x_{i+1} = (sigma_{i+1}/sigma_i) x_i + (1 - e^{-h}) D_i + B(h) (sum_m a^c_m D1_m + a^c_p (D~_{i+1} - D_i))
 
     with B(h) = h ("bh1") or 1 - e^{-h} ("bh2") and the weights solving the order conditions
@@ -614,7 +675,6 @@ def sample_unipc(
     _check_choice(int(order), "order", (1, 2, 3))
     _check_choice(variant, "variant", ("bh1", "bh2"))
     x, sig, model, _ = _start(denoiser, x, sigmas, generator)
-    lam = [-math.log(v) for v in sig if v > 0]
     hist = []  # denoised values D_i, D_{i-1}, ... (newest first), at the predicted points
     x_prev = None  # x_i, the base of the last predictor step
     p_prev = 0  # the order of that predictor
@@ -622,35 +682,16 @@ def sample_unipc(
         s, s_next = sig[i], sig[i + 1]
         den = model(x, s)
         if corrector and x_prev is not None and s_next > 0:
-            x = _unipc_step(x_prev, sig[i - 1], s, lam, i - 1, hist[: p_prev], variant, den)
+            x = unipc_corrector_step(x_prev, sig[i - 1], s, hist[:p_prev], sig[i - 1 :: -1], den, variant)
         hist = [den] + hist[: int(order) - 1]
         if s_next == 0:
             x_prev, x = x, den
         else:
             p = min(int(order), i + 1)
             x_prev, p_prev = x, p
-            x = _unipc_step(x, s, s_next, lam, i, hist[:p], variant, None)
+            x = unipc_predictor_step(x, s, s_next, hist[:p], sig[i::-1], variant)
         _report(callback, i, sig, x, den, model)
     return x
-
-
-def _unipc_step(x, s, s_next, lam, i, hist, variant, den_new):
-    """One UniP step from level i (``den_new`` None) or the UniC correction of it with the new
-    denoised value ``den_new`` at level i + 1. hist = [D_i, D_{i-1}, ...]."""
-    h = lam[i + 1] - lam[i]
-    D0 = hist[0]
-    out = (s_next / s) * x + (-math.expm1(-h)) * D0
-    r = [(lam[i - m] - lam[i]) / h for m in range(1, len(hist))]
-    D1 = [(hist[m] - D0) / r[m - 1] for m in range(1, len(hist))]
-    if den_new is not None:
-        r.append(1.0)
-        D1.append(den_new - D0)
-    if not D1:
-        return out
-    B, g = _unipc_rhs(h, variant, len(D1))
-    a = _unipc_weights(np.array(r), g)
-    corr = sum(float(a[m]) * D1[m] for m in range(len(D1)))
-    return out + B * corr
 
 
 # ----------------------------------------------------------------------------- LMS
