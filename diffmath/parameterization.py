@@ -35,12 +35,13 @@ def x0_from_eps(s: Schedule, x_t, t, eps):
     float64 and rounded once: x0 in float32, or +-inf where |x0| is beyond its range, never NaN."""
     x_t, eps, t, xc, ec = check_pair(s, x_t, "x_t", eps, "eps", t)
     xc, ec = widen_for_tables(s, t, X0_TABLES, xc, ec)
+    check_signal(s, t, "x0_from_eps")
     return restore(x0_from_eps_prepared(s, xc, t, ec), x_t)
 
 
 def x0_from_eps_prepared(s: Schedule, xc, t, ec):
-    """``x0_from_eps`` on inputs already validated and upcast (the samplers' path)."""
-    check_signal(s, t, "x0_from_eps")
+    """``x0_from_eps`` on inputs already validated and upcast, with abar_t > 0 checked by the
+    caller (``check_signal``; the samplers check every step's t once, before their loop)."""
     return gather(s.sqrt_recip_alphas_cumprod, t, xc) * xc - gather(s.sqrt_recipm1_alphas_cumprod, t, xc) * ec
 
 

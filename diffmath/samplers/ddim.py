@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from .._array import backend, broadcast_coef, gather_t, is_tensor, restore, schedule_table, upcast, widen_for_tables
-from ..checks import check_eta, check_like, check_pair, check_schedule, check_steps, check_t
+from ..checks import check_eta, check_like, check_pair, check_schedule, check_signal, check_steps, check_t
 from ..parameterization import X0_TABLES, x0_from_eps_prepared
 from ..schedules import Schedule, timesteps
 from ._common import LoopModel, check_out_dtype, finish, model_t, progress_bar, randn_like, start
@@ -72,8 +72,8 @@ def _ddim_coefs(s: Schedule, t, t_prev, eta: float):
 
 
 def _ddim_update(s: Schedule, x_t, t, eps, coefs, noise=None):
-    """One DDIM update (eq. 12) on checked arguments: x_t, eps of one kind and shape, noise
-    like x_t or None, ``coefs`` = ``_ddim_coefs(s, t, t_prev, eta)``. Returns x_{t_prev} in
+    """One DDIM update (eq. 12) on checked arguments: x_t, eps of one kind and shape, abar_t > 0,
+    noise like x_t or None, ``coefs`` = ``_ddim_coefs(s, t, t_prev, eta)``. Returns x_{t_prev} in
     x_t's dtype."""
     sqrt_alpha_prev, sqrt_dir, sigma_t = coefs
     xc, ec = widen_for_tables(s, t, X0_TABLES, upcast(x_t), upcast(eps))  # float64 where 1/sqrt(abar_t) overflows
@@ -113,6 +113,7 @@ def ddim_step(s: Schedule, x_t, t, t_prev, eps, noise=None, eta: float = 0.0):
         if noise is None:
             raise ValueError(f"noise is required for DDIM with eta = {eta} > 0 on a step with t_prev >= 0")
         noise = check_like(noise, x_t, "noise", "x_t")
+    check_signal(s, t, "x0_from_eps")  # abar_t = 0: eps says nothing about x0
     return _ddim_update(s, x_t, t, eps, coefs, noise if needs_noise else None)
 
 
@@ -162,6 +163,7 @@ def sample_ddim(
     out_dtype = check_out_dtype(out_dtype, x)
     model = LoopModel(eps_model, "eps_model", "sample_ddim", len(pairs))
     coefs = [_ddim_coefs(s, t, t_prev, eta) for t, t_prev in pairs]  # every step checked here, once
+    check_signal(s, np.array([t for t, _ in pairs]), "x0_from_eps")  # every step's abar_t > 0, once
     for k, (t, t_prev) in enumerate(progress_bar(pairs, len(pairs), progress, "DDIM")):
         model.step = k
         eps = model(x, model_t(s.timestep_map[t], x))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._array import backend, gather, restore, schedule_table, upcast, widen_for_tables
-from ..checks import check_clip, check_like, check_pair, check_schedule, check_steps, check_variance
+from ..checks import check_clip, check_like, check_pair, check_schedule, check_signal, check_steps, check_variance
 from ..parameterization import X0_TABLES, x0_from_eps_prepared
 from ..posterior import posterior_mean_prepared
 from ..schedules import Schedule, timesteps
@@ -52,19 +52,36 @@ def ddpm_step(s: Schedule, x_t, t, eps, noise=None, variance: str = "small", cli
     """
     check_variance(variance)
     c = check_clip(clip_x0)
-    x_t, eps, t, xc, ec = check_pair(s, x_t, "x_t", eps, "eps", t)
-    xc, ec = widen_for_tables(s, t, X0_TABLES, xc, ec)  # float32 where 1/sqrt(abar_t) overflows: float64
-    x0 = x0_from_eps_prepared(s, xc, t, ec)
-    if c is not None:
-        x0 = backend(x0).clip(x0, -c, c)
-    mean = posterior_mean_prepared(s, x0, xc, t)
+    x_t, eps, t, _, _ = check_pair(s, x_t, "x_t", eps, "eps", t)
+    check_signal(s, t, "x0_from_eps")  # abar_t = 0: eps says nothing about x0
     any_noise = (t > 0) if isinstance(t, int) else bool((t > 0).any())
-    if not any_noise:
-        return restore(mean, x_t)
-    if noise is None:
-        raise ValueError("noise is required for a DDPM step with t > 0 (noise ~ N(0, I) of x_t's shape)")
-    noise = check_like(noise, x_t, "noise", "x_t")
-    return restore(mean + gather(_std_table(s, variance), t, xc) * upcast(noise), x_t)
+    if any_noise:
+        if noise is None:
+            raise ValueError("noise is required for a DDPM step with t > 0 (noise ~ N(0, I) of x_t's shape)")
+        noise = check_like(noise, x_t, "noise", "x_t")
+    return _ddpm_update(s, x_t, t, eps, _std_table(s, variance), c, noise if any_noise else None)
+
+
+def _ddpm_update(s: Schedule, x_t, t, eps, sigma, clip, z=None):
+    """One DDPM step (Alg. 2, line 4) on checked arguments: x_t, eps of one kind and shape,
+    abar_t > 0, ``sigma`` = ``_std_table(s, variance)`` (sigma_0 = 0), ``clip`` None or c > 0,
+    z like x_t or None (no noise: every t is 0). Returns x_{t-1} in x_t's dtype.
+
+    The mean is computed through x0 (eq. 7 with eq. 15), which equals eq. 11's
+    mu_theta = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t) without clipping and
+    lets the clipped x0 in."""
+    xc, ec = widen_for_tables(s, t, X0_TABLES, upcast(x_t), upcast(eps))  # float64 where 1/sqrt(abar_t) overflows
+    # (1) the predicted x0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps   (eq. 4 solved for x0; eq. 15)
+    x0 = x0_from_eps_prepared(s, xc, t, ec)
+    # (2) clipped to the data range [-c, c] (the DDPM code's clip_denoised)
+    if clip is not None:
+        x0 = backend(x0).clip(x0, -clip, clip)
+    # (3) mu_theta = mu_tilde_t(x_t, x0) = coef1_t x0 + coef2_t x_t   (eq. 7; = eq. 11 unclipped)
+    mu = posterior_mean_prepared(s, x0, xc, t)
+    # (4) x_{t-1} = mu_theta + sigma_t z, sigma_t^2 = beta_tilde_t ("small") or beta_t ("large")   (Alg. 2, line 4)
+    if z is not None:
+        mu = mu + gather(sigma, t, xc) * upcast(z)
+    return restore(mu, x_t)
 
 
 def sample_ddpm(
@@ -100,7 +117,7 @@ def sample_ddpm(
     """
     check_schedule(s)
     check_variance(variance)
-    check_clip(clip_x0)
+    clip_x0 = check_clip(clip_x0)
     if not callable(eps_model):
         raise TypeError(f"eps_model must be callable eps_model(x, t); got {type(eps_model).__name__}")
     if steps is not None:
@@ -109,12 +126,14 @@ def sample_ddpm(
     x, generator = start(shape, generator, x_T)
     out_dtype = check_out_dtype(out_dtype, x)
     T = s.num_timesteps
-    model = LoopModel(eps_model, "eps_model", "sample_ddpm", T)
+    check_signal(s, np.arange(T - 1, -1, -1), "x0_from_eps")  # every step's abar_t > 0, checked once
+    sigma = _std_table(s, variance)
+    model = LoopModel(eps_model, "eps_model", "sample_ddpm", T)  # checks each model output (new every step)
     for t in progress_bar(range(T - 1, -1, -1), T, progress, "DDPM"):
         model.step = T - 1 - t
         eps = model(x, model_t(s.timestep_map[t], x))
-        noise = randn_like(x, generator) if t > 0 else None
-        x = ddpm_step(s, x, t, eps, noise, variance=variance, clip_x0=clip_x0)
+        z = randn_like(x, generator) if t > 0 else None
+        x = _ddpm_update(s, x, t, eps, sigma, clip_x0, z)
         if callback is not None:
             callback(t=t, x=x, eps=eps)
     return finish(x, out_dtype)
