@@ -248,6 +248,38 @@ def _check_same_shape(model_output, sample, what="model_output"):
         raise ValueError(f"{what} must have the shape of sample {tuple(sample.shape)}; got {tuple(model_output.shape)}")
 
 
+def _check_steps_offset(so):
+    if isinstance(so, bool) or not isinstance(so, numbers.Integral) or so < 0:
+        raise ValueError(f"steps_offset must be an integer >= 0; got {so!r}")
+
+
+def _check_sigma_flags(cfg):
+    """At most one of the Karras / exponential / beta ladders (diffusers' rule)."""
+    if sum(bool(cfg.get(k)) for k in ("use_beta_sigmas", "use_exponential_sigmas", "use_karras_sigmas")) > 1:
+        raise ValueError(
+            "Only one of `config.use_beta_sigmas`, `config.use_exponential_sigmas`, `config.use_karras_sigmas` can be used."
+        )
+
+
+def _as_list(values):
+    """A python list from a tensor, an array or a sequence."""
+    return values.tolist() if hasattr(values, "tolist") else values
+
+
+def _shown(values: list) -> list:
+    """At most 12 of ``values`` for an error message (the first and last six)."""
+    return values if len(values) <= 12 else values[:6] + ["..."] + values[-6:]
+
+
+def _broadcast(values, like: torch.Tensor, cd):
+    """The per-sample float64 ``values`` as a tensor of dtype ``cd`` on ``like``'s device,
+    broadcastable against ``like`` (trailing singleton dimensions)."""
+    out = torch.tensor(values, dtype=cd, device=like.device)
+    while out.ndim < like.ndim:
+        out = out.unsqueeze(-1)
+    return out
+
+
 def _dynamic_threshold(x0, ratio: float, max_value: float):
     """Dynamic thresholding (Saharia et al. 2022, "Imagen", Sec. 2.3): per sample,
     s = clamp(quantile(|x0|, ratio), 1, max_value) and x0 <- clamp(x0, -s, s) / s. The
@@ -285,9 +317,7 @@ class _DiffmathScheduler(SchedulerMixin, ConfigMixin):
         _check_positive(c.clip_sample_range, "clip_sample_range")
         _check_positive(c.dynamic_thresholding_ratio, "dynamic_thresholding_ratio", upper=1.0)
         _check_positive(c.sample_max_value, "sample_max_value")
-        so = c.steps_offset
-        if isinstance(so, bool) or not isinstance(so, numbers.Integral) or so < 0:
-            raise ValueError(f"steps_offset must be an integer >= 0; got {so!r}")
+        _check_steps_offset(c.steps_offset)
         if not isinstance(c.diffusers_compat, (bool, np.bool_)):
             raise TypeError(f"diffusers_compat must be True or False; got {c.diffusers_compat!r}")
         self.schedule = schedule_from_config(c)
@@ -324,7 +354,7 @@ class _DiffmathScheduler(SchedulerMixin, ConfigMixin):
         if num_inference_steps is not None and timesteps is not None:
             raise ValueError("Can only pass one of `num_inference_steps` or `custom_timesteps`.")
         if timesteps is not None:
-            ts = [_as_int(v, "timesteps") for v in (timesteps.tolist() if hasattr(timesteps, "tolist") else timesteps)]
+            ts = [_as_int(v, "timesteps") for v in _as_list(timesteps)]
             if not ts:
                 raise ValueError("`timesteps` must hold at least one timestep; got an empty list")
             for i in range(1, len(ts)):
@@ -370,10 +400,8 @@ class _DiffmathScheduler(SchedulerMixin, ConfigMixin):
         try:
             return self._grid_pos[t]
         except KeyError:
-            shown = self._grid.tolist()
-            shown = shown if len(shown) <= 12 else shown[:6] + ["..."] + shown[-6:]
             raise ValueError(
-                f"timestep {t} is not on the inference grid set by set_timesteps ({shown}); "
+                f"timestep {t} is not on the inference grid set by set_timesteps ({_shown(self._grid.tolist())}); "
                 "step at the timesteps of `scheduler.timesteps`"
             ) from None
 
@@ -786,16 +814,10 @@ class _SigmaScheduler(SchedulerMixin, ConfigMixin):
             raise NotImplementedError(f"{c.beta_schedule} is not implemented for {self.__class__}")
         _check_choice(c.prediction_type, "prediction_type", self._prediction_types)
         _check_choice(c.timestep_spacing, "timestep_spacing", SIGMA_SPACINGS)
-        so = c.steps_offset
-        if isinstance(so, bool) or not isinstance(so, numbers.Integral) or so < 0:
-            raise ValueError(f"steps_offset must be an integer >= 0; got {so!r}")
+        _check_steps_offset(c.steps_offset)
         cfg = dict(c)
         if self._has_sigma_options:
-            flags = [bool(cfg.get(k)) for k in ("use_beta_sigmas", "use_exponential_sigmas", "use_karras_sigmas")]
-            if sum(flags) > 1:
-                raise ValueError(
-                    "Only one of `config.use_beta_sigmas`, `config.use_exponential_sigmas`, `config.use_karras_sigmas` can be used."
-                )
+            _check_sigma_flags(cfg)
         _check_choice(cfg.get("final_sigmas_type", "zero"), "final_sigmas_type", FINAL_SIGMAS_TYPES)
         _float_or_none(cfg.get("sigma_min"), "sigma_min")
         _float_or_none(cfg.get("sigma_max"), "sigma_max")
@@ -886,7 +908,7 @@ class _SigmaScheduler(SchedulerMixin, ConfigMixin):
             if timesteps is not None and cfg.get(key):
                 raise ValueError(f"Cannot set `timesteps` with `config.{key} = True`.")
         if sigmas is not None:
-            sig = np.asarray(sigmas.tolist() if hasattr(sigmas, "tolist") else sigmas, dtype=np.float64).reshape(-1)
+            sig = np.asarray(_as_list(sigmas), dtype=np.float64).reshape(-1)
             if sig.size < 2 or not np.all(np.isfinite(sig)) or np.any(sig < 0) or np.any(sig[:-1] <= 0):
                 raise ValueError(f"`sigmas` must hold >= 2 finite values > 0 (the last may be 0); got {sig.tolist()}")
             ts = self._t_of_sigma(sig[:-1])
@@ -894,7 +916,7 @@ class _SigmaScheduler(SchedulerMixin, ConfigMixin):
             self._finish(sig[:-1], float(sig[-1]), ts, device)
             return
         if timesteps is not None:
-            ts = np.asarray(timesteps.tolist() if hasattr(timesteps, "tolist") else timesteps, dtype=np.float64).reshape(-1)
+            ts = np.asarray(_as_list(timesteps), dtype=np.float64).reshape(-1)
             if ts.size < 1 or np.any(np.diff(ts) >= 0):
                 raise ValueError(f"`timesteps` must be strictly descending; got {ts.tolist()}")
             S = ts.size
@@ -957,9 +979,7 @@ class _SigmaScheduler(SchedulerMixin, ConfigMixin):
             schedule_timesteps = self.timesteps
         indices = (schedule_timesteps == timestep).nonzero()
         if len(indices) == 0:
-            shown = schedule_timesteps.tolist()
-            shown = shown if len(shown) <= 12 else shown[:6] + ["..."] + shown[-6:]
-            raise ValueError(f"timestep {timestep} is not one of the scheduler's timesteps ({shown})")
+            raise ValueError(f"timestep {timestep} is not one of the scheduler's timesteps ({_shown(schedule_timesteps.tolist())})")
         return indices[1 if len(indices) > 1 else 0].item()
 
     def _init_step_index(self, timestep):
@@ -979,6 +999,32 @@ class _SigmaScheduler(SchedulerMixin, ConfigMixin):
                     " one of the `scheduler.timesteps` as a timestep."
                 ),
             )
+
+    def _start_step(self, model_output, sample, timestep, check_end=False, warn_unscaled=False):
+        """Check a step's tensors, find its ladder index (diffusers' bookkeeping) and return it."""
+        _check_tensors(model_output, sample)
+        _check_same_shape(model_output, sample)
+        if warn_unscaled and not self.is_scale_input_called:
+            warnings.warn(
+                "The `scale_model_input` function should be called before `step` to ensure correct denoising. "
+                "See `StableDiffusionPipeline` for a usage example."
+            )
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        i = self.step_index
+        if check_end and i >= len(self.timesteps):
+            raise ValueError(f"step called {i + 1} times on a ladder of {len(self.timesteps)} timesteps; call set_timesteps again")
+        return i
+
+    def _end_step(self, prev, den, model_output, output_cls, return_dict):
+        """Advance the step index and return diffusers' output: prev in the model output's
+        dtype, the denoised value in it promoted with float32."""
+        self._step_index += 1
+        prev = prev.to(model_output.dtype)
+        den = den.to(torch.promote_types(model_output.dtype, torch.float32))
+        if not return_dict:
+            return (prev, den)
+        return output_cls(prev_sample=prev, pred_original_sample=den)
 
     # -- model input / output ----------------------------------------------------------------
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
@@ -1014,17 +1060,20 @@ class _SigmaScheduler(SchedulerMixin, ConfigMixin):
             return [self.step_index] * timesteps.reshape(-1).shape[0]
         return [self.begin_index] * timesteps.reshape(-1).shape[0]
 
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """x = x_0 + sigma eps at the timesteps' levels (float64, in the samples' dtype)."""
+    def _noise_levels(self, original_samples, noise, timesteps):
+        """The checked inputs' compute dtype and sigma at the timesteps' levels, broadcastable
+        against the samples."""
         _check_tensors(noise, original_samples, ("noise", "original_samples"))
         _check_same_shape(noise, original_samples, "noise")
         if not isinstance(timesteps, torch.Tensor):
             timesteps = torch.as_tensor(timesteps)
         idx = self._sigma_index_for(timesteps, original_samples)
         cd = _compute_dtype(original_samples.device)
-        sigma = torch.tensor(self._sig[idx], dtype=cd, device=original_samples.device)
-        while sigma.ndim < original_samples.ndim:
-            sigma = sigma.unsqueeze(-1)
+        return cd, _broadcast(self._sig[idx], original_samples, cd)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x = x_0 + sigma eps at the timesteps' levels (float64, in the samples' dtype)."""
+        cd, sigma = self._noise_levels(original_samples, noise, timesteps)
         return (original_samples.to(cd) + noise.to(cd) * sigma).to(original_samples.dtype)
 
     def __len__(self) -> int:
@@ -1095,11 +1144,7 @@ class EulerDiscreteScheduler(_SigmaScheduler):
         """One Euler step sigma_i -> sigma_{i+1} (see the class docstring). Returns
         ``EulerDiscreteSchedulerOutput(prev_sample, pred_original_sample)`` or that tuple."""
         self._check_step_timestep(timestep)
-        _check_tensors(model_output, sample)
-        _check_same_shape(model_output, sample)
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        i = self.step_index
+        i = self._start_step(model_output, sample, timestep)
         sigma, sigma_next = float(self._sig[i]), float(self._sig[i + 1])
         gamma = churn_gamma(sigma, len(self._sig) - 1, float(s_churn), float(s_tmin), float(s_tmax))
         sigma_hat = sigma * (gamma + 1.0)
@@ -1112,12 +1157,7 @@ class EulerDiscreteScheduler(_SigmaScheduler):
             x = x + noise.to(cd) * churn_std(sigma, gamma, float(s_noise))
         den = self._denoised(model_output.to(cd), x, sigma_hat, sigma_v=sigma)
         prev = euler_step(x, den, sigma_hat, sigma_next)
-        self._step_index += 1
-        prev = prev.to(model_output.dtype)
-        den = den.to(torch.promote_types(model_output.dtype, torch.float32))
-        if not return_dict:
-            return (prev, den)
-        return EulerDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=den)
+        return self._end_step(prev, den, model_output, EulerDiscreteSchedulerOutput, return_dict)
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 at the timesteps' training steps
@@ -1126,9 +1166,7 @@ class EulerDiscreteScheduler(_SigmaScheduler):
         _check_tensors(noise, sample, ("noise", "sample"))
         idx = [self.index_for_timestep(t, self.timesteps.to(sample.device)) for t in timesteps.to(sample.device)]
         cd = _compute_dtype(sample.device)
-        abar = torch.tensor(self._abar[idx], dtype=cd, device=sample.device)
-        while abar.ndim < sample.ndim:
-            abar = abar.unsqueeze(-1)
+        abar = _broadcast(self._abar[idx], sample, cd)
         return (abar.sqrt() * noise.to(cd) - (1 - abar).sqrt() * sample.to(cd)).to(sample.dtype)
 
 
@@ -1174,11 +1212,7 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
         """One Euler ancestral step sigma_i -> sigma_{i+1}. Returns
         ``EulerAncestralDiscreteSchedulerOutput(prev_sample, pred_original_sample)`` or that tuple."""
         self._check_step_timestep(timestep)
-        _check_tensors(model_output, sample)
-        _check_same_shape(model_output, sample)
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        i = self.step_index
+        i = self._start_step(model_output, sample, timestep)
         sigma, sigma_next = float(self._sig[i]), float(self._sig[i + 1])
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, 1.0)
         cd = _compute_dtype(sample.device)
@@ -1186,12 +1220,7 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
         den = self._denoised(model_output.to(cd), x, sigma)
         noise = torch_utils.randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator)
         prev = euler_ancestral_step(x, den, sigma, sigma_down, noise.to(cd), sigma_up)
-        self._step_index += 1
-        prev = prev.to(model_output.dtype)
-        den = den.to(torch.promote_types(model_output.dtype, torch.float32))
-        if not return_dict:
-            return (prev, den)
-        return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=den)
+        return self._end_step(prev, den, model_output, EulerAncestralDiscreteSchedulerOutput, return_dict)
 
     get_velocity = EulerDiscreteScheduler.get_velocity
 
@@ -1280,11 +1309,7 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
         _check_positive(sample_max_value, "sample_max_value")
         if not isinstance(lambda_min_clipped, numbers.Real) or math.isnan(lambda_min_clipped):
             raise ValueError(f"lambda_min_clipped must be a number; got {lambda_min_clipped!r}")
-        flags = [use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas]
-        if sum(bool(f) for f in flags) > 1:
-            raise ValueError(
-                "Only one of `config.use_beta_sigmas`, `config.use_exponential_sigmas`, `config.use_karras_sigmas` can be used."
-            )
+        _check_sigma_flags(dict(self.config))
         self._setup_sigmas()
         self.model_outputs = [None] * solver_order
         self.lower_order_nums = 0
@@ -1329,7 +1354,7 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
                 raise ValueError(f"Cannot set `timesteps` with `config.{key} = True`.")
         T = c.num_train_timesteps
         if timesteps is not None:
-            ts = np.array(timesteps.tolist() if hasattr(timesteps, "tolist") else timesteps).astype(np.int64).reshape(-1)
+            ts = np.array(_as_list(timesteps)).astype(np.int64).reshape(-1)
             if ts.size < 1 or np.any(np.diff(ts) >= 0) or ts.min() < 0 or ts.max() > T - 1:
                 raise ValueError(f"`timesteps` must be strictly descending integers in [0, {T - 1}]; got {ts.tolist()}")
             S = ts.size
@@ -1440,15 +1465,7 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """x_t = alpha x_0 + sigma_t eps, alpha = 1/sqrt(1 + sigma^2), sigma_t = sigma alpha at the
         timesteps' levels (float64, in the samples' dtype)."""
-        _check_tensors(noise, original_samples, ("noise", "original_samples"))
-        _check_same_shape(noise, original_samples, "noise")
-        if not isinstance(timesteps, torch.Tensor):
-            timesteps = torch.as_tensor(timesteps)
-        idx = self._sigma_index_for(timesteps, original_samples)
-        cd = _compute_dtype(original_samples.device)
-        sigma = torch.tensor(self._sig[idx], dtype=cd, device=original_samples.device)
-        while sigma.ndim < original_samples.ndim:
-            sigma = sigma.unsqueeze(-1)
+        cd, sigma = self._noise_levels(original_samples, noise, timesteps)
         alpha = 1.0 / torch.sqrt(1.0 + sigma * sigma)
         return (alpha * original_samples.to(cd) + (sigma * alpha) * noise.to(cd)).to(original_samples.dtype)
 
@@ -1529,13 +1546,7 @@ class HeunDiscreteScheduler(_SigmaScheduler):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         """One half of Heun's step (see the class docstring). Returns
         ``HeunDiscreteSchedulerOutput(prev_sample, pred_original_sample)`` or that tuple."""
-        _check_tensors(model_output, sample)
-        _check_same_shape(model_output, sample)
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        k = self.step_index
-        if k >= len(self.timesteps):
-            raise ValueError(f"step called {k + 1} times on a ladder of {len(self.timesteps)} timesteps; call set_timesteps again")
+        k = self._start_step(model_output, sample, timestep, check_end=True)
         c = self.config
         cd = _compute_dtype(sample.device)
         first = self.state_in_first_order
@@ -1554,12 +1565,7 @@ class HeunDiscreteScheduler(_SigmaScheduler):
         else:
             prev = heun_correct(self.sample, self.prev_derivative, x, den, sigma, sigma_next)
             self.prev_derivative = self.dt = self.sample = None
-        self._step_index += 1
-        prev = prev.to(model_output.dtype)
-        den = den.to(torch.promote_types(model_output.dtype, torch.float32))
-        if not return_dict:
-            return (prev, den)
-        return HeunDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=den)
+        return self._end_step(prev, den, model_output, HeunDiscreteSchedulerOutput, return_dict)
 
 
 # ----------------------------------------------------------------------------- LMS
@@ -1615,18 +1621,7 @@ class LMSDiscreteScheduler(_SigmaScheduler):
         ``LMSDiscreteSchedulerOutput(prev_sample, pred_original_sample)`` or that tuple."""
         if isinstance(order, (bool, np.bool_)) or not isinstance(order, (int, np.integer)) or order < 1:
             raise ValueError(f"order must be an integer >= 1; got {order!r}")
-        _check_tensors(model_output, sample)
-        _check_same_shape(model_output, sample)
-        if not self.is_scale_input_called:
-            warnings.warn(
-                "The `scale_model_input` function should be called before `step` to ensure correct denoising. "
-                "See `StableDiffusionPipeline` for a usage example."
-            )
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        i = self.step_index
-        if i >= len(self.timesteps):
-            raise ValueError(f"step called {i + 1} times on a ladder of {len(self.timesteps)} timesteps; call set_timesteps again")
+        i = self._start_step(model_output, sample, timestep, check_end=True, warn_unscaled=True)
         sigma = float(self._sig[i])
         cd = _compute_dtype(sample.device)
         x = sample.to(cd)
@@ -1637,12 +1632,7 @@ class LMSDiscreteScheduler(_SigmaScheduler):
         q = min(int(order), i + 1, len(self.derivatives))
         ds = self.derivatives[::-1][:q]  # newest first
         prev = lms_step(x, ds, lms_coefficients(self._sig, i, q))
-        self._step_index += 1
-        prev = prev.to(model_output.dtype)
-        den = den.to(torch.promote_types(model_output.dtype, torch.float32))
-        if not return_dict:
-            return (prev, den)
-        return LMSDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=den)
+        return self._end_step(prev, den, model_output, LMSDiscreteSchedulerOutput, return_dict)
 
 
 # ----------------------------------------------------------------------------- UniPC
