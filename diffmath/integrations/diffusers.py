@@ -280,6 +280,13 @@ def _broadcast(values, like: torch.Tensor, cd):
     return out
 
 
+def _check_set(scheduler):
+    if scheduler.num_inference_steps is None:
+        raise ValueError(
+            "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
+        )
+
+
 def _dynamic_threshold(x0, ratio: float, max_value: float):
     """Dynamic thresholding (Saharia et al. 2022, "Imagen", Sec. 2.3): per sample,
     s = clamp(quantile(|x0|, ratio), 1, max_value) and x0 <- clamp(x0, -s, s) / s. The
@@ -689,10 +696,7 @@ class DDIMScheduler(_DiffmathScheduler):
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
 
     def _previous(self, t: int) -> int:
-        if self.num_inference_steps is None:
-            raise ValueError(
-                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
-            )
+        _check_set(self)
         if self.config.diffusers_compat and not self.custom_timesteps:
             self._check_train_t(t)
             return t - self.config.num_train_timesteps // self.num_inference_steps
@@ -1225,11 +1229,93 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
     get_velocity = EulerDiscreteScheduler.get_velocity
 
 
+# ----------------------------------------------------------------------------- VP multistep base
+class _VPMultistepScheduler(_SigmaScheduler):
+    """What DPM-Solver++ and UniPC share: the sample is diffusers' VP x_t (``init_noise_sigma`` =
+    1, unscaled model input, x_t = alpha x_0 + sigma_t eps in ``add_noise``), each step maps it to
+    x = x_t sqrt(1 + sigma^2) (EDM's VP view, x = x_0 + sigma eps) and back, on diffusers' integer
+    timesteps, with a history of model values warmed up from first order."""
+
+    order = 1
+
+    def _refuse_flow(self):
+        for key in ("use_flow_sigmas", "use_dynamic_shifting"):
+            if dict(self.config)[key]:
+                raise ValueError(f"{key}=True (flow matching) is not supported by the diffmath adapter")
+
+    @staticmethod
+    def _check_thresholding(dynamic_thresholding_ratio, sample_max_value):
+        d = dynamic_thresholding_ratio
+        if isinstance(d, bool) or not isinstance(d, numbers.Real) or not 0 <= d <= 1:
+            raise ValueError(f"dynamic_thresholding_ratio must lie in [0, 1]; got {d!r}")
+        _check_positive(sample_max_value, "sample_max_value")
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """1.0: the sample is diffusers' VP x_t."""
+        return 1.0
+
+    def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The sample itself (the model takes the VP x_t)."""
+        return sample
+
+    def _int_timesteps(self, S: int, last: int) -> np.ndarray:
+        """diffusers' integer timesteps (descending) for S steps over [0, last)."""
+        c, T = self.config, self.config.num_train_timesteps
+        if c.timestep_spacing == "linspace":
+            ts = np.linspace(0, last - 1, S + 1).round()[::-1][:-1]
+        elif c.timestep_spacing == "leading":
+            ratio = last // (S + 1)
+            ts = (np.arange(0, S + 1) * ratio).round()[::-1][:-1] + c.steps_offset
+        else:
+            ts = np.arange(last, 0, -T / S).round() - 1
+        return ts.astype(np.int64)
+
+    def _set_int_ladder(self, sig, last, ts, device):
+        """The ladder with diffusers' int64 timesteps; resets the history and the step index."""
+        self._set_ladder(sig, last, ts, device)
+        self.timesteps = torch.from_numpy(np.asarray(ts).astype(np.int64)).to(device=device)
+        self.num_inference_steps = len(ts)
+        self._reset_history()
+        self._step_index = None
+        self._begin_index = None
+
+    def _threshold(self, D):
+        """Dynamic thresholding of D when the config asks for it."""
+        c = self.config
+        if c.thresholding:
+            D = _dynamic_threshold(D, float(c.dynamic_thresholding_ratio), float(c.sample_max_value))
+        return D
+
+    @staticmethod
+    def _to_x(sample, s: float):
+        """x = x_t / alpha_t = x_t sqrt(1 + sigma^2) in the compute dtype."""
+        return sample.to(_compute_dtype(sample.device)) * math.sqrt(1.0 + s * s)
+
+    def _end_vp_step(self, prev, s_next: float, model_output, return_dict):
+        """Count the warm-up, map x back to x_t = x / sqrt(1 + sigma_next^2) in the model output's
+        dtype, advance the step index and return diffusers' output."""
+        if self.lower_order_nums < self.config.solver_order:
+            self.lower_order_nums += 1
+        prev = (prev / math.sqrt(1.0 + s_next * s_next)).to(model_output.dtype)
+        self._step_index += 1
+        if not return_dict:
+            return (prev,)
+        return SchedulerOutput(prev_sample=prev)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """x_t = alpha x_0 + sigma_t eps, alpha = 1/sqrt(1 + sigma^2), sigma_t = sigma alpha at the
+        timesteps' levels (float64, in the samples' dtype)."""
+        cd, sigma = self._noise_levels(original_samples, noise, timesteps)
+        alpha = 1.0 / torch.sqrt(1.0 + sigma * sigma)
+        return (alpha * original_samples.to(cd) + (sigma * alpha) * noise.to(cd)).to(original_samples.dtype)
+
+
 # ----------------------------------------------------------------------------- DPM-Solver++
 DPM_ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
 
 
-class DPMSolverMultistepScheduler(_SigmaScheduler):
+class DPMSolverMultistepScheduler(_VPMultistepScheduler):
     """diffusers' ``DPMSolverMultistepScheduler`` on diffmath's float64 arithmetic. The sample is
     diffusers' VP x_t; each step maps it to x = x_t sqrt(1 + sigma^2) (EDM's VP view, x = x_0 +
     sigma eps), forms D from the model output (``_denoised``; thresholding on D), and applies the
@@ -1250,7 +1336,6 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
     ``ValueError``."""
 
     _prediction_types = PREDICTION_TYPES
-    order = 1
 
     @register_to_config
     def __init__(
@@ -1299,43 +1384,20 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
             raise NotImplementedError(f"{solver_type} is not implemented for {self.__class__}")
         if isinstance(solver_order, bool) or solver_order not in (1, 2, 3):
             raise ValueError(f"solver_order must be 1, 2 or 3; got {solver_order!r}")
-        for key in ("use_flow_sigmas", "use_dynamic_shifting"):
-            if dict(self.config)[key]:
-                raise ValueError(f"{key}=True (flow matching) is not supported by the diffmath adapter")
+        self._refuse_flow()
         _check_choice(variance_type, "variance_type", (None, "learned", "learned_range"))
-        d = dynamic_thresholding_ratio
-        if isinstance(d, bool) or not isinstance(d, numbers.Real) or not 0 <= d <= 1:
-            raise ValueError(f"dynamic_thresholding_ratio must lie in [0, 1]; got {d!r}")
-        _check_positive(sample_max_value, "sample_max_value")
+        self._check_thresholding(dynamic_thresholding_ratio, sample_max_value)
         if not isinstance(lambda_min_clipped, numbers.Real) or math.isnan(lambda_min_clipped):
             raise ValueError(f"lambda_min_clipped must be a number; got {lambda_min_clipped!r}")
         _check_sigma_flags(dict(self.config))
         self._setup_sigmas()
-        self.model_outputs = [None] * solver_order
-        self.lower_order_nums = 0
-
-    @property
-    def init_noise_sigma(self) -> float:
-        """1.0: the sample is diffusers' VP x_t."""
-        return 1.0
-
-    def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """The sample itself (the model takes the VP x_t)."""
-        return sample
+        self._reset_history()
 
     def _dpm_timesteps(self, S: int) -> np.ndarray:
         """diffusers' integer timesteps (descending) for S steps, below lambda_min_clipped."""
         c, T = self.config, self.config.num_train_timesteps
         lam = -np.log(self._tab)  # lambda_t = log(alpha_t / sigma_t), decreasing in t
-        last = T - int(np.searchsorted(lam[::-1], c.lambda_min_clipped))
-        if c.timestep_spacing == "linspace":
-            ts = np.linspace(0, last - 1, S + 1).round()[::-1][:-1]
-        elif c.timestep_spacing == "leading":
-            ratio = last // (S + 1)
-            ts = (np.arange(0, S + 1) * ratio).round()[::-1][:-1] + c.steps_offset
-        else:
-            ts = np.arange(last, 0, -T / S).round() - 1
-        return ts.astype(np.int64)
+        return self._int_timesteps(S, T - int(np.searchsorted(lam[::-1], c.lambda_min_clipped)))
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, mu: float | None = None, timesteps=None):
         """The inference ladder: diffusers' integer timesteps and sigma of the float64 table at
@@ -1377,20 +1439,15 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
             ts = self._t_of_sigma(sig)
             if (c.use_karras_sigmas or c.use_lu_lambdas) and c.beta_schedule != "squaredcos_cap_v2":
                 ts = ts.round()
-        self._set_ladder(sig, self._last_sigma(), ts, device)
-        self.timesteps = torch.from_numpy(np.asarray(ts).astype(np.int64)).to(device=device)
-        self.num_inference_steps = len(ts)
-        self.model_outputs = [None] * c.solver_order
+        self._set_int_ladder(sig, self._last_sigma(), ts, device)
+
+    def _reset_history(self):
+        self.model_outputs = [None] * self.config.solver_order
         self.lower_order_nums = 0
-        self._step_index = None
-        self._begin_index = None
 
     def _x0(self, model_output, x, sigma: float):
         """D = E[x_0 | x] from the model output (learned-variance channels dropped), thresholded."""
-        D = self._denoised(model_output, x, sigma)
-        if self.config.thresholding:
-            D = _dynamic_threshold(D, float(self.config.dynamic_thresholding_ratio), float(self.config.sample_max_value))
-        return D
+        return self._threshold(self._denoised(model_output, x, sigma))
 
     def step(
         self,
@@ -1403,23 +1460,17 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
     ):
         """One multistep step sigma_i -> sigma_{i+1} (see the class docstring). Returns
         ``SchedulerOutput(prev_sample)`` or that tuple."""
-        if self.num_inference_steps is None:
-            raise ValueError(
-                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
-            )
+        _check_set(self)
         c = self.config
         _check_tensors(model_output, sample)
         if c.variance_type in ("learned", "learned_range") and c.prediction_type == "epsilon":
             model_output = model_output[:, : sample.shape[1]]
-        _check_same_shape(model_output, sample)
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        i, N = self.step_index, len(self.timesteps)
+        i, N = self._start_step(model_output, sample, timestep), len(self.timesteps)
         lower_final = i == N - 1 and (c.euler_at_final or (c.lower_order_final and N < 15) or c.final_sigmas_type == "zero")
         lower_second = i == N - 2 and c.lower_order_final and N < 15
         s, s_next = float(self._sig[i]), float(self._sig[i + 1])
         cd = _compute_dtype(sample.device)
-        x = sample.to(cd) * math.sqrt(1.0 + s * s)  # x = x_t / alpha_t
+        x = self._to_x(sample, s)
         D = self._x0(model_output.to(cd), x, s)
         for k in range(c.solver_order - 1):
             self.model_outputs[k] = self.model_outputs[k + 1]
@@ -1454,20 +1505,7 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
             prev = dpmpp_multistep_step(x, s, s_next, D, lam_hist, 1.0 if sde else 0.0, solver_type)
             if sde:
                 prev = prev + noise.to(cd) * dpmpp_sde_noise_std(s, s_next, 1.0)
-        if self.lower_order_nums < c.solver_order:
-            self.lower_order_nums += 1
-        prev = (prev / math.sqrt(1.0 + s_next * s_next)).to(model_output.dtype)
-        self._step_index += 1
-        if not return_dict:
-            return (prev,)
-        return SchedulerOutput(prev_sample=prev)
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
-        """x_t = alpha x_0 + sigma_t eps, alpha = 1/sqrt(1 + sigma^2), sigma_t = sigma alpha at the
-        timesteps' levels (float64, in the samples' dtype)."""
-        cd, sigma = self._noise_levels(original_samples, noise, timesteps)
-        alpha = 1.0 / torch.sqrt(1.0 + sigma * sigma)
-        return (alpha * original_samples.to(cd) + (sigma * alpha) * noise.to(cd)).to(original_samples.dtype)
+        return self._end_vp_step(prev, s_next, model_output, return_dict)
 
 
 # ----------------------------------------------------------------------------- Heun
@@ -1636,7 +1674,7 @@ class LMSDiscreteScheduler(_SigmaScheduler):
 
 
 # ----------------------------------------------------------------------------- UniPC
-class UniPCMultistepScheduler(_SigmaScheduler):
+class UniPCMultistepScheduler(_VPMultistepScheduler):
     """diffusers' ``UniPCMultistepScheduler`` (same config, same API) on diffmath's float64
     arithmetic. The sample is diffusers' VP x_t; each step maps it to x = x_t sqrt(1 + sigma^2)
     (x = x_0 + sigma eps), forms the model value -- D (thresholded) with ``predict_x0=True``, eps
@@ -1654,7 +1692,6 @@ class UniPCMultistepScheduler(_SigmaScheduler):
     ``prediction_type="flow_prediction"`` are refused with a ``ValueError``."""
 
     _prediction_types = PREDICTION_TYPES
-    order = 1
 
     @register_to_config
     def __init__(
@@ -1695,17 +1732,12 @@ class UniPCMultistepScheduler(_SigmaScheduler):
             raise NotImplementedError(f"{solver_type} is not implemented for {self.__class__}")
         if isinstance(solver_order, bool) or not isinstance(solver_order, numbers.Integral) or solver_order < 1:
             raise ValueError(f"solver_order must be an integer >= 1; got {solver_order!r}")
-        for key in ("use_flow_sigmas", "use_dynamic_shifting"):
-            if dict(self.config)[key]:
-                raise ValueError(f"{key}=True (flow matching) is not supported by the diffmath adapter")
+        self._refuse_flow()
         if shift_terminal is not None:
             raise ValueError("`shift_terminal` is only supported when `use_flow_sigmas=True`.")
         if solver_p is not None:
             raise ValueError("solver_p (another scheduler as the predictor) is not supported by the diffmath adapter")
-        d = dynamic_thresholding_ratio
-        if isinstance(d, bool) or not isinstance(d, numbers.Real) or not 0 <= d <= 1:
-            raise ValueError(f"dynamic_thresholding_ratio must lie in [0, 1]; got {d!r}")
-        _check_positive(sample_max_value, "sample_max_value")
+        self._check_thresholding(dynamic_thresholding_ratio, sample_max_value)
         if isinstance(disable_corrector, (str, bytes)) or not all(
             isinstance(k, numbers.Integral) and not isinstance(k, bool) for k in disable_corrector
         ):
@@ -1725,26 +1757,6 @@ class UniPCMultistepScheduler(_SigmaScheduler):
         self.last_sample = None
         self.this_order = None
 
-    @property
-    def init_noise_sigma(self) -> float:
-        """1.0: the sample is diffusers' VP x_t."""
-        return 1.0
-
-    def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """The sample itself (the model takes the VP x_t)."""
-        return sample
-
-    def _unipc_timesteps(self, S: int) -> np.ndarray:
-        """diffusers' integer timesteps (descending) for S steps."""
-        c, T = self.config, self.config.num_train_timesteps
-        if c.timestep_spacing == "linspace":
-            ts = np.linspace(0, T - 1, S + 1).round()[::-1][:-1]
-        elif c.timestep_spacing == "leading":
-            ratio = T // (S + 1)
-            ts = (np.arange(0, S + 1) * ratio).round()[::-1][:-1] + c.steps_offset
-        else:
-            ts = np.arange(T, 0, -T / S).round() - 1
-        return ts.astype(np.int64)
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, sigmas=None, mu=None):
         """The inference ladder: sigma of the float64 table at diffusers' integer timesteps, or the
@@ -1760,7 +1772,7 @@ class UniPCMultistepScheduler(_SigmaScheduler):
             raise ValueError("mu (dynamic shifting) is not supported by the diffmath adapter")
         c = self.config
         S = self._check_steps(num_inference_steps)
-        ts = self._unipc_timesteps(S)
+        ts = self._int_timesteps(S, c.num_train_timesteps)
         T = c.num_train_timesteps
         if ts.min() < 0 or ts.max() > T - 1:
             raise ValueError(f"the timesteps of {S} steps leave [0, {T - 1}]: {ts.tolist()}")
@@ -1775,12 +1787,7 @@ class UniPCMultistepScheduler(_SigmaScheduler):
         else:
             sig = self._sigma_at(ts.astype(np.float64))
             last = self._last_sigma()
-        self._set_ladder(sig, last, ts, device)
-        self.timesteps = torch.from_numpy(np.asarray(ts).astype(np.int64)).to(device=device)
-        self.num_inference_steps = len(ts)
-        self._reset_history()
-        self._step_index = None
-        self._begin_index = None
+        self._set_int_ladder(sig, last, ts, device)
 
     def convert_model_output(self, model_output: torch.Tensor, *args, sample: torch.Tensor = None, **kwargs) -> torch.Tensor:
         """The model value UniPC steps with, on diffusers' VP sample: x0 (D, thresholded) with
@@ -1791,17 +1798,12 @@ class UniPCMultistepScheduler(_SigmaScheduler):
             else:
                 raise ValueError("missing `sample` as a required keyword argument")
         s = float(self._sig[self.step_index])
-        cd = _compute_dtype(sample.device)
-        x = sample.to(cd) * math.sqrt(1.0 + s * s)
-        return self._model_value(model_output.to(cd), x, s)
+        return self._model_value(model_output.to(_compute_dtype(sample.device)), self._to_x(sample, s), s)
 
     def _model_value(self, m, x, s: float):
         c = self.config
         if self.predict_x0:
-            D = self._denoised(m, x, s)
-            if c.thresholding:
-                D = _dynamic_threshold(D, float(c.dynamic_thresholding_ratio), float(c.sample_max_value))
-            return D
+            return self._threshold(self._denoised(m, x, s))
         if c.prediction_type == "epsilon":
             return m
         return (x - self._denoised(m, x, s)) / s
@@ -1809,21 +1811,12 @@ class UniPCMultistepScheduler(_SigmaScheduler):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         """One UniPC step sigma_i -> sigma_{i+1}: the corrector of the previous step, then the
         predictor (see the class docstring). Returns ``SchedulerOutput(prev_sample)`` or that tuple."""
-        if self.num_inference_steps is None:
-            raise ValueError(
-                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
-            )
+        _check_set(self)
         c = self.config
-        _check_tensors(model_output, sample)
-        _check_same_shape(model_output, sample)
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        i, N = self.step_index, len(self.timesteps)
-        if i >= N:
-            raise ValueError(f"step called {i + 1} times on a ladder of {N} timesteps; call set_timesteps again")
+        i, N = self._start_step(model_output, sample, timestep, check_end=True), len(self.timesteps)
         s, s_next = float(self._sig[i]), float(self._sig[i + 1])
         cd = _compute_dtype(sample.device)
-        x = sample.to(cd) * math.sqrt(1.0 + s * s)  # x = x_t / alpha_t
+        x = self._to_x(sample, s)
         M = self._model_value(model_output.to(cd), x, s)
         variant = c.solver_type
         pred = "data" if self.predict_x0 else "noise"
@@ -1851,12 +1844,4 @@ class UniPCMultistepScheduler(_SigmaScheduler):
             hist = [self.model_outputs[-1 - k] for k in range(p)]
             levels = [self._levels[-1 - k] for k in range(p)]
             prev = unipc_predictor_step(x, s, s_next, hist, levels, variant, pred)
-        if self.lower_order_nums < c.solver_order:
-            self.lower_order_nums += 1
-        prev = (prev / math.sqrt(1.0 + s_next * s_next)).to(model_output.dtype)
-        self._step_index += 1
-        if not return_dict:
-            return (prev,)
-        return SchedulerOutput(prev_sample=prev)
-
-    add_noise = DPMSolverMultistepScheduler.add_noise
+        return self._end_vp_step(prev, s_next, model_output, return_dict)
