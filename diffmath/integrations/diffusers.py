@@ -248,6 +248,45 @@ def _check_same_shape(model_output, sample, what="model_output"):
         raise ValueError(f"{what} must have the shape of sample {tuple(sample.shape)}; got {tuple(model_output.shape)}")
 
 
+def _check_steps_offset(so):
+    if isinstance(so, bool) or not isinstance(so, numbers.Integral) or so < 0:
+        raise ValueError(f"steps_offset must be an integer >= 0; got {so!r}")
+
+
+def _check_sigma_flags(cfg):
+    """At most one of the Karras / exponential / beta ladders (diffusers' rule)."""
+    if sum(bool(cfg.get(k)) for k in ("use_beta_sigmas", "use_exponential_sigmas", "use_karras_sigmas")) > 1:
+        raise ValueError(
+            "Only one of `config.use_beta_sigmas`, `config.use_exponential_sigmas`, `config.use_karras_sigmas` can be used."
+        )
+
+
+def _as_list(values):
+    """A python list from a tensor, an array or a sequence."""
+    return values.tolist() if hasattr(values, "tolist") else values
+
+
+def _shown(values: list) -> list:
+    """At most 12 of ``values`` for an error message (the first and last six)."""
+    return values if len(values) <= 12 else values[:6] + ["..."] + values[-6:]
+
+
+def _broadcast(values, like: torch.Tensor, cd):
+    """The per-sample float64 ``values`` as a tensor of dtype ``cd`` on ``like``'s device,
+    broadcastable against ``like`` (trailing singleton dimensions)."""
+    out = torch.tensor(values, dtype=cd, device=like.device)
+    while out.ndim < like.ndim:
+        out = out.unsqueeze(-1)
+    return out
+
+
+def _check_set(scheduler):
+    if scheduler.num_inference_steps is None:
+        raise ValueError(
+            "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
+        )
+
+
 def _dynamic_threshold(x0, ratio: float, max_value: float):
     """Dynamic thresholding (Saharia et al. 2022, "Imagen", Sec. 2.3): per sample,
     s = clamp(quantile(|x0|, ratio), 1, max_value) and x0 <- clamp(x0, -s, s) / s. The
@@ -285,9 +324,7 @@ class _DiffmathScheduler(SchedulerMixin, ConfigMixin):
         _check_positive(c.clip_sample_range, "clip_sample_range")
         _check_positive(c.dynamic_thresholding_ratio, "dynamic_thresholding_ratio", upper=1.0)
         _check_positive(c.sample_max_value, "sample_max_value")
-        so = c.steps_offset
-        if isinstance(so, bool) or not isinstance(so, numbers.Integral) or so < 0:
-            raise ValueError(f"steps_offset must be an integer >= 0; got {so!r}")
+        _check_steps_offset(c.steps_offset)
         if not isinstance(c.diffusers_compat, (bool, np.bool_)):
             raise TypeError(f"diffusers_compat must be True or False; got {c.diffusers_compat!r}")
         self.schedule = schedule_from_config(c)
@@ -324,7 +361,7 @@ class _DiffmathScheduler(SchedulerMixin, ConfigMixin):
         if num_inference_steps is not None and timesteps is not None:
             raise ValueError("Can only pass one of `num_inference_steps` or `custom_timesteps`.")
         if timesteps is not None:
-            ts = [_as_int(v, "timesteps") for v in (timesteps.tolist() if hasattr(timesteps, "tolist") else timesteps)]
+            ts = [_as_int(v, "timesteps") for v in _as_list(timesteps)]
             if not ts:
                 raise ValueError("`timesteps` must hold at least one timestep; got an empty list")
             for i in range(1, len(ts)):
@@ -370,10 +407,8 @@ class _DiffmathScheduler(SchedulerMixin, ConfigMixin):
         try:
             return self._grid_pos[t]
         except KeyError:
-            shown = self._grid.tolist()
-            shown = shown if len(shown) <= 12 else shown[:6] + ["..."] + shown[-6:]
             raise ValueError(
-                f"timestep {t} is not on the inference grid set by set_timesteps ({shown}); "
+                f"timestep {t} is not on the inference grid set by set_timesteps ({_shown(self._grid.tolist())}); "
                 "step at the timesteps of `scheduler.timesteps`"
             ) from None
 
@@ -661,10 +696,7 @@ class DDIMScheduler(_DiffmathScheduler):
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
 
     def _previous(self, t: int) -> int:
-        if self.num_inference_steps is None:
-            raise ValueError(
-                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
-            )
+        _check_set(self)
         if self.config.diffusers_compat and not self.custom_timesteps:
             self._check_train_t(t)
             return t - self.config.num_train_timesteps // self.num_inference_steps
@@ -786,16 +818,10 @@ class _SigmaScheduler(SchedulerMixin, ConfigMixin):
             raise NotImplementedError(f"{c.beta_schedule} is not implemented for {self.__class__}")
         _check_choice(c.prediction_type, "prediction_type", self._prediction_types)
         _check_choice(c.timestep_spacing, "timestep_spacing", SIGMA_SPACINGS)
-        so = c.steps_offset
-        if isinstance(so, bool) or not isinstance(so, numbers.Integral) or so < 0:
-            raise ValueError(f"steps_offset must be an integer >= 0; got {so!r}")
+        _check_steps_offset(c.steps_offset)
         cfg = dict(c)
         if self._has_sigma_options:
-            flags = [bool(cfg.get(k)) for k in ("use_beta_sigmas", "use_exponential_sigmas", "use_karras_sigmas")]
-            if sum(flags) > 1:
-                raise ValueError(
-                    "Only one of `config.use_beta_sigmas`, `config.use_exponential_sigmas`, `config.use_karras_sigmas` can be used."
-                )
+            _check_sigma_flags(cfg)
         _check_choice(cfg.get("final_sigmas_type", "zero"), "final_sigmas_type", FINAL_SIGMAS_TYPES)
         _float_or_none(cfg.get("sigma_min"), "sigma_min")
         _float_or_none(cfg.get("sigma_max"), "sigma_max")
@@ -886,7 +912,7 @@ class _SigmaScheduler(SchedulerMixin, ConfigMixin):
             if timesteps is not None and cfg.get(key):
                 raise ValueError(f"Cannot set `timesteps` with `config.{key} = True`.")
         if sigmas is not None:
-            sig = np.asarray(sigmas.tolist() if hasattr(sigmas, "tolist") else sigmas, dtype=np.float64).reshape(-1)
+            sig = np.asarray(_as_list(sigmas), dtype=np.float64).reshape(-1)
             if sig.size < 2 or not np.all(np.isfinite(sig)) or np.any(sig < 0) or np.any(sig[:-1] <= 0):
                 raise ValueError(f"`sigmas` must hold >= 2 finite values > 0 (the last may be 0); got {sig.tolist()}")
             ts = self._t_of_sigma(sig[:-1])
@@ -894,7 +920,7 @@ class _SigmaScheduler(SchedulerMixin, ConfigMixin):
             self._finish(sig[:-1], float(sig[-1]), ts, device)
             return
         if timesteps is not None:
-            ts = np.asarray(timesteps.tolist() if hasattr(timesteps, "tolist") else timesteps, dtype=np.float64).reshape(-1)
+            ts = np.asarray(_as_list(timesteps), dtype=np.float64).reshape(-1)
             if ts.size < 1 or np.any(np.diff(ts) >= 0):
                 raise ValueError(f"`timesteps` must be strictly descending; got {ts.tolist()}")
             S = ts.size
@@ -957,9 +983,7 @@ class _SigmaScheduler(SchedulerMixin, ConfigMixin):
             schedule_timesteps = self.timesteps
         indices = (schedule_timesteps == timestep).nonzero()
         if len(indices) == 0:
-            shown = schedule_timesteps.tolist()
-            shown = shown if len(shown) <= 12 else shown[:6] + ["..."] + shown[-6:]
-            raise ValueError(f"timestep {timestep} is not one of the scheduler's timesteps ({shown})")
+            raise ValueError(f"timestep {timestep} is not one of the scheduler's timesteps ({_shown(schedule_timesteps.tolist())})")
         return indices[1 if len(indices) > 1 else 0].item()
 
     def _init_step_index(self, timestep):
@@ -979,6 +1003,32 @@ class _SigmaScheduler(SchedulerMixin, ConfigMixin):
                     " one of the `scheduler.timesteps` as a timestep."
                 ),
             )
+
+    def _start_step(self, model_output, sample, timestep, check_end=False, warn_unscaled=False):
+        """Check a step's tensors, find its ladder index (diffusers' bookkeeping) and return it."""
+        _check_tensors(model_output, sample)
+        _check_same_shape(model_output, sample)
+        if warn_unscaled and not self.is_scale_input_called:
+            warnings.warn(
+                "The `scale_model_input` function should be called before `step` to ensure correct denoising. "
+                "See `StableDiffusionPipeline` for a usage example."
+            )
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        i = self.step_index
+        if check_end and i >= len(self.timesteps):
+            raise ValueError(f"step called {i + 1} times on a ladder of {len(self.timesteps)} timesteps; call set_timesteps again")
+        return i
+
+    def _end_step(self, prev, den, model_output, output_cls, return_dict):
+        """Advance the step index and return diffusers' output: prev in the model output's
+        dtype, the denoised value in it promoted with float32."""
+        self._step_index += 1
+        prev = prev.to(model_output.dtype)
+        den = den.to(torch.promote_types(model_output.dtype, torch.float32))
+        if not return_dict:
+            return (prev, den)
+        return output_cls(prev_sample=prev, pred_original_sample=den)
 
     # -- model input / output ----------------------------------------------------------------
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
@@ -1014,17 +1064,20 @@ class _SigmaScheduler(SchedulerMixin, ConfigMixin):
             return [self.step_index] * timesteps.reshape(-1).shape[0]
         return [self.begin_index] * timesteps.reshape(-1).shape[0]
 
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """x = x_0 + sigma eps at the timesteps' levels (float64, in the samples' dtype)."""
+    def _noise_levels(self, original_samples, noise, timesteps):
+        """The checked inputs' compute dtype and sigma at the timesteps' levels, broadcastable
+        against the samples."""
         _check_tensors(noise, original_samples, ("noise", "original_samples"))
         _check_same_shape(noise, original_samples, "noise")
         if not isinstance(timesteps, torch.Tensor):
             timesteps = torch.as_tensor(timesteps)
         idx = self._sigma_index_for(timesteps, original_samples)
         cd = _compute_dtype(original_samples.device)
-        sigma = torch.tensor(self._sig[idx], dtype=cd, device=original_samples.device)
-        while sigma.ndim < original_samples.ndim:
-            sigma = sigma.unsqueeze(-1)
+        return cd, _broadcast(self._sig[idx], original_samples, cd)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x = x_0 + sigma eps at the timesteps' levels (float64, in the samples' dtype)."""
+        cd, sigma = self._noise_levels(original_samples, noise, timesteps)
         return (original_samples.to(cd) + noise.to(cd) * sigma).to(original_samples.dtype)
 
     def __len__(self) -> int:
@@ -1095,11 +1148,7 @@ class EulerDiscreteScheduler(_SigmaScheduler):
         """One Euler step sigma_i -> sigma_{i+1} (see the class docstring). Returns
         ``EulerDiscreteSchedulerOutput(prev_sample, pred_original_sample)`` or that tuple."""
         self._check_step_timestep(timestep)
-        _check_tensors(model_output, sample)
-        _check_same_shape(model_output, sample)
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        i = self.step_index
+        i = self._start_step(model_output, sample, timestep)
         sigma, sigma_next = float(self._sig[i]), float(self._sig[i + 1])
         gamma = churn_gamma(sigma, len(self._sig) - 1, float(s_churn), float(s_tmin), float(s_tmax))
         sigma_hat = sigma * (gamma + 1.0)
@@ -1112,12 +1161,7 @@ class EulerDiscreteScheduler(_SigmaScheduler):
             x = x + noise.to(cd) * churn_std(sigma, gamma, float(s_noise))
         den = self._denoised(model_output.to(cd), x, sigma_hat, sigma_v=sigma)
         prev = euler_step(x, den, sigma_hat, sigma_next)
-        self._step_index += 1
-        prev = prev.to(model_output.dtype)
-        den = den.to(torch.promote_types(model_output.dtype, torch.float32))
-        if not return_dict:
-            return (prev, den)
-        return EulerDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=den)
+        return self._end_step(prev, den, model_output, EulerDiscreteSchedulerOutput, return_dict)
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 at the timesteps' training steps
@@ -1126,9 +1170,7 @@ class EulerDiscreteScheduler(_SigmaScheduler):
         _check_tensors(noise, sample, ("noise", "sample"))
         idx = [self.index_for_timestep(t, self.timesteps.to(sample.device)) for t in timesteps.to(sample.device)]
         cd = _compute_dtype(sample.device)
-        abar = torch.tensor(self._abar[idx], dtype=cd, device=sample.device)
-        while abar.ndim < sample.ndim:
-            abar = abar.unsqueeze(-1)
+        abar = _broadcast(self._abar[idx], sample, cd)
         return (abar.sqrt() * noise.to(cd) - (1 - abar).sqrt() * sample.to(cd)).to(sample.dtype)
 
 
@@ -1174,11 +1216,7 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
         """One Euler ancestral step sigma_i -> sigma_{i+1}. Returns
         ``EulerAncestralDiscreteSchedulerOutput(prev_sample, pred_original_sample)`` or that tuple."""
         self._check_step_timestep(timestep)
-        _check_tensors(model_output, sample)
-        _check_same_shape(model_output, sample)
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        i = self.step_index
+        i = self._start_step(model_output, sample, timestep)
         sigma, sigma_next = float(self._sig[i]), float(self._sig[i + 1])
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, 1.0)
         cd = _compute_dtype(sample.device)
@@ -1186,21 +1224,98 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
         den = self._denoised(model_output.to(cd), x, sigma)
         noise = torch_utils.randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator)
         prev = euler_ancestral_step(x, den, sigma, sigma_down, noise.to(cd), sigma_up)
-        self._step_index += 1
-        prev = prev.to(model_output.dtype)
-        den = den.to(torch.promote_types(model_output.dtype, torch.float32))
-        if not return_dict:
-            return (prev, den)
-        return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=den)
+        return self._end_step(prev, den, model_output, EulerAncestralDiscreteSchedulerOutput, return_dict)
 
     get_velocity = EulerDiscreteScheduler.get_velocity
+
+
+# ----------------------------------------------------------------------------- VP multistep base
+class _VPMultistepScheduler(_SigmaScheduler):
+    """What DPM-Solver++ and UniPC share: the sample is diffusers' VP x_t (``init_noise_sigma`` =
+    1, unscaled model input, x_t = alpha x_0 + sigma_t eps in ``add_noise``), each step maps it to
+    x = x_t sqrt(1 + sigma^2) (EDM's VP view, x = x_0 + sigma eps) and back, on diffusers' integer
+    timesteps, with a history of model values warmed up from first order."""
+
+    order = 1
+
+    def _refuse_flow(self):
+        for key in ("use_flow_sigmas", "use_dynamic_shifting"):
+            if dict(self.config)[key]:
+                raise ValueError(f"{key}=True (flow matching) is not supported by the diffmath adapter")
+
+    @staticmethod
+    def _check_thresholding(dynamic_thresholding_ratio, sample_max_value):
+        d = dynamic_thresholding_ratio
+        if isinstance(d, bool) or not isinstance(d, numbers.Real) or not 0 <= d <= 1:
+            raise ValueError(f"dynamic_thresholding_ratio must lie in [0, 1]; got {d!r}")
+        _check_positive(sample_max_value, "sample_max_value")
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """1.0: the sample is diffusers' VP x_t."""
+        return 1.0
+
+    def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The sample itself (the model takes the VP x_t)."""
+        return sample
+
+    def _int_timesteps(self, S: int, last: int) -> np.ndarray:
+        """diffusers' integer timesteps (descending) for S steps over [0, last)."""
+        c, T = self.config, self.config.num_train_timesteps
+        if c.timestep_spacing == "linspace":
+            ts = np.linspace(0, last - 1, S + 1).round()[::-1][:-1]
+        elif c.timestep_spacing == "leading":
+            ratio = last // (S + 1)
+            ts = (np.arange(0, S + 1) * ratio).round()[::-1][:-1] + c.steps_offset
+        else:
+            ts = np.arange(last, 0, -T / S).round() - 1
+        return ts.astype(np.int64)
+
+    def _set_int_ladder(self, sig, last, ts, device):
+        """The ladder with diffusers' int64 timesteps; resets the history and the step index."""
+        self._set_ladder(sig, last, ts, device)
+        self.timesteps = torch.from_numpy(np.asarray(ts).astype(np.int64)).to(device=device)
+        self.num_inference_steps = len(ts)
+        self._reset_history()
+        self._step_index = None
+        self._begin_index = None
+
+    def _threshold(self, D):
+        """Dynamic thresholding of D when the config asks for it."""
+        c = self.config
+        if c.thresholding:
+            D = _dynamic_threshold(D, float(c.dynamic_thresholding_ratio), float(c.sample_max_value))
+        return D
+
+    @staticmethod
+    def _to_x(sample, s: float):
+        """x = x_t / alpha_t = x_t sqrt(1 + sigma^2) in the compute dtype."""
+        return sample.to(_compute_dtype(sample.device)) * math.sqrt(1.0 + s * s)
+
+    def _end_vp_step(self, prev, s_next: float, model_output, return_dict):
+        """Count the warm-up, map x back to x_t = x / sqrt(1 + sigma_next^2) in the model output's
+        dtype, advance the step index and return diffusers' output."""
+        if self.lower_order_nums < self.config.solver_order:
+            self.lower_order_nums += 1
+        prev = (prev / math.sqrt(1.0 + s_next * s_next)).to(model_output.dtype)
+        self._step_index += 1
+        if not return_dict:
+            return (prev,)
+        return SchedulerOutput(prev_sample=prev)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """x_t = alpha x_0 + sigma_t eps, alpha = 1/sqrt(1 + sigma^2), sigma_t = sigma alpha at the
+        timesteps' levels (float64, in the samples' dtype)."""
+        cd, sigma = self._noise_levels(original_samples, noise, timesteps)
+        alpha = 1.0 / torch.sqrt(1.0 + sigma * sigma)
+        return (alpha * original_samples.to(cd) + (sigma * alpha) * noise.to(cd)).to(original_samples.dtype)
 
 
 # ----------------------------------------------------------------------------- DPM-Solver++
 DPM_ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
 
 
-class DPMSolverMultistepScheduler(_SigmaScheduler):
+class DPMSolverMultistepScheduler(_VPMultistepScheduler):
     """diffusers' ``DPMSolverMultistepScheduler`` on diffmath's float64 arithmetic. The sample is
     diffusers' VP x_t; each step maps it to x = x_t sqrt(1 + sigma^2) (EDM's VP view, x = x_0 +
     sigma eps), forms D from the model output (``_denoised``; thresholding on D), and applies the
@@ -1221,7 +1336,6 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
     ``ValueError``."""
 
     _prediction_types = PREDICTION_TYPES
-    order = 1
 
     @register_to_config
     def __init__(
@@ -1270,47 +1384,20 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
             raise NotImplementedError(f"{solver_type} is not implemented for {self.__class__}")
         if isinstance(solver_order, bool) or solver_order not in (1, 2, 3):
             raise ValueError(f"solver_order must be 1, 2 or 3; got {solver_order!r}")
-        for key in ("use_flow_sigmas", "use_dynamic_shifting"):
-            if dict(self.config)[key]:
-                raise ValueError(f"{key}=True (flow matching) is not supported by the diffmath adapter")
+        self._refuse_flow()
         _check_choice(variance_type, "variance_type", (None, "learned", "learned_range"))
-        d = dynamic_thresholding_ratio
-        if isinstance(d, bool) or not isinstance(d, numbers.Real) or not 0 <= d <= 1:
-            raise ValueError(f"dynamic_thresholding_ratio must lie in [0, 1]; got {d!r}")
-        _check_positive(sample_max_value, "sample_max_value")
+        self._check_thresholding(dynamic_thresholding_ratio, sample_max_value)
         if not isinstance(lambda_min_clipped, numbers.Real) or math.isnan(lambda_min_clipped):
             raise ValueError(f"lambda_min_clipped must be a number; got {lambda_min_clipped!r}")
-        flags = [use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas]
-        if sum(bool(f) for f in flags) > 1:
-            raise ValueError(
-                "Only one of `config.use_beta_sigmas`, `config.use_exponential_sigmas`, `config.use_karras_sigmas` can be used."
-            )
+        _check_sigma_flags(dict(self.config))
         self._setup_sigmas()
-        self.model_outputs = [None] * solver_order
-        self.lower_order_nums = 0
-
-    @property
-    def init_noise_sigma(self) -> float:
-        """1.0: the sample is diffusers' VP x_t."""
-        return 1.0
-
-    def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """The sample itself (the model takes the VP x_t)."""
-        return sample
+        self._reset_history()
 
     def _dpm_timesteps(self, S: int) -> np.ndarray:
         """diffusers' integer timesteps (descending) for S steps, below lambda_min_clipped."""
         c, T = self.config, self.config.num_train_timesteps
         lam = -np.log(self._tab)  # lambda_t = log(alpha_t / sigma_t), decreasing in t
-        last = T - int(np.searchsorted(lam[::-1], c.lambda_min_clipped))
-        if c.timestep_spacing == "linspace":
-            ts = np.linspace(0, last - 1, S + 1).round()[::-1][:-1]
-        elif c.timestep_spacing == "leading":
-            ratio = last // (S + 1)
-            ts = (np.arange(0, S + 1) * ratio).round()[::-1][:-1] + c.steps_offset
-        else:
-            ts = np.arange(last, 0, -T / S).round() - 1
-        return ts.astype(np.int64)
+        return self._int_timesteps(S, T - int(np.searchsorted(lam[::-1], c.lambda_min_clipped)))
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, mu: float | None = None, timesteps=None):
         """The inference ladder: diffusers' integer timesteps and sigma of the float64 table at
@@ -1329,7 +1416,7 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
                 raise ValueError(f"Cannot set `timesteps` with `config.{key} = True`.")
         T = c.num_train_timesteps
         if timesteps is not None:
-            ts = np.array(timesteps.tolist() if hasattr(timesteps, "tolist") else timesteps).astype(np.int64).reshape(-1)
+            ts = np.array(_as_list(timesteps)).astype(np.int64).reshape(-1)
             if ts.size < 1 or np.any(np.diff(ts) >= 0) or ts.min() < 0 or ts.max() > T - 1:
                 raise ValueError(f"`timesteps` must be strictly descending integers in [0, {T - 1}]; got {ts.tolist()}")
             S = ts.size
@@ -1352,20 +1439,15 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
             ts = self._t_of_sigma(sig)
             if (c.use_karras_sigmas or c.use_lu_lambdas) and c.beta_schedule != "squaredcos_cap_v2":
                 ts = ts.round()
-        self._set_ladder(sig, self._last_sigma(), ts, device)
-        self.timesteps = torch.from_numpy(np.asarray(ts).astype(np.int64)).to(device=device)
-        self.num_inference_steps = len(ts)
-        self.model_outputs = [None] * c.solver_order
+        self._set_int_ladder(sig, self._last_sigma(), ts, device)
+
+    def _reset_history(self):
+        self.model_outputs = [None] * self.config.solver_order
         self.lower_order_nums = 0
-        self._step_index = None
-        self._begin_index = None
 
     def _x0(self, model_output, x, sigma: float):
         """D = E[x_0 | x] from the model output (learned-variance channels dropped), thresholded."""
-        D = self._denoised(model_output, x, sigma)
-        if self.config.thresholding:
-            D = _dynamic_threshold(D, float(self.config.dynamic_thresholding_ratio), float(self.config.sample_max_value))
-        return D
+        return self._threshold(self._denoised(model_output, x, sigma))
 
     def step(
         self,
@@ -1378,23 +1460,17 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
     ):
         """One multistep step sigma_i -> sigma_{i+1} (see the class docstring). Returns
         ``SchedulerOutput(prev_sample)`` or that tuple."""
-        if self.num_inference_steps is None:
-            raise ValueError(
-                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
-            )
+        _check_set(self)
         c = self.config
         _check_tensors(model_output, sample)
         if c.variance_type in ("learned", "learned_range") and c.prediction_type == "epsilon":
             model_output = model_output[:, : sample.shape[1]]
-        _check_same_shape(model_output, sample)
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        i, N = self.step_index, len(self.timesteps)
+        i, N = self._start_step(model_output, sample, timestep), len(self.timesteps)
         lower_final = i == N - 1 and (c.euler_at_final or (c.lower_order_final and N < 15) or c.final_sigmas_type == "zero")
         lower_second = i == N - 2 and c.lower_order_final and N < 15
         s, s_next = float(self._sig[i]), float(self._sig[i + 1])
         cd = _compute_dtype(sample.device)
-        x = sample.to(cd) * math.sqrt(1.0 + s * s)  # x = x_t / alpha_t
+        x = self._to_x(sample, s)
         D = self._x0(model_output.to(cd), x, s)
         for k in range(c.solver_order - 1):
             self.model_outputs[k] = self.model_outputs[k + 1]
@@ -1429,28 +1505,7 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
             prev = dpmpp_multistep_step(x, s, s_next, D, lam_hist, 1.0 if sde else 0.0, solver_type)
             if sde:
                 prev = prev + noise.to(cd) * dpmpp_sde_noise_std(s, s_next, 1.0)
-        if self.lower_order_nums < c.solver_order:
-            self.lower_order_nums += 1
-        prev = (prev / math.sqrt(1.0 + s_next * s_next)).to(model_output.dtype)
-        self._step_index += 1
-        if not return_dict:
-            return (prev,)
-        return SchedulerOutput(prev_sample=prev)
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
-        """x_t = alpha x_0 + sigma_t eps, alpha = 1/sqrt(1 + sigma^2), sigma_t = sigma alpha at the
-        timesteps' levels (float64, in the samples' dtype)."""
-        _check_tensors(noise, original_samples, ("noise", "original_samples"))
-        _check_same_shape(noise, original_samples, "noise")
-        if not isinstance(timesteps, torch.Tensor):
-            timesteps = torch.as_tensor(timesteps)
-        idx = self._sigma_index_for(timesteps, original_samples)
-        cd = _compute_dtype(original_samples.device)
-        sigma = torch.tensor(self._sig[idx], dtype=cd, device=original_samples.device)
-        while sigma.ndim < original_samples.ndim:
-            sigma = sigma.unsqueeze(-1)
-        alpha = 1.0 / torch.sqrt(1.0 + sigma * sigma)
-        return (alpha * original_samples.to(cd) + (sigma * alpha) * noise.to(cd)).to(original_samples.dtype)
+        return self._end_vp_step(prev, s_next, model_output, return_dict)
 
 
 # ----------------------------------------------------------------------------- Heun
@@ -1529,13 +1584,7 @@ class HeunDiscreteScheduler(_SigmaScheduler):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         """One half of Heun's step (see the class docstring). Returns
         ``HeunDiscreteSchedulerOutput(prev_sample, pred_original_sample)`` or that tuple."""
-        _check_tensors(model_output, sample)
-        _check_same_shape(model_output, sample)
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        k = self.step_index
-        if k >= len(self.timesteps):
-            raise ValueError(f"step called {k + 1} times on a ladder of {len(self.timesteps)} timesteps; call set_timesteps again")
+        k = self._start_step(model_output, sample, timestep, check_end=True)
         c = self.config
         cd = _compute_dtype(sample.device)
         first = self.state_in_first_order
@@ -1554,12 +1603,7 @@ class HeunDiscreteScheduler(_SigmaScheduler):
         else:
             prev = heun_correct(self.sample, self.prev_derivative, x, den, sigma, sigma_next)
             self.prev_derivative = self.dt = self.sample = None
-        self._step_index += 1
-        prev = prev.to(model_output.dtype)
-        den = den.to(torch.promote_types(model_output.dtype, torch.float32))
-        if not return_dict:
-            return (prev, den)
-        return HeunDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=den)
+        return self._end_step(prev, den, model_output, HeunDiscreteSchedulerOutput, return_dict)
 
 
 # ----------------------------------------------------------------------------- LMS
@@ -1615,18 +1659,7 @@ class LMSDiscreteScheduler(_SigmaScheduler):
         ``LMSDiscreteSchedulerOutput(prev_sample, pred_original_sample)`` or that tuple."""
         if isinstance(order, (bool, np.bool_)) or not isinstance(order, (int, np.integer)) or order < 1:
             raise ValueError(f"order must be an integer >= 1; got {order!r}")
-        _check_tensors(model_output, sample)
-        _check_same_shape(model_output, sample)
-        if not self.is_scale_input_called:
-            warnings.warn(
-                "The `scale_model_input` function should be called before `step` to ensure correct denoising. "
-                "See `StableDiffusionPipeline` for a usage example."
-            )
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        i = self.step_index
-        if i >= len(self.timesteps):
-            raise ValueError(f"step called {i + 1} times on a ladder of {len(self.timesteps)} timesteps; call set_timesteps again")
+        i = self._start_step(model_output, sample, timestep, check_end=True, warn_unscaled=True)
         sigma = float(self._sig[i])
         cd = _compute_dtype(sample.device)
         x = sample.to(cd)
@@ -1637,16 +1670,11 @@ class LMSDiscreteScheduler(_SigmaScheduler):
         q = min(int(order), i + 1, len(self.derivatives))
         ds = self.derivatives[::-1][:q]  # newest first
         prev = lms_step(x, ds, lms_coefficients(self._sig, i, q))
-        self._step_index += 1
-        prev = prev.to(model_output.dtype)
-        den = den.to(torch.promote_types(model_output.dtype, torch.float32))
-        if not return_dict:
-            return (prev, den)
-        return LMSDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=den)
+        return self._end_step(prev, den, model_output, LMSDiscreteSchedulerOutput, return_dict)
 
 
 # ----------------------------------------------------------------------------- UniPC
-class UniPCMultistepScheduler(_SigmaScheduler):
+class UniPCMultistepScheduler(_VPMultistepScheduler):
     """diffusers' ``UniPCMultistepScheduler`` (same config, same API) on diffmath's float64
     arithmetic. The sample is diffusers' VP x_t; each step maps it to x = x_t sqrt(1 + sigma^2)
     (x = x_0 + sigma eps), forms the model value -- D (thresholded) with ``predict_x0=True``, eps
@@ -1664,7 +1692,6 @@ class UniPCMultistepScheduler(_SigmaScheduler):
     ``prediction_type="flow_prediction"`` are refused with a ``ValueError``."""
 
     _prediction_types = PREDICTION_TYPES
-    order = 1
 
     @register_to_config
     def __init__(
@@ -1705,17 +1732,12 @@ class UniPCMultistepScheduler(_SigmaScheduler):
             raise NotImplementedError(f"{solver_type} is not implemented for {self.__class__}")
         if isinstance(solver_order, bool) or not isinstance(solver_order, numbers.Integral) or solver_order < 1:
             raise ValueError(f"solver_order must be an integer >= 1; got {solver_order!r}")
-        for key in ("use_flow_sigmas", "use_dynamic_shifting"):
-            if dict(self.config)[key]:
-                raise ValueError(f"{key}=True (flow matching) is not supported by the diffmath adapter")
+        self._refuse_flow()
         if shift_terminal is not None:
             raise ValueError("`shift_terminal` is only supported when `use_flow_sigmas=True`.")
         if solver_p is not None:
             raise ValueError("solver_p (another scheduler as the predictor) is not supported by the diffmath adapter")
-        d = dynamic_thresholding_ratio
-        if isinstance(d, bool) or not isinstance(d, numbers.Real) or not 0 <= d <= 1:
-            raise ValueError(f"dynamic_thresholding_ratio must lie in [0, 1]; got {d!r}")
-        _check_positive(sample_max_value, "sample_max_value")
+        self._check_thresholding(dynamic_thresholding_ratio, sample_max_value)
         if isinstance(disable_corrector, (str, bytes)) or not all(
             isinstance(k, numbers.Integral) and not isinstance(k, bool) for k in disable_corrector
         ):
@@ -1735,26 +1757,6 @@ class UniPCMultistepScheduler(_SigmaScheduler):
         self.last_sample = None
         self.this_order = None
 
-    @property
-    def init_noise_sigma(self) -> float:
-        """1.0: the sample is diffusers' VP x_t."""
-        return 1.0
-
-    def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """The sample itself (the model takes the VP x_t)."""
-        return sample
-
-    def _unipc_timesteps(self, S: int) -> np.ndarray:
-        """diffusers' integer timesteps (descending) for S steps."""
-        c, T = self.config, self.config.num_train_timesteps
-        if c.timestep_spacing == "linspace":
-            ts = np.linspace(0, T - 1, S + 1).round()[::-1][:-1]
-        elif c.timestep_spacing == "leading":
-            ratio = T // (S + 1)
-            ts = (np.arange(0, S + 1) * ratio).round()[::-1][:-1] + c.steps_offset
-        else:
-            ts = np.arange(T, 0, -T / S).round() - 1
-        return ts.astype(np.int64)
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, sigmas=None, mu=None):
         """The inference ladder: sigma of the float64 table at diffusers' integer timesteps, or the
@@ -1770,7 +1772,7 @@ class UniPCMultistepScheduler(_SigmaScheduler):
             raise ValueError("mu (dynamic shifting) is not supported by the diffmath adapter")
         c = self.config
         S = self._check_steps(num_inference_steps)
-        ts = self._unipc_timesteps(S)
+        ts = self._int_timesteps(S, c.num_train_timesteps)
         T = c.num_train_timesteps
         if ts.min() < 0 or ts.max() > T - 1:
             raise ValueError(f"the timesteps of {S} steps leave [0, {T - 1}]: {ts.tolist()}")
@@ -1785,12 +1787,7 @@ class UniPCMultistepScheduler(_SigmaScheduler):
         else:
             sig = self._sigma_at(ts.astype(np.float64))
             last = self._last_sigma()
-        self._set_ladder(sig, last, ts, device)
-        self.timesteps = torch.from_numpy(np.asarray(ts).astype(np.int64)).to(device=device)
-        self.num_inference_steps = len(ts)
-        self._reset_history()
-        self._step_index = None
-        self._begin_index = None
+        self._set_int_ladder(sig, last, ts, device)
 
     def convert_model_output(self, model_output: torch.Tensor, *args, sample: torch.Tensor = None, **kwargs) -> torch.Tensor:
         """The model value UniPC steps with, on diffusers' VP sample: x0 (D, thresholded) with
@@ -1801,17 +1798,12 @@ class UniPCMultistepScheduler(_SigmaScheduler):
             else:
                 raise ValueError("missing `sample` as a required keyword argument")
         s = float(self._sig[self.step_index])
-        cd = _compute_dtype(sample.device)
-        x = sample.to(cd) * math.sqrt(1.0 + s * s)
-        return self._model_value(model_output.to(cd), x, s)
+        return self._model_value(model_output.to(_compute_dtype(sample.device)), self._to_x(sample, s), s)
 
     def _model_value(self, m, x, s: float):
         c = self.config
         if self.predict_x0:
-            D = self._denoised(m, x, s)
-            if c.thresholding:
-                D = _dynamic_threshold(D, float(c.dynamic_thresholding_ratio), float(c.sample_max_value))
-            return D
+            return self._threshold(self._denoised(m, x, s))
         if c.prediction_type == "epsilon":
             return m
         return (x - self._denoised(m, x, s)) / s
@@ -1819,21 +1811,12 @@ class UniPCMultistepScheduler(_SigmaScheduler):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         """One UniPC step sigma_i -> sigma_{i+1}: the corrector of the previous step, then the
         predictor (see the class docstring). Returns ``SchedulerOutput(prev_sample)`` or that tuple."""
-        if self.num_inference_steps is None:
-            raise ValueError(
-                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
-            )
+        _check_set(self)
         c = self.config
-        _check_tensors(model_output, sample)
-        _check_same_shape(model_output, sample)
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        i, N = self.step_index, len(self.timesteps)
-        if i >= N:
-            raise ValueError(f"step called {i + 1} times on a ladder of {N} timesteps; call set_timesteps again")
+        i, N = self._start_step(model_output, sample, timestep, check_end=True), len(self.timesteps)
         s, s_next = float(self._sig[i]), float(self._sig[i + 1])
         cd = _compute_dtype(sample.device)
-        x = sample.to(cd) * math.sqrt(1.0 + s * s)  # x = x_t / alpha_t
+        x = self._to_x(sample, s)
         M = self._model_value(model_output.to(cd), x, s)
         variant = c.solver_type
         pred = "data" if self.predict_x0 else "noise"
@@ -1861,12 +1844,4 @@ class UniPCMultistepScheduler(_SigmaScheduler):
             hist = [self.model_outputs[-1 - k] for k in range(p)]
             levels = [self._levels[-1 - k] for k in range(p)]
             prev = unipc_predictor_step(x, s, s_next, hist, levels, variant, pred)
-        if self.lower_order_nums < c.solver_order:
-            self.lower_order_nums += 1
-        prev = (prev / math.sqrt(1.0 + s_next * s_next)).to(model_output.dtype)
-        self._step_index += 1
-        if not return_dict:
-            return (prev,)
-        return SchedulerOutput(prev_sample=prev)
-
-    add_noise = DPMSolverMultistepScheduler.add_noise
+        return self._end_vp_step(prev, s_next, model_output, return_dict)

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._array import is_tensor, randn, upcast
-from ..checks import check_float, check_generator
+from ..checks import check_float, check_generator, check_sde
 from ..sde import check_score
 
 __all__ = [
@@ -36,7 +36,15 @@ __all__ = [
     "to_state",
     "check_out_dtype",
     "finish",
+    "check_score_args",
 ]
+
+
+def check_score_args(sde, score_fn):
+    """Validate a score-based loop's ``sde`` and ``score_fn(x, t)`` (once, at the public entry)."""
+    check_sde(sde)
+    if not callable(score_fn):
+        raise TypeError(f"score_fn must be callable score_fn(x, t); got {type(score_fn).__name__}")
 
 
 def randn_like(x, generator):

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from .._array import is_tensor, restore, upcast
-from ..checks import check_dt, check_eps, check_float, check_sde, check_tol
+from ..checks import check_dt, check_eps, check_float, check_tol
 from ..sde import SDE, ReverseSDE
-from ._common import LoopModel, check_out_dtype, finish, model_t, progress_bar, start
+from ._common import LoopModel, check_out_dtype, check_score_args, finish, model_t, progress_bar, start
 from .sde_solvers import time_grid
 
 __all__ = ["heun_step", "sample_ode", "sample_ode_heun"]
@@ -66,9 +66,7 @@ def sample_ode_heun(
     dtype, or rounded once to ``out_dtype`` when given. A non-finite model output stops the
     loop with a ValueError naming the step and t (docs/samplers.md).
     """
-    check_sde(sde)
-    if not callable(score_fn):
-        raise TypeError(f"score_fn must be callable score_fn(x, t); got {type(score_fn).__name__}")
+    check_score_args(sde, score_fn)
     ts = time_grid(sde, steps, eps)
     x, _ = start(shape, generator, x_T, scale=sde.prior_std)
     out_dtype = check_out_dtype(out_dtype, x)
@@ -112,9 +110,7 @@ def sample_ode(
     """
     from scipy.integrate import solve_ivp
 
-    check_sde(sde)
-    if not callable(score_fn):
-        raise TypeError(f"score_fn must be callable score_fn(x, t); got {type(score_fn).__name__}")
+    check_score_args(sde, score_fn)
     eps = check_eps(sde, eps)
     rtol, atol = check_tol(rtol, "rtol"), check_tol(atol, "atol")
     x, _ = start(shape, generator, x_T, scale=sde.prior_std)

@@ -10,7 +10,7 @@ import numpy as np
 from .._array import restore, upcast
 from ..checks import check_dt, check_eps, check_float, check_like, check_pc_args, check_sde, check_time
 from ..sde import SDE, ReverseSDE
-from ._common import LoopModel, check_out_dtype, finish, progress_bar, randn_like, start
+from ._common import LoopModel, check_out_dtype, check_score_args, finish, progress_bar, randn_like, start
 from .langevin import langevin_corrector_step
 
 __all__ = ["euler_maruyama_step", "reverse_diffusion_step", "sample_sde", "sample_pc", "time_grid"]
@@ -126,9 +126,7 @@ def sample_sde(
     dtype, or rounded once to ``out_dtype`` when given. A non-finite model output stops the
     loop with a ValueError naming the step and t (docs/samplers.md).
     """
-    check_sde(sde)
-    if not callable(score_fn):
-        raise TypeError(f"score_fn must be callable score_fn(x, t); got {type(score_fn).__name__}")
+    check_score_args(sde, score_fn)
     ts = time_grid(sde, steps, eps)
     x, generator = start(shape, generator, x_T, scale=sde.prior_std)
     out_dtype = check_out_dtype(out_dtype, x)
@@ -189,9 +187,7 @@ def sample_pc(
     dtype, or rounded once to ``out_dtype`` when given. A non-finite model output stops the
     loop with a ValueError naming the step and t (docs/samplers.md).
     """
-    check_sde(sde)
-    if not callable(score_fn):
-        raise TypeError(f"score_fn must be callable score_fn(x, t); got {type(score_fn).__name__}")
+    check_score_args(sde, score_fn)
     eps = check_eps(sde, eps)
     snr, alpha, n_corrector_steps = check_pc_args(snr, alpha, n_corrector_steps)
     if predictor not in ("euler_maruyama", "reverse_diffusion"):
