@@ -1,4 +1,4 @@
-"""diffusers' DDPM/DDIM schedulers and diffmath's adapter against 50-digit mpmath.
+"""diffusers' schedulers and diffmath's adapters against 50-digit mpmath, all eight classes.
 
     .venv/bin/python benchmarks/diffusers_accuracy.py            (about 4 minutes on 2 cores)
 
@@ -6,8 +6,12 @@ Prints the tables of docs/diffusers.md: for each configuration, the worst norm-w
 error ||out - ref|| / ||ref|| of one step over every timestep of the grid, for diffusers'
 class (float32, its native precision), the adapter fed float32 tensors (result rounded to
 float32) and the adapter fed float64 tensors; then the error of the alphas_cumprod tables.
-The inputs are x_t = sqrt(abar) x0 + sqrt(1 - abar) eps with x0, eps ~ N(0, 1) (seeded) and the
-true eps (or v, or x0) as the model output, so every step is the one a perfect model meets.
+DDPM / DDIM: the inputs are x_t = sqrt(abar) x0 + sqrt(1 - abar) eps with x0, eps ~ N(0, 1)
+(seeded) and the true eps (or v, or x0) as the model output, so every step is the one a
+perfect model meets. The six sigma-space classes (Euler, Euler ancestral, Heun, LMS,
+DPM-Solver++ 2M, UniPC): every call of a loop, the multistep history included, each call fed
+its own float32 (x0 + sigma eps, eps) pair, against tests/_mpref_sigma.py's mpmath loop on the
+config's exact ladder (a few seconds of the total).
 """
 
 from __future__ import annotations
