@@ -21,8 +21,19 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m diffmath demo
 
+# Then the numerics tests again with numpy's AVX-512 group (X86_V4) disabled, and with its AVX2
+# group (X86_V3) too: numpy picks its vectorised exp/log/expm1/log1p by CPU and they differ by an
+# ulp or two, so a tolerance tighter than what the libm guarantees fails here on any machine
+# (numpy ignores groups the CPU lacks). docs/numerics.md, "Tolerances".
+NUMERICS_TESTS := tests/test_schedules.py tests/test_forward.py tests/test_posterior.py \
+	tests/test_parameterization.py tests/test_gaussian.py tests/test_losses.py tests/test_sde.py \
+	tests/test_oracle.py tests/test_likelihood.py tests/test_backends.py
+NUMERICS_ARGS := -q -n $(PYTEST_WORKERS) -p no:cacheprovider -k "not diffusers_own" $(NUMERICS_TESTS)
+
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
+	NPY_DISABLE_CPU_FEATURES="X86_V4" $(PY) -m pytest $(NUMERICS_ARGS)
+	NPY_DISABLE_CPU_FEATURES="X86_V3 X86_V4" $(PY) -m pytest $(NUMERICS_ARGS)
 
 # The side-by-side table (kernel / fallback / eager / torch.compile / diffusers), then the
 # pytest-benchmark suite over the same cases (BENCH_ARGS=--benchmark-json=FILE to save it).

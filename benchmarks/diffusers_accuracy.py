@@ -1,4 +1,4 @@
-"""diffusers' DDPM/DDIM schedulers and diffmath's adapter against 50-digit mpmath.
+"""diffusers' schedulers and diffmath's adapters against 50-digit mpmath, all eight classes.
 
     .venv/bin/python benchmarks/diffusers_accuracy.py            (about 4 minutes on 2 cores)
 
@@ -6,8 +6,12 @@ Prints the tables of docs/diffusers.md: for each configuration, the worst norm-w
 error ||out - ref|| / ||ref|| of one step over every timestep of the grid, for diffusers'
 class (float32, its native precision), the adapter fed float32 tensors (result rounded to
 float32) and the adapter fed float64 tensors; then the error of the alphas_cumprod tables.
-The inputs are x_t = sqrt(abar) x0 + sqrt(1 - abar) eps with x0, eps ~ N(0, 1) (seeded) and the
-true eps (or v, or x0) as the model output, so every step is the one a perfect model meets.
+DDPM / DDIM: the inputs are x_t = sqrt(abar) x0 + sqrt(1 - abar) eps with x0, eps ~ N(0, 1)
+(seeded) and the true eps (or v, or x0) as the model output, so every step is the one a
+perfect model meets. The six sigma-space classes (Euler, Euler ancestral, Heun, LMS,
+DPM-Solver++ 2M, UniPC): every call of a loop, the multistep history included, each call fed
+its own float32 (x0 + sigma eps, eps) pair, against tests/_mpref_sigma.py's mpmath loop on the
+config's exact ladder (a few seconds of the total).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 import diffusers  # noqa: E402
 from _mpref_diffusers import ddim_step, ddpm_step, rel_error  # noqa: E402
+from _mpref_sigma import step_errors as sigma_step_errors  # noqa: E402
 
 from diffmath.integrations import diffusers as dm  # noqa: E402
 
@@ -102,12 +107,36 @@ CASES = [
                                                            prediction_type="v_prediction"), 50, 0.0),
 ]
 
+# the six sigma-space classes: every call of a loop (multistep history included) against the
+# mpmath loop of tests/_mpref_sigma.py on the config's exact ladder (linspace spacing)
+SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+SIGMA_CASES = [
+    ("EulerDiscreteScheduler", "linear, 10 linspace steps", {}, 10),
+    ("EulerDiscreteScheduler", "scaled_linear, 25 linspace steps", SD, 25),
+    ("EulerAncestralDiscreteScheduler", "linear, 10 linspace steps", {}, 10),
+    ("EulerAncestralDiscreteScheduler", "scaled_linear, 25 linspace steps", SD, 25),
+    ("HeunDiscreteScheduler", "linear (0.00085, 0.012), 10 linspace levels", {}, 10),
+    ("HeunDiscreteScheduler", "scaled_linear, 25 linspace levels", SD, 25),
+    ("LMSDiscreteScheduler", "linear, 10 linspace steps, order 4", {}, 10),
+    ("LMSDiscreteScheduler", "scaled_linear, 25 linspace steps, order 4", SD, 25),
+    ("DPMSolverMultistepScheduler", "linear, 10 linspace steps, 2M", {}, 10),
+    ("DPMSolverMultistepScheduler", "scaled_linear, 25 linspace steps, 2M", SD, 25),
+    ("UniPCMultistepScheduler", "linear, 10 linspace steps, bh2 order 2", {}, 10),
+    ("UniPCMultistepScheduler", "scaled_linear, 25 linspace steps, bh2 order 2", SD, 25),
+    ("UniPCMultistepScheduler", "linear, 20 linspace steps, bh2 order 3", dict(solver_order=3), 20),
+]
+
 
 def main():
     print("| scheduler | configuration | diffusers (fp32) | adapter, fp32 in/out | adapter, fp64 |")
     print("|---|---|---|---|---|")
     for kind, label, config, steps, eta in CASES:
         d, a32, a64 = step_errors(kind, config, steps, eta)
+        print(f"| {kind} | {label} | {d:.1e} | {a32:.1e} | {a64:.1e} |")
+    for kind, label, config, steps in SIGMA_CASES:
+        d, a32, a64 = sigma_step_errors(kind, config, steps, shape=SHAPE, classes=(
+            (getattr(diffusers, kind), torch.float32), (getattr(dm, kind), torch.float32),
+            (getattr(dm, kind), torch.float64)))
         print(f"| {kind} | {label} | {d:.1e} | {a32:.1e} | {a64:.1e} |")
     print()
     print("| alphas_cumprod (T = 1000) | diffusers (fp32 cumprod) | adapter (float64) |")

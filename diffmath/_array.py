@@ -9,8 +9,6 @@ bfloat16 inputs compute in float32 and are cast back at the end.
 
 from __future__ import annotations
 
-import math
-import numbers
 import weakref
 
 import numpy as np
@@ -18,12 +16,6 @@ import torch
 
 __all__ = [
     "is_tensor",
-    "check_float",
-    "check_like",
-    "check_t",
-    "check_schedule",
-    "check_pair",
-    "check_positive",
     "schedule_cache",
     "schedule_table",
     "compute_dtype",
@@ -33,6 +25,7 @@ __all__ = [
     "gather_t",
     "broadcast_to_like",
     "broadcast_coef",
+    "widen_for_tables",
     "randn",
     "backend",
 ]
@@ -116,42 +109,6 @@ def backend(x):
     return _TorchOps if is_tensor(x) else _NumpyOps
 
 
-def check_float(x, name: str):
-    """Validate that ``x`` is a floating-point array or tensor; python floats and lists of
-    floats become float64 numpy arrays. Integer, boolean and complex inputs raise TypeError."""
-    if is_tensor(x):
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor; got dtype {x.dtype}")
-        return x
-    if isinstance(x, np.ndarray):
-        if not np.issubdtype(x.dtype, np.floating):
-            raise TypeError(f"{name} must be a floating-point array; got dtype {x.dtype}")
-        return x
-    if isinstance(x, (bool, np.bool_)) or isinstance(x, numbers.Integral):
-        raise TypeError(f"{name} must be floating-point; got the integer {x!r}")
-    if isinstance(x, numbers.Real):
-        return np.asarray(float(x), dtype=np.float64)
-    if isinstance(x, (list, tuple)):
-        arr = np.asarray(x)
-        if not np.issubdtype(arr.dtype, np.floating):
-            raise TypeError(f"{name} must hold floating-point values; got dtype {arr.dtype}")
-        return arr
-    raise TypeError(f"{name} must be a numpy array or torch tensor; got {type(x).__name__}")
-
-
-def check_like(y, x, name: str, xname: str = "x"):
-    """Validate ``y`` as a floating array of the same kind, device and shape as ``x``."""
-    y = check_float(y, name)
-    if is_tensor(x) != is_tensor(y):
-        kind = "a torch tensor" if is_tensor(x) else "a numpy array"
-        raise TypeError(f"{name} must be {kind} like {xname}; got {type(y).__name__}")
-    if is_tensor(x) and y.device != x.device:
-        raise ValueError(f"{name} is on {y.device} but {xname} is on {x.device}; move them to one device")
-    if tuple(y.shape) != tuple(x.shape):
-        raise ValueError(f"{name} must have the shape of {xname} {tuple(x.shape)}; got {tuple(y.shape)}")
-    return y
-
-
 def compute_dtype(x):
     """float16/bfloat16 compute in float32; float32/float64 keep their precision."""
     if is_tensor(x):
@@ -171,15 +128,10 @@ def restore(out, like):
     if is_tensor(like):
         return out if out.dtype == like.dtype else out.to(like.dtype)
     out = np.asarray(out)
-    return out if out.dtype == like.dtype else out.astype(like.dtype)
-
-
-def check_schedule(s):
-    from .schedules import Schedule
-
-    if not isinstance(s, Schedule):
-        raise TypeError(f"s must be a diffmath.schedules.Schedule; got {type(s).__name__}")
-    return s
+    if out.dtype == like.dtype:
+        return out
+    with np.errstate(over="ignore"):  # beyond the output dtype's range is +-inf, documented
+        return out.astype(like.dtype)
 
 
 # Values derived from a schedule, computed once per schedule and key and dropped with it: a
@@ -210,85 +162,6 @@ def schedule_table(s, key, build) -> np.ndarray:
         return tab
 
     return schedule_cache(s, ("table", key), table)
-
-
-def check_positive(value, name: str, allow_array: bool = False):
-    """A finite float > 0 (or, with ``allow_array``, an array of them)."""
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a positive number; got {value!r}")
-    if isinstance(value, numbers.Real):
-        v = float(value)
-        if not (math.isfinite(v) and v > 0):
-            raise ValueError(f"{name} must be finite and > 0; got {name} = {v}")
-        return v
-    if allow_array and (is_tensor(value) or isinstance(value, np.ndarray)):
-        bad = ~(value > 0) | (value == math.inf)
-        if bool(bad.any()):
-            v = value[bad].reshape(-1)[0]
-            raise ValueError(f"{name} must be finite and > 0; got {name} = {float(v)}")
-        return value
-    raise TypeError(f"{name} must be a positive number; got {type(value).__name__}")
-
-
-def check_t(t, T: int, x=None, name: str = "t", lo: int = 0):
-    """Validate a discrete timestep index.
-
-    ``t`` may be a python int or an integer array/tensor of shape (B,) (a 0-d array counts as
-    a scalar). It must lie in ``[lo, T)``; with ``x`` given, a batch of t must match
-    ``x.shape[0]``. Returns a python int or an integer array/tensor of shape (B,).
-    """
-    if isinstance(t, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an integer timestep index; got the boolean {t!r}")
-    if isinstance(t, numbers.Integral):
-        ti = int(t)
-        if not lo <= ti < T:
-            raise ValueError(f"{name} must lie in [{lo}, {T}) for a schedule of {T} steps; got {name} = {ti}")
-        return ti
-    if is_tensor(t):
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise TypeError(f"{name} must be an integer tensor of timestep indices; got dtype {t.dtype}")
-        if t.ndim == 0:
-            return check_t(int(t.item()), T, x, name, lo)
-        if t.ndim != 1:
-            raise ValueError(f"{name} must be a scalar or have shape (B,); got shape {tuple(t.shape)}")
-        if t.numel():
-            tmin, tmax = int(t.min().item()), int(t.max().item())
-            if tmin < lo or tmax >= T:
-                bad = tmin if tmin < lo else tmax
-                raise ValueError(f"{name} must lie in [{lo}, {T}) for a schedule of {T} steps; got {name} = {bad}")
-    else:
-        if isinstance(t, float) or (isinstance(t, np.ndarray) and not np.issubdtype(t.dtype, np.integer)):
-            raise TypeError(f"{name} must be an integer timestep index; got {t!r:.60}")
-        t = np.asarray(t)
-        if not np.issubdtype(t.dtype, np.integer):
-            raise TypeError(f"{name} must be an integer timestep index; got dtype {t.dtype}")
-        if t.ndim == 0:
-            return check_t(int(t), T, x, name, lo)
-        if t.ndim != 1:
-            raise ValueError(f"{name} must be a scalar or have shape (B,); got shape {t.shape}")
-        if t.size:
-            tmin, tmax = int(t.min()), int(t.max())
-            if tmin < lo or tmax >= T:
-                bad = tmin if tmin < lo else tmax
-                raise ValueError(f"{name} must lie in [{lo}, {T}) for a schedule of {T} steps; got {name} = {bad}")
-    if x is not None:
-        n = t.shape[0]
-        if np.ndim(x) == 0 or x.shape[0] != n:
-            raise ValueError(
-                f"a batch of {n} timesteps {name} must match the batch of x; x has shape {tuple(np.shape(x))}"
-            )
-    return t
-
-
-def check_pair(s, a, aname: str, b, bname: str, t):
-    """Validate the arguments of a schedule function of two arrays at step ``t``: ``s`` a
-    Schedule, ``a`` a floating array, ``b`` an array like ``a`` (kind, device, shape) and ``t``
-    a timestep index matching ``a``'s batch. Returns ``(a, b, t, upcast(a), upcast(b))``."""
-    check_schedule(s)
-    a = check_float(a, aname)
-    b = check_like(b, a, bname, aname)
-    t = check_t(t, s.num_timesteps, a)
-    return a, b, t, upcast(a), upcast(b)
 
 
 def gather(table, t, x):
@@ -354,6 +227,52 @@ def broadcast_coef(c, x):
     if c.ndim == 1:
         c = c.reshape((-1,) + (1,) * (ndim - 1))
     return c
+
+
+def _float32_misfits(s, name: str):
+    """(entries of the float64 table ``s.<name>`` that float32 cannot hold: finite but beyond
+    its range, or nonzero but below its smallest subnormal; whether there is any), computed
+    once per schedule and table."""
+
+    def build(s):
+        tab = np.asarray(getattr(s, name), dtype=np.float64)
+        with np.errstate(over="ignore", under="ignore"):
+            t32 = tab.astype(np.float32)
+        bad = np.isfinite(tab) & (np.isinf(t32) | ((t32 == 0) & (tab != 0)))
+        bad.setflags(write=False)
+        return bad, bool(bad.any())
+
+    return schedule_cache(s, ("float32_misfits", name), build)
+
+
+def widen_for_tables(s, t, names, *xs):
+    """``xs`` (upcast arrays of one kind and compute dtype) unchanged, or all in float64 where
+    that dtype is float32 and a float64 table ``s.<name>`` at ``t`` does not fit float32.
+
+    In float32, 1/sqrt(abar_t) overflows for abar_t < ~1e-77, and inf x_t - inf eps = NaN
+    where the value is finite (or +-inf with a sign); a coefficient that rounds to 0 turns a
+    division into 0/0. Computing such a step in float64 and rounding once at the end
+    (``restore``) gives the float32 number, or +-inf with the right sign where the value is
+    beyond float32's range, never NaN. Other steps keep their float32 path, bit for bit. The
+    test costs a dictionary lookup unless the schedule holds such entries at all. (On an MPS
+    device, which has no float64, the float32 path is kept.)"""
+    x = xs[0]
+    if is_tensor(x):
+        if x.dtype == torch.float64 or x.device.type == "mps":
+            return xs
+    elif x.dtype == np.float64:
+        return xs
+    for name in names:
+        bad, any_bad = _float32_misfits(s, name)
+        if not any_bad:
+            continue
+        if isinstance(t, int):
+            hit = bool(bad[t])
+        else:
+            hit = bool(bad[np.asarray(t.detach().cpu() if is_tensor(t) else t, dtype=np.int64)].any())
+        if hit:
+            return tuple(v.to(torch.float64) if is_tensor(v) else np.asarray(v, dtype=np.float64) for v in xs)
+    return xs
 
 
 def randn(shape, generator, like=None, dtype=None):

@@ -221,11 +221,11 @@ def check_class_count(num_classes: int, tensors: dict, where: str) -> None:
                            "does not match its config")
 
 
-def _rng_state_b64(state: torch.Tensor) -> str:
+def rng_state_b64(state: torch.Tensor) -> str:
     return base64.b64encode(state.cpu().numpy().tobytes()).decode("ascii")
 
 
-def _rng_state_from_b64(s: str) -> torch.Tensor:
+def rng_state_from_b64(s: str) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy())
 
 
@@ -245,7 +245,7 @@ def _optimizer_tensors(opt: torch.optim.Optimizer):
     return tensors, {"param_groups": groups, **layout}
 
 
-def _load_optimizer(opt, layout: dict, tensors: dict, where: str = "the checkpoint"):
+def load_optimizer(opt, layout: dict, tensors: dict, where: str = "the checkpoint"):
     """Restore ``opt`` from the sidecar's layout and the checkpoint's tensors; ``RunError`` if they do not fit."""
     try:
         _restore_optimizer(opt, layout, tensors)
@@ -301,7 +301,7 @@ def weights_digest(model) -> str:
     return h.hexdigest()
 
 
-def _write_run_config(out: Path, config, data: Data, model, world: int):
+def write_run_config(out: Path, config, data: Data, model, world: int):
     atomic_write_json(
         out / "config.json",
         {

@@ -52,7 +52,8 @@ import numbers
 import numpy as np
 import torch
 
-from ._array import check_float, check_like, compute_dtype, is_tensor
+from ._array import compute_dtype, is_tensor
+from .checks import check_float, check_like
 from .schedules import Schedule
 from .sde import SDE, SubVPSDE, VESDE, VPSDE
 

@@ -1,5 +1,5 @@
 """Devices and process groups for training and sampling: ``resolve_device`` (the ``--device``
-flag) and ``_Dist``, a thin wrapper over ``torch.distributed`` that is a no-op in a single
+flag) and ``Dist``, a thin wrapper over ``torch.distributed`` that is a no-op in a single
 process and joins the group under ``torchrun`` (WORLD_SIZE > 1: gloo on CPU, NCCL on CUDA).
 Importable from ``diffmath.train`` too.
 
@@ -21,7 +21,7 @@ from .checkpoint import RunError
 __all__ = ["resolve_device"]
 
 
-class _Dist:
+class Dist:
     def __init__(self, device):
         import torch.distributed as dist
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._array import broadcast_to_like, check_float, check_pair, check_schedule, check_t, gather, restore, upcast
+from ._array import broadcast_to_like, gather, restore, upcast
+from .checks import check_float, check_pair, check_schedule, check_t
 from .schedules import Schedule
 
 __all__ = ["q_mean_variance", "q_sample", "q_step_sample"]

@@ -33,6 +33,10 @@ def _common(names, *xs):
         for n, x in zip(names, xs):
             if is_tensor(x) and x.device != dev:
                 raise ValueError(f"{n} is on {x.device} but {first} is on {dev}")
+        for n, x in zip(names, xs):
+            if is_tensor(x) and (x.is_complex() or x.dtype == torch.bool):
+                # .to(dtype) would drop the imaginary part (or turn booleans into 0/1) silently
+                raise TypeError(f"{n} must be a real-valued tensor; got dtype {x.dtype}")
         floats = [x.dtype for x in tens if x.is_floating_point()]
         result = floats[0] if floats else torch.float64
         for d in floats[1:]:
@@ -76,15 +80,31 @@ def _restore(out, dtype):
 
 def _expm1_minus_x(d):
     """e^d - 1 - d without cancellation: d^2 * sum_{j>=0} d^j/(j+2)! (Horner, 18 terms) for
-    |d| < 0.5, where the truncation error is below 0.5^18/20! relative; expm1(d) - d elsewhere."""
+    |d| < 0.5, where the truncation error is below 0.5^18/20! relative; expm1(d) - d elsewhere
+    (+inf for d = +inf, where a difference of two finite log-variances overflows, not inf - inf)."""
     ops = backend(d)
     small = ops.abs(d) < 0.5
     ds = ops.where(small, d, 0.0)
     p = ds * 0 + 1.0 / math.factorial(19)
     for j in range(16, -1, -1):
         p = p * ds + 1.0 / math.factorial(j + 2)
-    dl = ops.where(small, 1.0, d)
-    return ops.where(small, ds * ds * p, ops.expm1(dl) - dl)
+    dl = ops.where(small | (d == math.inf), 1.0, d)
+    with np.errstate(over="ignore"):  # expm1 overflowing to inf is the value (the KL is +inf)
+        return ops.where(small, ds * ds * p, ops.where(d == math.inf, math.inf, ops.expm1(dl) - dl))
+
+
+def _scaled_square(diff, logvar):
+    """diff^2 e^{-logvar}, the quadratic term of a Gaussian log-density or KL, never NaN for
+    finite input: the plain product (kept wherever it is finite and nonzero, or diff = 0)
+    overflows or underflows for extreme log-variances (0 * e^800 = NaN for diff = 0 and
+    logvar = -800; inf * 0 for diff = 1e160, logvar = 700, where the value is 1e16); there
+    (diff e^{-logvar/2})^2 is used instead, and exactly 0 where diff = 0."""
+    ops = backend(diff)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):  # the cases handled here
+        q = diff**2 * ops.exp(-logvar)
+        alt = ops.where(diff == 0, 0.0, (diff * ops.exp(-0.5 * logvar)) ** 2)
+    bad = (q != q) | (q == math.inf) | ((q == 0) & (diff != 0))
+    return ops.where(bad, alt, q)
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
@@ -93,23 +113,29 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
     KL = 1/2 (logvar2 - logvar1 + e^{logvar1 - logvar2} - 1 + (mean1 - mean2)^2 e^{-logvar2})
     (e.g. DDPM App. / guided-diffusion ``normal_kl``). The term e^d - 1 - d (d = logvar1 -
     logvar2) is evaluated without cancellation, so nearly equal Gaussians keep full relative
-    precision. Log-variances must be finite (ValueError otherwise).
+    precision. Log-variances must be finite (ValueError otherwise); finite input never gives
+    NaN: a KL beyond the float range is +inf (normal_kl(0, 0, 0, -800) = +inf).
     """
     (m1, lv1, m2, lv2), dtype = _common(("mean1", "logvar1", "mean2", "logvar2"), mean1, logvar1, mean2, logvar2)
     _check_logvar(logvar1=lv1, logvar2=lv2)
     ops = backend(m1)
-    d = lv1 - lv2
-    kl = 0.5 * (_expm1_minus_x(d) + (m1 - m2) ** 2 * ops.exp(-lv2))
+    with np.errstate(over="ignore"):  # lv1 - lv2 beyond the float range is +-inf, handled
+        d = lv1 - lv2
+    # (e^d - 1 - d)/2; where d overflowed to -inf, e^d = 0 and -(1 + d)/2 = (lv2 - lv1)/2 - 1/2 is finite
+    half = ops.where(d == -math.inf, (0.5 * lv2 - 0.5 * lv1) - 0.5, 0.5 * _expm1_minus_x(d))
+    kl = half + 0.5 * _scaled_square(m1 - m2, lv2)  # = 0.5 (a + b), halving is exact
     return _restore(kl, dtype)
 
 
 def normal_log_prob(x, mean, logvar):
-    """log N(x; mean, e^logvar) = -1/2 (log 2 pi + logvar + (x - mean)^2 e^{-logvar}), elementwise.
-    logvar must be finite (ValueError otherwise)."""
+    """log N(x; mean, e^logvar) = -1/2 (log 2 pi + logvar + (x - mean)^2 e^{-logvar}), elementwise:
+    the logarithm of the normal density (1 / sqrt(2 pi sigma^2)) exp(-(x - mu)^2 / (2 sigma^2)),
+    sigma^2 = e^logvar (e.g. Bishop 2006, "Pattern Recognition and Machine Learning", eq. 1.46).
+    logvar must be finite (ValueError otherwise); finite input never gives NaN (x = mean with
+    logvar = -800 gives 399.08, not 0 * inf)."""
     (x, m, lv), dtype = _common(("x", "mean", "logvar"), x, mean, logvar)
     _check_logvar(logvar=lv)
-    ops = backend(x)
-    return _restore(-0.5 * (LOG_2PI + lv + (x - m) ** 2 * ops.exp(-lv)), dtype)
+    return _restore(-0.5 * (LOG_2PI + lv + _scaled_square(x - m, lv)), dtype)
 
 
 def gaussian_kl(mu1, cov1, mu2, cov2):
@@ -117,7 +143,13 @@ def gaussian_kl(mu1, cov1, mu2, cov2):
 
     KL = 1/2 (tr(S2^-1 S1) + (mu2 - mu1)^T S2^-1 (mu2 - mu1) - k + log det S2 - log det S1)
 
-    computed through Cholesky factors L1, L2 and triangular solves, never an explicit
+    the textbook closed form: KL = E_p[log p(x) - log q(x)] with the k-variate normal
+    log-density log N(x; mu, S) = -1/2 (k log 2 pi + log det S + (x - mu)^T S^-1 (x - mu)) and the
+    mean of a quadratic form under p = N(mu1, S1), E_p[(x - m)^T A (x - m)] = tr(A S1) +
+    (mu1 - m)^T A (mu1 - m) (Petersen & Pedersen, "The Matrix Cookbook", Sec. 8.2). For
+    diagonal covariances it is ``normal_kl`` summed over the k coordinates.
+
+    Computed through Cholesky factors L1, L2 and triangular solves, never an explicit
     inverse: tr(S2^-1 S1) = ||L2^-1 L1||_F^2, the quadratic form = ||L2^-1 (mu2 - mu1)||^2,
     log det S = 2 sum log diag L. mu: (..., k); cov: (..., k, k), symmetric positive definite.
     """

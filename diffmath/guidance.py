@@ -50,7 +50,8 @@ import numbers
 import numpy as np
 import torch
 
-from ._array import check_float, check_like, is_tensor, upcast
+from ._array import is_tensor, upcast
+from .checks import check_float, check_like
 from .parameterization import eps_from_v, eps_from_x0
 from .schedules import Schedule
 

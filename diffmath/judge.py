@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.special import log_ndtr, logsumexp
 
-from .oracle import GaussianMixture, _solver_fn
+from .oracle import GaussianMixture, solver_fn
 
 __all__ = ["KLEstimate", "mixture_kl", "mixture_kl_monte_carlo", "solver_map", "log_interval_mass"]
 
@@ -135,7 +135,7 @@ def solver_map(data, solver, sigmas, *, chunk: int = 1 << 17, **options):
     raises: use ``mixture_kl_monte_carlo``."""
     from .samplers.solvers import check_sigmas
 
-    fn = _solver_fn(solver)
+    fn = solver_fn(solver)
     sig = check_sigmas(sigmas)
     kw = dict(options)
     if "noise_sampler" in inspect.signature(fn).parameters:
@@ -288,7 +288,7 @@ def mixture_kl_monte_carlo(
     (a 5-err z-test is what tests/test_judge.py uses), details {"n", "bins", "plugin",
     "kl_half_bins" (the same with bins / 2 cells: the binned KL grows toward the true KL as the
     bins shrink, so the difference shows the binning gap), "occupied"}."""
-    from .samplers._common import check_generator
+    from .checks import check_generator
     from .samplers.solvers import check_sigmas
 
     data = _check_mixture(data)
@@ -302,7 +302,7 @@ def mixture_kl_monte_carlo(
     g = check_generator(generator)
     if not isinstance(g, np.random.Generator):
         raise TypeError("generator must be a numpy.random.Generator (the judge runs the solver on numpy float64)")
-    fn = _solver_fn(solver)
+    fn = solver_fn(solver)
     y = np.empty(int(n))
     for i in range(0, int(n), chunk):
         m = min(chunk, int(n) - i)

@@ -26,7 +26,7 @@ import torch
 
 from ._io import atomic_write_json, read_sidecar, safetensors_metadata, save_safetensors, weights_and_sidecar
 from .data import Data
-from .latent_vae import _as_loaded, check_vae_fits
+from .latent_vae import as_loaded, check_vae_fits
 from .nn.vae import VAE
 
 __all__ = [
@@ -108,7 +108,7 @@ class LatentCache:
         )
 
     def check_vae(self, vae) -> None:
-        h = vae if isinstance(vae, str) else _as_loaded(vae).hash
+        h = vae if isinstance(vae, str) else as_loaded(vae).hash
         if h != self.vae_hash:
             raise LatentCacheError(
                 f"the latent cache {str(self.path)!r} was encoded by the VAE with hash {self.vae_hash[:16]}..., but the "
@@ -140,7 +140,7 @@ def encode_dataset(vae, data: Data, path=None, *, mode: str = "mean", seed: int 
     image (seeded). The scaling factor is ``scale_factor(train latents)``."""
     if mode not in ("mean", "sample"):
         raise ValueError(f"mode must be 'mean' or 'sample'; got {mode!r}")
-    lv = _as_loaded(vae, device)
+    lv = as_loaded(vae, device)
     check_vae_fits(lv, data.shape, where=f"the {data.name!r} images")
     dev = next(lv.vae.parameters()).device
     g = torch.Generator().manual_seed(seed)
@@ -225,7 +225,7 @@ def load_latents(path, vae=None, data: Data | None = None) -> LatentCache:
 def decode_latents(vae, z_scaled, scale: float, *, batch_size: int = 512) -> np.ndarray:
     """Images from scaled latents: the decoder mean m_theta(z_scaled / scale), clipped to the
     data range [-1, 1]. (N, c, h, w) -> (N, C, H, W) float32 numpy."""
-    lv = _as_loaded(vae)
+    lv = as_loaded(vae)
     v = lv.vae
     dev = next(v.parameters()).device
     z = torch.as_tensor(np.asarray(z_scaled, np.float32))

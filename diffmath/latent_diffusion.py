@@ -33,7 +33,7 @@ from .latent_vae import (
     VAE_DEMO_CONFIG,
     LoadedVAE,
     VAEConfig,
-    _as_loaded,
+    as_loaded,
     check_vae_fits,
     load_vae,
     train_vae,
@@ -229,7 +229,7 @@ def train_latent(out, config=None, *, vae=None, vae_config: VAEConfig | None = N
     run_info = read_latent_run(out) if resume else None
     keep = []
     if vae is not None:
-        lv = _as_loaded(vae, config.device)
+        lv = as_loaded(vae, config.device)
         if lv.path is None:
             raise ValueError("train_latent needs a saved VAE (a checkpoint path or load_vae(...)) so the run can refer to it")
         if run_info is not None and lv.hash != run_info["vae_hash"]:
@@ -353,7 +353,7 @@ def sample_latent(run, out=None, *, vae=None, sampler: str = "ddim", steps=None,
     info_run = read_latent_run(run)
     lm = load_model(run=run / info_run.get("unet_run", "unet"), device=device, ema=ema,
                     trust_unverified=trust_unverified)
-    lv = _as_loaded(vae, lm.device) if vae is not None else load_vae(_resolve(run, info_run["vae_checkpoint"]), lm.device)
+    lv = as_loaded(vae, lm.device) if vae is not None else load_vae(_resolve(run, info_run["vae_checkpoint"]), lm.device)
     if tuple(lm.data_shape) != tuple(lv.latent_shape):
         raise ValueError(
             f"the VAE makes latents of shape {tuple(lv.latent_shape)} but the U-Net of {str(run)!r} was trained on "

@@ -334,7 +334,7 @@ def load_vae(path, device: str | torch.device = "cpu") -> LoadedVAE:
     return LoadedVAE(vae, meta, h, js if js.exists() else st, meta.get("bins"))
 
 
-def _as_loaded(vae, device="cpu") -> LoadedVAE:
+def as_loaded(vae, device="cpu") -> LoadedVAE:
     if isinstance(vae, LoadedVAE):
         return vae
     if isinstance(vae, VAE):

@@ -20,7 +20,8 @@ import math
 import numpy as np
 import torch
 
-from ._array import check_float, is_tensor
+from ._array import is_tensor
+from .checks import check_float
 from .losses import LN2
 from .sde import SDE
 
@@ -48,7 +49,10 @@ def ode_likelihood(
     x: (B, ...) numpy or torch; the data at time ``eps`` (default ``sde.default_eps``; the
     density is that of p_eps, which tends to the data density as eps -> 0). ``score_fn(x, t)``
     is called with float64 torch tensors (x on x's device, t of shape (B,)) and must be
-    differentiable by torch autograd. ``divergence``: "exact" or "hutchinson" (``probe``
+    differentiable by torch autograd: one call at the data before integrating checks that its
+    output has x's shape and reaches x through autograd (ValueError for a score computed in
+    numpy, under ``torch.no_grad`` or from ``x.detach()``, whose divergence autograd would
+    miss, giving a confidently wrong log-likelihood). ``divergence``: "exact" or "hutchinson" (``probe``
     "rademacher" or "gaussian", drawn from ``generator``: a torch.Generator, or a numpy
     Generator whose draws are converted). ``prior_logp(z) -> (B,)`` defaults to the SDE's
     exact prior (N(0, I) for VP/sub-VP, N(0, sigma_max^2 I) for VE); pass the exact marginal
@@ -57,8 +61,8 @@ def ode_likelihood(
     """
     from scipy.integrate import solve_ivp
 
-    from .samplers.ode import _check_tol
-    from .samplers.sde_solvers import _check_eps
+    from .checks import check_tol
+    from .checks import check_eps
 
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be a diffmath SDE; got {type(sde).__name__}")
@@ -68,8 +72,8 @@ def ode_likelihood(
         raise ValueError(f"divergence must be 'exact' or 'hutchinson'; got {divergence!r}")
     if probe not in ("rademacher", "gaussian"):
         raise ValueError(f"probe must be 'rademacher' or 'gaussian'; got {probe!r}")
-    eps = _check_eps(sde, eps)
-    rtol, atol = _check_tol(rtol, "rtol"), _check_tol(atol, "atol")
+    eps = check_eps(sde, eps)
+    rtol, atol = check_tol(rtol, "rtol"), check_tol(atol, "atol")
     x = check_float(x, "x")
     if x.ndim < 2:
         raise ValueError(f"x must have shape (B, ...) with at least one data dimension; got {tuple(x.shape)}")
@@ -78,6 +82,7 @@ def ode_likelihood(
     B = shp[0]
     D = int(np.prod(shp[1:]))
     x64 = x.detach().to(torch.float64).cpu().numpy() if is_tensor(x) else np.asarray(x, dtype=np.float64)
+    _check_score_depends_on_x(score_fn, x64, eps, dev)
     rsde = sde.reverse(_checked(score_fn), probability_flow=True)
 
     v = None
@@ -138,6 +143,33 @@ def ode_likelihood(
     if is_tensor(x):
         return torch.as_tensor(logp, device=x.device), torch.as_tensor(bpd, device=x.device)
     return logp, bpd
+
+
+def _check_score_depends_on_x(score_fn, x64: np.ndarray, t: float, dev):
+    """Refuse, before integrating, a score whose output is not connected to x's autograd graph.
+
+    The divergence of the drift f - g^2 score / 2 is taken by autograd: a score computed in
+    numpy and wrapped with torch.tensor / from_numpy, detached, or computed under torch.no_grad
+    looks constant in x, so the divergence sees only the linear drift and the log-likelihood is
+    confidently wrong (-12.06 nats for a Gaussian whose exact value is -0.91). One call at the
+    data (t = eps) finds that: its output must require grad and reach x by autograd."""
+    xt = torch.as_tensor(x64, dtype=torch.float64, device=dev).requires_grad_(True)
+    tt = torch.full((x64.shape[0],), float(t), dtype=torch.float64, device=dev)
+    with torch.enable_grad():
+        out = _checked(score_fn)(xt, tt)
+        if tuple(out.shape) != tuple(xt.shape):
+            raise ValueError(f"score_fn must return the shape of x {tuple(xt.shape)}; got {tuple(out.shape)}")
+        hint = (
+            "ode_likelihood takes the divergence of the probability-flow drift by torch autograd, so the score "
+            "must be computed from x with torch operations: not in numpy (wrapped by torch.tensor / "
+            "torch.from_numpy), not on x.detach(), not under torch.no_grad()"
+        )
+        if not out.requires_grad:
+            raise ValueError(f"score_fn's output does not depend on x through autograd (it does not require grad); {hint}")
+        (g,) = torch.autograd.grad(out.sum(), xt, allow_unused=True)
+    if g is None:
+        raise ValueError(f"score_fn's output is not connected to x's autograd graph (it requires grad only through "
+                         f"other tensors, e.g. the model's parameters); {hint}")
 
 
 def _checked(score_fn):

@@ -12,8 +12,9 @@ import math
 import numpy as np
 import torch
 
-from ._array import backend, broadcast_coef, check_float, check_like, check_positive, check_schedule, check_t, gather, gather_t, is_tensor, restore, schedule_table, upcast
+from ._array import backend, broadcast_coef, gather, gather_t, is_tensor, restore, schedule_table, upcast
 from . import forward, parameterization
+from .checks import check_float, check_like, check_positive, check_schedule, check_t, check_variance
 from .gaussian import discretized_gaussian_log_likelihood, normal_kl
 from .schedules import Schedule
 
@@ -139,11 +140,6 @@ def prior_bpd(s: Schedule, x0):
     return _bpd_per_sample(normal_kl(mean, log_var, 0.0, 0.0))
 
 
-def _check_variance(variance: str):
-    if variance not in ("small", "large"):
-        raise ValueError(f"variance must be 'small' (beta_tilde) or 'large' (beta); got {variance!r}")
-
-
 def _fixed_log_variance_table(s: Schedule, variance: str) -> np.ndarray:
     """``fixed_log_variance``'s (T,) table, built once per schedule and variance (read-only)."""
 
@@ -169,7 +165,7 @@ def fixed_log_variance(s: Schedule, t, variance: str = "small"):
     float64 of t's shape (a tensor on t's device for tensor t).
     """
     check_schedule(s)
-    _check_variance(variance)
+    check_variance(variance)
     t = check_t(t, s.num_timesteps)
     return gather_t(_fixed_log_variance_table(s, variance), t)
 
@@ -186,7 +182,7 @@ def vlb_weight(s: Schedule, t, variance: str = "small"):
     on t's device for tensor t). Infinite where alpha_t = 0 (beta_t = 1).
     """
     check_schedule(s)
-    _check_variance(variance)
+    check_variance(variance)
     t = check_t(t, s.num_timesteps)
     log_sigma2 = _fixed_log_variance_table(s, variance)
     with np.errstate(divide="ignore"):

@@ -43,10 +43,11 @@ import numpy as np
 import torch
 from scipy.special import erf, logsumexp
 
-from ._array import check_float, check_t, gather_t, is_tensor, restore
+from ._array import gather_t, is_tensor, restore
+from .checks import check_float, check_t, check_time
 from .gaussian import gaussian_kl
 from .schedules import Schedule, timesteps
-from .sde import SDE, _check_time
+from .sde import SDE
 
 __all__ = ["GaussianData", "GaussianMixture", "expected_norm"]
 
@@ -80,7 +81,7 @@ def _coefs(s_or_sde, t, x=None):
             one_m = np.exp(s.log_one_minus_alphas_cumprod)
         return gather_t(s.sqrt_alphas_cumprod, t, x), gather_t(one_m, t, x)
     if isinstance(s_or_sde, SDE):
-        tt = _check_time(t, x)
+        tt = check_time(t, x)
         a, sd = s_or_sde._marg(tt)
         return a, sd * sd
     raise TypeError(f"s_or_sde must be a diffmath Schedule or SDE; got {type(s_or_sde).__name__}")
@@ -162,7 +163,7 @@ def _sigma2(sigma, x):
     return v * v
 
 
-def _posterior_mean(x, s2, log_w, means, lams, Us):
+def posterior_mean_prepared(x, s2, log_w, means, lams, Us):
     """E[x0 | x0 + sigma n = x] for x0 ~ sum_k w_k N(mu_k, U_k diag(lam_k) U_k^T), x (B, D)
     float64 (numpy or torch), s2 = sigma^2 a float or (B, 1): per component
     mu_k + U_k diag(lam_k / (lam_k + s2)) U_k^T (x - mu_k) (no cancellation at large sigma),
@@ -194,7 +195,7 @@ def _posterior_mean(x, s2, log_w, means, lams, Us):
     return sum(r[k].reshape(-1, 1) * outs[k] for k in range(len(outs)))
 
 
-def _solver_fn(solver):
+def solver_fn(solver):
     from .samplers.solvers import SOLVERS
 
     if isinstance(solver, str):
@@ -212,7 +213,7 @@ def _solver_affine_map(denoise, solver, sigmas, D, scale, backend="numpy", **opt
     ``noise_sampler``. One float64 run on a batch of 1 + D + K D rows: x_T = 0; x_T = scale e_d;
     and, with x_T = 0, the noise z_k = e_d in row 1 + D + k D + d (rows never mix: every solver
     acts row by row). K is found by a first run that counts the noise requests."""
-    fn = _solver_fn(solver)
+    fn = solver_fn(solver)
     takes_noise = "noise_sampler" in inspect.signature(fn).parameters
     tor = backend == "torch"
     if backend not in ("numpy", "torch"):
@@ -312,7 +313,8 @@ def _propagate(mean, cov, step):
 
 
 def _sample_normal(n, D, generator, dtype):
-    from .samplers._common import check_generator, randn
+    from ._array import randn
+    from .checks import check_generator
 
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n must be an integer >= 1; got n = {n!r}")
@@ -404,7 +406,7 @@ class GaussianData:
         of x's kind (what the solvers pass). Returns x's shape, kind and dtype (float64 inside)."""
         x = _as2d(x, self.dim)
         xf = _f64(x)
-        return restore(_posterior_mean(xf, _sigma2(sigma, xf), [0.0], [self.mean], [self._lam], [self._U]), x)
+        return restore(posterior_mean_prepared(xf, _sigma2(sigma, xf), [0.0], [self.mean], [self._lam], [self._U]), x)
 
     def wasserstein2(self, other: "GaussianData") -> float:
         """W2(self, other)^2 = |m1 - m2|^2 + tr(C1 + C2 - 2 (C2^{1/2} C1 C2^{1/2})^{1/2}) (Dowson &
@@ -492,7 +494,7 @@ class GaussianData:
         mean, cov = self._start(start, self.dim)
         T = s.num_timesteps
         if sampler == "ddim":
-            from .samplers._common import check_steps
+            from .checks import check_steps
 
             steps = T if steps is None else check_steps(steps, T)
             for t, tp in ddim_pairs(T, steps, spacing):
@@ -536,11 +538,12 @@ class GaussianData:
         """
         from .samplers.langevin import corrector_step_size, langevin_step
         from .samplers.ode import heun_step
-        from .samplers.sde_solvers import _check_pc_args, euler_maruyama_step, time_grid
+        from .samplers.sde_solvers import euler_maruyama_step, time_grid
+        from .checks import check_pc_args
 
         if not isinstance(sde, SDE):
             raise TypeError(f"sde must be a diffmath SDE; got {type(sde).__name__}")
-        snr, alpha, n_corrector_steps = _check_pc_args(snr, alpha, n_corrector_steps)
+        snr, alpha, n_corrector_steps = check_pc_args(snr, alpha, n_corrector_steps)
         D = self.dim
         mean, cov = self._start(start, D, sde.prior_std)
         ts = time_grid(sde, steps, eps)
@@ -682,7 +685,7 @@ class GaussianMixture:
         sigma >= 0 a float or (B,) of x's kind. Returns x's shape, kind and dtype."""
         x = _as2d(x, self.dim)
         xf = _f64(x)
-        return restore(_posterior_mean(xf, _sigma2(sigma, xf), self._log_w, self.means, self._lams, self._Us), x)
+        return restore(posterior_mean_prepared(xf, _sigma2(sigma, xf), self._log_w, self.means, self._lams, self._Us), x)
 
     def score_sigma(self, x, sigma):
         """Score of the data perturbed by N(0, sigma^2 I); sigma a float or (B,)."""

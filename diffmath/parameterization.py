@@ -13,8 +13,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._array import check_float, check_pair, check_schedule, check_t, gather, restore, upcast
+from ._array import gather, restore, upcast, widen_for_tables
+from .checks import check_float, check_pair, check_schedule, check_signal, check_t
 from .schedules import Schedule
+
+#: the tables x0 = sqrt(1/abar) x_t - sqrt(1/abar - 1) eps reads: 1/sqrt(abar) overflows float32
+#: for abar < ~1e-77, where a float32 step computes in float64 instead (``widen_for_tables``)
+X0_TABLES = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod")
 
 __all__ = ["x0_from_eps", "eps_from_x0", "v_from_x0_eps", "x0_from_v", "eps_from_v", "score_from_eps", "eps_from_score"]
 
@@ -23,36 +28,32 @@ def _t_numpy(t) -> np.ndarray:
     return np.asarray(t.detach().cpu() if hasattr(t, "detach") else t)
 
 
-def _check_signal(s: Schedule, t, what: str):
-    """abar_t = 0 (zero terminal SNR) carries no signal: x_t is pure noise and x0 cannot be
-    recovered from eps (Lin et al. 2024 use v-prediction there). Raise instead of a NaN."""
-    tn = _t_numpy(t)
-    zero = s.alphas_cumprod[tn] == 0
-    if np.any(zero):
-        bad = int(tn.reshape(-1)[np.argmax(zero.reshape(-1))])
-        raise ValueError(
-            f"{what} is undefined at t = {bad}, where alphas_cumprod = 0 (zero terminal SNR, or below float64's range): x_t holds no "
-            "signal; predict v (x0_from_v) or x0 there instead of eps"
-        )
-
-
 def x0_from_eps(s: Schedule, x_t, t, eps):
     """x0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps   (DDPM eq. 15). Shapes (B, ...).
-    Raises ValueError where abar_t = 0 (zero terminal SNR), where x0 is not determined."""
+    Raises ValueError where abar_t = 0 (zero terminal SNR), where x0 is not determined.
+    float32 input where 1/sqrt(abar_t) exceeds float32's range (abar_t < ~1e-77) is computed in
+    float64 and rounded once: x0 in float32, or +-inf where |x0| is beyond its range, never NaN."""
     x_t, eps, t, xc, ec = check_pair(s, x_t, "x_t", eps, "eps", t)
-    return restore(_x0_from_eps(s, xc, t, ec), x_t)
+    xc, ec = widen_for_tables(s, t, X0_TABLES, xc, ec)
+    check_signal(s, t, "x0_from_eps")
+    return restore(x0_from_eps_prepared(s, xc, t, ec), x_t)
 
 
-def _x0_from_eps(s: Schedule, xc, t, ec):
-    """``x0_from_eps`` on inputs already validated and upcast (the samplers' path)."""
-    _check_signal(s, t, "x0_from_eps")
+def x0_from_eps_prepared(s: Schedule, xc, t, ec):
+    """``x0_from_eps`` on inputs already validated and upcast, with abar_t > 0 checked by the
+    caller (``check_signal``; the samplers check every step's t once, before their loop)."""
     return gather(s.sqrt_recip_alphas_cumprod, t, xc) * xc - gather(s.sqrt_recipm1_alphas_cumprod, t, xc) * ec
 
 
 def eps_from_x0(s: Schedule, x_t, t, x0):
-    """eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t) = (sqrt(1/abar_t) x_t - x0) / sqrt(1/abar_t - 1).
-    At abar_t = 0 (zero terminal SNR) eps = x_t exactly, returned as such."""
+    """eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t) = (sqrt(1/abar_t) x_t - x0) / sqrt(1/abar_t - 1),
+
+    DDPM eq. 4, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, solved for eps (the inverse of
+    ``x0_from_eps``, DDPM eq. 15). At abar_t = 0 (zero terminal SNR) eps = x_t exactly, returned
+    as such. float32 input where a coefficient does not fit float32 (abar_t < ~1e-77, or
+    1 - abar_t below its smallest subnormal) is computed in float64 and rounded once, never NaN."""
     x_t, x0, t, xc, x0c = check_pair(s, x_t, "x_t", x0, "x0", t)
+    xc, x0c = widen_for_tables(s, t, X0_TABLES + ("sqrt_one_minus_alphas_cumprod",), xc, x0c)
     if np.any(s.alphas_cumprod[_t_numpy(t)] == 0):
         # (x_t - sqrt(abar) x0)/sqrt(1 - abar) without the inf/inf of the second form
         out = (xc - gather(s.sqrt_alphas_cumprod, t, xc) * x0c) / gather(s.sqrt_one_minus_alphas_cumprod, t, xc)
@@ -83,16 +84,20 @@ def eps_from_v(s: Schedule, x_t, t, v):
 
 
 def score_from_eps(s: Schedule, t, eps):
-    """score = grad_x log q(x_t | x0) = -eps / sqrt(1 - abar_t)   (Song et al. 2021, App. B)."""
+    """score = grad_x log q(x_t | x0) = -eps / sqrt(1 - abar_t)   (Song et al. 2021, App. B).
+    float32 input where sqrt(1 - abar_t) underflows float32 (betas ~1e-90) is computed in
+    float64 and rounded once (0 / 0 was NaN)."""
     check_schedule(s)
     eps = check_float(eps, "eps")
     t = check_t(t, s.num_timesteps, eps)
-    ec = upcast(eps)
+    (ec,) = widen_for_tables(s, t, ("sqrt_one_minus_alphas_cumprod",), upcast(eps))
     return restore(-ec / gather(s.sqrt_one_minus_alphas_cumprod, t, ec), eps)
 
 
 def eps_from_score(s: Schedule, t, score):
-    """eps = -sqrt(1 - abar_t) * score, the inverse of ``score_from_eps``."""
+    """eps = -sqrt(1 - abar_t) * score, the inverse of ``score_from_eps``: the score of
+    q(x_t | x0) = N(sqrt(abar_t) x0, (1 - abar_t) I) is -(x_t - sqrt(abar_t) x0) / (1 - abar_t)
+    = -eps / sqrt(1 - abar_t) (DDPM eq. 4; Song et al. 2021, App. B)."""
     check_schedule(s)
     score = check_float(score, "score")
     t = check_t(t, s.num_timesteps, score)

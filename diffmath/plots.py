@@ -38,7 +38,7 @@ def plot_loss(path: Path, loss_history, title: str = "training loss"):
     ax.set_title(title)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    _save_fig(fig, path)
+    save_fig(fig, path)
     plt.close(fig)
 
 
@@ -60,7 +60,7 @@ def plot_schedule(path: Path, s: Schedule, name: str):
         ax.set_xlabel("t")
     fig.suptitle(f"schedule {name!r}, T = {s.num_timesteps}")
     fig.tight_layout()
-    _save_fig(fig, path)
+    save_fig(fig, path)
     plt.close(fig)
 
 
@@ -100,11 +100,11 @@ def plot_guidance(path: Path, rows, title: str = "classifier-free guidance"):
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    _save_fig(fig, path)
+    save_fig(fig, path)
     plt.close(fig)
 
 
-def _save_fig(fig, path: Path):
+def save_fig(fig, path: Path):
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     atomic_write_bytes(path, buf.getvalue())

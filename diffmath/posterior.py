@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._array import broadcast_to_like, check_pair, gather, restore, schedule_table
-from .parameterization import _check_signal
+from ._array import broadcast_to_like, gather, restore, schedule_table
+from .checks import check_pair, check_signal
 from .schedules import Schedule
 
 __all__ = ["q_posterior_mean_variance", "q_posterior_mean", "posterior_mean_from_eps"]
@@ -25,7 +25,7 @@ def q_posterior_mean_variance(s: Schedule, x0, x_t, t):
     ``q_posterior_mean`` skips the two full-size variance arrays.
     """
     x_t, x0, t, xtc, x0c = check_pair(s, x_t, "x_t", x0, "x0", t)
-    mean = _posterior_mean(s, x0c, xtc, t)
+    mean = posterior_mean_prepared(s, x0c, xtc, t)
     var = broadcast_to_like(gather(s.posterior_variance, t, xtc), xtc)
     log_var = broadcast_to_like(gather(s.posterior_log_variance_clipped, t, xtc), xtc)
     return restore(mean, x_t), restore(var, x_t), restore(log_var, x_t)
@@ -35,10 +35,10 @@ def q_posterior_mean(s: Schedule, x0, x_t, t):
     """The posterior mean coef1[t] * x0 + coef2[t] * x_t of q(x_{t-1} | x_t, x_0)
     (DDPM eq. 7), equal to ``q_posterior_mean_variance(s, x0, x_t, t)[0]``. Shapes (B, ...)."""
     x_t, x0, t, xtc, x0c = check_pair(s, x_t, "x_t", x0, "x0", t)
-    return restore(_posterior_mean(s, x0c, xtc, t), x_t)
+    return restore(posterior_mean_prepared(s, x0c, xtc, t), x_t)
 
 
-def _posterior_mean(s: Schedule, x0c, xtc, t):
+def posterior_mean_prepared(s: Schedule, x0c, xtc, t):
     """The posterior mean on inputs already validated and upcast (the samplers' path)."""
     return gather(s.posterior_mean_coef1, t, xtc) * x0c + gather(s.posterior_mean_coef2, t, xtc) * xtc
 
@@ -51,7 +51,7 @@ def posterior_mean_from_eps(s: Schedule, x_t, t, eps):
     equal to ``q_posterior_mean_variance(s, x0, x_t, t)[0]`` with x0 = x0_from_eps(x_t, eps).
     """
     x_t, eps, t, xc, ec = check_pair(s, x_t, "x_t", eps, "eps", t)
-    _check_signal(s, t, "posterior_mean_from_eps")  # abar_t = 0: beta_t / sqrt(1 - abar_t) eps carries no x0
+    check_signal(s, t, "posterior_mean_from_eps")  # abar_t = 0: beta_t / sqrt(1 - abar_t) eps carries no x0
     with np.errstate(divide="ignore"):
         inv_sqrt_alpha = schedule_table(s, "inv_sqrt_alpha", lambda s: np.exp(-0.5 * np.log1p(-s.betas)))
         eps_coef = schedule_table(s, "eps_coef", lambda s: s.betas / s.sqrt_one_minus_alphas_cumprod)

@@ -70,7 +70,7 @@ import torch
 
 from . import losses, posterior
 from ._io import atomic_write_bytes, atomic_write_npz
-from .plots import _save_fig
+from .plots import save_fig
 from .schedules import Schedule, timesteps
 
 __all__ = ["LoadedModel", "load_model", "generate", "sample_run", "save_grid", "save_class_grid", "parse_classes",
@@ -282,7 +282,7 @@ class _ScoreFromEps:
 
 # ----------------------------------------------------------------------------- loops
 def _kernels():
-    from .train import _kernels as k
+    from .train import kernels_module as k
 
     return k()
 
@@ -382,7 +382,7 @@ def solver_ladder(lm: LoadedModel, steps: int, sigmas: str) -> np.ndarray:
     return sigmas_from_schedule(lm.schedule, steps, "leading")
 
 
-def _loop_solver(lm, x, sampler, steps, sigmas, generator, progress):
+def _loop_solver(lm, x, sampler, steps, sigmas, generator, progress, clip_x0=None):
     from .denoiser import Denoiser
     from .samplers import SOLVERS
 
@@ -391,6 +391,9 @@ def _loop_solver(lm, x, sampler, steps, sigmas, generator, progress):
         D = Denoiser.from_schedule(lambda x_t, t: lm.forward(x_t, t)[:, :C], lm.schedule, lm.config.prediction)
     else:
         D = _guided_solver_denoiser(lm, Denoiser)
+    if clip_x0 is not None:  # clip D = the predicted x0, as the ddim/ddpm loops do (diffusers' clip_sample)
+        D0, c = D, float(clip_x0)
+        D = lambda x_t, sigma: D0(x_t, sigma).clamp(-c, c)  # noqa: E731
     sig = solver_ladder(lm, steps, sigmas)
     fn = SOLVERS[SOLVER_SAMPLERS[sampler]]
     kw = {"generator": generator} if sampler in ("euler-a", "dpmpp-2m-sde", "dpmpp-3m-sde", "edm") else {}
@@ -468,7 +471,7 @@ def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=
     Under torch.distributed (initialised) each rank draws a contiguous share and the result
     is gathered on every rank."""
     from .samplers import sample_ode, sample_pc
-    from .train import _derive
+    from .train import derive_seed
 
     steps = check_sampling(lm, num_samples, sampler, steps, eta, seed, batch_size, sigmas)
     labels, guidance, guidance_rescale = check_conditioning(lm, labels, guidance, guidance_rescale, num_samples)
@@ -484,8 +487,8 @@ def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=
     per = -(-num_samples // world)
     lo, hi = min(num_samples, rank * per), min(num_samples, (rank + 1) * per)
     shape = tuple(lm.data_shape)
-    xT_all = torch.randn((num_samples,) + shape, generator=torch.Generator().manual_seed(_derive(seed, "x_T")))
-    kseed = _derive(seed, "sample-philox") % (2**31 - 1)
+    xT_all = torch.randn((num_samples,) + shape, generator=torch.Generator().manual_seed(derive_seed(seed, "x_T")))
+    kseed = derive_seed(seed, "sample-philox") % (2**31 - 1)
     outs = []
     base = lm  # each chunk's samples get their labels (a conditional run)
     for a in range(lo, hi, batch_size):
@@ -499,11 +502,11 @@ def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=
         elif sampler == "em":
             x = _loop_em(lm, x, kseed, a, num_samples, steps, progress)
         elif sampler in SOLVER_SAMPLERS:
-            g = torch.Generator(device=lm.device).manual_seed(_derive(seed, "chunk", a))
-            x = _loop_solver(lm, x, sampler, steps, sigmas, g, progress)
+            g = torch.Generator(device=lm.device).manual_seed(derive_seed(seed, "chunk", a))
+            x = _loop_solver(lm, x, sampler, steps, sigmas, g, progress, clip_x0)
         else:
             score = _ScoreFromEps(lm)
-            g = torch.Generator(device=lm.device).manual_seed(_derive(seed, "chunk", a))
+            g = torch.Generator(device=lm.device).manual_seed(derive_seed(seed, "chunk", a))
             if sampler == "pc":
                 sde = type(score.sde)(beta_min=0.1, beta_max=20.0, N=steps)
                 x = sample_pc(score, sde, x_T=x, steps=steps, generator=g, progress=progress)
@@ -705,7 +708,7 @@ def save_grid(path, x: np.ndarray, nrow: int | None = None, scale: int = 4, titl
         ax.set_aspect("equal")
         ax.set_title(title or f"{len(x)} samples")
         fig.tight_layout()
-        _save_fig(fig, Path(path))
+        save_fig(fig, Path(path))
         plt.close(fig)
         return
     from PIL import Image
@@ -755,7 +758,7 @@ def save_class_grid(path, x: np.ndarray, labels, per_class: int = 10, names=(), 
         ax.legend(markerscale=4, fontsize=7, loc="best")
         ax.set_title(title or f"{len(x)} samples, {len(order)} classes")
         fig.tight_layout()
-        _save_fig(fig, Path(path))
+        save_fig(fig, Path(path))
         plt.close(fig)
         return
     rows = []
@@ -788,11 +791,11 @@ def sample_run(out, *, run=None, checkpoint=None, sampler="ddim", steps=None, et
     never replaced); samples that are not finite are an error and nothing is written."""
     import os
 
-    from .distributed import _Dist, resolve_device
+    from .distributed import Dist, resolve_device
 
     check_net_dtype(dtype)
     dev = resolve_device(device)
-    dd = _Dist(dev)  # under torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on CUDA
+    dd = Dist(dev)  # under torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on CUDA
     try:
         if dd.active and dev.type == "cuda":
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dd.rank)) % torch.cuda.device_count())

@@ -98,7 +98,8 @@ def _check_T(T, name: str = "T") -> int:
 
 def _check_betas(betas) -> np.ndarray:
     try:
-        b = np.asarray(betas, dtype=np.float64)
+        # a copy: the tables are frozen (read-only), and the caller's own array must stay writable
+        b = np.array(betas, dtype=np.float64, copy=True)
     except (TypeError, ValueError) as e:
         raise TypeError(f"betas must be a 1-D array of floats; got {type(betas).__name__}") from e
     if b.ndim != 1:
@@ -226,7 +227,7 @@ class Schedule:
             posterior_mean_coef2=coef2,
             log_snr=log_snr,
             log_alphas_cumprod=log_abar,
-            timestep_map=np.asarray(timestep_map, dtype=np.int64),
+            timestep_map=np.array(timestep_map, dtype=np.int64, copy=True),
         )
         for name, v in tables.items():
             if name != "timestep_map" and np.isnan(v).any():  # pragma: no cover - a bug, not bad input
@@ -417,8 +418,13 @@ def timesteps(T: int, num_steps: int, spacing: str = "leading") -> np.ndarray:
     leading  = arange(S) * (T // S)
     trailing = round(arange(T, 0, -T/S)) - 1
     linspace = round(linspace(0, T - 1, S))
-    (np.round rounds half to even, as diffusers.) A sampler steps from each element to the
-    next and from the last to t_prev = -1.
+    computed with diffusers' own expressions (``DDIMScheduler.set_timesteps``), so the indices
+    are bit-identical to diffusers' (np.round rounds half to even): trailing is
+    ``np.round(np.arange(T, 0, -T/S)).astype(int64) - 1``, not T - i*(T/S), which rounds some
+    half-way cases the other way (T = 999, S = 50: 498 at index 25, not 499). Where the float
+    step T/S makes ``arange`` yield S + 1 values (T = 999, S = 13), diffusers returns S + 1
+    timesteps ending in -1; the first S are kept here. A sampler steps from each element to
+    the next and from the last to t_prev = -1.
     """
     T = _check_T(T)
     if isinstance(num_steps, (bool, np.bool_)) or not isinstance(num_steps, (int, np.integer)):
@@ -427,12 +433,11 @@ def timesteps(T: int, num_steps: int, spacing: str = "leading") -> np.ndarray:
         raise ValueError(f"num_steps must lie in [1, T] = [1, {T}]; got num_steps = {num_steps}")
     S = int(num_steps)
     if spacing == "leading":
-        ts = np.arange(S, dtype=np.int64) * (T // S)
+        ts = (np.arange(S, dtype=np.int64) * (T // S))[::-1]
     elif spacing == "trailing":
-        ts = np.round(T - np.arange(S, dtype=np.float64) * (T / S)).astype(np.int64) - 1
-        ts = ts[::-1]
+        ts = np.round(np.arange(T, 0, -T / S)).astype(np.int64)[:S] - 1  # already descending
     elif spacing == "linspace":
-        ts = np.round(np.linspace(0, T - 1, S)).astype(np.int64)
+        ts = np.round(np.linspace(0, T - 1, S)).astype(np.int64)[::-1]
     else:
         raise ValueError(f"unknown spacing {spacing!r}; valid spacings are {', '.join(SPACINGS)}")
-    return np.ascontiguousarray(ts[::-1])
+    return np.ascontiguousarray(ts)

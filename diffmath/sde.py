@@ -39,7 +39,8 @@ import numbers
 import numpy as np
 import torch
 
-from ._array import backend, broadcast_coef, check_float, check_like, compute_dtype, is_tensor, randn, restore, upcast
+from ._array import backend, broadcast_coef, compute_dtype, is_tensor, randn, restore, upcast
+from .checks import check_float, check_like, check_time
 
 __all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "ReverseSDE", "score_from_eps", "eps_from_score"]
 
@@ -47,47 +48,6 @@ LOG_2PI = math.log(2.0 * math.pi)
 
 
 # ----------------------------------------------------------------------------- time helpers
-def _check_time(t, x=None, name: str = "t", open_left: bool = False):
-    """Validate SDE time and return it as float64 in x's kind and device (or t's own kind
-    when x is None): a 0-d value or shape (B,) matching x's batch. Range [0, 1], or (0, 1]
-    with ``open_left``."""
-    if isinstance(t, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a float SDE time in [0, 1]; got the boolean {t!r}")
-    want_tensor = is_tensor(x) if x is not None else is_tensor(t)
-    if is_tensor(t):
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point SDE time in [0, 1]; got dtype {t.dtype}")
-        tt = t.detach().to(torch.float64)
-        if want_tensor and x is not None:
-            tt = tt.to(x.device)
-        elif not want_tensor:
-            tt = tt.cpu().numpy()
-    elif isinstance(t, numbers.Real):
-        tt = float(t)
-        tt = torch.tensor(tt, dtype=torch.float64, device=x.device if x is not None else None) if want_tensor else np.float64(tt)
-    else:
-        arr = np.asarray(t)
-        if arr.dtype.kind != "f":
-            raise TypeError(f"{name} must be a floating-point SDE time in [0, 1]; got dtype {arr.dtype}")
-        arr = arr.astype(np.float64)
-        tt = torch.as_tensor(arr, device=x.device) if want_tensor else arr
-    if tt.ndim > 1:
-        raise ValueError(f"{name} must be a scalar or have shape (B,); got shape {tuple(tt.shape)}")
-    lo_bad = (tt <= 0) if open_left else (tt < 0)
-    bad = lo_bad | (tt > 1) | (tt != tt)
-    if bool(bad.any()):
-        vals = tt[bad] if tt.ndim else tt
-        v = float(vals.reshape(-1)[0]) if tt.ndim else float(vals)
-        rng = "(0, 1]" if open_left else "[0, 1]"
-        raise ValueError(f"{name} must lie in {rng} (SDE time, T = 1); got {name} = {v}")
-    if x is not None and tt.ndim == 1:
-        if np.ndim(x) == 0 or x.shape[0] != tt.shape[0]:
-            raise ValueError(
-                f"a batch of {tt.shape[0]} times {name} must match the batch of x; x has shape {tuple(np.shape(x))}"
-            )
-    return tt
-
-
 def _prior_draw(shape, generator, dtype):
     """Standard normal draws of ``shape`` from a numpy or torch generator (a fresh numpy one
     for None; never global state)."""
@@ -122,17 +82,17 @@ class SDE:
     def linear_drift_coef(self, t):
         """a(t) with f(x, t) = a(t) x; float64 of t's shape (numpy for float/numpy t, a tensor
         on t's device for tensor t)."""
-        tt = _check_time(t)
+        tt = check_time(t)
         return self._a(tt)
 
     def diffusion_coef(self, t):
         """g(t); float64 of t's shape (numpy for float/numpy t, a tensor for tensor t)."""
-        tt = _check_time(t)
+        tt = check_time(t)
         return self._g(tt)
 
     def marginal_coefs(self, t):
         """(m(t), s(t)) with p_0t(x_t | x_0) = N(m(t) x_0, s(t)^2 I); float64 of t's shape."""
-        tt = _check_time(t)
+        tt = check_time(t)
         return self._marg(tt)
 
     # -- the score_sde interface
@@ -140,7 +100,7 @@ class SDE:
         """(drift, diffusion) = (a(t) x, g(t)); x: (B, ...); t: float or (B,), in [0, 1].
         drift has x's shape; diffusion has shape () or (B, 1, ..., 1)."""
         x = check_float(x, "x")
-        tt = _check_time(t, x)
+        tt = check_time(t, x)
         xc = upcast(x)
         return restore(broadcast_coef(self._a(tt), xc) * xc, x), restore(broadcast_coef(self._g(tt), xc), x)
 
@@ -149,7 +109,7 @@ class SDE:
         VE the exact s(t)^2 = sigma(t)^2 - sigma_min^2, not eq. 31's sigma(t)^2).
         mean has x0's shape; std has shape () or (B, 1, ..., 1)."""
         x0 = check_float(x0, "x0")
-        tt = _check_time(t, x0)
+        tt = check_time(t, x0)
         xc = upcast(x0)
         m, s = self._marg(tt)
         return restore(broadcast_coef(m, xc) * xc, x0), restore(broadcast_coef(s, xc), x0)
@@ -178,7 +138,7 @@ class SDE:
         i = round(t (N - 1)). The default is the Euler-Maruyama step of size 1/N:
         f = f(x, t)/N, G = g(t)/sqrt(N)."""
         x = check_float(x, "x")
-        tt = _check_time(t, x)
+        tt = check_time(t, x)
         xc = upcast(x)
         fc, G = self._discretize_coefs(tt)
         return restore(broadcast_coef(fc, xc) * xc, x), restore(broadcast_coef(G, xc), x)
@@ -313,7 +273,7 @@ class VESDE(SDE):
 
     def sigma(self, t):
         """sigma(t) = sigma_min (sigma_max/sigma_min)^t; float64 of t's shape."""
-        tt = _check_time(t)
+        tt = check_time(t)
         return self.sigma_min * backend(tt).exp(tt * self._L)
 
     def _a(self, t):
@@ -366,7 +326,7 @@ class ReverseSDE:
 
     def score(self, x, t):
         """score_fn(x, t) with t broadcast to shape (B,) in x's kind, its output checked."""
-        tt = _check_time(t, x, open_left=True)
+        tt = check_time(t, x, open_left=True)
         B = x.shape[0] if np.ndim(x) else 1
         if tt.ndim == 0:
             tt = tt.expand(B) if is_tensor(tt) else np.full(B, float(tt))
@@ -382,7 +342,7 @@ class ReverseSDE:
 
     def sde(self, x, t):
         x = check_float(x, "x")
-        _check_time(t, x, open_left=True)
+        check_time(t, x, open_left=True)
         drift, g = self.forward.sde(x, t)
         score = self.score(x, t)
         d = upcast(drift) - self._c() * upcast(g) ** 2 * upcast(score)
@@ -415,7 +375,7 @@ def score_from_eps(sde: SDE, t, eps):
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be a diffmath.sde.SDE; got {type(sde).__name__}")
     eps = check_float(eps, "eps")
-    tt = _check_time(t, eps, open_left=True)
+    tt = check_time(t, eps, open_left=True)
     ec = upcast(eps)
     return restore(-ec / broadcast_coef(sde._marg(tt)[1], ec), eps)
 
@@ -425,6 +385,6 @@ def eps_from_score(sde: SDE, t, score):
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be a diffmath.sde.SDE; got {type(sde).__name__}")
     score = check_float(score, "score")
-    tt = _check_time(t, score, open_left=True)
+    tt = check_time(t, score, open_left=True)
     sc = upcast(score)
     return restore(-broadcast_coef(sde._marg(tt)[1], sc) * sc, score)

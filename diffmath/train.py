@@ -77,10 +77,10 @@ from .checkpoint import (  # RunError .. CHECKPOINT_FORMAT also make train's pub
     RESUME_KEYS,
     RUN_FORMAT,
     RunError,
-    _load_optimizer,
-    _rng_state_b64,
-    _rng_state_from_b64,
-    _write_run_config,
+    load_optimizer,
+    rng_state_b64,
+    rng_state_from_b64,
+    write_run_config,
     check_class_count,
     checkpoint_name,
     latest_checkpoint,
@@ -91,7 +91,7 @@ from .checkpoint import (  # RunError .. CHECKPOINT_FORMAT also make train's pub
     weights_digest,
 )
 from .data import Data, load_data
-from .distributed import _Dist, resolve_device
+from .distributed import Dist, resolve_device
 from .plots import plot_loss, plot_schedule
 from .schedules import SCHEDULE_NAMES, Schedule, named_schedule
 
@@ -434,7 +434,7 @@ def check_model_config(config: TrainConfig, data_shape, *, strict: bool = True) 
     warnings.warn(msg, UserWarning, stacklevel=3)
 
 
-def _derive(seed: int, *keys) -> int:
+def derive_seed(seed: int, *keys) -> int:
     """A 63-bit integer seed from (seed, keys...) (numpy SeedSequence hashing)."""
     ent = [int(seed)] + [k if isinstance(k, int) else int.from_bytes(hashlib.sha256(str(k).encode()).digest()[:4], "little") for k in keys]
     return int(np.random.SeedSequence(ent).generate_state(1, np.uint64)[0] >> np.uint64(1))
@@ -442,11 +442,11 @@ def _derive(seed: int, *keys) -> int:
 
 def _generator(seed: int, *keys, device="cpu") -> torch.Generator:
     g = torch.Generator(device=device)
-    g.manual_seed(_derive(seed, *keys))
+    g.manual_seed(derive_seed(seed, *keys))
     return g
 
 
-def _kernels():
+def kernels_module():
     try:
         from . import kernels  # noqa: F401  (diffmath.kernels, the folder kernels/)
     except ImportError as e:  # pragma: no cover - depends on the install
@@ -461,7 +461,7 @@ def philox_path(x: torch.Tensor) -> bool:
     """Whether kernel calls on tensors like ``x`` take the Triton path, whose noise for element
     i is Philox draw offset + i (a shift of one stream); the torch fallback keys a fresh
     stream by (seed, offset) instead (docs/kernels.md, "Noise streams")."""
-    return _kernels().philox_active(x)
+    return kernels_module().philox_active(x)
 
 
 def uses_fused_noise(config: TrainConfig) -> bool:
@@ -500,7 +500,7 @@ def training_loss(config, model, s, x0, t, *, seed_noise=None, offset=0, noise=N
     ctx = autocast if autocast is not None else contextlib.nullcontext()
     cond = () if y is None else (y,)
     if uses_fused_noise(config):
-        K = _kernels()
+        K = kernels_module()
         if shard is None or shard[3] == 1 or philox_path(x0):
             off = offset if shard is None else offset + shard[2] * x0.numel()
             x_t = K.q_sample(s, x0, t, seed=seed_noise, offset=off)
@@ -621,7 +621,7 @@ def train(config: TrainConfig, out, *, resume: bool = False, overwrite: bool = F
     t_start = time.time()
     out = Path(out)
     device = resolve_device(config.device)
-    dd = _Dist(device)
+    dd = Dist(device)
     lock = None
     try:
         if device.type == "cuda" and dd.active:
@@ -673,19 +673,19 @@ def train(config: TrainConfig, out, *, resume: bool = False, overwrite: bool = F
                 losses_hist = tensors["loss_history"].tolist()
             except (RuntimeError, KeyError) as e:
                 raise RunError(f"the weights in {str(ckpt)!r} do not fit the model its config describes: {e!r}") from e
-            _load_optimizer(opt, meta["optimizer"], tensors, where=str(ckpt))
+            load_optimizer(opt, meta["optimizer"], tensors, where=str(ckpt))
             step = meta["step"]
             rng = meta["rng"]
             if config.conditional:
                 try:
-                    drop_gen.set_state(_rng_state_from_b64(rng["label_dropout"]))
+                    drop_gen.set_state(rng_state_from_b64(rng["label_dropout"]))
                 except (KeyError, TypeError, ValueError, RuntimeError) as e:
                     raise RunError(f"{str(ckpt)!r}: rng.label_dropout (the state of the label-dropout generator) is "
                                    f"missing or not a torch generator state: {e!r}") from e
             cpu_states = rng["torch_cpu"]
             if len(cpu_states) == dd.world:
                 try:
-                    torch.set_rng_state(_rng_state_from_b64(cpu_states[dd.rank]))
+                    torch.set_rng_state(rng_state_from_b64(cpu_states[dd.rank]))
                 except RuntimeError as e:
                     raise RunError(f"{str(ckpt)!r}: rng.torch_cpu[{dd.rank}] is not a torch RNG state: {e}") from e
             elif is_main:
@@ -696,13 +696,13 @@ def train(config: TrainConfig, out, *, resume: bool = False, overwrite: bool = F
                               UserWarning, stacklevel=2)
             cuda_states = rng["torch_cuda"]
             if device.type == "cuda" and len(cuda_states) == dd.world and cuda_states[dd.rank]:
-                torch.cuda.set_rng_state(_rng_state_from_b64(cuda_states[dd.rank]), device)
+                torch.cuda.set_rng_state(rng_state_from_b64(cuda_states[dd.rank]), device)
             if is_main:  # the resumable fields (--steps, ...) may have changed
-                _write_run_config(out, config, data, model, dd.world)
+                write_run_config(out, config, data, model, dd.world)
         else:
-            torch.manual_seed(_derive(config.seed, "dropout", dd.rank))
+            torch.manual_seed(derive_seed(config.seed, "dropout", dd.rank))
             if is_main:
-                _write_run_config(out, config, data, model, dd.world)
+                write_run_config(out, config, data, model, dd.world)
                 plot_schedule(out / "schedule.png", s, config.schedule)
         net = model
         if dd.active:
@@ -719,7 +719,7 @@ def train(config: TrainConfig, out, *, resume: bool = False, overwrite: bool = F
         shard_sampler = DistributedSampler(range(spe * dd.world), num_replicas=dd.world, rank=dd.rank, shuffle=False, drop_last=True)
         shards = list(iter(shard_sampler))  # shard ids k * world + rank, k = 0 .. spe-1
         D = int(np.prod(data.shape))
-        seed_noise = _derive(config.seed, "philox") % (2**31 - 1)
+        seed_noise = derive_seed(config.seed, "philox") % (2**31 - 1)
         fused = uses_fused_noise(config)
         perm_cache: dict[int, torch.Tensor] = {}
 
@@ -824,15 +824,15 @@ def train(config: TrainConfig, out, *, resume: bool = False, overwrite: bool = F
 
 
 def _checkpoint(out, step, config, model, ema, opt, losses_hist, dd, device, data, is_main, drop_gen=None):
-    cpu = dd.all_gather_object(_rng_state_b64(torch.get_rng_state()))
-    cuda = dd.all_gather_object(_rng_state_b64(torch.cuda.get_rng_state(device)) if device.type == "cuda" else "")
+    cpu = dd.all_gather_object(rng_state_b64(torch.get_rng_state()))
+    cuda = dd.all_gather_object(rng_state_b64(torch.cuda.get_rng_state(device)) if device.type == "cuda" else "")
     digests = dd.all_gather_object(weights_digest(model))
     if len(set(digests)) != 1:  # DDP keeps replicas identical; anything else is a bug worth stopping for
         raise RuntimeError(f"the {dd.world} ranks hold different weights at step {step}: {digests}")
     path = None
     rng = {"torch_cpu": cpu, "torch_cuda": cuda, "world_size": dd.world}
     if drop_gen is not None:  # the same on every rank
-        rng["label_dropout"] = _rng_state_b64(drop_gen.get_state())
+        rng["label_dropout"] = rng_state_b64(drop_gen.get_state())
     if is_main:
         path = save_checkpoint(
             out, step, config, model, ema, opt, losses_hist, rng,

@@ -24,7 +24,7 @@ import torch
 
 from ._common import (
     HAVE_TRITON,
-    _interpreting,
+    interpreting,
     device_table,
     f32,
     gather_rows,
@@ -109,7 +109,7 @@ else:  # pragma: no cover
     affine_kernel = None
 
 #: compiled kernels use the hardware approximations in Box-Muller; the interpreter cannot.
-FAST_MATH = HAVE_TRITON and not _interpreting(affine_kernel)
+FAST_MATH = HAVE_TRITON and not interpreting(affine_kernel)
 
 #: counters per program (4 draws each): 2048 elements per program for large rows.
 MAX_BLOCK = 512

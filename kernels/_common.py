@@ -31,8 +31,8 @@ import threading
 import numpy as np
 import torch
 
-from .._array import check_float, check_like, check_t, schedule_cache
-from .._array import check_schedule  # noqa: F401 - re-exported for the kernel modules
+from .._array import schedule_cache
+from ..checks import check_float, check_int, check_like, check_t
 from ..schedules import Schedule
 
 __all__ = [
@@ -67,7 +67,7 @@ _MODES = ("auto", "triton", "torch")
 _INT_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8})
 
 
-def _interpreting(kernel) -> bool:
+def interpreting(kernel) -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(kernel, InterpretedFunction)
@@ -103,7 +103,7 @@ def use_triton(x: torch.Tensor, kernel=None) -> bool:
 
 
 def _interpreting_kernel(kernel) -> bool:
-    return kernel is not None and _interpreting(kernel)
+    return kernel is not None and interpreting(kernel)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -142,22 +142,9 @@ def check_like_x(y, x: torch.Tensor, name: str, xname: str) -> torch.Tensor:
     return check_x(y, name)
 
 
-def _check_int(v, name: str, lo: int, hi: int) -> int:
-    if type(v) is int and lo <= v < hi:
-        return v
-    if isinstance(v, torch.Tensor) and v.ndim == 0 and not v.is_floating_point() and v.dtype != torch.bool:
-        v = int(v.item())
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name} must be an integer in [{lo}, {hi}); got {v!r}")
-    v = int(v)
-    if not lo <= v < hi:
-        raise ValueError(f"{name} must lie in [{lo}, {hi}); got {name} = {v}")
-    return v
-
-
 def check_offset(offset, numel: int) -> int:
     """A stream offset: an int >= 0 with offset + numel <= MAX_OFFSET."""
-    offset = _check_int(offset, "offset", 0, MAX_OFFSET)
+    offset = check_int(offset, "offset", 0, MAX_OFFSET)
     if offset + numel > MAX_OFFSET:
         raise ValueError(f"offset + numel must stay below 2**62; got offset = {offset}, numel = {numel}")
     return offset
@@ -180,7 +167,7 @@ def check_noise_args(noise, seed, offset, x: torch.Tensor, xname: str, needed: b
                 f"(Philox, keyed by seed and offset) or noise=<tensor of {xname}'s shape> with N(0, I) draws"
             )
         return None, None, offset
-    return None, _check_int(seed, "seed", 0, 2**64), offset
+    return None, check_int(seed, "seed", 0, 2**64), offset
 
 
 def check_index(t, T: int, x: torch.Tensor, name: str = "t", lo: int = 0):

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .. import losses
+from ..checks import check_int
 from ._affine import FAST_MATH, grid_for, launch_affine, seed_halves
-from ._common import HAVE_TRITON, _check_int, check_offset, check_x, rows_of, torch_normal, use_triton
+from ._common import HAVE_TRITON, check_offset, check_x, rows_of, torch_normal, use_triton
 from .noise import randn
 
 __all__ = ["simple_loss", "simple_loss_reference"]
@@ -140,7 +141,7 @@ def simple_loss(eps_pred, seed, offset=0, *, reduction="mean"):
             "seed must be the int given to q_sample(..., seed=...); with an explicit eps tensor use "
             "diffmath.losses.simple_loss(eps, eps_pred)"
         )
-    seed = _check_int(seed, "seed", 0, 2**64)
+    seed = check_int(seed, "seed", 0, 2**64)
     offset = check_offset(offset, eps_pred.numel())
     if reduction == "none" and eps_pred.ndim == 0:
         raise ValueError("reduction='none' needs a batch dimension: eps_pred of shape (B, ...)")

@@ -13,8 +13,9 @@ import math
 
 import torch
 
+from ..checks import check_int
 from ._affine import affine_kernel, launch_affine
-from ._common import _check_int, check_offset, torch_normal, use_triton
+from ._common import check_offset, torch_normal, use_triton
 
 __all__ = ["randn", "philox_normal", "philox_uint32"]
 
@@ -39,7 +40,7 @@ def randn(shape, seed, offset=0, *, device=None, dtype=torch.float32):
     float32 math, returned in ``dtype``. On the Triton path this is the fused affine update
     out = a x + b y + c z (``_affine.py``) with no x or y and (a, b, c) = (0, 0, 1): out = z."""
     shape = _shape(shape)
-    seed = _check_int(seed, "seed", 0, 2**64)
+    seed = check_int(seed, "seed", 0, 2**64)
     n = math.prod(shape)
     offset = check_offset(offset, n)
     probe = torch.empty(0, device=device, dtype=dtype)
@@ -79,7 +80,7 @@ def philox_normal(shape, seed, offset=0, *, device=None) -> torch.Tensor:
     uint32 draws are bit-identical to the kernel's; the normals agree to float32 rounding of
     log/sin/cos (different libm)."""
     shape = _shape(shape)
-    seed = _check_int(seed, "seed", 0, 2**64)
+    seed = check_int(seed, "seed", 0, 2**64)
     n = math.prod(shape)
     offset = check_offset(offset, n)
     if n == 0:

@@ -13,8 +13,9 @@ from __future__ import annotations
 import numpy as np
 
 from .. import forward
+from ..checks import check_schedule
 from ._affine import affine_update
-from ._common import check_index, check_noise_args, check_schedule, check_x
+from ._common import check_index, check_noise_args, check_x
 from .noise import randn
 
 __all__ = ["q_sample", "q_sample_reference"]

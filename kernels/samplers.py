@@ -18,18 +18,17 @@ network's (docs/samplers.md, "Precision of the loop state").
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 import torch
 
 from .. import samplers as core
 from .._array import schedule_cache
-from ..samplers._common import check_eta, check_positive
+from ..checks import check_clip, check_eta, check_positive, check_schedule, check_time, check_variance
 from ..samplers.ddim import ddim_coefs
-from ..samplers.ddpm import _check_clip, _check_variance, ddpm_std
+from ..samplers.ddpm import ddpm_std
 from ._affine import affine_update
-from ._common import as_float, check_index, check_like_x, check_noise_args, check_schedule, check_x, first_nonfinite, host_table, rows_of
+from ._common import as_float, check_index, check_like_x, check_noise_args, check_x, first_nonfinite, host_table, rows_of
 from .noise import randn
 
 __all__ = [
@@ -89,8 +88,8 @@ def ddpm_step(s, x_t, t, eps, *, noise=None, seed=None, offset=0, variance="smal
     Returns x_{t-1} (contiguous, x_t's shape and dtype).
     """
     check_schedule(s)
-    _check_variance(variance)
-    clip = _check_clip(clip_x0)
+    check_variance(variance)
+    clip = check_clip(clip_x0)
     x_t = check_x(x_t, "x_t")
     eps = check_like_x(eps, x_t, "eps", "x_t")
     t, _, tmax = check_index(t, s.num_timesteps, x_t)
@@ -241,31 +240,6 @@ def ddim_step_reference(s, x_t, t, t_prev, eps, *, noise=None, seed=None, offset
 
 
 # ----------------------------------------------------------------------------- SDE and Langevin
-def _check_sde_time(t, x, name: str = "t"):
-    """SDE time in (0, 1]: a python float or a float (B,) array/tensor matching x's batch;
-    returned as a python float or a float64 numpy array."""
-    if isinstance(t, torch.Tensor):
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point SDE time in (0, 1]; got dtype {t.dtype}")
-        t = t.item() if t.ndim == 0 else t.detach().to(torch.float64).cpu().numpy()
-    elif isinstance(t, np.ndarray):
-        if t.dtype.kind != "f":
-            raise TypeError(f"{name} must be a floating-point SDE time in (0, 1]; got dtype {t.dtype}")
-        t = float(t) if t.ndim == 0 else t.astype(np.float64)
-    elif isinstance(t, (bool, np.bool_)) or not isinstance(t, numbers.Real):
-        raise TypeError(f"{name} must be a float SDE time in (0, 1] or a float tensor (B,); got {t!r:.60}")
-    if isinstance(t, np.ndarray):
-        if t.ndim != 1 or x.ndim == 0 or t.shape[0] != x.shape[0]:
-            raise ValueError(f"a batch of times {name} must have shape (B,) = ({rows_of(x)},); got shape {t.shape}")
-        bad = ~((t > 0) & (t <= 1))
-        if bad.any():
-            raise ValueError(f"{name} must lie in (0, 1] (SDE time, T = 1); got {name} = {float(t[bad][0])}")
-        return t
-    t = float(t)
-    if not 0 < t <= 1:
-        raise ValueError(f"{name} must lie in (0, 1] (SDE time, T = 1); got {name} = {t}")
-    return t
-
 
 def _sde_coefs(sde, t):
     for m in ("linear_drift_coef", "diffusion_coef"):
@@ -300,7 +274,8 @@ def euler_maruyama_step(sde, x, t, dt, score, *, noise=None, seed=None, offset=0
     dt = as_float(dt, "dt")
     if not dt < 0:
         raise ValueError(f"dt must be < 0 (a reverse-time step from t to t + dt); got dt = {dt}")
-    t = _check_sde_time(t, x)
+    t = check_time(t, x, open_left=True)  # float64 on x's device
+    t = t.item() if t.ndim == 0 else t.cpu().numpy()
     if np.any(np.asarray(t) + dt < -1e-12):
         raise ValueError(f"t + dt must stay >= 0; got t = {float(np.min(t))}, dt = {dt}")
     noise, seed, offset = check_noise_args(noise, seed, offset, x, "x")

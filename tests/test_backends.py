@@ -105,3 +105,36 @@ def test_mixed_kinds_and_devices_are_rejected_clearly():
         forward.q_sample(S, x, torch.zeros(2, 1, dtype=torch.long), x)
     with pytest.raises(TypeError, match="x0 must be a floating-point tensor; got dtype torch.int64"):
         forward.q_sample(S, torch.zeros(2, 3, dtype=torch.long), 1, x)
+
+
+READS = {"score_from_eps": (1,), "learned_range": (0,), "q_mean": (0,), "q_var": (0,)}  # else both x and y
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+@pytest.mark.parametrize("pos", [0, 1])
+def test_complex_input_is_refused_not_cast_to_real(name, kind, pos):
+    # a complex tensor cast to a real dtype silently loses its imaginary part (normal_kl did so):
+    # every entry point refuses it with TypeError, whichever argument holds it
+    if pos not in READS.get(name, (0, 1)):
+        pytest.skip(f"{name} does not read argument {pos}")
+    x = torch.randn(3, 4, dtype=torch.float64)
+    args = [x, x * 0.5]
+    args[pos] = torch.complex(args[pos], args[pos])
+    if kind == "numpy":
+        args = [a.numpy() for a in args]
+    f = CASES[name] if name != "learned_range" else (lambda x, y, t: losses.learned_range_log_variance(S, t, x))  # no clamp
+    with pytest.raises(TypeError, match="real|floating"):
+        f(*args, np.array([0, 5, 999]))
+
+
+def test_complex_scalars_and_sigmas_are_refused():
+    x = torch.randn(2, 3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="sigma must hold real"):
+        losses.dsm_loss(x, x, x, torch.tensor([1 + 1j, 1.0]))
+    with pytest.raises(TypeError, match="sigma must hold real"):  # numpy compared complex by real part, then cast
+        losses.dsm_loss(x.numpy(), x.numpy(), x.numpy(), np.array([1 + 1j, 1.0]))
+    with pytest.raises(TypeError, match="mean1 must be a real"):
+        gaussian.normal_kl(1j, 0.0, 0.0, 0.0)
+    with pytest.raises(TypeError, match="x_t must hold floating-point values"):
+        P.x0_from_eps(S, [[1j]], 1, [[1.0]])

@@ -592,3 +592,19 @@ def test_sigma_space_solvers_from_the_cli(tmp_path, capsys):
     assert main(["sample", "--run", str(run), "--out", str(tmp_path / "bad"), "--sampler", "euler", "--sigmas", "schedule",
                  "--steps", "51", "--no-progress"]) == 2
     assert "--sigmas schedule" in capsys.readouterr().err
+
+
+def test_sigma_space_solvers_clip_the_denoiser_on_images_as_ddim_clips_x0(tmp_path):
+    # on bounded images the ddim loop clips its predicted x0 to [-1, 1] and takes the next state
+    # from the clipped x0 (Song et al. 2021, eq. 12); the solvers clip D = their predicted x0 the
+    # same way, so Euler on the schedule's own sigmas is still DDIM, and --no-clip turns both off
+    run = tmp_path / "digits"
+    assert main(["train", "--data", "digits", "--out", str(run)] + TINY_FLAGS) == 0
+    for clip in ([], ["--no-clip"]):
+        for args in (["--sampler", "euler", "--sigmas", "schedule"], ["--sampler", "ddim"]):
+            out = tmp_path / f"{args[1]}{'-'.join(clip)}"
+            assert main(["sample", "--run", str(run), "--out", str(out), "--steps", "5", "--num-samples", "16",
+                         "--no-progress", *args, *clip]) == 0
+        name = "-".join(clip)
+        with np.load(tmp_path / f"euler{name}" / "samples.npz") as a, np.load(tmp_path / f"ddim{name}" / "samples.npz") as b:
+            np.testing.assert_allclose(a["samples"], b["samples"], rtol=1e-4, atol=1e-4)  # float32 loops, two routes

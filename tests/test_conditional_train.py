@@ -69,7 +69,7 @@ def test_conditional_run_records_its_classes_and_the_dropout_state(tmp_path):
     # the saved state is the generator's after 6 global batches of 16 uniforms each
     g = tr._generator(0, "label-dropout")
     torch.rand(6 * 16, generator=g, dtype=torch.float64)
-    saved = tr._rng_state_from_b64(meta["rng"]["label_dropout"])
+    saved = tr.rng_state_from_b64(meta["rng"]["label_dropout"])
     assert torch.equal(saved, g.get_state())
 
 

@@ -25,13 +25,26 @@ def test_normal_kl_equals_quadrature(m1, lv1, m2, lv2):
     assert_allclose(normal_kl(m1, lv1, m2, lv2), ref, rtol=1e-8, atol=1e-12)
 
 
+# A libm call (numpy, scipy, torch) is assumed within 4 ulp of the exact value, whatever the CPU's
+# vector unit (docs/numerics.md, "Tolerances"); one ulp is at most 2^-52 relative.
+ULP = 2.0**-52
+LIBM = 4 * ULP
+
+
 def test_normal_kl_nearly_equal_gaussians_mpmath():
     # e^d - 1 - d for tiny d: the naive form loses all digits; ours keeps full relative precision.
     d = np.array([1e-12, -1e-9, 3e-6, -2e-3, 0.3, -0.49, 0.51, 5.0, -30.0])
     ours = normal_kl(0.0, d, 0.0, 0.0)
     with mp.workdps(50):
-        ref = [0.5 * (mp.exp(mp.mpf(x)) - 1 - mp.mpf(x)) for x in d.tolist()]
-    assert_allclose(ours, [float(r) for r in ref], rtol=4e-16)
+        ref = np.array([float(0.5 * (mp.exp(mp.mpf(x)) - 1 - mp.mpf(x))) for x in d.tolist()])
+    # |d| < 0.5 is a polynomial in + and * (IEEE-exact operations, no libm): the same bits on every
+    # CPU, held to 4e-16. Elsewhere expm1(d) - d: expm1's libm error (4 ulp of |expm1(d)|) is
+    # amplified by |expm1(d)| / |expm1(d) - d| (4.3 at d = 0.51, where numpy's AVX2 expm1 gives
+    # 4.9e-16 relative error and its AVX-512 one 2.2e-16), plus 2 roundings.
+    poly = np.abs(d) < 0.5
+    assert_allclose(ours[poly], ref[poly], rtol=4e-16)
+    cond = np.abs(np.expm1(d)) / np.abs(np.expm1(d) - d)
+    assert np.all(np.abs(ours - ref)[~poly] <= ((LIBM * cond + 2 * ULP) * np.abs(ref))[~poly])
 
 
 @given(seed=st.integers(0, 2**32 - 1), k=st.integers(1, 6))
@@ -199,10 +212,21 @@ def test_log_diff_ndtr_all_regimes():
     ours = log_diff_ndtr(a, b)
     with mp.workdps(400):  # enough digits for 1 - Phi(30) ~ 5e-198 without mirroring
         ncdf = lambda z: mp.erfc(-mp.mpf(z) / mp.sqrt(2)) / 2 if np.isfinite(z) else (1 if z > 0 else 0)
-        ref = [float(mp.log(ncdf(bb) - ncdf(aa))) for aa, bb in zip(a, b)]
-    assert_allclose(ours, ref, rtol=1e-9)
+        ref = np.array([float(mp.log(ncdf(bb) - ncdf(aa))) for aa, bb in zip(a, b)])
+        # both limits in one tail: log Phi(hi) + log1mexp(y), y = log Phi(lo) - log Phi(hi) formed
+        # from two libm values (4 ulp of |log Phi| each); log1mexp turns y's absolute error into
+        # an absolute error / |y| of the result. Narrow tail bins ([3, 3 + 1e-8]: |y| = 4.4e-8,
+        # |log Phi| = 6.6) are conditioned by that, not by the 1e-9 of the other regimes.
+        cond = np.zeros(len(a))
+        for i, (aa, bb) in enumerate(zip(a, b)):
+            lo, hi = (-bb, -aa) if aa > 0 else (aa, bb)
+            if hi <= 0 and np.isfinite(lo):
+                llo, lhi = mp.log(ncdf(lo)), mp.log(ncdf(hi))
+                cond[i] = float((abs(llo) + abs(lhi)) / abs(llo - lhi))
+    bound = 1e-9 * np.abs(ref) + LIBM * cond
+    assert np.all(np.abs(ours - ref) <= bound), (ours - ref, bound)
     tt = log_diff_ndtr(torch.tensor(a), torch.tensor(b))
-    assert_allclose(tt.numpy(), ref, rtol=1e-9)
+    assert np.all(np.abs(tt.numpy() - ref) <= bound), (tt.numpy() - ref, bound)
 
 
 def test_decoder_gradient_is_finite_at_the_edges():
@@ -220,3 +244,90 @@ def test_decoder_rejects_out_of_range_data():
         discretized_gaussian_log_likelihood(np.array([1.5]), 0.0, 0.0)
     with pytest.raises(ValueError, match="bins must be an integer >= 2"):
         discretized_gaussian_log_likelihood(np.array([0.5]), 0.0, 0.0, bins=1)
+
+
+# ----------------------------------------------------------------------------- extreme finite input
+def _mp_kl(m1, lv1, m2, lv2):
+    with mp.workdps(60):
+        m1, lv1, m2, lv2 = (mp.mpf(v) for v in (m1, lv1, m2, lv2))
+        d = lv1 - lv2
+        return 0.5 * (mp.expm1(d) - d + (m1 - m2) ** 2 * mp.exp(-lv2))
+
+
+def _mp_logpdf(x, m, lv):
+    with mp.workdps(60):
+        x, m, lv = (mp.mpf(v) for v in (x, m, lv))
+        return -0.5 * (mp.log(2 * mp.pi) + lv + (x - m) ** 2 * mp.exp(-lv))
+
+
+EXTREME = [  # (m1, lv1, m2, lv2): 0 * e^800 was NaN, inf * 0 (1e160^2 * e^-700) was NaN too
+    (0.0, 0.0, 0.0, -800.0),  # the issue's case: +inf, not NaN
+    (0.0, 0.0, 0.0, -1500.0),  # e^{lv2/2} overflows as well
+    (1e160, 0.0, 0.0, 700.0),  # 9.9e15: (m1 - m2)^2 overflows, e^{-lv2} nearly underflows
+    (1e200, 0.0, -1e200, 800.0),  # m1 - m2 = 2e200, (2e200)^2 e^-800 = 1.1e53
+    (1e-200, 0.0, 0.0, -700.0),  # (1e-200)^2 underflows to 0; the e^700 term dominates anyway
+    (1e-200, 5.0, 0.0, -5.0),  # 1e-400 e^5 is below the float range: the e^10 term stands
+    (0.0, 1e308, 0.0, -1e308),  # lv1 - lv2 overflows: +inf, not inf - inf
+    (0.0, -1e308, 0.0, 1e308),  # -inf difference: the KL is lv2/2 - ... = +inf
+    (3.0, -2.0, -1.0, 1.5),  # an ordinary case, unchanged
+]
+
+
+@pytest.mark.parametrize("m1,lv1,m2,lv2", EXTREME)
+def test_normal_kl_of_extreme_finite_input_is_a_number_or_inf(m1, lv1, m2, lv2):
+    ref = _mp_kl(m1, lv1, m2, lv2)
+    fmax = np.finfo(np.float64).max
+    args = [np.array([v]) for v in (m1, lv1, m2, lv2)]
+    for out in (normal_kl(*args)[0], normal_kl(*(torch.tensor(a) for a in args))[0].item()):
+        assert not math.isnan(out)
+        if ref > fmax:
+            assert out == math.inf
+        else:  # a few roundings of e^x (4 ulp each, docs/numerics.md) on top of the plain products
+            assert out == pytest.approx(float(ref), rel=1e-14)
+    # float32 tensors: the same within float32's range (where the inputs are float32 numbers)
+    a32 = [torch.tensor(a, dtype=torch.float32) for a in args]
+    if all(bool(torch.isfinite(a).all()) for a in a32):
+        out32 = normal_kl(*a32)[0].item()
+        assert not math.isnan(out32)
+        assert out32 == math.inf if ref > np.finfo(np.float32).max else out32 == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_normal_kl_issue_case_and_normal_log_prob_at_tiny_variance():
+    assert normal_kl(0.0, 0.0, 0.0, -800.0) == math.inf
+    assert normal_kl(torch.tensor(0.0), 0.0, 0.0, -100.0).item() == math.inf  # float32: e^100 overflows
+    # x = mean with a tiny variance: a finite log-density (was 0 * inf = NaN)
+    for lv in (-800.0, -1500.0):
+        assert normal_log_prob(0.0, 0.0, lv) == pytest.approx(float(_mp_logpdf(0, 0, lv)), rel=1e-15)
+        assert normal_log_prob(torch.zeros(1, dtype=torch.float64), 0.0, lv).item() == pytest.approx(float(_mp_logpdf(0, 0, lv)), rel=1e-15)
+    assert normal_log_prob(1.0, 0.0, -800.0) == -math.inf
+    assert normal_log_prob(1e160, 0.0, 700.0) == pytest.approx(float(_mp_logpdf(1e160, 0, 700)), rel=1e-14)
+    # the gradient of an ordinary entry is unchanged beside an extreme one
+    m = torch.tensor([0.5, 0.0], dtype=torch.float64, requires_grad=True)
+    lv2 = torch.tensor([0.3, -800.0], dtype=torch.float64)
+    kl = normal_kl(m, torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64), lv2)
+    kl[0].backward()
+    assert m.grad[0].item() == pytest.approx(0.5 * math.exp(-0.3), rel=1e-15)
+
+
+# ----------------------------------------------------------------------------- complex input
+@pytest.mark.parametrize("kind", ["tensor", "numpy"])
+def test_complex_input_is_refused_not_cast_to_real(kind):
+    # torch's .to(float64) drops the imaginary part with only a warning: normal_kl(1 + 5j, ...)
+    # returned the KL of 1
+    z = torch.tensor([1.0 + 5.0j]) if kind == "tensor" else np.array([1.0 + 5.0j])
+    r = torch.zeros(1, dtype=torch.float64) if kind == "tensor" else np.zeros(1)
+    with pytest.raises(TypeError, match="mean1 must be a real"):
+        normal_kl(z, r, r, r)
+    with pytest.raises(TypeError, match="logvar2 must be a real"):
+        normal_kl(r, r, r, z)
+    with pytest.raises(TypeError, match="mean must be a real"):
+        normal_log_prob(r, z, r)
+    with pytest.raises(TypeError, match="cov1 must be a real"):
+        gaussian_kl(r, z.reshape(1, 1), r, r.reshape(1, 1) + 1)
+    with pytest.raises(TypeError, match="log_scale must be a real"):
+        discretized_gaussian_log_likelihood(r, r, z)
+    if kind == "tensor":  # and a complex tensor beside python floats
+        with pytest.raises(TypeError, match="mean2 must be a real"):
+            normal_kl(0.0, 0.0, z, 0.0)
+        with pytest.raises(TypeError, match="x must be a real"):
+            normal_log_prob(torch.tensor([True]), 0.0, 0.0)

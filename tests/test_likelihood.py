@@ -90,3 +90,50 @@ def test_non_finite_score_is_named():
     # a score_fn returning NaN is reported as such, not as a bad time t = nan
     with pytest.raises(ValueError, match=r"score_fn returned non-finite values.*t = 1e-05"):
         ode_likelihood(VPSDE(), lambda y, t: y * float("nan"), torch.zeros(2, 3, dtype=torch.float64), eps=1e-5)
+
+
+def _gaussian_case():
+    sde = VPSDE()
+    data = GaussianData(np.zeros(3), COV)
+    return sde, data, data.sample(4, np.random.default_rng(3))
+
+
+def test_score_cut_off_from_x_is_refused_before_integrating():
+    # A score computed in numpy and wrapped as a tensor (or under no_grad, or from x.detach())
+    # has no autograd path to x: the divergence then sees only the linear drift and the answer is
+    # confidently wrong (-12.06 nats where the exact value is -0.91). It must be refused, before
+    # any integration step (counted by the calls).
+    sde, data, x = _gaussian_case()
+    calls = []
+
+    def numpy_wrapped(y, t):
+        calls.append(1)
+        return torch.tensor(data.score(y.detach().cpu().numpy(), t.detach().cpu().numpy(), sde))
+
+    def from_numpy(y, t):
+        calls.append(1)
+        return torch.from_numpy(data.score(y.detach().numpy(), t.detach().numpy(), sde))
+
+    def under_no_grad(y, t):
+        calls.append(1)
+        with torch.no_grad():
+            return data.score(y, t, sde)
+
+    w = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
+
+    def detached_input_through_a_parameter(y, t):  # requires grad, but only through w
+        calls.append(1)
+        return w * data.score(y.detach(), t, sde)
+
+    for fn in (numpy_wrapped, from_numpy, under_no_grad, detached_input_through_a_parameter):
+        calls.clear()
+        for div in ("exact", "hutchinson"):
+            with pytest.raises(ValueError, match="score_fn's output (does not depend on|is not connected to) x"):
+                ode_likelihood(sde, fn, x, div, generator=np.random.default_rng(0))
+        assert len(calls) == 2  # one probe call per attempt, no integration
+    # a differentiable score still works, and one constant in x is fine when written as one (0 * x)
+    lp, _ = ode_likelihood(sde, lambda y, t: data.score(y, t, sde), x, rtol=1e-6, atol=1e-6)
+    assert np.all(np.isfinite(lp))
+    ode_likelihood(sde, lambda y, t: 0.0 * y, x)
+    with pytest.raises(ValueError, match=r"score_fn must return the shape of x \(4, 3\); got \(4, 1\)"):
+        ode_likelihood(sde, lambda y, t: y[:, :1], x)

@@ -12,7 +12,7 @@ from diffmath.oracle import GaussianData
 from diffmath.sample import LoadedModel, _ScoreFromEps, generate
 from diffmath.samplers import sample_ddim
 from diffmath.schedules import named_schedule
-from diffmath.train import TrainConfig, _derive
+from diffmath.train import TrainConfig, derive_seed
 
 torch.set_num_threads(1)
 
@@ -64,7 +64,7 @@ def test_ddim_glue_matches_the_reference_loop():
     lm = _loaded()
     n = 64
     got = generate(lm, n, sampler="ddim", steps=20, seed=3)
-    xT = torch.randn((n, 2), generator=torch.Generator().manual_seed(_derive(3, "x_T")))
+    xT = torch.randn((n, 2), generator=torch.Generator().manual_seed(derive_seed(3, "x_T")))
     ref = sample_ddim(lambda x, t: lm.eps_model(x, t), lm.schedule, steps=20, x_T=xT).numpy()
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 

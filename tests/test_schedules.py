@@ -1,9 +1,15 @@
 """Schedules: every table against a 50-digit mpmath evaluation of its definition.
 
-Precision bar (docs/design.md, "Precision"): relative error <= 1e-13 for T <= 1000 and <= 1e-12 for
-T <= 10,000, betas from 1e-10 to 0.999 and exactly 1. log_snr crosses zero where abar = 1/2;
-there its relative error is ill-conditioned (d log_snr / d log abar = 1/(1 - abar)), so it is
-held to the same relative bound plus an absolute floor of 1e-15.
+Precision bar (docs/design.md, "Precision"): relative error <= 1e-13 for T <= 1000 and <= 1e-12
+for T <= 10,000, betas
+from 1e-10 to 0.999 and exactly 1, plus what the libm itself may cost: every table derives
+from log abar = sum_j log1p(-beta_j), and each log1p is only within 4 ulp of exact (the
+tolerance policy in docs/numerics.md), an error the summation cannot remove. That allowance,
+4 ulp x sum_j |log(1 - beta_j)|, is below 2e-14 for every named schedule and matters only in
+deep tails (abar < e^-100); there ``test_deep_tail_sum_is_exact_given_its_logs`` holds the
+summation itself to 1e-13. log_snr crosses zero where abar = 1/2; there its relative error is
+ill-conditioned (d log_snr / d log abar = 1/(1 - abar)), so it is held to the same relative
+bound plus an absolute floor of 1e-15.
 """
 
 import math
@@ -21,13 +27,26 @@ from diffmath.schedules import Schedule, log1mexp
 from _mpref import TABLES, max_rel_error, reference_tables
 
 
+# A libm call (numpy, scipy, torch) is within 4 ulp of exact whatever the CPU's vector unit
+# (docs/numerics.md, "Tolerances"); one ulp is at most 2^-52 relative.
+ULP = 2.0**-52
+LIBM = 4 * ULP
+
+
 def _bound(T):
     return 1e-13 if T <= 1000 else 1e-12
 
 
+def _libm_allowance(betas) -> float:
+    """4 ulp of each log(1 - beta_j) that log abar sums: the libm's own error, relative in abar."""
+    with np.errstate(divide="ignore"):
+        la = np.abs(np.log1p(-np.asarray(betas, dtype=np.float64)))
+    return LIBM * float(la[np.isfinite(la)].sum())
+
+
 def assert_tables_match_mpmath(s: Schedule):
     ref = reference_tables(s.betas)
-    tol = _bound(s.num_timesteps)
+    tol = _bound(s.num_timesteps) + _libm_allowance(s.betas)
     for name in TABLES:
         ours = getattr(s, name)
         assert ours.dtype == np.float64, name
@@ -74,9 +93,10 @@ def test_tables_match_mpmath_random(T, lo, hi, geometric):
         lambda: Schedule.from_betas([1e-10]),
         lambda: Schedule.from_betas([1.0]),
         lambda: dm.rescale_zero_terminal_snr(dm.scaled_linear_schedule(1000)),
-        # abar run down to e^-582 and e^-740 by constant betas: every log(1 - beta) rounds the
+        # abar run down to e^-553 and e^-740 by constant betas: every log(1 - beta) rounds the
         # same way and log abar is a sum of ~700, so rounding log abar to float64 cost
-        # 1.04e-13 and 1.15e-13 here (over the bar) until it was kept as a double-double.
+        # 1.04e-13 and 1.15e-13 here (over the bar) until it was kept as a double-double; the
+        # libm allowance covers these now, test_deep_tail_sum_is_exact_given_its_logs the sum.
         lambda: Schedule.from_betas(np.full(266, 0.875)),
         lambda: Schedule.from_betas(np.full(734, 0.6346235701681713)),
     ],
@@ -85,6 +105,22 @@ def test_tables_match_mpmath_random(T, lo, hi, geometric):
 )
 def test_named_tables_match_mpmath(make):
     assert_tables_match_mpmath(make())
+
+
+@pytest.mark.parametrize("beta,T", [(0.875, 266), (0.6346235701681713, 734), (0.999, 60)])
+def test_deep_tail_sum_is_exact_given_its_logs(beta, T):
+    # Constant betas run abar down to e^-553 .. e^-740: every log1p(-beta) carries the same libm
+    # error, T times over, which no summation removes (the allowance above). What the
+    # implementation adds on top is held against exp of the exact (50-digit) sum of the float64
+    # logs it was given: the compensated sum kept as a double-double leaves only exp's error
+    # (4 ulp; measured 1.1e-16 to 2.5e-16), where the sum rounded to float64 costs
+    # ulp(|log abar|)/2 = 5.6e-14 and np.cumsum 1.2e-12.
+    s = Schedule.from_betas(np.full(T, beta))
+    logs = np.log1p(-s.betas)  # the values from_betas sums (same array, same libm path)
+    with mp.workdps(50):
+        ref = [mp.exp(mp.fsum([mp.mpf(v) for v in logs[: t + 1].tolist()])) for t in range(T)]
+    assert max_rel_error(s.alphas_cumprod, ref) <= 2 * LIBM
+    assert max_rel_error(s.sqrt_recip_alphas_cumprod, [1 / mp.sqrt(r) for r in ref]) <= 2 * LIBM
 
 
 @pytest.mark.parametrize(
@@ -127,6 +163,8 @@ def test_cosine_betas_match_mpmath(T, s):
 
 
 def test_linear_and_scaled_linear_definitions():
+    # exact by construction, so held to 1e-15: linspace is + and * only, and sqrt is correctly
+    # rounded by IEEE 754 on every CPU (no libm approximation)
     assert_allclose(dm.linear_schedule(7, 0.1, 0.4).betas, [0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4], rtol=1e-15)
     b = dm.scaled_linear_schedule(3, 0.01, 0.09).betas
     assert_allclose(b, [0.01, 0.04, 0.09], rtol=1e-15)
@@ -169,7 +207,10 @@ def test_log1mexp_matches_mpmath():
     ours = log1mexp(ys)
     with mp.workdps(400):  # enough digits that 1 - exp(-700) is not rounded to 1
         ref = [mp.log(1 - mp.exp(mp.mpf(y))) for y in ys.tolist()]
-    assert max_rel_error(ours, ref) < 4e-16
+    # two libm calls of 4 ulp each: log1p(-exp(y)) passes exp's relative error through (x2),
+    # log(-expm1(y)) turns expm1's into an absolute error of a result of magnitude >= log 2
+    # (x 1/log 2); 3.5 x 4 ulp + rounding covers both (measured: 4e-16 on AVX-512, AVX2 and SSE)
+    assert max_rel_error(ours, ref) < 3.5 * LIBM + ULP
 
 
 # ----------------------------------------------------------------------------- zero terminal SNR
@@ -211,7 +252,9 @@ def test_rescale_zero_terminal_snr_matches_lin_et_al(T, lo, hi):
 
 def test_rescale_is_identity_on_zero_snr_schedules():
     s = Schedule.from_betas([0.1, 0.2, 1.0])
-    assert_allclose(dm.rescale_zero_terminal_snr(s).betas, s.betas, rtol=1e-15)
+    # beta' = (1 - r)(1 + r), 1 - r = -expm1(log1p(-beta)/2): two libm calls (4 ulp each), both
+    # well conditioned here, and three roundings
+    assert_allclose(dm.rescale_zero_terminal_snr(s).betas, s.betas, rtol=3 * LIBM)
 
 
 # ----------------------------------------------------------------------------- respacing
@@ -265,7 +308,34 @@ def test_timesteps_match_diffusers_formulas():
             assert ts.shape == (S,) and np.all(np.diff(ts) < 0) and ts.min() >= 0 and ts.max() < T
 
 
+def test_timesteps_are_diffusers_own():
+    # Every (T, S, spacing) for T in {7, 10, 999, 1000} against diffusers itself (steps_offset = 0),
+    # DDIM's and DDPM's set_timesteps. The one deviation: where the float step T/S makes
+    # diffusers' arange(T, 0, -T/S) yield S + 1 values (T = 999, S = 13), diffusers returns
+    # S + 1 timesteps ending in -1 (not an index); the first S agree and -1 is dropped here.
+    from diffusers.schedulers import DDIMScheduler, DDPMScheduler  # lazily: a heavy import
+
+    extra = []
+    for T in (7, 10, 999, 1000):
+        for cls in (DDIMScheduler, DDPMScheduler):
+            for spacing in ("leading", "trailing", "linspace"):
+                sched = cls(num_train_timesteps=T, timestep_spacing=spacing, steps_offset=0)
+                for S in range(1, T + 1):
+                    sched.set_timesteps(S)
+                    ref = sched.timesteps.numpy()
+                    ours = dm.timesteps(T, S, spacing)
+                    assert ours.dtype == np.int64 and ours.shape == (S,)
+                    if ref.shape == (S + 1,) and ref[-1] == -1:
+                        extra.append((T, S, spacing))
+                        ref = ref[:S]
+                    assert_array_equal(ours, ref, err_msg=f"{cls.__name__} T={T} S={S} {spacing}")
+    # the deviation occurs, for trailing only (one check that the comparison above was exercised)
+    assert (999, 13, "trailing") in extra and {sp for _, _, sp in extra} == {"trailing"}
+
+
 def test_timesteps_known_values():
+    # the issue's case: diffusers gives 498 at index 25 (round half to even of 498.5 + ... - 1)
+    assert dm.timesteps(999, 50, "trailing")[25] == 498
     assert dm.timesteps(1000, 10, "trailing").tolist() == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
     assert dm.timesteps(1000, 10, "leading").tolist() == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
     assert dm.timesteps(1000, 10, "linspace").tolist() == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
@@ -320,3 +390,14 @@ def test_tables_are_read_only():
     s = dm.linear_schedule(10)
     with pytest.raises(ValueError):
         s.betas[0] = 0.5
+
+
+def test_from_betas_leaves_the_callers_arrays_writable():
+    b = np.full(10, 0.1)
+    m = np.arange(10, dtype=np.int64)
+    s = Schedule.from_betas(b, timestep_map=m)
+    b[0] = 0.9  # was: ValueError, assignment destination is read-only
+    m[0] = 5
+    assert b.flags.writeable and m.flags.writeable
+    assert s.betas[0] == 0.1 and s.timestep_map[0] == 0  # the schedule keeps its own copy
+    assert not s.betas.flags.writeable and not s.timestep_map.flags.writeable

@@ -100,6 +100,8 @@ def test_linear_drift_coef_and_diffusion_coef_for_the_kernels():
         assert a.dtype == np.float64 and g.dtype == np.float64 and a.shape == (3,) and g.shape == (3,)
         x = np.random.default_rng(0).normal(size=(3, 4))
         drift, diff = sde.sde(x, t)
+        # exact by construction: sde() and the coefficient accessors evaluate the same float64
+        # expression of the same t (identical bits on any CPU), then one product
         assert_allclose(drift, a[:, None] * x, rtol=1e-15, atol=0)
         assert_allclose(np.asarray(diff).reshape(-1), g, rtol=1e-15)
         tt = torch.tensor([0.0, 0.25, 1.0], dtype=torch.float32)

@@ -146,3 +146,18 @@ def test_single_level():
         assert_array_equal(sig, [2.0, 0.0])
     assert_allclose(sigmas_vp(1), [math.sqrt(math.expm1(19.9 / 2 + 0.1)), 0.0], rtol=RTOL)
     assert isinstance(sigmas_from_schedule(Schedule.from_betas(np.full(3, 0.5)), 1), np.ndarray)
+
+
+def test_sigmas_beta_against_closed_forms():
+    """Beta(1, 1) is uniform (its quantile is the identity): the ladder is linear in sigma; for
+    Beta(1/2, 1/2) the quantile is sin^2(pi u / 2) (the arcsine law), in mpmath."""
+    from diffmath.samplers import sigmas_beta
+
+    lin = sigmas_beta(6, 0.1, 5.0, alpha=1.0, beta=1.0)
+    assert_allclose(lin[:-1], np.linspace(5.0, 0.1, 6), rtol=4e-15, atol=0)  # a few ulp of the quantile
+    assert lin[-1] == 0.0 and lin[0] == 5.0 and lin[-2] == 0.1
+    arc = sigmas_beta(7, 0.2, 3.0, alpha=0.5, beta=0.5)
+    want = [0.2 + float(mp.sin(mp.pi * (1 - mp.mpf(i) / 6) / 2) ** 2) * 2.8 for i in range(7)]
+    assert_allclose(arc[:-1], want, rtol=1e-12)  # scipy's beta quantile is an iterative inverse
+    with pytest.raises(ValueError, match="alpha"):
+        sigmas_beta(4, 0.1, 1.0, alpha=0.0)

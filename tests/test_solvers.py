@@ -43,7 +43,7 @@ from diffmath.samplers import (
     sigmas_from_schedule,
     sigmas_karras,
 )
-from diffmath.samplers.solvers import _dpmpp_sde_step, _unipc_step
+from diffmath.samplers.solvers import dpmpp_multistep_step, unipc_corrector_step, unipc_predictor_step
 from diffmath.schedules import linear_schedule
 
 S = linear_schedule(1000)
@@ -167,8 +167,8 @@ def test_third_order_step_two_ways(variant):
     x, D0, D1, D2 = (rng.standard_normal((3, 2)) for _ in range(4))
     sig = [9.0, 4.0, 1.3, 0.5]  # sigma_{i-2}, sigma_{i-1}, sigma_i, sigma_{i+1}
     lam = [-math.log(v) for v in sig]
-    a = _dpmpp_sde_step(x, sig[2], sig[3], D0, [(lam[1], D1), (lam[0], D2)], 0.0, "heun")
-    b = _unipc_step(x, sig[2], sig[3], lam, 2, [D0, D1, D2], variant, None)
+    a = dpmpp_multistep_step(x, sig[2], sig[3], D0, [(lam[1], D1), (lam[0], D2)], 0.0, "heun")
+    b = unipc_predictor_step(x, sig[2], sig[3], [D0, D1, D2], sig[2::-1], variant)
     assert_allclose(a, b, rtol=1e-12, atol=1e-13)
 
 
@@ -441,3 +441,32 @@ def test_bad_noise_sampler_output():
 def test_denoiser_on_wrong_device():
     with pytest.raises(ValueError, match="the output of denoiser is on cpu"):
         sample_euler(lambda x, s: torch.zeros(2, 2), torch.ones(2, 2, device="cuda"), SIG)
+
+
+@pytest.mark.parametrize("variant", ["bh1", "bh2"])
+@pytest.mark.parametrize("prediction", ["data", "noise"])
+def test_unipc_steps_integrate_the_interpolant_exactly(variant, prediction):
+    """UniP-3 and UniC-3 against scipy quad: with x = x0 + sigma eps and lambda = -log sigma the
+    ODE is dx/dlambda = D - x (data) or -e^{-lambda} eps (noise); its exact solution with D or eps
+    replaced by the polynomial in lambda through the model values (quadratic for UniP-3 from
+    three values, cubic for UniC-3 with the new one) is what the order conditions give."""
+    from scipy.integrate import quad
+
+    rng = np.random.default_rng(5)
+    x, M0, M1, M2, Mn = (float(v) for v in rng.standard_normal(5))
+    sig = [9.0, 4.0, 1.3, 0.5]  # sigma_{i-2}, sigma_{i-1}, sigma_i, sigma_{i+1}
+    lam = [-math.log(v) for v in sig]
+    vals = [M2, M1, M0, Mn]
+
+    def exact(npts):
+        poly = np.polynomial.Polynomial.fit(lam[:npts], vals[:npts], npts - 1)
+        if prediction == "data":  # x_t = e^{-h} x_s + int e^{-(lam_t - l)} D(l) dl
+            integ = quad(lambda l: math.exp(-(lam[3] - l)) * poly(l), lam[2], lam[3], epsabs=1e-14, epsrel=1e-13)[0]
+            return math.exp(-(lam[3] - lam[2])) * x + integ
+        return x - quad(lambda l: math.exp(-l) * poly(l), lam[2], lam[3], epsabs=1e-14, epsrel=1e-13)[0]
+
+    a = unipc_predictor_step(np.array([x]), sig[2], sig[3], [np.array([v]) for v in (M0, M1, M2)], sig[2::-1], variant, prediction)
+    b = unipc_corrector_step(np.array([x]), sig[2], sig[3], [np.array([v]) for v in (M0, M1, M2)], sig[2::-1], np.array([Mn]), variant, prediction)
+    # quad to 1e-13; the Vandermonde solve loses a few digits on this uneven history
+    assert_allclose(a, exact(3), rtol=1e-10, atol=1e-12)
+    assert_allclose(b, exact(4), rtol=1e-10, atol=1e-12)

@@ -42,6 +42,7 @@ from .sigmas import (
     sigmas_from_schedule,
     sigmas_karras,
     sigmas_polyexponential,
+    sigmas_beta,
     sigmas_vp,
 )
 from .solvers import (
@@ -81,6 +82,7 @@ __all__ = [
     "sigmas_from_schedule",
     "sigmas_karras",
     "sigmas_polyexponential",
+    "sigmas_beta",
     "sigmas_vp",
     "annealed_langevin",
     "annealed_step_sizes",

@@ -17,52 +17,34 @@ finite stops the loop with a ValueError naming the step and t (``LoopModel``).
 
 from __future__ import annotations
 
-import math
-import numbers
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .._array import check_float, check_positive, is_tensor, randn, upcast
+from .._array import is_tensor, randn, upcast
+from ..checks import check_float, check_generator, check_sde
 from ..sde import check_score
 
 __all__ = [
-    "check_generator",
     "randn",
     "randn_like",
     "start",
     "model_t",
     "progress_bar",
-    "check_positive",
-    "check_steps",
     "LoopModel",
     "to_state",
     "check_out_dtype",
     "finish",
+    "check_score_args",
 ]
 
 
-def check_generator(generator, like=None):
-    """Validate ``generator`` against the kind of ``like`` (when given); None makes a fresh
-    generator of ``like``'s kind (numpy when ``like`` is None)."""
-    if generator is None:
-        if is_tensor(like):
-            g = torch.Generator(device=like.device)
-            g.manual_seed(int(np.random.default_rng().integers(2**62)))
-            return g
-        return np.random.default_rng()
-    if isinstance(generator, torch.Generator):
-        if like is not None and not is_tensor(like):
-            raise TypeError("generator is a torch.Generator but x_T is a numpy array; use a numpy.random.Generator")
-        if is_tensor(like) and generator.device.type != like.device.type:
-            raise ValueError(f"generator is on {generator.device} but x_T is on {like.device}")
-        return generator
-    if isinstance(generator, np.random.Generator):
-        if is_tensor(like):
-            raise TypeError("generator is a numpy.random.Generator but x_T is a torch tensor; use a torch.Generator")
-        return generator
-    raise TypeError(f"generator must be a numpy.random.Generator or a torch.Generator; got {type(generator).__name__}")
+def check_score_args(sde, score_fn):
+    """Validate a score-based loop's ``sde`` and ``score_fn(x, t)`` (once, at the public entry)."""
+    check_sde(sde)
+    if not callable(score_fn):
+        raise TypeError(f"score_fn must be callable score_fn(x, t); got {type(score_fn).__name__}")
 
 
 def randn_like(x, generator):
@@ -184,19 +166,3 @@ def progress_bar(iterable, total: int, progress: bool, desc: str):
     return tqdm(iterable, total=total, disable=not progress, desc=desc, leave=False)
 
 
-def check_steps(steps, T: int, name: str = "steps") -> int:
-    """An integer number of steps in [1, T]."""
-    if isinstance(steps, (bool, np.bool_)) or not isinstance(steps, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer number of steps; got {steps!r}")
-    if not 1 <= steps <= T:
-        raise ValueError(f"{name} must lie in [1, {T}]; got {name} = {int(steps)}")
-    return int(steps)
-
-
-def check_eta(eta) -> float:
-    if isinstance(eta, (bool, np.bool_)) or not isinstance(eta, numbers.Real):
-        raise TypeError(f"eta must be a real number >= 0; got {eta!r}")
-    eta = float(eta)
-    if not (math.isfinite(eta) and eta >= 0):
-        raise ValueError(f"eta must be finite and >= 0 (0 = deterministic DDIM, 1 = DDPM variance); got eta = {eta}")
-    return eta

@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 
 import numpy as np
 
-from .._array import backend, check_like, check_pair, check_schedule, gather, restore, schedule_table, upcast
-from ..losses import _check_variance
-from ..parameterization import _x0_from_eps
-from ..posterior import _posterior_mean
+from .._array import backend, gather, restore, schedule_table, upcast, widen_for_tables
+from ..checks import check_clip, check_like, check_pair, check_schedule, check_signal, check_steps, check_variance
+from ..parameterization import X0_TABLES, x0_from_eps_prepared
+from ..posterior import posterior_mean_prepared
 from ..schedules import Schedule, timesteps
-from ._common import LoopModel, check_out_dtype, check_steps, finish, model_t, progress_bar, randn_like, start
+from ._common import LoopModel, check_out_dtype, finish, model_t, progress_bar, randn_like, start
 
 __all__ = ["ddpm_step", "sample_ddpm", "ddpm_std"]
-
-
-def _check_clip(clip_x0):
-    if clip_x0 is None:
-        return None
-    if isinstance(clip_x0, (bool, np.bool_)) or not isinstance(clip_x0, numbers.Real):
-        raise TypeError(f"clip_x0 must be None or a positive float; got {clip_x0!r}")
-    c = float(clip_x0)
-    if not (math.isfinite(c) and c > 0):
-        raise ValueError(f"clip_x0 must be None or a finite float > 0; got clip_x0 = {c}")
-    return c
 
 
 def ddpm_std(s: Schedule, variance: str = "small") -> np.ndarray:
@@ -34,7 +21,7 @@ def ddpm_std(s: Schedule, variance: str = "small") -> np.ndarray:
     with entry 0 set to 0 (DDPM adds no noise at t = 0; Ho et al. 2020, Alg. 2).
     Returns a fresh (writable) copy of the table ``ddpm_step`` uses."""
     check_schedule(s)
-    _check_variance(variance)
+    check_variance(variance)
     return _std_table(s, variance).copy()
 
 
@@ -59,22 +46,42 @@ def ddpm_step(s: Schedule, x_t, t, eps, noise=None, variance: str = "small", cli
     x_{t-1} = mean + std * noise, and std = 0 at t = 0 (no noise on the last step).
 
     x_t, eps, noise: shape (B, ...); t: int or integer array (B,). ``noise`` ~ N(0, I) is
-    required where t > 0. Returns x_{t-1} with x_t's shape and dtype.
+    required where t > 0. Returns x_{t-1} with x_t's shape and dtype. A float32 step where
+    1/sqrt(abar_t) exceeds float32's range (abar_t < ~1e-77) is computed in float64 and rounded
+    once (x0 * coef1 is finite there; inf - inf was NaN).
     """
-    _check_variance(variance)
-    c = _check_clip(clip_x0)
-    x_t, eps, t, xc, ec = check_pair(s, x_t, "x_t", eps, "eps", t)
-    x0 = _x0_from_eps(s, xc, t, ec)
-    if c is not None:
-        x0 = backend(x0).clip(x0, -c, c)
-    mean = _posterior_mean(s, x0, xc, t)
+    check_variance(variance)
+    c = check_clip(clip_x0)
+    x_t, eps, t, _, _ = check_pair(s, x_t, "x_t", eps, "eps", t)
+    check_signal(s, t, "x0_from_eps")  # abar_t = 0: eps says nothing about x0
     any_noise = (t > 0) if isinstance(t, int) else bool((t > 0).any())
-    if not any_noise:
-        return restore(mean, x_t)
-    if noise is None:
-        raise ValueError("noise is required for a DDPM step with t > 0 (noise ~ N(0, I) of x_t's shape)")
-    noise = check_like(noise, x_t, "noise", "x_t")
-    return restore(mean + gather(_std_table(s, variance), t, xc) * upcast(noise), x_t)
+    if any_noise:
+        if noise is None:
+            raise ValueError("noise is required for a DDPM step with t > 0 (noise ~ N(0, I) of x_t's shape)")
+        noise = check_like(noise, x_t, "noise", "x_t")
+    return _ddpm_update(s, x_t, t, eps, _std_table(s, variance), c, noise if any_noise else None)
+
+
+def _ddpm_update(s: Schedule, x_t, t, eps, sigma, clip, z=None):
+    """One DDPM step (Alg. 2, line 4) on checked arguments: x_t, eps of one kind and shape,
+    abar_t > 0, ``sigma`` = ``_std_table(s, variance)`` (sigma_0 = 0), ``clip`` None or c > 0,
+    z like x_t or None (no noise: every t is 0). Returns x_{t-1} in x_t's dtype.
+
+    The mean is computed through x0 (eq. 7 with eq. 15), which equals eq. 11's
+    mu_theta = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t) without clipping and
+    lets the clipped x0 in."""
+    xc, ec = widen_for_tables(s, t, X0_TABLES, upcast(x_t), upcast(eps))  # float64 where 1/sqrt(abar_t) overflows
+    # (1) the predicted x0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps   (eq. 4 solved for x0; eq. 15)
+    x0 = x0_from_eps_prepared(s, xc, t, ec)
+    # (2) clipped to the data range [-c, c] (the DDPM code's clip_denoised)
+    if clip is not None:
+        x0 = backend(x0).clip(x0, -clip, clip)
+    # (3) mu_theta = mu_tilde_t(x_t, x0) = coef1_t x0 + coef2_t x_t   (eq. 7; = eq. 11 unclipped)
+    mu = posterior_mean_prepared(s, x0, xc, t)
+    # (4) x_{t-1} = mu_theta + sigma_t z, sigma_t^2 = beta_tilde_t ("small") or beta_t ("large")   (Alg. 2, line 4)
+    if z is not None:
+        mu = mu + gather(sigma, t, xc) * upcast(z)
+    return restore(mu, x_t)
 
 
 def sample_ddpm(
@@ -109,8 +116,8 @@ def sample_ddpm(
     loop with a ValueError naming the step and t (docs/samplers.md).
     """
     check_schedule(s)
-    _check_variance(variance)
-    _check_clip(clip_x0)
+    check_variance(variance)
+    clip_x0 = check_clip(clip_x0)
     if not callable(eps_model):
         raise TypeError(f"eps_model must be callable eps_model(x, t); got {type(eps_model).__name__}")
     if steps is not None:
@@ -119,12 +126,14 @@ def sample_ddpm(
     x, generator = start(shape, generator, x_T)
     out_dtype = check_out_dtype(out_dtype, x)
     T = s.num_timesteps
-    model = LoopModel(eps_model, "eps_model", "sample_ddpm", T)
+    check_signal(s, np.arange(T - 1, -1, -1), "x0_from_eps")  # every step's abar_t > 0, checked once
+    sigma = _std_table(s, variance)
+    model = LoopModel(eps_model, "eps_model", "sample_ddpm", T)  # checks each model output (new every step)
     for t in progress_bar(range(T - 1, -1, -1), T, progress, "DDPM"):
         model.step = T - 1 - t
         eps = model(x, model_t(s.timestep_map[t], x))
-        noise = randn_like(x, generator) if t > 0 else None
-        x = ddpm_step(s, x, t, eps, noise, variance=variance, clip_x0=clip_x0)
+        z = randn_like(x, generator) if t > 0 else None
+        x = _ddpm_update(s, x, t, eps, sigma, clip_x0, z)
         if callback is not None:
             callback(t=t, x=x, eps=eps)
     return finish(x, out_dtype)

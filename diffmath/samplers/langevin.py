@@ -9,8 +9,9 @@ import numbers
 import numpy as np
 import torch
 
-from .._array import backend, broadcast_coef, check_float, check_like, is_tensor, restore, upcast
-from ._common import LoopModel, check_out_dtype, check_positive, finish, model_t, progress_bar, randn_like, start
+from .._array import backend, broadcast_coef, is_tensor, restore, upcast
+from ._common import LoopModel, check_out_dtype, finish, model_t, progress_bar, randn_like, start
+from ..checks import check_float, check_like, check_positive
 
 __all__ = [
     "langevin_step",

@@ -9,16 +9,15 @@ that runs on torch (CPU or CUDA) as well as numpy.
 
 from __future__ import annotations
 
-import math
-import numbers
 
 import numpy as np
 import torch
 
-from .._array import check_float, is_tensor, restore, upcast
+from .._array import is_tensor, restore, upcast
+from ..checks import check_dt, check_eps, check_float, check_tol
 from ..sde import SDE, ReverseSDE
-from ._common import LoopModel, check_out_dtype, finish, progress_bar, start
-from .sde_solvers import _check_dt, _check_eps, _check_sde, _full_t, time_grid
+from ._common import LoopModel, check_out_dtype, check_score_args, finish, model_t, progress_bar, start
+from .sde_solvers import time_grid
 
 __all__ = ["heun_step", "sample_ode", "sample_ode_heun"]
 
@@ -35,7 +34,7 @@ def heun_step(rsde, x, t, dt):
     if not isinstance(rsde, ReverseSDE) or not rsde.probability_flow:
         raise TypeError("rsde must be sde.reverse(score_fn, probability_flow=True)")
     x = check_float(x, "x")
-    dt = _check_dt(dt)
+    dt = check_dt(dt)
     t_next = t + dt
     xc = upcast(x)
     d1 = upcast(rsde.sde(x, t)[0])
@@ -67,9 +66,7 @@ def sample_ode_heun(
     dtype, or rounded once to ``out_dtype`` when given. A non-finite model output stops the
     loop with a ValueError naming the step and t (docs/samplers.md).
     """
-    _check_sde(sde)
-    if not callable(score_fn):
-        raise TypeError(f"score_fn must be callable score_fn(x, t); got {type(score_fn).__name__}")
+    check_score_args(sde, score_fn)
     ts = time_grid(sde, steps, eps)
     x, _ = start(shape, generator, x_T, scale=sde.prior_std)
     out_dtype = check_out_dtype(out_dtype, x)
@@ -78,16 +75,10 @@ def sample_ode_heun(
     rsde = sde.reverse(model, probability_flow=True)
     for k in progress_bar(range(n), n, progress, "Heun (probability flow)"):
         model.step = k
-        x = heun_step(rsde, x, _full_t(ts[k], x), ts[k + 1] - ts[k])
+        x = heun_step(rsde, x, model_t(ts[k], x, integer=False), ts[k + 1] - ts[k])
         if callback is not None:
             callback(t=float(ts[k + 1]), x=x)
     return finish(x, out_dtype)
-
-
-def _check_tol(v, name):
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v > 0):
-        raise ValueError(f"{name} must be a finite float > 0; got {name} = {v!r}")
-    return float(v)
 
 
 def sample_ode(
@@ -119,11 +110,9 @@ def sample_ode(
     """
     from scipy.integrate import solve_ivp
 
-    _check_sde(sde)
-    if not callable(score_fn):
-        raise TypeError(f"score_fn must be callable score_fn(x, t); got {type(score_fn).__name__}")
-    eps = _check_eps(sde, eps)
-    rtol, atol = _check_tol(rtol, "rtol"), _check_tol(atol, "atol")
+    check_score_args(sde, score_fn)
+    eps = check_eps(sde, eps)
+    rtol, atol = check_tol(rtol, "rtol"), check_tol(atol, "atol")
     x, _ = start(shape, generator, x_T, scale=sde.prior_std)
     out_dtype = check_out_dtype(out_dtype, x)
     rsde = sde.reverse(score_fn, probability_flow=True)
@@ -150,7 +139,7 @@ def sample_ode(
 
     def rhs(t, y):
         xt = to_kind(y)
-        drift = to_np(rsde.sde(xt, _full_t(min(max(t, eps), sde.T), xt))[0])
+        drift = to_np(rsde.sde(xt, model_t(min(max(t, eps), sde.T), xt, integer=False))[0])
         if not np.all(np.isfinite(drift)):
             raise ValueError(
                 f"score_fn returned non-finite values (NaN or inf) at t = {float(t)}; "

@@ -4,47 +4,20 @@ predictor and the predictor-corrector sampler (Alg. 1-5, score_sde ``sampling.py
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 
-from .._array import check_float, check_like, restore, upcast
-from ..sde import SDE, ReverseSDE, _check_time
-from ._common import LoopModel, check_out_dtype, check_positive, finish, progress_bar, randn_like, start
+from .._array import restore, upcast
+from ..checks import check_dt, check_eps, check_float, check_like, check_pc_args, check_sde, check_time
+from ..sde import SDE, ReverseSDE
+from ._common import LoopModel, check_out_dtype, check_score_args, finish, progress_bar, randn_like, start
 from .langevin import langevin_corrector_step
 
 __all__ = ["euler_maruyama_step", "reverse_diffusion_step", "sample_sde", "sample_pc", "time_grid"]
 
 
-def _check_dt(dt, reverse=None) -> float:
-    """dt as a float: finite and non-zero; with ``reverse`` True (a ReverseSDE, integrated
-    from t = 1 towards 0) it must be < 0, with ``reverse`` False (a forward SDE) > 0."""
-    if isinstance(dt, (bool, np.bool_)) or not isinstance(dt, numbers.Real):
-        raise TypeError(f"dt must be a real number (negative for reverse time); got {dt!r}")
-    dt = float(dt)
-    if not (math.isfinite(dt) and dt != 0):
-        raise ValueError(f"dt must be finite and non-zero (negative for reverse time); got dt = {dt}")
-    if reverse is True and dt > 0:
-        raise ValueError(
-            f"dt must be < 0 for a ReverseSDE (it runs backward in time, from t = 1 towards 0); got dt = {dt}"
-        )
-    if reverse is False and dt < 0:
-        raise ValueError(f"dt must be > 0 for a forward SDE (it runs forward in time); got dt = {dt}")
-    return dt
-
-
-def _check_pc_args(snr, alpha, n_corrector_steps):
-    """The predictor-corrector settings shared by ``sample_pc`` and the oracle's
-    ``exact_sde_output``: snr > 0, alpha > 0 (finite), n_corrector_steps an integer >= 0."""
-    snr = check_positive(snr, "snr")
-    alpha = check_positive(alpha, "alpha")
-    if isinstance(n_corrector_steps, bool) or not isinstance(n_corrector_steps, (int, np.integer)) or n_corrector_steps < 0:
-        raise ValueError(f"n_corrector_steps must be an integer >= 0; got {n_corrector_steps!r}")
-    return snr, alpha, int(n_corrector_steps)
-
-
 def _check_end(t, dt, name="t + dt"):
-    tt = _check_time(t)
+    tt = check_time(t)
     end = tt + dt
     bad = (end < 0) | (end > 1)
     if bool(bad.any()):
@@ -64,7 +37,7 @@ def euler_maruyama_step(rsde, x, t, dt, noise=None):
     if not isinstance(rsde, (SDE, ReverseSDE)):
         raise TypeError(f"rsde must be an SDE or the ReverseSDE from sde.reverse(score_fn); got {type(rsde).__name__}")
     x = check_float(x, "x")
-    dt = _check_dt(dt, reverse=isinstance(rsde, ReverseSDE))
+    dt = check_dt(dt, reverse=isinstance(rsde, ReverseSDE))
     _check_end(t, dt)
     drift, g = rsde.sde(x, t)
     xc = upcast(x)
@@ -98,19 +71,6 @@ def reverse_diffusion_step(rsde, x, t, noise=None, *, t_score=None):
     return restore(out, x)
 
 
-def _check_sde(sde):
-    if not isinstance(sde, SDE):
-        raise TypeError(f"sde must be a diffmath.sde.SDE (VPSDE, SubVPSDE, VESDE); got {type(sde).__name__}")
-
-
-def _check_eps(sde, eps):
-    if eps is None:
-        return sde.default_eps
-    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real) or not (0 < eps < sde.T):
-        raise ValueError(f"eps (the stopping time) must lie in (0, {sde.T}); got eps = {eps!r}")
-    return float(eps)
-
-
 def _check_n(steps, sde, name="steps"):
     if steps is None:
         return sde.N
@@ -125,8 +85,8 @@ def time_grid(sde, steps=None, eps=None) -> np.ndarray:
     """The uniform grid t_k = 1 - k (1 - eps)/steps, k = 0..steps (float64, steps + 1 points)
     of the Euler-Maruyama, Heun and predictor-corrector loops: ``steps`` steps from T = 1 to
     ``eps``."""
-    _check_sde(sde)
-    eps = _check_eps(sde, eps)
+    check_sde(sde)
+    eps = check_eps(sde, eps)
     n = _check_n(steps, sde)
     return np.linspace(sde.T, eps, n + 1)
 
@@ -166,9 +126,7 @@ def sample_sde(
     dtype, or rounded once to ``out_dtype`` when given. A non-finite model output stops the
     loop with a ValueError naming the step and t (docs/samplers.md).
     """
-    _check_sde(sde)
-    if not callable(score_fn):
-        raise TypeError(f"score_fn must be callable score_fn(x, t); got {type(score_fn).__name__}")
+    check_score_args(sde, score_fn)
     ts = time_grid(sde, steps, eps)
     x, generator = start(shape, generator, x_T, scale=sde.prior_std)
     out_dtype = check_out_dtype(out_dtype, x)
@@ -229,11 +187,9 @@ def sample_pc(
     dtype, or rounded once to ``out_dtype`` when given. A non-finite model output stops the
     loop with a ValueError naming the step and t (docs/samplers.md).
     """
-    _check_sde(sde)
-    if not callable(score_fn):
-        raise TypeError(f"score_fn must be callable score_fn(x, t); got {type(score_fn).__name__}")
-    eps = _check_eps(sde, eps)
-    snr, alpha, n_corrector_steps = _check_pc_args(snr, alpha, n_corrector_steps)
+    check_score_args(sde, score_fn)
+    eps = check_eps(sde, eps)
+    snr, alpha, n_corrector_steps = check_pc_args(snr, alpha, n_corrector_steps)
     if predictor not in ("euler_maruyama", "reverse_diffusion"):
         raise ValueError(f"predictor must be 'euler_maruyama' or 'reverse_diffusion'; got {predictor!r}")
     if corrector not in ("langevin", "none", None):

@@ -9,6 +9,8 @@ x = y + sigma n, and a VP model's x_t = x / sqrt(1 + sigma^2) (Karras et al. 202
                                                                       (Karras et al. 2022, eq. 5)
     exponential     log sigma uniform on [log sigma_min, log sigma_max] (lambda = -log sigma uniform)
     polyexponential log sigma_i = log sigma_min + (1 - i/(n-1))^rho (log sigma_max - log sigma_min)
+    beta            sigma_i = sigma_min + F^{-1}(1 - i/(n-1)) (sigma_max - sigma_min), F the Beta(a, b) CDF
+                                                                      (Lee et al. 2024, "Beta sampling is all you need")
     vp              sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1), t uniform on [1, eps_s]
                                                                       (Karras et al. 2022, Table 1)
     from_schedule   sigma_t = sqrt((1 - abar_t) / abar_t) at ``timesteps(T, steps, spacing)``
@@ -23,7 +25,7 @@ import numbers
 
 import numpy as np
 
-from .._array import check_schedule
+from ..checks import check_schedule
 from ..schedules import timesteps
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "sigmas_exponential",
     "sigmas_polyexponential",
     "sigmas_vp",
+    "sigmas_beta",
     "sigmas_from_schedule",
     "append_zero",
 ]
@@ -109,6 +112,24 @@ def sigmas_polyexponential(n: int, sigma_min: float, sigma_max: float, rho: floa
     rho = _check_real(rho, "rho")
     ramp = (1.0 - _ramp(n)) ** rho
     sig = np.exp(math.log(smin) + ramp * (math.log(smax) - math.log(smin)))
+    sig[0] = smax
+    if n > 1:
+        sig[-1] = smin
+    return append_zero(sig)
+
+
+def sigmas_beta(n: int, sigma_min: float, sigma_max: float, alpha: float = 0.6, beta: float = 0.6) -> np.ndarray:
+    """n levels sigma_i = sigma_min + F^{-1}(1 - i/(n-1); alpha, beta) (sigma_max - sigma_min), F the
+    CDF of the Beta(alpha, beta) distribution (Lee et al. 2024, "Beta sampling is all you need",
+    Sec. 3; alpha = beta = 0.6 spends more steps at both ends), then 0. float64, (n + 1,)."""
+    from scipy.stats import beta as beta_dist
+
+    n = _check_n(n)
+    smin, smax = _check_range(sigma_min, sigma_max)
+    alpha = _check_real(alpha, "alpha")
+    beta = _check_real(beta, "beta")
+    ppf = beta_dist.ppf(1.0 - _ramp(n), alpha, beta)
+    sig = smin + ppf * (smax - smin)
     sig[0] = smax
     if n > 1:
         sig[-1] = smin

@@ -51,8 +51,9 @@ import numbers
 import numpy as np
 import torch
 
-from .._array import check_like, is_tensor
-from ._common import check_generator, progress_bar, randn
+from .._array import is_tensor
+from ._common import progress_bar, randn
+from ..checks import check_generator, check_like
 
 __all__ = [
     "sample_euler",
@@ -69,6 +70,18 @@ __all__ = [
     "phi",
     "ancestral_step",
     "lms_coefficients",
+    "churn_gamma",
+    "churn_std",
+    "euler_step",
+    "euler_ancestral_step",
+    "heun_predict",
+    "heun_correct",
+    "dpmpp_2m_step",
+    "dpmpp_multistep_step",
+    "dpmpp_sde_noise_std",
+    "lms_step",
+    "unipc_predictor_step",
+    "unipc_corrector_step",
 ]
 
 
@@ -264,11 +277,39 @@ def lms_coefficients(sigmas, i: int, order: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- Euler / Heun / EDM
-def _churn(sigma, N, S_churn, S_tmin, S_tmax):
-    """EDM Alg. 2, line 4: gamma_i = min(S_churn / N, sqrt(2) - 1) for sigma_i in [S_tmin, S_tmax]."""
+def churn_gamma(sigma: float, N: int, S_churn: float, S_tmin: float, S_tmax: float) -> float:
+    """EDM Alg. 2, line 4: gamma_i = min(S_churn / N, sqrt(2) - 1) for sigma_i in [S_tmin, S_tmax],
+    else 0 (N = the number of steps, len(sigmas) - 1)."""
     if S_churn > 0 and S_tmin <= sigma <= S_tmax:
         return min(S_churn / N, math.sqrt(2.0) - 1.0)
     return 0.0
+
+
+_churn = churn_gamma
+
+
+def churn_std(sigma: float, gamma: float, S_noise: float = 1.0) -> float:
+    """The std of the churn noise that raises sigma to sigma_hat = sigma (1 + gamma):
+    S_noise sqrt(sigma_hat^2 - sigma^2) = S_noise sigma sqrt(gamma (2 + gamma)) without
+    cancellation (EDM Alg. 2, lines 5-6)."""
+    return S_noise * sigma * math.sqrt(gamma * (2.0 + gamma))
+
+
+def euler_step(x, denoised, sigma: float, sigma_next: float):
+    """One Euler step of dx/dsigma = (x - D)/sigma from sigma to sigma_next (EDM eq. 1 and 3):
+    x + (sigma_next - sigma) (x - D)/sigma, in the form D + (sigma_next/sigma) (x - D) (exact D
+    at sigma_next = 0). x, denoised: arrays of one kind; sigma > 0, sigma_next >= 0 floats."""
+    return denoised + (sigma_next / sigma) * (x - denoised)
+
+
+def euler_ancestral_step(x, denoised, sigma: float, sigma_down: float, noise=None, noise_std: float = 0.0):
+    """One Euler ancestral step: the Euler step sigma -> sigma_down, then ``noise`` * noise_std
+    (noise_std = s_noise sigma_up; ``ancestral_step`` gives sigma_down and sigma_up). No noise
+    is added when ``noise`` is None or noise_std is 0 (k-diffusion's sample_euler_ancestral)."""
+    x = euler_step(x, denoised, sigma, sigma_down)
+    if noise is not None and noise_std > 0:
+        x = x + noise * noise_std
+    return x
 
 
 def sample_euler(
@@ -295,11 +336,27 @@ def sample_euler(
         gamma = _churn(s, N, s_churn, s_tmin, s_tmax)
         s_hat = s * (1.0 + gamma)
         if gamma > 0:
-            x = x + noise(s, s_hat) * (s_noise * s * math.sqrt(gamma * (2.0 + gamma)))  # sqrt(s_hat^2 - s^2)
+            x = x + noise(s, s_hat) * churn_std(s, gamma, s_noise)  # sqrt(s_hat^2 - s^2)
         den = model(x, s_hat)
-        x = den + (s_next / s_hat) * (x - den)
+        x = euler_step(x, den, s_hat, s_next)
         _report(callback, i, sig, x, den, model, sigma_hat=s_hat)
     return x
+
+
+def heun_predict(x, denoised, sigma: float, sigma_next: float):
+    """The predictor of Heun's step sigma -> sigma_next > 0 (Karras et al. 2022, Alg. 1, lines
+    7-8): d = (x - D(x; sigma)) / sigma and the Euler point x~ = x + (sigma_next - sigma) d.
+    Returns (x~, d)."""
+    d = (x - denoised) / sigma
+    return x + (sigma_next - sigma) * d, d
+
+
+def heun_correct(x, d, x_pred, denoised_pred, sigma: float, sigma_next: float):
+    """The corrector of Heun's step (Karras et al. 2022, Alg. 1, lines 10-11): d' = (x~ -
+    D(x~; sigma_next)) / sigma_next and the trapezoidal rule x + (sigma_next - sigma) (d + d') / 2,
+    from ``heun_predict``'s x~ = ``x_pred`` and d; sigma_next > 0."""
+    d2 = (x_pred - denoised_pred) / sigma_next
+    return x + (sigma_next - sigma) * (0.5 * d + 0.5 * d2)
 
 
 def _heun(model, x, sig, noise, callback, progress, S_churn, S_tmin, S_tmax, S_noise, desc):
@@ -310,16 +367,14 @@ def _heun(model, x, sig, noise, callback, progress, S_churn, S_tmin, S_tmax, S_n
         gamma = _churn(s, N, S_churn, S_tmin, S_tmax)
         s_hat = s * (1.0 + gamma)
         if gamma > 0:  # lines 5-6: x_hat = x + sqrt(s_hat^2 - s^2) S_noise eps
-            x = x + noise(s, s_hat) * (S_noise * s * math.sqrt(gamma * (2.0 + gamma)))
+            x = x + noise(s, s_hat) * churn_std(s, gamma, S_noise)
         den = model(x, s_hat)
-        d = (x - den) / s_hat                                # line 7
         if s_next == 0:
             x = den                                          # line 8, the Euler step to sigma = 0
         else:
-            x_e = x + (s_next - s_hat) * d                   # line 8
+            x_e, d = heun_predict(x, den, s_hat, s_next)     # lines 7-8
             den2 = model(x_e, s_next)
-            d2 = (x_e - den2) / s_next                       # line 10
-            x = x + (s_next - s_hat) * (0.5 * d + 0.5 * d2)  # line 11, the trapezoidal rule
+            x = heun_correct(x, d, x_e, den2, s_hat, s_next)  # lines 10-11
         _report(callback, i, sig, x, den, model, sigma_hat=s_hat)
     return x
 
@@ -371,9 +426,8 @@ def sample_euler_ancestral(
         s, s_next = sig[i], sig[i + 1]
         s_down, s_up = ancestral_step(s, s_next, eta)
         den = model(x, s)
-        x = den + (s_down / s) * (x - den)
-        if s_next > 0 and s_up > 0:
-            x = x + noise(s, s_next) * (s_noise * s_up)
+        z = noise(s, s_next) if s_next > 0 and s_up > 0 else None
+        x = euler_ancestral_step(x, den, s, s_down, z, s_noise * s_up)
         _report(callback, i, sig, x, den, model, sigma_down=s_down, sigma_up=s_up)
     return x
 
@@ -393,18 +447,28 @@ def sample_dpmpp_2m(denoiser, x, sigmas, *, generator=None, callback=None, progr
     for i in _steps(sig, progress, "DPM-Solver++(2M)"):
         s, s_next = sig[i], sig[i + 1]
         den = model(x, s)
-        if s_next == 0:
-            x, h = den, math.inf
-        else:
-            h = math.log(s / s_next)
-            D = den
-            if den_prev is not None:
-                r = h_prev / h
-                D = (1.0 + 0.5 / r) * den - (0.5 / r) * den_prev
-            x = (s_next / s) * x - math.expm1(-h) * D
-        den_prev, h_prev = den, h
+        x = dpmpp_2m_step(x, den, s, s_next, den_prev, h_prev)
+        den_prev, h_prev = den, (math.log(s / s_next) if s_next > 0 else math.inf)
         _report(callback, i, sig, x, den, model)
     return x
+
+
+def dpmpp_2m_step(x, denoised, sigma: float, sigma_next: float, denoised_prev=None, h_prev: float | None = None):
+    """One step sigma -> sigma_next of DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2): with
+    h = log(sigma / sigma_next) and r = h_prev / h,
+
+        D~ = (1 + 1/(2 r)) D - (1/(2 r)) D_prev,   x' = (sigma_next / sigma) x - (e^{-h} - 1) D~,
+
+    D~ = D when ``denoised_prev`` is None (the first-order step, DDIM); ``h_prev`` is the
+    previous step's log(sigma_prev / sigma). The step to sigma_next = 0 returns D."""
+    if sigma_next == 0:
+        return denoised
+    h = math.log(sigma / sigma_next)
+    D = denoised
+    if denoised_prev is not None:
+        r = h_prev / h
+        D = (1.0 + 0.5 / r) * denoised - (0.5 / r) * denoised_prev
+    return (sigma_next / sigma) * x - math.expm1(-h) * D
 
 
 def _dpmpp_sde(model, x, sig, noise, callback, progress, eta, s_noise, order, solver_type, desc):
@@ -428,19 +492,27 @@ def _dpmpp_sde(model, x, sig, noise, callback, progress, eta, s_noise, order, so
         if s_next == 0:
             x = den
         else:
-            h = math.log(s / s_next)
-            x = _dpmpp_sde_step(x, s, s_next, den, hist, eta, solver_type)
+            x = dpmpp_multistep_step(x, s, s_next, den, hist, eta, solver_type)
             if eta > 0 and s_noise > 0:
-                x = x + noise(s, s_next) * (s_noise * s_next * math.sqrt(-math.expm1(-2.0 * eta * h)))
+                x = x + noise(s, s_next) * dpmpp_sde_noise_std(s, s_next, eta, s_noise)
         hist = [(-math.log(s), den)] + hist[: order - 2] if order > 1 else []
         _report(callback, i, sig, x, den, model)
     return x
 
 
-def _dpmpp_sde_step(x, s, s_next, den, hist, eta, solver_type):
-    """The deterministic part of one step sigma = s -> s_next > 0 of ``_dpmpp_sde``, from the
-    denoised value ``den`` at s and ``hist`` = [(lambda, D)] of the previous levels, newest
-    first (none: first order; one: second; two: third)."""
+def dpmpp_sde_noise_std(s: float, s_next: float, eta: float, s_noise: float = 1.0) -> float:
+    """The std of the fresh noise of one step s -> s_next > 0 of the data-prediction SDE family
+    (``_dpmpp_sde``): s_noise sigma_{i+1} sqrt(1 - e^{-2 eta h}), h = log(s / s_next)."""
+    h = math.log(s / s_next)
+    return s_noise * s_next * math.sqrt(-math.expm1(-2.0 * eta * h))
+
+
+def dpmpp_multistep_step(x, s, s_next, den, hist, eta, solver_type):
+    """The deterministic part of one step sigma = s -> s_next > 0 of the data-prediction
+    multistep family of ``sample_dpmpp_2m_sde`` / ``sample_dpmpp_3m_sde`` (Lu et al. 2022b;
+    eta = 0: the ODE solvers DPM-Solver++(2M) "heun" and (3M) with exact J_n, see ``_dpmpp_sde``),
+    from the denoised value ``den`` at s and ``hist`` = [(lambda, D)] of the previous levels,
+    lambda = -log sigma, newest first (none: first order; one: second; two: third)."""
     lam = -math.log(s)
     h = math.log(s / s_next)
     H = (1.0 + eta) * h
@@ -510,6 +582,14 @@ def _unipc_rhs(h: float, variant: str, K: int) -> tuple[float, np.ndarray]:
     return B, g
 
 
+def _unipc_rhs_noise(h: float, variant: str, K: int) -> tuple[float, np.ndarray]:
+    """The same for noise prediction (Zhao et al. 2023, Sec. 3, eps form): B(h) = h ("bh1") or
+    e^h - 1 ("bh2") and g_k = k! h phi_{k+1}(h) / B(h)."""
+    B = h if variant == "bh1" else math.expm1(h)
+    g = np.array([math.factorial(k) * h * phi(k + 1, h) / B for k in range(1, K + 1)])
+    return B, g
+
+
 def _unipc_weights(r: np.ndarray, g: np.ndarray) -> np.ndarray:
     """Solve sum_m a_m r_m^{k-1} = g_k, k = 1 .. K (the Vandermonde system R_p a = phi_p / B of
     UniPC, Zhao et al. 2023, Sec. 3). For K = 1 UniPC takes a = 1/2 (its reference code and diffusers), which
@@ -521,6 +601,57 @@ def _unipc_weights(r: np.ndarray, g: np.ndarray) -> np.ndarray:
     return np.linalg.solve(R, g)
 
 
+def unipc_predictor_step(x, sigma: float, sigma_next: float, model_values, sigmas, variant: str = "bh2", prediction: str = "data"):
+    """One UniP-p step sigma -> sigma_next > 0 (Zhao et al. 2023, "UniPC", Alg. 2, B(h) form)
+    from x at sigma, p = len(model_values). With lambda = -log sigma, h = lambda_next - lambda,
+    r_m = (lambda_{i-m} - lambda_i) / h and D1_m = (M_{i-m} - M_i) / r_m:
+
+      prediction="data" (M = D, the denoised values; diffusers' predict_x0=True):
+        x' = (sigma_next / sigma) x + (1 - e^{-h}) D_i + B(h) sum_m a_m D1_m,  B = h | 1 - e^{-h}
+      prediction="noise" (M = eps; predict_x0=False):
+        x' = x - (sigma - sigma_next) eps_i - sigma_next B(h) sum_m a_m D1_m,  B = h | e^h - 1
+
+    with a solving sum_m a_m r_m^{k-1} = k! h phi_{k+1}(-+h) / B(h) (a = 1/2 for one
+    difference). ``model_values`` = [M_i, M_{i-1}, ...] newest first, ``sigmas`` = [sigma_i,
+    sigma_{i-1}, ...] their levels (sigmas[0] == sigma). x, M: arrays of one kind."""
+    return _unipc_update(x, sigma, sigma_next, model_values, sigmas, variant, prediction, None)
+
+
+def unipc_corrector_step(x, sigma: float, sigma_next: float, model_values, sigmas, model_next, variant: str = "bh2", prediction: str = "data"):
+    """The UniC-p correction (Zhao et al. 2023, Alg. 2) of the step sigma -> sigma_next > 0 taken
+    from x with ``unipc_predictor_step`` and the same p = len(model_values) values, once the model
+    value ``model_next`` at the predicted point is known: the predictor's formula with one more
+    difference, r = 1 and D1 = M_next - M_i, and the weights solving the p order conditions
+    (a = 1/2 for p = 1). It raises the order by one and costs no model call."""
+    return _unipc_update(x, sigma, sigma_next, model_values, sigmas, variant, prediction, model_next)
+
+
+def _unipc_update(x, s, s_next, hist, sigmas, variant, prediction, den_new):
+    lam0 = -math.log(s)
+    h = -math.log(s_next) - lam0
+    D0 = hist[0]
+    r = [(-math.log(sigmas[m]) - lam0) / h for m in range(1, len(hist))]
+    D1 = [(hist[m] - D0) / r[m - 1] for m in range(1, len(hist))]
+    if den_new is not None:
+        r.append(1.0)
+        D1.append(den_new - D0)
+    if prediction == "noise":
+        out = x - (s - s_next) * D0
+        if not D1:
+            return out
+        B, g = _unipc_rhs_noise(h, variant, len(D1))
+        a = _unipc_weights(np.array(r), g)
+        corr = sum(float(a[m]) * D1[m] for m in range(len(D1)))
+        return out - (s_next * B) * corr
+    out = (s_next / s) * x + (-math.expm1(-h)) * D0
+    if not D1:
+        return out
+    B, g = _unipc_rhs(h, variant, len(D1))
+    a = _unipc_weights(np.array(r), g)
+    corr = sum(float(a[m]) * D1[m] for m in range(len(D1)))
+    return out + B * corr
+
+
 def sample_unipc(
     denoiser, x, sigmas, *, generator=None, callback=None, progress=False, order=2, variant="bh2", corrector=True,
 ):
@@ -528,10 +659,10 @@ def sample_unipc(
     data prediction, diffusers' default. With lambda = -log sigma, h = lambda_{i+1} - lambda_i,
     r_m = (lambda_{i-m} - lambda_i) / h and D1_m = (D_{i-m} - D_i) / r_m:
 
-    UniP-p (predictor, uses p - 1 previous denoised values):
+    UniP-p (predictor, uses p - 1 previous denoised values; ``unipc_predictor_step``):
         x~_{i+1} = (sigma_{i+1}/sigma_i) x_i + (1 - e^{-h}) D_i + B(h) sum_m a_m D1_m
     UniC-p (corrector, after D~_{i+1} = D(x~_{i+1}; sigma_{i+1}) is evaluated for the next step,
-    so it costs no extra model call):
+    so it costs no extra model call; ``unipc_corrector_step``):
         x_{i+1} = (sigma_{i+1}/sigma_i) x_i + (1 - e^{-h}) D_i + B(h) (sum_m a^c_m D1_m + a^c_p (D~_{i+1} - D_i))
 
     with B(h) = h ("bh1") or 1 - e^{-h} ("bh2") and the weights solving the order conditions
@@ -544,7 +675,6 @@ def sample_unipc(
     _check_choice(int(order), "order", (1, 2, 3))
     _check_choice(variant, "variant", ("bh1", "bh2"))
     x, sig, model, _ = _start(denoiser, x, sigmas, generator)
-    lam = [-math.log(v) for v in sig if v > 0]
     hist = []  # denoised values D_i, D_{i-1}, ... (newest first), at the predicted points
     x_prev = None  # x_i, the base of the last predictor step
     p_prev = 0  # the order of that predictor
@@ -552,38 +682,27 @@ def sample_unipc(
         s, s_next = sig[i], sig[i + 1]
         den = model(x, s)
         if corrector and x_prev is not None and s_next > 0:
-            x = _unipc_step(x_prev, sig[i - 1], s, lam, i - 1, hist[: p_prev], variant, den)
+            x = unipc_corrector_step(x_prev, sig[i - 1], s, hist[:p_prev], sig[i - 1 :: -1], den, variant)
         hist = [den] + hist[: int(order) - 1]
         if s_next == 0:
             x_prev, x = x, den
         else:
             p = min(int(order), i + 1)
             x_prev, p_prev = x, p
-            x = _unipc_step(x, s, s_next, lam, i, hist[:p], variant, None)
+            x = unipc_predictor_step(x, s, s_next, hist[:p], sig[i::-1], variant)
         _report(callback, i, sig, x, den, model)
     return x
 
 
-def _unipc_step(x, s, s_next, lam, i, hist, variant, den_new):
-    """One UniP step from level i (``den_new`` None) or the UniC correction of it with the new
-    denoised value ``den_new`` at level i + 1. hist = [D_i, D_{i-1}, ...]."""
-    h = lam[i + 1] - lam[i]
-    D0 = hist[0]
-    out = (s_next / s) * x + (-math.expm1(-h)) * D0
-    r = [(lam[i - m] - lam[i]) / h for m in range(1, len(hist))]
-    D1 = [(hist[m] - D0) / r[m - 1] for m in range(1, len(hist))]
-    if den_new is not None:
-        r.append(1.0)
-        D1.append(den_new - D0)
-    if not D1:
-        return out
-    B, g = _unipc_rhs(h, variant, len(D1))
-    a = _unipc_weights(np.array(r), g)
-    corr = sum(float(a[m]) * D1[m] for m in range(len(D1)))
-    return out + B * corr
-
-
 # ----------------------------------------------------------------------------- LMS
+def lms_step(x, derivatives, coefficients):
+    """One linear multistep step x + sum_j c_j d_{i-j} (``sample_lms``), from the derivatives
+    d_i, d_{i-1}, ... (newest first, d = (x - D)/sigma) and the weights ``lms_coefficients``."""
+    for j, d in enumerate(derivatives):
+        x = x + float(coefficients[j]) * d
+    return x
+
+
 def sample_lms(denoiser, x, sigmas, *, generator=None, callback=None, progress=False, order=4):
     """Linear multistep (Adams-Bashforth) on dx/dsigma = (x - D(x; sigma))/sigma (Karras et
     al. 2022, eq. 1 and 3; k-diffusion's sample_lms):
@@ -602,9 +721,7 @@ def sample_lms(denoiser, x, sigmas, *, generator=None, callback=None, progress=F
         s = sig[i]
         den = model(x, s)
         ds = [(x - den) / s] + ds[: int(order) - 1]
-        c = lms_coefficients(sig, i, len(ds))
-        for j, d in enumerate(ds):
-            x = x + float(c[j]) * d
+        x = lms_step(x, ds, lms_coefficients(sig, i, len(ds)))
         _report(callback, i, sig, x, den, model)
     return x
 

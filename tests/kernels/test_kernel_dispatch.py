@@ -29,7 +29,7 @@ def test_env_var_selects_the_path(monkeypatch):
 
 def test_forced_triton_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.setenv("DIFFMATH_KERNELS", "triton")
-    monkeypatch.setattr(_common, "_interpreting", lambda kernel: False)
+    monkeypatch.setattr(_common, "interpreting", lambda kernel: False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         K.q_sample(S, torch.ones(2, 3), 1, seed=0)
 

@@ -83,6 +83,7 @@ def test_ddpm_std_is_the_posterior_or_beta_std_and_a_fresh_copy():
     for t in range(1, 50):
         ref_small.append(float(mp.sqrt(b[t] * (1 - abar[t - 1]) / (1 - abar[t]))))
     assert_allclose(ddpm_std(s, "small"), ref_small, rtol=1e-13, atol=0)
+    # exact by construction: sqrt is correctly rounded by IEEE 754 on every CPU (no libm approximation)
     assert_allclose(ddpm_std(s, "large"), [0.0] + [float(mp.sqrt(v)) for v in b[1:]], rtol=1e-15, atol=0)
     # ddpm_step reads a table cached per schedule: a caller's copy can be changed freely
     x, e, z = np.random.default_rng(2).normal(size=(3, 4))
@@ -171,3 +172,29 @@ def test_bad_input():
         sample_ddpm(lambda y, t: y, s, (2, 3), steps=0)
     with pytest.raises(ValueError, match=r"eps_model returned shape \(2, 1\) but x has shape \(2, 3\)"):
         sample_ddpm(lambda y, t: y[:, :1], s, (2, 3))
+
+
+@pytest.mark.parametrize("loop", ["ddpm", "ddpm_respaced", "ddim"])
+def test_loops_refuse_zero_terminal_snr_before_the_first_model_call(loop):
+    """abar_T-1 = 0 makes x0 undefined from eps at the first step; the loops check every step's
+    abar_t once, before calling the model (docs/design.md, "Validation")."""
+    from diffmath.samplers import sample_ddim
+    from diffmath.schedules import rescale_zero_terminal_snr
+
+    s = rescale_zero_terminal_snr(linear_schedule(50))
+    assert s.alphas_cumprod[-1] == 0 and s.alphas_cumprod[-2] > 0
+    calls = []
+
+    def model(x, t):
+        calls.append(t)
+        return np.zeros_like(x)
+
+    run = {
+        "ddpm": lambda: sample_ddpm(model, s, (2, 3), generator=np.random.default_rng(0)),
+        "ddpm_respaced": lambda: sample_ddpm(model, s, (2, 3), steps=7, spacing="trailing", generator=np.random.default_rng(0)),
+        "ddim": lambda: sample_ddim(model, s, (2, 3), steps=10, spacing="trailing", generator=np.random.default_rng(0)),
+    }[loop]
+    last = 6 if loop == "ddpm_respaced" else 49  # the respaced chain's own index of t = 49
+    with pytest.raises(ValueError, match=f"undefined at t = {last}, where alphas_cumprod = 0"):
+        run()
+    assert calls == []

@@ -1,0 +1,98 @@
+"""No module of the package imports another module's private names.
+
+The rule (docs/design.md, "Validation"): a name with a leading underscore is private to the module
+that defines it. No module of ``diffmath`` (``kernels/`` is installed as ``diffmath.kernels``)
+may import a private name (``from .x import _y``, ``from diffmath.x import _y``) from another
+module of the package; what several modules share is public in the module that owns it (the
+argument checks in ``diffmath.checks``). A private MODULE (``_array``, ``_io``,
+``samplers/_common``, ``kernels/_common``, ``kernels/_affine``, ``kernels/_tile``,
+``nn/_labels``) is the internals of the package that contains it: modules of that package and
+of its subpackages may import its public names, modules outside that package may not. The
+parser walks every import statement, including the ones inside functions.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {"diffmath": ROOT / "diffmath", "diffmath.kernels": ROOT / "kernels"}
+
+
+def _modules():
+    for pkg, base in PACKAGES.items():
+        for path in sorted(base.rglob("*.py")):
+            rel = path.relative_to(base).with_suffix("").parts
+            if pkg == "diffmath" and rel and rel[0] == "kernels":
+                continue
+            parts = pkg.split(".") + [p for p in rel if p != "__init__"]
+            yield path, ".".join(parts), rel[-1] == "__init__"
+
+
+def _resolve(module: str, is_pkg: bool, node: ast.ImportFrom) -> str:
+    if node.level == 0:
+        return node.module or ""
+    base = module.split(".") if is_pkg else module.split(".")[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _violations():
+    bad = []
+    for path, module, is_pkg in _modules():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                target = _resolve(module, is_pkg, node)
+                targets = [target] + [f"{target}.{a.name}" for a in node.names]
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+                names = []
+            else:
+                continue
+            if not targets[0].startswith("diffmath"):
+                continue
+            where = f"{path.relative_to(ROOT)}:{node.lineno}"
+            if isinstance(node, ast.ImportFrom) and target != module:
+                for n in names:
+                    # a submodule imported by name (from . import _common) is judged as a module below
+                    if n.startswith("_") and not n.startswith("__") and not _is_module(f"{target}.{n}"):
+                        bad.append(f"{where}: private name {n} from {target}")
+            for tgt in targets:
+                if not _is_module(tgt):
+                    continue
+                parts = tgt.split(".")
+                for i, p in enumerate(parts):
+                    if p.startswith("_") and not p.startswith("__"):
+                        owner = ".".join(parts[:i])
+                        if not (module == owner or module.startswith(owner + ".")):
+                            bad.append(f"{where}: private module {'.'.join(parts[: i + 1])} outside {owner}")
+    return sorted(set(bad))
+
+
+def _is_module(dotted: str) -> bool:
+    parts = dotted.split(".")
+    if parts[0] != "diffmath":
+        return False
+    if len(parts) > 1 and parts[1] == "kernels":
+        base, rest = PACKAGES["diffmath.kernels"], parts[2:]
+    else:
+        base, rest = PACKAGES["diffmath"], parts[1:]
+    p = base.joinpath(*rest) if rest else base
+    return p.with_suffix(".py").is_file() or (p / "__init__.py").is_file()
+
+
+def test_parser_sees_the_package():
+    mods = {m for _, m, _ in _modules()}
+    assert {"diffmath.checks", "diffmath.samplers.ddim", "diffmath.kernels.samplers"} <= mods
+    tree = ast.parse("from ..losses import _check_variance\nfrom .._array import gather\n")
+    imports = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert _resolve("diffmath.samplers.ddpm", False, imports[0]) == "diffmath.losses"
+    assert _resolve("diffmath.kernels", True, imports[1]) == "diffmath._array"
+
+
+def test_no_private_imports_across_modules():
+    bad = _violations()
+    assert not bad, "private imports across modules:\n" + "\n".join(bad)
