@@ -403,13 +403,16 @@ def guidance_sweep(loaded, data, scales, *, per_class: int = 100, classes=None, 
 
 def evaluate_guidance(run, out=None, *, scales=(0.0, 1.0, 2.0, 3.0, 5.0), per_class: int = 100, sampler: str = "ddim",
                       steps=50, seed: int = 0, device: str = "auto", progress: bool = False,
-                      trust_unverified: bool = False) -> dict:
+                      trust_unverified: bool = False, loaded=None, decode=None, adopt=None) -> dict:
     """``diffmath evaluate --guidance-sweep``: the guidance sweep of a class-conditional run
     (``guidance_sweep``: ``per_class`` samples of every class at each scale s, scored per
     class); writes ``out``/guidance.json and guidance.png (default ``out`` = the run) and returns
-    {"scales": rows, ...}. A latent run (``run`` holds latent.json) samples its U-Net and
-    decodes with its VAE. ``ValueError`` before any work for an unconditional run or a scale
-    that is negative or not finite."""
+    {"scales": rows, ...}. ``loaded``, ``decode``, ``adopt``: the model, the decoder of its
+    samples and the legacy-files rule of the run folder, for a run that is not a pixel run
+    (``latent_diffusion.evaluate_guidance_latent``); by default ``run``'s own model.
+    ``ValueError`` before any work for an unconditional run or a scale that is negative or
+    not finite."""
+    from .checkpoint import legacy_run_files
     from .data import load_data
     from .plots import plot_guidance
     from .rundir import claim_output
@@ -420,32 +423,13 @@ def evaluate_guidance(run, out=None, *, scales=(0.0, 1.0, 2.0, 3.0, 5.0), per_cl
     bad = [v for v in scales if not (math.isfinite(v) and v >= 0)]
     if bad or not scales:
         raise ValueError(f"guidance scales must be finite and >= 0; got {bad or scales}")
-    decode, adopt = None, None
-    if (run / "latent.json").is_file():
-        from .latent_diffusion import _legacy_latent_files, _resolve, read_latent_run
-        from .latent_cache import decode_latents
-        from .latent_vae import load_vae
-
-        info = read_latent_run(run)
-        lm = load_model(run=run / info.get("unet_run", "unet"), device=device, trust_unverified=trust_unverified)
-        lv = load_vae(_resolve(run, info["vae_checkpoint"]), lm.device)
-        scale = float(info["scale_factor"])
-
-        def decode(z):
-            return decode_latents(lv, z, scale)
-
-        adopt = _legacy_latent_files
-    else:
-        from .checkpoint import legacy_run_files
-
-        lm = load_model(run=run, device=device, trust_unverified=trust_unverified)
-        adopt = legacy_run_files
+    lm = loaded if loaded is not None else load_model(run=run, device=device, trust_unverified=trust_unverified)
     if lm.num_classes == 0:
         raise _unconditional(lm, "--guidance-sweep")
     check_sampling(lm, per_class * lm.num_classes, sampler, steps, 0.0, seed)
     data = load_data(lm.config.data, lm.config.image_size)
     out = Path(out) if out is not None else run
-    with claim_output(out, "evaluate", ("guidance.json", "guidance.png"), adopt=adopt):
+    with claim_output(out, "evaluate", ("guidance.json", "guidance.png"), adopt=adopt or legacy_run_files):
         rows, _ = guidance_sweep(lm, data, scales, per_class=per_class, sampler=sampler, steps=steps, seed=seed,
                                  progress=progress, decode=decode)
         res = {"run": str(run), "sampler": sampler, "steps": steps, "seed": seed, "checkpoint": str(lm.checkpoint),

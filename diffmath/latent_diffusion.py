@@ -47,6 +47,7 @@ __all__ = [
     "train_latent",
     "sample_latent",
     "evaluate_latent",
+    "evaluate_guidance_latent",
     "demo_latent",
     "read_latent_run",
     "write_latent_run",
@@ -431,6 +432,23 @@ def evaluate_latent(run, samples=None, out=None, *, device: str = "auto", progre
     samples = Path(samples) if samples is not None else run / "samples.npz"
     with claim_output(out, "evaluate", ("metrics.json",), adopt=_legacy_latent_files):
         return _evaluate_latent(run, info, samples, out, device, progress, evaluate_run)
+
+
+def evaluate_guidance_latent(run, out=None, *, device: str = "auto", progress: bool = False,
+                             trust_unverified: bool = False, **kw) -> dict:
+    """``evaluate.evaluate_guidance`` for a conditional latent run: its U-Net samples the scaled
+    latents of every class at each scale, its VAE decodes them, and the images are scored per
+    class. Keywords: those of ``evaluate_guidance`` (scales, per_class, sampler, steps, seed)."""
+    from .evaluate import evaluate_guidance
+    from .sample import load_model
+
+    run = Path(run)
+    info = read_latent_run(run)
+    lm = load_model(run=run / info.get("unet_run", "unet"), device=device, trust_unverified=trust_unverified)
+    lv = load_vae(_resolve(run, info["vae_checkpoint"]), lm.device)
+    scale = float(info["scale_factor"])
+    return evaluate_guidance(run, out, device=device, progress=progress, loaded=lm,
+                             decode=lambda z: decode_latents(lv, z, scale), adopt=_legacy_latent_files, **kw)
 
 
 def _evaluate_latent(run, info, samples, out, device, progress, evaluate_run) -> dict:

@@ -294,6 +294,12 @@ def test_latent_conditional_unet_samples_and_evaluates_per_class(tmp_path):
         assert z["labels"].tolist() == list(np.repeat(np.arange(10), 2)) and z["latents"].shape == (20, 2, 4, 4)
     m = evaluate_latent(tmp_path / "lat", device="cpu")
     assert set(m["per_class"]["classes"]) == {str(d) for d in range(10)}
+    from diffmath.cli import main
+
+    assert main(["evaluate", "--run", str(tmp_path / "lat"), "--guidance-sweep", "1.5", "--per-class", "2",
+                 "--out", str(tmp_path / "sweep"), "--no-progress"]) == 0
+    g = json.loads((tmp_path / "sweep" / "guidance.json").read_text())
+    assert g["scales"][0]["per_class"] == 2 and set(g["scales"][0]["classes"]) == {str(d) for d in range(10)}
     # a folder with one class is refused before the VAE trains
     root = _folder(tmp_path / "one", {f"a/{i}.png": 10 * i for i in range(4)})
     with pytest.raises(ValueError, match="needs at least 2 classes"):
