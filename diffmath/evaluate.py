@@ -416,7 +416,7 @@ def evaluate_guidance(run, out=None, *, scales=(0.0, 1.0, 2.0, 3.0, 5.0), per_cl
     from .data import load_data
     from .plots import plot_guidance
     from .rundir import claim_output
-    from .sample import _unconditional, check_sampling, load_model
+    from .sample import check_sampling, load_model, unconditional_error
 
     run = Path(run)
     scales = [float(v) for v in scales]
@@ -425,7 +425,7 @@ def evaluate_guidance(run, out=None, *, scales=(0.0, 1.0, 2.0, 3.0, 5.0), per_cl
         raise ValueError(f"guidance scales must be finite and >= 0; got {bad or scales}")
     lm = loaded if loaded is not None else load_model(run=run, device=device, trust_unverified=trust_unverified)
     if lm.num_classes == 0:
-        raise _unconditional(lm, "--guidance-sweep")
+        raise unconditional_error(lm, "--guidance-sweep")
     check_sampling(lm, per_class * lm.num_classes, sampler, steps, 0.0, seed)
     data = load_data(lm.config.data, lm.config.image_size)
     out = Path(out) if out is not None else run

@@ -74,7 +74,7 @@ from .plots import save_fig
 from .schedules import Schedule, timesteps
 
 __all__ = ["LoadedModel", "load_model", "generate", "sample_run", "save_grid", "save_class_grid", "parse_classes",
-           "class_labels", "check_conditioning", "SAMPLERS", "DEFAULT_STEPS", "DEFAULT_GUIDANCE"]
+           "class_labels", "check_conditioning", "request_labels", "SAMPLERS", "DEFAULT_STEPS", "DEFAULT_GUIDANCE"]
 
 SAMPLERS = ("ddpm", "ddim", "em", "pc", "ode")
 #: ``--dtype``: the U-Net's autocast precision (the sampling state stays float32)
@@ -555,7 +555,8 @@ def check_sampling(lm: LoadedModel, num_samples, sampler, steps, eta, seed=0, ba
     return steps
 
 
-def _unconditional(lm: LoadedModel, flag: str) -> ValueError:
+def unconditional_error(lm: LoadedModel, flag: str) -> ValueError:
+    """The ValueError for a class or guidance request (``flag``) on an unconditional run."""
     return ValueError(
         f"{flag} needs a class-conditional run (diffmath train --conditional); {str(lm.checkpoint)!r} is unconditional "
         "(num_classes = 0)"
@@ -648,9 +649,9 @@ def check_conditioning(lm: LoadedModel, labels, guidance, guidance_rescale, num_
     K = lm.num_classes
     if K == 0:
         if labels is not None:
-            raise _unconditional(lm, "--class (labels)")
+            raise unconditional_error(lm, "--class (labels)")
         if given_g or given_r:
-            raise _unconditional(lm, "--guidance" if given_g else "--guidance-rescale")
+            raise unconditional_error(lm, "--guidance" if given_g else "--guidance-rescale")
         return None, None, 0.0
     if labels is None:
         if given_g or given_r:
@@ -815,7 +816,7 @@ def request_labels(lm: LoadedModel, classes, num_samples: int):
     if classes is None:
         return None
     if lm.num_classes == 0:
-        raise _unconditional(lm, "--class")
+        raise unconditional_error(lm, "--class")
     return class_labels(parse_classes(classes, lm.num_classes, lm.config.class_names), num_samples)
 
 
