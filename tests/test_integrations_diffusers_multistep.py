@@ -15,7 +15,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from diffusers.schedulers import scheduling_dpmsolver_multistep  # noqa: E402
 from diffusers.utils import torch_utils  # noqa: E402
-from test_integrations_diffusers_sigma import DATA, SHAPE, rel, run_loop, tiny_unet  # noqa: E402
+from test_integrations_diffusers_sigma import DATA, SHAPE, oracle_output, rel, run_loop, tiny_unet  # noqa: E402
 
 from diffmath.integrations import diffusers as dm  # noqa: E402
 from diffmath.samplers import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m_sde  # noqa: E402
@@ -200,35 +200,8 @@ def test_add_noise_matches_diffusers():
 # ----------------------------------------------------------------------------- exact oracle
 def vp_oracle_output(sched, sig, dtype, monkeypatch):
     """The exact output distribution of a VP-sample scheduler's loop from x_T ~ N(0, I) driven by
-    the data's exact eps at the float64 ladder ``sig``, identified on basis inputs (affine loop)."""
-    D, K = DATA.dim, len(sched.timesteps)
-    x = torch.zeros(1 + D + K * D, D, dtype=dtype)
-    x[1 : 1 + D] = torch.eye(D, dtype=dtype)
-    calls = []
-
-    def stub(shape, generator=None, device=None, dtype=None, layout=None):
-        k = len(calls)
-        calls.append(k)
-        z = torch.zeros(shape, dtype=dtype)
-        z[1 + D + k * D : 1 + D + (k + 1) * D] = torch.eye(D, dtype=dtype)
-        return z
-
-    for mod in (torch_utils, scheduling_dpmsolver_multistep):
-        monkeypatch.setattr(mod, "randn_tensor", stub)
-    for i, t in enumerate(sched.timesteps):
-        s = float(sig[i])
-        xv = x.double() * math.sqrt(1 + s * s)
-        eps = (xv - torch.as_tensor(DATA.denoise(xv.numpy(), s))) / s
-        x = sched.step(eps.to(dtype), t, x).prev_sample
-    monkeypatch.undo()
-    out = x.double().numpy()
-    b = out[0]
-    A = (out[1 : 1 + D] - b).T
-    cov = A @ A.T
-    for k in range(len(calls)):
-        N = (out[1 + D + k * D : 1 + D + (k + 1) * D] - b).T
-        cov += N @ N.T
-    return DATA.__class__(b, 0.5 * (cov + cov.T))
+    the data's exact eps at the float64 ladder ``sig`` (``oracle_output`` with vp=True)."""
+    return oracle_output(sched, sig, dtype, monkeypatch, modules=(scheduling_dpmsolver_multistep,), vp=True)
 
 
 @pytest.mark.parametrize("config,steps,solver,options", [

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import inspect
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -202,10 +204,16 @@ def test_seeded_loop_gives_diffusers_images(kind, config):
 DATA = GaussianData([0.5, -0.3], [[0.04, 0.01], [0.01, 0.09]])
 
 
-def oracle_output(sched, sig, dtype, monkeypatch):
+def oracle_output(sched, sig, dtype, monkeypatch, *, modules=None, vp=False):
     """The exact output distribution of the scheduler's loop from x_T ~ N(0, init_noise_sigma^2 I)
     driven by the data's exact eps at the float64 ladder ``sig`` (the same perfect model for both
-    schedulers), identified on basis inputs (the loop is affine in x_T and its draws)."""
+    schedulers), identified on basis inputs (the loop is affine in x_T and its draws).
+
+    ``modules``: the diffusers scheduler modules whose ``randn_tensor`` is replaced by the basis
+    draws (default: Euler's two); ``vp=True``: the scheduler's sample is the VP x (the sigma-space
+    x is x sqrt(1 + sigma^2)), as in DPM-Solver++ and UniPC."""
+    if modules is None:
+        modules = (scheduling_euler_discrete, scheduling_euler_ancestral_discrete)
     D, K = DATA.dim, len(sched.timesteps)
     x = torch.zeros(1 + D + K * D, D, dtype=dtype)
     x[1 : 1 + D] = torch.eye(D, dtype=dtype)
@@ -218,11 +226,11 @@ def oracle_output(sched, sig, dtype, monkeypatch):
         z[1 + D + k * D : 1 + D + (k + 1) * D] = torch.eye(D, dtype=dtype)
         return z
 
-    for mod in (torch_utils, scheduling_euler_discrete, scheduling_euler_ancestral_discrete):
+    for mod in (torch_utils, *modules):
         monkeypatch.setattr(mod, "randn_tensor", stub)
     for i, t in enumerate(sched.timesteps):
         s = float(sig[i])
-        xd = x.double()
+        xd = x.double() * math.sqrt(1 + s * s) if vp else x.double()
         eps = (xd - torch.as_tensor(DATA.denoise(xd.numpy(), s))) / s
         x = sched.step(eps.to(dtype), t, x).prev_sample
     monkeypatch.undo()
