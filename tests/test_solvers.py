@@ -381,6 +381,8 @@ BAD = [
     (sample_euler, torch.ones(2, 2, dtype=torch.int32), SIG, {}, TypeError, "x must be a floating-point tensor"),
     (sample_euler, [[1.0, 2.0]], SIG, {}, TypeError, "x must be a numpy array or a torch tensor"),
     (sample_euler, np.array(1.0), SIG, {}, ValueError, "batch dimension"),
+    (sample_euler, np.full((2, 2), np.nan), SIG, {}, ValueError, "x must be finite"),
+    (sample_heun, torch.full((2, 2), math.inf), SIG, {}, ValueError, "x must be finite"),
     (sample_heun, X, [10.0], {}, ValueError, "at least 2 levels"),
     (sample_heun, X, [[10.0, 0.0]], {}, ValueError, "1-D"),
     (sample_heun, X, [1.0, 2.0, 0.0], {}, ValueError, "strictly decreasing"),
@@ -425,6 +427,8 @@ def test_bad_input_before_any_model_call(solver, x, sigmas, opts, exc, match):
         (lambda x, s: np.zeros((2, 2), dtype=np.int64), X, "the output of denoiser must be a floating-point array", TypeError),
         (lambda x, s: [[1.0, 1.0], [1.0, 1.0]], X, "the output of denoiser must be a numpy array like x", TypeError),
         (None, X, "denoiser must be callable", TypeError),
+        (lambda x, s: np.full(x.shape, np.nan), X, r"non-finite value \(NaN or inf\) at model call 1", ValueError),
+        (lambda x, s: torch.full(x.shape, -math.inf), torch.ones(2, 2), "non-finite value", ValueError),
     ],
 )
 def test_bad_denoiser_output(denoiser, x, match, exc):

@@ -92,6 +92,8 @@ def _check_x(x):
             raise TypeError(f"x must be a floating-point tensor; got dtype {x.dtype}")
         if x.ndim < 1:
             raise ValueError("x must have a batch dimension, shape (B, ...); got a 0-d tensor")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x must be finite (the start, already scaled by sigmas[0]); got NaN or inf")
         dt = torch.float64 if x.dtype == torch.float64 else torch.float32
         return x.detach().to(dt, copy=True)
     if not isinstance(x, np.ndarray):
@@ -100,6 +102,8 @@ def _check_x(x):
         raise TypeError(f"x must be a floating-point array; got dtype {x.dtype}")
     if x.ndim < 1:
         raise ValueError("x must have a batch dimension, shape (B, ...); got a 0-d array")
+    if not np.isfinite(x).all():
+        raise ValueError("x must be finite (the start, already scaled by sigmas[0]); got NaN or inf")
     return np.array(x, dtype=np.float64 if x.dtype == np.float64 else np.float32, copy=True)
 
 
@@ -167,6 +171,13 @@ class _Denoiser:
         out = check_like(out, x, "the output of denoiser", "x")
         if out.dtype != x.dtype:
             out = out.to(x.dtype) if is_tensor(out) else out.astype(x.dtype)
+        # one reduction per call, cheap next to a network: a NaN/inf would silently fill the samples
+        finite = bool(torch.isfinite(out).all()) if is_tensor(out) else bool(np.isfinite(out).all())
+        if not finite:
+            raise ValueError(
+                f"the denoiser returned a non-finite value (NaN or inf) at model call {self.nfe} (sigma = {float(sigma):.6g}); "
+                "stopping, the samples would be NaN (check the model's weights and inputs)"
+            )
         return out
 
 
