@@ -38,10 +38,10 @@ LATENT_DEMO_OUT = Path("runs/demo-latent")
 
 
 def __getattr__(name):
-    # ``cli.DEMO_CONFIG`` was the demo recipe's old home; it lives in ``diffmath.train`` now
+    # ``cli.DEMO_CONFIG`` was the demo recipe's old home; it lives in ``diffmath.pipeline.config`` now
     # (imports point downward), read lazily so that ``diffmath --help`` does not import torch.
     if name == "DEMO_CONFIG":
-        from .pipeline.loop import DEMO_CONFIG
+        from .pipeline.config import DEMO_CONFIG
 
         return DEMO_CONFIG
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -415,7 +415,7 @@ _FLAG_FIELDS = (
 def _read_toml(path: Path) -> dict:
     import tomllib
 
-    from .pipeline.loop import TrainConfig
+    from .pipeline.config import TrainConfig
 
     if not path.exists():
         raise FileNotFoundError(f"--config {str(path)!r}: no such file")
@@ -440,7 +440,7 @@ def train_config_from_args(args) -> "TrainConfig":  # noqa: F821
     With ``args.latent`` the config is the latent U-Net's: the stored one is ``out/unet``'s, and
     ``channel_mult`` defaults to (1,) when neither the stored config, the TOML nor a flag sets it."""
     from .pipeline.checkpoint import RunError, read_run_config
-    from .pipeline.loop import TrainConfig
+    from .pipeline.config import TrainConfig
 
     latent = bool(getattr(args, "latent", False))
     stored = Path(args.out) / "unet" if latent else Path(args.out)
@@ -665,7 +665,7 @@ def run_demo(out=DEMO_OUT, *, overwrite: bool = False, device: str = "auto", pro
     from .pipeline.checkpoint import RunError, check_compatible, legacy_run_files, read_run_config
     from .pipeline.distributed import resolve_device
     from .pipeline.rundir import is_empty, open_run
-    from .pipeline.loop import DEMO_CLASSES, DEMO_CONFIG, TrainConfig
+    from .pipeline.config import DEMO_CLASSES, DEMO_CONFIG, TrainConfig
 
     out = Path(out)
     over = dict(config_overrides or {})

@@ -21,7 +21,8 @@ from .schedules import Schedule
 #: for abar < ~1e-77, where a float32 step computes in float64 instead (``widen_for_tables``)
 X0_TABLES = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod")
 
-__all__ = ["x0_from_eps", "eps_from_x0", "v_from_x0_eps", "x0_from_v", "eps_from_v", "score_from_eps", "eps_from_score"]
+__all__ = ["x0_from_eps", "eps_from_x0", "v_from_x0_eps", "x0_from_v", "eps_from_v", "score_from_eps", "eps_from_score",
+           "x0_from_prediction", "eps_from_prediction"]
 
 
 def _t_numpy(t) -> np.ndarray:
@@ -103,3 +104,23 @@ def eps_from_score(s: Schedule, t, score):
     t = check_t(t, s.num_timesteps, score)
     sc = upcast(score)
     return restore(-gather(s.sqrt_one_minus_alphas_cumprod, t, sc) * sc, score)
+
+
+def x0_from_prediction(prediction: str, s: Schedule, x_t, t, pred):
+    """x0 from a network's output ``pred`` of kind ``prediction``: "eps" (``x0_from_eps``), "x0"
+    (``pred`` itself) or "v" (``x0_from_v``). Shapes (B, ...)."""
+    if prediction == "eps":
+        return x0_from_eps(s, x_t, t, pred)
+    if prediction == "x0":
+        return pred
+    return x0_from_v(s, x_t, t, pred)
+
+
+def eps_from_prediction(prediction: str, s: Schedule, x_t, t, pred):
+    """eps from a network's output ``pred`` of kind ``prediction``: "eps" (``pred`` itself), "x0"
+    (``eps_from_x0``) or "v" (``eps_from_v``). Shapes (B, ...)."""
+    if prediction == "eps":
+        return pred
+    if prediction == "x0":
+        return eps_from_x0(s, x_t, t, pred)
+    return eps_from_v(s, x_t, t, pred)

@@ -454,7 +454,7 @@ def vlb_bpd(loaded, x0: np.ndarray, bins: int, *, seed: int = 0, batch_size: int
     """
     from .. import forward, losses, posterior
     from ..losses import vb_terms_bpd
-    from .loop import x0_from_prediction
+    from ..parameterization import x0_from_prediction
 
     s = loaded.schedule
     T = s.num_timesteps

@@ -169,8 +169,7 @@ class LoadedModel:
         With ``clip_x0 = c`` the implied x0 = (x - sqrt(1 - abar) eps)/sqrt(abar) is clipped to
         [-c, c] and eps recomputed from it (guided-diffusion's ``clip_denoised``; diffusers'
         ``clip_sample``), so a DDIM/DDPM step moves toward a denoised image inside the data range."""
-        from ..parameterization import eps_from_x0, x0_from_eps
-        from .loop import eps_from_prediction, x0_from_prediction
+        from ..parameterization import eps_from_prediction, eps_from_x0, x0_from_eps, x0_from_prediction
 
         C = self.data_shape[0]
         s, pred = self.schedule, self.config.prediction
@@ -195,7 +194,8 @@ def load_model(run=None, checkpoint=None, device: str = "auto", ema: bool = True
     ``weights_sha256`` in it) is refused unless ``trust_unverified`` (``checkpoint.load_checkpoint``)."""
     from .checkpoint import RunError, check_class_count, latest_checkpoint, load_checkpoint
     from .distributed import resolve_device
-    from .loop import TrainConfig, build_model, make_schedule
+    from .config import TrainConfig
+    from .model import build_model, make_schedule
 
     if (run is None) == (checkpoint is None):
         raise ValueError("give exactly one of run (a run directory) or checkpoint (a step-NNNNNN file)")
@@ -282,7 +282,7 @@ class _ScoreFromEps:
 
 # ----------------------------------------------------------------------------- loops
 def _kernels():
-    from .loop import kernels_module as k
+    from .objective import kernels_module as k
 
     return k()
 
@@ -318,7 +318,7 @@ def _loop_ddpm(lm, x, seed, start, n_total, steps, progress, clip_x0=None):
         off = (k * n_total + start) * D
         if lm.config.learn_sigma:
             # the learned variance (Improved DDPM eq. 15) on the (respaced) chain, from the core
-            from .loop import eps_from_prediction, x0_from_prediction
+            from ..parameterization import eps_from_prediction, x0_from_prediction
 
             if lm.labels is None:
                 out = lm.forward(x, tm)
@@ -471,7 +471,7 @@ def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=
     Under torch.distributed (initialised) each rank draws a contiguous share and the result
     is gathered on every rank."""
     from ..samplers import sample_ode, sample_pc
-    from .loop import derive_seed
+    from .config import derive_seed
 
     steps = check_sampling(lm, num_samples, sampler, steps, eta, seed, batch_size, sigmas)
     labels, guidance, guidance_rescale = check_conditioning(lm, labels, guidance, guidance_rescale, num_samples)
@@ -527,7 +527,7 @@ def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=
 def check_sampling(lm: LoadedModel, num_samples, sampler, steps, eta, seed=0, batch_size=1, sigmas="karras"):
     """``ValueError`` naming the argument if a sampling request is invalid; returns the number of
     steps (the sampler's default when ``steps`` is None; None for the adaptive ode sampler)."""
-    from .loop import MAX_SEED
+    from .config import MAX_SEED
 
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
