@@ -622,10 +622,12 @@ def _latent_summary(m: dict) -> str:
 
 
 def _cmd_evaluate(args) -> int:
-    from .pipeline.evaluate import evaluate_run, format_metrics
+    from .pipeline.evaluate import evaluate_run
+    from .pipeline.report import format_metrics
 
     if args.guidance_sweep is not None:
-        from .pipeline.evaluate import evaluate_guidance, guidance_table
+        from .pipeline.evaluate import evaluate_guidance
+        from .pipeline.report import guidance_table
 
         if _is_latent_run(args.run):
             from .latent_diffusion import evaluate_guidance_latent as evaluate_guidance
@@ -714,7 +716,8 @@ def _demo_guidance(out, device, progress, scales, per_class, per_class_other) ->
 
 
 def _demo(out, config, resume, overwrite, device, progress, num_samples, vlb_images, sweep=None) -> dict:
-    from .pipeline.evaluate import evaluate_run, write_report
+    from .pipeline.evaluate import evaluate_run
+    from .pipeline.report import write_report
     from .pipeline.generate import sample_run
     from .pipeline.loop import train
 
@@ -760,7 +763,7 @@ def _load_average():
 
 
 def _cmd_demo(args) -> int:
-    from .pipeline.evaluate import format_metrics
+    from .pipeline.report import format_metrics
 
     if args.latent:
         from .latent import demo_latent
@@ -774,7 +777,7 @@ def _cmd_demo(args) -> int:
     if args.latent:
         print(_latent_summary(m))
     if isinstance(m.get("guidance"), dict):
-        from .pipeline.evaluate import guidance_table
+        from .pipeline.report import guidance_table
 
         print(f"class-conditional samples (DDIM 50), per guidance scale s (default {m['guidance']['default']:g}):")
         print("\n".join(guidance_table(m["guidance"]["scales"])))
