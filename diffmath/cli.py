@@ -20,20 +20,12 @@ import argparse
 import dataclasses
 import os
 import sys
-import time
 from pathlib import Path
+
+from .pipeline.demo import DEMO_OUT, run_demo
 
 __all__ = ["main", "build_parser", "train_config_from_args", "run_demo"]
 
-DEMO_SAMPLES = 500
-DEMO_SAMPLER = dict(sampler="ddim", steps=50, eta=0.0)
-DEMO_VLB_IMAGES = 64
-# The demo's guidance table: samples per digit at each scale s (the default s and s = 1, which
-# the README's targets are stated at, get 100; the others 30, one per-class FD set)
-DEMO_GUIDANCE_SCALES = (0.0, 1.0, 2.0, 3.0, 5.0)
-DEMO_PER_CLASS = 100
-DEMO_PER_CLASS_OTHER = 30
-DEMO_OUT = Path("runs/demo")
 LATENT_DEMO_OUT = Path("runs/demo-latent")
 
 
@@ -162,8 +154,6 @@ def set_threads(n: int) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .schedules import SCHEDULE_NAMES
-
     p = argparse.ArgumentParser(
         prog="diffmath",
         description="diffmath: the mathematics of diffusion models, exact, checked and fast.\n"
@@ -173,8 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_train(sub)
+    _add_sample(sub)
+    _add_evaluate(sub)
+    _add_demo(sub)
+    _add_compare_latent(sub)
+    _add_verify(sub)
+    _add_bench(sub)
+    return p
 
-    # ---------------------------------------------------------------- train
+
+def _add_train(sub) -> None:
+    """``diffmath train``."""
+    from .schedules import SCHEDULE_NAMES
+
     t = sub.add_parser(
         "train", help="train a denoiser (U-Net for images, MLP for 2-D toy data)", formatter_class=_Formatter,
         description="Train a denoiser. Writes into --out: config.json, checkpoints step-NNNNNN.safetensors (+ .json "
@@ -212,6 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "folder without the marker is refused. Checked after every other argument, before anything is "
                    "deleted")
     _trust_flag(t, "with --resume: continue from")
+    _add_train_model_flags(t)
+    _add_train_latent_flags(t)
+    _add_train_class_flags(t)
+    _threads_flag(t)
+
+
+def _add_train_model_flags(t) -> None:
+    """train's group "model and optimisation (extra)"."""
     g = t.add_argument_group("model and optimisation (extra)")
     g.add_argument("--channel-mult", type=_int_list, default=None, help="U-Net width multipliers per resolution, e.g. 1,2,2 "
                    "(default 1,2)")
@@ -229,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=_nonneg_float, default=None, help="AdamW weight decay (default 0)")
     g.add_argument("--no-bf16", dest="bf16", action="store_false", default=None, help="no bf16 autocast on CUDA")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+
+
+def _add_train_latent_flags(t) -> None:
+    """train's group "latent diffusion" (--latent and the VAE's flags)."""
     lg = t.add_argument_group(
         "latent diffusion (docs/latent.md)",
         "With --latent, --out becomes a latent diffusion run (Rombach et al. 2022): a VAE, trained\n"
@@ -255,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default 1)")
     lg.add_argument("--encode-mode", choices=("mean", "sample"), default=None, help="with --latent: encode each image "
                     "as its posterior mean, or as one seeded draw z ~ q(z | x) (default mean; with --resume the run's)")
+
+
+def _add_train_class_flags(t) -> None:
+    """train's group "classes" (--conditional, --uncond-prob)."""
     cg = t.add_argument_group(
         "classes (docs/guidance.md)",
         "With --conditional the network takes the class label of each training image (the digits'\n"
@@ -268,9 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     cg.add_argument("--uncond-prob", type=_checked(float, lambda v: 0 <= v < 1, "a probability in [0, 1)"),
                     default=None, help="with --conditional: the probability of dropping a label to the null class "
                     "(default 0.1)")
-    _threads_flag(t)
 
-    # ---------------------------------------------------------------- sample
+
+def _add_sample(sub) -> None:
+    """``diffmath sample``."""
     s = sub.add_parser(
         "sample", help="draw samples from a trained run", formatter_class=_Formatter,
         description="Draw samples with the EMA weights of a run's latest checkpoint (or of one checkpoint file); "
@@ -328,7 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "[0, 1] (0: off; against over-saturation at large s)")
     _progress_and_threads(s)
 
-    # ---------------------------------------------------------------- evaluate
+
+def _add_evaluate(sub) -> None:
+    """``diffmath evaluate``."""
     e = sub.add_parser(
         "evaluate", help="score a run's samples (metrics.json)", formatter_class=_Formatter,
         description="Digits: a cached classifier's mean confidence, class histogram and entropy, the Fréchet distance "
@@ -352,7 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     _device_flag(e, help="cpu, cuda or auto (for the VLB)")
     _progress_and_threads(e)
 
-    # ---------------------------------------------------------------- demo
+
+def _add_demo(sub) -> None:
+    """``diffmath demo``."""
     d = sub.add_parser(
         "demo", help="train + sample + evaluate + report on the digits (minutes on a CPU)", formatter_class=_Formatter,
         description="The end-to-end demo on the embedded 8x8 digits: train a small class-conditional U-Net (label "
@@ -371,7 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     _device_flag(d)
     _progress_and_threads(d, "no progress bars")
 
-    # ---------------------------------------------------------------- compare-latent
+
+def _add_compare_latent(sub) -> None:
+    """``diffmath compare-latent``."""
     c = sub.add_parser(
         "compare-latent", help="pixel vs latent diffusion on the digits at an equal training budget",
         formatter_class=_Formatter,
@@ -390,18 +415,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "the files diffmath wrote there are deleted)")
     _progress_and_threads(c, "no progress bars")
 
-    # ---------------------------------------------------------------- verify / bench
+
+def _add_verify(sub) -> None:
+    """``diffmath verify``."""
     v = sub.add_parser(
         "verify", help="exact KL of each sampler vs steps (diffmath.verify)", add_help=False,
         description="Forwarded to diffmath.verify.main: [--json PATH] [--plot PATH] (run `diffmath verify --help`).",
     )
     v.add_argument("args", nargs=argparse.REMAINDER, help="options of diffmath.verify (--json PATH, --plot PATH)")
+
+
+def _add_bench(sub) -> None:
+    """``diffmath bench``."""
     b = sub.add_parser("bench", help="benchmark the fused kernels (benchmarks/side_by_side.py)",
                        formatter_class=_Formatter,
                        description="Time the fused kernels against the torch reference paths "
                                    "(benchmarks/side_by_side.py of the source checkout).")
     b.add_argument("--quick", action="store_true", help="a short run (small sizes, few repeats)")
-    return p
 
 
 # ----------------------------------------------------------------------------- train config
@@ -650,116 +680,6 @@ def _cmd_evaluate(args) -> int:
         print(_latent_summary(m))
     print(f"-> {Path(args.out if args.out is not None else args.run) / 'metrics.json'}")
     return 0
-
-
-def run_demo(out=DEMO_OUT, *, overwrite: bool = False, device: str = "auto", progress: bool = True,
-             config_overrides: dict | None = None, num_samples: int = DEMO_SAMPLES, vlb_images: int = DEMO_VLB_IMAGES,
-             guidance_scales=DEMO_GUIDANCE_SCALES, per_class: int = DEMO_PER_CLASS,
-             per_class_other: int = DEMO_PER_CLASS_OTHER) -> dict:
-    """Train the class-conditional demo model (``DEMO_CONFIG`` + ``DEMO_CLASSES``; or reuse a
-    finished demo training in ``out``); sample its unconditional model (the null label) with
-    DDIM and evaluate those samples; sample every digit at each guidance scale in
-    ``guidance_scales`` (``per_class`` per digit at s = 1 and at the default s, ``per_class_other``
-    at the others) and score them per class (``evaluate.guidance_sweep``); write report.md with
-    the 10-row grid (classes.png) and the guidance plot (guidance.png). Returns the metrics,
-    the sweep under ``"guidance"`` and the timings under ``"timings"``. ``config_overrides``
-    with ``conditional = False`` gives the unconditional demo (no sweep)."""
-    from .pipeline.checkpoint import RunError, check_compatible, legacy_run_files, read_run_config
-    from .pipeline.distributed import resolve_device
-    from .pipeline.rundir import is_empty, open_run
-    from .pipeline.config import DEMO_CLASSES, DEMO_CONFIG, TrainConfig
-
-    out = Path(out)
-    over = dict(config_overrides or {})
-    classes = {} if over.get("conditional", True) is False else DEMO_CLASSES
-    config = TrainConfig(**{**DEMO_CONFIG, **classes, "device": device, "progress": progress, **over})
-    resolve_device(device)  # every argument is checked before --out is touched
-    resume = False
-    if out.is_dir() and not is_empty(out) and not overwrite:
-        try:
-            check_compatible(read_run_config(out)["config"], config, where=str(out / "config.json"))
-            resume = True
-        except RunError as e:
-            raise RunError(f"--out {str(out)!r} holds something other than this demo run ({e}); pass --overwrite or "
-                           "another --out") from None
-    # one lock over training, sampling, evaluation and the report
-    sweep = dict(scales=tuple(float(v) for v in guidance_scales), per_class=per_class, per_class_other=per_class_other)
-    with open_run(out, "demo", resume=resume, overwrite=overwrite, adopt=legacy_run_files):
-        return _demo(out, config, resume, overwrite, device, progress, num_samples, vlb_images, sweep)
-
-
-def _demo_guidance(out, device, progress, scales, per_class, per_class_other) -> dict:
-    """The demo's conditional half: every digit at each guidance scale, the per-class metrics
-    (``evaluate.guidance_sweep``), classes.npz/png at the default scale, guidance.png."""
-    import json
-
-    import numpy as np
-
-    from .pipeline.io import atomic_write_npz
-    from .pipeline.data import load_data
-    from .pipeline.evaluate import guidance_sweep
-    from .pipeline.plots import plot_guidance
-    from .pipeline.generate import DEFAULT_GUIDANCE, load_model, save_class_grid
-
-    lm = load_model(run=out, device=device)
-    data = load_data(lm.config.data, lm.config.image_size)
-    scales = sorted(set(scales) | {DEFAULT_GUIDANCE})
-    counts = {s: per_class if s in (1.0, DEFAULT_GUIDANCE) else per_class_other for s in scales}
-    rows, (x, y) = guidance_sweep(lm, data, scales, per_class=counts, keep=DEFAULT_GUIDANCE, progress=progress,
-                                  **{k: v for k, v in DEMO_SAMPLER.items() if k != "eta"})
-    info = {"sampler": DEMO_SAMPLER["sampler"], "steps": DEMO_SAMPLER["steps"], "guidance": DEFAULT_GUIDANCE,
-            "per_class": per_class, "seed": 0, "checkpoint": str(lm.checkpoint), "step": lm.step}
-    atomic_write_npz(out / "classes.npz", samples=x, labels=y, info=np.str_(json.dumps(info)))
-    save_class_grid(out / "classes.png", x, y, names=lm.config.class_names)
-    plot_guidance(out / "guidance.png", rows, title=f"{lm.config.data}: classifier-free guidance (DDIM 50)")
-    return {"default": DEFAULT_GUIDANCE, "sampler": info, "scales": rows}
-
-
-def _demo(out, config, resume, overwrite, device, progress, num_samples, vlb_images, sweep=None) -> dict:
-    from .pipeline.evaluate import evaluate_run
-    from .pipeline.report import write_report
-    from .pipeline.generate import sample_run
-    from .pipeline.loop import train
-
-    timings = {}
-    t0, c0 = time.time(), time.process_time()
-    load0 = _load_average()
-    res = train(config, out, resume=resume, overwrite=overwrite)
-    timings["train_s"] = round(time.time() - t0, 1)
-    if res.interrupted:
-        raise KeyboardInterrupt
-    t1 = time.time()
-    info = sample_run(out, run=out, num_samples=num_samples, seed=0, device=device, progress=progress, **DEMO_SAMPLER)
-    timings["sample_s"] = round(time.time() - t1, 1)
-    t2 = time.time()
-    metrics = evaluate_run(out, vlb_images=vlb_images, device=device, progress=progress)
-    timings["evaluate_s"] = round(time.time() - t2, 1)
-    if config.conditional and sweep is not None:
-        t3 = time.time()
-        metrics["guidance"] = _demo_guidance(out, device, progress, **sweep)
-        timings["guidance_s"] = round(time.time() - t3, 1)
-    timings["total_s"] = round(time.time() - t0, 1)
-    timings["cpu_s"] = round(time.process_time() - c0, 1)  # this process's CPU time: the wall time on idle cores
-    if load0 is not None:
-        timings["load_avg_1min"] = [load0, _load_average()]
-    from .pipeline.distributed import resolve_device
-
-    timings["device"] = str(resolve_device(device))
-    timings["threads"] = __import__("torch").get_num_threads()
-    metrics["timings"] = timings
-    from .pipeline.io import atomic_write_json
-
-    atomic_write_json(out / "metrics.json", metrics)
-    write_report(out, metrics, config, info, timings, trained_steps=res.trained_steps)
-    return metrics
-
-
-def _load_average():
-    """The 1-minute load average (None where the platform has none): the demo's timings depend on it."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:  # pragma: no cover
-        return None
 
 
 def _cmd_demo(args) -> int:
