@@ -54,8 +54,8 @@ def steps_for(sampler: str, nfe: int) -> tuple[int, int]:
 
 def run_cell(run: Path, out: Path, sampler: str, ladder: str | None, steps: int, *, num_samples: int, seed: int,
              device: str, trust_unverified: bool) -> dict:
-    from diffmath.evaluate import evaluate_run
-    from diffmath.sample import sample_run
+    from diffmath.pipeline.evaluate import evaluate_run
+    from diffmath.pipeline.generate import sample_run
 
     if (out / "metrics.json").is_file() and (out / "samples.npz").is_file():  # measured by an earlier call
         return _row(sampler, ladder, steps, json.loads((out / "metrics.json").read_text()))

@@ -236,7 +236,7 @@ def test_demo_writes_the_report_and_reuses_its_training(tmp_path, cache):
     run_demo(out, progress=False, config_overrides=tiny, num_samples=30, vlb_images=0, **sweep)
     assert (out / "step-000004.safetensors").read_bytes() == before  # training reused
     assert "0 steps trained in this call" in (out / "report.md").read_text()
-    from diffmath.train import RunError
+    from diffmath.pipeline.rundir import RunError
 
     with pytest.raises(RunError, match="holds something other than this demo run"):
         run_demo(out, progress=False, config_overrides={**tiny, "channels": 4}, num_samples=30, vlb_images=0)
@@ -423,8 +423,8 @@ def _rewrite_weights(js, change):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from diffmath._io import save_safetensors
-    from diffmath.checkpoint import CHECKPOINT_FORMAT
+    from diffmath.pipeline.io import save_safetensors
+    from diffmath.pipeline.checkpoint import CHECKPOINT_FORMAT
 
     st = js.with_suffix(".safetensors")
     with safe_open(str(st), framework="pt") as f:
@@ -525,7 +525,7 @@ def test_threads_and_seed_are_bounded(capsys):
             main(argv)
         assert e.value.code == 2
         assert msg in _err(capsys), argv
-    from diffmath.train import TrainConfig
+    from diffmath.pipeline.config import TrainConfig
 
     with pytest.raises(ValueError, match=r"seed must lie in \[0, 2\*\*63 - 1\]"):
         TrainConfig(seed=2**64)  # a TOML config reaches the same check

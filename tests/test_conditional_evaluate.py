@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from diffmath.data import gmm_means, load_data
-from diffmath.evaluate import (
-    digit_classifier, evaluate_run, format_metrics, frechet_distance_features, guidance_sweep, per_class_metrics,
-)
-from diffmath.train import TrainConfig, train
+from diffmath.pipeline.data import gmm_means, load_data
+from diffmath.pipeline.classifier import digit_classifier
+from diffmath.pipeline.evaluate import evaluate_run, guidance_sweep, per_class_metrics
+from diffmath.pipeline.metrics import frechet_distance_features
+from diffmath.pipeline.report import format_metrics
+from diffmath.pipeline.config import TrainConfig
+from diffmath.pipeline.loop import train
 
 torch.set_num_threads(1)
 
@@ -107,8 +109,8 @@ def test_bad_labels_are_refused_before_anything_is_written(runs, digits, tmp_pat
 def test_guidance_sweep_and_its_plot(runs, digits, tmp_path):
     from PIL import Image
 
-    from diffmath.plots import plot_guidance
-    from diffmath.sample import load_model
+    from diffmath.pipeline.plots import plot_guidance
+    from diffmath.pipeline.generate import load_model
 
     lm = load_model(run=runs / "cond", device="cpu")
     rows, kept = guidance_sweep(lm, digits, [0.0, 2.0], per_class={0.0: 2, 2.0: 3}, steps=2, keep=2.0)

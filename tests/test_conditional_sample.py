@@ -12,11 +12,10 @@ import torch
 
 from diffmath.guidance import classifier_free_guidance
 from diffmath.oracle import GaussianData
-from diffmath.sample import (
-    LoadedModel, _ScoreFromEps, class_labels, generate, parse_classes, sample_run,
-)
+from diffmath.pipeline.generate import LoadedModel, _ScoreFromEps, class_labels, generate, parse_classes, sample_run
 from diffmath.schedules import named_schedule
-from diffmath.train import TrainConfig, eps_from_prediction
+from diffmath.parameterization import eps_from_prediction
+from diffmath.pipeline.config import TrainConfig
 
 torch.set_num_threads(1)
 
@@ -167,7 +166,7 @@ def test_guided_eps_is_the_combination_of_two_separate_calls(prediction):
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_the_solvers_guided_denoiser_is_the_combination_of_two_separate_denoisers(prediction):
     from diffmath.denoiser import Denoiser
-    from diffmath.sample import _guided_solver_denoiser
+    from diffmath.pipeline.generate import _guided_solver_denoiser
 
     lm = _loaded(prediction)
     net = lm.model
@@ -252,7 +251,7 @@ TINY = dict(data="digits", steps=2, batch_size=16, channels=8, channel_mult=(1,)
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from diffmath.train import train
+    from diffmath.pipeline.loop import train
 
     root = tmp_path_factory.mktemp("runs")
     train(TrainConfig(**TINY, conditional=True), root / "cond")

@@ -17,10 +17,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import diffmath.train as tr
 from diffmath.pipeline import loop
-from diffmath.data import gaussian_mixture, gmm_means, load_data, load_image_folder
-from diffmath.train import RunError, TrainConfig, train
+from diffmath.pipeline.checkpoint import rng_state_from_b64
+from diffmath.pipeline.config import TrainConfig, keyed_generator
+from diffmath.pipeline.data import gaussian_mixture, gmm_means, load_data, load_image_folder
+from diffmath.pipeline.loop import train
+from diffmath.pipeline.model import resolve_classes
+from diffmath.pipeline.rundir import RunError
 
 torch.set_num_threads(1)
 
@@ -46,7 +49,7 @@ def _same_tensors(a, b, prefixes=("model.", "ema.", "optim.")):
 def _record_batches(monkeypatch):
     """Record (x0, y) of every call of training_loss."""
     seen = []
-    real = tr.training_loss
+    real = loop.training_loss
 
     def spy(config, model, s, x0, t, **kw):
         seen.append((x0.detach().clone(), None if kw.get("y") is None else kw["y"].detach().clone()))
@@ -68,9 +71,9 @@ def test_conditional_run_records_its_classes_and_the_dropout_state(tmp_path):
     t = load_file(str(tmp_path / "run" / "step-000006.safetensors"))
     assert t["model.class_emb.weight"].shape == (11, 32) and t["ema.class_emb.weight"].shape == (11, 32)
     # the saved state is the generator's after 6 global batches of 16 uniforms each
-    g = loop._generator(0, "label-dropout")
+    g = keyed_generator(0, "label-dropout")
     torch.rand(6 * 16, generator=g, dtype=torch.float64)
-    saved = tr.rng_state_from_b64(meta["rng"]["label_dropout"])
+    saved = rng_state_from_b64(meta["rng"]["label_dropout"])
     assert torch.equal(saved, g.get_state())
 
 
@@ -128,7 +131,7 @@ def test_resume_refuses_a_damaged_dropout_state_and_a_changed_conditioning(tmp_p
 
 
 def test_a_checkpoint_whose_class_count_disagrees_with_its_config_is_refused(tmp_path):
-    from diffmath.sample import load_model
+    from diffmath.pipeline.generate import load_model
 
     out = tmp_path / "run"
     train(TrainConfig(**{**COND, "steps": 3}), out)
@@ -223,7 +226,7 @@ def test_config_checks_the_class_fields():
     with pytest.raises(ValueError, match="class_names has 2 names but num_classes = 3"):
         TrainConfig(**COND, num_classes=3, class_names=["a", "b"])
     with pytest.raises(ValueError, match="the config names 3 classes"):
-        tr.resolve_classes(TrainConfig(**COND, num_classes=3), load_data("digits"))
+        resolve_classes(TrainConfig(**COND, num_classes=3), load_data("digits"))
     assert "conditional" not in TrainConfig(**TINY).to_dict()  # unconditional files keep their old keys
 
 
@@ -248,8 +251,9 @@ def _source_at(commit: str, dest: Path) -> Path:
 _RUN = """
 import sys, numpy as np, torch
 torch.set_num_threads(1)
-from diffmath.train import TrainConfig, train
-from diffmath.sample import load_model, generate
+from diffmath.pipeline.config import TrainConfig
+from diffmath.pipeline.loop import train
+from diffmath.pipeline.generate import load_model, generate
 cfg = TrainConfig(data="digits", steps=3, batch_size=16, channels=8, channel_mult=(1, 2), num_res_blocks=1,
                   attention_resolutions=(4,), save_every=3, timesteps=50, warmup=2, lr=1e-3, progress=False, device="cpu")
 train(cfg, sys.argv[1])

@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffmath.data import HELD_OUT_PER_CLASS, gaussian_mixture, load_data, load_digits, load_image_folder, swiss_roll
+from diffmath.pipeline.data import HELD_OUT_PER_CLASS, gaussian_mixture, load_data, load_digits, load_image_folder, swiss_roll
 
 
 def test_digits_split_and_grid():
@@ -138,7 +138,7 @@ def test_16bit_png_is_scaled_not_clipped(tmp_path, mode):
 
 
 def test_mode_I_images_are_16bit_or_refused():
-    from diffmath.data import to_8bit_grey
+    from diffmath.pipeline.data import to_8bit_grey
 
     a = _gradient16(4, 4).astype(np.int32)
     im = Image.frombytes("I", (4, 4), a.astype("<i4").tobytes())

@@ -8,14 +8,8 @@ import scipy.stats
 from hypothesis import given
 from hypothesis import strategies as st
 
-from diffmath.evaluate import (
-    class_metrics,
-    digit_classifier,
-    frechet_distance,
-    frechet_distance_features,
-    sliced_wasserstein,
-    wasserstein_1d,
-)
+from diffmath.pipeline.classifier import digit_classifier
+from diffmath.pipeline.metrics import class_metrics, frechet_distance, frechet_distance_features, sliced_wasserstein, wasserstein_1d
 
 
 def _spd(rng, d, scale=1.0):
@@ -117,7 +111,7 @@ def test_class_metrics_entropy_matches_scipy():
 
 def test_digit_classifier_is_accurate_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFMATH_CACHE", str(tmp_path))
-    from diffmath.data import load_digits
+    from diffmath.pipeline.data import load_digits
 
     clf = digit_classifier()
     assert clf.info["held_out_accuracy"] > 0.93
@@ -156,10 +150,10 @@ def test_vlb_of_the_exact_model_for_a_point_mass():
     # sigma^2 = beta ("large") each L_{t-1} is the closed-form KL of two Gaussians of equal mean.
     from pathlib import Path
 
-    from diffmath.evaluate import vlb_bpd
-    from diffmath.sample import LoadedModel
+    from diffmath.pipeline.evaluate import vlb_bpd
+    from diffmath.pipeline.generate import LoadedModel
     from diffmath.schedules import named_schedule
-    from diffmath.train import TrainConfig
+    from diffmath.pipeline.config import TrainConfig
 
     T = 40
     s = named_schedule("linear", T)
@@ -191,9 +185,10 @@ def test_evaluate_a_run_whose_data_hold_nothing_out(tmp_path):
     # one image: nothing can be held out, so the test VLB is reported as skipped, not a crash
     from PIL import Image
 
-    from diffmath.evaluate import evaluate_run
-    from diffmath.sample import sample_run
-    from diffmath.train import TrainConfig, train
+    from diffmath.pipeline.evaluate import evaluate_run
+    from diffmath.pipeline.generate import sample_run
+    from diffmath.pipeline.config import TrainConfig
+    from diffmath.pipeline.loop import train
 
     (tmp_path / "imgs").mkdir()
     Image.fromarray((np.arange(64, dtype=np.uint8).reshape(8, 8) * 4)).save(tmp_path / "imgs" / "a.png")
@@ -208,7 +203,7 @@ def test_evaluate_a_run_whose_data_hold_nothing_out(tmp_path):
 
 def test_a_truncated_samples_file_is_a_clear_error(tmp_path):
     # a .npz cut short is a bad zip archive (zipfile.BadZipFile), which was not caught
-    from diffmath.evaluate import _load_samples
+    from diffmath.pipeline.evaluate import _load_samples
 
     p = tmp_path / "samples.npz"
     np.savez(p, samples=np.zeros((4, 1, 8, 8), np.float32))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, safe_open
 
-from diffmath._io import read_json, read_sidecar, safetensors_metadata, save_safetensors
+from diffmath.pipeline.io import read_json, read_sidecar, safetensors_metadata, save_safetensors
 
 
 def test_safetensors_bytes_are_reproducible(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffmath.data import Data, load_digits
+from diffmath.pipeline.data import Data, load_digits
 from diffmath.latent import (
     LatentCacheError,
     VAEConfig,
@@ -30,7 +30,8 @@ from diffmath.latent import (
     train_vae,
 )
 from diffmath.nn.vae import VAE
-from diffmath.train import RunError, TrainConfig
+from diffmath.pipeline.config import TrainConfig
+from diffmath.pipeline.rundir import RunError
 
 torch.set_num_threads(1)
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from diffmath.cli import main, run_demo
-from diffmath.rundir import RunError, claim_output, clear_run, lock_folder, open_run
+from diffmath.pipeline.rundir import RunError, claim_output, clear_run, lock_folder, open_run
 
 torch.set_num_threads(1)
 
@@ -128,7 +128,7 @@ def test_a_run_written_before_markers_is_adopted_on_resume_and_sample(tmp_path, 
 # ----------------------------------------------------------------------------- the lock
 _HOLDER = textwrap.dedent("""
     import sys
-    from diffmath.rundir import lock_folder
+    from diffmath.pipeline.rundir import lock_folder
     lock = lock_folder(sys.argv[1], "holder-under-test")
     print("locked", flush=True)
     sys.stdin.read()  # hold the lock until the test closes our stdin
@@ -228,7 +228,7 @@ def test_latent_runs_overwrite_their_own_sub_runs_only(tmp_path):
     with open_run(out, "test"):
         with open_run(out / "unet", "test"):
             (out / "unet" / "x.bin").write_bytes(b"")  # not written through diffmath: not listed
-            from diffmath._io import atomic_write_json
+            from diffmath.pipeline.io import atomic_write_json
 
             atomic_write_json(out / "unet" / "config.json", {"a": 1})
         with claim_output(out / "vae", "test", ("vae.json",)):

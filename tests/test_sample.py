@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from diffmath.oracle import GaussianData
-from diffmath.sample import LoadedModel, _ScoreFromEps, generate
+from diffmath.pipeline.generate import LoadedModel, _ScoreFromEps, generate
 from diffmath.samplers import sample_ddim
 from diffmath.schedules import named_schedule
-from diffmath.train import TrainConfig, derive_seed
+from diffmath.pipeline.config import TrainConfig, derive_seed
 
 torch.set_num_threads(1)
 
@@ -134,8 +134,8 @@ _CHUNKS = """
 import sys; sys.path.insert(0, {tests!r})
 import numpy as np, torch
 from test_sample import _loaded
-from diffmath.sample import generate
-from diffmath.train import philox_path
+from diffmath.pipeline.generate import generate
+from diffmath.pipeline.objective import philox_path
 assert philox_path(torch.zeros(1))
 lm = _loaded()
 for sampler, eta in (("ddim", 0.5), ("ddpm", 0.0), ("em", 0.0)):
@@ -192,7 +192,7 @@ def _zero_model(data_shape, bins):
     [((1, 8, 8), 17, 1.0), ((3, 16, 16), 256, 1.0), ((2, 4, 4), None, None), ((2,), None, None)],
 )
 def test_default_clip_only_for_bounded_images(data_shape, bins, expected):
-    from diffmath.sample import default_clip
+    from diffmath.pipeline.generate import default_clip
 
     # images on a grid in [-1, 1] are clipped; latents (bins None: unit variance, unbounded) and toy data are not
     assert default_clip(_zero_model(data_shape, bins)) == expected
@@ -211,7 +211,7 @@ def test_auto_clip_leaves_latents_alone():
 def test_save_grid_takes_any_channel_count(tmp_path):
     from PIL import Image
 
-    from diffmath.sample import save_grid
+    from diffmath.pipeline.generate import save_grid
 
     for C in (1, 2, 3, 4):
         save_grid(tmp_path / f"g{C}.png", np.linspace(-3, 3, 4 * C * 16, dtype=np.float32).reshape(4, C, 4, 4), nrow=2)

@@ -15,10 +15,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import diffmath.train as tr
-from diffmath.pipeline import loop
-from diffmath.schedules import named_schedule
 from diffmath import losses
-from diffmath.train import RunError, TrainConfig, train, training_loss
+from diffmath.pipeline import loop
+from diffmath.pipeline.checkpoint import CHECKPOINT_FORMAT, RUN_FORMAT
+from diffmath.pipeline.config import DEMO_CONFIG, TrainConfig
+from diffmath.pipeline.loop import train
+from diffmath.pipeline.objective import training_loss
+from diffmath.pipeline.rundir import RunError
+from diffmath.schedules import named_schedule
 
 torch.set_num_threads(1)
 
@@ -54,23 +58,23 @@ def test_train_writes_the_run_files(tmp_path):
     assert marker["format"] == "diffmath.folder/1" and marker["command"] == "train" and len(marker["run_id"]) == 32
     assert marker["files"] == written and marker["runs"] == []
     meta = json.loads((out / "step-000006.json").read_text())  # plain JSON, nothing pickled
-    assert meta["format"] == tr.CHECKPOINT_FORMAT and meta["step"] == 6
+    assert meta["format"] == CHECKPOINT_FORMAT and meta["step"] == 6
     assert meta["weights_sha256"] == hashlib.sha256((out / "step-000006.safetensors").read_bytes()).hexdigest()
     assert meta["config"] == TrainConfig(**TINY).to_dict()
     assert meta["optimizer"]["param_groups"][0]["lr"] > 0 and len(meta["rng"]["torch_cpu"]) == 1
     with safe_open(str(out / "step-000006.safetensors"), framework="pt") as f:
-        assert f.metadata()["format"] == tr.CHECKPOINT_FORMAT
+        assert f.metadata()["format"] == CHECKPOINT_FORMAT
         keys = list(f.keys())
     assert any(k.startswith("model.") for k in keys) and any(k.startswith("ema.") for k in keys)
     assert any(k.startswith("optim.") and k.endswith("exp_avg_sq") for k in keys) and "loss_history" in keys
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["format"] == tr.RUN_FORMAT and cfg["data"]["shape"] == [1, 8, 8] and cfg["data"]["bins"] == 17
+    assert cfg["format"] == RUN_FORMAT and cfg["data"]["shape"] == [1, 8, 8] and cfg["data"]["bins"] == 17
     assert not list(out.glob(".*.tmp"))  # no temp files left behind
 
 
 def _interrupt_at_forward(monkeypatch, k):
     """Send SIGTERM to ourselves from inside the k-th network forward (the handler only sets a flag)."""
-    real = tr.build_model
+    real = loop.build_model
 
     def build(config, shape):
         m = real(config, shape)
@@ -169,7 +173,7 @@ def test_no_pickle_is_ever_loaded(tmp_path, monkeypatch):
     monkeypatch.setattr(pickle, "loads", boom)
     monkeypatch.setattr(torch, "load", boom)
     train(TrainConfig(**{**TINY, "steps": 4}), out, resume=True)
-    from diffmath.sample import load_model
+    from diffmath.pipeline.generate import load_model
 
     assert load_model(run=out).step == 4
 
@@ -230,14 +234,14 @@ def test_hybrid_loss_uses_the_data_grid_for_the_decoder_term():
     assert refs[17] < refs[256]  # wider bins: a likelier x0
 
 
-def test_demo_config_lives_in_train():
+def test_demo_config_lives_in_the_config_module():
     import diffmath.cli as cli
     from diffmath.latent_compare import _pixel_demo_config
 
-    cfg = TrainConfig(**tr.DEMO_CONFIG)
+    cfg = TrainConfig(**DEMO_CONFIG)
     assert cfg.data == "digits" and cfg.channel_mult == (1, 2) and cfg.steps == 1500
-    assert cli.DEMO_CONFIG is tr.DEMO_CONFIG  # the old name still reads it
-    assert _pixel_demo_config() == tr.DEMO_CONFIG
+    assert cli.DEMO_CONFIG is DEMO_CONFIG and tr.DEMO_CONFIG is DEMO_CONFIG  # the old names still read it
+    assert _pixel_demo_config() == DEMO_CONFIG
 
 
 def _imported_modules(path, package):
@@ -262,10 +266,10 @@ def _imported_modules(path, package):
 
 def test_imports_point_downward():
     # docs/design.md, "Layers": the math (and kernels/) imports only numpy, scipy, torch and the math; nn/ only torch;
-    # data, train, evaluate, sample and latent never import cli; the latent modules build on each
-    # other one way (vae <- cache <- diffusion <- compare <- the diffmath.latent facade); train's
-    # parts sit below it, one way (plots <- checkpoint <- distributed <- train), and none of them
-    # imports train, evaluate or sample
+    # the pipeline (diffmath/pipeline/) builds on the math, one module on the ones before it in PIPELINE_ORDER, and
+    # never imports cli, the latent modules or the old module paths (train, sample, ...: re-exports of the pipeline
+    # that import nothing else); the latent modules build on each other one way (vae <- cache <- diffusion <-
+    # compare <- the diffmath.latent facade) and never import cli
     from pathlib import Path
 
     import diffmath
@@ -273,8 +277,9 @@ def test_imports_point_downward():
     root = Path(diffmath.__file__).parent
     kernels_dir = Path(__import__("diffmath.kernels", fromlist=["x"]).__file__).parent
     latent_order = ("latent_vae", "latent_cache", "latent_diffusion", "latent_compare", "latent")
-    train_order = ("plots", "checkpoint", "distributed", "train")
-    pipeline = {"data", *train_order, "evaluate", "sample", *latent_order, "cli", "verify", "nn", "kernels"}
+    compat = ("train", "sample", "evaluate", "checkpoint", "data", "rundir", "_io", "plots", "distributed")
+    upper = {"pipeline", *compat, *latent_order, "cli", "verify", "nn", "kernels"}
+    assert {f.stem for f in (root / "pipeline").glob("*.py")} == {"__init__", *PIPELINE_ORDER}
     bad = []
     files = [(f, "diffmath" + "".join("." + p for p in f.relative_to(root).parent.parts)) for f in root.rglob("*.py")]
     files += [(f, "diffmath.kernels") for f in kernels_dir.glob("*.py")]
@@ -283,24 +288,33 @@ def test_imports_point_downward():
         top = (pkg.split(".") + [mod])[1]
         if top in ("__init__", "__main__", "cli", "verify"):  # the package's own entry points and the top layer
             continue
-        used = {n.split(".")[1] for n in _imported_modules(f, pkg) if n.count(".") >= 1}
-        if top in latent_order:
+        imported = _imported_modules(f, pkg)
+        used = {n.split(".")[1] for n in imported if n.count(".") >= 1}
+        if top == "pipeline":
+            inner = {n.split(".")[2] for n in imported if n.startswith("diffmath.pipeline.")}
+            later = set(PIPELINE_ORDER[PIPELINE_ORDER.index(mod):]) if mod in PIPELINE_ORDER else set()
+            bad += [f"{f} imports diffmath.pipeline.{n}" for n in sorted(inner & later)]
+            forbidden = {"cli", "verify", *latent_order, *compat}
+        elif top in compat:
+            forbidden = used - {"pipeline", "parameterization", "schedules"}
+        elif top in latent_order:
             forbidden = {"cli", *latent_order[latent_order.index(top) + 1 :]}
-        elif top in train_order:
-            forbidden = {"cli", "evaluate", "sample", *latent_order, *train_order[train_order.index(top) + 1 :]}
-        elif top in ("data", "evaluate", "sample"):
-            forbidden = {"cli", *latent_order}
         elif top == "nn":
             forbidden = {n for n in used if n != "nn"}
         else:  # the math, samplers/, oracle, likelihood, kernels/
-            forbidden = pipeline - ({"kernels"} if top == "kernels" else set())
+            forbidden = upper - ({"kernels"} if top == "kernels" else set())
         bad += [f"{f} imports diffmath.{n}" for n in sorted(used & forbidden)]
     assert not bad, bad
 
 
+# the pipeline's modules, each importing only those before it (docs/design.md, "Layers")
+PIPELINE_ORDER = ("io", "rundir", "data", "checkpoint", "distributed", "plots", "config", "model", "objective", "optim",
+                  "loop", "generate", "metrics", "classifier", "evaluate", "report", "demo")
+
+
 def test_public_names_of_train_after_the_split():
-    # checkpoint / run-directory I/O moved to diffmath.checkpoint; train's public names are the same objects
-    from diffmath import checkpoint
+    # checkpoint / run-directory I/O moved to diffmath.pipeline.checkpoint; train's public names are the same objects
+    from diffmath.pipeline import checkpoint
 
     for name in ("RunError", "RUN_FORMAT", "CHECKPOINT_FORMAT", "latest_checkpoint", "load_checkpoint", "read_run_config"):
         assert name in tr.__all__ and getattr(tr, name) is getattr(checkpoint, name)
@@ -376,3 +390,51 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     assert smp.returncode == 0, smp.stderr[-3000:]
     with np.load(tmp_path / "smp" / "samples.npz", allow_pickle=False) as z:
         assert z["samples"].shape == (7, 1, 8, 8) and json.loads(str(z["info"]))["world_size"] == 2
+
+
+@pytest.mark.parametrize(
+    "old, home, names",
+    [
+        ("train", "config", ["TrainConfig", "DEMO_CONFIG", "DEMO_CLASSES", "MAX_SEED", "check_int_fields", "derive_seed"]),
+        ("train", "model", ["build_model", "make_schedule", "resolve_classes", "check_model_config"]),
+        ("train", "objective", ["training_loss", "kernels_module", "philox_path"]),
+        ("train", "optim", ["lr_schedule", "learning_rate"]),
+        ("train", "loop", ["train", "TrainResult"]),
+        ("sample", "generate", ["LoadedModel", "load_model", "generate", "sample_run", "save_grid", "claim_samples_folder"]),
+        ("evaluate", "metrics", ["frechet_distance", "gaussian_stats", "wasserstein_1d", "sliced_wasserstein"]),
+        ("evaluate", "classifier", ["DigitClassifier", "digit_classifier", "cache_dir"]),
+        ("evaluate", "evaluate", ["evaluate_run", "vlb_bpd", "per_class_metrics", "guidance_sweep"]),
+        ("evaluate", "report", ["write_report", "metrics_table", "format_metrics", "guidance_table"]),
+        ("checkpoint", "checkpoint", ["load_checkpoint", "save_checkpoint", "read_run_config"]),
+        ("data", "data", ["Data", "load_data", "load_digits"]),
+        ("rundir", "rundir", ["RunError", "open_run", "claim_output"]),
+        ("_io", "io", ["atomic_write_json", "read_sidecar"]),
+        ("plots", "plots", ["plot_loss", "save_fig"]),
+        ("distributed", "distributed", ["Dist", "resolve_device"]),
+    ],
+)
+def test_old_module_paths_reexport_the_pipeline(old, home, names):
+    # diffmath.train, .sample, .evaluate, ... keep working: each old public name is the object of its new home
+    import importlib
+
+    o, h = importlib.import_module(f"diffmath.{old}"), importlib.import_module(f"diffmath.pipeline.{home}")
+    for n in names:
+        assert getattr(o, n) is getattr(h, n), n
+    assert all(hasattr(o, n) for n in getattr(o, "__all__", ()))
+
+
+def test_prediction_conversions_live_in_parameterization():
+    from diffmath import parameterization as P
+
+    s = named_schedule("cosine", 50)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(4, 3, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 10, 30, 45])
+    from diffmath.forward import q_sample
+
+    x_t = q_sample(s, x0, t, eps)
+    v = P.v_from_x0_eps(s, t, x0, eps)
+    for kind, pred in (("eps", eps), ("x0", x0), ("v", v)):
+        torch.testing.assert_close(P.x0_from_prediction(kind, s, x_t, t, pred), x0, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(P.eps_from_prediction(kind, s, x_t, t, pred), eps, rtol=1e-9, atol=1e-9)
+    assert tr.x0_from_prediction is P.x0_from_prediction and tr.eps_from_prediction is P.eps_from_prediction

@@ -11,7 +11,7 @@ import scipy.integrate
 import scipy.stats
 import torch
 
-from diffmath.data import Data, load_digits
+from diffmath.pipeline.data import Data, load_digits
 from diffmath.gaussian import normal_kl
 from diffmath.latent import (
     VAEConfig,
