@@ -8,21 +8,4 @@ from .pipeline.io import (  # noqa: F401
     atomic_write_text, forget_file, read_json, read_marker, read_sidecar, safetensors_metadata, save_safetensors,
     sha256_file, weights_and_sidecar, write_marker,
 )
-
-__all__ = [
-    "atomic_write_bytes",
-    "atomic_write_json",
-    "atomic_write_text",
-    "atomic_write_npz",
-    "sha256_file",
-    "weights_and_sidecar",
-    "save_safetensors",
-    "safetensors_metadata",
-    "read_sidecar",
-    "MARKER",
-    "LOCK_FILE",
-    "MARKER_FORMAT",
-    "read_marker",
-    "write_marker",
-    "forget_file",
-]
+from .pipeline.io import __all__  # noqa: F401, E402  (the same list)

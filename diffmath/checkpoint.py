@@ -14,24 +14,4 @@ from .pipeline.io import (  # noqa: F401
     atomic_write_json, read_json, safetensors_metadata, save_safetensors, sha256_file, weights_and_sidecar,
 )
 from .pipeline.rundir import is_empty, open_run, RunError  # noqa: F401
-
-__all__ = [
-    "RunError",
-    "RUN_FORMAT",
-    "CHECKPOINT_FORMAT",
-    "RESUMABLE_FIELDS",
-    "OUR_FILES",
-    "SAMPLE_KEYS",
-    "RESUME_KEYS",
-    "check_checkpoint_meta",
-    "check_class_count",
-    "checkpoint_name",
-    "read_run_config",
-    "list_checkpoints",
-    "latest_checkpoint",
-    "load_checkpoint",
-    "save_checkpoint",
-    "weights_digest",
-    "prepare_out",
-    "check_compatible",
-]
+from .pipeline.checkpoint import __all__  # noqa: F401, E402  (the same list)

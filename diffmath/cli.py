@@ -11,7 +11,7 @@ exit with status 2 (``DIFFMATH_DEBUG=1`` shows the traceback instead). An interr
 
 Folders: every command that writes into a folder locks it for its duration and lists the files it
 writes in the folder's ``.diffmath-run`` marker; ``--overwrite`` deletes only those
-(``diffmath.rundir``).
+(``diffmath.pipeline.rundir``).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def _device(s: str) -> str:
     raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or auto; got {s!r}")
 
 
-MAX_SEED = 2**63 - 1  # torch's seed is a 64-bit integer; diffmath.train.MAX_SEED (not imported: no torch for --help)
+MAX_SEED = 2**63 - 1  # torch's seed is a 64-bit integer; diffmath.pipeline.config.MAX_SEED (not imported: no torch for --help)
 _seed = _checked(int, lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, 2**63 - 1] = [0, {MAX_SEED}]")
 
 

@@ -5,7 +5,4 @@ This module only re-exports its old public names; new code imports them from the
 
 from .pipeline.distributed import Dist, resolve_device  # noqa: F401
 from .pipeline.rundir import RunError  # noqa: F401
-
-__all__ = [
-    "resolve_device",
-]
+from .pipeline.distributed import __all__  # noqa: F401, E402  (the same list)

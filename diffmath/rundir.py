@@ -8,17 +8,4 @@ from .pipeline.rundir import (  # noqa: F401
     KNOWN_FILES, claim_output, clean_temp_files, clear_run, FolderLock, is_empty, lock_folder, marker, new_marker,
     open_run, RunError,
 )
-
-__all__ = [
-    "RunError",
-    "FolderLock",
-    "lock_folder",
-    "open_run",
-    "claim_output",
-    "clear_run",
-    "clean_temp_files",
-    "is_empty",
-    "marker",
-    "new_marker",
-    "KNOWN_FILES",
-]
+from .pipeline.rundir import __all__  # noqa: F401, E402  (the same list)

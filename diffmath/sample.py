@@ -12,19 +12,4 @@ from .pipeline.generate import (  # noqa: F401
 from .pipeline.io import atomic_write_bytes, atomic_write_npz  # noqa: F401
 from .pipeline.plots import save_fig  # noqa: F401
 from .schedules import Schedule, timesteps  # noqa: F401
-
-__all__ = [
-    "LoadedModel",
-    "load_model",
-    "generate",
-    "sample_run",
-    "save_grid",
-    "save_class_grid",
-    "parse_classes",
-    "class_labels",
-    "check_conditioning",
-    "request_labels",
-    "SAMPLERS",
-    "DEFAULT_STEPS",
-    "DEFAULT_GUIDANCE",
-]
+from .pipeline.generate import __all__  # noqa: F401, E402  (the same list)

@@ -4,7 +4,7 @@ Files in a run directory ``out``: config.json (``RUN_FORMAT``: the config, the d
 levels, the parameter count), step-NNNNNN.safetensors (weights ``model.*``, EMA ``ema.*``,
 optimizer tensors ``optim.<i>.<name>``, ``loss_history``) + step-NNNNNN.json
 (``CHECKPOINT_FORMAT``: step, config, RNG states, optimizer hyper-parameters, SHA-256 of the
-.safetensors), all written atomically through ``diffmath._io``. No file is ever unpickled.
+.safetensors), all written atomically through ``diffmath.pipeline.io``. No file is ever unpickled.
 
 A checkpoint's weights are verified against the SHA-256 in its JSON sidecar; a checkpoint
 without a sidecar, or with a sidecar that has no ``weights_sha256``, is refused unless the
@@ -13,10 +13,10 @@ refused always. The sidecar's keys are checked for presence and type before use
 (``check_checkpoint_meta``), so a tampered sidecar gives an error naming the key.
 
 ``prepare_out`` checks ``out`` against ``--resume`` / ``--overwrite``, opens it through
-``diffmath.rundir`` (its marker and lock) and picks the checkpoint to resume from;
+``diffmath.pipeline.rundir`` (its marker and lock) and picks the checkpoint to resume from;
 ``check_compatible`` refuses a stored config that differs from the new one in
-anything but ``RESUMABLE_FIELDS``. ``config`` arguments are ``diffmath.train.TrainConfig``
-instances (this module sits below ``train`` and does not import it; ``check_compatible`` reads
+anything but ``RESUMABLE_FIELDS``. ``config`` arguments are ``diffmath.pipeline.config.TrainConfig``
+instances (this module sits below ``config`` and does not import it; ``check_compatible`` reads
 the stored config with ``type(config).from_dict``). The names stay importable from
 ``diffmath.train``.
 """

@@ -21,7 +21,7 @@ from .checkpoint import RESUMABLE_FIELDS
 PREDICTIONS = ("eps", "x0", "v")
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit seed
 
-# The recipe of ``diffmath demo`` (``cli.run_demo``) and of the pixel model in
+# The recipe of ``diffmath demo`` (``diffmath.pipeline.demo.run_demo``) and of the pixel model in
 # ``latent.compare_pixel_latent``: 8x8 digits, a 0.7M-parameter U-Net, tuned to finish well
 # inside 10 minutes on 2 CPU cores (README, docs/training.md). Keyword arguments of ``TrainConfig``.
 DEMO_CONFIG = dict(

@@ -74,7 +74,7 @@ def _requested_order(labels) -> list[int]:
 
 def per_class_metrics(x: np.ndarray, labels, data, *, clf=None, seed: int = 0) -> dict:
     """Per-class metrics of class-conditional samples ``x`` (N, ...) asked for ``labels`` (N,)
-    on ``data`` (a ``diffmath.data.Data`` with labels): see the module docstring. Returns
+    on ``data`` (a ``diffmath.pipeline.data.Data`` with labels): see the module docstring. Returns
     {"classes": {name: {...}}, "mean": {...}, "min_agreement": ...}; on data that are neither
     the digits nor the gmm, the sample count per class only."""
     labels = np.asarray(labels, np.int64)
@@ -145,7 +145,7 @@ def guidance_sweep(loaded, data, scales, *, per_class: int = 100, classes=None, 
                    seed: int = 0, batch_size: int = 500, progress: bool = False, keep: float | None = None,
                    rescale: float = 0.0, decode=None):
     """Sample ``per_class`` samples of each class (default all of the run's) at every guidance
-    scale s in ``scales`` (``diffmath.sample.generate``: the same start and noise at every s)
+    scale s in ``scales`` (``diffmath.pipeline.generate.generate``: the same start and noise at every s)
     and score them with ``per_class_metrics``. ``per_class`` may be a dict {s: count}. Returns
     (rows, kept) with one row per s: {"guidance": s, "mean": ..., "classes": ...}, and kept the
     (samples, labels) drawn at s = ``keep`` (None if not asked). ``decode``: turns the samples
@@ -218,7 +218,7 @@ def vlb_bpd(loaded, x0: np.ndarray, bins: int, *, seed: int = 0, batch_size: int
     [-1, 1] (guided-diffusion's ``calc_bpd_loop``). Returns per-variance totals (mean over
     images) and the per-term curve (mean over images, bits/dim, per t).
 
-    ``loaded``: a ``diffmath.sample.LoadedModel``.
+    ``loaded``: a ``diffmath.pipeline.generate.LoadedModel``.
     """
     from .. import forward, losses, posterior
     from ..losses import vb_terms_bpd

@@ -9,7 +9,7 @@ holding the SHA-256 of the weights file; reading them never unpickles anything.
 A folder that diffmath writes into carries a marker file, ``.diffmath-run`` (``MARKER``): JSON
 naming the command that created it and listing every file (``files``) and sub-folder run (``runs``)
 diffmath wrote there. ``atomic_write_bytes`` adds each file it writes to the marker of its folder,
-when the folder has one; ``diffmath.rundir`` creates markers, takes the folder's lock and uses the
+when the folder has one; ``diffmath.pipeline.rundir`` creates markers, takes the folder's lock and uses the
 lists to delete exactly what diffmath wrote (``--overwrite``) and nothing else.
 
 Used by ``train`` (checkpoints), ``sample``, ``evaluate`` and the latent-diffusion modules.

@@ -26,9 +26,9 @@ Files in ``out``: config.json, step-NNNNNN.safetensors (weights ``model.*``, EMA
 optimizer tensors ``optim.<i>.<name>``, ``loss_history``) + step-NNNNNN.json (step, config,
 RNG states, optimizer hyper-parameters, SHA-256 of the .safetensors), loss.png and
 schedule.png, all written atomically (temp file + os.replace) and listed in the folder's
-``.diffmath-run`` marker; the folder is locked while the run writes (``diffmath.rundir``). No
+``.diffmath-run`` marker; the folder is locked while the run writes (``diffmath.pipeline.rundir``). No
 file is ever unpickled (under torchrun the ranks exchange small objects through torch's object
-collectives, which pickle them: ``diffmath.distributed``). Ctrl-C / SIGTERM finish the current
+collectives, which pickle them: ``diffmath.pipeline.distributed``). Ctrl-C / SIGTERM finish the current
 step, write a checkpoint and return.
 """
 
@@ -86,7 +86,7 @@ def train(config: TrainConfig, out, *, resume: bool = False, overwrite: bool = F
 
     ``resume`` continues from the latest checkpoint in ``out`` (the flags must match its
     config except ``RESUMABLE_FIELDS``); ``overwrite`` replaces a run that diffmath wrote
-    (``diffmath.rundir``: only the files its marker lists are deleted). The data and the model
+    (``diffmath.pipeline.rundir``: only the files its marker lists are deleted). The data and the model
     configuration are checked before ``out`` is touched, and ``out`` stays locked against other
     writers until this returns. ``data`` overrides ``config.data`` (tests). ``stop_after`` stops
     (with a checkpoint) after that many steps of this call, as if interrupted.

@@ -1,5 +1,5 @@
 """The figures of a training run: loss.png (``plot_loss``), schedule.png (``plot_schedule``) and,
-for a class-conditional run, guidance.png (``plot_guidance``), PNG bytes written atomically (``diffmath._io.atomic_write_bytes``). Importable from
+for a class-conditional run, guidance.png (``plot_guidance``), PNG bytes written atomically (``diffmath.pipeline.io.atomic_write_bytes``). Importable from
 ``diffmath.train`` too.
 """
 
@@ -66,7 +66,7 @@ def plot_schedule(path: Path, s: Schedule, name: str):
 
 def plot_guidance(path: Path, rows, title: str = "classifier-free guidance"):
     """Agreement with the requested class, per-class distance and feature spread against the
-    guidance scale s: ``rows`` as ``diffmath.evaluate.guidance_sweep`` returns them (the mean
+    guidance scale s: ``rows`` as ``diffmath.pipeline.evaluate.guidance_sweep`` returns them (the mean
     over classes, the lowest class's agreement, the floor of the distance dashed)."""
     import matplotlib
 

@@ -1,9 +1,9 @@
 """Folders that diffmath writes into: the marker that lists what diffmath wrote, the lock that
 keeps one writer per folder, and the rules of ``--overwrite``, ``--resume`` and temp files.
 
-- **Marker.** ``.diffmath-run`` (``diffmath._io.MARKER``) is JSON: the format, a random
+- **Marker.** ``.diffmath-run`` (``diffmath.pipeline.io.MARKER``) is JSON: the format, a random
   ``run_id``, the command that created the folder, when, and the lists ``files`` (every file that
-  diffmath wrote there; ``diffmath._io.atomic_write_bytes`` adds them as it writes) and ``runs``
+  diffmath wrote there; ``diffmath.pipeline.io.atomic_write_bytes`` adds them as it writes) and ``runs``
   (sub-folders that diffmath created there, each with its own marker: ``unet/`` and ``vae/`` of a
   latent run, ``pixel/`` of a comparison). It is written when diffmath creates a folder or first
   writes into an empty one.
@@ -19,7 +19,7 @@ keeps one writer per folder, and the rules of ``--overwrite``, ``--resume`` and 
   writes) left by a killed write are deleted on ``--resume`` and ``--overwrite``, only in a
   marked folder.
 
-Nothing here imports torch; ``RunError`` lives here (``diffmath.checkpoint`` re-exports it).
+Nothing here imports torch; ``RunError`` lives here (``diffmath.pipeline.checkpoint`` re-exports it).
 """
 
 from __future__ import annotations
