@@ -186,41 +186,10 @@ def train(config: TrainConfig, out, *, resume: bool = False, overwrite: bool = F
         autocast = (
             torch.autocast(device_type="cuda", dtype=torch.bfloat16) if (device.type == "cuda" and config.bf16) else None
         )
-        # --- sharding: global batches of a seeded permutation, one contiguous shard per rank
-        from torch.utils.data import DistributedSampler
-
-        spe = N // Bg  # global batches per epoch
-        shard_sampler = DistributedSampler(range(spe * dd.world), num_replicas=dd.world, rank=dd.rank, shuffle=False, drop_last=True)
-        shards = list(iter(shard_sampler))  # shard ids k * world + rank, k = 0 .. spe-1
+        batches = GlobalBatches(x_all, y_all, config.seed, Bg, dd, device)
         D = int(np.prod(data.shape))
         seed_noise = derive_seed(config.seed, "philox") % (2**31 - 1)
         fused = uses_fused_noise(config)
-        perm_cache: dict[int, torch.Tensor] = {}
-
-        def batch_for(step_: int):
-            epoch, k = divmod(step_, spe)
-            if epoch not in perm_cache:
-                perm_cache.clear()
-                perm_cache[epoch] = torch.randperm(N, generator=keyed_generator(config.seed, "epoch", epoch)).to(device)
-            shard = shards[k]
-            kk, r = divmod(shard, dd.world)
-            idx = perm_cache[epoch][kk * Bg + r * B : kk * Bg + (r + 1) * B]
-            return x_all.index_select(0, idx)
-
-        def global_batch_for(step_: int):
-            epoch, k = divmod(step_, spe)
-            kk = shards[k] // dd.world
-            return x_all.index_select(0, perm_cache[epoch][kk * Bg : (kk + 1) * Bg])
-
-        def labels_for(step_: int):
-            """This rank's labels after dropout (Ho & Salimans 2022, Alg. 1), drawn for the global
-            batch so that they do not depend on the number of processes; after ``batch_for``."""
-            from ..guidance import drop_labels
-
-            epoch, k = divmod(step_, spe)
-            kk = shards[k] // dd.world
-            y_g = y_all.index_select(0, perm_cache[epoch][kk * Bg : (kk + 1) * Bg])
-            return drop_labels(y_g, config.uncond_prob, config.num_classes, drop_gen)[dd.rank * B : (dd.rank + 1) * B]
 
         stop = StopFlag().install()
         total = config.steps
@@ -238,7 +207,7 @@ def train(config: TrainConfig, out, *, resume: bool = False, overwrite: bool = F
                 lr = learning_rate(config, step)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                x0 = batch_for(step)
+                x0 = batches.local(step)
                 t_global = torch.randint(0, s.num_timesteps, (Bg,), generator=keyed_generator(config.seed, "t", step)).to(device)
                 t = t_global[dd.rank * B : (dd.rank + 1) * B]
                 offset = step * Bg * D  # the global batch's first Philox draw
@@ -247,11 +216,11 @@ def train(config: TrainConfig, out, *, resume: bool = False, overwrite: bool = F
                     g = keyed_generator(config.seed, "noise", step)
                     noise = torch.randn((Bg,) + tuple(data.shape), generator=g)[dd.rank * B : (dd.rank + 1) * B].to(device)
                 elif dd.world > 1:
-                    shard = (global_batch_for(step), t_global, dd.rank, dd.world)
+                    shard = (batches.global_batch(step), t_global, dd.rank, dd.world)
                 loss, _parts = training_loss(
                     config, net, s, x0, t, seed_noise=seed_noise, offset=offset, noise=noise,
                     bins=data.bins or 256, autocast=autocast, shard=shard,
-                    y=labels_for(step) if config.conditional else None,
+                    y=batches.labels(step, config.uncond_prob, config.num_classes, drop_gen) if config.conditional else None,
                 )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -295,6 +264,54 @@ def train(config: TrainConfig, out, *, resume: bool = False, overwrite: bool = F
         if lock is not None:
             lock.release()
         dd.close()
+
+
+class GlobalBatches:
+    """The samples a rank trains on at each step. Every epoch's seeded permutation of the data
+    (``keyed_generator(seed, "epoch", epoch)``) is cut into global batches of ``batch_size``, each
+    global batch into ``world`` contiguous shards, and a ``DistributedSampler`` over the shard
+    indices hands shard r of every batch to rank r; so a sample's place in its global batch, and
+    with it its noise and timestep, does not depend on the number of processes."""
+
+    def __init__(self, x_all, y_all, seed: int, batch_size: int, dd, device):
+        from torch.utils.data import DistributedSampler
+
+        self.x_all, self.y_all, self.seed, self.device = x_all, y_all, seed, device
+        self.Bg, self.B, self.rank, self.world = batch_size, batch_size // dd.world, dd.rank, dd.world
+        self.N = int(x_all.shape[0])
+        self.per_epoch = self.N // batch_size  # global batches per epoch
+        sampler = DistributedSampler(range(self.per_epoch * dd.world), num_replicas=dd.world, rank=dd.rank,
+                                     shuffle=False, drop_last=True)
+        self.shards = list(iter(sampler))  # shard ids k * world + rank, k = 0 .. per_epoch - 1
+        self._perm: dict[int, torch.Tensor] = {}
+
+    def _locate(self, step: int):
+        """(the permutation of the step's epoch, the index of its global batch, this rank's shard)."""
+        epoch, k = divmod(step, self.per_epoch)
+        if epoch not in self._perm:
+            self._perm.clear()
+            self._perm[epoch] = torch.randperm(self.N, generator=keyed_generator(self.seed, "epoch", epoch)).to(self.device)
+        kk, r = divmod(self.shards[k], self.world)
+        return self._perm[epoch], kk, r
+
+    def local(self, step: int) -> torch.Tensor:
+        """This rank's rows of the step's global batch."""
+        perm, kk, r = self._locate(step)
+        return self.x_all.index_select(0, perm[kk * self.Bg + r * self.B : kk * self.Bg + (r + 1) * self.B])
+
+    def global_batch(self, step: int) -> torch.Tensor:
+        """The step's whole global batch."""
+        perm, kk, _ = self._locate(step)
+        return self.x_all.index_select(0, perm[kk * self.Bg : (kk + 1) * self.Bg])
+
+    def labels(self, step: int, uncond_prob: float, num_classes: int, generator) -> torch.Tensor:
+        """This rank's labels after dropout (Ho & Salimans 2022, Alg. 1), drawn for the global batch
+        from ``generator`` so that they do not depend on the number of processes."""
+        from ..guidance import drop_labels
+
+        perm, kk, _ = self._locate(step)
+        y_g = self.y_all.index_select(0, perm[kk * self.Bg : (kk + 1) * self.Bg])
+        return drop_labels(y_g, uncond_prob, num_classes, generator)[self.rank * self.B : (self.rank + 1) * self.B]
 
 
 def _checkpoint(out, step, config, model, ema, opt, losses_hist, dd, device, data, is_main, drop_gen=None):
