@@ -251,9 +251,8 @@ def _source_at(commit: str, dest: Path) -> Path:
 _RUN = """
 import sys, numpy as np, torch
 torch.set_num_threads(1)
-from diffmath.pipeline.config import TrainConfig
-from diffmath.pipeline.loop import train
-from diffmath.pipeline.generate import load_model, generate
+from diffmath.train import TrainConfig, train  # the old paths: this script also runs against the commit before classes
+from diffmath.sample import load_model, generate
 cfg = TrainConfig(data="digits", steps=3, batch_size=16, channels=8, channel_mult=(1, 2), num_res_blocks=1,
                   attention_resolutions=(4,), save_every=3, timesteps=50, warmup=2, lr=1e-3, progress=False, device="cpu")
 train(cfg, sys.argv[1])
