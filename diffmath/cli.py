@@ -628,7 +628,7 @@ def _cmd_evaluate(args) -> int:
         from .evaluate import evaluate_guidance, guidance_table
 
         if _is_latent_run(args.run):
-            from .latent_diffusion import evaluate_guidance_latent as evaluate_guidance
+            from .latent import evaluate_guidance_latent as evaluate_guidance
         g = evaluate_guidance(args.run, args.out, scales=args.guidance_sweep, per_class=args.per_class,
                               device=args.device, progress=args.progress, trust_unverified=args.trust_unverified)
         print("\n".join(guidance_table(g["scales"])))

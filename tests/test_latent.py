@@ -162,7 +162,7 @@ def test_unet_config_that_cannot_take_the_latents():
 
 
 def test_unet_misfit_is_refused_before_the_vae_is_trained(tmp_path, digits, monkeypatch):
-    import diffmath.latent_diffusion as latent_diffusion  # train_latent's module (diffmath.latent re-exports it)
+    import diffmath.latent.diffusion as latent_diffusion  # train_latent's module (diffmath.latent re-exports it)
 
     def no_training(*a, **k):
         raise AssertionError("the VAE was trained before the U-Net config was checked")

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._io import atomic_write_json, read_sidecar, safetensors_metadata, save_safetensors, weights_and_sidecar
-from .data import Data
-from .latent_vae import as_loaded, check_vae_fits
-from .nn.vae import VAE
+from .._io import atomic_write_json, read_sidecar, safetensors_metadata, save_safetensors, weights_and_sidecar
+from ..data import Data
+from .vae_math import as_loaded, check_vae_fits
+from ..nn.vae import VAE
 
 __all__ = [
     "LatentCache",

@@ -40,11 +40,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._io import atomic_write_json, read_sidecar, safetensors_metadata, save_safetensors, weights_and_sidecar
-from .data import Data, load_data
-from .gaussian import discretized_gaussian_log_likelihood, normal_kl, normal_log_prob
-from .losses import LN2
-from .nn.vae import VAE
+from .._io import atomic_write_json, read_sidecar, safetensors_metadata, save_safetensors, weights_and_sidecar
+from ..data import Data, load_data
+from ..gaussian import discretized_gaussian_log_likelihood, normal_kl, normal_log_prob
+from ..losses import LN2
+from ..nn.vae import VAE
 
 __all__ = [
     "VAEConfig",
@@ -189,7 +189,7 @@ class VAEConfig:
     progress: bool = True
 
     def __post_init__(self):
-        from .train import MAX_SEED, check_bool_fields, check_int_fields, int_tuple_field
+        from ..train import MAX_SEED, check_bool_fields, check_int_fields, int_tuple_field
 
         self.channel_mult = int_tuple_field(self, "channel_mult")
         check_bool_fields(self, ("progress",))
@@ -222,7 +222,7 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VAEConfig":
-        from .train import config_from_dict
+        from ..train import config_from_dict
 
         return config_from_dict(cls, d, "VAE config")
 
@@ -345,7 +345,7 @@ def as_loaded(vae, device="cpu") -> LoadedVAE:
 def _device(name) -> torch.device:
     if isinstance(name, torch.device):
         return name
-    from .distributed import resolve_device
+    from ..distributed import resolve_device
 
     return resolve_device(str(name))
 
@@ -385,7 +385,7 @@ def check_vae_fits(config_or_vae, data_shape, where: str = "the data") -> None:
 
 
 def _lr_at(config: VAEConfig, step: int) -> float:
-    from .train import lr_schedule
+    from ..train import lr_schedule
 
     return lr_schedule(config.lr, config.warmup, config.steps, step)  # cosine to 0 at the last step
 
@@ -399,7 +399,7 @@ def train_vae(config: VAEConfig, out, *, data: Data | None = None, overwrite: bo
     checked first. Everything random comes from one ``torch.Generator`` seeded
     with ``config.seed`` (the data order and the reparameterisation noise) and the init from
     ``torch.manual_seed(config.seed)``."""
-    from .rundir import open_run
+    from ..rundir import open_run
 
     t0 = time.time()
     out = Path(out)
@@ -413,7 +413,7 @@ def train_vae(config: VAEConfig, out, *, data: Data | None = None, overwrite: bo
 
 
 def _train_vae(config: VAEConfig, out: Path, data: Data, t0: float) -> VAEResult:
-    from .sample import save_grid
+    from ..sample import save_grid
 
     dev = _device(config.device)
     torch.manual_seed(config.seed)

@@ -24,7 +24,7 @@ checkpoint are verified against the SHA-256 in their JSON sidecars.
 
 from __future__ import annotations
 
-from .latent_cache import (
+from .cache import (
     LATENTS_FORMAT,
     LatentCache,
     LatentCacheError,
@@ -33,8 +33,8 @@ from .latent_cache import (
     load_latents,
     scale_factor,
 )
-from .latent_compare import compare_pixel_latent, comparison_table
-from .latent_diffusion import (
+from .compare import compare_pixel_latent, comparison_table
+from .diffusion import (
     LATENT_DEMO_CONFIG,
     LATENT_RUN_FORMAT,
     LatentResult,
@@ -46,7 +46,7 @@ from .latent_diffusion import (
     sample_latent,
     train_latent,
 )
-from .latent_vae import (
+from .vae_math import (
     LN2,
     VAE_DEMO_CONFIG,
     VAE_FORMAT,

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ._io import atomic_write_json, atomic_write_npz, atomic_write_text, read_json
-from .data import Data, load_data
-from .latent_cache import LatentCache, LatentCacheError, decode_latents, encode_dataset, load_latents
-from .latent_vae import (
+from .._io import atomic_write_json, atomic_write_npz, atomic_write_text, read_json
+from ..data import Data, load_data
+from .cache import LatentCache, LatentCacheError, decode_latents, encode_dataset, load_latents
+from .vae_math import (
     VAE_DEMO_CONFIG,
     LoadedVAE,
     VAEConfig,
@@ -38,7 +38,7 @@ from .latent_vae import (
     load_vae,
     train_vae,
 )
-from .train import DEMO_CONFIG
+from ..train import DEMO_CONFIG
 
 __all__ = [
     "LatentResult",
@@ -90,7 +90,7 @@ def check_unet_fits(config, latent_shape, where: str = "the U-Net config") -> No
 
 
 def _unet_data_shape(run: Path):
-    from .checkpoint import CHECKPOINT_FORMAT, RunError, latest_checkpoint
+    from ..checkpoint import CHECKPOINT_FORMAT, RunError, latest_checkpoint
 
     ck = latest_checkpoint(run)
     if ck is None:
@@ -111,7 +111,7 @@ _LATENT_RUN_KEYS = {  # key: (what it must be, test)
 def read_latent_run(out) -> dict:
     """latent.json of a latent run directory (``RunError`` if absent, not ours, or lacking one of
     the keys a run is used by, or holding it with the wrong type: the message names the key)."""
-    from .checkpoint import RunError
+    from ..checkpoint import RunError
 
     p = Path(out) / "latent.json"
     if not p.exists():
@@ -206,9 +206,9 @@ def train_latent(out, config=None, *, vae=None, vae_config: VAEConfig | None = N
     ``out`` is touched, and ``out`` is locked until this returns. ``stop_after``: as in ``train``;
     ``trust_unverified``: as in ``train`` (the U-Net checkpoint on ``resume``).
     """
-    from .checkpoint import RunError
-    from .rundir import open_run
-    from .train import TrainConfig, check_model_config, resolve_classes, train
+    from ..checkpoint import RunError
+    from ..rundir import open_run
+    from ..train import TrainConfig, check_model_config, resolve_classes, train
 
     t0 = time.time()
     out = Path(out)
@@ -346,7 +346,7 @@ def sample_latent(run, out=None, *, vae=None, sampler: str = "ddim", steps=None,
     ``dtype``: the U-Net's precision ("fp32", "bf16", "fp16"; ``diffmath.sample.generate``).
     ``classes``, ``guidance``, ``guidance_rescale``: a conditional latent U-Net (``train_latent``
     with ``conditional``), as in ``sample.sample_run``; samples.npz then holds ``labels`` too."""
-    from .sample import (check_conditioning, check_net_dtype, check_sampling, claim_samples_folder, load_model,
+    from ..sample import (check_conditioning, check_net_dtype, check_sampling, claim_samples_folder, load_model,
                          request_labels)
 
     check_net_dtype(dtype)
@@ -380,7 +380,7 @@ def sample_latent(run, out=None, *, vae=None, sampler: str = "ddim", steps=None,
 
 def _sample_latent(lm, lv, scale, out, sampler, steps, eta, num_samples, seed, batch_size, progress, ema, dtype=None,
                    cond=(None, None, 0.0)):
-    from .sample import conditioning_info, generate, save_class_grid, save_grid
+    from ..sample import conditioning_info, generate, save_class_grid, save_grid
 
     labels, guidance, rescale = cond
     t0 = time.time()
@@ -390,7 +390,7 @@ def _sample_latent(lm, lv, scale, out, sampler, steps, eta, num_samples, seed, b
     t1 = time.time()
     x = decode_latents(lv, z, scale, batch_size=batch_size)
     t2 = time.time()
-    from .sample import sampling_info
+    from ..sample import sampling_info
 
     info = sampling_info(lm, sampler, steps, eta, num_samples, seed, ema, clip_x0=None)
     if dtype is not None:
@@ -423,8 +423,8 @@ def evaluate_latent(run, samples=None, out=None, *, device: str = "auto", progre
     decoded samples (default ``run``/samples.npz), with the VAE's metrics and the latent shape
     and scale added; no test VLB (the diffusion bound lives in latent space). Writes
     ``out``/metrics.json (default ``run``)."""
-    from .evaluate import evaluate_run
-    from .rundir import claim_output
+    from ..evaluate import evaluate_run
+    from ..rundir import claim_output
 
     run = Path(run)
     info = read_latent_run(run)
@@ -439,8 +439,8 @@ def evaluate_guidance_latent(run, out=None, *, device: str = "auto", progress: b
     """``evaluate.evaluate_guidance`` for a conditional latent run: its U-Net samples the scaled
     latents of every class at each scale, its VAE decodes them, and the images are scored per
     class. Keywords: those of ``evaluate_guidance`` (scales, per_class, sampler, steps, seed)."""
-    from .evaluate import evaluate_guidance
-    from .sample import load_model
+    from ..evaluate import evaluate_guidance
+    from ..sample import load_model
 
     run = Path(run)
     info = read_latent_run(run)
@@ -468,14 +468,14 @@ def demo_latent(out=Path("runs/demo-latent"), *, overwrite: bool = False, device
     8x8 digits (or reuse a finished demo run in ``out``), sample with DDIM, evaluate the decoded
     samples with the pixel pipeline's metrics, and write ``out``/report.md. Returns the metrics
     (with ``timings`` and ``vae``)."""
-    from .checkpoint import RunError, check_compatible, read_run_config
-    from .train import TrainConfig
+    from ..checkpoint import RunError, check_compatible, read_run_config
+    from ..train import TrainConfig
 
     out = Path(out)
     config = TrainConfig(**{**LATENT_DEMO_CONFIG, "device": device, "progress": progress, **(config_overrides or {})})
     vc = VAEConfig(**{**VAE_DEMO_CONFIG, "device": device, "progress": progress, **(vae_overrides or {})})
-    from .distributed import resolve_device
-    from .rundir import is_empty, open_run
+    from ..distributed import resolve_device
+    from ..rundir import is_empty, open_run
 
     resolve_device(device)  # every argument is checked before --out is touched
     resume = False
@@ -512,7 +512,7 @@ def _demo_latent(out, config, vc, resume, overwrite, device, progress, num_sampl
 
 
 def _write_latent_report(out: Path, m: dict, config, info: dict, res: LatentResult) -> Path:
-    from .evaluate import metrics_table
+    from ..evaluate import metrics_table
 
     v = m.get("vae", {})
     L = ["# diffmath latent diffusion demo", ""]
