@@ -41,7 +41,7 @@ def __getattr__(name):
     # ``cli.DEMO_CONFIG`` was the demo recipe's old home; it lives in ``diffmath.train`` now
     # (imports point downward), read lazily so that ``diffmath --help`` does not import torch.
     if name == "DEMO_CONFIG":
-        from .train import DEMO_CONFIG
+        from .pipeline.loop import DEMO_CONFIG
 
         return DEMO_CONFIG
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -415,7 +415,7 @@ _FLAG_FIELDS = (
 def _read_toml(path: Path) -> dict:
     import tomllib
 
-    from .train import TrainConfig
+    from .pipeline.loop import TrainConfig
 
     if not path.exists():
         raise FileNotFoundError(f"--config {str(path)!r}: no such file")
@@ -439,8 +439,8 @@ def train_config_from_args(args) -> "TrainConfig":  # noqa: F821
 
     With ``args.latent`` the config is the latent U-Net's: the stored one is ``out/unet``'s, and
     ``channel_mult`` defaults to (1,) when neither the stored config, the TOML nor a flag sets it."""
-    from .checkpoint import RunError, read_run_config
-    from .train import TrainConfig
+    from .pipeline.checkpoint import RunError, read_run_config
+    from .pipeline.loop import TrainConfig
 
     latent = bool(getattr(args, "latent", False))
     stored = Path(args.out) / "unet" if latent else Path(args.out)
@@ -486,7 +486,7 @@ def _flag(attr: str) -> str:
 
 
 def _cmd_train(args) -> int:
-    from .train import train
+    from .pipeline.loop import train
 
     if not args.latent and args.resume and (Path(args.out) / "latent.json").exists():
         args.latent = True  # resuming a latent run: --latent is implied
@@ -513,7 +513,7 @@ def _cmd_train_latent(args) -> int:
     import json
 
     from .latent import VAEConfig, read_latent_run, train_latent
-    from .checkpoint import RunError
+    from .pipeline.checkpoint import RunError
 
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         raise ValueError("train --latent runs in one process (the VAE and the latent cache are not distributed); "
@@ -558,7 +558,7 @@ def _is_latent_run(run) -> bool:
 
 
 def _cmd_sample(args) -> int:
-    from .sample import sample_run
+    from .pipeline.generate import sample_run
 
     out = args.out if args.out is not None else args.run
     if args.latent or _is_latent_run(args.run):
@@ -622,10 +622,10 @@ def _latent_summary(m: dict) -> str:
 
 
 def _cmd_evaluate(args) -> int:
-    from .evaluate import evaluate_run, format_metrics
+    from .pipeline.evaluate import evaluate_run, format_metrics
 
     if args.guidance_sweep is not None:
-        from .evaluate import evaluate_guidance, guidance_table
+        from .pipeline.evaluate import evaluate_guidance, guidance_table
 
         if _is_latent_run(args.run):
             from .latent import evaluate_guidance_latent as evaluate_guidance
@@ -662,10 +662,10 @@ def run_demo(out=DEMO_OUT, *, overwrite: bool = False, device: str = "auto", pro
     the 10-row grid (classes.png) and the guidance plot (guidance.png). Returns the metrics,
     the sweep under ``"guidance"`` and the timings under ``"timings"``. ``config_overrides``
     with ``conditional = False`` gives the unconditional demo (no sweep)."""
-    from .checkpoint import RunError, check_compatible, legacy_run_files, read_run_config
-    from .distributed import resolve_device
-    from .rundir import is_empty, open_run
-    from .train import DEMO_CLASSES, DEMO_CONFIG, TrainConfig
+    from .pipeline.checkpoint import RunError, check_compatible, legacy_run_files, read_run_config
+    from .pipeline.distributed import resolve_device
+    from .pipeline.rundir import is_empty, open_run
+    from .pipeline.loop import DEMO_CLASSES, DEMO_CONFIG, TrainConfig
 
     out = Path(out)
     over = dict(config_overrides or {})
@@ -693,11 +693,11 @@ def _demo_guidance(out, device, progress, scales, per_class, per_class_other) ->
 
     import numpy as np
 
-    from ._io import atomic_write_npz
-    from .data import load_data
-    from .evaluate import guidance_sweep
-    from .plots import plot_guidance
-    from .sample import DEFAULT_GUIDANCE, load_model, save_class_grid
+    from .pipeline.io import atomic_write_npz
+    from .pipeline.data import load_data
+    from .pipeline.evaluate import guidance_sweep
+    from .pipeline.plots import plot_guidance
+    from .pipeline.generate import DEFAULT_GUIDANCE, load_model, save_class_grid
 
     lm = load_model(run=out, device=device)
     data = load_data(lm.config.data, lm.config.image_size)
@@ -714,9 +714,9 @@ def _demo_guidance(out, device, progress, scales, per_class, per_class_other) ->
 
 
 def _demo(out, config, resume, overwrite, device, progress, num_samples, vlb_images, sweep=None) -> dict:
-    from .evaluate import evaluate_run, write_report
-    from .sample import sample_run
-    from .train import train
+    from .pipeline.evaluate import evaluate_run, write_report
+    from .pipeline.generate import sample_run
+    from .pipeline.loop import train
 
     timings = {}
     t0, c0 = time.time(), time.process_time()
@@ -739,12 +739,12 @@ def _demo(out, config, resume, overwrite, device, progress, num_samples, vlb_ima
     timings["cpu_s"] = round(time.process_time() - c0, 1)  # this process's CPU time: the wall time on idle cores
     if load0 is not None:
         timings["load_avg_1min"] = [load0, _load_average()]
-    from .distributed import resolve_device
+    from .pipeline.distributed import resolve_device
 
     timings["device"] = str(resolve_device(device))
     timings["threads"] = __import__("torch").get_num_threads()
     metrics["timings"] = timings
-    from ._io import atomic_write_json
+    from .pipeline.io import atomic_write_json
 
     atomic_write_json(out / "metrics.json", metrics)
     write_report(out, metrics, config, info, timings, trained_steps=res.trained_steps)
@@ -760,7 +760,7 @@ def _load_average():
 
 
 def _cmd_demo(args) -> int:
-    from .evaluate import format_metrics
+    from .pipeline.evaluate import format_metrics
 
     if args.latent:
         from .latent import demo_latent
@@ -774,7 +774,7 @@ def _cmd_demo(args) -> int:
     if args.latent:
         print(_latent_summary(m))
     if isinstance(m.get("guidance"), dict):
-        from .evaluate import guidance_table
+        from .pipeline.evaluate import guidance_table
 
         print(f"class-conditional samples (DDIM 50), per guidance scale s (default {m['guidance']['default']:g}):")
         print("\n".join(guidance_table(m["guidance"]["scales"])))
@@ -840,7 +840,7 @@ def main(argv=None) -> int:
         args = argparse.Namespace(command="verify", args=argv[1:])
     else:
         args = parser.parse_args(argv)
-    from .checkpoint import RunError
+    from .pipeline.checkpoint import RunError
 
     if getattr(args, "threads", None) is not None:
         set_threads(args.threads)

@@ -57,7 +57,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._io import atomic_write_json, atomic_write_npz, atomic_write_text
+from .io import atomic_write_json, atomic_write_npz, atomic_write_text
 
 __all__ = [
     "frechet_distance",
@@ -382,7 +382,7 @@ def guidance_sweep(loaded, data, scales, *, per_class: int = 100, classes=None, 
     (rows, kept) with one row per s: {"guidance": s, "mean": ..., "classes": ...}, and kept the
     (samples, labels) drawn at s = ``keep`` (None if not asked). ``decode``: turns the samples
     into the data's images first (a latent run's VAE decoder)."""
-    from .sample import class_labels, generate
+    from .generate import class_labels, generate
 
     K = loaded.num_classes
     classes = list(range(K)) if classes is None else [int(c) for c in classes]
@@ -416,7 +416,7 @@ def evaluate_guidance(run, out=None, *, scales=(0.0, 1.0, 2.0, 3.0, 5.0), per_cl
     from .data import load_data
     from .plots import plot_guidance
     from .rundir import claim_output
-    from .sample import check_sampling, load_model, unconditional_error
+    from .generate import check_sampling, load_model, unconditional_error
 
     run = Path(run)
     scales = [float(v) for v in scales]
@@ -452,9 +452,9 @@ def vlb_bpd(loaded, x0: np.ndarray, bins: int, *, seed: int = 0, batch_size: int
 
     ``loaded``: a ``diffmath.sample.LoadedModel``.
     """
-    from . import forward, losses, posterior
-    from .losses import vb_terms_bpd
-    from .train import x0_from_prediction
+    from .. import forward, losses, posterior
+    from ..losses import vb_terms_bpd
+    from .loop import x0_from_prediction
 
     s = loaded.schedule
     T = s.num_timesteps
@@ -563,7 +563,7 @@ def evaluate_run(run, samples=None, out=None, *, vlb_images: int = 64, device: s
 
 def _evaluate(run, x, sinfo, samples_path, data, out, vlb_images, device, seed, progress, trust_unverified) -> dict:
     from .checkpoint import RunError
-    from .sample import load_model
+    from .generate import load_model
 
     metrics: dict = {
         "run": str(run),

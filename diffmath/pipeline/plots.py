@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._io import atomic_write_bytes
-from .schedules import Schedule
+from .io import atomic_write_bytes
+from ..schedules import Schedule
 
 __all__ = ["plot_loss", "plot_schedule", "plot_guidance"]
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._io import atomic_write_json, read_json, safetensors_metadata, save_safetensors, sha256_file, weights_and_sidecar
+from .io import atomic_write_json, read_json, safetensors_metadata, save_safetensors, sha256_file, weights_and_sidecar
 from .data import Data
 from .rundir import RunError, is_empty, open_run
 

@@ -70,7 +70,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import losses, parameterization, posterior
+from .. import losses, parameterization, posterior
 from .checkpoint import (  # RunError .. CHECKPOINT_FORMAT also make train's public names (__all__)
     CHECKPOINT_FORMAT,
     RESUMABLE_FIELDS,
@@ -93,7 +93,7 @@ from .checkpoint import (  # RunError .. CHECKPOINT_FORMAT also make train's pub
 from .data import Data, load_data
 from .distributed import Dist, resolve_device
 from .plots import plot_loss, plot_schedule
-from .schedules import SCHEDULE_NAMES, Schedule, named_schedule
+from ..schedules import SCHEDULE_NAMES, Schedule, named_schedule
 
 __all__ = [
     "TrainConfig",
@@ -349,7 +349,7 @@ def make_schedule(config: TrainConfig) -> Schedule:
 
 def build_model(config: TrainConfig, data_shape) -> torch.nn.Module:
     """A U-Net for image data (C, H, W), an MLP for vectors (D,)."""
-    from .nn import MLPDenoiser, UNet
+    from ..nn import MLPDenoiser, UNet
 
     data_shape = tuple(int(n) for n in data_shape)
     if len(data_shape) == 3:
@@ -448,7 +448,7 @@ def _generator(seed: int, *keys, device="cpu") -> torch.Generator:
 
 def kernels_module():
     try:
-        from . import kernels  # noqa: F401  (diffmath.kernels, the folder kernels/)
+        from .. import kernels  # noqa: F401  (diffmath.kernels, the folder kernels/)
     except ImportError as e:  # pragma: no cover - depends on the install
         raise ImportError(
             "diffmath.kernels is not importable (the kernels/ folder is installed as diffmath.kernels); "
@@ -741,7 +741,7 @@ def train(config: TrainConfig, out, *, resume: bool = False, overwrite: bool = F
         def labels_for(step_: int):
             """This rank's labels after dropout (Ho & Salimans 2022, Alg. 1), drawn for the global
             batch so that they do not depend on the number of processes; after ``batch_for``."""
-            from .guidance import drop_labels
+            from ..guidance import drop_labels
 
             epoch, k = divmod(step_, spe)
             kk = shards[k] // dd.world

@@ -31,7 +31,7 @@ import time
 import uuid
 from pathlib import Path
 
-from ._io import LOCK_FILE, MARKER, MARKER_FORMAT, TEMP_RE, read_marker, write_marker
+from .io import LOCK_FILE, MARKER, MARKER_FORMAT, TEMP_RE, read_marker, write_marker
 
 __all__ = [
     "RunError",

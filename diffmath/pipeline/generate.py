@@ -68,10 +68,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import losses, posterior
-from ._io import atomic_write_bytes, atomic_write_npz
+from .. import losses, posterior
+from .io import atomic_write_bytes, atomic_write_npz
 from .plots import save_fig
-from .schedules import Schedule, timesteps
+from ..schedules import Schedule, timesteps
 
 __all__ = ["LoadedModel", "load_model", "generate", "sample_run", "save_grid", "save_class_grid", "parse_classes",
            "class_labels", "check_conditioning", "request_labels", "SAMPLERS", "DEFAULT_STEPS", "DEFAULT_GUIDANCE"]
@@ -143,7 +143,7 @@ class LoadedModel:
         into eps by ``convert(x, t, pred)`` (x, t and pred of the doubled batch) before the
         combination. The variance channels (learned variance) are the conditional half's.
         s = 1 or s = 0 without rescale: one network call on the labels or the null class."""
-        from .guidance import guided
+        from ..guidance import guided
 
         C = self.data_shape[0]
         s, phi = self.guidance, self.guidance_rescale
@@ -169,8 +169,8 @@ class LoadedModel:
         With ``clip_x0 = c`` the implied x0 = (x - sqrt(1 - abar) eps)/sqrt(abar) is clipped to
         [-c, c] and eps recomputed from it (guided-diffusion's ``clip_denoised``; diffusers'
         ``clip_sample``), so a DDIM/DDPM step moves toward a denoised image inside the data range."""
-        from .parameterization import eps_from_x0, x0_from_eps
-        from .train import eps_from_prediction, x0_from_prediction
+        from ..parameterization import eps_from_x0, x0_from_eps
+        from .loop import eps_from_prediction, x0_from_prediction
 
         C = self.data_shape[0]
         s, pred = self.schedule, self.config.prediction
@@ -195,7 +195,7 @@ def load_model(run=None, checkpoint=None, device: str = "auto", ema: bool = True
     ``weights_sha256`` in it) is refused unless ``trust_unverified`` (``checkpoint.load_checkpoint``)."""
     from .checkpoint import RunError, check_class_count, latest_checkpoint, load_checkpoint
     from .distributed import resolve_device
-    from .train import TrainConfig, build_model, make_schedule
+    from .loop import TrainConfig, build_model, make_schedule
 
     if (run is None) == (checkpoint is None):
         raise ValueError("give exactly one of run (a run directory) or checkpoint (a step-NNNNNN file)")
@@ -234,7 +234,7 @@ class _ScoreFromEps:
     """score(x, t) for continuous t in (0, 1] from the discrete model (module docstring)."""
 
     def __init__(self, loaded: LoadedModel):
-        from .sde import VPSDE
+        from ..sde import VPSDE
 
         self.loaded = loaded
         s = loaded.schedule
@@ -282,13 +282,13 @@ class _ScoreFromEps:
 
 # ----------------------------------------------------------------------------- loops
 def _kernels():
-    from .train import kernels_module as k
+    from .loop import kernels_module as k
 
     return k()
 
 
 def _loop_ddim(lm, x, seed, start, n_total, steps, eta, progress, clip_x0=None):
-    from .samplers import ddim_pairs
+    from ..samplers import ddim_pairs
 
     K = _kernels()
     s = lm.schedule
@@ -318,14 +318,14 @@ def _loop_ddpm(lm, x, seed, start, n_total, steps, progress, clip_x0=None):
         off = (k * n_total + start) * D
         if lm.config.learn_sigma:
             # the learned variance (Improved DDPM eq. 15) on the (respaced) chain, from the core
-            from .train import eps_from_prediction, x0_from_prediction
+            from .loop import eps_from_prediction, x0_from_prediction
 
             if lm.labels is None:
                 out = lm.forward(x, tm)
                 pred, v = out[:, :C], out[:, C:]
                 x0 = x0_from_prediction(lm.config.prediction, s0, x, tm, pred)
             else:  # the guided eps; the variance of the conditional half
-                from .parameterization import x0_from_eps
+                from ..parameterization import x0_from_eps
 
                 eps, v = lm.guided_eps(x, tm, lambda xx, tt, p: eps_from_prediction(lm.config.prediction, s0, xx, tt, p))
                 x0 = x0_from_eps(s0, x, tm, eps)
@@ -346,7 +346,7 @@ def _loop_ddpm(lm, x, seed, start, n_total, steps, progress, clip_x0=None):
 
 
 def _loop_em(lm, x, seed, start, n_total, steps, progress):
-    from .samplers import time_grid
+    from ..samplers import time_grid
 
     K = _kernels()
     score = _ScoreFromEps(lm)
@@ -369,8 +369,8 @@ def _loop_em(lm, x, seed, start, n_total, steps, progress):
 
 def solver_ladder(lm: LoadedModel, steps: int, sigmas: str) -> np.ndarray:
     """The float64 ladder of ``steps`` levels then 0 for the sigma-space solvers (``generate``)."""
-    from .denoiser import schedule_sigmas
-    from .samplers import sigmas_exponential, sigmas_from_schedule, sigmas_karras
+    from ..denoiser import schedule_sigmas
+    from ..samplers import sigmas_exponential, sigmas_from_schedule, sigmas_karras
 
     tab = schedule_sigmas(lm.schedule)
     tab = tab[np.isfinite(tab)]
@@ -383,8 +383,8 @@ def solver_ladder(lm: LoadedModel, steps: int, sigmas: str) -> np.ndarray:
 
 
 def _loop_solver(lm, x, sampler, steps, sigmas, generator, progress, clip_x0=None):
-    from .denoiser import Denoiser
-    from .samplers import SOLVERS
+    from ..denoiser import Denoiser
+    from ..samplers import SOLVERS
 
     C = lm.data_shape[0]
     if lm.labels is None:
@@ -405,7 +405,7 @@ def _guided_solver_denoiser(lm: LoadedModel, Denoiser):
     on [x; x] with labels [y; null], D_s = (1 - s) D_u + s D_c, the rescale on x - D = sigma eps)
     around ``Denoiser.from_schedule`` of the conditional network; s = 0 or 1 without rescale:
     one call on the null label or the labels."""
-    from .guidance import guided_denoiser
+    from ..guidance import guided_denoiser
 
     C = lm.data_shape[0]
     cur = {}
@@ -470,8 +470,8 @@ def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=
 
     Under torch.distributed (initialised) each rank draws a contiguous share and the result
     is gathered on every rank."""
-    from .samplers import sample_ode, sample_pc
-    from .train import derive_seed
+    from ..samplers import sample_ode, sample_pc
+    from .loop import derive_seed
 
     steps = check_sampling(lm, num_samples, sampler, steps, eta, seed, batch_size, sigmas)
     labels, guidance, guidance_rescale = check_conditioning(lm, labels, guidance, guidance_rescale, num_samples)
@@ -527,7 +527,7 @@ def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=
 def check_sampling(lm: LoadedModel, num_samples, sampler, steps, eta, seed=0, batch_size=1, sigmas="karras"):
     """``ValueError`` naming the argument if a sampling request is invalid; returns the number of
     steps (the sampler's default when ``steps`` is None; None for the adaptive ode sampler)."""
-    from .train import MAX_SEED
+    from .loop import MAX_SEED
 
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
@@ -660,7 +660,7 @@ def check_conditioning(lm: LoadedModel, labels, guidance, guidance_rescale, num_
                 "samples its unconditional model (the null label), which has nothing to guide toward"
             )
         return None, None, 0.0
-    from .guidance import check_labels
+    from ..guidance import check_labels
 
     y = check_labels(labels, K, "class")
     y = np.full(num_samples, y, np.int64) if isinstance(y, int) else y
