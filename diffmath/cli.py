@@ -604,7 +604,8 @@ def _cmd_sample_latent(args, out) -> int:
     _, info = sample_latent(
         args.run, out, sampler=args.sampler, steps=args.steps, eta=args.eta, num_samples=args.num_samples,
         seed=args.seed, device=args.device, batch_size=args.batch_size, progress=args.progress,
-        ema=not args.raw_weights, trust_unverified=args.trust_unverified, dtype=args.dtype, **_guidance_args(args),
+        ema=not args.raw_weights, trust_unverified=args.trust_unverified, dtype=args.dtype, sigmas=args.sigmas,
+        **_guidance_args(args),
     )
     steps = "adaptive" if info["steps"] is None else f"{info['steps']}"
     print(f"{info['num_samples']} latent samples ({info['sampler']}, {steps} steps{_conditioning_note(info)}, decoded "
