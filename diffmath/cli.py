@@ -294,9 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "the sigma-space solvers of diffmath.samplers on the model's denoiser (docs/samplers.md)")
     s.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default: ddim 50, ddpm T, em/pc 500, "
                    "the sigma-space solvers 20 noise levels; ignored by ode, which is adaptive)")
-    s.add_argument("--sigmas", choices=("karras", "exponential", "schedule"), default="karras", help="the noise-level "
-                   "ladder of the sigma-space solvers: Karras rho = 7 or exponential between the schedule's sigma_min and "
-                   "sigma_max, or the schedule's own sigmas at leading timesteps")
+    s.add_argument("--sigmas", choices=("karras", "exponential", "schedule"), default="exponential", help="the "
+                   "noise-level ladder of the sigma-space solvers: exponential (uniform in log sigma; the default, the "
+                   "lowest exact KL on linear and cosine schedules, docs/samplers.md) or Karras rho = 7 between the "
+                   "schedule's sigma_min and sigma_max, or the schedule's own sigmas at leading timesteps")
     s.add_argument("--eta", type=_nonneg_float, default=0.0, help="DDIM eta (0 deterministic, 1 DDPM-like)")
     s.add_argument("--num-samples", type=_positive_int, default=500, help="number of samples")
     s.add_argument("--seed", type=_seed, default=0, help="sampling seed, in [0, 2**63 - 1]")

@@ -336,7 +336,7 @@ def sample_latent(run, out=None, *, vae=None, sampler: str = "ddim", steps=None,
                   num_samples: int = 500, seed: int = 0, device: str = "auto", batch_size: int = 500,
                   progress: bool = False, ema: bool = True, trust_unverified: bool = False,
                   dtype=None, classes=None, guidance=None, guidance_rescale: float = 0.0,
-                  sigmas: str = "karras") -> tuple[np.ndarray, dict]:
+                  sigmas: str = "exponential") -> tuple[np.ndarray, dict]:
     """Sample a latent run: draw scaled latents with ``diffmath.sample.generate`` (any sampler
     of the pixel pipeline) from the U-Net in ``run``/unet, divide by the scaling factor and decode
     with the run's VAE (``vae`` overrides it; it must make latents of the U-Net's shape and have
@@ -382,7 +382,7 @@ def sample_latent(run, out=None, *, vae=None, sampler: str = "ddim", steps=None,
 
 
 def _sample_latent(lm, lv, scale, out, sampler, steps, eta, num_samples, seed, batch_size, progress, ema, dtype=None,
-                   cond=(None, None, 0.0), sigmas="karras"):
+                   cond=(None, None, 0.0), sigmas="exponential"):
     from .sample import SOLVER_SAMPLERS, conditioning_info, generate, save_class_grid, save_grid
 
     labels, guidance, rescale = cond

@@ -88,7 +88,7 @@ SOLVER_SAMPLERS = {
 }
 SAMPLERS = SAMPLERS + tuple(SOLVER_SAMPLERS)
 DEFAULT_STEPS.update({name: 20 for name in SOLVER_SAMPLERS})
-LADDERS = ("karras", "exponential", "schedule")
+LADDERS = ("karras", "exponential", "schedule")  # --sigmas; the default is "exponential" (``generate``)
 # The guidance scale s of ``sample --class`` when --guidance is not given (diffusers' convention:
 # 1 = the plain conditional model). Chosen on the demo's digits (README, docs/guidance.md).
 DEFAULT_GUIDANCE = 1.5
@@ -423,16 +423,20 @@ def check_net_dtype(dtype):
 
 
 def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=None, eta: float = 0.0, seed: int = 0,
-             batch_size: int = 500, progress: bool = False, clip_x0="auto", dtype=None, sigmas: str = "karras",
+             batch_size: int = 500, progress: bool = False, clip_x0="auto", dtype=None, sigmas: str = "exponential",
              labels=None, guidance=None, guidance_rescale: float = 0.0) -> np.ndarray:
     """``num_samples`` samples as a float32 numpy array (N, *data_shape), not clipped.
 
     The sigma-space solvers (``SOLVER_SAMPLERS``: euler, heun, edm, euler-a, dpmpp-2m,
     dpmpp-2m-sde, dpmpp-3m-sde, unipc, lms) run on ``Denoiser.from_schedule`` around the network
     (its prediction type; the timestep interpolated in log sigma off the table), over ``steps``
-    levels of the ladder ``sigmas``: "karras" (rho = 7) or "exponential" between the schedule's
-    sigma_min and sigma_max, or "schedule" (the schedule's own sigmas at leading timesteps),
-    each then 0; the start is x_T sqrt(1 + sigma_0^2) (the VP prior N(0, I) in sigma space).
+    levels of the ladder ``sigmas``: "exponential" (the default: uniform in log sigma) or
+    "karras" (rho = 7) between the schedule's sigma_min and sigma_max, or "schedule" (the
+    schedule's own sigmas at leading timesteps), each then 0; the start is x_T sqrt(1 + sigma_0^2)
+    (the VP prior N(0, I) in sigma space). The default is the ladder with the lowest exact KL for
+    dpmpp-2m at 10 and 20 steps on linear, cosine, scaled-linear and sigmoid schedules of
+    T = 1000 (docs/samplers.md, "Which ladder by default"): Karras rho = 7 puts most of a small
+    budget at sigma >> 1, which a cosine schedule's sigma_max = 2e4 makes pure noise.
 
     ``dtype``: the U-Net's precision, "fp32", "bf16" or "fp16" (``torch.autocast`` on CPU or
     CUDA), or None for the loaded model's own (``LoadedModel.dtype``); the sampling state is
@@ -504,7 +508,7 @@ def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=
     return x
 
 
-def check_sampling(lm: LoadedModel, num_samples, sampler, steps, eta, seed=0, batch_size=1, sigmas="karras"):
+def check_sampling(lm: LoadedModel, num_samples, sampler, steps, eta, seed=0, batch_size=1, sigmas="exponential"):
     """``ValueError`` naming the argument if a sampling request is invalid; returns the number of
     steps (the sampler's default when ``steps`` is None; None for the adaptive ode sampler)."""
     from .train import MAX_SEED
@@ -754,7 +758,7 @@ def save_class_grid(path, x: np.ndarray, labels, per_class: int = 10, names=(), 
 
 def sample_run(out, *, run=None, checkpoint=None, sampler="ddim", steps=None, eta=0.0, num_samples=500, seed=0,
                device="auto", batch_size=500, progress=True, ema=True, clip_x0="auto",
-               trust_unverified: bool = False, dtype=None, sigmas: str = "karras", classes=None, guidance=None,
+               trust_unverified: bool = False, dtype=None, sigmas: str = "exponential", classes=None, guidance=None,
                guidance_rescale: float = 0.0) -> dict:
     """Load, sample, and write ``out``/samples.npz (``samples`` float32 + ``info`` JSON) and
     ``out``/samples.png. ``dtype``: the U-Net's precision (``generate``).
@@ -853,7 +857,7 @@ def claim_samples_folder(out, dd=None, command: str = "sample"):
 
 
 def _sample_run(out, dd, *, run, checkpoint, sampler, steps, eta, num_samples, seed, device, batch_size, progress, ema,
-                clip_x0, trust_unverified=False, dtype=None, sigmas="karras", classes=None, guidance=None,
+                clip_x0, trust_unverified=False, dtype=None, sigmas="exponential", classes=None, guidance=None,
                 guidance_rescale=0.0):
     import time
 
