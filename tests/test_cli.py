@@ -326,6 +326,18 @@ def test_latent_train_sample_evaluate(tmp_path, cache, capsys):
     assert main(["sample", "--run", str(run), "--steps", "3", "--num-samples", "20", "--no-progress"]) == 0
     with np.load(run / "samples.npz", allow_pickle=False) as z:
         np.testing.assert_array_equal(z["samples"], first)
+    # the sigma-space solvers on a latent run, as on a pixel run: the ladder is honoured and recorded
+    lat = {}
+    for ladder in ("schedule", "exponential"):
+        so = tmp_path / f"solver-{ladder}"
+        assert main(["sample", "--latent", "--run", str(run), "--out", str(so), "--sampler", "dpmpp-2m", "--sigmas",
+                     ladder, "--steps", "3", "--num-samples", "8", "--no-progress"]) == 0
+        with np.load(so / "samples.npz", allow_pickle=False) as z:
+            info = json.loads(str(z["info"]))
+            assert info["sampler"] == "dpmpp-2m" and info["sigmas"] == ladder and info["nfe"] == 3
+            assert z["samples"].shape == (8, 1, 8, 8) and np.all(np.isfinite(z["latents"]))
+            lat[ladder] = z["latents"].copy()
+    assert not np.allclose(lat["schedule"], lat["exponential"])
     # evaluate on the latent run: the pixel metrics of the decoded samples, the VAE's ELBO, no VLB
     capsys.readouterr()
     assert main(["evaluate", "--run", str(run), "--no-progress"]) == 0

@@ -273,7 +273,12 @@ def test_unconditional_runs_are_byte_identical_to_before_classes(tmp_path):
     assert ca == cb
     ma, mb = (json.loads((p / "step-000003.json").read_text()) for p in (a, b))
     assert {k: v for k, v in ma.items() if k != "written"} == {k: v for k, v in mb.items() if k != "written"}
-    assert np.array_equal(np.load(str(a) + ".npy"), np.load(str(b) + ".npy"))
+    xa, xb = np.load(str(a) + ".npy"), np.load(str(b) + ".npy")
+    assert np.array_equal(xa[:12], xb[:12])  # ddim, ddpm
+    # em: since em/pc/ode take their score from the one Denoiser (model time interpolated in log
+    # sigma, no longer in -log abar; docs/samplers.md) its samples moved by design, by the model
+    # time only: bit-identical no longer, close still (measured: 2.3e-5 where |x| reaches 123)
+    assert np.abs(xa[12:] - xb[12:]).max() < 1e-5 * np.abs(xa[12:]).max()
 
 
 # ----------------------------------------------------------------------------- latent and DDP

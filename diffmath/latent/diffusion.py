@@ -335,7 +335,8 @@ def _train_latent(out, config, lv, vc, data, run_info, resume, overwrite, encode
 def sample_latent(run, out=None, *, vae=None, sampler: str = "ddim", steps=None, eta: float = 0.0,
                   num_samples: int = 500, seed: int = 0, device: str = "auto", batch_size: int = 500,
                   progress: bool = False, ema: bool = True, trust_unverified: bool = False,
-                  dtype=None, classes=None, guidance=None, guidance_rescale: float = 0.0) -> tuple[np.ndarray, dict]:
+                  dtype=None, classes=None, guidance=None, guidance_rescale: float = 0.0,
+                  sigmas: str = "exponential") -> tuple[np.ndarray, dict]:
     """Sample a latent run: draw scaled latents with ``diffmath.sample.generate`` (any sampler
     of the pixel pipeline) from the U-Net in ``run``/unet, divide by the scaling factor and decode
     with the run's VAE (``vae`` overrides it; it must make latents of the U-Net's shape and have
@@ -345,7 +346,9 @@ def sample_latent(run, out=None, *, vae=None, sampler: str = "ddim", steps=None,
     are an error (``sample.generate``). ``trust_unverified``: as in ``sample.load_model``.
     ``dtype``: the U-Net's precision ("fp32", "bf16", "fp16"; ``diffmath.sample.generate``).
     ``classes``, ``guidance``, ``guidance_rescale``: a conditional latent U-Net (``train_latent``
-    with ``conditional``), as in ``sample.sample_run``; samples.npz then holds ``labels`` too."""
+    with ``conditional``), as in ``sample.sample_run``; samples.npz then holds ``labels`` too.
+    ``sigmas``: the noise-level ladder of the sigma-space solvers (``sampler`` "dpmpp-2m", "euler",
+    ...; ``sample.generate``), recorded in ``info`` with their NFE as ``sample.sample_run`` does."""
     from ..sample import (check_conditioning, check_net_dtype, check_sampling, claim_samples_folder, load_model,
                          request_labels)
 
@@ -366,27 +369,28 @@ def sample_latent(run, out=None, *, vae=None, sampler: str = "ddim", steps=None,
             f"(hash {info_run['vae_hash'][:16]}...)"
         )
     scale = float(info_run["scale_factor"])
-    check_sampling(lm, num_samples, sampler, steps, eta, seed, batch_size)
+    check_sampling(lm, num_samples, sampler, steps, eta, seed, batch_size, sigmas)
     labels = request_labels(lm, classes, num_samples)
     cond = check_conditioning(lm, labels, guidance, guidance_rescale, num_samples)
     lock = claim_samples_folder(out) if out is not None else None
     try:
         return _sample_latent(lm, lv, scale, out, sampler, steps, eta, num_samples, seed, batch_size, progress, ema, dtype,
-                              cond)
+                              cond, sigmas)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _sample_latent(lm, lv, scale, out, sampler, steps, eta, num_samples, seed, batch_size, progress, ema, dtype=None,
-                   cond=(None, None, 0.0)):
-    from ..sample import conditioning_info, generate, save_class_grid, save_grid
+                   cond=(None, None, 0.0), sigmas="exponential"):
+    from ..sample import SOLVER_SAMPLERS, conditioning_info, generate, save_class_grid, save_grid
 
     labels, guidance, rescale = cond
     t0 = time.time()
     # latents are not in [-1, 1]: never clip the predicted x0 to the pixel range
     z = generate(lm, num_samples, sampler=sampler, steps=steps, eta=eta, seed=seed, batch_size=batch_size,
-                 progress=progress, clip_x0=None, dtype=dtype, labels=labels, guidance=guidance, guidance_rescale=rescale)
+                 progress=progress, clip_x0=None, dtype=dtype, sigmas=sigmas, labels=labels, guidance=guidance,
+                 guidance_rescale=rescale)
     t1 = time.time()
     x = decode_latents(lv, z, scale, batch_size=batch_size)
     t2 = time.time()
@@ -395,6 +399,9 @@ def _sample_latent(lm, lv, scale, out, sampler, steps, eta, num_samples, seed, b
     info = sampling_info(lm, sampler, steps, eta, num_samples, seed, ema, clip_x0=None)
     if dtype is not None:
         info["dtype"] = dtype
+    if sampler in SOLVER_SAMPLERS:
+        info["sigmas"] = sigmas
+        info["nfe"] = 2 * info["steps"] - 1 if sampler in ("heun", "edm") else info["steps"]
     info.update(conditioning_info(lm, labels, guidance, rescale))
     info.update({
         "latent": True,
