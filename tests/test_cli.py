@@ -140,7 +140,7 @@ def test_train_input_errors(tmp_path, capsys):
 
 
 def test_a_nan_loss_is_an_error_not_a_traceback(tmp_path, capsys, monkeypatch):
-    from diffmath import train as tr
+    from diffmath.pipeline import loop as tr
 
     monkeypatch.setattr(tr, "training_loss", lambda *a, **k: (torch.tensor(float("nan"), requires_grad=True), {}))
     assert main(["train", "--data", "gmm", "--out", str(tmp_path / "r")] + TINY_FLAGS) == 2
@@ -544,7 +544,7 @@ def test_threads_and_seed_are_bounded(capsys):
 
 
 def test_out_of_memory_is_a_message_not_a_traceback(tmp_path, capsys, monkeypatch):
-    from diffmath import train as tr
+    from diffmath.pipeline import loop as tr
 
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
@@ -555,7 +555,7 @@ def test_out_of_memory_is_a_message_not_a_traceback(tmp_path, capsys, monkeypatc
     assert "out of memory" in err and "lower --batch-size (now 16)" in err and "Traceback" not in err
     monkeypatch.undo()
     assert main(["train", "--out", str(tmp_path / "ok")] + GMM_TINY) == 0
-    import diffmath.sample as sm
+    import diffmath.pipeline.generate as sm
 
     monkeypatch.setattr(sm, "generate", lambda *a, **k: (_ for _ in ()).throw(MemoryError()))
     assert main(["sample", "--run", str(tmp_path / "ok"), "--batch-size", "7", "--no-progress"]) == 2

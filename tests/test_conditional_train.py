@@ -18,6 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import diffmath.train as tr
+from diffmath.pipeline import loop
 from diffmath.data import gaussian_mixture, gmm_means, load_data, load_image_folder
 from diffmath.train import RunError, TrainConfig, train
 
@@ -51,7 +52,7 @@ def _record_batches(monkeypatch):
         seen.append((x0.detach().clone(), None if kw.get("y") is None else kw["y"].detach().clone()))
         return real(config, model, s, x0, t, **kw)
 
-    monkeypatch.setattr(tr, "training_loss", spy)
+    monkeypatch.setattr(loop, "training_loss", spy)  # where the loop looks it up
     return seen
 
 
@@ -67,7 +68,7 @@ def test_conditional_run_records_its_classes_and_the_dropout_state(tmp_path):
     t = load_file(str(tmp_path / "run" / "step-000006.safetensors"))
     assert t["model.class_emb.weight"].shape == (11, 32) and t["ema.class_emb.weight"].shape == (11, 32)
     # the saved state is the generator's after 6 global batches of 16 uniforms each
-    g = tr._generator(0, "label-dropout")
+    g = loop._generator(0, "label-dropout")
     torch.rand(6 * 16, generator=g, dtype=torch.float64)
     saved = tr.rng_state_from_b64(meta["rng"]["label_dropout"])
     assert torch.equal(saved, g.get_state())

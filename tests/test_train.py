@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import diffmath.train as tr
+from diffmath.pipeline import loop
 from diffmath.schedules import named_schedule
 from diffmath import losses
 from diffmath.train import RunError, TrainConfig, train, training_loss
@@ -83,7 +84,7 @@ def _interrupt_at_forward(monkeypatch, k):
         m.register_forward_hook(hook)
         return m
 
-    monkeypatch.setattr(tr, "build_model", build)
+    monkeypatch.setattr(loop, "build_model", build)  # where the loop looks it up
 
 
 @pytest.mark.parametrize(

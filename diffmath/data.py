@@ -1,0 +1,23 @@
+"""Compatibility module: the code of ``diffmath.data`` lives in ``diffmath.pipeline.data``.
+
+This module only re-exports its old public names; new code imports them from their homes.
+"""
+
+from .pipeline.data import (  # noqa: F401
+    GMM_MODES, HELD_OUT_PER_CLASS, IMAGE_EXTENSIONS, SIXTEEN_BIT_MODES, TOY_DATASETS, Data, folder_labels,
+    gaussian_mixture, gmm_means, load_data, load_digits, load_image_folder, swiss_roll, to_8bit_grey,
+)
+
+__all__ = [
+    "Data",
+    "load_data",
+    "load_digits",
+    "load_image_folder",
+    "swiss_roll",
+    "gaussian_mixture",
+    "gmm_means",
+    "folder_labels",
+    "IMAGE_EXTENSIONS",
+    "TOY_DATASETS",
+    "HELD_OUT_PER_CLASS",
+]
