@@ -15,7 +15,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from diffusers.schedulers import scheduling_dpmsolver_multistep  # noqa: E402
 from diffusers.utils import torch_utils  # noqa: E402
-from test_integrations_diffusers_sigma import DATA, SHAPE, oracle_output, rel, run_loop, tiny_unet  # noqa: E402
+from tests.integrations.test_integrations_diffusers_sigma import DATA, SHAPE, oracle_output, rel, run_loop, tiny_unet  # noqa: E402
 
 from diffmath.integrations import diffusers as dm  # noqa: E402
 from diffmath.samplers import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m_sde  # noqa: E402

@@ -21,7 +21,7 @@ from diffmath.samplers import (
 )
 from diffmath.schedules import Schedule, linear_schedule, rescale_zero_terminal_snr, timesteps
 
-from _ref import abar_by_product
+from tests.reference._ref import abar_by_product
 
 # Results go through pow/exp/log of numpy: a few ulp apart per CPU (SIMD libm), so 1e-14, not 1e-16.
 RTOL = 1e-14

@@ -29,7 +29,7 @@ TINY = dict(
     attention_resolutions=(4,), save_every=3, timesteps=50, warmup=2, lr=1e-3, progress=False,
 )
 COND = dict(TINY, conditional=True, uncond_prob=0.25)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # The last commit of the pipeline before classes existed: an unconditional run of today's code
 # must write the same checkpoint bytes and the same samples as that commit's code.
 BEFORE_CLASSES = "117802eb0504da72e16e73a4a0c272db4eb32ab1"

@@ -13,8 +13,8 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from test_integrations_diffusers_multistep import TOL_SIGMA_MIN, TOL_STEP, vp_oracle_output  # noqa: E402
-from test_integrations_diffusers_sigma import DATA, SHAPE, rel, tiny_unet  # noqa: E402
+from tests.integrations.test_integrations_diffusers_multistep import TOL_SIGMA_MIN, TOL_STEP, vp_oracle_output  # noqa: E402
+from tests.integrations.test_integrations_diffusers_sigma import DATA, SHAPE, rel, tiny_unet  # noqa: E402
 
 from diffmath.integrations import diffusers as dm  # noqa: E402
 from diffmath.samplers import sample_unipc  # noqa: E402

@@ -495,7 +495,7 @@ def test_guided_bad_models_and_calls(rng):
 
 # ----------------------------------------------------------------------------- the docs run
 def _doc_blocks():
-    text = (Path(__file__).resolve().parents[1] / "docs" / "guidance.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "guidance.md").read_text()
     return re.findall(r"```python\n(.*?)```", text, flags=re.S), re.findall(r"\nprints[^\n]*\n\n```\n(.*?)```", text, flags=re.S)
 
 

@@ -18,7 +18,7 @@ from diffmath.losses import dsm_loss, fixed_log_variance, learned_range_log_vari
 from diffmath.parameterization import x0_from_eps, x0_from_v, v_from_x0_eps
 from diffmath.posterior import posterior_mean_from_eps, q_posterior_mean_variance
 
-from _ref import abar_by_product, linspace_betas, schedules
+from tests.reference._ref import abar_by_product, linspace_betas, schedules
 
 
 @given(s=schedules(max_T=5000, hi_max=0.5), data=st.data(), variance=st.sampled_from(["small", "large"]))

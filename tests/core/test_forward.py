@@ -10,7 +10,7 @@ from scipy import stats
 import diffmath as dm
 from diffmath.forward import q_mean_variance, q_sample, q_step_sample
 
-from _ref import abar_by_product, schedule_and_t
+from tests.reference._ref import abar_by_product, schedule_and_t
 
 
 @given(st_=schedule_and_t(max_T=10_000), x0=st.floats(-5, 5))

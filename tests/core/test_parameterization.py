@@ -12,7 +12,7 @@ from numpy.testing import assert_allclose
 import diffmath as dm
 from diffmath import parameterization as P
 
-from _ref import abar_by_product, schedule_and_t
+from tests.reference._ref import abar_by_product, schedule_and_t
 
 
 @given(st_=schedule_and_t(max_T=10_000), seed=st.integers(0, 2**32 - 1))

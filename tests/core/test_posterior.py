@@ -11,7 +11,7 @@ import diffmath as dm
 from diffmath.parameterization import x0_from_eps
 from diffmath.posterior import posterior_mean_from_eps, q_posterior_mean, q_posterior_mean_variance
 
-from _ref import abar_by_product, schedules
+from tests.reference._ref import abar_by_product, schedules
 
 
 @given(s=schedules(max_T=2000, lo_min=1e-5), t_frac=st.floats(0, 1), x0=st.floats(-3, 3), xt=st.floats(-4, 4))

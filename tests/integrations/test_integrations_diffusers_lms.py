@@ -13,7 +13,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from test_integrations_diffusers_sigma import (  # noqa: E402
+from tests.integrations.test_integrations_diffusers_sigma import (  # noqa: E402
     DATA,
     SHAPE,
     TOL_SIGMA_MIN,

@@ -24,7 +24,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 import diffmath as dm
 from diffmath.schedules import Schedule, log1mexp
 
-from _mpref import TABLES, max_rel_error, reference_tables
+from tests.reference._mpref import TABLES, max_rel_error, reference_tables
 
 
 # A libm call (numpy, scipy, torch) is within 4 ulp of exact whatever the CPU's vector unit

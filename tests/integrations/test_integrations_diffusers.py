@@ -17,7 +17,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-import _mpref_diffusers as ref  # noqa: E402
+from tests.reference import _mpref_diffusers as ref  # noqa: E402
 from diffusers.schedulers import scheduling_ddim, scheduling_ddpm  # noqa: E402
 from diffusers.utils import torch_utils  # noqa: E402
 

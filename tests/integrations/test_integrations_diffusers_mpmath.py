@@ -10,7 +10,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from _mpref_sigma import step_errors  # noqa: E402
+from tests.reference._mpref_sigma import step_errors  # noqa: E402
 
 from diffmath.integrations import diffusers as dm  # noqa: E402
 

@@ -21,7 +21,7 @@ from diffmath.samplers import sample_ddim, sample_ddpm, sample_ode, sample_ode_h
 from diffmath.schedules import cosine_schedule, linear_schedule, named_schedule
 from diffmath.sde import VESDE, VPSDE, SubVPSDE
 
-from _ref import abar_by_product
+from tests.reference._ref import abar_by_product
 
 MU = np.array([0.5, -0.3])
 COV = np.array([[0.04, 0.01], [0.01, 0.02]])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-INDEX = Path(__file__).resolve().parents[1] / "docs" / "equations.md"
+INDEX = Path(__file__).resolve().parents[2] / "docs" / "equations.md"
 
 #: the names by which docstrings cite each paper (longest first where one contains another)
 ALIASES = {
