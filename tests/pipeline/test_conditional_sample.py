@@ -180,7 +180,7 @@ def test_guided_eps_is_the_combination_of_two_separate_calls(prediction):
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_the_solvers_guided_denoiser_is_the_combination_of_two_separate_denoisers(prediction):
     from diffmath.denoiser import Denoiser
-    from diffmath.sample import _guided_solver_denoiser
+    from diffmath.pipeline.generate import _guided_solver_denoiser
 
     lm = _loaded(prediction)
     net = lm.model
