@@ -25,9 +25,9 @@ demo: $(STAMP)
 # group (X86_V3) too: numpy picks its vectorised exp/log/expm1/log1p by CPU and they differ by an
 # ulp or two, so a tolerance tighter than what the libm guarantees fails here on any machine
 # (numpy ignores groups the CPU lacks). docs/numerics.md, "Tolerances".
-NUMERICS_TESTS := tests/test_schedules.py tests/test_forward.py tests/test_posterior.py \
-	tests/test_parameterization.py tests/test_gaussian.py tests/test_losses.py tests/test_sde.py \
-	tests/test_oracle.py tests/test_likelihood.py tests/test_backends.py
+NUMERICS_TESTS := tests/core/test_schedules.py tests/core/test_forward.py tests/core/test_posterior.py \
+	tests/core/test_parameterization.py tests/core/test_gaussian.py tests/core/test_losses.py \
+	tests/core/test_sde.py tests/core/test_oracle.py tests/core/test_likelihood.py tests/core/test_backends.py
 NUMERICS_ARGS := -q -n $(PYTEST_WORKERS) -p no:cacheprovider -k "not diffusers_own" $(NUMERICS_TESTS)
 
 test: $(STAMP)

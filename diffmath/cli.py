@@ -313,9 +313,10 @@ def _add_sample(sub) -> None:
                    "the sigma-space solvers of diffmath.samplers on the model's denoiser (docs/samplers.md)")
     s.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default: ddim 50, ddpm T, em/pc 500, "
                    "the sigma-space solvers 20 noise levels; ignored by ode, which is adaptive)")
-    s.add_argument("--sigmas", choices=("karras", "exponential", "schedule"), default="karras", help="the noise-level "
-                   "ladder of the sigma-space solvers: Karras rho = 7 or exponential between the schedule's sigma_min and "
-                   "sigma_max, or the schedule's own sigmas at leading timesteps")
+    s.add_argument("--sigmas", choices=("karras", "exponential", "schedule"), default="exponential", help="the "
+                   "noise-level ladder of the sigma-space solvers: exponential (uniform in log sigma; the default, the "
+                   "lowest exact KL on linear and cosine schedules, docs/samplers.md) or Karras rho = 7 between the "
+                   "schedule's sigma_min and sigma_max, or the schedule's own sigmas at leading timesteps")
     s.add_argument("--eta", type=_nonneg_float, default=0.0, help="DDIM eta (0 deterministic, 1 DDPM-like)")
     s.add_argument("--num-samples", type=_positive_int, default=500, help="number of samples")
     s.add_argument("--seed", type=_seed, default=0, help="sampling seed, in [0, 2**63 - 1]")
@@ -634,7 +635,8 @@ def _cmd_sample_latent(args, out) -> int:
     _, info = sample_latent(
         args.run, out, sampler=args.sampler, steps=args.steps, eta=args.eta, num_samples=args.num_samples,
         seed=args.seed, device=args.device, batch_size=args.batch_size, progress=args.progress,
-        ema=not args.raw_weights, trust_unverified=args.trust_unverified, dtype=args.dtype, **_guidance_args(args),
+        ema=not args.raw_weights, trust_unverified=args.trust_unverified, dtype=args.dtype, sigmas=args.sigmas,
+        **_guidance_args(args),
     )
     steps = "adaptive" if info["steps"] is None else f"{info['steps']}"
     print(f"{info['num_samples']} latent samples ({info['sampler']}, {steps} steps{_conditioning_note(info)}, decoded "
@@ -660,7 +662,7 @@ def _cmd_evaluate(args) -> int:
         from .pipeline.report import guidance_table
 
         if _is_latent_run(args.run):
-            from .latent_diffusion import evaluate_guidance_latent as evaluate_guidance
+            from .latent import evaluate_guidance_latent as evaluate_guidance
         g = evaluate_guidance(args.run, args.out, scales=args.guidance_sweep, per_class=args.per_class,
                               device=args.device, progress=args.progress, trust_unverified=args.trust_unverified)
         print("\n".join(guidance_table(g["scales"])))

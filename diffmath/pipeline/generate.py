@@ -21,14 +21,14 @@ Samplers (``--sampler``):
   ``Denoiser.from_schedule`` around the network, over ``--sigmas karras|exponential|schedule``
   (``generate``); ``--steps`` levels (Heun/EDM: 2 steps - 1 model evaluations).
 
-The discrete eps-model becomes a score for the SDE samplers through the VP-SDE
-correspondence (Song et al. 2021, App. B): the run's schedule is matched to
-``sde.VPSDE(beta_min=0.1, beta_max=20, N=T)`` (the continuous limit of the linear schedule;
-for ``named_schedule("linear", T)`` it is exact), a continuous time t is mapped to the
-fractional discrete index whose log alpha_bar equals the SDE's log m(t)^2 (linear
-interpolation of the table), the network is queried at that index, and
-score(x, t) = -eps / s(t) with s(t) the SDE's marginal std. For other schedules this still
-queries the model at the matching noise level.
+The SDE samplers (em, pc, ode) get their score from the same denoiser as the sigma-space
+solvers (``sde_score``): the run's schedule is matched to ``sde.VPSDE(beta_min=0.1,
+beta_max=20, N=T)`` (the continuous limit of the linear schedule; Song et al. 2021, App. B;
+for ``named_schedule("linear", T)`` it is exact), time t has sigma = s(t)/m(t), and
+score(x_t, t) = (D(x_t/m; sigma) - x_t/m) / (sigma^2 m) (Tweedie;
+``denoiser.score_from_denoiser``) with D = ``Denoiser.from_schedule`` of the network, its time
+interpolated in log sigma on the table and clamped to the table's ends. For an eps model this
+is -eps/s(t). For other schedules this still queries the model at the matching noise level.
 
 Classes and guidance (a run trained with ``--conditional``): ``classes`` asks for class
 labels (``parse_classes``: an index, a range ``a-b``, a list, ``all``, or class names), the
@@ -37,7 +37,8 @@ each network call is classifier-free guided (``diffmath.guidance.guided``: the n
 ONCE on the doubled batch [x; x] with labels [y; null], and eps = eps_u + s (eps_c - eps_u),
 diffusers' scale s; ``guidance_rescale`` phi is Lin et al. 2023's rescale). Each sampler
 converts the network's prediction (eps, x0 or v) to eps with its own conversion before the
-combination (the discrete tables for ddpm/ddim, the VP-SDE's m(t), s(t) for em/pc/ode), so
+combination (the discrete tables for ddpm/ddim; em/pc/ode and the sigma-space solvers guide
+the denoiser, D_s = (1 - s) D_u + s D_c, the same combination of eps at one sigma), so
 guidance applies identically to every parameterization (docs/guidance.md). s = 1 and s = 0
 (without rescale) are evaluated with one network call on the labels or on the null class,
 which gives the same numbers as the combination. A learned-variance network's variance
@@ -87,7 +88,7 @@ SOLVER_SAMPLERS = {
 }
 SAMPLERS = SAMPLERS + tuple(SOLVER_SAMPLERS)
 DEFAULT_STEPS.update({name: 20 for name in SOLVER_SAMPLERS})
-LADDERS = ("karras", "exponential", "schedule")
+LADDERS = ("karras", "exponential", "schedule")  # --sigmas; the default is "exponential" (``generate``)
 # The guidance scale s of ``sample --class`` when --guidance is not given (diffusers' convention:
 # 1 = the plain conditional model). Chosen on the demo's digits (README, docs/guidance.md).
 DEFAULT_GUIDANCE = 1.5
@@ -230,54 +231,31 @@ def load_model(run=None, checkpoint=None, device: str = "auto", ema: bool = True
 
 
 # ----------------------------------------------------------------------------- VP-SDE view
-class _ScoreFromEps:
-    """score(x, t) for continuous t in (0, 1] from the discrete model (module docstring)."""
+def matched_vpsde(lm: LoadedModel, N: int | None = None):
+    """The VP-SDE the score samplers (em, pc, ode) run on: ``VPSDE(beta_min=0.1, beta_max=20,
+    N)`` (N = T by default), the continuous limit of the linear schedule (module docstring)."""
+    from ..sde import VPSDE
 
-    def __init__(self, loaded: LoadedModel):
-        from ..sde import VPSDE
+    return VPSDE(beta_min=0.1, beta_max=20.0, N=lm.schedule.num_timesteps if N is None else N)
 
-        self.loaded = loaded
-        s = loaded.schedule
-        self.sde = VPSDE(beta_min=0.1, beta_max=20.0, N=s.num_timesteps)
-        self.neg_log_abar = -s.log_alphas_cumprod  # increasing in t
 
-    def index(self, t: np.ndarray) -> np.ndarray:
-        m, _ = self.sde.marginal_coefs(np.asarray(t, np.float64))
-        return np.interp(-2.0 * np.log(m), self.neg_log_abar, np.arange(self.neg_log_abar.size, dtype=np.float64))
+def sde_score(lm: LoadedModel, sde):
+    """score(x_t, t) at continuous VP-SDE time t in (0, 1] from the one denoiser of the run:
+    ``denoiser.score_from_denoiser`` (Tweedie, (D(x_t/m; sigma) - x_t/m)/(sigma^2 m) with
+    sigma = s(t)/m(t)) around ``Denoiser.from_schedule`` of the network, the classifier-free
+    guided denoiser (``_guided_solver_denoiser``) for a conditional request. The network time
+    is t(sigma) interpolated in log sigma on the table, clamped to its ends where sigma(t)
+    leaves it (``clamp_time=True``: below sigma_0 near t = eps, above sigma_{T-1} for a
+    schedule whose last sigma is below the SDE's sigma(1))."""
+    from ..denoiser import Denoiser, score_from_denoiser
 
-    def __call__(self, x, t):
-        lm = self.loaded
-        tt = t.detach().double().cpu().numpy() if torch.is_tensor(t) else np.asarray(t, np.float64)
-        m, std = self.sde.marginal_coefs(tt)
-        idx = torch.as_tensor(self.index(tt), dtype=torch.float32, device=x.device)
-        C = lm.data_shape[0]
-        shape = (-1,) + (1,) * (x.ndim - 1)
-        m_t = torch.as_tensor(m, dtype=torch.float32, device=x.device).reshape(shape)
-        s_t = torch.as_tensor(std, dtype=torch.float32, device=x.device).reshape(shape)
-        xf = x.float()
-        if lm.labels is not None:
-            pred_kind = lm.config.prediction
-            if idx.ndim == 0 or m_t.shape[0] != x.shape[0]:  # a scalar t: one per sample, for the doubled batch
-                m_t, s_t = m_t.expand(x.shape[0], *m_t.shape[1:]), s_t.expand(x.shape[0], *s_t.shape[1:])
-                idx = idx.reshape(-1).expand(x.shape[0])
-
-            def convert(xx, _tt, p):  # the VP-SDE's eps of each half; x, m, s repeated for the doubled batch
-                r = xx.shape[0] // x.shape[0]
-                mm, ss = m_t.repeat(r, *([1] * (x.ndim - 1))), s_t.repeat(r, *([1] * (x.ndim - 1)))
-                if pred_kind == "eps":
-                    return p
-                return (xx - mm * p) / ss if pred_kind == "x0" else mm * p + ss * xx
-
-            eps, _ = lm.guided_eps(xf, idx, convert)
-            return (-eps / s_t).to(x.dtype)
-        pred = lm.forward(x.float(), idx)[:, :C]
-        if lm.config.prediction == "eps":
-            eps = pred
-        elif lm.config.prediction == "x0":
-            eps = (xf - m_t * pred) / s_t
-        else:  # v = m eps - s x0  =>  eps = m v + s x
-            eps = m_t * pred + s_t * xf
-        return (-eps / s_t).to(x.dtype)
+    C = lm.data_shape[0]
+    if lm.labels is None:
+        D = Denoiser.from_schedule(lambda x_t, t: lm.forward(x_t.float(), t)[:, :C], lm.schedule,
+                                   lm.config.prediction, clamp_time=True)
+    else:
+        D = _guided_solver_denoiser(lm, Denoiser, clamp_time=True)
+    return score_from_denoiser(D, sde)
 
 
 # ----------------------------------------------------------------------------- loops
@@ -349,8 +327,8 @@ def _loop_em(lm, x, seed, start, n_total, steps, progress):
     from ..samplers import time_grid
 
     K = _kernels()
-    score = _ScoreFromEps(lm)
-    sde = score.sde
+    sde = matched_vpsde(lm)
+    score = sde_score(lm, sde)
     ts = time_grid(sde, steps)
     D = int(np.prod(x.shape[1:]))
     from tqdm.auto import tqdm
@@ -400,16 +378,18 @@ def _loop_solver(lm, x, sampler, steps, sigmas, generator, progress, clip_x0=Non
     return fn(D, x.float() * math.sqrt(1.0 + float(sig[0]) ** 2), sig, progress=progress, **kw)
 
 
-def _guided_solver_denoiser(lm: LoadedModel, Denoiser):
+def _guided_solver_denoiser(lm: LoadedModel, Denoiser, clamp_time: bool = False):
     """D_s(x, sigma) for the sigma-space solvers: ``guidance.guided_denoiser`` (one network call
     on [x; x] with labels [y; null], D_s = (1 - s) D_u + s D_c, the rescale on x - D = sigma eps)
     around ``Denoiser.from_schedule`` of the conditional network; s = 0 or 1 without rescale:
-    one call on the null label or the labels."""
+    one call on the null label or the labels. ``clamp_time``: as ``Denoiser.from_schedule``'s
+    (the score samplers, ``sde_score``)."""
     from ..guidance import guided_denoiser
 
     C = lm.data_shape[0]
     cur = {}
-    D = Denoiser.from_schedule(lambda x_t, t: lm.forward(x_t, t, cur["y"])[:, :C], lm.schedule, lm.config.prediction)
+    D = Denoiser.from_schedule(lambda x_t, t: lm.forward(x_t.float(), t, cur["y"])[:, :C], lm.schedule,
+                               lm.config.prediction, clamp_time=clamp_time)
     s, phi = lm.guidance, lm.guidance_rescale
     if phi == 0.0 and s in (0.0, 1.0):
         y = lm.labels if s == 1.0 else None
@@ -443,16 +423,20 @@ def check_net_dtype(dtype):
 
 
 def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=None, eta: float = 0.0, seed: int = 0,
-             batch_size: int = 500, progress: bool = False, clip_x0="auto", dtype=None, sigmas: str = "karras",
+             batch_size: int = 500, progress: bool = False, clip_x0="auto", dtype=None, sigmas: str = "exponential",
              labels=None, guidance=None, guidance_rescale: float = 0.0) -> np.ndarray:
     """``num_samples`` samples as a float32 numpy array (N, *data_shape), not clipped.
 
     The sigma-space solvers (``SOLVER_SAMPLERS``: euler, heun, edm, euler-a, dpmpp-2m,
     dpmpp-2m-sde, dpmpp-3m-sde, unipc, lms) run on ``Denoiser.from_schedule`` around the network
     (its prediction type; the timestep interpolated in log sigma off the table), over ``steps``
-    levels of the ladder ``sigmas``: "karras" (rho = 7) or "exponential" between the schedule's
-    sigma_min and sigma_max, or "schedule" (the schedule's own sigmas at leading timesteps),
-    each then 0; the start is x_T sqrt(1 + sigma_0^2) (the VP prior N(0, I) in sigma space).
+    levels of the ladder ``sigmas``: "exponential" (the default: uniform in log sigma) or
+    "karras" (rho = 7) between the schedule's sigma_min and sigma_max, or "schedule" (the
+    schedule's own sigmas at leading timesteps), each then 0; the start is x_T sqrt(1 + sigma_0^2)
+    (the VP prior N(0, I) in sigma space). The default is the ladder with the lowest exact KL for
+    dpmpp-2m at 10 and 20 steps on linear, cosine, scaled-linear and sigmoid schedules of
+    T = 1000 (docs/samplers.md, "Which ladder by default"): Karras rho = 7 puts most of a small
+    budget at sigma >> 1, which a cosine schedule's sigma_max = 2e4 makes pure noise.
 
     ``dtype``: the U-Net's precision, "fp32", "bf16" or "fp16" (``torch.autocast`` on CPU or
     CUDA), or None for the loaded model's own (``LoadedModel.dtype``); the sampling state is
@@ -505,13 +489,13 @@ def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=
             g = torch.Generator(device=lm.device).manual_seed(derive_seed(seed, "chunk", a))
             x = _loop_solver(lm, x, sampler, steps, sigmas, g, progress, clip_x0)
         else:
-            score = _ScoreFromEps(lm)
+            sde = matched_vpsde(lm)
+            score = sde_score(lm, sde)
             g = torch.Generator(device=lm.device).manual_seed(derive_seed(seed, "chunk", a))
             if sampler == "pc":
-                sde = type(score.sde)(beta_min=0.1, beta_max=20.0, N=steps)
-                x = sample_pc(score, sde, x_T=x, steps=steps, generator=g, progress=progress)
+                x = sample_pc(score, matched_vpsde(lm, steps), x_T=x, steps=steps, generator=g, progress=progress)
             else:
-                x = sample_ode(score, score.sde, x_T=x, generator=g, progress=progress)
+                x = sample_ode(score, sde, x_T=x, generator=g, progress=progress)
         outs.append(x.float().cpu())
     local = torch.cat(outs) if outs else torch.zeros((0,) + shape)
     if world > 1:
@@ -524,7 +508,7 @@ def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=
     return x
 
 
-def check_sampling(lm: LoadedModel, num_samples, sampler, steps, eta, seed=0, batch_size=1, sigmas="karras"):
+def check_sampling(lm: LoadedModel, num_samples, sampler, steps, eta, seed=0, batch_size=1, sigmas="exponential"):
     """``ValueError`` naming the argument if a sampling request is invalid; returns the number of
     steps (the sampler's default when ``steps`` is None; None for the adaptive ode sampler)."""
     from .config import MAX_SEED
@@ -774,7 +758,7 @@ def save_class_grid(path, x: np.ndarray, labels, per_class: int = 10, names=(), 
 
 def sample_run(out, *, run=None, checkpoint=None, sampler="ddim", steps=None, eta=0.0, num_samples=500, seed=0,
                device="auto", batch_size=500, progress=True, ema=True, clip_x0="auto",
-               trust_unverified: bool = False, dtype=None, sigmas: str = "karras", classes=None, guidance=None,
+               trust_unverified: bool = False, dtype=None, sigmas: str = "exponential", classes=None, guidance=None,
                guidance_rescale: float = 0.0) -> dict:
     """Load, sample, and write ``out``/samples.npz (``samples`` float32 + ``info`` JSON) and
     ``out``/samples.png. ``dtype``: the U-Net's precision (``generate``).
@@ -873,7 +857,7 @@ def claim_samples_folder(out, dd=None, command: str = "sample"):
 
 
 def _sample_run(out, dd, *, run, checkpoint, sampler, steps, eta, num_samples, seed, device, batch_size, progress, ema,
-                clip_x0, trust_unverified=False, dtype=None, sigmas="karras", classes=None, guidance=None,
+                clip_x0, trust_unverified=False, dtype=None, sigmas="exponential", classes=None, guidance=None,
                 guidance_rescale=0.0):
     import time
 

@@ -5,7 +5,7 @@ the eps it uses is exactly the eps q_sample drew with the same (seed, offset).""
 import pytest
 import torch
 import torch.nn.functional as F
-from _kernel_strategies import DTYPES, KSET, make, shapes
+from tests.kernels._kernel_strategies import DTYPES, KSET, make, shapes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from _kernel_env import PATHS, TRITON_DEVICE
-from _kernel_ref import philox4x32_10, stream_normal, stream_uint32
+from tests.kernels._kernel_env import PATHS, TRITON_DEVICE
+from tests.reference._kernel_ref import philox4x32_10, stream_normal, stream_uint32
 from scipy import stats
 
 import diffmath.kernels as K

@@ -7,9 +7,9 @@ import weakref
 import numpy as np
 import pytest
 import torch
-from _kernel_ref import q_sample as q_ref
-from _kernel_ref import rel_err, stream_normal
-from _kernel_strategies import DTYPES, KSET, TOL, make, schedules, shapes, timestep, tnp
+from tests.reference._kernel_ref import q_sample as q_ref
+from tests.reference._kernel_ref import rel_err, stream_normal
+from tests.kernels._kernel_strategies import DTYPES, KSET, TOL, make, schedules, shapes, timestep, tnp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -37,7 +37,7 @@ def test_q_sample_matches_reference(path, s, shape, dtype, data, seed):
 def test_in_kernel_noise_is_the_reference_stream(triton_path, shape, offset):
     """Independent check of q_sample's in-kernel eps (per-sample and flat grids, aligned and
     unaligned offsets): with x0 = 0, x_t / sqrt(1 - abar_t) is Philox draw offset + i of the
-    numpy reference stream (tests/kernels/_kernel_ref.py)."""
+    numpy reference stream (tests/reference/_kernel_ref.py)."""
     s = dm.cosine_schedule(100)
     x0 = torch.zeros(shape, device=triton_path)
     for t in (17, torch.arange(shape[0]) * 7 % 100 + 1):

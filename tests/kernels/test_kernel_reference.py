@@ -2,15 +2,15 @@
 verified core in float64), as in the Triton tutorials: on every dispatch path, with explicit
 noise and with the stream's noise (``seed``), float32 within 1e-6 norm-wise.
 
-The references themselves are the core functions, which tests/test_*.py and
+The references themselves are the core functions, which tests/core/ and
 tests/samplers/ check against scipy, mpmath and independent numpy; test_kernel_steps.py and
 test_kernel_noising.py hold the kernels to independent float64 numpy references as well."""
 
 import numpy as np
 import pytest
 import torch
-from _kernel_ref import rel_err
-from _kernel_strategies import make
+from tests.reference._kernel_ref import rel_err
+from tests.kernels._kernel_strategies import make
 
 import diffmath as dm
 import diffmath.kernels as K

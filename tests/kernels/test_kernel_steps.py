@@ -1,5 +1,5 @@
 """Sampler steps (DDPM, DDIM, reverse-time Euler-Maruyama, Langevin) with explicit noise against
-float64 numpy references written from the equations (tests/kernels/_kernel_ref.py) and against
+float64 numpy references written from the equations (tests/reference/_kernel_ref.py) and against
 the core float64 versions in diffmath.samplers; in-kernel noise against the numpy Philox
 reference (Triton path) and, as the documented identity of both paths, the randn stream."""
 
@@ -8,12 +8,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from _kernel_ref import ddim_step as ddim_ref
-from _kernel_ref import ddpm_step as ddpm_ref
-from _kernel_ref import euler_maruyama_step as em_ref
-from _kernel_ref import langevin_step as langevin_ref
-from _kernel_ref import magnitude, rel_err, stream_normal, subvp_coefs, ve_coefs, vp_coefs
-from _kernel_strategies import DTYPES, KSET, TOL, make, schedules, shapes, timestep, tnp
+from tests.reference._kernel_ref import ddim_step as ddim_ref
+from tests.reference._kernel_ref import ddpm_step as ddpm_ref
+from tests.reference._kernel_ref import euler_maruyama_step as em_ref
+from tests.reference._kernel_ref import langevin_step as langevin_ref
+from tests.reference._kernel_ref import magnitude, rel_err, stream_normal, subvp_coefs, ve_coefs, vp_coefs
+from tests.kernels._kernel_strategies import DTYPES, KSET, TOL, make, schedules, shapes, timestep, tnp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -14,7 +14,7 @@ from numpy.testing import assert_allclose
 from diffmath.samplers import ddim_coefs, ddim_step, ddpm_step, sample_ddim
 from diffmath.schedules import Schedule, linear_schedule, timesteps
 
-from _ref import linspace_betas
+from tests.reference._ref import linspace_betas
 
 
 def _ref(betas, t, tp, x, e, z, eta):

@@ -14,7 +14,7 @@ from numpy.testing import assert_allclose
 from diffmath.samplers import ddpm_std, ddpm_step, sample_ddpm
 from diffmath.schedules import Schedule, cosine_schedule, linear_schedule, timesteps
 
-from _ref import linspace_betas
+from tests.reference._ref import linspace_betas
 
 
 def _ref_step(betas, t, x_t, eps, noise, variance, clip=None):
