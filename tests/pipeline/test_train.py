@@ -272,8 +272,9 @@ def _layer(parts):
 def test_imports_point_downward():
     # docs/design.md, "Layers": the math (and kernels/) imports only numpy, scipy, torch and the math; nn/ only torch;
     # data, train, evaluate, sample and latent never import cli; the modules of the package
-    # diffmath.latent build on each other one way (vae_math <- cache <- diffusion <- compare <- its
-    # __init__); train's parts sit below it, one way (plots <- checkpoint <- distributed <- train),
+    # diffmath.latent build on each other one way (vae_math <- vae_config <- vae_checkpoint <- vae_train
+    # <- cache <- run <- diffusion <- demo <- compare <- its __init__ <- the compatibility modules
+    # latent_vae, ...); train's parts sit below it, one way (plots <- checkpoint <- distributed <- train),
     # and none of them imports train, evaluate or sample
     from pathlib import Path
 
@@ -281,7 +282,12 @@ def test_imports_point_downward():
 
     root = Path(diffmath.__file__).parent
     kernels_dir = Path(__import__("diffmath.kernels", fromlist=["x"]).__file__).parent
-    latent_order = ("latent.vae_math", "latent.cache", "latent.diffusion", "latent.compare", "latent")
+    latent_order = ("latent.vae_math", "latent.vae_config", "latent.vae_checkpoint", "latent.vae_train", "latent.cache",
+                    "latent.run", "latent.diffusion", "latent.demo", "latent.compare", "latent",
+                    "latent_vae", "latent_cache", "latent_diffusion", "latent_compare")
+    # every module of the package and every compatibility module has its place in the order
+    assert {_layer(["latent", f.stem]) for f in (root / "latent").glob("*.py")} | {
+        f.stem for f in root.glob("latent_*.py")} == set(latent_order)
     train_order = ("plots", "checkpoint", "distributed", "train")
     pipeline = {"data", *train_order, "evaluate", "sample", *latent_order, "cli", "verify", "nn", "kernels"}
     bad = []
