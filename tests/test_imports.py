@@ -91,6 +91,13 @@ def test_parser_sees_the_package():
     imports = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     assert _resolve("diffmath.samplers.ddpm", False, imports[0]) == "diffmath.losses"
     assert _resolve("diffmath.kernels", True, imports[1]) == "diffmath._array"
+    # the package diffmath.latent: its __init__ and its modules, whose `..` is diffmath
+    assert {"diffmath.latent", "diffmath.latent.vae_math", "diffmath.latent.cache"} <= mods
+    tree = ast.parse("from .cache import LatentCache\nfrom .._io import read_json\n")
+    imports = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert _resolve("diffmath.latent", True, imports[0]) == "diffmath.latent.cache"
+    assert _resolve("diffmath.latent.run", False, imports[1]) == "diffmath._io"
+    assert _is_module("diffmath.latent") and _is_module("diffmath.latent.cache") and _is_module("diffmath._io")
 
 
 def test_no_private_imports_across_modules():

@@ -7,7 +7,7 @@ App. G: "we rescale the latents ... to unit standard deviation"). The diffusion 
 trained on scale * z, whose variance is 1 on the training set, so the schedule's N(0, I) end
 point matches the data's scale; samples are divided by the scale before decoding
 (``decode_latents``). The cache stores the SHA-256 of the VAE (its config and weights,
-``latent_vae.vae_hash``) and of the images; a cache read with another VAE raises
+``vae_checkpoint.vae_hash``) and of the images; a cache read with another VAE raises
 ``LatentCacheError``. Like a checkpoint, the cache file has a JSON sidecar (``latents.json``
 beside ``latents.safetensors``) with the SHA-256 of its bytes: a cache without it, or whose
 bytes differ, raises ``LatentCacheError`` with ``damaged = True`` (``train_latent`` then encodes
@@ -26,8 +26,9 @@ import torch
 
 from .._io import atomic_write_json, read_sidecar, safetensors_metadata, save_safetensors, weights_and_sidecar
 from ..data import Data
-from .vae_math import as_loaded, check_vae_fits
 from ..nn.vae import VAE
+from .vae_checkpoint import as_loaded
+from .vae_train import check_vae_fits
 
 __all__ = [
     "LatentCache",

@@ -18,7 +18,8 @@ from .._io import atomic_write_json, atomic_write_npz, atomic_write_text, forget
 from ..data import Data, load_data
 from .cache import decode_latents, encode_dataset
 from .diffusion import LATENT_DEMO_CONFIG, check_unet_fits, evaluate_latent, sample_latent, write_latent_run
-from .vae_math import VAE_DEMO_CONFIG, VAEConfig, train_vae
+from .vae_config import VAE_DEMO_CONFIG, VAEConfig
+from .vae_train import train_vae
 
 __all__ = ["compare_pixel_latent", "comparison_table"]
 

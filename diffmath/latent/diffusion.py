@@ -4,57 +4,38 @@ and evaluated on a VAE's scaled latents. ``diffmath.latent`` gives the overview.
 The latent diffusion model is the same U-Net, eps-prediction, schedule and training loop as
 in pixel space (``diffmath.train.train`` with the latent set as its ``data``), configured to
 down-sample less: the latents are small (8x8 digits -> 4x4x2 with the default VAE), so
-``channel_mult=(1,)`` (no down-sampling) or ``(1, 2)`` (4 -> 2).
-
-A latent run directory holds::
-
-    latent.json            format, VAE checkpoint and hash, latent shape, scaling factor
-    vae/                   vae.safetensors + vae.json (when the VAE was trained by this run), recon.png
-    latents.safetensors    the cached latents (unscaled) + scale factor + hashes
-    unet/                  the diffusion run (config.json, step-NNNNNN.safetensors/.json, loss.png)
-    samples.npz/.png       decoded samples (``sample_latent``), metrics.json, report.md (``demo_latent``)
+``channel_mult=(1,)`` (no down-sampling) or ``(1, 2)`` (4 -> 2). The layout of a latent run
+directory is in ``diffmath.latent.run``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .._io import atomic_write_json, atomic_write_npz, atomic_write_text, read_json
+from .._io import atomic_write_json, atomic_write_npz, read_json
 from ..data import Data, load_data
-from .cache import LatentCache, LatentCacheError, decode_latents, encode_dataset, load_latents
-from .vae_math import (
-    VAE_DEMO_CONFIG,
-    LoadedVAE,
-    VAEConfig,
-    as_loaded,
-    check_vae_fits,
-    load_vae,
-    train_vae,
-)
 from ..train import DEMO_CONFIG
+from .cache import LatentCacheError, decode_latents, encode_dataset, load_latents
+from .run import latent_run_files, read_latent_run, run_path, write_latent_run
+from .vae_checkpoint import as_loaded, load_vae
+from .vae_config import VAEConfig
+from .vae_train import check_vae_fits, train_vae
 
 __all__ = [
     "LatentResult",
-    "LATENT_RUN_FORMAT",
     "LATENT_DEMO_CONFIG",
     "train_latent",
     "sample_latent",
     "evaluate_latent",
     "evaluate_guidance_latent",
-    "demo_latent",
-    "read_latent_run",
-    "write_latent_run",
     "check_unet_fits",
 ]
-
-LATENT_RUN_FORMAT = "diffmath.latent-run/1"
 
 # The latent U-Net for 4x4 latents: no down-sampling (the pixel demo's U-Net halves 8x8 -> 4x4),
 # attention at 4x4 (16 tokens). Otherwise the pixel demo's recipe.
@@ -96,90 +77,6 @@ def _unet_data_shape(run: Path):
     if ck is None:
         return None
     return tuple(read_json(ck, CHECKPOINT_FORMAT, "checkpoint", RunError).get("data_shape", ()))
-
-
-_LATENT_RUN_KEYS = {  # key: (what it must be, test)
-    "vae_checkpoint": ("a path (string)", lambda v: isinstance(v, str) and bool(v)),
-    "vae_hash": ("a SHA-256 hex digest", lambda v: isinstance(v, str) and len(v) == 64),
-    "latent_shape": ("a list of 3 positive integers",
-                     lambda v: isinstance(v, list) and len(v) == 3 and all(type(n) is int and n >= 1 for n in v)),
-    "scale_factor": ("a positive finite number",
-                     lambda v: type(v) in (int, float) and math.isfinite(v) and v > 0),
-}
-
-
-def read_latent_run(out) -> dict:
-    """latent.json of a latent run directory (``RunError`` if absent, not ours, or lacking one of
-    the keys a run is used by, or holding it with the wrong type: the message names the key)."""
-    from ..checkpoint import RunError
-
-    p = Path(out) / "latent.json"
-    if not p.exists():
-        raise RunError(f"{str(out)!r} is not a latent diffusion run: it has no latent.json")
-    d = read_json(p, LATENT_RUN_FORMAT, "latent run", RunError)
-    for k, (what, ok) in _LATENT_RUN_KEYS.items():
-        if k not in d:
-            raise RunError(f"{str(p)!r} lacks the key {k!r} ({what}); the latent run cannot be used")
-        if not ok(d[k]):
-            raise RunError(f"{str(p)!r}: the key {k!r} must be {what}; got {d[k]!r:.100}")
-    for k in ("unet_run", "encode_mode"):
-        if k in d and not (isinstance(d[k], str) and d[k]):
-            raise RunError(f"{str(p)!r}: the key {k!r} must be a non-empty string; got {d[k]!r:.100}")
-    if "/" in d.get("unet_run", "unet") or d.get("unet_run") in ("..", "."):
-        raise RunError(f"{str(p)!r}: the key 'unet_run' must name a folder inside the run; got {d['unet_run']!r}")
-    return d
-
-
-def write_latent_run(out, lv: LoadedVAE, cache: LatentCache, *, encode_mode: str, data_spec: str, image_size: int,
-                     bins: int | None, vae_metrics: dict) -> Path:
-    """Write ``out``/latent.json, the record of a latent run: format, the VAE checkpoint (relative
-    to ``out`` when inside it) and its hash, latent and image shapes, the scaling factor, the
-    cache and U-Net locations (``latents.safetensors``, ``unet``), ``encode_mode``, the image data
-    (``data_spec``, ``image_size``, ``bins``) and the VAE's metrics. Returns the path."""
-    out = Path(out)
-    atomic_write_json(out / "latent.json", {
-        "format": LATENT_RUN_FORMAT,
-        "vae_checkpoint": _rel(out, lv.path),
-        "vae_hash": lv.hash,
-        "latent_shape": list(cache.latent_shape),
-        "image_shape": list(lv.image_shape),
-        "scale_factor": cache.scale,
-        "latent_cache": "latents.safetensors",
-        "encode_mode": encode_mode,
-        "unet_run": "unet",
-        "data": {"spec": data_spec, "image_size": image_size, "bins": bins},
-        "vae_metrics": vae_metrics,
-    })
-    return out / "latent.json"
-
-
-def _resolve(out: Path, p: str) -> Path:
-    q = Path(p)
-    return q if q.is_absolute() else out / q
-
-
-def _rel(out: Path, p: Path) -> str:
-    try:
-        return str(Path(p).resolve().relative_to(Path(out).resolve()))
-    except ValueError:
-        return str(Path(p).resolve())
-
-
-_LATENT_FILES = ("latent.json", "latents.safetensors", "latents.json", "samples.npz", "samples.png", "metrics.json",
-                 "report.md")
-
-
-def _legacy_latent_files(out) -> list[str] | None:
-    """For a latent run written before folders got a marker: the names of its files and its
-    sub-runs "unet/" and "vae/" (None if ``out`` holds no readable latent.json); ``rundir``
-    lists them in the marker it adds."""
-    try:
-        read_latent_run(out)
-    except ValueError:
-        return None
-    out = Path(out)
-    subs = [f"{n}/" for n, m in (("unet", "config.json"), ("vae", "vae.json")) if (out / n / m).is_file()]
-    return sorted(n for n in _LATENT_FILES if (out / n).is_file()) + subs
 
 
 def train_latent(out, config=None, *, vae=None, vae_config: VAEConfig | None = None, data: Data | None = None,
@@ -241,7 +138,7 @@ def train_latent(out, config=None, *, vae=None, vae_config: VAEConfig | None = N
         keep = [Path(lv.path).resolve().parent]  # a VAE given from inside out/vae survives the overwrite
         latent_shape = lv.latent_shape
     elif run_info is not None:
-        lv = load_vae(_resolve(out, run_info["vae_checkpoint"]), config.device)
+        lv = load_vae(run_path(out, run_info["vae_checkpoint"]), config.device)
         if lv.hash != run_info["vae_hash"]:
             raise LatentCacheError(f"the VAE checkpoint of {str(out)!r} has changed since the run started (hash mismatch)")
         latent_shape = lv.latent_shape
@@ -257,7 +154,7 @@ def train_latent(out, config=None, *, vae=None, vae_config: VAEConfig | None = N
     # the U-Net must take the latents: refused before the VAE is trained
     check_unet_fits(config, latent_shape)
     check_model_config(config, latent_shape, strict=not resume)
-    lock = open_run(out, "train --latent", resume=resume, overwrite=overwrite, keep=keep, adopt=_legacy_latent_files)
+    lock = open_run(out, "train --latent", resume=resume, overwrite=overwrite, keep=keep, adopt=latent_run_files)
     try:
         return _train_latent(out, config, lv, vc, data, run_info, resume, overwrite,
                              encode_mode, stop_after, trust_unverified, t0, train)
@@ -357,7 +254,7 @@ def sample_latent(run, out=None, *, vae=None, sampler: str = "ddim", steps=None,
     info_run = read_latent_run(run)
     lm = load_model(run=run / info_run.get("unet_run", "unet"), device=device, ema=ema,
                     trust_unverified=trust_unverified)
-    lv = as_loaded(vae, lm.device) if vae is not None else load_vae(_resolve(run, info_run["vae_checkpoint"]), lm.device)
+    lv = as_loaded(vae, lm.device) if vae is not None else load_vae(run_path(run, info_run["vae_checkpoint"]), lm.device)
     if tuple(lm.data_shape) != tuple(lv.latent_shape):
         raise ValueError(
             f"the VAE makes latents of shape {tuple(lv.latent_shape)} but the U-Net of {str(run)!r} was trained on "
@@ -437,7 +334,7 @@ def evaluate_latent(run, samples=None, out=None, *, device: str = "auto", progre
     info = read_latent_run(run)
     out = Path(out) if out is not None else run
     samples = Path(samples) if samples is not None else run / "samples.npz"
-    with claim_output(out, "evaluate", ("metrics.json",), adopt=_legacy_latent_files):
+    with claim_output(out, "evaluate", ("metrics.json",), adopt=latent_run_files):
         return _evaluate_latent(run, info, samples, out, device, progress, evaluate_run)
 
 
@@ -452,10 +349,10 @@ def evaluate_guidance_latent(run, out=None, *, device: str = "auto", progress: b
     run = Path(run)
     info = read_latent_run(run)
     lm = load_model(run=run / info.get("unet_run", "unet"), device=device, trust_unverified=trust_unverified)
-    lv = load_vae(_resolve(run, info["vae_checkpoint"]), lm.device)
+    lv = load_vae(run_path(run, info["vae_checkpoint"]), lm.device)
     scale = float(info["scale_factor"])
     return evaluate_guidance(run, out, device=device, progress=progress, loaded=lm,
-                             decode=lambda z: decode_latents(lv, z, scale), adopt=_legacy_latent_files, **kw)
+                             decode=lambda z: decode_latents(lv, z, scale), adopt=latent_run_files, **kw)
 
 
 def _evaluate_latent(run, info, samples, out, device, progress, evaluate_run) -> dict:
@@ -466,78 +363,3 @@ def _evaluate_latent(run, info, samples, out, device, progress, evaluate_run) ->
     m["test_vlb"] = "not reported for latent runs (the diffusion VLB is a bound in latent space; see vae.held_out_elbo_bpd)"
     atomic_write_json(out / "metrics.json", m)
     return m
-
-
-def demo_latent(out=Path("runs/demo-latent"), *, overwrite: bool = False, device: str = "auto", progress: bool = True,
-                config_overrides: dict | None = None, vae_overrides: dict | None = None, num_samples: int = 500,
-                sampler: str = "ddim", steps: int = 50) -> dict:
-    """The latent counterpart of ``diffmath demo``: train the VAE and the latent U-Net on the
-    8x8 digits (or reuse a finished demo run in ``out``), sample with DDIM, evaluate the decoded
-    samples with the pixel pipeline's metrics, and write ``out``/report.md. Returns the metrics
-    (with ``timings`` and ``vae``)."""
-    from ..checkpoint import RunError, check_compatible, read_run_config
-    from ..train import TrainConfig
-
-    out = Path(out)
-    config = TrainConfig(**{**LATENT_DEMO_CONFIG, "device": device, "progress": progress, **(config_overrides or {})})
-    vc = VAEConfig(**{**VAE_DEMO_CONFIG, "device": device, "progress": progress, **(vae_overrides or {})})
-    from ..distributed import resolve_device
-    from ..rundir import is_empty, open_run
-
-    resolve_device(device)  # every argument is checked before --out is touched
-    resume = False
-    if out.is_dir() and not is_empty(out) and not overwrite:
-        try:
-            read_latent_run(out)
-            check_compatible(read_run_config(out / "unet")["config"], config, where=str(out / "unet" / "config.json"))
-            resume = True
-        except (RunError, ValueError) as e:
-            raise RunError(f"--out {str(out)!r} holds something other than this latent demo run ({e}); pass "
-                           "--overwrite or another --out") from None
-    # one lock over training, sampling, evaluation and the report
-    with open_run(out, "demo --latent", resume=resume, overwrite=overwrite, adopt=_legacy_latent_files):
-        return _demo_latent(out, config, vc, resume, overwrite, device, progress, num_samples, sampler, steps)
-
-
-def _demo_latent(out, config, vc, resume, overwrite, device, progress, num_samples, sampler, steps) -> dict:
-    t0 = time.time()
-    res = train_latent(out, config, vae_config=vc, resume=resume, overwrite=overwrite)
-    if res.unet.interrupted:
-        raise KeyboardInterrupt
-    t1 = time.time()
-    x, info = sample_latent(out, out, sampler=sampler, steps=steps, num_samples=num_samples, device=device, progress=progress)
-    t2 = time.time()
-    metrics = evaluate_latent(out, device=device, progress=progress)
-    t3 = time.time()
-    metrics["timings"] = {**res.timings, "train_s": round(t1 - t0, 1), "sample_s": round(t2 - t1, 1),
-                          "evaluate_s": round(t3 - t2, 1), "total_s": round(t3 - t0, 1)}
-    metrics["vae"] = res.vae_metrics
-    metrics["latent"] = {"shape": list(res.latent_shape), "scale_factor": res.scale}
-    atomic_write_json(out / "metrics.json", metrics)
-    _write_latent_report(out, metrics, config, info, res)
-    return metrics
-
-
-def _write_latent_report(out: Path, m: dict, config, info: dict, res: LatentResult) -> Path:
-    from ..evaluate import metrics_table
-
-    v = m.get("vae", {})
-    L = ["# diffmath latent diffusion demo", ""]
-    L.append(f"VAE: 8x8 digits -> latents of shape {tuple(res.latent_shape)}, scaling factor {res.scale:.4f} "
-             f"(1/std of the training latents). Held-out ELBO {v.get('held_out_elbo_bpd', float('nan')):.3f} "
-             f"± {v.get('held_out_elbo_bpd_stderr') or 0:.3f} bits/dim (17-level discretised decoder).")
-    L.append("")
-    L.append(f"Latent U-Net: channel_mult {tuple(config.channel_mult)}, {config.steps} steps of batch {config.batch_size}, "
-             f"{config.schedule} schedule, T = {config.timesteps}. Sampler {info['sampler']} with {info['steps']} steps, "
-             f"{info['num_samples']} samples.")
-    L.append("")
-    L += metrics_table(m)
-    L.append("")
-    L.append("Samples: ![samples](samples.png)  VAE reconstructions: ![recon](vae/recon.png)")
-    L.append("")
-    L.append(f"Timings (s): {m.get('timings')}")
-    p = out / "report.md"
-    atomic_write_text(p, L)
-    return p
-
-

@@ -177,7 +177,7 @@ def evaluate_guidance(run, out=None, *, scales=(0.0, 1.0, 2.0, 3.0, 5.0), per_cl
     class); writes ``out``/guidance.json and guidance.png (default ``out`` = the run) and returns
     {"scales": rows, ...}. ``loaded``, ``decode``, ``adopt``: the model, the decoder of its
     samples and the legacy-files rule of the run folder, for a run that is not a pixel run
-    (``latent_diffusion.evaluate_guidance_latent``); by default ``run``'s own model.
+    (``latent.evaluate_guidance_latent``); by default ``run``'s own model.
     ``ValueError`` before any work for an unconditional run or a scale that is negative or
     not finite."""
     from .checkpoint import legacy_run_files

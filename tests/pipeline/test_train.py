@@ -278,14 +278,20 @@ def test_imports_point_downward():
     # the pipeline (diffmath/pipeline/) builds on the math, one module on the ones before it in PIPELINE_ORDER, and
     # never imports cli, the latent package or the old module paths (train, sample, ...: re-exports of the pipeline
     # that import nothing else); the modules of the package diffmath.latent build on each other one way (vae_math <-
-    # cache <- diffusion <- compare <- its __init__) and never import cli
+    # vae_config <- vae_checkpoint <- vae_train <- cache <- run <- diffusion <- demo <- compare <- its __init__ <- the
+    # compatibility modules latent_vae, ...) and never import cli
     from pathlib import Path
 
     import diffmath
 
     root = Path(diffmath.__file__).parent
     kernels_dir = Path(__import__("diffmath.kernels", fromlist=["x"]).__file__).parent
-    latent_order = ("latent.vae_math", "latent.cache", "latent.diffusion", "latent.compare", "latent")
+    latent_order = ("latent.vae_math", "latent.vae_config", "latent.vae_checkpoint", "latent.vae_train", "latent.cache",
+                    "latent.run", "latent.diffusion", "latent.demo", "latent.compare", "latent",
+                    "latent_vae", "latent_cache", "latent_diffusion", "latent_compare")
+    # every module of the latent package and every compatibility module has its place in the order
+    assert {_layer(["latent", f.stem]) for f in (root / "latent").glob("*.py")} | {
+        f.stem for f in root.glob("latent_*.py")} == set(latent_order)
     compat = ("train", "sample", "evaluate", "checkpoint", "data", "rundir", "_io", "plots", "distributed")
     upper = {"pipeline", *compat, *latent_order, "cli", "verify", "nn", "kernels"}
     assert {f.stem for f in (root / "pipeline").glob("*.py")} == {"__init__", *PIPELINE_ORDER}
