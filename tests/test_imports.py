@@ -1,4 +1,5 @@
-"""No module of the package imports another module's private names.
+"""The package's import graph: no module imports another module's private names, and the
+layers import only downward.
 
 The rule (docs/design.md, "Validation"): a name with a leading underscore is private to the module
 that defines it. No module of ``diffmath`` (``kernels/`` is installed as ``diffmath.kernels``)
@@ -9,6 +10,9 @@ argument checks in ``diffmath.checks``). A private MODULE (``_array``, ``_io``,
 ``nn/_labels``) is the internals of the package that contains it: modules of that package and
 of its subpackages may import its public names, modules outside that package may not. The
 parser walks every import statement, including the ones inside functions.
+
+The layers (docs/design.md, "Layers"): the math imports only numpy, scipy, torch and the math,
+the pipeline sits above it, and ``cli`` / ``verify`` on top (``test_imports_point_downward``).
 """
 
 from __future__ import annotations
@@ -96,3 +100,58 @@ def test_parser_sees_the_package():
 def test_no_private_imports_across_modules():
     bad = _violations()
     assert not bad, "private imports across modules:\n" + "\n".join(bad)
+
+
+# ----------------------------------------------------------------------------- layers
+def _imported_modules(path, package):
+    """Absolute names of the diffmath modules that the file at ``path`` (in ``package``) imports."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names if a.name.startswith("diffmath"))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            if mod.startswith("diffmath"):
+                names.add(mod)
+                names.update(f"{mod}.{a.name}" for a in node.names)  # `from . import train`
+    return names
+
+
+def test_imports_point_downward():
+    # docs/design.md, "Layers": the math (and kernels/) imports only numpy, scipy, torch and the math; nn/ only torch;
+    # data, train, evaluate, sample and latent never import cli; the latent modules build on each
+    # other one way (vae <- cache <- diffusion <- compare <- the diffmath.latent facade); train's
+    # parts sit below it, one way (plots <- checkpoint <- distributed <- train), and none of them
+    # imports train, evaluate or sample
+    import diffmath
+
+    root = Path(diffmath.__file__).parent
+    kernels_dir = Path(__import__("diffmath.kernels", fromlist=["x"]).__file__).parent
+    latent_order = ("latent_vae", "latent_cache", "latent_diffusion", "latent_compare", "latent")
+    train_order = ("plots", "checkpoint", "distributed", "train")
+    pipeline = {"data", *train_order, "evaluate", "sample", *latent_order, "cli", "verify", "nn", "kernels"}
+    bad = []
+    files = [(f, "diffmath" + "".join("." + p for p in f.relative_to(root).parent.parts)) for f in root.rglob("*.py")]
+    files += [(f, "diffmath.kernels") for f in kernels_dir.glob("*.py")]
+    for f, pkg in files:
+        mod = f.stem
+        top = (pkg.split(".") + [mod])[1]
+        if top in ("__init__", "__main__", "cli", "verify"):  # the package's own entry points and the top layer
+            continue
+        used = {n.split(".")[1] for n in _imported_modules(f, pkg) if n.count(".") >= 1}
+        if top in latent_order:
+            forbidden = {"cli", *latent_order[latent_order.index(top) + 1 :]}
+        elif top in train_order:
+            forbidden = {"cli", "evaluate", "sample", *latent_order, *train_order[train_order.index(top) + 1 :]}
+        elif top in ("data", "evaluate", "sample"):
+            forbidden = {"cli", *latent_order}
+        elif top == "nn":
+            forbidden = {n for n in used if n != "nn"}
+        else:  # the math, samplers/, oracle, likelihood, kernels/
+            forbidden = pipeline - ({"kernels"} if top == "kernels" else set())
+        bad += [f"{f} imports diffmath.{n}" for n in sorted(used & forbidden)]
+    assert not bad, bad
