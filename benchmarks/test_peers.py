@@ -55,3 +55,19 @@ def test_diffusers_same_output(cls_name, ladder):
         theirs = peers.DATA.exact_solver_output(peers.diffusers_solver(DIFFUSERS, cls_name, ladder, steps, "scheduler"), sig, start=start)
         ours = peers.DATA.exact_solver_output(name, sig, start=start)
         assert _rel(theirs, ours) <= 1e-6, (cls_name, ladder, n, _rel(theirs, ours))
+
+
+@pytest.mark.parametrize("start", [None, 157.5])
+def test_exact_flow_limit_is_the_limit_of_a_convergent_solver(start):
+    # the closed form against DPM-Solver++(2M) with 2000 levels (error ~ h^2 ~ 3e-5) and Heun
+    # (EDM Alg. 1) with 1000: both tend to it; the closed form shares no code with either
+    import numpy as np
+
+    sig = peers.sigmas_exponential(2000, peers.SIG_MIN, peers.SIG_MAX)
+    ref = peers.exact_flow_limit(sig, start)
+    for name, levels in (("dpmpp_2m", 2000), ("heun", 1000)):
+        s = peers.sigmas_exponential(levels, peers.SIG_MIN, peers.SIG_MAX)
+        out = peers.DATA.exact_solver_output(name, s, start=start)
+        assert _rel(out, ref) <= 1e-4, name
+    if start is None:  # and it is not the data: the start N(0, sigma_max^2) and the last step's D cost 2.97e-5 nats
+        assert np.isclose(ref.kl(peers.DATA), 2.967e-5, rtol=1e-3)

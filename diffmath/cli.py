@@ -41,7 +41,7 @@ def __getattr__(name):
     # ``cli.DEMO_CONFIG`` was the demo recipe's old home; it lives in ``diffmath.train`` now
     # (imports point downward), read lazily so that ``diffmath --help`` does not import torch.
     if name == "DEMO_CONFIG":
-        from .train import DEMO_CONFIG
+        from .pipeline.loop import DEMO_CONFIG
 
         return DEMO_CONFIG
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -294,9 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "the sigma-space solvers of diffmath.samplers on the model's denoiser (docs/samplers.md)")
     s.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default: ddim 50, ddpm T, em/pc 500, "
                    "the sigma-space solvers 20 noise levels; ignored by ode, which is adaptive)")
-    s.add_argument("--sigmas", choices=("karras", "exponential", "schedule"), default="karras", help="the noise-level "
-                   "ladder of the sigma-space solvers: Karras rho = 7 or exponential between the schedule's sigma_min and "
-                   "sigma_max, or the schedule's own sigmas at leading timesteps")
+    s.add_argument("--sigmas", choices=("karras", "exponential", "schedule"), default="exponential", help="the "
+                   "noise-level ladder of the sigma-space solvers: exponential (uniform in log sigma; the default, the "
+                   "lowest exact KL on linear and cosine schedules, docs/samplers.md) or Karras rho = 7 between the "
+                   "schedule's sigma_min and sigma_max, or the schedule's own sigmas at leading timesteps")
     s.add_argument("--eta", type=_nonneg_float, default=0.0, help="DDIM eta (0 deterministic, 1 DDPM-like)")
     s.add_argument("--num-samples", type=_positive_int, default=500, help="number of samples")
     s.add_argument("--seed", type=_seed, default=0, help="sampling seed, in [0, 2**63 - 1]")
@@ -415,7 +416,7 @@ _FLAG_FIELDS = (
 def _read_toml(path: Path) -> dict:
     import tomllib
 
-    from .train import TrainConfig
+    from .pipeline.loop import TrainConfig
 
     if not path.exists():
         raise FileNotFoundError(f"--config {str(path)!r}: no such file")
@@ -439,8 +440,8 @@ def train_config_from_args(args) -> "TrainConfig":  # noqa: F821
 
     With ``args.latent`` the config is the latent U-Net's: the stored one is ``out/unet``'s, and
     ``channel_mult`` defaults to (1,) when neither the stored config, the TOML nor a flag sets it."""
-    from .checkpoint import RunError, read_run_config
-    from .train import TrainConfig
+    from .pipeline.checkpoint import RunError, read_run_config
+    from .pipeline.loop import TrainConfig
 
     latent = bool(getattr(args, "latent", False))
     stored = Path(args.out) / "unet" if latent else Path(args.out)
@@ -486,7 +487,7 @@ def _flag(attr: str) -> str:
 
 
 def _cmd_train(args) -> int:
-    from .train import train
+    from .pipeline.loop import train
 
     if not args.latent and args.resume and (Path(args.out) / "latent.json").exists():
         args.latent = True  # resuming a latent run: --latent is implied
@@ -513,7 +514,7 @@ def _cmd_train_latent(args) -> int:
     import json
 
     from .latent import VAEConfig, read_latent_run, train_latent
-    from .checkpoint import RunError
+    from .pipeline.checkpoint import RunError
 
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         raise ValueError("train --latent runs in one process (the VAE and the latent cache are not distributed); "
@@ -558,7 +559,7 @@ def _is_latent_run(run) -> bool:
 
 
 def _cmd_sample(args) -> int:
-    from .sample import sample_run
+    from .pipeline.generate import sample_run
 
     out = args.out if args.out is not None else args.run
     if args.latent or _is_latent_run(args.run):
@@ -604,7 +605,8 @@ def _cmd_sample_latent(args, out) -> int:
     _, info = sample_latent(
         args.run, out, sampler=args.sampler, steps=args.steps, eta=args.eta, num_samples=args.num_samples,
         seed=args.seed, device=args.device, batch_size=args.batch_size, progress=args.progress,
-        ema=not args.raw_weights, trust_unverified=args.trust_unverified, dtype=args.dtype, **_guidance_args(args),
+        ema=not args.raw_weights, trust_unverified=args.trust_unverified, dtype=args.dtype, sigmas=args.sigmas,
+        **_guidance_args(args),
     )
     steps = "adaptive" if info["steps"] is None else f"{info['steps']}"
     print(f"{info['num_samples']} latent samples ({info['sampler']}, {steps} steps{_conditioning_note(info)}, decoded "
@@ -622,13 +624,13 @@ def _latent_summary(m: dict) -> str:
 
 
 def _cmd_evaluate(args) -> int:
-    from .evaluate import evaluate_run, format_metrics
+    from .pipeline.evaluate import evaluate_run, format_metrics
 
     if args.guidance_sweep is not None:
-        from .evaluate import evaluate_guidance, guidance_table
+        from .pipeline.evaluate import evaluate_guidance, guidance_table
 
         if _is_latent_run(args.run):
-            from .latent_diffusion import evaluate_guidance_latent as evaluate_guidance
+            from .latent import evaluate_guidance_latent as evaluate_guidance
         g = evaluate_guidance(args.run, args.out, scales=args.guidance_sweep, per_class=args.per_class,
                               device=args.device, progress=args.progress, trust_unverified=args.trust_unverified)
         print("\n".join(guidance_table(g["scales"])))
@@ -662,10 +664,10 @@ def run_demo(out=DEMO_OUT, *, overwrite: bool = False, device: str = "auto", pro
     the 10-row grid (classes.png) and the guidance plot (guidance.png). Returns the metrics,
     the sweep under ``"guidance"`` and the timings under ``"timings"``. ``config_overrides``
     with ``conditional = False`` gives the unconditional demo (no sweep)."""
-    from .checkpoint import RunError, check_compatible, legacy_run_files, read_run_config
-    from .distributed import resolve_device
-    from .rundir import is_empty, open_run
-    from .train import DEMO_CLASSES, DEMO_CONFIG, TrainConfig
+    from .pipeline.checkpoint import RunError, check_compatible, legacy_run_files, read_run_config
+    from .pipeline.distributed import resolve_device
+    from .pipeline.rundir import is_empty, open_run
+    from .pipeline.loop import DEMO_CLASSES, DEMO_CONFIG, TrainConfig
 
     out = Path(out)
     over = dict(config_overrides or {})
@@ -693,11 +695,11 @@ def _demo_guidance(out, device, progress, scales, per_class, per_class_other) ->
 
     import numpy as np
 
-    from ._io import atomic_write_npz
-    from .data import load_data
-    from .evaluate import guidance_sweep
-    from .plots import plot_guidance
-    from .sample import DEFAULT_GUIDANCE, load_model, save_class_grid
+    from .pipeline.io import atomic_write_npz
+    from .pipeline.data import load_data
+    from .pipeline.evaluate import guidance_sweep
+    from .pipeline.plots import plot_guidance
+    from .pipeline.generate import DEFAULT_GUIDANCE, load_model, save_class_grid
 
     lm = load_model(run=out, device=device)
     data = load_data(lm.config.data, lm.config.image_size)
@@ -714,9 +716,9 @@ def _demo_guidance(out, device, progress, scales, per_class, per_class_other) ->
 
 
 def _demo(out, config, resume, overwrite, device, progress, num_samples, vlb_images, sweep=None) -> dict:
-    from .evaluate import evaluate_run, write_report
-    from .sample import sample_run
-    from .train import train
+    from .pipeline.evaluate import evaluate_run, write_report
+    from .pipeline.generate import sample_run
+    from .pipeline.loop import train
 
     timings = {}
     t0, c0 = time.time(), time.process_time()
@@ -739,12 +741,12 @@ def _demo(out, config, resume, overwrite, device, progress, num_samples, vlb_ima
     timings["cpu_s"] = round(time.process_time() - c0, 1)  # this process's CPU time: the wall time on idle cores
     if load0 is not None:
         timings["load_avg_1min"] = [load0, _load_average()]
-    from .distributed import resolve_device
+    from .pipeline.distributed import resolve_device
 
     timings["device"] = str(resolve_device(device))
     timings["threads"] = __import__("torch").get_num_threads()
     metrics["timings"] = timings
-    from ._io import atomic_write_json
+    from .pipeline.io import atomic_write_json
 
     atomic_write_json(out / "metrics.json", metrics)
     write_report(out, metrics, config, info, timings, trained_steps=res.trained_steps)
@@ -760,7 +762,7 @@ def _load_average():
 
 
 def _cmd_demo(args) -> int:
-    from .evaluate import format_metrics
+    from .pipeline.evaluate import format_metrics
 
     if args.latent:
         from .latent import demo_latent
@@ -774,7 +776,7 @@ def _cmd_demo(args) -> int:
     if args.latent:
         print(_latent_summary(m))
     if isinstance(m.get("guidance"), dict):
-        from .evaluate import guidance_table
+        from .pipeline.evaluate import guidance_table
 
         print(f"class-conditional samples (DDIM 50), per guidance scale s (default {m['guidance']['default']:g}):")
         print("\n".join(guidance_table(m["guidance"]["scales"])))
@@ -840,7 +842,7 @@ def main(argv=None) -> int:
         args = argparse.Namespace(command="verify", args=argv[1:])
     else:
         args = parser.parse_args(argv)
-    from .checkpoint import RunError
+    from .pipeline.checkpoint import RunError
 
     if getattr(args, "threads", None) is not None:
         set_threads(args.threads)

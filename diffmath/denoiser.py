@@ -41,7 +41,17 @@ index, int64; otherwise a float time. For an SDE, t(sigma) is the closed-form in
 Each ``Denoiser`` knows the range [sigma_min, sigma_max] where its model is defined: the
 table's range for a schedule; sigma(eps) to sigma(1) for an SDE (eps = ``sde.default_eps``;
 any sigma in (0, sigma(1)] is accepted). A sigma outside raises ValueError rather than being
-clamped (k-diffusion clamps t silently).
+clamped (k-diffusion clamps t silently), unless the Denoiser was built with ``clamp_time=True``:
+then sigma keeps its own c_skip, c_out and c_in and only the model time c_noise is clamped to
+the range's end (the glue that queries a discrete model on a VP-SDE whose sigma(t) leaves the
+table, ``score_from_denoiser``).
+
+**The score of the SDE's marginal** (``score_from_denoiser``): at time t of an SDE with
+x_t = m x_0 + s eps, put x = x_t/m and sigma = s/m; Tweedie's formula for x = y + sigma n
+(Efron 2011; EDM eq. 3) gives grad_x log p(x; sigma) = (D(x; sigma) - x)/sigma^2, and the
+chain rule through x = x_t/m:
+
+    grad_{x_t} log p_t(x_t) = (D(x_t/m; sigma) - x_t/m) / (sigma^2 m)
 """
 
 from __future__ import annotations
@@ -57,7 +67,8 @@ from .checks import check_float, check_like
 from .schedules import Schedule
 from .sde import SDE, SubVPSDE, VESDE, VPSDE
 
-__all__ = ["Denoiser", "PREDICTIONS", "preconditioning", "schedule_sigmas", "sigma_to_t_schedule", "sigma_to_t_sde", "t_to_sigma_sde"]
+__all__ = ["Denoiser", "PREDICTIONS", "preconditioning", "schedule_sigmas", "score_from_denoiser", "sigma_to_t_schedule",
+           "sigma_to_t_sde", "t_to_sigma_sde"]
 
 PREDICTIONS = ("eps", "x0", "v", "score")
 
@@ -157,10 +168,12 @@ class Denoiser:
     shape (B, ...) (numpy or torch) and sigma a float or an array/tensor of shape (B,); the
     result has x's shape, kind and device in x's compute dtype (float32 for half inputs).
     ``coefficients(sigma)`` returns the float64 (c_skip, c_out, c_in, c_noise).
-    ``sigma_min``/``sigma_max`` give the model's range (for ``sigmas_karras`` etc.).
+    ``sigma_min``/``sigma_max`` give the model's range (for ``sigmas_karras`` etc.); a sigma
+    outside raises ValueError, or with ``clamp_time=True`` keeps its own preconditioning and
+    queries the model at the range's nearest end (module docstring).
     """
 
-    def __init__(self, model, kind: str, prediction: str, *, schedule=None, sde=None):
+    def __init__(self, model, kind: str, prediction: str, *, schedule=None, sde=None, clamp_time: bool = False):
         if not callable(model):
             raise TypeError(f"model must be callable model(x_t, t); got {type(model).__name__}")
         if prediction not in PREDICTIONS:
@@ -170,6 +183,7 @@ class Denoiser:
         self.prediction = prediction
         self.schedule = schedule
         self.sde = sde
+        self.clamp_time = bool(clamp_time)
         if kind == "schedule":
             tab = schedule_sigmas(schedule)
             fin = tab[np.isfinite(tab)]
@@ -184,22 +198,24 @@ class Denoiser:
             self._lo = 0.0
 
     @classmethod
-    def from_schedule(cls, model, s: Schedule, prediction: str = "eps") -> "Denoiser":
+    def from_schedule(cls, model, s: Schedule, prediction: str = "eps", *, clamp_time: bool = False) -> "Denoiser":
         """A discrete-time model ``model(x_t, t)`` trained on schedule ``s`` to predict
         ``prediction`` ("eps", "x0", "v" or "score" of x_t); t is an int64 index of shape (B,)
-        when sigma lies on the table, else a float time of x's compute dtype."""
+        when sigma lies on the table, else a float time of x's compute dtype. ``clamp_time``:
+        accept any sigma > 0, the model queried at index 0 below the table and T - 1 above it."""
         if not isinstance(s, Schedule):
             raise TypeError(f"s must be a diffmath.schedules.Schedule; got {type(s).__name__}")
-        return cls(model, "schedule", prediction, schedule=s)
+        return cls(model, "schedule", prediction, schedule=s, clamp_time=clamp_time)
 
     @classmethod
-    def from_sde(cls, model, sde: SDE, prediction: str = "score") -> "Denoiser":
+    def from_sde(cls, model, sde: SDE, prediction: str = "score", *, clamp_time: bool = False) -> "Denoiser":
         """A continuous-time model ``model(x_t, t)`` (t float of shape (B,) in (0, 1], x's
         compute dtype) of a ``VPSDE``, ``SubVPSDE`` or ``VESDE`` predicting ``prediction``:
-        "score" (score_sde's score_fn), "eps", "x0" or "v"."""
+        "score" (score_sde's score_fn), "eps", "x0" or "v". ``clamp_time``: a sigma above
+        sigma(1) queries the model at t = 1."""
         if not isinstance(sde, (VPSDE, VESDE)):
             raise TypeError(f"sde must be a diffmath VPSDE, SubVPSDE or VESDE; got {type(sde).__name__}")
-        return cls(model, "sde", prediction, sde=sde)
+        return cls(model, "sde", prediction, sde=sde, clamp_time=clamp_time)
 
     def __repr__(self) -> str:  # pragma: no cover - cosmetic
         base = self.schedule if self.kind == "schedule" else self.sde
@@ -210,7 +226,9 @@ class Denoiser:
         """sig: float64 values; ``native``: the same values in the caller's dtype (for the
         upper bound, which a rounded sigma_max may exceed by an ulp)."""
         bad = ~np.isfinite(sig) | (sig <= 0)
-        if self.kind == "schedule":
+        if self.clamp_time:  # any sigma > 0: the model time is clamped (``_times``)
+            rng = "(0, inf) (clamp_time=True)"
+        elif self.kind == "schedule":
             tab = self._table[np.isfinite(self._table)]
             if native is not None and native.dtype != np.float64:
                 tab = tab.astype(native.dtype)
@@ -270,6 +288,62 @@ class Denoiser:
         F = check_like(F, x, "the output of model", "x")
         F = F if F.dtype == dt else (F.to(dt) if is_tensor(F) else F.astype(dt))
         return col(c_skip) * xc + col(c_out) * F
+
+
+def score_from_denoiser(denoiser, sde: SDE):
+    """The score of the SDE's marginal from a denoiser in sigma space: ``score(x_t, t)``.
+
+    At time t of a VP, sub-VP or VE SDE with x_t = m x_0 + s eps (``sde.marginal_coefs``), put
+    sigma = s/m (``t_to_sigma_sde``) and x = x_t/m; Tweedie's formula (Efron 2011; Karras et al.
+    2022, eq. 3) and the chain rule through x = x_t/m give
+
+        grad_{x_t} log p_t(x_t) = (D(x; sigma) - x) / (sigma^2 m)
+
+    ``denoiser(x, sigma)``: a ``Denoiser`` (or ``GaussianData.denoise``, a guided denoiser, ...),
+    called with sigma float64 of shape (B,) in x's kind and device. ``score(x_t, t)``: x_t of
+    shape (B, ...), t a float or an array/tensor of shape (B,) in (0, 1] (what ``sample_sde``,
+    ``sample_pc`` and ``sample_ode`` pass); returns x_t's shape, kind and device in x_t's
+    compute dtype (float32 for half inputs). With this the score-based loops (Euler-Maruyama,
+    predictor-corrector, probability-flow ODE) and the sigma-space solvers share one D."""
+    if not callable(denoiser):
+        raise TypeError(f"denoiser must be callable denoiser(x, sigma); got {type(denoiser).__name__}")
+    if not isinstance(sde, (VPSDE, VESDE)):
+        raise TypeError(f"sde must be a diffmath VPSDE, SubVPSDE or VESDE; got {type(sde).__name__}")
+
+    def score(x_t, t):
+        x_t = check_float(x_t, "x_t")
+        B = x_t.shape[0] if x_t.ndim else 1
+        tt = _as_numpy(t).astype(np.float64)
+        if tt.ndim == 0:
+            tt = np.full(B, tt[()])
+        if tt.ndim != 1 or tt.shape[0] != B:
+            raise ValueError(f"t must be a float or have shape (B,) = ({B},); got shape {tt.shape}")
+        if not np.all((tt > 0) & (tt <= 1)):
+            raise ValueError(f"t must lie in (0, 1] (the score divides by the marginal std); got t = {float(tt[np.argmax(~((tt > 0) & (tt <= 1)))])!r}")
+        m, _ = sde.marginal_coefs(tt)
+        m = np.asarray(m, dtype=np.float64)
+        sigma = np.asarray(t_to_sigma_sde(sde, tt), dtype=np.float64)
+        dt = compute_dtype(x_t)
+        shape = (B,) + (1,) * (x_t.ndim - 1)
+        if is_tensor(x_t):
+            xc = x_t.to(dt)
+            sig = torch.as_tensor(sigma, device=x_t.device)
+
+            def col(c):
+                return torch.as_tensor(c, device=x_t.device).to(dt).reshape(shape)
+        else:
+            xc = x_t.astype(dt, copy=False)
+            sig = sigma
+
+            def col(c):
+                return np.asarray(c).astype(dt).reshape(shape)
+
+        x = xc * col(1.0 / m)                                   # x = x_t / m
+        d = check_like(denoiser(x, sig), x, "the output of denoiser", "x")
+        d = d.to(dt) if is_tensor(d) else np.asarray(d).astype(dt, copy=False)
+        return (d - x) * col(1.0 / (sigma * sigma * m))         # (D - x) / (sigma^2 m)
+
+    return score
 
 
 def _as_numpy(sigma) -> np.ndarray:

@@ -95,6 +95,13 @@ def test_parser_sees_the_package():
     imports = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     assert _resolve("diffmath.samplers.ddpm", False, imports[0]) == "diffmath.losses"
     assert _resolve("diffmath.kernels", True, imports[1]) == "diffmath._array"
+    # the package diffmath.latent: its __init__ and its modules, whose `..` is diffmath
+    assert {"diffmath.latent", "diffmath.latent.vae_math", "diffmath.latent.cache"} <= mods
+    tree = ast.parse("from .cache import LatentCache\nfrom .._io import read_json\n")
+    imports = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert _resolve("diffmath.latent", True, imports[0]) == "diffmath.latent.cache"
+    assert _resolve("diffmath.latent.run", False, imports[1]) == "diffmath._io"
+    assert _is_module("diffmath.latent") and _is_module("diffmath.latent.cache") and _is_module("diffmath._io")
 
 
 def test_no_private_imports_across_modules():
@@ -121,28 +128,44 @@ def _imported_modules(path, package):
     return names
 
 
+def _layer(parts):
+    """The unit of the layer order that the module ``diffmath.<parts>`` belongs to: its top-level
+    module or package, except that each module of the package diffmath.latent is one unit of its
+    own ("latent.cache"), the package's __init__ being "latent"."""
+    if parts[0] == "latent" and len(parts) > 1 and parts[1] != "__init__":
+        return f"latent.{parts[1]}"
+    return parts[0]
+
+
 def test_imports_point_downward():
     # docs/design.md, "Layers": the math (and kernels/) imports only numpy, scipy, torch and the math; nn/ only torch;
-    # data, train, evaluate, sample and latent never import cli; the latent modules build on each
-    # other one way (vae <- cache <- diffusion <- compare <- the diffmath.latent facade); train's
-    # parts sit below it, one way (plots <- checkpoint <- distributed <- train), and none of them
-    # imports train, evaluate or sample
+    # data, train, evaluate, sample and latent never import cli; the modules of the package
+    # diffmath.latent build on each other one way (vae_math <- vae_config <- vae_checkpoint <- vae_train
+    # <- cache <- run <- diffusion <- demo <- compare <- its __init__ <- the compatibility modules
+    # latent_vae, ...); train's parts sit below it, one way (plots <- checkpoint <- distributed <- train),
+    # and none of them imports train, evaluate or sample
+    from pathlib import Path
+
     import diffmath
 
     root = Path(diffmath.__file__).parent
     kernels_dir = Path(__import__("diffmath.kernels", fromlist=["x"]).__file__).parent
-    latent_order = ("latent_vae", "latent_cache", "latent_diffusion", "latent_compare", "latent")
+    latent_order = ("latent.vae_math", "latent.vae_config", "latent.vae_checkpoint", "latent.vae_train", "latent.cache",
+                    "latent.run", "latent.diffusion", "latent.demo", "latent.compare", "latent",
+                    "latent_vae", "latent_cache", "latent_diffusion", "latent_compare")
+    # every module of the package and every compatibility module has its place in the order
+    assert {_layer(["latent", f.stem]) for f in (root / "latent").glob("*.py")} | {
+        f.stem for f in root.glob("latent_*.py")} == set(latent_order)
     train_order = ("plots", "checkpoint", "distributed", "train")
     pipeline = {"data", *train_order, "evaluate", "sample", *latent_order, "cli", "verify", "nn", "kernels"}
     bad = []
     files = [(f, "diffmath" + "".join("." + p for p in f.relative_to(root).parent.parts)) for f in root.rglob("*.py")]
     files += [(f, "diffmath.kernels") for f in kernels_dir.glob("*.py")]
     for f, pkg in files:
-        mod = f.stem
-        top = (pkg.split(".") + [mod])[1]
+        top = _layer(pkg.split(".")[1:] + [f.stem])
         if top in ("__init__", "__main__", "cli", "verify"):  # the package's own entry points and the top layer
             continue
-        used = {n.split(".")[1] for n in _imported_modules(f, pkg) if n.count(".") >= 1}
+        used = {_layer(n.split(".")[1:]) for n in _imported_modules(f, pkg) if n.count(".") >= 1}
         if top in latent_order:
             forbidden = {"cli", *latent_order[latent_order.index(top) + 1 :]}
         elif top in train_order:

@@ -301,3 +301,111 @@ def test_denoise_bad_sigma():
         DATA.denoise(x, np.ones(3))
     with pytest.raises(TypeError, match="sigma must be a float or an array of x's kind"):
         DATA.denoise(x, torch.ones(2))
+
+
+# ----------------------------------------------------------------------------- the SDE's score from D
+@pytest.mark.parametrize("sde", [VPSDE(), SubVPSDE(), VESDE()], ids=["vp", "subvp", "ve"])
+def test_score_from_denoiser_is_the_exact_score_of_the_marginal(rng, sde):
+    """Tweedie through x = x_t/m: (D(x; sigma) - x)/(sigma^2 m) with the oracle's exact D equals
+    the oracle's exact grad log q_t (its own marginal C_t = m^2 cov + s^2 I), numpy float64 and
+    torch float32, t a scalar or one per sample, from t = eps to 1."""
+    from diffmath.denoiser import score_from_denoiser
+
+    t = np.array([sde.default_eps, 0.01, 0.1, 0.37, 0.8, 1.0, 0.5])
+    m, std = sde.marginal_coefs(t)
+    sig = t_to_sigma_sde(sde, t)
+
+    def check(got, ref, x, ulp):
+        # D - x cancels, losing ~ulp(|x|) of x = x_t/m, i.e. |x| ulp / (sigma^2 m) of the score
+        # (the conditioning of the Tweedie form; harmless to a sampler, whose step scales the
+        # score by g^2 dt ~ d(sigma^2) m^2); plus the rounding of the result
+        bound = 16 * ulp * (np.abs(np.asarray(x, np.float64)).max(1) / m + 1.0) / (sig * sig * m)
+        err = np.abs(np.asarray(got, np.float64) - ref).max(1)
+        assert np.all(err <= bound + 8 * ulp * np.abs(ref).max(1)), (err, bound)
+
+    for data in (DATA, MIX):
+        score = score_from_denoiser(data.denoise, sde)
+        x = _x(rng) * np.maximum(std, 1.0)[:, None]
+        got = score(x, t)
+        ref = data.score(x, t, sde)
+        assert got.dtype == np.float64 and got.shape == x.shape
+        check(got, ref, x, 2.0**-52)
+        assert_allclose(score(x, 0.3), data.score(x, 0.3, sde), rtol=1e-12, atol=1e-13)
+        xt = torch.as_tensor(x, dtype=torch.float32)
+        got32 = score(xt, torch.as_tensor(t))
+        assert got32.dtype == torch.float32
+        check(got32.numpy(), ref, xt.numpy(), 2.0**-24)
+
+
+def test_score_from_denoiser_of_a_network_is_minus_eps_over_s(rng):
+    """An eps-model's Denoiser.from_schedule under score_from_denoiser gives -eps(x_t, t')/s(t)
+    (Song et al. 2021, App. B), t' the model time at sigma(t) = s/m (log-sigma interpolation),
+    clamped to index 0 below the table. Reference: the eps of a fixed random network queried by
+    hand at t' found with scipy's root finder on the table's own log sigma."""
+    from scipy.optimize import brentq
+
+    from diffmath.denoiser import score_from_denoiser
+
+    s = linear_schedule(200, 5e-4, 0.08)   # sigma_0 = 0.022 > sigma(1e-3), sigma_199 = 57 < sigma(1) = 152
+    sde = VPSDE(0.1, 20.0, N=200)
+    W = rng.standard_normal((2, 2))
+
+    def eps_model(xt, tt):
+        return np.tanh(xt @ W + 0.01 * np.asarray(tt, np.float64)[:, None])
+
+    score = score_from_denoiser(Denoiser.from_schedule(eps_model, s, "eps", clamp_time=True), sde)
+    t = np.array([1e-3, 0.05, 0.25, 0.5, 0.999, 1.0])
+    m, std = sde.marginal_coefs(t)
+    x_t = _x(rng, B=t.size)
+    log_sig = 0.5 * np.log(np.expm1(-s.log_alphas_cumprod))   # log sigma_k, increasing in k
+
+    def time_of(sig):
+        ls = math.log(sig)
+        if ls <= log_sig[0]:
+            return 0.0
+        if ls >= log_sig[-1]:
+            return 199.0
+        k = int(np.searchsorted(log_sig, ls)) - 1
+        # the point of the segment [k, k+1] whose linear log sigma is ls
+        return brentq(lambda u: log_sig[k] + (u - k) * (log_sig[k + 1] - log_sig[k]) - ls, k, k + 1, xtol=1e-14)
+
+    tp = np.array([time_of(v) for v in std / m])
+    assert tp[0] == 0.0 and tp[-1] == 199.0   # t = 1e-3 lies below sigma_0, t = 1 above sigma_199
+    ref = -eps_model(x_t, tp) / std[:, None]
+    assert_allclose(score(x_t, t), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_clamp_time_keeps_sigma_and_clamps_only_the_model_time(rng):
+    """Off the table a default Denoiser refuses sigma; with clamp_time=True the coefficients are
+    sigma's own (D = x - sigma eps for an eps model) and the model gets the end index."""
+    seen = {}
+
+    def eps_model(xt, tt):
+        seen["t"] = np.asarray(tt)
+        return np.full_like(xt, 0.5)
+
+    lo, hi = float(SIG_TAB[0]), float(SIG_TAB[-1])
+    with pytest.raises(ValueError, match="sigma must lie in"):
+        Denoiser.from_schedule(eps_model, S)(_x(rng, B=2), np.array([0.5 * lo, 1.0]))
+    D = Denoiser.from_schedule(eps_model, S, clamp_time=True)
+    x = _x(rng, B=3)
+    sig = np.array([0.5 * lo, 1.0, 3.0 * hi])
+    out = D(x, sig)
+    assert_allclose(out, x - sig[:, None] * 0.5, rtol=1e-15)
+    assert seen["t"][0] == 0.0 and seen["t"][2] == 999.0 and 0 < seen["t"][1] < 999
+    with pytest.raises(ValueError, match="sigma must lie in"):
+        D(x, np.array([0.0, 1.0, 1.0]))
+
+
+def test_score_from_denoiser_bad_input():
+    from diffmath.denoiser import score_from_denoiser
+
+    with pytest.raises(TypeError, match="denoiser must be callable"):
+        score_from_denoiser(None, VPSDE())
+    with pytest.raises(TypeError, match="sde must be"):
+        score_from_denoiser(DATA.denoise, S)
+    score = score_from_denoiser(DATA.denoise, VPSDE())
+    with pytest.raises(ValueError, match=r"t must lie in \(0, 1\]"):
+        score(np.zeros((2, 2)), np.array([0.0, 0.5]))
+    with pytest.raises(ValueError, match=r"t must be a float or have shape \(B,\)"):
+        score(np.zeros((2, 2)), np.array([0.5, 0.5, 0.5]))

@@ -162,7 +162,7 @@ def test_unet_config_that_cannot_take_the_latents():
 
 
 def test_unet_misfit_is_refused_before_the_vae_is_trained(tmp_path, digits, monkeypatch):
-    import diffmath.latent_diffusion as latent_diffusion  # train_latent's module (diffmath.latent re-exports it)
+    import diffmath.latent.diffusion as latent_diffusion  # train_latent's module (diffmath.latent re-exports it)
 
     def no_training(*a, **k):
         raise AssertionError("the VAE was trained before the U-Net config was checked")
@@ -208,6 +208,18 @@ def test_latent_run_end_to_end(tmp_path, digits, vae_a, vae_b, tmp_path_factory)
     lv = load_vae(out / "vae")
     with np.load(out / "samples.npz") as z:
         np.testing.assert_allclose(decode_latents(lv, z["latents"], res.scale), x, atol=1e-6)
+    # the sigma-space solvers: the latents are those of sample.generate on the U-Net alone (never
+    # clipped) with the same ladder, decoded by the same path
+    from diffmath.sample import generate, load_model
+
+    lm = load_model(run=out / "unet", device="cpu")
+    for ladder in ("karras", "schedule"):
+        xs, si = sample_latent(out, None, num_samples=6, sampler="dpmpp-2m", sigmas=ladder, steps=4, device="cpu")
+        z = generate(lm, 6, sampler="dpmpp-2m", sigmas=ladder, steps=4, clip_x0=None)
+        np.testing.assert_array_equal(xs, decode_latents(lv, z, res.scale))
+        assert si["sigmas"] == ladder and si["nfe"] == 4 and si["sampler"] == "dpmpp-2m"
+    with pytest.raises(ValueError, match="sigmas must be one of"):
+        sample_latent(out, None, num_samples=2, sampler="dpmpp-2m", sigmas="linear", device="cpu")
     # resume continues the same run (the VAE and cache are reused, not retrained)
     vae_bytes = (out / "vae" / "vae.safetensors").read_bytes()
     res2 = train_latent(out, TrainConfig(**{**TINY_UNET, "steps": 9}), resume=True, data=digits)

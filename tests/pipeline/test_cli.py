@@ -140,7 +140,7 @@ def test_train_input_errors(tmp_path, capsys):
 
 
 def test_a_nan_loss_is_an_error_not_a_traceback(tmp_path, capsys, monkeypatch):
-    from diffmath import train as tr
+    from diffmath.pipeline import loop as tr
 
     monkeypatch.setattr(tr, "training_loss", lambda *a, **k: (torch.tensor(float("nan"), requires_grad=True), {}))
     assert main(["train", "--data", "gmm", "--out", str(tmp_path / "r")] + TINY_FLAGS) == 2
@@ -326,6 +326,18 @@ def test_latent_train_sample_evaluate(tmp_path, cache, capsys):
     assert main(["sample", "--run", str(run), "--steps", "3", "--num-samples", "20", "--no-progress"]) == 0
     with np.load(run / "samples.npz", allow_pickle=False) as z:
         np.testing.assert_array_equal(z["samples"], first)
+    # the sigma-space solvers on a latent run, as on a pixel run: the ladder is honoured and recorded
+    lat = {}
+    for ladder in ("schedule", "exponential"):
+        so = tmp_path / f"solver-{ladder}"
+        assert main(["sample", "--latent", "--run", str(run), "--out", str(so), "--sampler", "dpmpp-2m", "--sigmas",
+                     ladder, "--steps", "3", "--num-samples", "8", "--no-progress"]) == 0
+        with np.load(so / "samples.npz", allow_pickle=False) as z:
+            info = json.loads(str(z["info"]))
+            assert info["sampler"] == "dpmpp-2m" and info["sigmas"] == ladder and info["nfe"] == 3
+            assert z["samples"].shape == (8, 1, 8, 8) and np.all(np.isfinite(z["latents"]))
+            lat[ladder] = z["latents"].copy()
+    assert not np.allclose(lat["schedule"], lat["exponential"])
     # evaluate on the latent run: the pixel metrics of the decoded samples, the VAE's ELBO, no VLB
     capsys.readouterr()
     assert main(["evaluate", "--run", str(run), "--no-progress"]) == 0
@@ -532,7 +544,7 @@ def test_threads_and_seed_are_bounded(capsys):
 
 
 def test_out_of_memory_is_a_message_not_a_traceback(tmp_path, capsys, monkeypatch):
-    from diffmath import train as tr
+    from diffmath.pipeline import loop as tr
 
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
@@ -543,7 +555,7 @@ def test_out_of_memory_is_a_message_not_a_traceback(tmp_path, capsys, monkeypatc
     assert "out of memory" in err and "lower --batch-size (now 16)" in err and "Traceback" not in err
     monkeypatch.undo()
     assert main(["train", "--out", str(tmp_path / "ok")] + GMM_TINY) == 0
-    import diffmath.sample as sm
+    import diffmath.pipeline.generate as sm
 
     monkeypatch.setattr(sm, "generate", lambda *a, **k: (_ for _ in ()).throw(MemoryError()))
     assert main(["sample", "--run", str(tmp_path / "ok"), "--batch-size", "7", "--no-progress"]) == 2

@@ -13,7 +13,7 @@ import torch
 from diffmath.guidance import classifier_free_guidance
 from diffmath.oracle import GaussianData
 from diffmath.sample import (
-    LoadedModel, _ScoreFromEps, class_labels, generate, parse_classes, sample_run,
+    LoadedModel, class_labels, generate, matched_vpsde, parse_classes, sample_run, sde_score,
 )
 from diffmath.schedules import named_schedule
 from diffmath.train import TrainConfig, eps_from_prediction
@@ -26,8 +26,11 @@ VARS = np.array([[0.05, 0.1], [0.08, 0.04]])
 
 
 def _abar(s, t):
+    """abar at a (fractional) index t: log sigma = log sqrt((1 - abar)/abar) interpolated
+    linearly (the model time convention of diffmath.denoiser)."""
     tt = t.detach().double().cpu().numpy()
-    return np.exp(np.interp(tt, np.arange(s.num_timesteps), s.log_alphas_cumprod))
+    log_sig = 0.5 * np.log(np.expm1(-s.log_alphas_cumprod))
+    return 1.0 / (1.0 + np.exp(2.0 * np.interp(tt, np.arange(s.num_timesteps), log_sig)))
 
 
 class MixtureNet(torch.nn.Module):
@@ -150,24 +153,34 @@ def test_guided_eps_is_the_combination_of_two_separate_calls(prediction):
         assert net.calls == ([12] if (phi or scale not in (0, 1)) else [6])
         ref = classifier_free_guidance(eps_c, eps_u, scale, phi)
         torch.testing.assert_close(got, ref.to(got.dtype), rtol=1e-5, atol=1e-6)
-    # the score samplers' conversion (the VP-SDE's m(t), s(t)) gives the score of the guided eps
+    # the score samplers' score (Tweedie on the guided denoiser at sigma = s(t)/m(t)) is the
+    # score of the guided eps: -eps_s / s(t), each half converted with the VP-SDE's m(t), s(t)
+    from diffmath.denoiser import sigma_to_t_schedule
+
     lmc = lm.conditioned(y.numpy(), 2.0)
-    sc = _ScoreFromEps(lmc)
+    sde = matched_vpsde(lmc)
+    sc = sde_score(lmc, sde)
     tc = torch.full((6,), 0.4, dtype=torch.float64)
-    idx = torch.as_tensor(sc.index(tc.numpy()), dtype=torch.float32)
-    m, std = (torch.as_tensor(v, dtype=torch.float32)[:, None] for v in sc.sde.marginal_coefs(tc.numpy()))
+    mm, ss = sde.marginal_coefs(tc.numpy())
+    idx = torch.as_tensor(sigma_to_t_schedule(s, ss / mm), dtype=torch.float32)  # the model time at sigma
+    m, std = (torch.as_tensor(v, dtype=torch.float32)[:, None] for v in (mm, ss))
 
     def to_eps(p):
         return {"eps": p, "x0": (x - m * p) / std, "v": m * p + std * x}[prediction]
 
-    ref = classifier_free_guidance(to_eps(net(x, idx, y)), to_eps(net(x, idx, None)), 2.0)
-    torch.testing.assert_close(sc(x, tc), -ref / std, rtol=1e-4, atol=1e-5)
+    for scale, phi in ((2.0, 0.0), (2.5, 0.7)):
+        net.calls.clear()
+        got = sde_score(lm.conditioned(y.numpy(), scale, phi), sde)(x, tc)
+        assert net.calls == [12]  # one call on the doubled batch
+        ref = classifier_free_guidance(to_eps(net(x, idx, y)), to_eps(net(x, idx, None)), scale, phi)
+        torch.testing.assert_close(got, -ref / std, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sc(x, tc), sde_score(lm.conditioned(y.numpy(), 2.0), sde)(x, tc))
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_the_solvers_guided_denoiser_is_the_combination_of_two_separate_denoisers(prediction):
     from diffmath.denoiser import Denoiser
-    from diffmath.sample import _guided_solver_denoiser
+    from diffmath.pipeline.generate import _guided_solver_denoiser
 
     lm = _loaded(prediction)
     net = lm.model

@@ -18,6 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import diffmath.train as tr
+from diffmath.pipeline import loop
 from diffmath.data import gaussian_mixture, gmm_means, load_data, load_image_folder
 from diffmath.train import RunError, TrainConfig, train
 
@@ -51,7 +52,7 @@ def _record_batches(monkeypatch):
         seen.append((x0.detach().clone(), None if kw.get("y") is None else kw["y"].detach().clone()))
         return real(config, model, s, x0, t, **kw)
 
-    monkeypatch.setattr(tr, "training_loss", spy)
+    monkeypatch.setattr(loop, "training_loss", spy)  # where the loop looks it up
     return seen
 
 
@@ -67,7 +68,7 @@ def test_conditional_run_records_its_classes_and_the_dropout_state(tmp_path):
     t = load_file(str(tmp_path / "run" / "step-000006.safetensors"))
     assert t["model.class_emb.weight"].shape == (11, 32) and t["ema.class_emb.weight"].shape == (11, 32)
     # the saved state is the generator's after 6 global batches of 16 uniforms each
-    g = tr._generator(0, "label-dropout")
+    g = loop._generator(0, "label-dropout")
     torch.rand(6 * 16, generator=g, dtype=torch.float64)
     saved = tr.rng_state_from_b64(meta["rng"]["label_dropout"])
     assert torch.equal(saved, g.get_state())
@@ -273,7 +274,12 @@ def test_unconditional_runs_are_byte_identical_to_before_classes(tmp_path):
     assert ca == cb
     ma, mb = (json.loads((p / "step-000003.json").read_text()) for p in (a, b))
     assert {k: v for k, v in ma.items() if k != "written"} == {k: v for k, v in mb.items() if k != "written"}
-    assert np.array_equal(np.load(str(a) + ".npy"), np.load(str(b) + ".npy"))
+    xa, xb = np.load(str(a) + ".npy"), np.load(str(b) + ".npy")
+    assert np.array_equal(xa[:12], xb[:12])  # ddim, ddpm
+    # em: since em/pc/ode take their score from the one Denoiser (model time interpolated in log
+    # sigma, no longer in -log abar; docs/samplers.md) its samples moved by design, by the model
+    # time only: bit-identical no longer, close still (measured: 2.3e-5 where |x| reaches 123)
+    assert np.abs(xa[12:] - xb[12:]).max() < 1e-5 * np.abs(xa[12:]).max()
 
 
 # ----------------------------------------------------------------------------- latent and DDP

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import diffmath.train as tr
+from diffmath.pipeline import loop
 from diffmath.schedules import named_schedule
 from diffmath import losses
 from diffmath.train import RunError, TrainConfig, train, training_loss
@@ -83,7 +84,7 @@ def _interrupt_at_forward(monkeypatch, k):
         m.register_forward_hook(hook)
         return m
 
-    monkeypatch.setattr(tr, "build_model", build)
+    monkeypatch.setattr(loop, "build_model", build)  # where the loop looks it up
 
 
 @pytest.mark.parametrize(
@@ -231,7 +232,7 @@ def test_hybrid_loss_uses_the_data_grid_for_the_decoder_term():
 
 def test_demo_config_lives_in_train():
     import diffmath.cli as cli
-    from diffmath.latent_compare import _pixel_demo_config
+    from diffmath.latent.compare import _pixel_demo_config
 
     cfg = TrainConfig(**tr.DEMO_CONFIG)
     assert cfg.data == "digits" and cfg.channel_mult == (1, 2) and cfg.steps == 1500
