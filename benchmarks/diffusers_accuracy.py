@@ -10,7 +10,7 @@ DDPM / DDIM: the inputs are x_t = sqrt(abar) x0 + sqrt(1 - abar) eps with x0, ep
 (seeded) and the true eps (or v, or x0) as the model output, so every step is the one a
 perfect model meets. The six sigma-space classes (Euler, Euler ancestral, Heun, LMS,
 DPM-Solver++ 2M, UniPC): every call of a loop, the multistep history included, each call fed
-its own float32 (x0 + sigma eps, eps) pair, against tests/_mpref_sigma.py's mpmath loop on the
+its own float32 (x0 + sigma eps, eps) pair, against tests/reference/_mpref_sigma.py's mpmath loop on the
 config's exact ladder (a few seconds of the total).
 """
 
@@ -22,7 +22,7 @@ import sys
 import mpmath as mp
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "reference"))
 
 import diffusers  # noqa: E402
 from _mpref_diffusers import ddim_step, ddpm_step, rel_error  # noqa: E402
@@ -108,7 +108,7 @@ CASES = [
 ]
 
 # the six sigma-space classes: every call of a loop (multistep history included) against the
-# mpmath loop of tests/_mpref_sigma.py on the config's exact ladder (linspace spacing)
+# mpmath loop of tests/reference/_mpref_sigma.py on the config's exact ladder (linspace spacing)
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 SIGMA_CASES = [
     ("EulerDiscreteScheduler", "linear, 10 linspace steps", {}, 10),

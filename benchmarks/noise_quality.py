@@ -23,7 +23,7 @@ import time
 import numpy as np
 from scipy import stats
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "kernels"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "reference"))
 from _kernel_ref import philox4x32_10, stream_normal, tl_randn_reference  # noqa: E402
 
 STREAMS = {"tl.randn": tl_randn_reference, "diffmath": stream_normal}

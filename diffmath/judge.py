@@ -28,7 +28,7 @@ asymptotic range, is reported too). All probabilities are computed in log space 
 
 This is the change of variables p_out(y) = p_T(x) / f'(x) integrated over cells rather than
 evaluated at points: it needs no derivative of f, so no finite-difference step to tune, and
-its error is estimated by the grid itself (tests/test_judge.py checks it against the density
+its error is estimated by the grid itself (tests/core/test_judge.py checks it against the density
 form with f' by finite differences, and against the closed-form Gaussian KL of a one-component
 mixture).
 
@@ -41,7 +41,7 @@ Q_j, with the Miller-Madow correction -(m_occupied - 1) / (2n) for the upward bi
 delta method's sqrt(Var_{P_hat}(log P_hat_j / Q_j) / n). What it estimates is the binned KL, a lower bound
 of the true KL (data processing) that misses the within-cell KL; the result also carries the
 binned KL at m / 2 cells, whose difference shows the size of that gap. Measured on the mixture
-of tests/test_judge.py with DPM-Solver++(2M) at 10 steps (exact KL 0.11232 by ``mixture_kl``):
+of tests/core/test_judge.py with DPM-Solver++(2M) at 10 steps (exact KL 0.11232 by ``mixture_kl``):
 1.6e6 runs give 0.1098 / 0.1110 / 0.1113 / 0.1114 at m = 500 / 1000 / 2000 / 4000 (standard
 error 5e-4), so the binning gap is ~1e-3 there; with cells of equal *data* mass it was ~8e-3.
 """
@@ -285,7 +285,7 @@ def mixture_kl_monte_carlo(
     (module docstring).
 
     Returns a ``KLEstimate``: kl = the Miller-Madow corrected plug-in, err = its standard error
-    (a 5-err z-test is what tests/test_judge.py uses), details {"n", "bins", "plugin",
+    (a 5-err z-test is what tests/core/test_judge.py uses), details {"n", "bins", "plugin",
     "kl_half_bins" (the same with bins / 2 cells: the binned KL grows toward the true KL as the
     bins shrink, so the difference shows the binning gap), "occupied"}."""
     from .checks import check_generator

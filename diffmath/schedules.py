@@ -11,7 +11,7 @@ Every table is computed from the betas in float64 with cancellation-free forms:
 a double-double (hi + lo) for ``abar = exp(hi)(1 + lo)`` and its powers, ``1 - abar`` by
 ``-expm1(log abar)`` and ``log(1 - abar)`` by ``log1mexp``. The tables are
 within 1e-13 relative of a 50-digit mpmath evaluation for T <= 1000 and 1e-12 for
-T <= 10,000 (asserted in tests/test_schedules.py). A beta of exactly 1 (zero terminal SNR)
+T <= 10,000 (asserted in tests/core/test_schedules.py). A beta of exactly 1 (zero terminal SNR)
 is valid: tables that are mathematically infinite hold +-inf, and NaN never appears.
 """
 

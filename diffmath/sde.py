@@ -15,7 +15,7 @@ f(x, t) = a(t) x, and Gaussian perturbation kernels p_0t(x_t | x_0) = N(m(t) x_0
 
 These solve the moment ODEs dm/dt = a m, dv/dt = 2 a v + g^2 with m(0) = 1, v(0) = 0
 (Saerkkae & Solin 2019, eq. 5.50-5.51; asserted against ``scipy.integrate.solve_ivp`` in
-tests/test_sde.py). Every coefficient is computed in float64 without cancellation
+tests/core/test_sde.py). Every coefficient is computed in float64 without cancellation
 (``expm1`` for 1 - exp(.)) and cast to the input's compute dtype at the end.
 
 **VE marginal std.** score_sde uses s(t) = sigma(t), the std of the perturbation kernel

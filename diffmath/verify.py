@@ -18,7 +18,7 @@ The predictor-corrector row is exact too. score_sde's adaptive corrector step
 2 alpha (snr ||z|| / ||score||)^2 uses the *batch means* of the norms; in the limit of a large
 batch the step is a deterministic function of the current Gaussian (``expected_norm``), the
 corrector is linear-Gaussian and the output exact (``GaussianData.exact_sde_output``; the
-Monte Carlo agreement is asserted in tests/test_oracle.py). With a *per-sample* step in 1-D
+Monte Carlo agreement is asserted in tests/core/test_oracle.py). With a *per-sample* step in 1-D
 the output is heavy-tailed (P(|x| > r) ~ c / r, from ||score|| -> 0 near the mode), so its KL
 to the data is +infinity: no finite Monte Carlo number would mean anything (see
 docs/samplers.md).

@@ -8,7 +8,7 @@ Determinism: everything random is keyed by (seed, step): the epoch permutation o
 the timesteps t, the explicit noise and the Philox (seed, offset) of the fused kernels; the
 only stateful RNG is torch's global one, used by dropout, and it is saved in every checkpoint.
 On CPU, training 2N steps and training N steps, then resuming for N more, give bit-identical
-weights (asserted in tests/test_train.py).
+weights (asserted in tests/pipeline/test_train.py).
 
 Distributed: under ``torchrun --nproc_per_node=K`` (WORLD_SIZE > 1) the model is wrapped in
 DistributedDataParallel (gloo on CPU, NCCL on CUDA). ``batch_size`` is the global batch: each

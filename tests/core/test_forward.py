@@ -10,6 +10,7 @@ from scipy import stats
 import diffmath as dm
 from diffmath.forward import q_mean_variance, q_sample, q_step_sample
 
+from tests._tables import refusals
 from tests.reference._ref import abar_by_product, schedule_and_t
 
 
@@ -63,20 +64,28 @@ def test_q_step_sample_at_t0_starts_from_x0():
     assert_allclose(out, np.sqrt(1 - 1e-4) * 2 + np.sqrt(1e-4), rtol=1e-14)
 
 
-@pytest.mark.parametrize("fn", ["q_sample", "q_step_sample"])
-def test_forward_bad_input(fn):
-    s = dm.linear_schedule(10)
-    f = q_sample if fn == "q_sample" else q_step_sample
-    x = np.zeros((3, 2))
-    with pytest.raises(ValueError, match=r"t must lie in \[0, 10\) for a schedule of 10 steps; got t = 10"):
-        f(s, x, 10, x)
-    with pytest.raises(ValueError, match=r"t must lie in \[0, 10\).*got t = -1"):
-        f(s, x, np.array([0, -1, 2]), x)
-    with pytest.raises(ValueError, match="a batch of 2 timesteps t must match the batch of x"):
-        f(s, x, np.array([1, 2]), x)
-    with pytest.raises(TypeError, match="must be a floating-point array; got dtype int64"):
-        f(s, np.zeros((3, 2), dtype=np.int64), 1, x)
-    with pytest.raises(ValueError, match=r"noise must have the shape .* \(3, 2\); got \(3, 1\)"):
-        f(s, x, 1, np.zeros((3, 1)))
-    with pytest.raises(TypeError, match="t must be an integer timestep index"):
-        f(s, x, 1.5, x)
+# ----------------------------------------------------------------------------- bad input
+def _bad_forward_calls(fn, x_name):
+    """The same refusals from q_sample (x = x0) and q_step_sample (x = x_prev)."""
+    s, x = dm.linear_schedule(10), np.zeros((3, 2))
+
+    def kw(x_, t, noise):
+        return {"s": s, x_name: x_, "t": t, "noise": noise}
+
+    return [
+        (fn, kw(x, 10, x), ValueError, r"t must lie in \[0, 10\) for a schedule of 10 steps; got t = 10"),
+        (fn, kw(x, np.array([0, -1, 2]), x), ValueError, r"t must lie in \[0, 10\).*got t = -1"),
+        (fn, kw(x, np.array([1, 2]), x), ValueError, "a batch of 2 timesteps t must match the batch of x"),
+        (fn, kw(np.zeros((3, 2), dtype=np.int64), 1, x), TypeError, "must be a floating-point array; got dtype int64"),
+        (fn, kw(x, 1, np.zeros((3, 1))), ValueError, r"noise must have the shape .* \(3, 2\); got \(3, 1\)"),
+        (fn, kw(x, 1.5, x), TypeError, "t must be an integer timestep index"),
+    ]
+
+
+BAD_INPUT = [*_bad_forward_calls(q_sample, "x0"), *_bad_forward_calls(q_step_sample, "x_prev")]
+
+
+@refusals(BAD_INPUT)
+def test_bad_input(fn, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        fn(**kwargs)

@@ -4,6 +4,7 @@ built in the test, and the score against torch autograd of the closed-form log-d
 import math
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -12,6 +13,7 @@ from numpy.testing import assert_allclose
 import diffmath as dm
 from diffmath import parameterization as P
 
+from tests._tables import refusals
 from tests.reference._ref import abar_by_product, schedule_and_t
 
 
@@ -61,12 +63,11 @@ def test_per_sample_t_broadcasts_over_trailing_dims():
         assert_allclose(out[i], 1 / math.sqrt(abar_by_product(s.betas, ti)), rtol=1e-12)
 
 
-def test_zero_terminal_snr_eps_cannot_give_x0_but_v_can():
+def test_zero_terminal_snr_v_gives_x0():
+    # eps cannot give x0 at abar = 0 (refused: BAD_INPUT), v can
     s = dm.rescale_zero_terminal_snr(dm.linear_schedule(100))
-    xt, eps = np.ones((2, 3)), np.zeros((2, 3))
+    xt = np.ones((2, 3))
     t = np.array([5, 99])
-    with np.testing.assert_raises_regex(ValueError, "undefined at t = 99, where alphas_cumprod = 0"):
-        P.x0_from_eps(s, xt, t, eps)
     # v-prediction is well defined there: x0 = sqrt(abar) x_t - sqrt(1 - abar) v = -v
     v = np.full((2, 3), 0.25)
     out = P.x0_from_v(s, xt, t, v)
@@ -146,3 +147,17 @@ def test_float32_score_from_eps_where_sqrt_one_minus_abar_underflows():
     for ee in (e, torch.tensor(e)):
         out = np.asarray(P.score_from_eps(s, 2, ee), dtype=np.float64)[0]
         _close32(out, ref)
+
+
+# ----------------------------------------------------------------------------- bad input
+BAD_INPUT = [
+    # at zero terminal SNR eps cannot give x0
+    (P.x0_from_eps, dict(s=dm.rescale_zero_terminal_snr(dm.linear_schedule(100)), x_t=np.ones((2, 3)), t=np.array([5, 99]),
+                         eps=np.zeros((2, 3))), ValueError, "undefined at t = 99, where alphas_cumprod = 0"),
+]
+
+
+@refusals(BAD_INPUT)
+def test_bad_input(fn, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        fn(**kwargs)

@@ -11,6 +11,7 @@ import diffmath as dm
 from diffmath.parameterization import x0_from_eps
 from diffmath.posterior import posterior_mean_from_eps, q_posterior_mean, q_posterior_mean_variance
 
+from tests._tables import refusals
 from tests.reference._ref import abar_by_product, schedules
 
 
@@ -73,10 +74,22 @@ def test_eps_form_of_the_mean_equals_x0_form(s, data):
         assert_allclose(by_x0[finite], by_eps[finite], rtol=0, atol=(1e-10 * scale)[finite].max())
 
 
-def test_posterior_mean_from_eps_refuses_zero_terminal_snr():
-    # at abar_t = 0 (beta_t = 1) the step divides by sqrt(alpha_t) = 0: it returned +-inf or NaN
+def test_posterior_mean_from_eps_is_finite_up_to_zero_terminal_snr():
+    # finite one step before abar_t = 0 (the step at abar_t = 0 itself is refused: BAD_INPUT)
     s = dm.rescale_zero_terminal_snr(dm.linear_schedule(10))
     x = np.ones((2, 3))
-    with pytest.raises(ValueError, match="posterior_mean_from_eps is undefined at t = 9"):
-        posterior_mean_from_eps(s, x, 9, x)
     assert np.isfinite(posterior_mean_from_eps(s, x, 8, x)).all()
+
+
+# ----------------------------------------------------------------------------- bad input
+BAD_INPUT = [
+    # at abar_t = 0 (beta_t = 1) the step divides by sqrt(alpha_t) = 0: it returned +-inf or NaN
+    (posterior_mean_from_eps, dict(s=dm.rescale_zero_terminal_snr(dm.linear_schedule(10)), x_t=np.ones((2, 3)), t=9, eps=np.ones((2, 3))),
+     ValueError, "posterior_mean_from_eps is undefined at t = 9"),
+]
+
+
+@refusals(BAD_INPUT)
+def test_bad_input(fn, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        fn(**kwargs)

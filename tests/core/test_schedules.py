@@ -24,6 +24,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 import diffmath as dm
 from diffmath.schedules import Schedule, log1mexp
 
+from tests._tables import refusals
 from tests.reference._mpref import TABLES, max_rel_error, reference_tables
 
 
@@ -341,57 +342,6 @@ def test_timesteps_known_values():
     assert dm.timesteps(1000, 10, "linspace").tolist() == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
 
 
-# ----------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize(
-    "betas,match",
-    [
-        ([0.1, np.nan], r"betas\[1\] = nan"),
-        ([0.1, np.inf], "finite"),
-        ([0.0, 0.1], r"\(0, 1\].*betas\[0\] = 0.0"),
-        ([0.1, 1.5], r"betas\[1\] = 1.5"),
-        ([-0.1], r"betas\[0\] = -0.1"),
-        ([], "at least one"),
-        ([[0.1, 0.2]], "1-D"),
-    ],
-)
-def test_bad_betas(betas, match):
-    with pytest.raises(ValueError, match=match):
-        Schedule.from_betas(np.asarray(betas, dtype=float))
-
-
-def test_bad_schedule_arguments():
-    with pytest.raises(ValueError, match="T must be >= 1; got T = 0"):
-        dm.linear_schedule(0)
-    with pytest.raises(TypeError, match="T must be an integer"):
-        dm.cosine_schedule(10.5)
-    with pytest.raises(ValueError, match="unknown schedule name 'quadratic'; valid names are linear"):
-        dm.named_schedule("quadratic", 100)
-    with pytest.raises(ValueError, match="T >= 20"):
-        dm.named_schedule("linear", 10)
-    with pytest.raises(ValueError, match="unknown spacing 'middle'"):
-        dm.timesteps(100, 10, "middle")
-    with pytest.raises(ValueError, match=r"num_steps must lie in \[1, T\] = \[1, 100\]; got num_steps = 101"):
-        dm.timesteps(100, 101)
-    with pytest.raises(ValueError, match="num_steps"):
-        dm.timesteps(100, 0)
-    with pytest.raises(ValueError, match=r"must lie in \[0, 10\); got 10"):
-        dm.linear_schedule(10).respace([3, 10])
-    with pytest.raises(ValueError, match="T >= 2"):
-        dm.rescale_zero_terminal_snr(Schedule.from_betas([0.5]))
-    with pytest.raises(ValueError, match="strictly decreasing"):
-        dm.betas_for_alpha_bar(lambda u: np.ones_like(u), 10)
-    with pytest.raises(ValueError, match="max_beta"):
-        dm.cosine_schedule(10, max_beta=1.5)
-    with pytest.raises(ValueError, match="tau"):
-        dm.sigmoid_schedule(10, tau=0.0)
-
-
-def test_tables_are_read_only():
-    s = dm.linear_schedule(10)
-    with pytest.raises(ValueError):
-        s.betas[0] = 0.5
-
-
 def test_from_betas_leaves_the_callers_arrays_writable():
     b = np.full(10, 0.1)
     m = np.arange(10, dtype=np.int64)
@@ -401,3 +351,39 @@ def test_from_betas_leaves_the_callers_arrays_writable():
     assert b.flags.writeable and m.flags.writeable
     assert s.betas[0] == 0.1 and s.timestep_map[0] == 0  # the schedule keeps its own copy
     assert not s.betas.flags.writeable and not s.timestep_map.flags.writeable
+
+
+# ----------------------------------------------------------------------------- bad input
+def _assign_first_beta(s):
+    s.betas[0] = 0.5
+
+
+BAD_INPUT = [
+    (Schedule.from_betas, dict(betas=np.array([0.1, np.nan])), ValueError, r"betas\[1\] = nan"),
+    (Schedule.from_betas, dict(betas=np.array([0.1, np.inf])), ValueError, "finite"),
+    (Schedule.from_betas, dict(betas=np.array([0.0, 0.1])), ValueError, r"\(0, 1\].*betas\[0\] = 0.0"),
+    (Schedule.from_betas, dict(betas=np.array([0.1, 1.5])), ValueError, r"betas\[1\] = 1.5"),
+    (Schedule.from_betas, dict(betas=np.array([-0.1])), ValueError, r"betas\[0\] = -0.1"),
+    (Schedule.from_betas, dict(betas=np.array([], dtype=float)), ValueError, "at least one"),
+    (Schedule.from_betas, dict(betas=np.array([[0.1, 0.2]])), ValueError, "1-D"),
+    (dm.linear_schedule, dict(T=0), ValueError, "T must be >= 1; got T = 0"),
+    (dm.cosine_schedule, dict(T=10.5), TypeError, "T must be an integer"),
+    (dm.named_schedule, dict(name="quadratic", T=100), ValueError, "unknown schedule name 'quadratic'; valid names are linear"),
+    (dm.named_schedule, dict(name="linear", T=10), ValueError, "T >= 20"),
+    (dm.timesteps, dict(T=100, num_steps=10, spacing="middle"), ValueError, "unknown spacing 'middle'"),
+    (dm.timesteps, dict(T=100, num_steps=101), ValueError, r"num_steps must lie in \[1, T\] = \[1, 100\]; got num_steps = 101"),
+    (dm.timesteps, dict(T=100, num_steps=0), ValueError, "num_steps"),
+    (dm.linear_schedule(10).respace, dict(timesteps=[3, 10]), ValueError, r"must lie in \[0, 10\); got 10"),
+    (dm.rescale_zero_terminal_snr, dict(schedule=Schedule.from_betas([0.5])), ValueError, "T >= 2"),
+    (dm.betas_for_alpha_bar, dict(alpha_bar_fn=lambda u: np.ones_like(u), T=10), ValueError, "strictly decreasing"),
+    (dm.cosine_schedule, dict(T=10, max_beta=1.5), ValueError, "max_beta"),
+    (dm.sigmoid_schedule, dict(T=10, tau=0.0), ValueError, "tau"),
+    # the tables are read-only
+    (_assign_first_beta, dict(s=dm.linear_schedule(10)), ValueError, "read-only"),
+]
+
+
+@refusals(BAD_INPUT)
+def test_bad_input(fn, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        fn(**kwargs)

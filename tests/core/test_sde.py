@@ -19,6 +19,8 @@ from diffmath.forward import q_step_sample
 from diffmath.schedules import linear_schedule
 from diffmath.sde import VESDE, VPSDE, SubVPSDE, eps_from_score, score_from_eps
 
+from tests._tables import refusals
+
 SETTINGS = settings(max_examples=15, deadline=None)
 
 
@@ -288,55 +290,39 @@ def test_torch_and_numpy_agree_and_keep_dtype():
 
 
 # ----------------------------------------------------------------------------- bad input
-def test_time_outside_the_domain_is_rejected():
-    sde = VPSDE()
-    x = np.ones((2, 3))
-    with pytest.raises(ValueError, match=r"t must lie in \[0, 1\].*1\.5"):
-        sde.sde(x, 1.5)
-    with pytest.raises(ValueError, match=r"t must lie in \[0, 1\].*-0\.1"):
-        sde.marginal_prob(x, np.array([0.5, -0.1]))
-    with pytest.raises(ValueError, match=r"t must lie in \(0, 1\].*t = 0\.0"):
-        score_from_eps(sde, 0.0, x)
-    with pytest.raises(ValueError, match=r"t must lie in \(0, 1\]"):
-        sde.reverse(lambda y, t: -y).sde(x, 0.0)
-    with pytest.raises(ValueError, match="nan"):
-        sde.sde(x, float("nan"))
-    with pytest.raises(ValueError, match="batch of 3 times"):
-        sde.sde(x, np.array([0.1, 0.2, 0.3]))
-    with pytest.raises(TypeError, match="floating-point SDE time"):
-        sde.sde(x, np.array([0, 1]))
-    with pytest.raises(TypeError, match="floating-point"):
-        sde.sde(np.ones((2, 3), dtype=np.int64), 0.5)
+_VP, _X = VPSDE(), np.ones((2, 3))
 
-
-def test_bad_constructor_arguments():
-    with pytest.raises(ValueError, match="beta_min"):
-        VPSDE(beta_min=-1.0)
-    with pytest.raises(ValueError, match="beta_max"):
-        VPSDE(beta_min=5.0, beta_max=1.0)
-    with pytest.raises(ValueError, match="sigma_min < sigma_max"):
-        VESDE(sigma_min=2.0, sigma_max=1.0)
-    with pytest.raises(ValueError, match="N must be >= 1"):
-        SubVPSDE(N=0)
-    with pytest.raises(ValueError, match=r"beta_max / N <= 1.*N = 10"):
-        VPSDE(N=10).discretize(np.ones((1, 1)), 0.5)
-
-
-def test_score_of_the_wrong_shape_names_both_shapes():
-    rsde = VESDE().reverse(lambda y, t: y[:, :1])
-    with pytest.raises(ValueError, match=r"score_fn returned shape \(2, 1\) but x has shape \(2, 3\)"):
-        rsde.sde(np.ones((2, 3)), 0.5)
-    rsde = VESDE().reverse(lambda y, t: torch.as_tensor(y))
-    with pytest.raises(TypeError, match="numpy array"):
-        rsde.sde(np.ones((2, 3)), 0.5)
-
-
-def test_prior_sampling_refuses_a_non_floating_dtype():
+BAD_INPUT = [
+    # time outside the domain
+    (_VP.sde, dict(x=_X, t=1.5), ValueError, r"t must lie in \[0, 1\].*1\.5"),
+    (_VP.marginal_prob, dict(x0=_X, t=np.array([0.5, -0.1])), ValueError, r"t must lie in \[0, 1\].*-0\.1"),
+    (score_from_eps, dict(sde=_VP, t=0.0, eps=_X), ValueError, r"t must lie in \(0, 1\].*t = 0\.0"),
+    (_VP.reverse(lambda y, t: -y).sde, dict(x=_X, t=0.0), ValueError, r"t must lie in \(0, 1\]"),
+    (_VP.sde, dict(x=_X, t=float("nan")), ValueError, "nan"),
+    (_VP.sde, dict(x=_X, t=np.array([0.1, 0.2, 0.3])), ValueError, "batch of 3 times"),
+    (_VP.sde, dict(x=_X, t=np.array([0, 1])), TypeError, "floating-point SDE time"),
+    (_VP.sde, dict(x=np.ones((2, 3), dtype=np.int64), t=0.5), TypeError, "floating-point"),
+    # constructor arguments
+    (VPSDE, dict(beta_min=-1.0), ValueError, "beta_min"),
+    (VPSDE, dict(beta_min=5.0, beta_max=1.0), ValueError, "beta_max"),
+    (VESDE, dict(sigma_min=2.0, sigma_max=1.0), ValueError, "sigma_min < sigma_max"),
+    (SubVPSDE, dict(N=0), ValueError, "N must be >= 1"),
+    (VPSDE(N=10).discretize, dict(x=np.ones((1, 1)), t=0.5), ValueError, r"beta_max / N <= 1.*N = 10"),
+    # a score of the wrong shape names both shapes
+    (VESDE().reverse(lambda y, t: y[:, :1]).sde, dict(x=np.ones((2, 3)), t=0.5), ValueError,
+     r"score_fn returned shape \(2, 1\) but x has shape \(2, 3\)"),
+    (VESDE().reverse(lambda y, t: torch.as_tensor(y)).sde, dict(x=np.ones((2, 3)), t=0.5), TypeError, "numpy array"),
     # an integer dtype gave zeros; a torch dtype with a numpy generator failed inside numpy
-    sde = VPSDE()
-    with pytest.raises(TypeError, match="dtype must be a floating numpy dtype"):
-        sde.prior_sampling((2,), np.random.default_rng(0), dtype=np.int64)
-    with pytest.raises(TypeError, match="dtype must be a floating numpy dtype"):
-        sde.prior_sampling((2,), np.random.default_rng(0), dtype=torch.float32)
-    with pytest.raises(TypeError, match="dtype must be a floating torch dtype"):
-        sde.prior_sampling((2,), torch.Generator().manual_seed(0), dtype=torch.int64)
+    (_VP.prior_sampling, dict(shape=(2,), generator=np.random.default_rng(0), dtype=np.int64), TypeError,
+     "dtype must be a floating numpy dtype"),
+    (_VP.prior_sampling, dict(shape=(2,), generator=np.random.default_rng(0), dtype=torch.float32), TypeError,
+     "dtype must be a floating numpy dtype"),
+    (_VP.prior_sampling, dict(shape=(2,), generator=torch.Generator().manual_seed(0), dtype=torch.int64), TypeError,
+     "dtype must be a floating torch dtype"),
+]
+
+
+@refusals(BAD_INPUT)
+def test_bad_input(fn, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        fn(**kwargs)

@@ -37,3 +37,24 @@ def test_relative_links_resolve(page):
         elif frag and dest.suffix == ".md" and frag not in anchors(dest):
             bad.append(f"{target}: no heading #{frag} in {dest.name}")
     assert not bad, bad
+
+
+# A path into this repository's tests (tests/<folder>/test_x.py, tests/reference/_ref.py, with an
+# optional ::test_name); diffusers' own tests/schedulers/... that docs/diffusers.md cites are not ours.
+TEST_PATH = re.compile(
+    r"\btests/(?:(?:core|samplers|kernels|nn|pipeline|latent|integrations|docs|reference)/[A-Za-z_]\w*|(?:test_|_)\w*)\.py(?:::(\w+))?"
+)
+SOURCES = PAGES + sorted(p for d in ("diffmath", "kernels", "benchmarks", "tests") for p in (ROOT / d).rglob("*.py"))
+
+
+def test_test_paths_named_in_docs_and_code_exist():
+    bad = []
+    for page in SOURCES:
+        for m in TEST_PATH.finditer(page.read_text(encoding="utf-8")):
+            path, name = m.group(0).partition("::")[0], m.group(1)
+            dest = ROOT / path
+            if not dest.is_file():
+                bad.append(f"{page.relative_to(ROOT)}: {m.group(0)}: no file")
+            elif name and not re.search(rf"^def {name}\b", dest.read_text(encoding="utf-8"), re.M):
+                bad.append(f"{page.relative_to(ROOT)}: {m.group(0)}: no test {name}")
+    assert not bad, bad

@@ -14,6 +14,7 @@ from numpy.testing import assert_allclose
 from diffmath.samplers import ddim_coefs, ddim_step, ddpm_step, sample_ddim
 from diffmath.schedules import Schedule, linear_schedule, timesteps
 
+from tests._tables import refusals
 from tests.reference._ref import linspace_betas
 
 
@@ -104,26 +105,29 @@ def test_sample_ddim_calls_model_on_the_spacing():
         assert seen == timesteps(1000, 7, spacing).tolist()
 
 
-def test_bad_input():
-    s = linear_schedule(50)
-    x = np.ones((2, 3))
-    with pytest.raises(ValueError, match=r"eta must be finite and >= 0.*eta = -0.1"):
-        ddim_step(s, x, 10, 5, x, eta=-0.1)
-    with pytest.raises(ValueError, match=r"t_prev must be < t.*t = 10, t_prev = 10"):
-        ddim_step(s, x, 10, 10, x)
-    with pytest.raises(ValueError, match=r"t_prev must be < t.*t = 3, t_prev = 7"):
-        ddim_step(s, x, np.array([10, 3]), np.array([5, 7]), x)
-    with pytest.raises(ValueError, match=r"t_prev must lie in \[-1, 50\).*-2"):
-        ddim_step(s, x, 10, -2, x)
-    with pytest.raises(ValueError, match="noise is required"):
-        ddim_step(s, x, 10, 5, x, eta=0.5)
-    with pytest.raises(ValueError, match="use eta in"):
-        ddim_step(s, x, 49, 0, x, noise=x, eta=3.0)
-    with pytest.raises(ValueError, match=r"steps must lie in \[1, 50\]; got steps = 51"):
-        sample_ddim(lambda y, t: y, s, (2, 3), steps=51)
-    with pytest.raises(ValueError, match=r"steps must lie in \[1, 50\]; got steps = 0"):
-        sample_ddim(lambda y, t: y, s, (2, 3), steps=0)
-    with pytest.raises(ValueError, match=r"eta must be finite and >= 0.*eta = -1.0"):
-        sample_ddim(lambda y, t: y, s, (2, 3), eta=-1.0)
-    with pytest.raises(ValueError, match="unknown spacing 'odd'"):
-        sample_ddim(lambda y, t: y, s, (2, 3), steps=5, spacing="odd")
+# ----------------------------------------------------------------------------- bad input
+_S50, _X = linear_schedule(50), np.ones((2, 3))
+
+
+def _identity(y, t):
+    return y
+
+
+BAD_INPUT = [
+    (ddim_step, dict(s=_S50, x_t=_X, t=10, t_prev=5, eps=_X, eta=-0.1), ValueError, r"eta must be finite and >= 0.*eta = -0.1"),
+    (ddim_step, dict(s=_S50, x_t=_X, t=10, t_prev=10, eps=_X), ValueError, r"t_prev must be < t.*t = 10, t_prev = 10"),
+    (ddim_step, dict(s=_S50, x_t=_X, t=np.array([10, 3]), t_prev=np.array([5, 7]), eps=_X), ValueError, r"t_prev must be < t.*t = 3, t_prev = 7"),
+    (ddim_step, dict(s=_S50, x_t=_X, t=10, t_prev=-2, eps=_X), ValueError, r"t_prev must lie in \[-1, 50\).*-2"),
+    (ddim_step, dict(s=_S50, x_t=_X, t=10, t_prev=5, eps=_X, eta=0.5), ValueError, "noise is required"),
+    (ddim_step, dict(s=_S50, x_t=_X, t=49, t_prev=0, eps=_X, noise=_X, eta=3.0), ValueError, "use eta in"),
+    (sample_ddim, dict(eps_model=_identity, s=_S50, shape=(2, 3), steps=51), ValueError, r"steps must lie in \[1, 50\]; got steps = 51"),
+    (sample_ddim, dict(eps_model=_identity, s=_S50, shape=(2, 3), steps=0), ValueError, r"steps must lie in \[1, 50\]; got steps = 0"),
+    (sample_ddim, dict(eps_model=_identity, s=_S50, shape=(2, 3), eta=-1.0), ValueError, r"eta must be finite and >= 0.*eta = -1.0"),
+    (sample_ddim, dict(eps_model=_identity, s=_S50, shape=(2, 3), steps=5, spacing="odd"), ValueError, "unknown spacing 'odd'"),
+]
+
+
+@refusals(BAD_INPUT)
+def test_bad_input(fn, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        fn(**kwargs)

@@ -14,6 +14,7 @@ from numpy.testing import assert_allclose
 from diffmath.samplers import ddpm_std, ddpm_step, sample_ddpm
 from diffmath.schedules import Schedule, cosine_schedule, linear_schedule, timesteps
 
+from tests._tables import refusals
 from tests.reference._ref import linspace_betas
 
 
@@ -155,25 +156,6 @@ def test_sample_ddpm_respaced_equals_a_hand_loop_of_the_posterior_formula():
     assert_allclose(a, x, rtol=1e-10, atol=1e-12)
 
 
-def test_bad_input():
-    s = linear_schedule(10)
-    x = np.ones((2, 3))
-    with pytest.raises(ValueError, match="noise is required"):
-        ddpm_step(s, x, 3, x, None)
-    with pytest.raises(ValueError, match=r"variance must be 'small'.*'medium'"):
-        ddpm_step(s, x, 3, x, x, variance="medium")
-    with pytest.raises(ValueError, match=r"clip_x0 must be .*> 0; got clip_x0 = -1.0"):
-        ddpm_step(s, x, 3, x, x, clip_x0=-1.0)
-    with pytest.raises(ValueError, match=r"t must lie in \[0, 10\).*t = 10"):
-        ddpm_step(s, x, 10, x, x)
-    with pytest.raises(ValueError, match=r"steps must lie in \[1, 10\]; got steps = 11"):
-        sample_ddpm(lambda y, t: y, s, (2, 3), steps=11)
-    with pytest.raises(ValueError, match=r"steps must lie in \[1, 10\]; got steps = 0"):
-        sample_ddpm(lambda y, t: y, s, (2, 3), steps=0)
-    with pytest.raises(ValueError, match=r"eps_model returned shape \(2, 1\) but x has shape \(2, 3\)"):
-        sample_ddpm(lambda y, t: y[:, :1], s, (2, 3))
-
-
 @pytest.mark.parametrize("loop", ["ddpm", "ddpm_respaced", "ddim"])
 def test_loops_refuse_zero_terminal_snr_before_the_first_model_call(loop):
     """abar_T-1 = 0 makes x0 undefined from eps at the first step; the loops check every step's
@@ -198,3 +180,29 @@ def test_loops_refuse_zero_terminal_snr_before_the_first_model_call(loop):
     with pytest.raises(ValueError, match=f"undefined at t = {last}, where alphas_cumprod = 0"):
         run()
     assert calls == []
+
+
+# ----------------------------------------------------------------------------- bad input
+_S10, _X = linear_schedule(10), np.ones((2, 3))
+
+
+def _identity(y, t):
+    return y
+
+
+BAD_INPUT = [
+    (ddpm_step, dict(s=_S10, x_t=_X, t=3, eps=_X, noise=None), ValueError, "noise is required"),
+    (ddpm_step, dict(s=_S10, x_t=_X, t=3, eps=_X, noise=_X, variance="medium"), ValueError, r"variance must be 'small'.*'medium'"),
+    (ddpm_step, dict(s=_S10, x_t=_X, t=3, eps=_X, noise=_X, clip_x0=-1.0), ValueError, r"clip_x0 must be .*> 0; got clip_x0 = -1.0"),
+    (ddpm_step, dict(s=_S10, x_t=_X, t=10, eps=_X, noise=_X), ValueError, r"t must lie in \[0, 10\).*t = 10"),
+    (sample_ddpm, dict(eps_model=_identity, s=_S10, shape=(2, 3), steps=11), ValueError, r"steps must lie in \[1, 10\]; got steps = 11"),
+    (sample_ddpm, dict(eps_model=_identity, s=_S10, shape=(2, 3), steps=0), ValueError, r"steps must lie in \[1, 10\]; got steps = 0"),
+    (sample_ddpm, dict(eps_model=lambda y, t: y[:, :1], s=_S10, shape=(2, 3)), ValueError,
+     r"eps_model returned shape \(2, 1\) but x has shape \(2, 3\)"),
+]
+
+
+@refusals(BAD_INPUT)
+def test_bad_input(fn, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        fn(**kwargs)

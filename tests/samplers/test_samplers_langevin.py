@@ -22,6 +22,8 @@ from diffmath.samplers import (
     langevin_step,
 )
 
+from tests._tables import refusals
+
 
 @settings(max_examples=50, deadline=None)
 @given(sigma=st.floats(1e-3, 1e3), ratio=st.floats(1e-6, 3.9))
@@ -129,23 +131,32 @@ def test_torch_langevin_and_dtypes():
     assert_allclose(out.numpy(), (x * (1 - 0.5 * torch.tensor([0.1, 0.2, 0.3, 0.4])[:, None])).numpy(), rtol=1e-6)
 
 
-def test_bad_input():
-    x = np.ones((2, 3))
-    with pytest.raises(ValueError, match=r"step_size must be finite and > 0; got step_size = 0.0"):
-        langevin_step(x, x, 0.0, x)
-    with pytest.raises(ValueError, match=r"step_size must be finite and > 0; got step_size = -1.0"):
-        langevin_step(x, x, np.array([0.1, -1.0]), x)
-    with pytest.raises(ValueError, match=r"snr must be finite and > 0; got snr = 0.0"):
-        langevin_corrector_step(x, x, 0.0, x)
-    with pytest.raises(ValueError, match=r"snr must be finite and > 0; got snr = -0.1"):
-        langevin_corrector_step(x, x, -0.1, x)
-    with pytest.raises(ValueError, match=r"score must have the shape of x \(2, 3\); got \(2, 1\)"):
-        langevin_step(x, x[:, :1], 0.1, x)
-    with pytest.raises(ValueError, match=r"step_lr must be finite and > 0; got step_lr = 0.0"):
-        annealed_langevin(lambda y, s: -y, [1.0, 0.1], (2, 3), step_lr=0.0)
-    with pytest.raises(ValueError, match="strictly descending"):
-        annealed_langevin(lambda y, s: -y, [0.1, 1.0], (2, 3))
-    with pytest.raises(ValueError, match=r"n_steps_each must be an integer >= 1; got n_steps_each = 0"):
-        annealed_langevin(lambda y, s: -y, [1.0, 0.1], (2, 3), n_steps_each=0)
-    with pytest.raises(ValueError, match=r"score_model returned shape \(2,\) but x has shape \(2, 3\)"):
-        annealed_langevin(lambda y, s: s, [1.0, 0.1], (2, 3), n_steps_each=1)
+# ----------------------------------------------------------------------------- bad input
+_X = np.ones((2, 3))
+
+
+def _minus_y(y, s):
+    return -y
+
+
+BAD_INPUT = [
+    (langevin_step, dict(x=_X, score=_X, step_size=0.0, noise=_X), ValueError, r"step_size must be finite and > 0; got step_size = 0.0"),
+    (langevin_step, dict(x=_X, score=_X, step_size=np.array([0.1, -1.0]), noise=_X), ValueError,
+     r"step_size must be finite and > 0; got step_size = -1.0"),
+    (langevin_corrector_step, dict(score=_X, x=_X, snr=0.0, noise=_X), ValueError, r"snr must be finite and > 0; got snr = 0.0"),
+    (langevin_corrector_step, dict(score=_X, x=_X, snr=-0.1, noise=_X), ValueError, r"snr must be finite and > 0; got snr = -0.1"),
+    (langevin_step, dict(x=_X, score=_X[:, :1], step_size=0.1, noise=_X), ValueError, r"score must have the shape of x \(2, 3\); got \(2, 1\)"),
+    (annealed_langevin, dict(score_model=_minus_y, sigmas=[1.0, 0.1], shape=(2, 3), step_lr=0.0), ValueError,
+     r"step_lr must be finite and > 0; got step_lr = 0.0"),
+    (annealed_langevin, dict(score_model=_minus_y, sigmas=[0.1, 1.0], shape=(2, 3)), ValueError, "strictly descending"),
+    (annealed_langevin, dict(score_model=_minus_y, sigmas=[1.0, 0.1], shape=(2, 3), n_steps_each=0), ValueError,
+     r"n_steps_each must be an integer >= 1; got n_steps_each = 0"),
+    (annealed_langevin, dict(score_model=lambda y, s: s, sigmas=[1.0, 0.1], shape=(2, 3), n_steps_each=1), ValueError,
+     r"score_model returned shape \(2,\) but x has shape \(2, 3\)"),
+]
+
+
+@refusals(BAD_INPUT)
+def test_bad_input(fn, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        fn(**kwargs)

@@ -21,6 +21,8 @@ from diffmath.samplers import (
 from diffmath.schedules import linear_schedule
 from diffmath.sde import VPSDE
 
+from tests._tables import refusals
+
 S = linear_schedule(100)
 SDE = VPSDE(N=50)
 DATA = GaussianData([0.2, -0.1], [[0.5, 0.1], [0.1, 0.4]])
@@ -127,12 +129,20 @@ def test_sample_ode_interrupt_leaves_inputs_intact():
     assert np.array_equal(X, X_copy)
 
 
-def test_generator_kind_must_match_x_T():
-    with pytest.raises(TypeError, match="numpy.random.Generator but x_T is a torch tensor"):
-        sample_sde(_score, SDE, x_T=torch.zeros(2, 2), generator=np.random.default_rng(0))
-    with pytest.raises(TypeError, match="torch.Generator but x_T is a numpy array"):
-        sample_sde(_score, SDE, x_T=np.zeros((2, 2)), generator=torch.Generator())
-    with pytest.raises(TypeError, match="generator must be"):
-        sample_sde(_score, SDE, (2, 2), generator=42)
-    with pytest.raises(ValueError, match=r"x_T must have the requested shape \(3, 2\); got \(2, 2\)"):
-        sample_sde(_score, SDE, (3, 2), x_T=np.zeros((2, 2)))
+# ----------------------------------------------------------------------------- bad input
+BAD_INPUT = [
+    # the generator's kind must match x_T
+    (sample_sde, dict(score_fn=_score, sde=SDE, x_T=torch.zeros(2, 2), generator=np.random.default_rng(0)), TypeError,
+     "numpy.random.Generator but x_T is a torch tensor"),
+    (sample_sde, dict(score_fn=_score, sde=SDE, x_T=np.zeros((2, 2)), generator=torch.Generator()), TypeError,
+     "torch.Generator but x_T is a numpy array"),
+    (sample_sde, dict(score_fn=_score, sde=SDE, shape=(2, 2), generator=42), TypeError, "generator must be"),
+    (sample_sde, dict(score_fn=_score, sde=SDE, shape=(3, 2), x_T=np.zeros((2, 2))), ValueError,
+     r"x_T must have the requested shape \(3, 2\); got \(2, 2\)"),
+]
+
+
+@refusals(BAD_INPUT)
+def test_bad_input(fn, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        fn(**kwargs)

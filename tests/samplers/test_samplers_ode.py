@@ -13,6 +13,8 @@ from diffmath.oracle import GaussianData
 from diffmath.samplers import heun_step, sample_ode, sample_ode_heun
 from diffmath.sde import VESDE, VPSDE, SubVPSDE
 
+from tests._tables import refusals
+
 MU = np.array([0.8, -0.5])
 COV = np.array([[0.3, 0.1], [0.1, 0.2]])
 
@@ -80,22 +82,28 @@ def test_heun_torch_matches_numpy_and_ode_accepts_torch():
     assert_allclose(d.double().numpy(), c, rtol=1e-4, atol=1e-4)
 
 
-def test_bad_input():
-    sde = VPSDE()
-    with pytest.raises(ValueError, match=r"rtol must be a finite float > 0; got rtol = 0"):
-        sample_ode(lambda x, t: -x, sde, (2, 2), rtol=0)
-    with pytest.raises(ValueError, match=r"steps must be >= 1; got steps = 0"):
-        sample_ode_heun(lambda x, t: -x, sde, (2, 2), steps=0)
-    with pytest.raises(TypeError, match="probability_flow=True"):
-        heun_step(sde.reverse(lambda x, t: -x), np.ones((2, 2)), 0.5, -0.1)
-    with pytest.raises(ValueError, match=r"t must lie in \(0, 1\]"):
-        heun_step(sde.reverse(lambda x, t: -x, True), np.ones((2, 2)), 0.5, -0.5)
+# ----------------------------------------------------------------------------- bad input
+_VP = VPSDE()
 
 
-def test_non_finite_score_is_named():
+def _minus_x(x, t):
+    return -x
+
+
+BAD_INPUT = [
+    (sample_ode, dict(score_fn=_minus_x, sde=_VP, shape=(2, 2), rtol=0), ValueError, r"rtol must be a finite float > 0; got rtol = 0"),
+    (sample_ode_heun, dict(score_fn=_minus_x, sde=_VP, shape=(2, 2), steps=0), ValueError, r"steps must be >= 1; got steps = 0"),
+    (heun_step, dict(rsde=_VP.reverse(_minus_x), x=np.ones((2, 2)), t=0.5, dt=-0.1), TypeError, "probability_flow=True"),
+    (heun_step, dict(rsde=_VP.reverse(_minus_x, True), x=np.ones((2, 2)), t=0.5, dt=-0.5), ValueError, r"t must lie in \(0, 1\]"),
     # a score_fn returning NaN is reported as such, not as a bad time t = nan
-    sde = VPSDE()
-    with pytest.raises(ValueError, match=r"score_fn returned non-finite values.*t = 1.0"):
-        sample_ode(lambda x, t: x * np.nan, sde, (2, 2), generator=np.random.default_rng(0))
-    with pytest.raises(ValueError, match=r"score_fn returned non-finite values"):
-        sample_ode(lambda x, t: np.where(t[:, None] < 0.5, np.inf, -x), sde, (2, 2), generator=np.random.default_rng(0))
+    (sample_ode, dict(score_fn=lambda x, t: x * np.nan, sde=_VP, shape=(2, 2), generator=np.random.default_rng(0)), ValueError,
+     r"score_fn returned non-finite values.*t = 1.0"),
+    (sample_ode, dict(score_fn=lambda x, t: np.where(t[:, None] < 0.5, np.inf, -x), sde=_VP, shape=(2, 2),
+                      generator=np.random.default_rng(0)), ValueError, r"score_fn returned non-finite values"),
+]
+
+
+@refusals(BAD_INPUT)
+def test_bad_input(fn, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        fn(**kwargs)

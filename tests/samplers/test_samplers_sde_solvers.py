@@ -12,6 +12,8 @@ from diffmath.oracle import GaussianData
 from diffmath.samplers import euler_maruyama_step, reverse_diffusion_step, sample_pc, sample_sde, time_grid
 from diffmath.sde import VESDE, VPSDE, SubVPSDE
 
+from tests._tables import refusals
+
 
 def _score(x, t):
     return -x * (1.0 + t[:, None])
@@ -99,45 +101,6 @@ def test_time_grid_and_pc_levels():
     assert_allclose(seen, np.stack([g[:-1]] * 3, 1).reshape(-1), rtol=1e-6)  # 2 corrector + 1 predictor per level
 
 
-@pytest.mark.parametrize(
-    "reverse, t, dt, match",
-    [
-        (True, 0.5, 0.0, r"dt must be finite and non-zero.*dt = 0.0"),
-        (True, 0.5, -0.6, r"t \+ dt must stay in \[0, 1\].*dt = -0.6"),
-        (True, 0.0, -0.1, r"t \+ dt must stay in \[0, 1\]; got t = 0.0, dt = -0.1"),
-        # the direction: a ReverseSDE runs backward in time (dt < 0), a forward SDE forward (dt > 0)
-        (True, 0.5, 0.1, r"dt must be < 0 for a ReverseSDE.*dt = 0.1"),
-        (False, 0.5, -0.1, r"dt must be > 0 for a forward SDE.*dt = -0.1"),
-        (True, 1.2, -0.1, r"t must lie in \[0, 1\].*1.2"),
-    ],
-)
-def test_euler_maruyama_rejects_bad_times(reverse, t, dt, match):
-    sde = VPSDE()
-    x = np.ones((2, 3))
-    with pytest.raises(ValueError, match=match):
-        euler_maruyama_step(sde.reverse(_score) if reverse else sde, x, t, dt, x)
-
-
-@pytest.mark.parametrize(
-    "loop, kw, match",
-    [
-        (sample_pc, dict(snr=0.0), r"snr must be finite and > 0; got snr = 0.0"),
-        (sample_sde, dict(steps=0), r"steps must be >= 1; got steps = 0"),
-        (sample_sde, dict(eps=0), r"eps \(the stopping time\) must lie in \(0, 1.0\); got eps = 0"),
-        (sample_pc, dict(steps=10), "steps must equal sde.N = 1000"),
-        (sample_pc, dict(predictor="heun"), "predictor must be"),
-    ],
-)
-def test_loops_reject_bad_settings(loop, kw, match):
-    with pytest.raises(ValueError, match=match):
-        loop(_score, VPSDE(), (2, 3), **kw)
-
-
-def test_loop_names_a_score_of_the_wrong_shape():
-    with pytest.raises(ValueError, match=r"score_fn returned shape \(2, 1\) but x has shape \(2, 3\)"):
-        sample_sde(lambda y, t: y[:, :1], VPSDE(), (2, 3), steps=3)
-
-
 def test_pc_default_corrector_is_batch_mean_and_gives_the_right_variance_in_1d():
     # Issue 11 item 4: on 1-D data N(0.5, 0.1^2) the default corrector step is score_sde's
     # batch-mean one, whose large-batch limit the oracle propagates exactly
@@ -161,3 +124,40 @@ def test_pc_default_corrector_is_batch_mean_and_gives_the_right_variance_in_1d()
     assert abs(x.var(ddof=1) - v) < 5 * v * np.sqrt(2 / n), (x.var(ddof=1), v)
     xs = run(corrector_norm="sample")
     assert xs.var() > 100 * v, xs.var()
+
+
+# ----------------------------------------------------------------------------- bad input
+_VP, _X = VPSDE(), np.ones((2, 3))
+
+
+def _em_row(reverse, t, dt, match):
+    return (euler_maruyama_step, dict(rsde=_VP.reverse(_score) if reverse else _VP, x=_X, t=t, dt=dt, noise=_X), ValueError, match)
+
+
+def _loop_row(loop, kw, match):
+    return (loop, dict(score_fn=_score, sde=VPSDE(), shape=(2, 3), **kw), ValueError, match)
+
+
+BAD_INPUT = [
+    _em_row(True, 0.5, 0.0, r"dt must be finite and non-zero.*dt = 0.0"),
+    _em_row(True, 0.5, -0.6, r"t \+ dt must stay in \[0, 1\].*dt = -0.6"),
+    _em_row(True, 0.0, -0.1, r"t \+ dt must stay in \[0, 1\]; got t = 0.0, dt = -0.1"),
+    # the direction: a ReverseSDE runs backward in time (dt < 0), a forward SDE forward (dt > 0)
+    _em_row(True, 0.5, 0.1, r"dt must be < 0 for a ReverseSDE.*dt = 0.1"),
+    _em_row(False, 0.5, -0.1, r"dt must be > 0 for a forward SDE.*dt = -0.1"),
+    _em_row(True, 1.2, -0.1, r"t must lie in \[0, 1\].*1.2"),
+    _loop_row(sample_pc, dict(snr=0.0), r"snr must be finite and > 0; got snr = 0.0"),
+    _loop_row(sample_sde, dict(steps=0), r"steps must be >= 1; got steps = 0"),
+    _loop_row(sample_sde, dict(eps=0), r"eps \(the stopping time\) must lie in \(0, 1.0\); got eps = 0"),
+    _loop_row(sample_pc, dict(steps=10), "steps must equal sde.N = 1000"),
+    _loop_row(sample_pc, dict(predictor="heun"), "predictor must be"),
+    # the loop names a score of the wrong shape
+    (sample_sde, dict(score_fn=lambda y, t: y[:, :1], sde=VPSDE(), shape=(2, 3), steps=3), ValueError,
+     r"score_fn returned shape \(2, 1\) but x has shape \(2, 3\)"),
+]
+
+
+@refusals(BAD_INPUT)
+def test_bad_input(fn, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        fn(**kwargs)

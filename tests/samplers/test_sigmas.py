@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from numpy.testing import assert_allclose, assert_array_equal
 
 from diffmath.samplers import (
+    sigmas_beta,
     sigmas_exponential,
     sigmas_from_schedule,
     sigmas_karras,
@@ -21,6 +22,7 @@ from diffmath.samplers import (
 )
 from diffmath.schedules import Schedule, linear_schedule, rescale_zero_terminal_snr, timesteps
 
+from tests._tables import refusals
 from tests.reference._ref import abar_by_product
 
 # Results go through pow/exp/log of numpy: a few ulp apart per CPU (SIMD libm), so 1e-14, not 1e-16.
@@ -112,35 +114,6 @@ def test_from_schedule_range_of_linear_1000():
     assert_allclose([sig[0], sig[-2]], [157.4072808104074, 0.010000500037503126], rtol=1e-13)
 
 
-@pytest.mark.parametrize(
-    "call, exc, match",
-    [
-        (lambda: sigmas_karras(0, 0.1, 1.0), ValueError, "n must be >= 1"),
-        (lambda: sigmas_karras(2.0, 0.1, 1.0), TypeError, "n must be an integer"),
-        (lambda: sigmas_karras(True, 0.1, 1.0), TypeError, "n must be an integer"),
-        (lambda: sigmas_karras(5, 1.0, 0.1), ValueError, "sigma_min < sigma_max"),
-        (lambda: sigmas_karras(5, 0.0, 1.0), ValueError, "sigma_min must be finite and > 0"),
-        (lambda: sigmas_karras(5, 0.1, math.inf), ValueError, "sigma_max must be finite"),
-        (lambda: sigmas_karras(5, 0.1, math.nan), ValueError, "sigma_max must be finite"),
-        (lambda: sigmas_karras(5, 0.1, 1.0, rho=0.0), ValueError, "rho must be finite and > 0"),
-        (lambda: sigmas_exponential(5, 0.5, 0.5), ValueError, "sigma_min < sigma_max"),
-        (lambda: sigmas_exponential(5, "a", 0.5), TypeError, "sigma_min must be a real number"),
-        (lambda: sigmas_polyexponential(5, 0.1, 1.0, rho=-1.0), ValueError, "rho must be finite and > 0"),
-        (lambda: sigmas_vp(5, eps_s=1.0), ValueError, "eps_s must lie in"),
-        (lambda: sigmas_vp(5, eps_s=0.0), ValueError, "eps_s must be finite and > 0"),
-        (lambda: sigmas_vp(5, beta_d=-1.0), ValueError, "beta_d must be finite and >= 0"),
-        (lambda: sigmas_vp(5, beta_d=0.0, beta_min=0.0), ValueError, "cannot both be 0"),
-        (lambda: sigmas_from_schedule(linear_schedule(10), 11), ValueError, "num_steps must lie in"),
-        (lambda: sigmas_from_schedule(linear_schedule(10), 5, "middle"), ValueError, "unknown spacing"),
-        (lambda: sigmas_from_schedule(np.ones(10), 5), TypeError, "Schedule"),
-        (lambda: sigmas_from_schedule(rescale_zero_terminal_snr(linear_schedule(10)), 5, "trailing"), ValueError, "zero terminal SNR"),
-    ],
-)
-def test_bad_input(call, exc, match):
-    with pytest.raises(exc, match=match):
-        call()
-
-
 def test_single_level():
     for sig in (sigmas_karras(1, 0.1, 2.0), sigmas_exponential(1, 0.1, 2.0), sigmas_polyexponential(1, 0.1, 2.0)):
         assert_array_equal(sig, [2.0, 0.0])
@@ -159,5 +132,36 @@ def test_sigmas_beta_against_closed_forms():
     arc = sigmas_beta(7, 0.2, 3.0, alpha=0.5, beta=0.5)
     want = [0.2 + float(mp.sin(mp.pi * (1 - mp.mpf(i) / 6) / 2) ** 2) * 2.8 for i in range(7)]
     assert_allclose(arc[:-1], want, rtol=1e-12)  # scipy's beta quantile is an iterative inverse
-    with pytest.raises(ValueError, match="alpha"):
-        sigmas_beta(4, 0.1, 1.0, alpha=0.0)
+
+
+# ----------------------------------------------------------------------------- bad input
+_ZSNR10 = rescale_zero_terminal_snr(linear_schedule(10))
+
+BAD_INPUT = [
+    (sigmas_karras, dict(n=0, sigma_min=0.1, sigma_max=1.0), ValueError, "n must be >= 1"),
+    (sigmas_karras, dict(n=2.0, sigma_min=0.1, sigma_max=1.0), TypeError, "n must be an integer"),
+    (sigmas_karras, dict(n=True, sigma_min=0.1, sigma_max=1.0), TypeError, "n must be an integer"),
+    (sigmas_karras, dict(n=5, sigma_min=1.0, sigma_max=0.1), ValueError, "sigma_min < sigma_max"),
+    (sigmas_karras, dict(n=5, sigma_min=0.0, sigma_max=1.0), ValueError, "sigma_min must be finite and > 0"),
+    (sigmas_karras, dict(n=5, sigma_min=0.1, sigma_max=math.inf), ValueError, "sigma_max must be finite"),
+    (sigmas_karras, dict(n=5, sigma_min=0.1, sigma_max=math.nan), ValueError, "sigma_max must be finite"),
+    (sigmas_karras, dict(n=5, sigma_min=0.1, sigma_max=1.0, rho=0.0), ValueError, "rho must be finite and > 0"),
+    (sigmas_exponential, dict(n=5, sigma_min=0.5, sigma_max=0.5), ValueError, "sigma_min < sigma_max"),
+    (sigmas_exponential, dict(n=5, sigma_min="a", sigma_max=0.5), TypeError, "sigma_min must be a real number"),
+    (sigmas_polyexponential, dict(n=5, sigma_min=0.1, sigma_max=1.0, rho=-1.0), ValueError, "rho must be finite and > 0"),
+    (sigmas_beta, dict(n=4, sigma_min=0.1, sigma_max=1.0, alpha=0.0), ValueError, "alpha"),
+    (sigmas_vp, dict(n=5, eps_s=1.0), ValueError, "eps_s must lie in"),
+    (sigmas_vp, dict(n=5, eps_s=0.0), ValueError, "eps_s must be finite and > 0"),
+    (sigmas_vp, dict(n=5, beta_d=-1.0), ValueError, "beta_d must be finite and >= 0"),
+    (sigmas_vp, dict(n=5, beta_d=0.0, beta_min=0.0), ValueError, "cannot both be 0"),
+    (sigmas_from_schedule, dict(s=linear_schedule(10), steps=11), ValueError, "num_steps must lie in"),
+    (sigmas_from_schedule, dict(s=linear_schedule(10), steps=5, spacing="middle"), ValueError, "unknown spacing"),
+    (sigmas_from_schedule, dict(s=np.ones(10), steps=5), TypeError, "Schedule"),
+    (sigmas_from_schedule, dict(s=_ZSNR10, steps=5, spacing="trailing"), ValueError, "zero terminal SNR"),
+]
+
+
+@refusals(BAD_INPUT)
+def test_bad_input(fn, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        fn(**kwargs)

@@ -46,6 +46,8 @@ from diffmath.samplers import (
 from diffmath.samplers.solvers import dpmpp_multistep_step, unipc_corrector_step, unipc_predictor_step
 from diffmath.schedules import linear_schedule
 
+from tests._tables import refusals
+
 S = linear_schedule(1000)
 SIG_MIN, SIG_MAX = float(S.sqrt_recipm1_alphas_cumprod[0]), float(S.sqrt_recipm1_alphas_cumprod[-1])
 DATA2 = GaussianData([0.5, -0.3], [[0.04, 0.01], [0.01, 0.02]])
@@ -222,10 +224,6 @@ def test_exact_output_torch_backend_and_start():
     c = DATA2.exact_solver_output("unipc", sig, start=float(sig[0]))
     d = DATA2.exact_solver_output("unipc", sig, start=GaussianData([0.0, 0.0], np.eye(2) * sig[0] ** 2))
     assert_allclose(c.cov, d.cov, rtol=1e-13)
-    with pytest.raises(ValueError, match="solver must be one of"):
-        DATA2.exact_solver_output("rk4", sig)
-    with pytest.raises(ValueError, match="start must be a std > 0"):
-        DATA2.exact_solver_output("unipc", sig, start=-1.0)
 
 
 def test_kl_of_dpmpp_2m_matches_k_diffusion_numbers():
@@ -363,6 +361,35 @@ def test_cuda_matches_cpu(name):
     assert_allclose(out.cpu().numpy(), run("cpu").numpy(), rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("variant", ["bh1", "bh2"])
+@pytest.mark.parametrize("prediction", ["data", "noise"])
+def test_unipc_steps_integrate_the_interpolant_exactly(variant, prediction):
+    """UniP-3 and UniC-3 against scipy quad: with x = x0 + sigma eps and lambda = -log sigma the
+    ODE is dx/dlambda = D - x (data) or -e^{-lambda} eps (noise); its exact solution with D or eps
+    replaced by the polynomial in lambda through the model values (quadratic for UniP-3 from
+    three values, cubic for UniC-3 with the new one) is what the order conditions give."""
+    from scipy.integrate import quad
+
+    rng = np.random.default_rng(5)
+    x, M0, M1, M2, Mn = (float(v) for v in rng.standard_normal(5))
+    sig = [9.0, 4.0, 1.3, 0.5]  # sigma_{i-2}, sigma_{i-1}, sigma_i, sigma_{i+1}
+    lam = [-math.log(v) for v in sig]
+    vals = [M2, M1, M0, Mn]
+
+    def exact(npts):
+        poly = np.polynomial.Polynomial.fit(lam[:npts], vals[:npts], npts - 1)
+        if prediction == "data":  # x_t = e^{-h} x_s + int e^{-(lam_t - l)} D(l) dl
+            integ = quad(lambda l: math.exp(-(lam[3] - l)) * poly(l), lam[2], lam[3], epsabs=1e-14, epsrel=1e-13)[0]
+            return math.exp(-(lam[3] - lam[2])) * x + integ
+        return x - quad(lambda l: math.exp(-l) * poly(l), lam[2], lam[3], epsabs=1e-14, epsrel=1e-13)[0]
+
+    a = unipc_predictor_step(np.array([x]), sig[2], sig[3], [np.array([v]) for v in (M0, M1, M2)], sig[2::-1], variant, prediction)
+    b = unipc_corrector_step(np.array([x]), sig[2], sig[3], [np.array([v]) for v in (M0, M1, M2)], sig[2::-1], np.array([Mn]), variant, prediction)
+    # quad to 1e-13; the Vandermonde solve loses a few digits on this uneven history
+    assert_allclose(a, exact(3), rtol=1e-10, atol=1e-12)
+    assert_allclose(b, exact(4), rtol=1e-10, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------- bad input
 class _Counting:
     def __init__(self):
@@ -436,41 +463,21 @@ def test_bad_denoiser_output(denoiser, x, match, exc):
         sample_dpmpp_2m(denoiser, x, SIG)
 
 
-def test_bad_noise_sampler_output():
-    with pytest.raises(ValueError, match="the output of noise_sampler must have the shape of x"):
-        sample_euler_ancestral(DATA2.denoise, X, SIG, noise_sampler=lambda s, sn: np.zeros((5, 2)))
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_denoiser_on_wrong_device():
     with pytest.raises(ValueError, match="the output of denoiser is on cpu"):
         sample_euler(lambda x, s: torch.zeros(2, 2), torch.ones(2, 2, device="cuda"), SIG)
 
 
-@pytest.mark.parametrize("variant", ["bh1", "bh2"])
-@pytest.mark.parametrize("prediction", ["data", "noise"])
-def test_unipc_steps_integrate_the_interpolant_exactly(variant, prediction):
-    """UniP-3 and UniC-3 against scipy quad: with x = x0 + sigma eps and lambda = -log sigma the
-    ODE is dx/dlambda = D - x (data) or -e^{-lambda} eps (noise); its exact solution with D or eps
-    replaced by the polynomial in lambda through the model values (quadratic for UniP-3 from
-    three values, cubic for UniC-3 with the new one) is what the order conditions give."""
-    from scipy.integrate import quad
+BAD_INPUT = [
+    (DATA2.exact_solver_output, dict(solver="rk4", sigmas=sigmas_karras(7, 0.01, 157.4)), ValueError, "solver must be one of"),
+    (DATA2.exact_solver_output, dict(solver="unipc", sigmas=sigmas_karras(7, 0.01, 157.4), start=-1.0), ValueError, "start must be a std > 0"),
+    (sample_euler_ancestral, dict(denoiser=DATA2.denoise, x=X, sigmas=SIG, noise_sampler=lambda s, sn: np.zeros((5, 2))), ValueError,
+     "the output of noise_sampler must have the shape of x"),
+]
 
-    rng = np.random.default_rng(5)
-    x, M0, M1, M2, Mn = (float(v) for v in rng.standard_normal(5))
-    sig = [9.0, 4.0, 1.3, 0.5]  # sigma_{i-2}, sigma_{i-1}, sigma_i, sigma_{i+1}
-    lam = [-math.log(v) for v in sig]
-    vals = [M2, M1, M0, Mn]
 
-    def exact(npts):
-        poly = np.polynomial.Polynomial.fit(lam[:npts], vals[:npts], npts - 1)
-        if prediction == "data":  # x_t = e^{-h} x_s + int e^{-(lam_t - l)} D(l) dl
-            integ = quad(lambda l: math.exp(-(lam[3] - l)) * poly(l), lam[2], lam[3], epsabs=1e-14, epsrel=1e-13)[0]
-            return math.exp(-(lam[3] - lam[2])) * x + integ
-        return x - quad(lambda l: math.exp(-l) * poly(l), lam[2], lam[3], epsabs=1e-14, epsrel=1e-13)[0]
-
-    a = unipc_predictor_step(np.array([x]), sig[2], sig[3], [np.array([v]) for v in (M0, M1, M2)], sig[2::-1], variant, prediction)
-    b = unipc_corrector_step(np.array([x]), sig[2], sig[3], [np.array([v]) for v in (M0, M1, M2)], sig[2::-1], np.array([Mn]), variant, prediction)
-    # quad to 1e-13; the Vandermonde solve loses a few digits on this uneven history
-    assert_allclose(a, exact(3), rtol=1e-10, atol=1e-12)
-    assert_allclose(b, exact(4), rtol=1e-10, atol=1e-12)
+@refusals(BAD_INPUT)
+def test_bad_input(fn, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        fn(**kwargs)
