@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._io import atomic_write_json, read_sidecar, safetensors_metadata, save_safetensors, weights_and_sidecar
-from ..data import Data
+from ..pipeline.io import atomic_write_json, read_sidecar, safetensors_metadata, save_safetensors, weights_and_sidecar
+from ..pipeline.data import Data
 from ..nn.vae import VAE
 from .vae_checkpoint import as_loaded
 from .vae_train import check_vae_fits

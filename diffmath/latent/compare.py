@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._io import atomic_write_json, atomic_write_npz, atomic_write_text, forget_file
-from ..data import Data, load_data
+from ..pipeline.io import atomic_write_json, atomic_write_npz, atomic_write_text, forget_file
+from ..pipeline.data import Data, load_data
 from .cache import decode_latents, encode_dataset
 from .diffusion import LATENT_DEMO_CONFIG, check_unet_fits, evaluate_latent, sample_latent, write_latent_run
 from .vae_config import VAE_DEMO_CONFIG, VAEConfig
@@ -29,9 +29,8 @@ def _train_for_budget(config, out: Path, data: Data, budget_s: float, *, chunk_s
     ``train``'s own time counted: start-up, steps, checkpoints), in chunks of about ``chunk_s``
     joined by ``resume`` (bit-identical to one uninterrupted run; ``config.steps`` is only an
     upper bound, so the learning rate must not depend on it). Returns steps and seconds."""
-    from ..checkpoint import list_checkpoints
-    from ..train import train
-
+    from ..pipeline.checkpoint import list_checkpoints
+    from ..pipeline.loop import train
     spent, steps, sec_per_step, first = 0.0, 0, None, True
     while spent < budget_s and steps < config.steps:
         left = budget_s - spent
@@ -67,8 +66,7 @@ def compare_pixel_latent(out, *, budget_s: float = 120.0, vae_config: VAEConfig 
     ``out`` is opened as a run folder (``diffmath.rundir.open_run``: refused if not empty unless
     ``overwrite``, which deletes only what diffmath wrote there) and locked until this returns.
     """
-    from ..rundir import open_run
-
+    from ..pipeline.rundir import open_run
     if isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)) or not 0 < budget_s < float("inf"):
         raise ValueError(f"budget_s must be a positive finite number of seconds; got {budget_s!r}")
     with open_run(Path(out), "compare-latent", overwrite=overwrite):
@@ -80,10 +78,9 @@ def _compare(out, budget_s, vae_config, pixel_config, latent_config, num_samples
              progress) -> dict:
     import platform
 
-    from ..rundir import open_run
-    from ..sample import sample_run
-    from ..train import TrainConfig
-
+    from ..pipeline.rundir import open_run
+    from ..pipeline.generate import sample_run
+    from ..pipeline.config import TrainConfig
     big = 10**7
     common = dict(steps=big, lr_decay_steps=0, save_every=big, device=device, progress=False)
     pcfg = dataclasses.replace(pixel_config or TrainConfig(**_pixel_demo_config()), **common)
@@ -98,8 +95,7 @@ def _compare(out, budget_s, vae_config, pixel_config, latent_config, num_samples
     t = _train_for_budget(pcfg, out / "pixel", data, budget_s)
     si = sample_run(out / "pixel", run=out / "pixel", sampler=sampler, steps=steps, num_samples=num_samples,
                     device=device, progress=progress)
-    from ..evaluate import evaluate_run
-
+    from ..pipeline.evaluate import evaluate_run
     mp = evaluate_run(out / "pixel", vlb_images=0, device=device, progress=progress)
     result["pixel"] = {**t, "sample_s": si["seconds"], "params": _params(out / "pixel"), "data_shape": list(data.shape),
                        "channel_mult": list(pcfg.channel_mult), "metrics": _headline(mp)}
@@ -144,8 +140,7 @@ def _compare(out, budget_s, vae_config, pixel_config, latent_config, num_samples
 
 def _pixel_demo_config() -> dict:
     """The pixel demo's recipe, ``diffmath.train.DEMO_CONFIG`` (a copy)."""
-    from ..train import DEMO_CONFIG
-
+    from ..pipeline.config import DEMO_CONFIG
     return dict(DEMO_CONFIG)
 
 
@@ -201,9 +196,8 @@ def comparison_table(r: dict) -> str:
 def _evaluate_images(run_dir: Path, x: np.ndarray, where: Path, device: str, progress: bool) -> dict:
     """The pixel pipeline's sample metrics (``evaluate.evaluate_run`` with no test VLB) of the
     images ``x``, judged against the data of the run in ``run_dir``."""
-    from ..evaluate import evaluate_run
-    from ..sample import claim_samples_folder
-
+    from ..pipeline.evaluate import evaluate_run
+    from ..pipeline.generate import claim_samples_folder
     with claim_samples_folder(where, command="compare-latent"):
         atomic_write_npz(where / "samples.npz", samples=np.asarray(x, np.float32), info=np.str_("{}"))
         return evaluate_run(run_dir, samples=where / "samples.npz", out=where, vlb_images=0, device=device,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .._io import atomic_write_json, atomic_write_text
+from ..pipeline.io import atomic_write_json, atomic_write_text
 from .diffusion import LATENT_DEMO_CONFIG, LatentResult, evaluate_latent, sample_latent, train_latent
 from .run import latent_run_files, read_latent_run
 from .vae_config import VAE_DEMO_CONFIG, VAEConfig
@@ -23,15 +23,14 @@ def demo_latent(out=Path("runs/demo-latent"), *, overwrite: bool = False, device
     8x8 digits (or reuse a finished demo run in ``out``), sample with DDIM, evaluate the decoded
     samples with the pixel pipeline's metrics, and write ``out``/report.md. Returns the metrics
     (with ``timings`` and ``vae``)."""
-    from ..checkpoint import RunError, check_compatible, read_run_config
-    from ..train import TrainConfig
-
+    from ..pipeline.checkpoint import check_compatible, read_run_config
+    from ..pipeline.rundir import RunError
+    from ..pipeline.config import TrainConfig
     out = Path(out)
     config = TrainConfig(**{**LATENT_DEMO_CONFIG, "device": device, "progress": progress, **(config_overrides or {})})
     vc = VAEConfig(**{**VAE_DEMO_CONFIG, "device": device, "progress": progress, **(vae_overrides or {})})
-    from ..distributed import resolve_device
-    from ..rundir import is_empty, open_run
-
+    from ..pipeline.distributed import resolve_device
+    from ..pipeline.rundir import is_empty, open_run
     resolve_device(device)  # every argument is checked before --out is touched
     resume = False
     if out.is_dir() and not is_empty(out) and not overwrite:
@@ -67,8 +66,7 @@ def _demo_latent(out, config, vc, resume, overwrite, device, progress, num_sampl
 
 
 def _write_latent_report(out: Path, m: dict, config, info: dict, res: LatentResult) -> Path:
-    from ..evaluate import metrics_table
-
+    from ..pipeline.report import metrics_table
     v = m.get("vae", {})
     L = ["# diffmath latent diffusion demo", ""]
     L.append(f"VAE: 8x8 digits -> latents of shape {tuple(res.latent_shape)}, scaling factor {res.scale:.4f} "

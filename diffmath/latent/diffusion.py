@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .._io import atomic_write_json, atomic_write_npz, read_json
-from ..data import Data, load_data
-from ..train import DEMO_CONFIG
+from ..pipeline.io import atomic_write_json, atomic_write_npz, read_json
+from ..pipeline.data import Data, load_data
+from ..pipeline.config import DEMO_CONFIG
 from .cache import LatentCacheError, decode_latents, encode_dataset, load_latents
 from .run import latent_run_files, read_latent_run, run_path, write_latent_run
 from .vae_checkpoint import as_loaded, load_vae
@@ -71,8 +71,8 @@ def check_unet_fits(config, latent_shape, where: str = "the U-Net config") -> No
 
 
 def _unet_data_shape(run: Path):
-    from ..checkpoint import CHECKPOINT_FORMAT, RunError, latest_checkpoint
-
+    from ..pipeline.checkpoint import CHECKPOINT_FORMAT, latest_checkpoint
+    from ..pipeline.rundir import RunError
     ck = latest_checkpoint(run)
     if ck is None:
         return None
@@ -103,10 +103,11 @@ def train_latent(out, config=None, *, vae=None, vae_config: VAEConfig | None = N
     ``out`` is touched, and ``out`` is locked until this returns. ``stop_after``: as in ``train``;
     ``trust_unverified``: as in ``train`` (the U-Net checkpoint on ``resume``).
     """
-    from ..checkpoint import RunError
-    from ..rundir import open_run
-    from ..train import TrainConfig, check_model_config, resolve_classes, train
-
+    from ..pipeline.rundir import RunError
+    from ..pipeline.rundir import open_run
+    from ..pipeline.config import TrainConfig
+    from ..pipeline.loop import train
+    from ..pipeline.model import check_model_config, resolve_classes
     t0 = time.time()
     out = Path(out)
     vc = None
@@ -246,9 +247,7 @@ def sample_latent(run, out=None, *, vae=None, sampler: str = "ddim", steps=None,
     with ``conditional``), as in ``sample.sample_run``; samples.npz then holds ``labels`` too.
     ``sigmas``: the noise-level ladder of the sigma-space solvers (``sampler`` "dpmpp-2m", "euler",
     ...; ``sample.generate``), recorded in ``info`` with their NFE as ``sample.sample_run`` does."""
-    from ..sample import (check_conditioning, check_net_dtype, check_sampling, claim_samples_folder, load_model,
-                         request_labels)
-
+    from ..pipeline.generate import check_conditioning, check_net_dtype, check_sampling, claim_samples_folder, load_model, request_labels
     check_net_dtype(dtype)
     run = Path(run)
     info_run = read_latent_run(run)
@@ -280,8 +279,7 @@ def sample_latent(run, out=None, *, vae=None, sampler: str = "ddim", steps=None,
 
 def _sample_latent(lm, lv, scale, out, sampler, steps, eta, num_samples, seed, batch_size, progress, ema, dtype=None,
                    cond=(None, None, 0.0), sigmas="exponential"):
-    from ..sample import SOLVER_SAMPLERS, conditioning_info, generate, save_class_grid, save_grid
-
+    from ..pipeline.generate import SOLVER_SAMPLERS, conditioning_info, generate, save_class_grid, save_grid
     labels, guidance, rescale = cond
     t0 = time.time()
     # latents are not in [-1, 1]: never clip the predicted x0 to the pixel range
@@ -291,8 +289,7 @@ def _sample_latent(lm, lv, scale, out, sampler, steps, eta, num_samples, seed, b
     t1 = time.time()
     x = decode_latents(lv, z, scale, batch_size=batch_size)
     t2 = time.time()
-    from ..sample import sampling_info
-
+    from ..pipeline.generate import sampling_info
     info = sampling_info(lm, sampler, steps, eta, num_samples, seed, ema, clip_x0=None)
     if dtype is not None:
         info["dtype"] = dtype
@@ -327,9 +324,8 @@ def evaluate_latent(run, samples=None, out=None, *, device: str = "auto", progre
     decoded samples (default ``run``/samples.npz), with the VAE's metrics and the latent shape
     and scale added; no test VLB (the diffusion bound lives in latent space). Writes
     ``out``/metrics.json (default ``run``)."""
-    from ..evaluate import evaluate_run
-    from ..rundir import claim_output
-
+    from ..pipeline.evaluate import evaluate_run
+    from ..pipeline.rundir import claim_output
     run = Path(run)
     info = read_latent_run(run)
     out = Path(out) if out is not None else run
@@ -343,9 +339,8 @@ def evaluate_guidance_latent(run, out=None, *, device: str = "auto", progress: b
     """``evaluate.evaluate_guidance`` for a conditional latent run: its U-Net samples the scaled
     latents of every class at each scale, its VAE decodes them, and the images are scored per
     class. Keywords: those of ``evaluate_guidance`` (scales, per_class, sampler, steps, seed)."""
-    from ..evaluate import evaluate_guidance
-    from ..sample import load_model
-
+    from ..pipeline.evaluate import evaluate_guidance
+    from ..pipeline.generate import load_model
     run = Path(run)
     info = read_latent_run(run)
     lm = load_model(run=run / info.get("unet_run", "unet"), device=device, trust_unverified=trust_unverified)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .._io import atomic_write_json, read_json
+from ..pipeline.io import atomic_write_json, read_json
 from .cache import LatentCache
 from .vae_checkpoint import LoadedVAE
 
@@ -38,8 +38,7 @@ _LATENT_RUN_KEYS = {  # key: (what it must be, test)
 def read_latent_run(out) -> dict:
     """latent.json of a latent run directory (``RunError`` if absent, not ours, or lacking one of
     the keys a run is used by, or holding it with the wrong type: the message names the key)."""
-    from ..checkpoint import RunError
-
+    from ..pipeline.rundir import RunError
     p = Path(out) / "latent.json"
     if not p.exists():
         raise RunError(f"{str(out)!r} is not a latent diffusion run: it has no latent.json")

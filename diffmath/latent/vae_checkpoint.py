@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .._io import atomic_write_json, read_sidecar, safetensors_metadata, save_safetensors, weights_and_sidecar
+from ..pipeline.io import atomic_write_json, read_sidecar, safetensors_metadata, save_safetensors, weights_and_sidecar
 from ..nn.vae import VAE
 from .vae_config import VAEConfig
 
@@ -140,6 +140,5 @@ def torch_device(name) -> torch.device:
     """``name`` (a ``torch.device``, or a string for ``distributed.resolve_device``) as a ``torch.device``."""
     if isinstance(name, torch.device):
         return name
-    from ..distributed import resolve_device
-
+    from ..pipeline.distributed import resolve_device
     return resolve_device(str(name))

@@ -40,8 +40,7 @@ class VAEConfig:
     progress: bool = True
 
     def __post_init__(self):
-        from ..train import MAX_SEED, check_bool_fields, check_int_fields, int_tuple_field
-
+        from ..pipeline.config import MAX_SEED, check_bool_fields, check_int_fields, int_tuple_field
         self.channel_mult = int_tuple_field(self, "channel_mult")
         check_bool_fields(self, ("progress",))
 
@@ -73,8 +72,7 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VAEConfig":
-        from ..train import config_from_dict
-
+        from ..pipeline.config import config_from_dict
         return config_from_dict(cls, d, "VAE config")
 
 

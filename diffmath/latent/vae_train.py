@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import Data, load_data
+from ..pipeline.data import Data, load_data
 from ..nn.vae import VAE
 from .vae_checkpoint import LoadedVAE, load_vae, save_vae, torch_device
 from .vae_config import VAEConfig
@@ -57,8 +57,7 @@ def check_vae_fits(config_or_vae, data_shape, where: str = "the data") -> None:
 
 
 def _lr_at(config: VAEConfig, step: int) -> float:
-    from ..train import lr_schedule
-
+    from ..pipeline.optim import lr_schedule
     return lr_schedule(config.lr, config.warmup, config.steps, step)  # cosine to 0 at the last step
 
 
@@ -71,8 +70,7 @@ def train_vae(config: VAEConfig, out, *, data: Data | None = None, overwrite: bo
     checked first. Everything random comes from one ``torch.Generator`` seeded
     with ``config.seed`` (the data order and the reparameterisation noise) and the init from
     ``torch.manual_seed(config.seed)``."""
-    from ..rundir import open_run
-
+    from ..pipeline.rundir import open_run
     t0 = time.time()
     out = Path(out)
     if data is None:
@@ -85,8 +83,7 @@ def train_vae(config: VAEConfig, out, *, data: Data | None = None, overwrite: bo
 
 
 def _train_vae(config: VAEConfig, out: Path, data: Data, t0: float) -> VAEResult:
-    from ..sample import save_grid
-
+    from ..pipeline.generate import save_grid
     dev = torch_device(config.device)
     torch.manual_seed(config.seed)
     vae = VAE(**config.model_kwargs(data.shape[0])).to(dev)
