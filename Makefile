@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test bench install clean
+.PHONY: demo test lint bench install clean
 
 install: $(STAMP)
 
@@ -30,7 +30,22 @@ NUMERICS_TESTS := tests/test_schedules.py tests/test_forward.py tests/test_poste
 	tests/test_oracle.py tests/test_likelihood.py tests/test_backends.py
 NUMERICS_ARGS := -q -n $(PYTEST_WORKERS) -p no:cacheprovider -k "not diffusers_own" $(NUMERICS_TESTS)
 
-test: $(STAMP)
+# ruff (lint rules and formatting) over the tree, then mypy over the math, the layers built on it
+# and the kernels (pyproject.toml, [tool.mypy]). mypy cannot follow setuptools' editable import
+# hook, so it reads kernels/ as diffmath.kernels through a tree of links, as the package-dir
+# mapping installs it.
+TYPECHECK := $(VENV)/typecheck
+MYPY      := $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml --cache-dir $(CURDIR)/.mypy_cache
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(MYPY)
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/diffmath
+	ln -s $(CURDIR)/diffmath/* $(TYPECHECK)/diffmath/ && ln -s $(CURDIR)/kernels $(TYPECHECK)/diffmath/kernels
+	cd $(TYPECHECK) && $(MYPY) -p diffmath.kernels
+
+test: $(STAMP) lint
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
 	NPY_DISABLE_CPU_FEATURES="X86_V4" $(PY) -m pytest $(NUMERICS_ARGS)
 	NPY_DISABLE_CPU_FEATURES="X86_V3 X86_V4" $(PY) -m pytest $(NUMERICS_ARGS)
@@ -44,4 +59,4 @@ bench: $(STAMP)
 	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-group-by=group $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis .benchmarks
+	rm -rf $(VENV) .pytest_cache .hypothesis .benchmarks .mypy_cache .ruff_cache
