@@ -133,6 +133,7 @@ def tile_block(inner: int) -> int:
 def grid_for(numel: int, rows: int, per_row: bool, noise_in_kernel: bool, offset: int):
     """(ROWS, inner, BLOCK, ALIGNED, grid) for an elementwise launch over ``numel`` elements."""
     use_rows = per_row or numel >= INT32_SAFE
+    grid: tuple[int, ...]  # (rows, chunks) or (chunks,)
     if use_rows:
         inner = numel // rows
         if inner >= INT32_SAFE:
