@@ -14,7 +14,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._array import Array, ArrayT, TimeLike, backend, broadcast_coef, gather, gather_t, is_tensor, restore, schedule_table, upcast
+from ._array import (
+    Array,
+    ArrayT,
+    TimeLike,
+    backend,
+    broadcast_coef,
+    gather,
+    gather_t,
+    is_tensor,
+    restore,
+    schedule_table,
+    upcast,
+)
 from . import forward, parameterization
 from .checks import check_float, check_like, check_positive, check_schedule, check_t, check_variance
 from .gaussian import discretized_gaussian_log_likelihood, normal_kl

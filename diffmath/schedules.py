@@ -180,7 +180,6 @@ class Schedule:
         with np.errstate(divide="ignore"):
             log_alphas = np.log1p(-betas)  # -inf where beta == 1
         log_abar, log_abar_lo = _compensated_cumsum(log_alphas, with_low=True)
-        log_abar_prev = np.concatenate([[0.0], log_abar[:-1]])
 
         def exp_log_abar(k, hi=log_abar, lo=log_abar_lo):
             # abar^k = exp(k (hi + lo)) = exp(k hi) (1 + k lo): log abar as a double-double, so
