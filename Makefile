@@ -30,6 +30,11 @@ NUMERICS_TESTS := tests/test_schedules.py tests/test_forward.py tests/test_poste
 	tests/test_oracle.py tests/test_likelihood.py tests/test_backends.py
 NUMERICS_ARGS := -q -n $(PYTEST_WORKERS) -p no:cacheprovider -k "not diffusers_own" $(NUMERICS_TESTS)
 
+test: $(STAMP) lint
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
+	NPY_DISABLE_CPU_FEATURES="X86_V4" $(PY) -m pytest $(NUMERICS_ARGS)
+	NPY_DISABLE_CPU_FEATURES="X86_V3 X86_V4" $(PY) -m pytest $(NUMERICS_ARGS)
+
 # ruff (lint rules and formatting) over the tree, then mypy over the math, the layers built on it
 # and the kernels (pyproject.toml, [tool.mypy]). mypy cannot follow setuptools' editable import
 # hook, so it reads kernels/ as diffmath.kernels through a tree of links, as the package-dir
@@ -44,11 +49,6 @@ lint: $(STAMP)
 	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/diffmath
 	ln -s $(CURDIR)/diffmath/* $(TYPECHECK)/diffmath/ && ln -s $(CURDIR)/kernels $(TYPECHECK)/diffmath/kernels
 	cd $(TYPECHECK) && $(MYPY) -p diffmath.kernels
-
-test: $(STAMP) lint
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
-	NPY_DISABLE_CPU_FEATURES="X86_V4" $(PY) -m pytest $(NUMERICS_ARGS)
-	NPY_DISABLE_CPU_FEATURES="X86_V3 X86_V4" $(PY) -m pytest $(NUMERICS_ARGS)
 
 # The side-by-side table (kernel / fallback / eager / torch.compile / diffusers), then the
 # pytest-benchmark suite over the same cases (BENCH_ARGS=--benchmark-json=FILE to save it).
