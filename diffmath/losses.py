@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -58,7 +58,11 @@ def _reduce(per_elem: Any, reduction: str) -> Any:
     raise ValueError(f"reduction must be 'mean', 'none' or 'sum'; got {reduction!r}")
 
 
-def simple_loss(eps: ArrayT, eps_pred: ArrayT, reduction: str = "mean") -> Any:
+@overload
+def simple_loss(eps: torch.Tensor, eps_pred: torch.Tensor, reduction: str = "mean") -> torch.Tensor: ...
+@overload
+def simple_loss(eps: np.ndarray, eps_pred: np.ndarray, reduction: str = "mean") -> np.ndarray | np.float64: ...
+def simple_loss(eps: Array, eps_pred: Array, reduction: str = "mean") -> Array | np.float64:
     """L_simple = E ||eps - eps_theta(x_t, t)||^2   (DDPM eq. 14), the mean squared error.
 
     eps, eps_pred: arrays of shape (B, ...). ``reduction="mean"`` gives the mean over all
@@ -82,7 +86,7 @@ def ddpm_training_loss(
     *,
     prediction: str = "eps",
     reduction: str = "mean",
-) -> Any:
+) -> Array | np.float64:
     """The DDPM training objective for one batch   (DDPM Alg. 1, L_simple of eq. 14):
 
         x_t    = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps                      (DDPM eq. 4)
@@ -179,7 +183,7 @@ def _fixed_log_variance_table(s: Schedule, variance: str) -> np.ndarray:
     return schedule_table(s, ("fixed_log_variance", variance), build)
 
 
-def fixed_log_variance(s: Schedule, t: TimeLike, variance: str = "small") -> Array:
+def fixed_log_variance(s: Schedule, t: TimeLike, variance: str = "small") -> Array | np.float64:
     """log sigma_t^2 of a reverse step with fixed variance (Ho et al. 2020, sec. 3.2):
 
     "small": log beta_tilde_t, the clipped posterior log variance (``posterior_log_variance_clipped``);
@@ -195,7 +199,7 @@ def fixed_log_variance(s: Schedule, t: TimeLike, variance: str = "small") -> Arr
     return gather_t(_fixed_log_variance_table(s, variance), t)
 
 
-def vlb_weight(s: Schedule, t: TimeLike, variance: str = "small") -> Array:
+def vlb_weight(s: Schedule, t: TimeLike, variance: str = "small") -> Array | np.float64:
     """lambda_t with L_{t-1} = lambda_t * ||eps - eps_theta||^2 for a model with fixed variance
     sigma_t^2 and mean mu_theta = (x_t - beta_t/sqrt(1 - abar_t) eps_theta)/sqrt(alpha_t):
 
@@ -218,7 +222,7 @@ def vlb_weight(s: Schedule, t: TimeLike, variance: str = "small") -> Array:
 
 def snr_weight(
     s: Schedule, t: TimeLike, kind: str = "min_snr", gamma: float = 5.0, prediction: str = "eps"
-) -> Array:
+) -> Array | np.float64:
     """Loss weights from the signal-to-noise ratio SNR_t = abar_t / (1 - abar_t).
 
     ``kind="snr"``: SNR_t. ``kind="min_snr"`` (Hang et al. 2023, "Efficient diffusion training
