@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test bench install clean
+.PHONY: demo test lint bench install clean
 
 install: $(STAMP)
 
@@ -30,10 +30,25 @@ NUMERICS_TESTS := tests/core/test_schedules.py tests/core/test_forward.py tests/
 	tests/core/test_sde.py tests/core/test_oracle.py tests/core/test_likelihood.py tests/core/test_backends.py
 NUMERICS_ARGS := -q -n $(PYTEST_WORKERS) -p no:cacheprovider -k "not diffusers_own" $(NUMERICS_TESTS)
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
 	NPY_DISABLE_CPU_FEATURES="X86_V4" $(PY) -m pytest $(NUMERICS_ARGS)
 	NPY_DISABLE_CPU_FEATURES="X86_V3 X86_V4" $(PY) -m pytest $(NUMERICS_ARGS)
+
+# ruff (lint rules and formatting) over the tree, then mypy over the math, the layers built on it
+# and the kernels (pyproject.toml, [tool.mypy]). mypy cannot follow setuptools' editable import
+# hook, so it reads kernels/ as diffmath.kernels through a tree of links, as the package-dir
+# mapping installs it.
+TYPECHECK := $(VENV)/typecheck
+MYPY      := $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml --cache-dir $(CURDIR)/.mypy_cache
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(MYPY)
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/diffmath
+	ln -s $(CURDIR)/diffmath/* $(TYPECHECK)/diffmath/ && ln -s $(CURDIR)/kernels $(TYPECHECK)/diffmath/kernels
+	cd $(TYPECHECK) && $(MYPY) -p diffmath.kernels
 
 # The side-by-side table (kernel / fallback / eager / torch.compile / diffusers), then the
 # pytest-benchmark suite over the same cases (BENCH_ARGS=--benchmark-json=FILE to save it).
@@ -44,4 +59,4 @@ bench: $(STAMP)
 	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-group-by=group $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis .benchmarks
+	rm -rf $(VENV) .pytest_cache .hypothesis .benchmarks .mypy_cache .ruff_cache

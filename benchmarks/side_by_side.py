@@ -374,7 +374,7 @@ def run(quick: bool = False, device: str | None = None) -> dict:
     d = _diffusers()
     print(f"diffmath.kernels benchmark on {device}: {device_name(device)}")
     print(f"torch {torch.__version__}, diffusers {'not installed' if d is None else __import__('diffusers').__version__}; "
-          f"median microseconds per call{'; quick' if quick else ''}")  # fmt: skip
+          f"median microseconds per call{'; quick' if quick else ''}")
     if warm:
         print("glibc malloc kept warm (mmap threshold 32 MiB, no trim): see stable_cpu_allocator")
     if not with_compile:

@@ -10,9 +10,23 @@ bfloat16 inputs compute in float32 and are cast back at the end.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs
+
+#: A numpy array or a torch tensor (CPU or CUDA) of either kind.
+Array: TypeAlias = np.ndarray | torch.Tensor
+#: The same kind in and out: math functions return the kind (and device) they are given
+#: (docs/design.md, "Arrays").
+ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
+#: A timestep: a Python or numpy scalar, or an array/tensor of shape (B,); integer indices for
+#: the discrete schedules, float times in [0, 1] for the SDEs.
+TimeLike: TypeAlias = int | float | np.integer | np.floating | np.ndarray | torch.Tensor
 
 __all__ = [
     "is_tensor",
@@ -31,7 +45,7 @@ __all__ = [
 ]
 
 
-def is_tensor(x) -> bool:
+def is_tensor(x: object) -> TypeIs[torch.Tensor]:
     return isinstance(x, torch.Tensor)
 
 
@@ -153,7 +167,7 @@ def schedule_cache(s, key, build):
         return v
 
 
-def schedule_table(s, key, build) -> np.ndarray:
+def schedule_table(s: object, key: Hashable, build: Callable[[Any], Any]) -> np.ndarray:
     """``build(s)`` (a float64 array), computed once per schedule and ``key``, read-only."""
 
     def table(s):
@@ -182,11 +196,11 @@ def gather(table, t, x):
         else:
             c = torch.from_numpy(table[np.asarray(t, dtype=np.int64)]).to(x.device)
         return c.to(dt).reshape((-1,) + (1,) * (ndim - 1))
-    dt = np.asarray(x).dtype
+    ndt = np.asarray(x).dtype
     if isinstance(t, int):
-        return np.asarray(table[t], dtype=dt)
+        return np.asarray(table[t], dtype=ndt)
     idx = t.detach().cpu().numpy() if is_tensor(t) else np.asarray(t)
-    return table[idx.astype(np.int64)].astype(dt).reshape((-1,) + (1,) * (ndim - 1))
+    return table[idx.astype(np.int64)].astype(ndt).reshape((-1,) + (1,) * (ndim - 1))
 
 
 def gather_t(table, t, like=None):
@@ -229,7 +243,7 @@ def broadcast_coef(c, x):
     return c
 
 
-def _float32_misfits(s, name: str):
+def _float32_misfits(s: object, name: str) -> tuple[np.ndarray, bool]:
     """(entries of the float64 table ``s.<name>`` that float32 cannot hold: finite but beyond
     its range, or nonzero but below its smallest subnormal; whether there is any), computed
     once per schedule and table."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ __all__ = [
 ]
 
 
-def check_float(x, name: str):
+def check_float(x: Any, name: str) -> Any:
     """Validate that ``x`` is a floating-point array or tensor; python floats and lists of
     floats become float64 numpy arrays. Integer, boolean and complex inputs raise TypeError
     (a complex tensor cast to a real dtype would silently lose its imaginary part)."""
@@ -65,7 +66,7 @@ def check_float(x, name: str):
     raise TypeError(f"{name} must be a numpy array or torch tensor; got {type(x).__name__}")
 
 
-def check_like(y, x, name: str, xname: str = "x"):
+def check_like(y: Any, x: Any, name: str, xname: str = "x") -> Any:
     """Validate ``y`` as a floating array of the same kind, device and shape as ``x``."""
     y = check_float(y, name)
     if is_tensor(x) != is_tensor(y):
@@ -86,7 +87,7 @@ def check_schedule(s):
     return s
 
 
-def check_positive(value, name: str, allow_array: bool = False):
+def check_positive(value: Any, name: str, allow_array: bool = False) -> Any:
     """A finite float > 0 (or, with ``allow_array``, an array of them)."""
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a positive number; got {value!r}")
@@ -101,13 +102,13 @@ def check_positive(value, name: str, allow_array: bool = False):
             raise TypeError(f"{name} must hold real positive numbers; got dtype {value.dtype}")
         bad = ~(value > 0) | (value == math.inf)
         if bool(bad.any()):
-            v = value[bad].reshape(-1)[0]
-            raise ValueError(f"{name} must be finite and > 0; got {name} = {float(v)}")
+            first_bad = value[bad].reshape(-1)[0]
+            raise ValueError(f"{name} must be finite and > 0; got {name} = {float(first_bad)}")
         return value
     raise TypeError(f"{name} must be a positive number; got {type(value).__name__}")
 
 
-def check_t(t, T: int, x=None, name: str = "t", lo: int = 0):
+def check_t(t: Any, T: int, x: Any = None, name: str = "t", lo: int = 0) -> Any:
     """Validate a discrete timestep index.
 
     ``t`` may be a python int or an integer array/tensor of shape (B,) (a 0-d array counts as
@@ -157,7 +158,7 @@ def check_t(t, T: int, x=None, name: str = "t", lo: int = 0):
     return t
 
 
-def check_pair(s, a, aname: str, b, bname: str, t):
+def check_pair(s: Any, a: Any, aname: str, b: Any, bname: str, t: Any) -> tuple[Any, Any, Any, Any, Any]:
     """Validate the arguments of a schedule function of two arrays at step ``t``: ``s`` a
     Schedule, ``a`` a floating array, ``b`` an array like ``a`` (kind, device, shape) and ``t``
     a timestep index matching ``a``'s batch. Returns ``(a, b, t, upcast(a), upcast(b))``."""
@@ -190,7 +191,7 @@ def check_generator(generator, like=None):
     raise TypeError(f"generator must be a numpy.random.Generator or a torch.Generator; got {type(generator).__name__}")
 
 
-def check_steps(steps, T: int, name: str = "steps") -> int:
+def check_steps(steps: Any, T: int, name: str = "steps") -> int:
     """An integer number of steps in [1, T]."""
     if isinstance(steps, (bool, np.bool_)) or not isinstance(steps, (int, np.integer)):
         raise TypeError(f"{name} must be an integer number of steps; got {steps!r}")
@@ -199,7 +200,7 @@ def check_steps(steps, T: int, name: str = "steps") -> int:
     return int(steps)
 
 
-def check_eta(eta) -> float:
+def check_eta(eta: Any) -> float:
     if isinstance(eta, (bool, np.bool_)) or not isinstance(eta, numbers.Real):
         raise TypeError(f"eta must be a real number >= 0; got {eta!r}")
     eta = float(eta)
@@ -208,7 +209,7 @@ def check_eta(eta) -> float:
     return eta
 
 
-def check_variance(variance: str):
+def check_variance(variance: str) -> None:
     if variance not in ("small", "large"):
         raise ValueError(f"variance must be 'small' (beta_tilde) or 'large' (beta); got {variance!r}")
 
@@ -224,13 +225,14 @@ def check_clip(clip_x0):
     return c
 
 
-def check_time(t, x=None, name: str = "t", open_left: bool = False):
+def check_time(t: Any, x: Any = None, name: str = "t", open_left: bool = False) -> Any:
     """Validate SDE time and return it as float64 in x's kind and device (or t's own kind
     when x is None): a 0-d value or shape (B,) matching x's batch. Range [0, 1], or (0, 1]
     with ``open_left``."""
     if isinstance(t, (bool, np.bool_)):
         raise TypeError(f"{name} must be a float SDE time in [0, 1]; got the boolean {t!r}")
     want_tensor = is_tensor(x) if x is not None else is_tensor(t)
+    tt: Any  # a float64 tensor or numpy array/scalar, by want_tensor
     if is_tensor(t):
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point SDE time in [0, 1]; got dtype {t.dtype}")
@@ -266,7 +268,7 @@ def check_time(t, x=None, name: str = "t", open_left: bool = False):
     return tt
 
 
-def check_signal(s, t, what: str):
+def check_signal(s: Any, t: Any, what: str) -> None:
     """abar_t = 0 (zero terminal SNR) carries no signal: x_t is pure noise and x0 cannot be
     recovered from eps (Lin et al. 2024 use v-prediction there). Raise instead of a NaN."""
     tn = np.asarray(t.detach().cpu() if hasattr(t, "detach") else t)
@@ -280,7 +282,7 @@ def check_signal(s, t, what: str):
 
 
 def check_tol(v, name):
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v > 0):
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and float(v) > 0):
         raise ValueError(f"{name} must be a finite float > 0; got {name} = {v!r}")
     return float(v)
 
@@ -288,12 +290,12 @@ def check_tol(v, name):
 def check_eps(sde, eps):
     if eps is None:
         return sde.default_eps
-    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real) or not (0 < eps < sde.T):
+    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real) or not (0 < float(eps) < sde.T):
         raise ValueError(f"eps (the stopping time) must lie in (0, {sde.T}); got eps = {eps!r}")
     return float(eps)
 
 
-def check_dt(dt, reverse=None) -> float:
+def check_dt(dt: Any, reverse: bool | None = None) -> float:
     """dt as a float: finite and non-zero; with ``reverse`` True (a ReverseSDE, integrated
     from t = 1 towards 0) it must be < 0, with ``reverse`` False (a forward SDE) > 0."""
     if isinstance(dt, (bool, np.bool_)) or not isinstance(dt, numbers.Real):
@@ -327,7 +329,7 @@ def check_pc_args(snr, alpha, n_corrector_steps):
     return snr, alpha, int(n_corrector_steps)
 
 
-def check_int(v, name: str, lo: int, hi: int) -> int:
+def check_int(v: Any, name: str, lo: int, hi: int) -> int:
     if type(v) is int and lo <= v < hi:
         return v
     if isinstance(v, torch.Tensor) and v.ndim == 0 and not v.is_floating_point() and v.dtype != torch.bool:

@@ -143,6 +143,8 @@ def t_to_sigma_sde(sde: SDE, t):
     m, s = sde.marginal_coefs(t)
     if isinstance(sde, VESDE):
         return np.asarray(s, dtype=np.float64)
+    if not isinstance(sde, VPSDE):  # SubVPSDE is a VPSDE
+        raise TypeError(f"sde must be a VPSDE, SubVPSDE or VESDE; got {type(sde).__name__}")
     lmc = sde._lmc(t)
     if isinstance(sde, SubVPSDE):
         return 2.0 * np.sinh(-lmc)                  # (1 - m^2)/m

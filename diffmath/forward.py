@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._array import broadcast_to_like, gather, restore, upcast
+from ._array import ArrayT, TimeLike, broadcast_to_like, gather, restore, upcast
 from .checks import check_float, check_pair, check_schedule, check_t
 from .schedules import Schedule
 
 __all__ = ["q_mean_variance", "q_sample", "q_step_sample"]
 
 
-def q_mean_variance(s: Schedule, x0, t):
+def q_mean_variance(s: Schedule, x0: ArrayT, t: TimeLike) -> tuple[ArrayT, ArrayT, ArrayT]:
     """Marginal q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)      (DDPM eq. 4).
 
     x0: array of shape (B, ...); t: int or integer array of shape (B,).
@@ -31,7 +31,7 @@ def _one_minus_abar(s: Schedule) -> np.ndarray:
     return -np.expm1(s.log_alphas_cumprod)
 
 
-def q_sample(s: Schedule, x0, t, noise):
+def q_sample(s: Schedule, x0: ArrayT, t: TimeLike, noise: ArrayT) -> ArrayT:
     """Sample x_t ~ q(x_t | x_0):  x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps   (DDPM eq. 4).
 
     x0, noise (eps ~ N(0, I)): arrays of the same shape (B, ...); t: int or integer (B,).
@@ -42,7 +42,7 @@ def q_sample(s: Schedule, x0, t, noise):
     return restore(out, x0)
 
 
-def q_step_sample(s: Schedule, x_prev, t, noise):
+def q_step_sample(s: Schedule, x_prev: ArrayT, t: TimeLike, noise: ArrayT) -> ArrayT:
     """One forward step x_t ~ q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)   (DDPM eq. 2).
 
     ``x_prev`` is x_{t-1} (x_0 when t = 0); ``noise`` ~ N(0, I) of the same shape.

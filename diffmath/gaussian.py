@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from ._array import backend, is_tensor
+from ._array import Array, backend, is_tensor
 
 __all__ = ["normal_kl", "gaussian_kl", "normal_log_prob", "discretized_gaussian_log_likelihood", "log_diff_ndtr"]
 
@@ -58,9 +58,9 @@ def _common(names, *xs):
             raise TypeError(f"{n} must be a real array; got dtype {a.dtype}")
         arrs.append(a)
     float_arrs = [a.dtype for a in arrs if a.dtype.kind == "f" and a.ndim > 0]
-    result = np.result_type(*float_arrs) if float_arrs else np.dtype(np.float64)
-    dtype = np.float32 if result == np.float16 else result
-    return [a.astype(dtype, copy=False) for a in arrs], result
+    nresult = np.result_type(*float_arrs) if float_arrs else np.dtype(np.float64)
+    ndtype = np.dtype(np.float32) if nresult == np.float16 else nresult
+    return [a.astype(ndtype, copy=False) for a in arrs], nresult
 
 
 def _check_logvar(**logvars):
@@ -242,7 +242,9 @@ def log_diff_ndtr(a, b):
     return ops.where(straddle, mid, tail)
 
 
-def discretized_gaussian_log_likelihood(x, mean, log_scale, bins: int = 256):
+def discretized_gaussian_log_likelihood(
+    x: Array | float, mean: Array | float, log_scale: Array | float, bins: int = 256
+) -> Array:
     """log P(x) for data on the grid {-1, -1 + 2/(bins-1), ..., 1} under a Gaussian decoder
     N(mean, e^{2 log_scale}) discretised into bins of half-width delta = 1/(bins - 1)
     (DDPM Sec. 3.3, eq. 13): P(x) = Phi((x + delta - mean)/sigma) - Phi((x - delta - mean)/sigma),
@@ -255,18 +257,18 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale, bins: int = 256):
     """
     if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 2:
         raise ValueError(f"bins must be an integer >= 2; got {bins!r}")
-    (x, m, ls), dtype = _common(("x", "mean", "log_scale"), x, mean, log_scale)
-    if bool((x < -1 - 1e-6).any()) or bool((x > 1 + 1e-6).any()):
-        raise ValueError(f"x must lie in [-1, 1] (data scaled from {bins} levels); got range [{float(x.min())}, {float(x.max())}]")
-    ops = backend(x)
+    (xa, m, ls), dtype = _common(("x", "mean", "log_scale"), x, mean, log_scale)
+    if bool((xa < -1 - 1e-6).any()) or bool((xa > 1 + 1e-6).any()):
+        raise ValueError(f"x must lie in [-1, 1] (data scaled from {bins} levels); got range [{float(xa.min())}, {float(xa.max())}]")
+    ops = backend(xa)
     delta = 1.0 / (bins - 1)
     inv_s = ops.exp(-ls)
-    c = x - m
+    c = xa - m
     plus = inv_s * (c + delta)
     minus = inv_s * (c - delta)
     inf = math.inf
-    lo_edge = x < -1.0 + 0.5 * delta
-    hi_edge = x > 1.0 - 0.5 * delta
+    lo_edge = xa < -1.0 + 0.5 * delta
+    hi_edge = xa > 1.0 - 0.5 * delta
     a = ops.where(lo_edge, -inf, minus)
     b = ops.where(hi_edge, inf, plus)
     return _restore(log_diff_ndtr(a, b), dtype)

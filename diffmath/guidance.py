@@ -159,6 +159,7 @@ def _rescale(g, c, phi: float):
     if phi == 0.0:
         return g
     sd_g, sd_c = _per_sample_std(g), _per_sample_std(c)
+    ratio: torch.Tensor | np.ndarray
     if is_tensor(g):
         ratio = torch.where(sd_g > 0, sd_c / torch.where(sd_g > 0, sd_g, torch.ones_like(sd_g)), torch.ones_like(sd_g))
     else:
@@ -207,7 +208,7 @@ class _Labels:
     def __init__(self, label, null_class: int):
         self.label = check_labels(label, null_class)
         self.null = null_class
-        self._cache = {}
+        self._cache: dict[tuple[str, int], np.ndarray | torch.Tensor] = {}
 
     def pair(self, x):
         B = x.shape[0]

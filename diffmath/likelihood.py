@@ -85,7 +85,7 @@ def ode_likelihood(
     _check_score_depends_on_x(score_fn, x64, eps, dev)
     rsde = sde.reverse(_checked(score_fn), probability_flow=True)
 
-    v = None
+    v: torch.Tensor | None = None
     if divergence == "hutchinson":
         if isinstance(generator, torch.Generator):
             if probe == "gaussian":
@@ -111,6 +111,7 @@ def ode_likelihood(
                     (gi,) = torch.autograd.grad(Ff[:, i].sum(), xt, retain_graph=i < D - 1)
                     div = div + gi.reshape(B, D)[:, i]
             else:
+                assert v is not None  # the Hutchinson probe drawn above
                 (gv,) = torch.autograd.grad((F * v).sum(), xt)
                 div = (gv * v).reshape(B, D).sum(1)
         return F.detach().reshape(-1).cpu().numpy(), div.detach().cpu().numpy()

@@ -8,11 +8,25 @@ weighting (Hang et al. 2023), NCSN denoising score matching (Song & Ermon 2019).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any, overload
 
 import numpy as np
 import torch
 
-from ._array import backend, broadcast_coef, gather, gather_t, is_tensor, restore, schedule_table, upcast
+from ._array import (
+    Array,
+    ArrayT,
+    TimeLike,
+    backend,
+    broadcast_coef,
+    gather,
+    gather_t,
+    is_tensor,
+    restore,
+    schedule_table,
+    upcast,
+)
 from . import forward, parameterization
 from .checks import check_float, check_like, check_positive, check_schedule, check_t, check_variance
 from .gaussian import discretized_gaussian_log_likelihood, normal_kl
@@ -33,7 +47,7 @@ __all__ = [
 LN2 = math.log(2.0)
 
 
-def _reduce(per_elem, reduction: str):
+def _reduce(per_elem: Any, reduction: str) -> Any:
     ops = backend(per_elem)
     if reduction == "mean":
         return per_elem.mean()
@@ -44,7 +58,11 @@ def _reduce(per_elem, reduction: str):
     raise ValueError(f"reduction must be 'mean', 'none' or 'sum'; got {reduction!r}")
 
 
-def simple_loss(eps, eps_pred, reduction: str = "mean"):
+@overload
+def simple_loss(eps: torch.Tensor, eps_pred: torch.Tensor, reduction: str = "mean") -> torch.Tensor: ...
+@overload
+def simple_loss(eps: np.ndarray, eps_pred: np.ndarray, reduction: str = "mean") -> np.ndarray | np.float64: ...
+def simple_loss(eps: Array, eps_pred: Array, reduction: str = "mean") -> Array | np.float64:
     """L_simple = E ||eps - eps_theta(x_t, t)||^2   (DDPM eq. 14), the mean squared error.
 
     eps, eps_pred: arrays of shape (B, ...). ``reduction="mean"`` gives the mean over all
@@ -59,7 +77,16 @@ def simple_loss(eps, eps_pred, reduction: str = "mean"):
 PREDICTIONS = ("eps", "x0", "v")
 
 
-def ddpm_training_loss(s: Schedule, model, x0, t, noise, *, prediction: str = "eps", reduction: str = "mean"):
+def ddpm_training_loss(
+    s: Schedule,
+    model: Callable[[Any, Any], Any],
+    x0: ArrayT,
+    t: TimeLike,
+    noise: ArrayT,
+    *,
+    prediction: str = "eps",
+    reduction: str = "mean",
+) -> Array | np.float64:
     """The DDPM training objective for one batch   (DDPM Alg. 1, L_simple of eq. 14):
 
         x_t    = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps                      (DDPM eq. 4)
@@ -95,7 +122,9 @@ def _bpd_per_sample(x):
     return backend(x).mean_over_non_batch(x) / LN2
 
 
-def vb_terms_bpd(s: Schedule, model_mean, model_log_var, x0, x_t, t, bins: int = 256):
+def vb_terms_bpd(
+    s: Schedule, model_mean: ArrayT, model_log_var: ArrayT, x0: ArrayT, x_t: ArrayT, t: TimeLike, bins: int = 256
+) -> Array:
     """One term of the variational bound, in bits per dimension, per sample (DDPM eq. 5):
 
     t > 0:  L_{t-1} = KL(q(x_{t-1} | x_t, x0) || N(model_mean, e^model_log_var))
@@ -127,7 +156,7 @@ def vb_terms_bpd(s: Schedule, model_mean, model_log_var, x0, x_t, t, bins: int =
     return np.where(np.asarray(is_first), nll, kl)
 
 
-def prior_bpd(s: Schedule, x0):
+def prior_bpd(s: Schedule, x0: ArrayT) -> ArrayT:
     """L_T = KL(q(x_T | x0) || N(0, I)) in bits per dimension, per sample (DDPM eq. 5). (B,)."""
     from .forward import q_mean_variance
 
@@ -154,7 +183,7 @@ def _fixed_log_variance_table(s: Schedule, variance: str) -> np.ndarray:
     return schedule_table(s, ("fixed_log_variance", variance), build)
 
 
-def fixed_log_variance(s: Schedule, t, variance: str = "small"):
+def fixed_log_variance(s: Schedule, t: TimeLike, variance: str = "small") -> Array | np.float64:
     """log sigma_t^2 of a reverse step with fixed variance (Ho et al. 2020, sec. 3.2):
 
     "small": log beta_tilde_t, the clipped posterior log variance (``posterior_log_variance_clipped``);
@@ -170,7 +199,7 @@ def fixed_log_variance(s: Schedule, t, variance: str = "small"):
     return gather_t(_fixed_log_variance_table(s, variance), t)
 
 
-def vlb_weight(s: Schedule, t, variance: str = "small"):
+def vlb_weight(s: Schedule, t: TimeLike, variance: str = "small") -> Array | np.float64:
     """lambda_t with L_{t-1} = lambda_t * ||eps - eps_theta||^2 for a model with fixed variance
     sigma_t^2 and mean mu_theta = (x_t - beta_t/sqrt(1 - abar_t) eps_theta)/sqrt(alpha_t):
 
@@ -191,7 +220,9 @@ def vlb_weight(s: Schedule, t, variance: str = "small"):
     return gather_t(w, t)
 
 
-def snr_weight(s: Schedule, t, kind: str = "min_snr", gamma: float = 5.0, prediction: str = "eps"):
+def snr_weight(
+    s: Schedule, t: TimeLike, kind: str = "min_snr", gamma: float = 5.0, prediction: str = "eps"
+) -> Array | np.float64:
     """Loss weights from the signal-to-noise ratio SNR_t = abar_t / (1 - abar_t).
 
     ``kind="snr"``: SNR_t. ``kind="min_snr"`` (Hang et al. 2023, "Efficient diffusion training
@@ -246,7 +277,7 @@ def dsm_loss(score_pred, x_noisy, x0, sigma):
     return per.mean()
 
 
-def learned_range_log_variance(s: Schedule, t, v):
+def learned_range_log_variance(s: Schedule, t: TimeLike, v: ArrayT) -> ArrayT:
     """Improved DDPM's learned variance (Nichol & Dhariwal 2021, eq. 15):
 
     log Sigma_theta = frac * log beta_t + (1 - frac) * log beta_tilde_t,  frac = (v + 1) / 2,

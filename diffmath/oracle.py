@@ -38,6 +38,8 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -99,6 +101,7 @@ def _mixture_terms(x, a, s2, log_w, means, lams, Us):
     Sigma_k = U_k diag(lam_k) U_k^T; a, s2: 0-d or (B,). Works on float64 numpy or torch."""
     tor = is_tensor(x)
     B, D = x.shape
+    log: Callable[..., Any]  # torch.log or np.log, by x's kind
     if tor:
         dev = x.device
 
@@ -132,9 +135,9 @@ def _mixture_terms(x, a, s2, log_w, means, lams, Us):
         r = torch.exp(L - lse)
         score = sum(r[k].reshape(-1, 1) * scores[k] for k in range(len(scores)))
     else:
-        L = np.stack(logps, 0)
-        lse = logsumexp(L, axis=0)
-        r = np.exp(L - lse)
+        Ln = np.stack(logps, 0)
+        lse = logsumexp(Ln, axis=0)
+        r = np.exp(Ln - lse)
         score = sum(r[k].reshape(-1, 1) * scores[k] for k in range(len(scores)))
     return score, lse
 
@@ -190,8 +193,8 @@ def posterior_mean_prepared(x, s2, log_w, means, lams, Us):
         L = torch.stack(logps, 0)
         r = torch.exp(L - torch.logsumexp(L, 0))
     else:
-        L = np.stack(logps, 0)
-        r = np.exp(L - logsumexp(L, axis=0))
+        Ln = np.stack(logps, 0)
+        r = np.exp(Ln - logsumexp(Ln, axis=0))
     return sum(r[k].reshape(-1, 1) * outs[k] for k in range(len(outs)))
 
 
@@ -645,8 +648,8 @@ class GaussianMixture:
             mu = torch.as_tensor(self.means, device=z.device, dtype=z.dtype)
             return mu[k] + torch.einsum("nij,nj->ni", L[k], z)
         k = g.choice(K, size=n, p=self.weights)
-        L = np.stack([U * np.sqrt(lam) for U, lam in zip(self._Us, self._lams)])
-        return self.means[k] + np.einsum("nij,nj->ni", L[k], z)
+        Ln = np.stack([U * np.sqrt(lam) for U, lam in zip(self._Us, self._lams)])
+        return self.means[k] + np.einsum("nij,nj->ni", Ln[k], z)
 
     def _terms(self, x, a, s2):
         return _mixture_terms(_f64(x), a, s2, self._log_w, self.means, self._lams, self._Us)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._array import gather, restore, upcast, widen_for_tables
+from ._array import ArrayT, TimeLike, gather, restore, upcast, widen_for_tables
 from .checks import check_float, check_pair, check_schedule, check_signal, check_t
 from .schedules import Schedule
 
@@ -25,11 +25,11 @@ __all__ = ["x0_from_eps", "eps_from_x0", "v_from_x0_eps", "x0_from_v", "eps_from
            "x0_from_prediction", "eps_from_prediction"]
 
 
-def _t_numpy(t) -> np.ndarray:
+def _t_numpy(t: TimeLike) -> np.ndarray:
     return np.asarray(t.detach().cpu() if hasattr(t, "detach") else t)
 
 
-def x0_from_eps(s: Schedule, x_t, t, eps):
+def x0_from_eps(s: Schedule, x_t: ArrayT, t: TimeLike, eps: ArrayT) -> ArrayT:
     """x0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps   (DDPM eq. 15). Shapes (B, ...).
     Raises ValueError where abar_t = 0 (zero terminal SNR), where x0 is not determined.
     float32 input where 1/sqrt(abar_t) exceeds float32's range (abar_t < ~1e-77) is computed in
@@ -40,13 +40,13 @@ def x0_from_eps(s: Schedule, x_t, t, eps):
     return restore(x0_from_eps_prepared(s, xc, t, ec), x_t)
 
 
-def x0_from_eps_prepared(s: Schedule, xc, t, ec):
+def x0_from_eps_prepared(s: Schedule, xc: ArrayT, t: TimeLike, ec: ArrayT) -> ArrayT:
     """``x0_from_eps`` on inputs already validated and upcast, with abar_t > 0 checked by the
     caller (``check_signal``; the samplers check every step's t once, before their loop)."""
     return gather(s.sqrt_recip_alphas_cumprod, t, xc) * xc - gather(s.sqrt_recipm1_alphas_cumprod, t, xc) * ec
 
 
-def eps_from_x0(s: Schedule, x_t, t, x0):
+def eps_from_x0(s: Schedule, x_t: ArrayT, t: TimeLike, x0: ArrayT) -> ArrayT:
     """eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t) = (sqrt(1/abar_t) x_t - x0) / sqrt(1/abar_t - 1),
 
     DDPM eq. 4, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, solved for eps (the inverse of
@@ -63,28 +63,28 @@ def eps_from_x0(s: Schedule, x_t, t, x0):
     return restore(out, x_t)
 
 
-def v_from_x0_eps(s: Schedule, t, x0, eps):
+def v_from_x0_eps(s: Schedule, t: TimeLike, x0: ArrayT, eps: ArrayT) -> ArrayT:
     """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0   (Salimans & Ho 2022, "Progressive distillation", Sec. 4)."""
     x0, eps, t, x0c, ec = check_pair(s, x0, "x0", eps, "eps", t)
     out = gather(s.sqrt_alphas_cumprod, t, x0c) * ec - gather(s.sqrt_one_minus_alphas_cumprod, t, x0c) * x0c
     return restore(out, x0)
 
 
-def x0_from_v(s: Schedule, x_t, t, v):
+def x0_from_v(s: Schedule, x_t: ArrayT, t: TimeLike, v: ArrayT) -> ArrayT:
     """x0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v   (Salimans & Ho 2022)."""
     x_t, v, t, xc, vc = check_pair(s, x_t, "x_t", v, "v", t)
     out = gather(s.sqrt_alphas_cumprod, t, xc) * xc - gather(s.sqrt_one_minus_alphas_cumprod, t, xc) * vc
     return restore(out, x_t)
 
 
-def eps_from_v(s: Schedule, x_t, t, v):
+def eps_from_v(s: Schedule, x_t: ArrayT, t: TimeLike, v: ArrayT) -> ArrayT:
     """eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t   (Salimans & Ho 2022)."""
     x_t, v, t, xc, vc = check_pair(s, x_t, "x_t", v, "v", t)
     out = gather(s.sqrt_alphas_cumprod, t, xc) * vc + gather(s.sqrt_one_minus_alphas_cumprod, t, xc) * xc
     return restore(out, x_t)
 
 
-def score_from_eps(s: Schedule, t, eps):
+def score_from_eps(s: Schedule, t: TimeLike, eps: ArrayT) -> ArrayT:
     """score = grad_x log q(x_t | x0) = -eps / sqrt(1 - abar_t)   (Song et al. 2021, App. B).
     float32 input where sqrt(1 - abar_t) underflows float32 (betas ~1e-90) is computed in
     float64 and rounded once (0 / 0 was NaN)."""
@@ -95,7 +95,7 @@ def score_from_eps(s: Schedule, t, eps):
     return restore(-ec / gather(s.sqrt_one_minus_alphas_cumprod, t, ec), eps)
 
 
-def eps_from_score(s: Schedule, t, score):
+def eps_from_score(s: Schedule, t: TimeLike, score: ArrayT) -> ArrayT:
     """eps = -sqrt(1 - abar_t) * score, the inverse of ``score_from_eps``: the score of
     q(x_t | x0) = N(sqrt(abar_t) x0, (1 - abar_t) I) is -(x_t - sqrt(abar_t) x0) / (1 - abar_t)
     = -eps / sqrt(1 - abar_t) (DDPM eq. 4; Song et al. 2021, App. B)."""

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._array import broadcast_to_like, gather, restore, schedule_table
+from ._array import ArrayT, TimeLike, broadcast_to_like, gather, restore, schedule_table
 from .checks import check_pair, check_signal
 from .schedules import Schedule
 
 __all__ = ["q_posterior_mean_variance", "q_posterior_mean", "posterior_mean_from_eps"]
 
 
-def q_posterior_mean_variance(s: Schedule, x0, x_t, t):
+def q_posterior_mean_variance(s: Schedule, x0: ArrayT, x_t: ArrayT, t: TimeLike) -> tuple[ArrayT, ArrayT, ArrayT]:
     """Posterior q(x_{t-1} | x_t, x_0) = N(mean, var).
 
     mean = coef1[t] * x0 + coef2[t] * x_t
@@ -31,19 +31,19 @@ def q_posterior_mean_variance(s: Schedule, x0, x_t, t):
     return restore(mean, x_t), restore(var, x_t), restore(log_var, x_t)
 
 
-def q_posterior_mean(s: Schedule, x0, x_t, t):
+def q_posterior_mean(s: Schedule, x0: ArrayT, x_t: ArrayT, t: TimeLike) -> ArrayT:
     """The posterior mean coef1[t] * x0 + coef2[t] * x_t of q(x_{t-1} | x_t, x_0)
     (DDPM eq. 7), equal to ``q_posterior_mean_variance(s, x0, x_t, t)[0]``. Shapes (B, ...)."""
     x_t, x0, t, xtc, x0c = check_pair(s, x_t, "x_t", x0, "x0", t)
     return restore(posterior_mean_prepared(s, x0c, xtc, t), x_t)
 
 
-def posterior_mean_prepared(s: Schedule, x0c, xtc, t):
+def posterior_mean_prepared(s: Schedule, x0c: ArrayT, xtc: ArrayT, t: TimeLike) -> ArrayT:
     """The posterior mean on inputs already validated and upcast (the samplers' path)."""
     return gather(s.posterior_mean_coef1, t, xtc) * x0c + gather(s.posterior_mean_coef2, t, xtc) * xtc
 
 
-def posterior_mean_from_eps(s: Schedule, x_t, t, eps):
+def posterior_mean_from_eps(s: Schedule, x_t: ArrayT, t: TimeLike, eps: ArrayT) -> ArrayT:
     """The posterior mean written through the noise (DDPM eq. 11):
 
     mean = (x_t - beta_t / sqrt(1 - abar_t) * eps) / sqrt(alpha_t),

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Literal, overload
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.special import expit
 
 __all__ = [
@@ -61,7 +62,11 @@ def log1mexp(y):
     return out
 
 
-def _compensated_cumsum(v: np.ndarray, with_low: bool = False):
+@overload
+def _compensated_cumsum(v: np.ndarray, with_low: Literal[False] = False) -> np.ndarray: ...
+@overload
+def _compensated_cumsum(v: np.ndarray, with_low: Literal[True]) -> tuple[np.ndarray, np.ndarray]: ...
+def _compensated_cumsum(v: np.ndarray, with_low: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Cumulative sum with Neumaier compensation: each partial sum within ~1 ulp of exact
     (np.cumsum's error grows with the length). Entries equal to -inf propagate as -inf.
     With ``with_low`` also returns the low parts: ``hi + lo`` (a double-double) is the
@@ -88,7 +93,7 @@ def _compensated_cumsum(v: np.ndarray, with_low: bool = False):
     return (out, low) if with_low else out
 
 
-def _check_T(T, name: str = "T") -> int:
+def _check_T(T: Any, name: str = "T") -> int:
     if isinstance(T, (bool, np.bool_)) or not isinstance(T, (int, np.integer)):
         raise TypeError(f"{name} must be an integer number of timesteps; got {T!r}")
     if T < 1:
@@ -96,7 +101,7 @@ def _check_T(T, name: str = "T") -> int:
     return int(T)
 
 
-def _check_betas(betas) -> np.ndarray:
+def _check_betas(betas: Any) -> np.ndarray:
     try:
         # a copy: the tables are frozen (read-only), and the caller's own array must stay writable
         b = np.array(betas, dtype=np.float64, copy=True)
@@ -168,14 +173,13 @@ class Schedule:
         )
 
     @classmethod
-    def from_betas(cls, betas, timestep_map=None) -> "Schedule":
+    def from_betas(cls, betas: ArrayLike, timestep_map: ArrayLike | None = None) -> Schedule:
         """Build every table from ``betas`` (1-D, finite, each in (0, 1])."""
         betas = _check_betas(betas)
         T = betas.shape[0]
         with np.errstate(divide="ignore"):
             log_alphas = np.log1p(-betas)  # -inf where beta == 1
         log_abar, log_abar_lo = _compensated_cumsum(log_alphas, with_low=True)
-        log_abar_prev = np.concatenate([[0.0], log_abar[:-1]])
 
         def exp_log_abar(k, hi=log_abar, lo=log_abar_lo):
             # abar^k = exp(k (hi + lo)) = exp(k hi) (1 + k lo): log abar as a double-double, so
@@ -235,7 +239,7 @@ class Schedule:
             v.setflags(write=False)
         return cls(**tables)
 
-    def respace(self, timesteps) -> "Schedule":
+    def respace(self, timesteps: ArrayLike) -> Schedule:
         """The schedule restricted to a subset of timesteps (Improved DDPM, Sec. 4).
 
         Keeps ``alphas_cumprod`` at the kept indices k_0 < k_1 < ... and recomputes

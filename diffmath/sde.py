@@ -35,11 +35,13 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from ._array import backend, broadcast_coef, compute_dtype, is_tensor, randn, restore, upcast
+from ._array import ArrayT, TimeLike, backend, broadcast_coef, compute_dtype, is_tensor, randn, restore, upcast
 from .checks import check_float, check_like, check_time
 
 __all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "ReverseSDE", "score_from_eps", "eps_from_score"]
@@ -70,6 +72,8 @@ class SDE:
     T = 1.0
     #: default stopping time of the samplers (score_sde): 1e-3 for VP/sub-VP, 1e-5 for VE.
     default_eps = 1e-3
+    #: std of the prior N(0, prior_std^2 I); set by each subclass.
+    _prior_std: float
 
     def __init__(self, N: int):
         if isinstance(N, (bool, np.bool_)) or not isinstance(N, (int, np.integer)):
@@ -143,6 +147,19 @@ class SDE:
         fc, G = self._discretize_coefs(tt)
         return restore(broadcast_coef(fc, xc) * xc, x), restore(broadcast_coef(G, xc), x)
 
+    # -- what each subclass defines, on float64 time arrays/tensors
+    def _a(self, t):
+        raise NotImplementedError(f"{type(self).__name__} does not define the drift coefficient _a(t)")
+
+    def _g(self, t):
+        raise NotImplementedError(f"{type(self).__name__} does not define the diffusion _g(t)")
+
+    def _marg(self, t):
+        raise NotImplementedError(f"{type(self).__name__} does not define the marginal coefficients _marg(t)")
+
+    def _params(self) -> str:
+        raise NotImplementedError(f"{type(self).__name__} does not define _params()")
+
     def _discretize_coefs(self, t):
         return self._a(t) / self.N, self._g(t) * math.sqrt(1.0 / self.N)
 
@@ -156,7 +173,7 @@ class SDE:
         """Std of the prior N(0, prior_std^2 I): 1 for VP/sub-VP, sigma_max for VE."""
         return float(self._prior_std)
 
-    def reverse(self, score_fn, probability_flow: bool = False) -> "ReverseSDE":
+    def reverse(self, score_fn: Callable[[Any, Any], Any], probability_flow: bool = False) -> ReverseSDE:
         """The reverse-time SDE dx = [f - g^2 score] dt + g dw_bar (Song et al. 2021, eq. 6),
         or with ``probability_flow`` the ODE dx = [f - g^2 score / 2] dt (eq. 13).
 
@@ -313,7 +330,7 @@ class ReverseSDE:
     t must lie in (0, 1] (the score divides by the marginal std).
     """
 
-    def __init__(self, sde: SDE, score_fn, probability_flow: bool = False):
+    def __init__(self, sde: SDE, score_fn: Callable[[Any, Any], Any], probability_flow: bool = False) -> None:
         if not isinstance(sde, SDE):
             raise TypeError(f"sde must be a diffmath.sde.SDE; got {type(sde).__name__}")
         if not callable(score_fn):
@@ -359,7 +376,7 @@ class ReverseSDE:
         return restore(rf, x), (G * 0 if self.probability_flow else G)
 
 
-def check_score(out, x, name: str = "score_fn"):
+def check_score(out: object, x: ArrayT, name: str = "score_fn") -> ArrayT:
     """The output of a score/eps model must be an array of x's kind, device and shape."""
     if not (is_tensor(out) or isinstance(out, np.ndarray)):
         raise TypeError(f"{name} must return an array like x (shape {tuple(x.shape)}); got {type(out).__name__}")
@@ -369,7 +386,7 @@ def check_score(out, x, name: str = "score_fn"):
 
 
 # ----------------------------------------------------------------------------- eps <-> score
-def score_from_eps(sde: SDE, t, eps):
+def score_from_eps(sde: SDE, t: TimeLike, eps: ArrayT) -> ArrayT:
     """score = -eps / s(t), s(t) the SDE's marginal std (Song et al. 2021, App. B; the SDE
     analogue of ``parameterization.score_from_eps``). t in (0, 1]; eps: (B, ...)."""
     if not isinstance(sde, SDE):
@@ -380,7 +397,7 @@ def score_from_eps(sde: SDE, t, eps):
     return restore(-ec / broadcast_coef(sde._marg(tt)[1], ec), eps)
 
 
-def eps_from_score(sde: SDE, t, score):
+def eps_from_score(sde: SDE, t: TimeLike, score: ArrayT) -> ArrayT:
     """eps = -s(t) score, the inverse of ``score_from_eps``. t in (0, 1]; score: (B, ...)."""
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be a diffmath.sde.SDE; got {type(sde).__name__}")

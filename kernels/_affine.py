@@ -133,6 +133,7 @@ def tile_block(inner: int) -> int:
 def grid_for(numel: int, rows: int, per_row: bool, noise_in_kernel: bool, offset: int):
     """(ROWS, inner, BLOCK, ALIGNED, grid) for an elementwise launch over ``numel`` elements."""
     use_rows = per_row or numel >= INT32_SAFE
+    grid: tuple[int, ...]  # (rows, chunks) or (chunks,)
     if use_rows:
         inner = numel // rows
         if inner >= INT32_SAFE:
@@ -157,7 +158,7 @@ def grid_for(numel: int, rows: int, per_row: bool, noise_in_kernel: bool, offset
 
 
 def launch_affine(out, *, x=None, y=None, z=None, coef=None, t=None, scalars=(0.0, 0.0, 0.0, 0.0, 0.0),
-                  clip=None, seed=None, offset=0, rows=1):  # fmt: skip
+                  clip=None, seed=None, offset=0, rows=1):
     """Run ``affine_kernel`` writing ``out`` (contiguous). x, y, z: contiguous tensors of out's
     numel or None; ``coef``: a (k, L) float32 tensor (per-row arrays with ``t=None``, a table
     gathered at ``t`` otherwise) or None for ``scalars``; ``seed``: in-kernel noise."""
@@ -237,7 +238,7 @@ def torch_update(x, a, y, b, c, noise, seed, offset, cd, clip=None, p=None, q=No
     given ``noise``, or the torch stream's draws at ``(seed, offset)`` (``torch_normal``), or no
     noise term; returned contiguous in x's dtype."""
     if (seed is not None and x.device.type == "cpu" and x.numel() >= CPU_CHUNK_MIN
-            and all(v is None or isinstance(v, float) for v in (a, b, c, p, q))):  # fmt: skip
+            and all(v is None or isinstance(v, float) for v in (a, b, c, p, q))):
         return _torch_update_chunked(x, a, y, b, c, seed, offset, cd, clip, p, q)
     xc = to_dtype(x, cd)
     yc = to_dtype(y, cd) if y is not None else None
@@ -325,7 +326,7 @@ def affine_update(x, y, coefs, noise, seed, offset, *, clip=None, s=None, kind=N
         B = rows_of(x)
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         kw = dict(x=x.contiguous(), y=y.contiguous() if y is not None else None,
-                  z=noise.contiguous() if noise is not None else None, clip=clip, seed=seed, offset=offset, rows=B)  # fmt: skip
+                  z=noise.contiguous() if noise is not None else None, clip=clip, seed=seed, offset=offset, rows=B)
         if tabled:
             return launch_affine(out, coef=device_table(s, kind, x.device, torch.float32, build), t=t, **kw)
         if scalar:

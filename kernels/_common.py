@@ -27,6 +27,7 @@ import numbers
 import os
 import struct
 import threading
+from typing import cast
 
 import numpy as np
 import torch
@@ -183,8 +184,8 @@ def check_index(t, T: int, x: torch.Tensor, name: str = "t", lo: int = 0):
     elif isinstance(t, torch.Tensor) and t.dtype in _INT_DTYPES and t.ndim == 1 and x.ndim and t.shape[0] == x.shape[0]:
         if t.numel() == 0:
             return t.to(device=x.device, dtype=torch.long), lo, lo
-        tmin, tmax = torch.aminmax(t)
-        tmin, tmax = int(tmin), int(tmax)
+        tmin_t, tmax_t = torch.aminmax(t)
+        tmin, tmax = int(tmin_t), int(tmax_t)
         if lo <= tmin and tmax < T:
             if t.dtype != torch.long or t.device != x.device:
                 t = t.to(device=x.device, dtype=torch.long)
@@ -290,7 +291,8 @@ def stream_seed(seed: int, offset: int) -> int:
 def stream_generator(seed: int, offset: int, device: torch.device) -> torch.Generator:
     """The ``torch.Generator`` of the torch path's stream at ``(seed, offset)``: one per thread
     and device, re-seeded with ``stream_seed(seed, offset)`` on every call."""
-    gens = _GENERATORS.__dict__
+    # the thread-local's own namespace, keyed by device
+    gens = cast("dict[torch.device, torch.Generator]", _GENERATORS.__dict__)
     g = gens.get(device)
     if g is None:
         g = gens[device] = torch.Generator(device=device)

@@ -18,6 +18,7 @@ network's (docs/samplers.md, "Precision of the loop state").
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -280,7 +281,7 @@ def euler_maruyama_step(sde, x, t, dt, score, *, noise=None, seed=None, offset=0
         raise ValueError(f"t + dt must stay >= 0; got t = {float(np.min(t))}, dt = {dt}")
     noise, seed, offset = check_noise_args(noise, seed, offset, x, "x")
     a, g = _sde_coefs(sde, t)
-    coefs = (1.0 + a * dt, -g * g * dt, g * math.sqrt(-dt))
+    coefs: tuple[Any, ...] = (1.0 + a * dt, -g * g * dt, g * math.sqrt(-dt))  # floats or (B,) tensors
     if np.ndim(t) == 0:
         coefs = tuple(float(c) for c in coefs)
     return affine_update(x, score, coefs, noise, seed, offset, what="sde (its drift/diffusion coefficients at t) with dt")

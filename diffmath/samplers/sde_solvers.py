@@ -225,6 +225,7 @@ def sample_pc(
                 x = langevin_corrector_step(score, x, snr, randn_like(x, generator), alpha=alpha, norm=corrector_norm)
         noise = None if (last and denoise) else randn_like(x, generator)
         if predictor == "euler_maruyama":
+            assert ts is not None  # set with the Euler-Maruyama grid above
             x = euler_maruyama_step(rsde, x, _full_t(ts[k], x), ts[k + 1] - ts[k], noise)
             t_next = float(ts[k + 1])
         else:

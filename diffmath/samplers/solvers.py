@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Any
 
 import numpy as np
 import torch
@@ -159,6 +160,7 @@ class _Denoiser:
 
     def __call__(self, x, sigma: float):
         B = x.shape[0]
+        s: torch.Tensor | np.ndarray
         if is_tensor(x):
             s = torch.full((B,), float(sigma), dtype=x.dtype, device=x.device)
         else:
@@ -187,14 +189,14 @@ def _noise(noise_sampler, generator, x):
         if not callable(noise_sampler):
             raise TypeError(f"noise_sampler must be callable noise_sampler(sigma, sigma_next); got {type(noise_sampler).__name__}")
 
-        def draw(sigma, sigma_next):
+        def draw_user(sigma, sigma_next):
             z = noise_sampler(sigma, sigma_next)
             if not (is_tensor(z) or isinstance(z, np.ndarray)):
                 raise TypeError(f"the output of noise_sampler must be an array like x; got {type(z).__name__}")
             z = check_like(z, x, "the output of noise_sampler", "x")
             return z.to(x.dtype) if is_tensor(z) else np.asarray(z, dtype=x.dtype)
 
-        return draw
+        return draw_user
     g = check_generator(generator, x)
 
     def draw(sigma, sigma_next):
@@ -477,6 +479,8 @@ def dpmpp_2m_step(x, denoised, sigma: float, sigma_next: float, denoised_prev=No
     h = math.log(sigma / sigma_next)
     D = denoised
     if denoised_prev is not None:
+        if h_prev is None:
+            raise TypeError("h_prev (the previous step's log(sigma_prev / sigma)) must be given with denoised_prev")
         r = h_prev / h
         D = (1.0 + 0.5 / r) * denoised - (0.5 / r) * denoised_prev
     return (sigma_next / sigma) * x - math.expm1(-h) * D
@@ -496,7 +500,7 @@ def _dpmpp_sde(model, x, sig, noise, callback, progress, eta, s_noise, order, so
     J_n = int_0^h k e^{-k (h - u)} u^n du = n! h^n H phi_{n+1}(-H) are exact:
         J_0 = 1 - e^{-H},  J_1 = h H phi_2(-H),  J_2 = 2 h^2 H phi_3(-H).
     ``solver_type="midpoint"`` (k-diffusion's default for 2M) takes J_1 ~ J_0 h / 2."""
-    hist = []  # (lambda, denoised) of the previous levels, newest first
+    hist: list[tuple[float, Any]] = []  # (lambda, denoised) of the previous levels, newest first
     for i in _steps(sig, progress, desc):
         s, s_next = sig[i], sig[i + 1]
         den = model(x, s)
@@ -686,7 +690,7 @@ def sample_unipc(
     _check_choice(int(order), "order", (1, 2, 3))
     _check_choice(variant, "variant", ("bh1", "bh2"))
     x, sig, model, _ = _start(denoiser, x, sigmas, generator)
-    hist = []  # denoised values D_i, D_{i-1}, ... (newest first), at the predicted points
+    hist: list[Any] = []  # denoised values D_i, D_{i-1}, ... (newest first), at the predicted points
     x_prev = None  # x_i, the base of the last predictor step
     p_prev = 0  # the order of that predictor
     for i in _steps(sig, progress, "UniPC"):
@@ -727,7 +731,7 @@ def sample_lms(denoiser, x, sigmas, *, generator=None, callback=None, progress=F
         raise TypeError(f"order must be an integer in [1, 4]; got {order!r}")
     _check_choice(int(order), "order", (1, 2, 3, 4))
     x, sig, model, _ = _start(denoiser, x, sigmas, generator)
-    ds = []
+    ds: list[Any] = []  # (x - D)/sigma of the previous levels, newest first
     for i in _steps(sig, progress, "LMS"):
         s = sig[i]
         den = model(x, s)
