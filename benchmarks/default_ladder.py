@@ -26,8 +26,9 @@ from diffmath.verify import MIXTURE, MIXTURE_RTOL, MIXTURE_TOL
 SCHEDULES = ("linear", "cosine", "scaled_linear", "sigmoid")
 GAUSS_1D = GaussianData([0.5], [[0.01]])
 GAUSS_2D = GaussianData([0.5, -0.3], np.diag([0.04, 0.25]))
-MIX = GaussianMixture(list(MIXTURE["weights"]), [[m] for m in MIXTURE["means"]],
-                      [[[MIXTURE["std"] ** 2]]] * len(MIXTURE["weights"]))
+MIX = GaussianMixture(
+    list(MIXTURE["weights"]), [[m] for m in MIXTURE["means"]], [[[MIXTURE["std"] ** 2]]] * len(MIXTURE["weights"])
+)
 
 
 class _Run:

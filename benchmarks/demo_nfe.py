@@ -21,6 +21,7 @@ are noisy, so read them as ratios within one run of this script, not as absolute
 
     python benchmarks/demo_nfe.py --run runs/demo --out /tmp/nfe [--quick] [--trust-unverified]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +34,11 @@ from pathlib import Path
 # ~ 2e4, where rho = 7 spends most Karras steps); dpmpp-2m on Karras shows the default ladder
 CELLS = [
     ("ddim", None),
-    ("dpmpp-2m", "exponential"), ("dpmpp-2m", "karras"),
+    ("dpmpp-2m", "exponential"),
+    ("dpmpp-2m", "karras"),
     ("unipc", "exponential"),
-    ("dpmpp-2m", "schedule"), ("unipc", "schedule"),
+    ("dpmpp-2m", "schedule"),
+    ("unipc", "schedule"),
     ("heun", "exponential"),
     ("euler", "exponential"),
     ("dpmpp-3m-sde", "exponential"),
@@ -52,8 +55,18 @@ def steps_for(sampler: str, nfe: int) -> tuple[int, int]:
     return nfe, nfe
 
 
-def run_cell(run: Path, out: Path, sampler: str, ladder: str | None, steps: int, *, num_samples: int, seed: int,
-             device: str, trust_unverified: bool) -> dict:
+def run_cell(
+    run: Path,
+    out: Path,
+    sampler: str,
+    ladder: str | None,
+    steps: int,
+    *,
+    num_samples: int,
+    seed: int,
+    device: str,
+    trust_unverified: bool,
+) -> dict:
     from diffmath.pipeline.evaluate import evaluate_run
     from diffmath.pipeline.generate import sample_run
 
@@ -61,16 +74,29 @@ def run_cell(run: Path, out: Path, sampler: str, ladder: str | None, steps: int,
         return _row(sampler, ladder, steps, json.loads((out / "metrics.json").read_text()))
     out.mkdir(parents=True, exist_ok=True)
     kw = {"sigmas": ladder} if ladder is not None else {}
-    sample_run(out, run=run, sampler=sampler, steps=steps, num_samples=num_samples, seed=seed, device=device,
-               progress=False, trust_unverified=trust_unverified, **kw)
-    m = evaluate_run(run, out / "samples.npz", out, vlb_images=0, device=device, progress=False,
-                     trust_unverified=trust_unverified)
+    sample_run(
+        out,
+        run=run,
+        sampler=sampler,
+        steps=steps,
+        num_samples=num_samples,
+        seed=seed,
+        device=device,
+        progress=False,
+        trust_unverified=trust_unverified,
+        **kw,
+    )
+    m = evaluate_run(
+        run, out / "samples.npz", out, vlb_images=0, device=device, progress=False, trust_unverified=trust_unverified
+    )
     return _row(sampler, ladder, steps, m)
 
 
 def _row(sampler, ladder, steps, m: dict) -> dict:
     return {
-        "sampler": sampler, "sigmas": ladder, "steps": steps,
+        "sampler": sampler,
+        "sigmas": ladder,
+        "steps": steps,
         "confidence": float(m["mean_confidence"]),
         "fd": float(m["frechet_distance"]["samples"]),
         "fd_floor": float(m["frechet_distance"]["held_out_real (floor)"]),
@@ -80,12 +106,16 @@ def _row(sampler, ladder, steps, m: dict) -> dict:
 
 
 def table(rows: list[dict], ref: dict | None) -> str:
-    lines = ["| sampler | sigmas | NFE | confidence | FD | FD / FD(DDIM 50) | sampling s |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| sampler | sigmas | NFE | confidence | FD | FD / FD(DDIM 50) | sampling s |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         ratio = f"{r['fd'] / ref['fd']:.2f}" if ref else "-"
-        lines.append(f"| {r['sampler']} | {r['sigmas'] or '-'} | {r['nfe']} | {r['confidence']:.3f} | {r['fd']:.3f} | "
-                     f"{ratio} | {r['seconds']:.1f} |")
+        lines.append(
+            f"| {r['sampler']} | {r['sigmas'] or '-'} | {r['nfe']} | {r['confidence']:.3f} | {r['fd']:.3f} | "
+            f"{ratio} | {r['seconds']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -102,8 +132,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     nfes = [int(s) for s in args.nfe.split(",") if s]
     keep = set(args.samplers.split(",")) if args.samplers else None
-    common = dict(num_samples=args.num_samples, seed=args.seed, device=args.device,
-                  trust_unverified=args.trust_unverified)
+    common = dict(
+        num_samples=args.num_samples, seed=args.seed, device=args.device, trust_unverified=args.trust_unverified
+    )
 
     todo = [("ddim", None, DDIM_REFERENCE_STEPS)] if keep is None or "ddim" in keep else []
     todo += [(s, lad, n) for s, lad in CELLS for n in nfes if (keep is None or s in keep) and (s, lad, n) not in todo]

@@ -71,9 +71,21 @@ def step_errors(kind, config, steps, eta=0.0, seed=0):
             else:
                 g = torch.Generator().manual_seed(1000 + i)
                 out = sch.step(mi, t, xi, generator=g).prev_sample
-                z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1000 + i), dtype=mi.dtype) if t > 0 else None
-                ref, _ = ddpm_step(betas, xi, mi, t, t_prev, noise=z, variance=config.get("variance_type", "fixed_small"),
-                                   prediction=pred)
+                z = (
+                    torch.randn(SHAPE, generator=torch.Generator().manual_seed(1000 + i), dtype=mi.dtype)
+                    if t > 0
+                    else None
+                )
+                ref, _ = ddpm_step(
+                    betas,
+                    xi,
+                    mi,
+                    t,
+                    t_prev,
+                    noise=z,
+                    variance=config.get("variance_type", "fixed_small"),
+                    prediction=pred,
+                )
             worst[j] = max(worst[j], rel_error(out, ref))
     return worst
 
@@ -94,17 +106,42 @@ def table_errors(config):
 CASES = [
     ("DDPMScheduler", "linear, full chain (1000 steps)", dict(clip_sample=False), None, 0.0),
     ("DDPMScheduler", "linear, 50 leading steps", dict(clip_sample=False), 50, 0.0),
-    ("DDPMScheduler", "scaled_linear, 50 leading, v", dict(beta_schedule="scaled_linear", beta_start=0.00085,
-                                                             beta_end=0.012, clip_sample=False,
-                                                             prediction_type="v_prediction"), 50, 0.0),
-    ("DDPMScheduler", "cosine, 50 leading, fixed_large", dict(beta_schedule="squaredcos_cap_v2", clip_sample=False,
-                                                              variance_type="fixed_large"), 50, 0.0),
+    (
+        "DDPMScheduler",
+        "scaled_linear, 50 leading, v",
+        dict(
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            clip_sample=False,
+            prediction_type="v_prediction",
+        ),
+        50,
+        0.0,
+    ),
+    (
+        "DDPMScheduler",
+        "cosine, 50 leading, fixed_large",
+        dict(beta_schedule="squaredcos_cap_v2", clip_sample=False, variance_type="fixed_large"),
+        50,
+        0.0,
+    ),
     ("DDIMScheduler", "linear, 50 leading, eta 0", dict(clip_sample=False), 50, 0.0),
     ("DDIMScheduler", "linear, 50 leading, eta 1", dict(clip_sample=False), 50, 1.0),
-    ("DDIMScheduler", "scaled_linear, 50 leading, eta 0", dict(beta_schedule="scaled_linear", beta_start=0.00085,
-                                                                beta_end=0.012, clip_sample=False), 50, 0.0),
-    ("DDIMScheduler", "cosine, 50 leading, v, eta 0", dict(beta_schedule="squaredcos_cap_v2", clip_sample=False,
-                                                           prediction_type="v_prediction"), 50, 0.0),
+    (
+        "DDIMScheduler",
+        "scaled_linear, 50 leading, eta 0",
+        dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False),
+        50,
+        0.0,
+    ),
+    (
+        "DDIMScheduler",
+        "cosine, 50 leading, v, eta 0",
+        dict(beta_schedule="squaredcos_cap_v2", clip_sample=False, prediction_type="v_prediction"),
+        50,
+        0.0,
+    ),
 ]
 
 # the six sigma-space classes: every call of a loop (multistep history included) against the
@@ -134,20 +171,28 @@ def main():
         d, a32, a64 = step_errors(kind, config, steps, eta)
         print(f"| {kind} | {label} | {d:.1e} | {a32:.1e} | {a64:.1e} |")
     for kind, label, config, steps in SIGMA_CASES:
-        d, a32, a64 = sigma_step_errors(kind, config, steps, shape=SHAPE, classes=(
-            (getattr(diffusers, kind), torch.float32), (getattr(dm, kind), torch.float32),
-            (getattr(dm, kind), torch.float64)))
+        d, a32, a64 = sigma_step_errors(
+            kind,
+            config,
+            steps,
+            shape=SHAPE,
+            classes=(
+                (getattr(diffusers, kind), torch.float32),
+                (getattr(dm, kind), torch.float32),
+                (getattr(dm, kind), torch.float64),
+            ),
+        )
         print(f"| {kind} | {label} | {d:.1e} | {a32:.1e} | {a64:.1e} |")
     print()
     print("| alphas_cumprod (T = 1000) | diffusers (fp32 cumprod) | adapter (float64) |")
     print("|---|---|---|")
-    for label, config in (("linear", {}), ("scaled_linear", dict(beta_schedule="scaled_linear", beta_start=0.00085,
-                                                                    beta_end=0.012)),
-                          ("squaredcos_cap_v2", dict(beta_schedule="squaredcos_cap_v2"))):
+    for label, config in (
+        ("linear", {}),
+        ("scaled_linear", dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)),
+        ("squaredcos_cap_v2", dict(beta_schedule="squaredcos_cap_v2")),
+    ):
         d, a = table_errors(config)
         print(f"| {label} | {d:.1e} | {a:.1e} |")
-
-
 
 
 # ----------------------------------------------------------------------------- diffusers' full-loop tests
@@ -238,10 +283,22 @@ LOOPS = [  # (test, kind, config, steps, t_start, diffusers' expected sum)
     ("test_full_loop_with_noise", "DDPMScheduler", {}, None, 998, 387.9466),
     ("test_full_loop_no_noise", "DDIMScheduler", {}, 10, 0, 172.0067),
     ("test_full_loop_with_v_prediction", "DDIMScheduler", dict(prediction_type="v_prediction"), 10, 0, 52.5302),
-    ("test_full_loop_with_set_alpha_to_one", "DDIMScheduler", dict(set_alpha_to_one=True, beta_start=0.01), 10, 0,
-     149.8295),
-    ("test_full_loop_with_no_set_alpha_to_one", "DDIMScheduler", dict(set_alpha_to_one=False, beta_start=0.01), 10, 0,
-     149.0784),
+    (
+        "test_full_loop_with_set_alpha_to_one",
+        "DDIMScheduler",
+        dict(set_alpha_to_one=True, beta_start=0.01),
+        10,
+        0,
+        149.8295,
+    ),
+    (
+        "test_full_loop_with_no_set_alpha_to_one",
+        "DDIMScheduler",
+        dict(set_alpha_to_one=False, beta_start=0.01),
+        10,
+        0,
+        149.0784,
+    ),
     ("test_full_loop_with_noise", "DDIMScheduler", {}, 10, 8, 354.5418),
 ]
 
@@ -255,8 +312,6 @@ def full_loops():
         a, _ = _torch_loop(getattr(dm, kind)(**cfg), kind, steps, t_start)
         m = _mp_loop(kind, cfg, steps, t_start, draws)
         print(f"| {kind}.{name} | {expected} | {d:.6f} | {a:.6f} | {m:.6f} |")
-
-
 
 
 # ----------------------------------------------------------------------------- the exact Gaussian oracle
@@ -313,8 +368,13 @@ ORACLE = [
     ("DDIMScheduler", "linspace, 50 steps, eta 0", dict(timestep_spacing="linspace"), 50, dict(eta=0.0)),
     ("DDPMScheduler", "leading, 10 steps, fixed_small", dict(), 10, {}),
     ("DDPMScheduler", "leading, 10 steps, fixed_large", dict(variance_type="fixed_large"), 10, {}),
-    ("DDPMScheduler", "trailing, 7 steps, fixed_large", dict(variance_type="fixed_large", timestep_spacing="trailing"),
-     7, {}),
+    (
+        "DDPMScheduler",
+        "trailing, 7 steps, fixed_large",
+        dict(variance_type="fixed_large", timestep_spacing="trailing"),
+        7,
+        {},
+    ),
 ]
 
 
@@ -326,12 +386,17 @@ def oracle_table():
     print("|---|---|---|---|---|")
     for kind, label, config, steps, kw in ORACLE:
         config = dict(config, clip_sample=False)
-        scheds = [getattr(dm, kind)(**config), getattr(diffusers, kind)(**config),
-                  getattr(dm, kind)(**config, diffusers_compat=True)]
+        scheds = [
+            getattr(dm, kind)(**config),
+            getattr(diffusers, kind)(**config),
+            getattr(dm, kind)(**config, diffusers_compat=True),
+        ]
         for sch in scheds:
             sch.set_timesteps(steps)
         s = scheds[0].schedule
-        kls = [oracle_kl(sch, s, data, dt, **kw) for sch, dt in zip(scheds, (torch.float64, torch.float32, torch.float32))]
+        kls = [
+            oracle_kl(sch, s, data, dt, **kw) for sch, dt in zip(scheds, (torch.float64, torch.float32, torch.float32))
+        ]
         print(f"| {kind} | {label} | {kls[0]:.4e} | {kls[1]:.4e} | {kls[2]:.4e} |")
 
 

@@ -125,7 +125,7 @@ def extremes():
     print(
         f"  tl.randn: 31-bit uniform, clamp u >= 1e-7 catches {clamped} of 2^31 values (P = {clamped / 2**31:.3e}); "
         f"max radius sqrt(-2 log 1e-7) = {r_max:.4f}; P(|N(0,1)| > {r_max:.3f}) = {2 * stats.norm.sf(r_max):.2e} "
-        f"is never drawn and P(R > {r_max:.3f}) = {math.exp(-r_max**2 / 2):.2e} is piled onto R = {r_max:.3f}"
+        f"is never drawn and P(R > {r_max:.3f}) = {math.exp(-(r_max**2) / 2):.2e} is piled onto R = {r_max:.3f}"
     )
     del u
     r_ours = math.sqrt(-2 * math.log(2.0**-33))
@@ -143,7 +143,9 @@ def find_far_tail(seed=1, threshold=5.7, max_calls=1 << 27, chunk=1 << 22):
         idx = np.flatnonzero(np.abs(z) > threshold)
         if idx.size:
             d = 4 * start + int(idx[0])
-            print(f"  seed {seed}: draw {d} (counter {d // 4}, lane {d % 4}) = {z[idx[0]]:+.4f} ({time.time() - t0:.0f} s)")
+            print(
+                f"  seed {seed}: draw {d} (counter {d // 4}, lane {d % 4}) = {z[idx[0]]:+.4f} ({time.time() - t0:.0f} s)"
+            )
             return seed, d
     print("  none found")
     return None

@@ -67,7 +67,7 @@ import torch
 from diffmath import verify
 from diffmath.judge import mixture_kl
 from diffmath.oracle import GaussianData, GaussianMixture
-from diffmath.samplers import SOLVERS, sigmas_exponential, sigmas_karras
+from diffmath.samplers import SOLVERS, sigmas_exponential
 from diffmath.schedules import linear_schedule
 
 S = linear_schedule(1000)
@@ -75,7 +75,8 @@ TABLE = np.asarray(S.sqrt_recipm1_alphas_cumprod, dtype=np.float64)  # sigma_t, 
 SIG_MIN, SIG_MAX = float(TABLE[0]), float(TABLE[-1])
 DATA = GaussianData([verify.DATA_MEAN], [[verify.DATA_STD**2]])
 MIX = GaussianMixture(
-    list(verify.MIXTURE["weights"]), [[m] for m in verify.MIXTURE["means"]],
+    list(verify.MIXTURE["weights"]),
+    [[m] for m in verify.MIXTURE["means"]],
     [[[verify.MIXTURE["std"] ** 2]]] * len(verify.MIXTURE["weights"]),
 )
 
@@ -165,7 +166,11 @@ def kd_solver(kds, name: str, **opts):
 
 def kd_ladder(kds, kind: str, n: int) -> np.ndarray:
     f = kds.get_sigmas_karras if kind == "karras" else kds.get_sigmas_exponential
-    return f(n, SIG_MIN, SIG_MAX).to(torch.float64).numpy() if kind == "exponential" else f(n, SIG_MIN, SIG_MAX, rho=7.0).to(torch.float64).numpy()
+    return (
+        f(n, SIG_MIN, SIG_MAX).to(torch.float64).numpy()
+        if kind == "exponential"
+        else f(n, SIG_MIN, SIG_MAX, rho=7.0).to(torch.float64).numpy()
+    )
 
 
 # ----------------------------------------------------------------------------- diffusers
@@ -192,8 +197,13 @@ class float64_diffusers:
     (which would round a float64 loop to float32 at every step) stay float64, so their loops
     can be compared with diffmath's in float64. Nothing else changes."""
 
-    MODULES = ("scheduling_euler_discrete", "scheduling_heun_discrete", "scheduling_dpmsolver_multistep",
-               "scheduling_unipc_multistep", "scheduling_lms_discrete")
+    MODULES = (
+        "scheduling_euler_discrete",
+        "scheduling_heun_discrete",
+        "scheduling_dpmsolver_multistep",
+        "scheduling_unipc_multistep",
+        "scheduling_lms_discrete",
+    )
 
     def __enter__(self):
         proxy = types.ModuleType("torch")
@@ -213,7 +223,9 @@ class float64_diffusers:
 def make_scheduler(diffusers, cls_name: str, ladder: str, steps: int):
     """The scheduler on linear_schedule(1000)'s betas, ``set_timesteps(steps)``, sigmas in float64."""
     cls = getattr(diffusers, cls_name)
-    cfg = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon")
+    cfg = dict(
+        num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon"
+    )
     cfg.update(DIFFUSERS[cls_name][1])
     cfg.update(LADDER_FLAGS[ladder])
     sch = cls(**cfg)
@@ -244,7 +256,10 @@ def _diffusers_loop(diffusers, cls_name, ladder, steps, denoiser, x_sigma, model
         else:
             sig = float(sigma_of_t(float(t)))
         xs = xin * math.sqrt(1.0 + sig * sig)  # the model's input back in sigma space
-        den = denoiser(xs if tor else xs.numpy(), torch.full((xs.shape[0],), sig, dtype=torch.float64) if tor else np.full(xs.shape[0], sig))
+        den = denoiser(
+            xs if tor else xs.numpy(),
+            torch.full((xs.shape[0],), sig, dtype=torch.float64) if tor else np.full(xs.shape[0], sig),
+        )
         den = den if torch.is_tensor(den) else torch.as_tensor(den)
         eps = (xs - den) / sig
         sample = sch.step(eps, t, sample).prev_sample
@@ -389,7 +404,9 @@ def agreement(kds, diffusers, nfes=(5, 10, 20, 50)):
                 for n in nfes:
                     steps = diffusers_steps(cls_name, n)
                     sig, start = diffusers_ladder_and_start(diffusers, cls_name, lad, steps)
-                    a = DATA.exact_solver_output(diffusers_solver(diffusers, cls_name, lad, steps, "scheduler"), sig, start=start)
+                    a = DATA.exact_solver_output(
+                        diffusers_solver(diffusers, cls_name, lad, steps, "scheduler"), sig, start=start
+                    )
                     b = DATA.exact_solver_output(name, sig, start=start)
                     worst = max(worst, rel(a, b))
                 res[f"diffusers {cls_name} ({lad})"] = worst
@@ -420,10 +437,12 @@ def main(argv=None) -> int:
             cands = [(v[c], k) for k, v in theirs.items() if v[c] is not None]
             best_peer[c] = min(cands) if cands else (None, None)
         result[key] = {"diffmath_best": mine, "peers": theirs, "best_peer": best_peer}
-        title = {"gaussian": "Gaussian data N(0.5, 0.1^2): exact KL(output || data)",
-                 "mixture": f"1-D mixture {verify.MIXTURE}: exact KL(output || data)",
-                 "gaussian_solver_error": "Gaussian data, deterministic solvers: exact KL(output || exact_flow_limit), "
-                                          "the integration error alone"}[key]
+        title = {
+            "gaussian": "Gaussian data N(0.5, 0.1^2): exact KL(output || data)",
+            "mixture": f"1-D mixture {verify.MIXTURE}: exact KL(output || data)",
+            "gaussian_solver_error": "Gaussian data, deterministic solvers: exact KL(output || exact_flow_limit), "
+            "the integration error alone",
+        }[key]
         print(f"\n{title} in nats by NFE")
         print(f"{'':<58}" + "".join(f"{c:>11}" for c in map(str, nfes)))
         for k, v in theirs.items():
@@ -431,7 +450,9 @@ def main(argv=None) -> int:
         print(f"{'best peer':<58}" + "".join(f"{_fmt(best_peer[c][0]):>11}" for c in map(str, nfes)))
         print(f"{'diffmath best':<58}" + "".join(f"{_fmt(mine[c][0]):>11}" for c in map(str, nfes)))
         for c in map(str, nfes):
-            print(f"  NFE {c}: diffmath {mine[c][1]} {_fmt(mine[c][0])}; best peer {best_peer[c][1]} {_fmt(best_peer[c][0])}")
+            print(
+                f"  NFE {c}: diffmath {mine[c][1]} {_fmt(mine[c][0])}; best peer {best_peer[c][1]} {_fmt(best_peer[c][0])}"
+            )
     if args.check:
         result["agreement"] = agreement(kds, dif, nfes)
         print("\nsame algorithm, same ladder, same denoiser: max relative difference of output mean / variance")
@@ -453,8 +474,11 @@ def _plot(result, nfes, path):
     import matplotlib.pyplot as plt
 
     keys = [k for k in ("gaussian", "mixture", "gaussian_solver_error") if k in result]
-    titles = {"gaussian": "Gaussian data: KL(output || data)", "mixture": "1-D mixture: KL(output || data)",
-              "gaussian_solver_error": "Gaussian data: KL(output || exact flow)"}
+    titles = {
+        "gaussian": "Gaussian data: KL(output || data)",
+        "mixture": "1-D mixture: KL(output || data)",
+        "gaussian_solver_error": "Gaussian data: KL(output || exact flow)",
+    }
     fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.6))
     for ax, key in zip(np.atleast_1d(axes), keys):
         cols = list(map(str, nfes))

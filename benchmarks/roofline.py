@@ -94,7 +94,9 @@ def main(argv=None) -> int:
             print(f"  {'kernel':28s} {'us':>9s} {'min MB':>8s} {'GB/s':>7s} {'% copy':>7s}")
             for name, fn, nbytes in kernels(n, dtype):
                 t = cuda_time(fn)
-                print(f"  {name:28s} {t * 1e6:9.1f} {nbytes / 1e6:8.1f} {nbytes / t / 1e9:7.0f} {100 * nbytes / t / bw:6.1f}%")
+                print(
+                    f"  {name:28s} {t * 1e6:9.1f} {nbytes / 1e6:8.1f} {nbytes / t / 1e9:7.0f} {100 * nbytes / t / bw:6.1f}%"
+                )
             torch.cuda.empty_cache()
     return 0
 

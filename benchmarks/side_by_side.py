@@ -80,7 +80,6 @@ def _diffusers():
             warnings.simplefilter("ignore")
             import diffusers  # noqa: F401
             from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
-
             from diffusers.utils import logging as dlog
 
             dlog.set_verbosity_error()
@@ -336,7 +335,9 @@ def stable_cpu_allocator() -> bool:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, 32 << 20)) and bool(libc.mallopt(-1, 1 << 30))  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+        return bool(libc.mallopt(-3, 32 << 20)) and bool(
+            libc.mallopt(-1, 1 << 30)
+        )  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         return False
 
@@ -373,8 +374,10 @@ def run(quick: bool = False, device: str | None = None) -> dict:
     with_compile = not (quick and device == "cpu")
     d = _diffusers()
     print(f"diffmath.kernels benchmark on {device}: {device_name(device)}")
-    print(f"torch {torch.__version__}, diffusers {'not installed' if d is None else __import__('diffusers').__version__}; "
-          f"median microseconds per call{'; quick' if quick else ''}")
+    print(
+        f"torch {torch.__version__}, diffusers {'not installed' if d is None else __import__('diffusers').__version__}; "
+        f"median microseconds per call{'; quick' if quick else ''}"
+    )
     if warm:
         print("glibc malloc kept warm (mmap threshold 32 MiB, no trim): see stable_cpu_allocator")
     if not with_compile:

@@ -14,7 +14,6 @@ import os
 
 import pytest
 import torch
-
 from side_by_side import IMPLS, OPS, Deferred, _path, build_cases, sizes_for, stable_cpu_allocator
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

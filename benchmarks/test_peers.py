@@ -52,7 +52,9 @@ def test_diffusers_same_output(cls_name, ladder):
     for n in NFES:
         steps = peers.diffusers_steps(cls_name, n)
         sig, start = peers.diffusers_ladder_and_start(DIFFUSERS, cls_name, ladder, steps)
-        theirs = peers.DATA.exact_solver_output(peers.diffusers_solver(DIFFUSERS, cls_name, ladder, steps, "scheduler"), sig, start=start)
+        theirs = peers.DATA.exact_solver_output(
+            peers.diffusers_solver(DIFFUSERS, cls_name, ladder, steps, "scheduler"), sig, start=start
+        )
         ours = peers.DATA.exact_solver_output(name, sig, start=start)
         assert _rel(theirs, ours) <= 1e-6, (cls_name, ladder, n, _rel(theirs, ours))
 

@@ -151,7 +151,7 @@ def restore(out, like):
 # Values derived from a schedule, computed once per schedule and key and dropped with it: a
 # Schedule is a frozen dataclass of read-only arrays (eq=False, so hashable by identity). Shared
 # by the core's tables and the kernels' host/device tables and folded coefficients.
-_PER_SCHEDULE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_PER_SCHEDULE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def schedule_cache(s, key, build):

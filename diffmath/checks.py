@@ -243,7 +243,11 @@ def check_time(t: Any, x: Any = None, name: str = "t", open_left: bool = False) 
             tt = tt.cpu().numpy()
     elif isinstance(t, numbers.Real):
         tt = float(t)
-        tt = torch.tensor(tt, dtype=torch.float64, device=x.device if x is not None else None) if want_tensor else np.float64(tt)
+        tt = (
+            torch.tensor(tt, dtype=torch.float64, device=x.device if x is not None else None)
+            if want_tensor
+            else np.float64(tt)
+        )
     else:
         arr = np.asarray(t)
         if arr.dtype.kind != "f":
@@ -324,7 +328,11 @@ def check_pc_args(snr, alpha, n_corrector_steps):
     ``exact_sde_output``: snr > 0, alpha > 0 (finite), n_corrector_steps an integer >= 0."""
     snr = check_positive(snr, "snr")
     alpha = check_positive(alpha, "alpha")
-    if isinstance(n_corrector_steps, bool) or not isinstance(n_corrector_steps, (int, np.integer)) or n_corrector_steps < 0:
+    if (
+        isinstance(n_corrector_steps, bool)
+        or not isinstance(n_corrector_steps, (int, np.integer))
+        or n_corrector_steps < 0
+    ):
         raise ValueError(f"n_corrector_steps must be an integer >= 0; got {n_corrector_steps!r}")
     return snr, alpha, int(n_corrector_steps)
 

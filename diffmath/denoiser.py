@@ -65,10 +65,18 @@ import torch
 from ._array import compute_dtype, is_tensor
 from .checks import check_float, check_like
 from .schedules import Schedule
-from .sde import SDE, SubVPSDE, VESDE, VPSDE
+from .sde import SDE, VESDE, VPSDE, SubVPSDE
 
-__all__ = ["Denoiser", "PREDICTIONS", "preconditioning", "schedule_sigmas", "score_from_denoiser", "sigma_to_t_schedule",
-           "sigma_to_t_sde", "t_to_sigma_sde"]
+__all__ = [
+    "Denoiser",
+    "PREDICTIONS",
+    "preconditioning",
+    "schedule_sigmas",
+    "score_from_denoiser",
+    "sigma_to_t_schedule",
+    "sigma_to_t_sde",
+    "t_to_sigma_sde",
+]
 
 PREDICTIONS = ("eps", "x0", "v", "score")
 
@@ -83,16 +91,16 @@ def preconditioning(prediction: str, sigma, m):
     m = np.asarray(m, dtype=np.float64)
     one = np.ones_like(sigma)
     if prediction == "eps":
-        c_skip = one                                 # x_0 = x - sigma eps
+        c_skip = one  # x_0 = x - sigma eps
         c_out = -sigma
     elif prediction == "x0":
-        c_skip = 0.0 * one                           # D = x0_pred
+        c_skip = 0.0 * one  # D = x0_pred
         c_out = one
     elif prediction == "v":
-        c_skip = 1.0 / (1.0 + sigma * sigma)         # x_0 = (m x_t - s v)/(m^2 + s^2), s = sigma m
+        c_skip = 1.0 / (1.0 + sigma * sigma)  # x_0 = (m x_t - s v)/(m^2 + s^2), s = sigma m
         c_out = -sigma / (m * (1.0 + sigma * sigma))
     elif prediction == "score":
-        c_skip = one                                 # Tweedie: D = x + sigma^2 grad_x log p
+        c_skip = one  # Tweedie: D = x + sigma^2 grad_x log p
         c_out = sigma * sigma * m
     else:
         raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}; got {prediction!r}")
@@ -147,17 +155,17 @@ def t_to_sigma_sde(sde: SDE, t):
         raise TypeError(f"sde must be a VPSDE, SubVPSDE or VESDE; got {type(sde).__name__}")
     lmc = sde._lmc(t)
     if isinstance(sde, SubVPSDE):
-        return 2.0 * np.sinh(-lmc)                  # (1 - m^2)/m
-    return np.sqrt(np.expm1(-2.0 * lmc))            # sqrt(1 - m^2)/m
+        return 2.0 * np.sinh(-lmc)  # (1 - m^2)/m
+    return np.sqrt(np.expm1(-2.0 * lmc))  # sqrt(1 - m^2)/m
 
 
 def _input_scale(kind, sde, sigma):
     """m(sigma) = c_in, float64."""
     if isinstance(sde, SubVPSDE):
-        return np.exp(-np.arcsinh(0.5 * sigma))     # m = exp(lmc), sigma = 2 sinh(-lmc)
+        return np.exp(-np.arcsinh(0.5 * sigma))  # m = exp(lmc), sigma = 2 sinh(-lmc)
     if isinstance(sde, VESDE):
         return np.ones_like(sigma)
-    return 1.0 / np.sqrt(1.0 + sigma * sigma)       # discrete schedule and VP: m^2 + s^2 = 1
+    return 1.0 / np.sqrt(1.0 + sigma * sigma)  # discrete schedule and VP: m^2 + s^2 = 1
 
 
 # ----------------------------------------------------------------------------- the denoiser
@@ -200,7 +208,7 @@ class Denoiser:
             self._lo = 0.0
 
     @classmethod
-    def from_schedule(cls, model, s: Schedule, prediction: str = "eps", *, clamp_time: bool = False) -> "Denoiser":
+    def from_schedule(cls, model, s: Schedule, prediction: str = "eps", *, clamp_time: bool = False) -> Denoiser:
         """A discrete-time model ``model(x_t, t)`` trained on schedule ``s`` to predict
         ``prediction`` ("eps", "x0", "v" or "score" of x_t); t is an int64 index of shape (B,)
         when sigma lies on the table, else a float time of x's compute dtype. ``clamp_time``:
@@ -210,7 +218,7 @@ class Denoiser:
         return cls(model, "schedule", prediction, schedule=s, clamp_time=clamp_time)
 
     @classmethod
-    def from_sde(cls, model, sde: SDE, prediction: str = "score", *, clamp_time: bool = False) -> "Denoiser":
+    def from_sde(cls, model, sde: SDE, prediction: str = "score", *, clamp_time: bool = False) -> Denoiser:
         """A continuous-time model ``model(x_t, t)`` (t float of shape (B,) in (0, 1], x's
         compute dtype) of a ``VPSDE``, ``SubVPSDE`` or ``VESDE`` predicting ``prediction``:
         "score" (score_sde's score_fn), "eps", "x0" or "v". ``clamp_time``: a sigma above
@@ -321,7 +329,9 @@ def score_from_denoiser(denoiser, sde: SDE):
         if tt.ndim != 1 or tt.shape[0] != B:
             raise ValueError(f"t must be a float or have shape (B,) = ({B},); got shape {tt.shape}")
         if not np.all((tt > 0) & (tt <= 1)):
-            raise ValueError(f"t must lie in (0, 1] (the score divides by the marginal std); got t = {float(tt[np.argmax(~((tt > 0) & (tt <= 1)))])!r}")
+            raise ValueError(
+                f"t must lie in (0, 1] (the score divides by the marginal std); got t = {float(tt[np.argmax(~((tt > 0) & (tt <= 1)))])!r}"
+            )
         m, _ = sde.marginal_coefs(tt)
         m = np.asarray(m, dtype=np.float64)
         sigma = np.asarray(t_to_sigma_sde(sde, tt), dtype=np.float64)
@@ -340,10 +350,10 @@ def score_from_denoiser(denoiser, sde: SDE):
             def col(c):
                 return np.asarray(c).astype(dt).reshape(shape)
 
-        x = xc * col(1.0 / m)                                   # x = x_t / m
+        x = xc * col(1.0 / m)  # x = x_t / m
         d = check_like(denoiser(x, sig), x, "the output of denoiser", "x")
         d = d.to(dt) if is_tensor(d) else np.asarray(d).astype(dt, copy=False)
-        return (d - x) * col(1.0 / (sigma * sigma * m))         # (D - x) / (sigma^2 m)
+        return (d - x) * col(1.0 / (sigma * sigma * m))  # (D - x) / (sigma^2 m)
 
     return score
 

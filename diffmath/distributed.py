@@ -3,6 +3,9 @@
 This module only re-exports its old public names; new code imports them from their homes.
 """
 
-from .pipeline.distributed import Dist, resolve_device  # noqa: F401
+from .pipeline.distributed import (  # noqa: F401
+    Dist,
+    __all__,  # noqa: F401, E402  (the same list)
+    resolve_device,
+)
 from .pipeline.rundir import RunError  # noqa: F401
-from .pipeline.distributed import __all__  # noqa: F401, E402  (the same list)

@@ -69,7 +69,9 @@ def _check_logvar(**logvars):
     for n, lv in logvars.items():
         bad = ~((lv == lv) & (lv != math.inf) & (lv != -math.inf))
         if bool(bad.any()):
-            raise ValueError(f"{n} must be a finite log-variance (variance in (0, inf)); got {n} = {float(lv[bad].reshape(-1)[0])}")
+            raise ValueError(
+                f"{n} must be a finite log-variance (variance in (0, inf)); got {n} = {float(lv[bad].reshape(-1)[0])}"
+            )
 
 
 def _restore(out, dtype):
@@ -172,7 +174,10 @@ def gaussian_kl(mu1, cov1, mu2, cov2):
         z = torch.linalg.solve_triangular(L2b, diff, upper=False)
         tr = (A**2).sum(dim=(-1, -2))
         quad = (z**2).sum(dim=(-1, -2))
-        logdet = 2 * (torch.log(torch.diagonal(L2b, dim1=-2, dim2=-1)).sum(-1) - torch.log(torch.diagonal(L1b, dim1=-2, dim2=-1)).sum(-1))
+        logdet = 2 * (
+            torch.log(torch.diagonal(L2b, dim1=-2, dim2=-1)).sum(-1)
+            - torch.log(torch.diagonal(L1b, dim1=-2, dim2=-1)).sum(-1)
+        )
     else:
         batch = np.broadcast_shapes(L1.shape[:-2], L2.shape[:-2], m1.shape[:-1], m2.shape[:-1])
         L1b = np.broadcast_to(L1, batch + (k, k))
@@ -183,7 +188,9 @@ def gaussian_kl(mu1, cov1, mu2, cov2):
         z = np.linalg.solve(L2b, diff)
         tr = (A**2).sum(axis=(-1, -2))
         quad = (z**2).sum(axis=(-1, -2))
-        logdet = 2 * (np.log(np.diagonal(L2b, axis1=-2, axis2=-1)).sum(-1) - np.log(np.diagonal(L1b, axis1=-2, axis2=-1)).sum(-1))
+        logdet = 2 * (
+            np.log(np.diagonal(L2b, axis1=-2, axis2=-1)).sum(-1) - np.log(np.diagonal(L1b, axis1=-2, axis2=-1)).sum(-1)
+        )
     return _restore(0.5 * (tr + quad - k + logdet), dtype)
 
 
@@ -259,7 +266,9 @@ def discretized_gaussian_log_likelihood(
         raise ValueError(f"bins must be an integer >= 2; got {bins!r}")
     (xa, m, ls), dtype = _common(("x", "mean", "log_scale"), x, mean, log_scale)
     if bool((xa < -1 - 1e-6).any()) or bool((xa > 1 + 1e-6).any()):
-        raise ValueError(f"x must lie in [-1, 1] (data scaled from {bins} levels); got range [{float(xa.min())}, {float(xa.max())}]")
+        raise ValueError(
+            f"x must lie in [-1, 1] (data scaled from {bins} levels); got range [{float(xa.min())}, {float(xa.max())}]"
+        )
     ops = backend(xa)
     delta = 1.0 / (bins - 1)
     inv_s = ops.exp(-ls)

@@ -86,7 +86,9 @@ def _check_null_class(null_class, name: str = "null_class") -> int:
     if isinstance(null_class, (bool, np.bool_)) or not isinstance(null_class, numbers.Integral):
         raise TypeError(f"{name} must be an integer >= 1 (the number of classes K); got {null_class!r}")
     if null_class < 1:
-        raise ValueError(f"{name} must be >= 1 (the number of classes K, the null label); got {name} = {int(null_class)}")
+        raise ValueError(
+            f"{name} must be >= 1 (the number of classes K, the null label); got {name} = {int(null_class)}"
+        )
     return int(null_class)
 
 
@@ -98,7 +100,9 @@ def check_labels(labels, num_classes: int, name: str = "label", allow_null: bool
     K = _check_null_class(num_classes, "num_classes")
     hi = K + 1 if allow_null else K
     rng = f"[0, {K}]" if allow_null else f"[0, {K})"
-    extra = f" ({K} is the null class)" if allow_null else f" ({K} classes; the null class {K} is the unconditional half)"
+    extra = (
+        f" ({K} is the null class)" if allow_null else f" ({K} classes; the null class {K} is the unconditional half)"
+    )
     if isinstance(labels, (bool, np.bool_)):
         raise TypeError(f"{name} must be an integer class index or an integer array of shape (B,); got {labels!r}")
     if isinstance(labels, numbers.Integral):
@@ -257,7 +261,9 @@ def _split(out, x, name: str):
     return out[:B], out[B:]
 
 
-def guided(model, label, scale: float, *, rescale: float = 0.0, prediction: str = "eps", schedule=None, null_class=None):
+def guided(
+    model, label, scale: float, *, rescale: float = 0.0, prediction: str = "eps", schedule=None, null_class=None
+):
     """Classifier-free guidance as an eps callable: ``eps_model(x, t)`` for the samplers
     (``sample_ddpm``, ``sample_ddim``; with ``prediction="score"``, a score callable for
     ``sample_sde``, ``sample_pc``, ``sample_ode``).

@@ -169,7 +169,15 @@ def _cell_terms(data, zl, zh, yl, yh):
 
 
 def mixture_kl(
-    data, solver, sigmas, *, start=None, tol: float = 1e-7, rtol: float = 0.0, n0: int = 1024, max_nodes: int = 1 << 21,
+    data,
+    solver,
+    sigmas,
+    *,
+    start=None,
+    tol: float = 1e-7,
+    rtol: float = 0.0,
+    n0: int = 1024,
+    max_nodes: int = 1 << 21,
     **options,
 ) -> KLEstimate:
     """KL(output || data) of a deterministic sigma-space ``solver`` (a ``diffmath.samplers``
@@ -247,8 +255,13 @@ def mixture_kl(
         ym_new[~known] = f(s * mids[~known])
         z, y, zm, ym = z_new, y_new, mids, ym_new
         rounds += 1
-    tails = _cell_terms(data, np.array([-np.inf, zf[-1]]), np.array([zf[0], np.inf]),
-                        np.array([-np.inf, yf[-1]]), np.array([yf[0], np.inf]))
+    tails = _cell_terms(
+        data,
+        np.array([-np.inf, zf[-1]]),
+        np.array([zf[0], np.inf]),
+        np.array([-np.inf, yf[-1]]),
+        np.array([yf[0], np.inf]),
+    )
     kl = float(halves.sum() + tails.sum())
     return KLEstimate(
         kl=kl,
@@ -275,7 +288,15 @@ def _binned_plugin(y, edges, logQ):
 
 
 def mixture_kl_monte_carlo(
-    data, solver, sigmas, *, n: int = 1_000_000, bins: int = 2000, generator=None, start=None, chunk: int = 1 << 17,
+    data,
+    solver,
+    sigmas,
+    *,
+    n: int = 1_000_000,
+    bins: int = 2000,
+    generator=None,
+    start=None,
+    chunk: int = 1 << 17,
     **options,
 ) -> KLEstimate:
     """Monte Carlo KL(output || data) of any sigma-space ``solver`` (stochastic ones included)
@@ -327,5 +348,12 @@ def mixture_kl_monte_carlo(
         kl=kl,
         err=se,
         method=f"Monte Carlo, {int(n)} runs, {int(bins)} cells of equal output mass (Miller-Madow); err = standard error",
-        details={"n": int(n), "bins": int(bins), "plugin": plug, "kl_half_bins": kl_half, "occupied": occ, "start_std": s},
+        details={
+            "n": int(n),
+            "bins": int(bins),
+            "plugin": plug,
+            "kl_half_bins": kl_half,
+            "occupied": occ,
+            "start_std": s,
+        },
     )

@@ -15,8 +15,6 @@ the log-likelihood estimate unbiased: it is linear in the integrand.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
@@ -26,7 +24,6 @@ from .losses import LN2
 from .sde import SDE
 
 __all__ = ["ode_likelihood"]
-
 
 
 def ode_likelihood(
@@ -61,8 +58,7 @@ def ode_likelihood(
     """
     from scipy.integrate import solve_ivp
 
-    from .checks import check_tol
-    from .checks import check_eps
+    from .checks import check_eps, check_tol
 
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be a diffmath SDE; got {type(sde).__name__}")
@@ -91,11 +87,15 @@ def ode_likelihood(
             if probe == "gaussian":
                 v = torch.randn(shp, generator=generator, device=generator.device, dtype=torch.float64).to(dev)
             else:
-                v = (torch.randint(0, 2, shp, generator=generator, device=generator.device) * 2 - 1).to(dev, torch.float64)
+                v = (torch.randint(0, 2, shp, generator=generator, device=generator.device) * 2 - 1).to(
+                    dev, torch.float64
+                )
         else:
             g = generator if generator is not None else np.random.default_rng()
             if not isinstance(g, np.random.Generator):
-                raise TypeError(f"generator must be a numpy.random.Generator or torch.Generator; got {type(g).__name__}")
+                raise TypeError(
+                    f"generator must be a numpy.random.Generator or torch.Generator; got {type(g).__name__}"
+                )
             vv = g.standard_normal(shp) if probe == "gaussian" else g.integers(0, 2, shp) * 2.0 - 1.0
             v = torch.as_tensor(vv, dtype=torch.float64, device=dev)
 
@@ -166,11 +166,15 @@ def _check_score_depends_on_x(score_fn, x64: np.ndarray, t: float, dev):
             "torch.from_numpy), not on x.detach(), not under torch.no_grad()"
         )
         if not out.requires_grad:
-            raise ValueError(f"score_fn's output does not depend on x through autograd (it does not require grad); {hint}")
+            raise ValueError(
+                f"score_fn's output does not depend on x through autograd (it does not require grad); {hint}"
+            )
         (g,) = torch.autograd.grad(out.sum(), xt, allow_unused=True)
     if g is None:
-        raise ValueError(f"score_fn's output is not connected to x's autograd graph (it requires grad only through "
-                         f"other tensors, e.g. the model's parameters); {hint}")
+        raise ValueError(
+            f"score_fn's output is not connected to x's autograd graph (it requires grad only through "
+            f"other tensors, e.g. the model's parameters); {hint}"
+        )
 
 
 def _checked(score_fn):
@@ -184,4 +188,3 @@ def _checked(score_fn):
         return out
 
     return f
-

@@ -14,6 +14,7 @@ from typing import Any, overload
 import numpy as np
 import torch
 
+from . import forward, parameterization
 from ._array import (
     Array,
     ArrayT,
@@ -27,7 +28,6 @@ from ._array import (
     schedule_table,
     upcast,
 )
-from . import forward, parameterization
 from .checks import check_float, check_like, check_positive, check_schedule, check_t, check_variance
 from .gaussian import discretized_gaussian_log_likelihood, normal_kl
 from .schedules import Schedule
@@ -267,7 +267,9 @@ def dsm_loss(score_pred, x_noisy, x0, sigma):
     x0 = check_like(x0, score_pred, "x0", "score_pred")
     sigma = check_positive(sigma, "sigma", allow_array=True)
     if np.ndim(sigma) > 1 or (np.ndim(sigma) == 1 and sigma.shape[0] != score_pred.shape[0]):
-        raise ValueError(f"sigma must be a float or have shape (B,) = ({score_pred.shape[0]},); got shape {tuple(sigma.shape)}")
+        raise ValueError(
+            f"sigma must be a float or have shape (B,) = ({score_pred.shape[0]},); got shape {tuple(sigma.shape)}"
+        )
     sp, xn, xz = upcast(score_pred), upcast(x_noisy), upcast(x0)
     sig = broadcast_coef(sigma, sp)
     # sigma^2 ||s + (x_noisy - x0)/sigma^2||^2 written as ||sigma s + (x_noisy - x0)/sigma||^2: no

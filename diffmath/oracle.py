@@ -175,7 +175,11 @@ def posterior_mean_prepared(x, s2, log_w, means, lams, Us):
     B, D = x.shape
 
     def T(v):
-        return torch.as_tensor(np.asarray(v, dtype=np.float64), device=x.device) if tor else np.asarray(v, dtype=np.float64)
+        return (
+            torch.as_tensor(np.asarray(v, dtype=np.float64), device=x.device)
+            if tor
+            else np.asarray(v, dtype=np.float64)
+        )
 
     log = torch.log if tor else np.log
     outs, logps = [], []
@@ -249,7 +253,9 @@ def _solver_affine_map(denoise, solver, sigmas, D, scale, backend="numpy", **opt
     X[1 : 1 + D] = scale * np.eye(D)
     out, K2 = run(X, K)
     if K2 != K:
-        raise RuntimeError(f"the solver drew noise {K2} times in one run and {K} in another; it must be affine and repeatable")
+        raise RuntimeError(
+            f"the solver drew noise {K2} times in one run and {K} in another; it must be affine and repeatable"
+        )
     b = out[0]
     A = (out[1 : 1 + D] - b).T / scale
     Ns = [(out[1 + D + k * D : 1 + D + (k + 1) * D] - b).T for k in range(K)]
@@ -277,7 +283,9 @@ def expected_norm(mean, cov) -> float:
     cov, _, _ = _check_cov(cov, mean.size)
     if mean.size == 1:
         mu, sd = float(mean[0]), math.sqrt(float(cov[0, 0]))
-        return sd * math.sqrt(2.0 / math.pi) * math.exp(-0.5 * (mu / sd) ** 2) + mu * float(erf(mu / (sd * math.sqrt(2.0))))
+        return sd * math.sqrt(2.0 / math.pi) * math.exp(-0.5 * (mu / sd) ** 2) + mu * float(
+            erf(mu / (sd * math.sqrt(2.0)))
+        )
     D = mean.size
     if not mean.any() and np.array_equal(cov, cov[0, 0] * np.eye(D)):
         # the chi distribution's mean: sqrt(2 var) Gamma((D + 1)/2) / Gamma(D/2)
@@ -364,12 +372,12 @@ class GaussianData:
         x0 = _as2d(x0, self.dim, "x0")
         return restore(_mixture_terms(_f64(x0), 1.0, 0.0, [0.0], [self.mean], [self._lam], [self._U])[1], x0)
 
-    def kl(self, other: "GaussianData") -> float:
+    def kl(self, other: GaussianData) -> float:
         """KL(self || other) in nats (``diffmath.gaussian.gaussian_kl``)."""
         return float(gaussian_kl(self.mean, self.cov, other.mean, other.cov))
 
     # -- the forward process
-    def marginal(self, s_or_sde, t) -> "GaussianData":
+    def marginal(self, s_or_sde, t) -> GaussianData:
         """The exact q_t = N(a_t mean, a_t^2 cov + s_t^2 I) for a scalar t (an index for a
         Schedule, a time in [0, 1] for an SDE)."""
         if np.ndim(t) != 0:
@@ -411,7 +419,7 @@ class GaussianData:
         xf = _f64(x)
         return restore(posterior_mean_prepared(xf, _sigma2(sigma, xf), [0.0], [self.mean], [self._lam], [self._U]), x)
 
-    def wasserstein2(self, other: "GaussianData") -> float:
+    def wasserstein2(self, other: GaussianData) -> float:
         """W2(self, other)^2 = |m1 - m2|^2 + tr(C1 + C2 - 2 (C2^{1/2} C1 C2^{1/2})^{1/2}) (Dowson &
         Landau 1982), the Gaussian 2-Wasserstein distance. In dimension 1 it is computed as
         sqrt(dm^2 + ds^2) with ds = (v1 - v2) / (s1 + s2), exact down to the smallest distances;
@@ -430,7 +438,7 @@ class GaussianData:
         tr = np.trace(self.cov) + np.trace(other.cov) - 2.0 * np.sqrt(np.maximum(lamM, 0.0)).sum()
         return math.sqrt(max(float(d @ d + tr), 0.0))
 
-    def exact_solver_output(self, solver, sigmas, *, start=None, backend: str = "numpy", **options) -> "GaussianData":
+    def exact_solver_output(self, solver, sigmas, *, start=None, backend: str = "numpy", **options) -> GaussianData:
         """The exact output distribution of a sigma-space solver driven by this data's exact
         denoiser ``denoise``, from x_T ~ ``start``: a Gaussian N(A m_T + b, A C_T A^T +
         sum_k N_k N_k^T).
@@ -480,7 +488,7 @@ class GaussianData:
         spacing: str = "leading",
         variance: str = "large",
         start=None,
-    ) -> "GaussianData":
+    ) -> GaussianData:
         """The exact distribution of ``sample_ddim`` / ``sample_ddpm`` driven by this data's
         exact eps from x_T ~ N(0, I) (or ``start``): a Gaussian, by moment propagation
         through the affine chain (module docstring).
@@ -525,7 +533,7 @@ class GaussianData:
         alpha: float = 1.0,
         denoise: bool = True,
         start=None,
-    ) -> "GaussianData":
+    ) -> GaussianData:
         """The exact output distribution of an SDE/ODE sampler driven by the exact score, from
         the prior N(0, prior_std^2 I) (or ``start``), on ``time_grid(sde, steps, eps)``:
 
@@ -539,10 +547,10 @@ class GaussianData:
                                 (E over the current Gaussian, ``expected_norm``), so the
                                 corrector is affine-Gaussian and the output exact.
         """
+        from .checks import check_pc_args
         from .samplers.langevin import corrector_step_size, langevin_step
         from .samplers.ode import heun_step
         from .samplers.sde_solvers import euler_maruyama_step, time_grid
-        from .checks import check_pc_args
 
         if not isinstance(sde, SDE):
             raise TypeError(f"sde must be a diffmath SDE; got {type(sde).__name__}")
@@ -644,7 +652,9 @@ class GaussianMixture:
         K = len(self.weights)
         if is_tensor(z):
             k = torch.multinomial(torch.as_tensor(self.weights, device=z.device), n, replacement=True, generator=g)
-            L = torch.as_tensor(np.stack([U * np.sqrt(lam) for U, lam in zip(self._Us, self._lams)]), device=z.device, dtype=z.dtype)
+            L = torch.as_tensor(
+                np.stack([U * np.sqrt(lam) for U, lam in zip(self._Us, self._lams)]), device=z.device, dtype=z.dtype
+            )
             mu = torch.as_tensor(self.means, device=z.device, dtype=z.dtype)
             return mu[k] + torch.einsum("nij,nj->ni", L[k], z)
         k = g.choice(K, size=n, p=self.weights)
@@ -659,7 +669,7 @@ class GaussianMixture:
         x0 = _as2d(x0, self.dim, "x0")
         return restore(self._terms(x0, 1.0, 0.0)[1], x0)
 
-    def marginal(self, s_or_sde, t) -> "GaussianMixture":
+    def marginal(self, s_or_sde, t) -> GaussianMixture:
         """The exact q_t: components N(a_t means[k], a_t^2 covs[k] + s_t^2 I), same weights."""
         if np.ndim(t) != 0:
             raise ValueError(f"marginal needs a scalar t; got shape {np.shape(t)}")
@@ -688,7 +698,9 @@ class GaussianMixture:
         sigma >= 0 a float or (B,) of x's kind. Returns x's shape, kind and dtype."""
         x = _as2d(x, self.dim)
         xf = _f64(x)
-        return restore(posterior_mean_prepared(xf, _sigma2(sigma, xf), self._log_w, self.means, self._lams, self._Us), x)
+        return restore(
+            posterior_mean_prepared(xf, _sigma2(sigma, xf), self._log_w, self.means, self._lams, self._Us), x
+        )
 
     def score_sigma(self, x, sigma):
         """Score of the data perturbed by N(0, sigma^2 I); sigma a float or (B,)."""

@@ -21,8 +21,17 @@ from .schedules import Schedule
 #: for abar < ~1e-77, where a float32 step computes in float64 instead (``widen_for_tables``)
 X0_TABLES = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod")
 
-__all__ = ["x0_from_eps", "eps_from_x0", "v_from_x0_eps", "x0_from_v", "eps_from_v", "score_from_eps", "eps_from_score",
-           "x0_from_prediction", "eps_from_prediction"]
+__all__ = [
+    "x0_from_eps",
+    "eps_from_x0",
+    "v_from_x0_eps",
+    "x0_from_v",
+    "eps_from_v",
+    "score_from_eps",
+    "eps_from_score",
+    "x0_from_prediction",
+    "eps_from_prediction",
+]
 
 
 def _t_numpy(t: TimeLike) -> np.ndarray:

@@ -56,7 +56,9 @@ def _prior_draw(shape, generator, dtype):
     if generator is None:
         generator = np.random.default_rng()
     if not isinstance(generator, (np.random.Generator, torch.Generator)):
-        raise TypeError(f"generator must be a numpy.random.Generator or torch.Generator; got {type(generator).__name__}")
+        raise TypeError(
+            f"generator must be a numpy.random.Generator or torch.Generator; got {type(generator).__name__}"
+        )
     return randn(shape, generator, dtype=dtype)
 
 
@@ -198,7 +200,9 @@ class VPSDE(SDE):
             if not (isinstance(v, numbers.Real) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0; got {name} = {v!r}")
         if not beta_max >= beta_min or beta_max <= 0:
-            raise ValueError(f"need 0 < beta_max and beta_min <= beta_max; got beta_min = {beta_min}, beta_max = {beta_max}")
+            raise ValueError(
+                f"need 0 < beta_max and beta_min <= beta_max; got beta_min = {beta_min}, beta_max = {beta_max}"
+            )
         self.beta_min, self.beta_max = float(beta_min), float(beta_max)
 
     _prior_std = 1.0

@@ -7,27 +7,57 @@ This module only re-exports its old public names; new code imports them from the
 
 from .parameterization import eps_from_prediction, x0_from_prediction  # noqa: F401
 from .pipeline.checkpoint import (  # noqa: F401
-    CHECKPOINT_FORMAT, RESUMABLE_FIELDS, RESUME_KEYS, RUN_FORMAT, check_class_count, checkpoint_name,
-    latest_checkpoint, load_checkpoint, load_optimizer, prepare_out, read_run_config, rng_state_b64,
-    rng_state_from_b64, save_checkpoint, weights_digest, write_run_config,
+    CHECKPOINT_FORMAT,
+    RESUMABLE_FIELDS,
+    RESUME_KEYS,
+    RUN_FORMAT,
+    check_class_count,
+    checkpoint_name,
+    latest_checkpoint,
+    load_checkpoint,
+    load_optimizer,
+    prepare_out,
+    read_run_config,
+    rng_state_b64,
+    rng_state_from_b64,
+    save_checkpoint,
+    weights_digest,
+    write_run_config,
 )
 from .pipeline.config import (  # noqa: F401
-    CLASS_FIELDS_DEFAULTS, DEMO_CLASSES, DEMO_CONFIG, MAX_SEED, PREDICTIONS, check_bool_fields, check_int_fields,
-    config_from_dict, derive_seed, int_tuple_field, TrainConfig,
+    CLASS_FIELDS_DEFAULTS,
+    DEMO_CLASSES,
+    DEMO_CONFIG,
+    MAX_SEED,
+    PREDICTIONS,
+    TrainConfig,
+    check_bool_fields,
+    check_int_fields,
+    config_from_dict,
+    derive_seed,
+    int_tuple_field,
 )
 from .pipeline.data import Data, load_data  # noqa: F401
 from .pipeline.distributed import Dist, resolve_device  # noqa: F401
-from .pipeline.loop import train, TrainResult  # noqa: F401
+from .pipeline.loop import TrainResult, train  # noqa: F401
 from .pipeline.model import (  # noqa: F401
-    build_model, check_model_config, make_schedule, resolve_classes, unet_resolutions,
+    build_model,
+    check_model_config,
+    make_schedule,
+    resolve_classes,
+    unet_resolutions,
 )
 from .pipeline.objective import (  # noqa: F401
-    kernels_module, model_outputs, philox_path, training_loss, uses_fused_noise,
+    kernels_module,
+    model_outputs,
+    philox_path,
+    training_loss,
+    uses_fused_noise,
 )
 from .pipeline.optim import learning_rate, lr_schedule  # noqa: F401
 from .pipeline.plots import plot_loss, plot_schedule  # noqa: F401
 from .pipeline.rundir import RunError  # noqa: F401
-from .schedules import SCHEDULE_NAMES, named_schedule, Schedule  # noqa: F401
+from .schedules import SCHEDULE_NAMES, Schedule, named_schedule  # noqa: F401
 
 __all__ = [
     "TrainConfig",

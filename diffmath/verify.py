@@ -152,8 +152,6 @@ def _kl_same_draws(y, y64, exact, data):
     the standard error is the delta method's, from the per-draw influence of (m, v)."""
     import math
 
-    import numpy as np
-
     y = y.detach().double().cpu().numpy().reshape(-1)
     x = y64.detach().double().cpu().numpy().reshape(-1)
     n = y.size
@@ -168,7 +166,9 @@ def _kl_same_draws(y, y64, exact, data):
     return kl, float(g.std() / math.sqrt(n))
 
 
-def compute_precision(steps=PRECISION_STEPS, n: int = PRECISION_N, seed: int = PRECISION_SEED, progress: bool = False) -> dict:
+def compute_precision(
+    steps=PRECISION_STEPS, n: int = PRECISION_N, seed: int = PRECISION_SEED, progress: bool = False
+) -> dict:
     """The precision table (module docstring): ``{"precision": {loop: {dtype: {str(steps): kl}}},
     "precision_se": (same layout), "precision_float64": {loop: {str(steps): exact kl}}}``."""
     import torch
@@ -361,7 +361,9 @@ def compute_nfe_tables(nfes=NFES, progress: bool = False) -> dict:
         gauss[row][lad][str(n)] = data.exact_solver_output(solver, sig, **opts).kl(data)
         if row in mixt:
             try:
-                r = mixture_kl(mix, solver, sig, tol=MIXTURE_TOL, rtol=MIXTURE_RTOL, max_nodes=MIXTURE_MAX_NODES, **opts)
+                r = mixture_kl(
+                    mix, solver, sig, tol=MIXTURE_TOL, rtol=MIXTURE_RTOL, max_nodes=MIXTURE_MAX_NODES, **opts
+                )
                 mixt[row][lad][str(n)], merr[row][lad][str(n)] = r.kl, r.err
             except ValueError as e:  # a folded map: few large high-order steps can overshoot
                 if "not increasing" not in str(e):
@@ -393,7 +395,11 @@ def _format_nfe(res: dict, nfes) -> str:
         f"heun: 2n - 1 evaluations, i.e. {heun} (the nearest at or below each column)",
     ]
     for key, title, lad_key in (
-        ("nfe", f"Gaussian data N({DATA_MEAN}, {DATA_STD}^2), exact (affine map identified by running the solver)", "nfe_ladders"),
+        (
+            "nfe",
+            f"Gaussian data N({DATA_MEAN}, {DATA_STD}^2), exact (affine map identified by running the solver)",
+            "nfe_ladders",
+        ),
         (
             "nfe_mixture",
             f"1-D mixture {MIXTURE['weights']} x N({MIXTURE['means']}, {MIXTURE['std']}^2), deterministic solvers, change of "
@@ -426,7 +432,9 @@ def _plot_nfe(axes, res: dict, nfes) -> None:
     ):
         for row, vals in res[key].items():
             pts = [(res["nfe_evaluations"][row][str(n)], vals[str(n)]) for n in nfes if vals[str(n)] is not None]
-            ax.loglog([p[0] for p in pts], [max(p[1], 1e-300) for p in pts], marker="o", label=f"{row} ({res[lad_key][row]})")
+            ax.loglog(
+                [p[0] for p in pts], [max(p[1], 1e-300) for p in pts], marker="o", label=f"{row} ({res[lad_key][row]})"
+            )
         ax.set_xlabel("model evaluations (NFE)")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
@@ -500,7 +508,9 @@ def _parse_nfe(text: str):
     try:
         vals = tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--nfe must be a comma-separated list of integers >= 2, e.g. 5,10,20,50; got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--nfe must be a comma-separated list of integers >= 2, e.g. 5,10,20,50; got {text!r}"
+        )
     if not vals or min(vals) < 2:
         raise argparse.ArgumentTypeError(f"--nfe must be a comma-separated list of integers >= 2; got {text!r}")
     return vals
@@ -512,7 +522,12 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="PATH", default=None, help="write the table as JSON")
     p.add_argument("--plot", metavar="PATH", default=None, help="write KL vs steps (log-log) as PNG")
     p.add_argument(
-        "--nfe", metavar="N,N,...", nargs="?", const=NFES, default=None, type=_parse_nfe,
+        "--nfe",
+        metavar="N,N,...",
+        nargs="?",
+        const=NFES,
+        default=None,
+        type=_parse_nfe,
         help="add the few-step solver tables at these numbers of model evaluations (default 5,10,20,50)",
     )
     p.add_argument("--progress", action="store_true", help="show a progress bar")

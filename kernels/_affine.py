@@ -24,10 +24,10 @@ import torch
 
 from ._common import (
     HAVE_TRITON,
-    interpreting,
     device_table,
     f32,
     gather_rows,
+    interpreting,
     per_sample,
     rows_of,
     stream_generator,
@@ -157,8 +157,20 @@ def grid_for(numel: int, rows: int, per_row: bool, noise_in_kernel: bool, offset
     return use_rows, inner, block, aligned, grid
 
 
-def launch_affine(out, *, x=None, y=None, z=None, coef=None, t=None, scalars=(0.0, 0.0, 0.0, 0.0, 0.0),
-                  clip=None, seed=None, offset=0, rows=1):
+def launch_affine(
+    out,
+    *,
+    x=None,
+    y=None,
+    z=None,
+    coef=None,
+    t=None,
+    scalars=(0.0, 0.0, 0.0, 0.0, 0.0),
+    clip=None,
+    seed=None,
+    offset=0,
+    rows=1,
+):
     """Run ``affine_kernel`` writing ``out`` (contiguous). x, y, z: contiguous tensors of out's
     numel or None; ``coef``: a (k, L) float32 tensor (per-row arrays with ``t=None``, a table
     gathered at ``t`` otherwise) or None for ``scalars``; ``seed``: in-kernel noise."""
@@ -237,8 +249,12 @@ def torch_update(x, a, y, b, c, noise, seed, offset, cd, clip=None, p=None, q=No
     """The torch path of one update: ``torch_affine`` in the compute dtype ``cd`` with z the
     given ``noise``, or the torch stream's draws at ``(seed, offset)`` (``torch_normal``), or no
     noise term; returned contiguous in x's dtype."""
-    if (seed is not None and x.device.type == "cpu" and x.numel() >= CPU_CHUNK_MIN
-            and all(v is None or isinstance(v, float) for v in (a, b, c, p, q))):
+    if (
+        seed is not None
+        and x.device.type == "cpu"
+        and x.numel() >= CPU_CHUNK_MIN
+        and all(v is None or isinstance(v, float) for v in (a, b, c, p, q))
+    ):
         return _torch_update_chunked(x, a, y, b, c, seed, offset, cd, clip, p, q)
     xc = to_dtype(x, cd)
     yc = to_dtype(y, cd) if y is not None else None
@@ -308,7 +324,9 @@ def check_coefs(coefs, dtype: torch.dtype, what: str):
         )
 
 
-def affine_update(x, y, coefs, noise, seed, offset, *, clip=None, s=None, kind=None, build=None, t=None, what="the coefficients"):
+def affine_update(
+    x, y, coefs, noise, seed, offset, *, clip=None, s=None, kind=None, build=None, t=None, what="the coefficients"
+):
     """out = a x + b y' + c z on the path ``use_triton`` picks, for validated arguments: y the
     model output (or None), (a, b, c[, p, q]) = ``coefs`` (python floats or float64 (B,) arrays)
     or, with an integer tensor ``t``, gathered at t from the table ``build(s)`` cached under
@@ -325,8 +343,15 @@ def affine_update(x, y, coefs, noise, seed, offset, *, clip=None, s=None, kind=N
     if triton_path:
         B = rows_of(x)
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        kw = dict(x=x.contiguous(), y=y.contiguous() if y is not None else None,
-                  z=noise.contiguous() if noise is not None else None, clip=clip, seed=seed, offset=offset, rows=B)
+        kw = dict(
+            x=x.contiguous(),
+            y=y.contiguous() if y is not None else None,
+            z=noise.contiguous() if noise is not None else None,
+            clip=clip,
+            seed=seed,
+            offset=offset,
+            rows=B,
+        )
         if tabled:
             return launch_affine(out, coef=device_table(s, kind, x.device, torch.float32, build), t=t, **kw)
         if scalar:
@@ -342,7 +367,9 @@ def affine_update(x, y, coefs, noise, seed, offset, *, clip=None, s=None, kind=N
     else:
         B = rows_of(x)
         cs = [
-            per_sample(torch.from_numpy(np.broadcast_to(np.asarray(c, dtype=np.float64), (B,)).copy()).to(x.device, cd), x)
+            per_sample(
+                torch.from_numpy(np.broadcast_to(np.asarray(c, dtype=np.float64), (B,)).copy()).to(x.device, cd), x
+            )
             for c in coefs
         ]
     if clip is None:

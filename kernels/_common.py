@@ -86,7 +86,9 @@ def use_triton(x: torch.Tensor, kernel=None) -> bool:
     if mode == "auto":
         return HAVE_TRITON and x.is_cuda and x.dtype in KERNEL_DTYPES
     if not HAVE_TRITON:
-        raise RuntimeError("DIFFMATH_KERNELS=triton but triton is not importable; install triton or use DIFFMATH_KERNELS=auto")
+        raise RuntimeError(
+            "DIFFMATH_KERNELS=triton but triton is not importable; install triton or use DIFFMATH_KERNELS=auto"
+        )
     if x.dtype not in KERNEL_DTYPES:
         raise TypeError(
             f"the Triton kernels take float32, float16 or bfloat16 tensors; got {x.dtype} "
@@ -99,7 +101,9 @@ def use_triton(x: torch.Tensor, kernel=None) -> bool:
                 "before importing triton and diffmath.kernels (or use a CUDA tensor, or DIFFMATH_KERNELS=auto)"
             )
     elif not x.is_cuda:
-        raise RuntimeError(f"DIFFMATH_KERNELS=triton supports CUDA tensors (or CPU with TRITON_INTERPRET=1); got {x.device}")
+        raise RuntimeError(
+            f"DIFFMATH_KERNELS=triton supports CUDA tensors (or CPU with TRITON_INTERPRET=1); got {x.device}"
+        )
     return True
 
 
@@ -230,7 +234,9 @@ def f32(v: float, name: str | None = None) -> float:
     except OverflowError:  # finite but beyond float32's range
         r = math.copysign(math.inf, v)
     if name is not None and not math.isfinite(r):
-        raise ValueError(f"{name} gives the coefficient {v:.4g}, which is not finite in float32 (the step would return inf/NaN)")
+        raise ValueError(
+            f"{name} gives the coefficient {v:.4g}, which is not finite in float32 (the step would return inf/NaN)"
+        )
     return r
 
 
@@ -272,7 +278,9 @@ def device_table(s: Schedule, kind, device: torch.device, dtype: torch.dtype, bu
     ``device``, built and moved once, then cached for the schedule's lifetime."""
     device = device if isinstance(device, torch.device) else torch.device(device)
     return schedule_cache(
-        s, (kind, device, dtype), lambda s: torch.tensor(host_table(s, kind, build), dtype=dtype).to(device).contiguous()
+        s,
+        (kind, device, dtype),
+        lambda s: torch.tensor(host_table(s, kind, build), dtype=dtype).to(device).contiguous(),
     )
 
 

@@ -64,7 +64,9 @@ def _forward_triton(pred, seed, offset, reduction):
     n_chunks = grid[-1]
     part = torch.empty((rows if use_rows else 1) * n_chunks, dtype=torch.float32, device=p.device)
     lo, hi = seed_halves(seed)
-    sq_err_kernel[grid](p, part, inner, n_chunks, lo, hi, offset, ROWS=use_rows, ALIGNED=aligned, BLOCK=block, FAST=FAST_MATH)
+    sq_err_kernel[grid](
+        p, part, inner, n_chunks, lo, hi, offset, ROWS=use_rows, ALIGNED=aligned, BLOCK=block, FAST=FAST_MATH
+    )
     if reduction == "mean":
         return (part.sum(dtype=torch.float64) / n).to(torch.float32)
     return (part.view(rows, n_chunks).sum(dim=1, dtype=torch.float64) / (n // rows)).to(torch.float32)

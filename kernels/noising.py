@@ -46,7 +46,11 @@ def q_sample(s, x0, t, *, noise=None, seed=None, offset=0):
     x0 = check_x(x0, "x0")
     t, _, _ = check_index(t, s.num_timesteps, x0)
     noise, seed, offset = check_noise_args(noise, seed, offset, x0, "x0")
-    coefs = (float(s.sqrt_alphas_cumprod[t]), 0.0, float(s.sqrt_one_minus_alphas_cumprod[t])) if isinstance(t, int) else None
+    coefs = (
+        (float(s.sqrt_alphas_cumprod[t]), 0.0, float(s.sqrt_one_minus_alphas_cumprod[t]))
+        if isinstance(t, int)
+        else None
+    )
     return affine_update(x0, None, coefs, noise, seed, offset, s=s, kind="q", build=_q_table, t=t, what=None)
 
 

@@ -29,7 +29,16 @@ from ..checks import check_clip, check_eta, check_positive, check_schedule, chec
 from ..samplers.ddim import ddim_coefs
 from ..samplers.ddpm import ddpm_std
 from ._affine import affine_update
-from ._common import as_float, check_index, check_like_x, check_noise_args, check_x, first_nonfinite, host_table, rows_of
+from ._common import (
+    as_float,
+    check_index,
+    check_like_x,
+    check_noise_args,
+    check_x,
+    first_nonfinite,
+    host_table,
+    rows_of,
+)
 from .noise import randn
 
 __all__ = [
@@ -216,7 +225,11 @@ def ddim_step(s, x_t, t, t_prev, eps, *, noise=None, seed=None, offset=0, eta=0.
     c_x, c_eps, sigma = ddim_fold(s, tn, tpn, eta)
     if not (np.isfinite(c_x).all() and np.isfinite(c_eps).all()):
         tb = np.broadcast_to(np.asarray(tn), np.shape(c_x))
-        i = int(tb.reshape(-1)[int(np.argmax(~(np.isfinite(c_x) & np.isfinite(c_eps)).reshape(-1)))]) if np.ndim(c_x) else int(tn)
+        i = (
+            int(tb.reshape(-1)[int(np.argmax(~(np.isfinite(c_x) & np.isfinite(c_eps)).reshape(-1)))])
+            if np.ndim(c_x)
+            else int(tn)
+        )
         raise ValueError(
             f"t = {i} has alphas_cumprod[t] = {s.alphas_cumprod[i]:.3g} (zero terminal SNR): a DDIM step with "
             "eps-prediction is undefined there (1/sqrt(abar_t) = inf); start at a smaller t or use v-prediction"
@@ -241,6 +254,7 @@ def ddim_step_reference(s, x_t, t, t_prev, eps, *, noise=None, seed=None, offset
 
 
 # ----------------------------------------------------------------------------- SDE and Langevin
+
 
 def _sde_coefs(sde, t):
     for m in ("linear_drift_coef", "diffusion_coef"):
@@ -284,7 +298,9 @@ def euler_maruyama_step(sde, x, t, dt, score, *, noise=None, seed=None, offset=0
     coefs: tuple[Any, ...] = (1.0 + a * dt, -g * g * dt, g * math.sqrt(-dt))  # floats or (B,) tensors
     if np.ndim(t) == 0:
         coefs = tuple(float(c) for c in coefs)
-    return affine_update(x, score, coefs, noise, seed, offset, what="sde (its drift/diffusion coefficients at t) with dt")
+    return affine_update(
+        x, score, coefs, noise, seed, offset, what="sde (its drift/diffusion coefficients at t) with dt"
+    )
 
 
 def euler_maruyama_step_reference(sde, x, t, dt, score, *, noise=None, seed=None, offset=0):

@@ -150,12 +150,26 @@ def test_imports_point_downward():
 
     root = Path(diffmath.__file__).parent
     kernels_dir = Path(__import__("diffmath.kernels", fromlist=["x"]).__file__).parent
-    latent_order = ("latent.vae_math", "latent.vae_config", "latent.vae_checkpoint", "latent.vae_train", "latent.cache",
-                    "latent.run", "latent.diffusion", "latent.demo", "latent.compare", "latent",
-                    "latent_vae", "latent_cache", "latent_diffusion", "latent_compare")
+    latent_order = (
+        "latent.vae_math",
+        "latent.vae_config",
+        "latent.vae_checkpoint",
+        "latent.vae_train",
+        "latent.cache",
+        "latent.run",
+        "latent.diffusion",
+        "latent.demo",
+        "latent.compare",
+        "latent",
+        "latent_vae",
+        "latent_cache",
+        "latent_diffusion",
+        "latent_compare",
+    )
     # every module of the latent package and every compatibility module has its place in the order
     assert {_layer(["latent", f.stem]) for f in (root / "latent").glob("*.py")} | {
-        f.stem for f in root.glob("latent_*.py")} == set(latent_order)
+        f.stem for f in root.glob("latent_*.py")
+    } == set(latent_order)
     compat = ("train", "sample", "evaluate", "checkpoint", "data", "rundir", "_io", "plots", "distributed")
     upper = {"pipeline", *compat, *latent_order, "cli", "verify", "nn", "kernels"}
     assert {f.stem for f in (root / "pipeline").glob("*.py")} == {"__init__", *PIPELINE_ORDER}
@@ -171,7 +185,7 @@ def test_imports_point_downward():
         used = {_layer(n.split(".")[1:]) for n in imported if n.count(".") >= 1}
         if top == "pipeline":
             inner = {n.split(".")[2] for n in imported if n.startswith("diffmath.pipeline.")}
-            later = set(PIPELINE_ORDER[PIPELINE_ORDER.index(mod):]) if mod in PIPELINE_ORDER else set()
+            later = set(PIPELINE_ORDER[PIPELINE_ORDER.index(mod) :]) if mod in PIPELINE_ORDER else set()
             bad += [f"{f} imports diffmath.pipeline.{n}" for n in sorted(inner & later)]
             forbidden = {"cli", "verify", *latent_order, *compat}
         elif top in compat:
@@ -187,5 +201,22 @@ def test_imports_point_downward():
 
 
 # the pipeline's modules, each importing only those before it (docs/design.md, "Layers")
-PIPELINE_ORDER = ("io", "rundir", "data", "checkpoint", "distributed", "plots", "config", "model", "objective", "optim",
-                  "loop", "generate", "metrics", "classifier", "evaluate", "report", "demo")
+PIPELINE_ORDER = (
+    "io",
+    "rundir",
+    "data",
+    "checkpoint",
+    "distributed",
+    "plots",
+    "config",
+    "model",
+    "objective",
+    "optim",
+    "loop",
+    "generate",
+    "metrics",
+    "classifier",
+    "evaluate",
+    "report",
+    "demo",
+)

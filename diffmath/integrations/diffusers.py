@@ -67,11 +67,11 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import torch_utils
 from scipy.special import expit
 
+from ..denoiser import preconditioning
 from ..forward import q_sample
 from ..losses import learned_range_log_variance
 from ..parameterization import eps_from_v, eps_from_x0, v_from_x0_eps, x0_from_eps, x0_from_v
 from ..posterior import q_posterior_mean
-from ..denoiser import preconditioning
 from ..samplers import ddim_coefs, ddpm_std
 from ..samplers.sigmas import sigmas_beta, sigmas_exponential, sigmas_karras
 from ..samplers.solvers import (
@@ -187,7 +187,9 @@ def schedule_from_config(config) -> Schedule:
                 # abar(u) = exp(-12 u): every beta is 1 - abar((i+1)/T)/abar(i/T) = -expm1(-12/T)
                 s = Schedule.from_betas(np.full(T, min(-math.expm1(-12.0 / T), 0.999)))
             else:
-                raise NotImplementedError(f"{name} is not implemented for the diffmath adapter (valid: {BETA_SCHEDULES})")
+                raise NotImplementedError(
+                    f"{name} is not implemented for the diffmath adapter (valid: {BETA_SCHEDULES})"
+                )
     except (TypeError, ValueError) as e:
         raise ValueError(
             f"{what} does not give a valid schedule: {e}. Betas must lie in (0, 1] "
@@ -872,7 +874,9 @@ class _SigmaScheduler(SchedulerMixin, ConfigMixin):
 
     def _t_of_sigma(self, sig: np.ndarray) -> np.ndarray:
         """t(sigma): linear in log sigma between the table's indices (clamped to [0, T - 1])."""
-        return np.interp(np.log(np.maximum(sig, 1e-300)), np.log(self._tab), np.arange(self._tab.shape[0], dtype=np.float64))
+        return np.interp(
+            np.log(np.maximum(sig, 1e-300)), np.log(self._tab), np.arange(self._tab.shape[0], dtype=np.float64)
+        )
 
     def _converted(self, sig: np.ndarray, S: int) -> np.ndarray | None:
         """The Karras / exponential / beta ladder between the ends of ``sig`` (or the config's
@@ -983,7 +987,9 @@ class _SigmaScheduler(SchedulerMixin, ConfigMixin):
             schedule_timesteps = self.timesteps
         indices = (schedule_timesteps == timestep).nonzero()
         if len(indices) == 0:
-            raise ValueError(f"timestep {timestep} is not one of the scheduler's timesteps ({_shown(schedule_timesteps.tolist())})")
+            raise ValueError(
+                f"timestep {timestep} is not one of the scheduler's timesteps ({_shown(schedule_timesteps.tolist())})"
+            )
         return indices[1 if len(indices) > 1 else 0].item()
 
     def _init_step_index(self, timestep):
@@ -1017,7 +1023,9 @@ class _SigmaScheduler(SchedulerMixin, ConfigMixin):
             self._init_step_index(timestep)
         i = self.step_index
         if check_end and i >= len(self.timesteps):
-            raise ValueError(f"step called {i + 1} times on a ladder of {len(self.timesteps)} timesteps; call set_timesteps again")
+            raise ValueError(
+                f"step called {i + 1} times on a ladder of {len(self.timesteps)} timesteps; call set_timesteps again"
+            )
         return i
 
     def _end_step(self, prev, den, model_output, output_cls, return_dict):
@@ -1222,7 +1230,9 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
         cd = _compute_dtype(sample.device)
         x = sample.to(cd)
         den = self._denoised(model_output.to(cd), x, sigma)
-        noise = torch_utils.randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator)
+        noise = torch_utils.randn_tensor(
+            model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator
+        )
         prev = euler_ancestral_step(x, den, sigma, sigma_down, noise.to(cd), sigma_up)
         return self._end_step(prev, den, model_output, EulerAncestralDiscreteSchedulerOutput, return_dict)
 
@@ -1399,7 +1409,9 @@ class DPMSolverMultistepScheduler(_VPMultistepScheduler):
         lam = -np.log(self._tab)  # lambda_t = log(alpha_t / sigma_t), decreasing in t
         return self._int_timesteps(S, T - int(np.searchsorted(lam[::-1], c.lambda_min_clipped)))
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device=None, mu: float | None = None, timesteps=None):
+    def set_timesteps(
+        self, num_inference_steps: int | None = None, device=None, mu: float | None = None, timesteps=None
+    ):
         """The inference ladder: diffusers' integer timesteps and sigma of the float64 table at
         them, or the Karras / Lu (uniform lambda) / exponential / beta ladder between the table's
         ends with t(sigma) linear in log sigma (rounded for Karras and Lu, as diffusers); then the
@@ -1466,7 +1478,9 @@ class DPMSolverMultistepScheduler(_VPMultistepScheduler):
         if c.variance_type in ("learned", "learned_range") and c.prediction_type == "epsilon":
             model_output = model_output[:, : sample.shape[1]]
         i, N = self._start_step(model_output, sample, timestep), len(self.timesteps)
-        lower_final = i == N - 1 and (c.euler_at_final or (c.lower_order_final and N < 15) or c.final_sigmas_type == "zero")
+        lower_final = i == N - 1 and (
+            c.euler_at_final or (c.lower_order_final and N < 15) or c.final_sigmas_type == "zero"
+        )
         lower_second = i == N - 2 and c.lower_order_final and N < 15
         s, s_next = float(self._sig[i]), float(self._sig[i + 1])
         cd = _compute_dtype(sample.device)
@@ -1479,7 +1493,9 @@ class DPMSolverMultistepScheduler(_VPMultistepScheduler):
         noise = None
         if sde:
             if variance_noise is None:
-                noise = torch_utils.randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32)
+                noise = torch_utils.randn_tensor(
+                    model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32
+                )
             else:
                 noise = variance_noise.to(device=model_output.device, dtype=torch.float32)
         if c.solver_order == 1 or self.lower_order_nums < 1 or lower_final:
@@ -1588,7 +1604,9 @@ class HeunDiscreteScheduler(_SigmaScheduler):
         c = self.config
         cd = _compute_dtype(sample.device)
         first = self.state_in_first_order
-        sigma, sigma_next = (float(self._sig[k]), float(self._sig[k + 1])) if first else (float(self._sig[k - 1]), float(self._sig[k]))
+        sigma, sigma_next = (
+            (float(self._sig[k]), float(self._sig[k + 1])) if first else (float(self._sig[k - 1]), float(self._sig[k]))
+        )
         x = sample.to(cd)
         den = self._denoised(model_output.to(cd), x, sigma if first else sigma_next)
         if c.clip_sample:
@@ -1654,7 +1672,9 @@ class LMSDiscreteScheduler(_SigmaScheduler):
         (``lms_coefficients`` on the float64 ladder)."""
         return float(lms_coefficients(self._sig, int(t), int(order))[int(current_order)])
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, order: int = 4, return_dict: bool = True):
+    def step(
+        self, model_output: torch.Tensor, timestep, sample: torch.Tensor, order: int = 4, return_dict: bool = True
+    ):
         """One linear multistep step sigma_i -> sigma_{i+1} (see the class docstring). Returns
         ``LMSDiscreteSchedulerOutput(prev_sample, pred_original_sample)`` or that tuple."""
         if isinstance(order, (bool, np.bool_)) or not isinstance(order, (int, np.integer)) or order < 1:
@@ -1757,7 +1777,6 @@ class UniPCMultistepScheduler(_VPMultistepScheduler):
         self.last_sample = None
         self.this_order = None
 
-
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, sigmas=None, mu=None):
         """The inference ladder: sigma of the float64 table at diffusers' integer timesteps, or the
         Karras / exponential / beta ladder between the table's ends (or ``sigma_min`` /
@@ -1789,7 +1808,9 @@ class UniPCMultistepScheduler(_VPMultistepScheduler):
             last = self._last_sigma()
         self._set_int_ladder(sig, last, ts, device)
 
-    def convert_model_output(self, model_output: torch.Tensor, *args, sample: torch.Tensor = None, **kwargs) -> torch.Tensor:
+    def convert_model_output(
+        self, model_output: torch.Tensor, *args, sample: torch.Tensor = None, **kwargs
+    ) -> torch.Tensor:
         """The model value UniPC steps with, on diffusers' VP sample: x0 (D, thresholded) with
         ``predict_x0``, eps otherwise (float64; at the current step's sigma)."""
         if sample is None:

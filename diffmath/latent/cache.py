@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..pipeline.io import atomic_write_json, read_sidecar, safetensors_metadata, save_safetensors, weights_and_sidecar
-from ..pipeline.data import Data
 from ..nn.vae import VAE
+from ..pipeline.data import Data
+from ..pipeline.io import atomic_write_json, read_sidecar, safetensors_metadata, save_safetensors, weights_and_sidecar
 from .vae_checkpoint import as_loaded
 from .vae_train import check_vae_fits
 
@@ -101,11 +101,18 @@ class LatentCache:
         """The diffusion model's training set: the scaled latents scale * z (variance 1 on the
         training set), as a continuous ``Data`` (bins None) of kind "image"."""
         return Data(
-            f"{self.meta.get('data', {}).get('name', 'data')}-latent", "image",
-            (self.train * self.scale).astype(np.float32), (self.held_out * self.scale).astype(np.float32), None,
-            self.labels_train, self.labels_held_out,
-            info={"latent_cache": str(self.path) if self.path else None, "scale_factor": self.scale,
-                  "vae_hash": self.vae_hash},
+            f"{self.meta.get('data', {}).get('name', 'data')}-latent",
+            "image",
+            (self.train * self.scale).astype(np.float32),
+            (self.held_out * self.scale).astype(np.float32),
+            None,
+            self.labels_train,
+            self.labels_held_out,
+            info={
+                "latent_cache": str(self.path) if self.path else None,
+                "scale_factor": self.scale,
+                "vae_hash": self.vae_hash,
+            },
         )
 
     def check_vae(self, vae) -> None:
@@ -130,8 +137,9 @@ def _encode_array(vae: VAE, x: np.ndarray, *, mode: str, generator, batch_size: 
     return torch.cat(means).numpy(), torch.cat(logvars).numpy()
 
 
-def encode_dataset(vae, data: Data, path=None, *, mode: str = "mean", seed: int = 0, batch_size: int = 512,
-                   device="auto") -> LatentCache:
+def encode_dataset(
+    vae, data: Data, path=None, *, mode: str = "mean", seed: int = 0, batch_size: int = 512, device="auto"
+) -> LatentCache:
     """Encode ``data`` once with the VAE (a ``LoadedVAE``, a ``VAE`` or a checkpoint path) and,
     if ``path`` is given, cache it there as safetensors (tensors ``train``, ``held_out``,
     ``train_logvar``, ``held_out_logvar``, labels; metadata: format, ``vae_hash``, the VAE
@@ -156,14 +164,33 @@ def encode_dataset(vae, data: Data, path=None, *, mode: str = "mean", seed: int 
         "latent_shape": list(tr.shape[1:]),
         "mode": mode,
         "seed": seed,
-        "data": {"name": data.name, "shape": list(data.shape), "bins": data.bins, "train": int(len(tr)),
-                 "held_out": int(len(ho)), "sha256": _data_digest(data)},
+        "data": {
+            "name": data.name,
+            "shape": list(data.shape),
+            "bins": data.bins,
+            "train": int(len(tr)),
+            "held_out": int(len(ho)),
+            "sha256": _data_digest(data),
+        },
     }
-    cache = LatentCache(Path(path) if path else None, tr, ho, tr_lv, ho_lv, meta["scale_factor"], meta,
-                        data.labels_train, data.labels_held_out)
+    cache = LatentCache(
+        Path(path) if path else None,
+        tr,
+        ho,
+        tr_lv,
+        ho_lv,
+        meta["scale_factor"],
+        meta,
+        data.labels_train,
+        data.labels_held_out,
+    )
     if path is not None:
-        tensors = {"train": torch.from_numpy(tr), "held_out": torch.from_numpy(ho),
-                   "train_logvar": torch.from_numpy(tr_lv), "held_out_logvar": torch.from_numpy(ho_lv)}
+        tensors = {
+            "train": torch.from_numpy(tr),
+            "held_out": torch.from_numpy(ho),
+            "train_logvar": torch.from_numpy(tr_lv),
+            "held_out_logvar": torch.from_numpy(ho_lv),
+        }
         if data.labels_train is not None:
             tensors["labels_train"] = torch.from_numpy(np.asarray(data.labels_train, np.int64))
         if data.labels_held_out is not None:
@@ -183,12 +210,17 @@ def load_latents(path, vae=None, data: Data | None = None) -> LatentCache:
 
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"latent cache {str(path)!r} does not exist; create it with encode_dataset(vae, data, path)")
+        raise FileNotFoundError(
+            f"latent cache {str(path)!r} does not exist; create it with encode_dataset(vae, data, path)"
+        )
     md = safetensors_metadata(path, LATENTS_FORMAT, "latent cache", LatentCacheError)
     st, js = weights_and_sidecar(path)
     if not js.exists():
-        raise LatentCacheError(f"the latent cache {str(st)!r} has no {js.name} beside it (the sidecar with its "
-                               "SHA-256), so it cannot be verified", damaged=True)
+        raise LatentCacheError(
+            f"the latent cache {str(st)!r} has no {js.name} beside it (the sidecar with its "
+            "SHA-256), so it cannot be verified",
+            damaged=True,
+        )
     read_sidecar(js, st, LATENTS_FORMAT, "latent cache", lambda m: LatentCacheError(m, damaged=True))
     try:
         meta = json.loads(md["meta"])
@@ -205,13 +237,20 @@ def load_latents(path, vae=None, data: Data | None = None) -> LatentCache:
     except (KeyError, ValueError, TypeError) as e:
         raise LatentCacheError(f"{str(path)!r} is not a usable latent cache: it lacks {e}") from e
     cache = LatentCache(
-        path, t["train"].numpy(), t["held_out"].numpy(), t["train_logvar"].numpy(), t["held_out_logvar"].numpy(),
-        scale, meta,
+        path,
+        t["train"].numpy(),
+        t["held_out"].numpy(),
+        t["train_logvar"].numpy(),
+        t["held_out_logvar"].numpy(),
+        scale,
+        meta,
         t["labels_train"].numpy() if "labels_train" in t else None,
         t["labels_held_out"].numpy() if "labels_held_out" in t else None,
     )
     if list(cache.latent_shape) != list(meta["latent_shape"]):
-        raise LatentCacheError(f"{str(path)!r}: latents of shape {cache.latent_shape} but metadata says {meta['latent_shape']}")
+        raise LatentCacheError(
+            f"{str(path)!r}: latents of shape {cache.latent_shape} but metadata says {meta['latent_shape']}"
+        )
     if vae is not None:
         cache.check_vae(vae)
     if data is not None and _data_digest(data) != meta["data"]["sha256"]:
@@ -234,5 +273,3 @@ def decode_latents(vae, z_scaled, scale: float, *, batch_size: int = 512) -> np.
     for a in range(0, len(z), batch_size):
         outs.append(v.decode(z[a : a + batch_size].to(dev) / scale)[0].clamp(-1, 1).float().cpu())
     return torch.cat(outs).numpy() if outs else np.zeros((0,) + lv.image_shape, np.float32)
-
-

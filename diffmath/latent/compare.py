@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..pipeline.io import atomic_write_json, atomic_write_npz, atomic_write_text, forget_file
 from ..pipeline.data import Data, load_data
+from ..pipeline.io import atomic_write_json, atomic_write_npz, atomic_write_text, forget_file
 from .cache import decode_latents, encode_dataset
 from .diffusion import LATENT_DEMO_CONFIG, check_unet_fits, evaluate_latent, sample_latent, write_latent_run
 from .vae_config import VAE_DEMO_CONFIG, VAEConfig
@@ -31,6 +31,7 @@ def _train_for_budget(config, out: Path, data: Data, budget_s: float, *, chunk_s
     upper bound, so the learning rate must not depend on it). Returns steps and seconds."""
     from ..pipeline.checkpoint import list_checkpoints
     from ..pipeline.loop import train
+
     spent, steps, sec_per_step, first = 0.0, 0, None, True
     while spent < budget_s and steps < config.steps:
         left = budget_s - spent
@@ -47,9 +48,20 @@ def _train_for_budget(config, out: Path, data: Data, budget_s: float, *, chunk_s
     return {"steps": steps, "train_s": round(spent, 2), "s_per_step": spent / max(1, steps)}
 
 
-def compare_pixel_latent(out, *, budget_s: float = 120.0, vae_config: VAEConfig | None = None, pixel_config=None,
-                         latent_config=None, num_samples: int = 500, sampler: str = "ddim", steps: int = 50,
-                         device: str = "cpu", progress: bool = False, overwrite: bool = False) -> dict:
+def compare_pixel_latent(
+    out,
+    *,
+    budget_s: float = 120.0,
+    vae_config: VAEConfig | None = None,
+    pixel_config=None,
+    latent_config=None,
+    num_samples: int = 500,
+    sampler: str = "ddim",
+    steps: int = 50,
+    device: str = "cpu",
+    progress: bool = False,
+    overwrite: bool = False,
+) -> dict:
     """Pixel-space vs latent-space diffusion on the 8x8 digits at an equal wall-clock training
     budget for the diffusion model (``budget_s`` each; the VAE's training, a one-off cost that
     latent models amortise, is timed and reported separately). Both U-Nets use the pixel demo's
@@ -67,38 +79,64 @@ def compare_pixel_latent(out, *, budget_s: float = 120.0, vae_config: VAEConfig 
     ``overwrite``, which deletes only what diffmath wrote there) and locked until this returns.
     """
     from ..pipeline.rundir import open_run
+
     if isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)) or not 0 < budget_s < float("inf"):
         raise ValueError(f"budget_s must be a positive finite number of seconds; got {budget_s!r}")
     with open_run(Path(out), "compare-latent", overwrite=overwrite):
-        return _compare(Path(out), budget_s, vae_config, pixel_config, latent_config, num_samples, sampler, steps,
-                        device, progress)
+        return _compare(
+            Path(out), budget_s, vae_config, pixel_config, latent_config, num_samples, sampler, steps, device, progress
+        )
 
 
-def _compare(out, budget_s, vae_config, pixel_config, latent_config, num_samples, sampler, steps, device,
-             progress) -> dict:
+def _compare(
+    out, budget_s, vae_config, pixel_config, latent_config, num_samples, sampler, steps, device, progress
+) -> dict:
     import platform
 
-    from ..pipeline.rundir import open_run
-    from ..pipeline.generate import sample_run
     from ..pipeline.config import TrainConfig
+    from ..pipeline.generate import sample_run
+    from ..pipeline.rundir import open_run
+
     big = 10**7
     common = dict(steps=big, lr_decay_steps=0, save_every=big, device=device, progress=False)
     pcfg = dataclasses.replace(pixel_config or TrainConfig(**_pixel_demo_config()), **common)
     lcfg = dataclasses.replace(latent_config or TrainConfig(**LATENT_DEMO_CONFIG), **common)
     vc = vae_config or VAEConfig(**{**VAE_DEMO_CONFIG, "device": device, "progress": progress})
     data = load_data("digits", 8)
-    result = {"budget_s": budget_s, "num_samples": num_samples, "sampler": sampler, "sampler_steps": steps,
-              "device": device, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-              "machine": platform.machine(), "torch": torch.__version__}
+    result = {
+        "budget_s": budget_s,
+        "num_samples": num_samples,
+        "sampler": sampler,
+        "sampler_steps": steps,
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+    }
 
     # pixel space
     t = _train_for_budget(pcfg, out / "pixel", data, budget_s)
-    si = sample_run(out / "pixel", run=out / "pixel", sampler=sampler, steps=steps, num_samples=num_samples,
-                    device=device, progress=progress)
+    si = sample_run(
+        out / "pixel",
+        run=out / "pixel",
+        sampler=sampler,
+        steps=steps,
+        num_samples=num_samples,
+        device=device,
+        progress=progress,
+    )
     from ..pipeline.evaluate import evaluate_run
+
     mp = evaluate_run(out / "pixel", vlb_images=0, device=device, progress=progress)
-    result["pixel"] = {**t, "sample_s": si["seconds"], "params": _params(out / "pixel"), "data_shape": list(data.shape),
-                       "channel_mult": list(pcfg.channel_mult), "metrics": _headline(mp)}
+    result["pixel"] = {
+        **t,
+        "sample_s": si["seconds"],
+        "params": _params(out / "pixel"),
+        "data_shape": list(data.shape),
+        "channel_mult": list(pcfg.channel_mult),
+        "metrics": _headline(mp),
+    }
 
     # latent space: the VAE (one-off), the cache, then the same budget for the U-Net
     lat = out / "latent"
@@ -110,17 +148,37 @@ def _compare(out, budget_s, vae_config, pixel_config, latent_config, num_samples
         cache = encode_dataset(vres.loaded, data, lat / "latents.safetensors", seed=lcfg.seed)
         enc_s = time.perf_counter() - t0
         check_unet_fits(lcfg, cache.latent_shape)
-        write_latent_run(lat, vres.loaded, cache, encode_mode="mean", data_spec="digits", image_size=8, bins=data.bins,
-                         vae_metrics=vres.metrics)
+        write_latent_run(
+            lat,
+            vres.loaded,
+            cache,
+            encode_mode="mean",
+            data_spec="digits",
+            image_size=8,
+            bins=data.bins,
+            vae_metrics=vres.metrics,
+        )
         t = _train_for_budget(lcfg, lat / "unet", cache.data(), budget_s)
-        x, li = sample_latent(lat, lat, sampler=sampler, steps=steps, num_samples=num_samples, device=device, progress=progress)
+        x, li = sample_latent(
+            lat, lat, sampler=sampler, steps=steps, num_samples=num_samples, device=device, progress=progress
+        )
         ml = evaluate_latent(lat, device=device, progress=progress)
-    result["latent"] = {**t, "sample_s": li["seconds"], "sample_latent_s": li["seconds_latent"],
-                        "decode_s": li["seconds_decode"], "params": _params(lat / "unet"),
-                        "vae_params": sum(p.numel() for p in vres.loaded.vae.parameters()),
-                        "data_shape": list(cache.latent_shape), "channel_mult": list(lcfg.channel_mult),
-                        "scale_factor": cache.scale, "vae_train_s": round(vae_s, 2), "vae_steps": vc.steps,
-                        "encode_s": round(enc_s, 2), "vae": vres.metrics, "metrics": _headline(ml)}
+    result["latent"] = {
+        **t,
+        "sample_s": li["seconds"],
+        "sample_latent_s": li["seconds_latent"],
+        "decode_s": li["seconds_decode"],
+        "params": _params(lat / "unet"),
+        "vae_params": sum(p.numel() for p in vres.loaded.vae.parameters()),
+        "data_shape": list(cache.latent_shape),
+        "channel_mult": list(lcfg.channel_mult),
+        "scale_factor": cache.scale,
+        "vae_train_s": round(vae_s, 2),
+        "vae_steps": vc.steps,
+        "encode_s": round(enc_s, 2),
+        "vae": vres.metrics,
+        "metrics": _headline(ml),
+    }
 
     # the VAE's reconstructions of the held-out digits (an upper bound on latent sample quality)
     recon = decode_latents(vres.loaded, cache.held_out * cache.scale, cache.scale)
@@ -141,6 +199,7 @@ def _compare(out, budget_s, vae_config, pixel_config, latent_config, num_samples
 def _pixel_demo_config() -> dict:
     """The pixel demo's recipe, ``diffmath.train.DEMO_CONFIG`` (a copy)."""
     from ..pipeline.config import DEMO_CONFIG
+
     return dict(DEMO_CONFIG)
 
 
@@ -165,8 +224,10 @@ def comparison_table(r: dict) -> str:
     p, lt, rc, real = r["pixel"], r["latent"], r["vae_reconstructions"], r["real_held_out"]
 
     def row(name, shape, params, steps, sps, samp, m):
-        return (f"| {name} | {shape} | {params} | {steps} | {sps} | {samp} | {m['mean_confidence']:.3f} | "
-                f"{m['classes_present']}/10 | {abs(m['class_entropy_bits']):.2f} | {m['frechet_distance']:.2f} |")
+        return (
+            f"| {name} | {shape} | {params} | {steps} | {sps} | {samp} | {m['mean_confidence']:.3f} | "
+            f"{m['classes_present']}/10 | {abs(m['class_entropy_bits']):.2f} | {m['frechet_distance']:.2f} |"
+        )
 
     L = [
         f"Digits 8x8, diffusion training budget {r['budget_s']:.0f} s wall clock each on {r['device']} "
@@ -176,10 +237,24 @@ def comparison_table(r: dict) -> str:
         "| model | diffused shape | U-Net params | steps in budget | s / step | sampling (s) | classifier confidence "
         "| classes | class entropy (bits) | Fréchet distance |",
         "|---|---|---|---|---|---|---|---|---|---|",
-        row("pixel U-Net", "x".join(map(str, p["data_shape"])), f"{p['params']:,}", p["steps"], f"{p['s_per_step']:.3f}",
-            f"{p['sample_s']:.1f}", p["metrics"]),
-        row("latent U-Net + VAE decoder", "x".join(map(str, lt["data_shape"])), f"{lt['params']:,}", lt["steps"],
-            f"{lt['s_per_step']:.3f}", f"{lt['sample_s']:.1f} (decode {lt['decode_s']:.2f})", lt["metrics"]),
+        row(
+            "pixel U-Net",
+            "x".join(map(str, p["data_shape"])),
+            f"{p['params']:,}",
+            p["steps"],
+            f"{p['s_per_step']:.3f}",
+            f"{p['sample_s']:.1f}",
+            p["metrics"],
+        ),
+        row(
+            "latent U-Net + VAE decoder",
+            "x".join(map(str, lt["data_shape"])),
+            f"{lt['params']:,}",
+            lt["steps"],
+            f"{lt['s_per_step']:.3f}",
+            f"{lt['sample_s']:.1f} (decode {lt['decode_s']:.2f})",
+            lt["metrics"],
+        ),
         row("VAE reconstructions (held-out)", "-", f"VAE {lt['vae_params']:,}", "-", "-", "-", rc["metrics"]),
         f"| real held-out digits | - | - | - | - | - | {real['mean_confidence']:.3f} | {real['classes_present']}/10 | "
         f"{real['class_entropy_bits']:.2f} | {real['frechet_distance']:.2f} (floor) |",
@@ -192,15 +267,14 @@ def comparison_table(r: dict) -> str:
     return "\n".join(L)
 
 
-
 def _evaluate_images(run_dir: Path, x: np.ndarray, where: Path, device: str, progress: bool) -> dict:
     """The pixel pipeline's sample metrics (``evaluate.evaluate_run`` with no test VLB) of the
     images ``x``, judged against the data of the run in ``run_dir``."""
     from ..pipeline.evaluate import evaluate_run
     from ..pipeline.generate import claim_samples_folder
+
     with claim_samples_folder(where, command="compare-latent"):
         atomic_write_npz(where / "samples.npz", samples=np.asarray(x, np.float32), info=np.str_("{}"))
-        return evaluate_run(run_dir, samples=where / "samples.npz", out=where, vlb_images=0, device=device,
-                            progress=progress)
-
-
+        return evaluate_run(
+            run_dir, samples=where / "samples.npz", out=where, vlb_images=0, device=device, progress=progress
+        )

@@ -28,10 +28,11 @@ LATENT_RUN_FORMAT = "diffmath.latent-run/1"
 _LATENT_RUN_KEYS = {  # key: (what it must be, test)
     "vae_checkpoint": ("a path (string)", lambda v: isinstance(v, str) and bool(v)),
     "vae_hash": ("a SHA-256 hex digest", lambda v: isinstance(v, str) and len(v) == 64),
-    "latent_shape": ("a list of 3 positive integers",
-                     lambda v: isinstance(v, list) and len(v) == 3 and all(type(n) is int and n >= 1 for n in v)),
-    "scale_factor": ("a positive finite number",
-                     lambda v: type(v) in (int, float) and math.isfinite(v) and v > 0),
+    "latent_shape": (
+        "a list of 3 positive integers",
+        lambda v: isinstance(v, list) and len(v) == 3 and all(type(n) is int and n >= 1 for n in v),
+    ),
+    "scale_factor": ("a positive finite number", lambda v: type(v) in (int, float) and math.isfinite(v) and v > 0),
 }
 
 
@@ -39,6 +40,7 @@ def read_latent_run(out) -> dict:
     """latent.json of a latent run directory (``RunError`` if absent, not ours, or lacking one of
     the keys a run is used by, or holding it with the wrong type: the message names the key)."""
     from ..pipeline.rundir import RunError
+
     p = Path(out) / "latent.json"
     if not p.exists():
         raise RunError(f"{str(out)!r} is not a latent diffusion run: it has no latent.json")
@@ -56,26 +58,38 @@ def read_latent_run(out) -> dict:
     return d
 
 
-def write_latent_run(out, lv: LoadedVAE, cache: LatentCache, *, encode_mode: str, data_spec: str, image_size: int,
-                     bins: int | None, vae_metrics: dict) -> Path:
+def write_latent_run(
+    out,
+    lv: LoadedVAE,
+    cache: LatentCache,
+    *,
+    encode_mode: str,
+    data_spec: str,
+    image_size: int,
+    bins: int | None,
+    vae_metrics: dict,
+) -> Path:
     """Write ``out``/latent.json, the record of a latent run: format, the VAE checkpoint (relative
     to ``out`` when inside it) and its hash, latent and image shapes, the scaling factor, the
     cache and U-Net locations (``latents.safetensors``, ``unet``), ``encode_mode``, the image data
     (``data_spec``, ``image_size``, ``bins``) and the VAE's metrics. Returns the path."""
     out = Path(out)
-    atomic_write_json(out / "latent.json", {
-        "format": LATENT_RUN_FORMAT,
-        "vae_checkpoint": _rel(out, lv.path),
-        "vae_hash": lv.hash,
-        "latent_shape": list(cache.latent_shape),
-        "image_shape": list(lv.image_shape),
-        "scale_factor": cache.scale,
-        "latent_cache": "latents.safetensors",
-        "encode_mode": encode_mode,
-        "unet_run": "unet",
-        "data": {"spec": data_spec, "image_size": image_size, "bins": bins},
-        "vae_metrics": vae_metrics,
-    })
+    atomic_write_json(
+        out / "latent.json",
+        {
+            "format": LATENT_RUN_FORMAT,
+            "vae_checkpoint": _rel(out, lv.path),
+            "vae_hash": lv.hash,
+            "latent_shape": list(cache.latent_shape),
+            "image_shape": list(lv.image_shape),
+            "scale_factor": cache.scale,
+            "latent_cache": "latents.safetensors",
+            "encode_mode": encode_mode,
+            "unet_run": "unet",
+            "data": {"spec": data_spec, "image_size": image_size, "bins": bins},
+            "vae_metrics": vae_metrics,
+        },
+    )
     return out / "latent.json"
 
 
@@ -91,8 +105,15 @@ def _rel(out: Path, p: Path) -> str:
         return str(Path(p).resolve())
 
 
-_LATENT_FILES = ("latent.json", "latents.safetensors", "latents.json", "samples.npz", "samples.png", "metrics.json",
-                 "report.md")
+_LATENT_FILES = (
+    "latent.json",
+    "latents.safetensors",
+    "latents.json",
+    "samples.npz",
+    "samples.png",
+    "metrics.json",
+    "report.md",
+)
 
 
 def latent_run_files(out) -> list[str] | None:

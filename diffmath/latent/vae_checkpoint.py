@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..pipeline.io import atomic_write_json, read_sidecar, safetensors_metadata, save_safetensors, weights_and_sidecar
 from ..nn.vae import VAE
+from ..pipeline.io import atomic_write_json, read_sidecar, safetensors_metadata, save_safetensors, weights_and_sidecar
 from .vae_config import VAEConfig
 
 __all__ = ["VAE_FORMAT", "LoadedVAE", "vae_hash", "save_vae", "load_vae", "as_loaded"]
@@ -56,7 +56,9 @@ class LoadedVAE:
         return tuple(self.vae.image_shape)
 
 
-def save_vae(out, vae: VAE, *, config: VAEConfig | None = None, bins: int | None = None, extra: dict | None = None) -> Path:
+def save_vae(
+    out, vae: VAE, *, config: VAEConfig | None = None, bins: int | None = None, extra: dict | None = None
+) -> Path:
     """Write ``out``/vae.safetensors (weights ``vae.*``; metadata format + the JSON below) and
     ``out``/vae.json (format, model config, training config, ``vae_hash``, SHA-256 of the
     .safetensors file, latent shape, bins, ``extra``). Returns the .json path."""
@@ -74,7 +76,12 @@ def save_vae(out, vae: VAE, *, config: VAEConfig | None = None, bins: int | None
         **(extra or {}),
     }
     digest = save_safetensors(out / "vae.safetensors", vae_cpu, VAE_FORMAT, meta)
-    meta = {**meta, "weights": "vae.safetensors", "weights_sha256": digest, "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    meta = {
+        **meta,
+        "weights": "vae.safetensors",
+        "weights_sha256": digest,
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     atomic_write_json(out / "vae.json", meta)
     return out / "vae.json"
 
@@ -96,7 +103,9 @@ def load_vae(path, device: str | torch.device = "cpu") -> LoadedVAE:
 
     st, js = _vae_paths(path)
     if not st.exists():
-        raise FileNotFoundError(f"VAE checkpoint {str(st)!r} does not exist (give a folder with vae.json, or the .json/.safetensors)")
+        raise FileNotFoundError(
+            f"VAE checkpoint {str(st)!r} does not exist (give a folder with vae.json, or the .json/.safetensors)"
+        )
     md = safetensors_metadata(st, VAE_FORMAT, "VAE checkpoint", ValueError)
     if js.exists():
         meta = read_sidecar(js, st, VAE_FORMAT, "VAE checkpoint", ValueError)
@@ -108,8 +117,10 @@ def load_vae(path, device: str | torch.device = "cpu") -> LoadedVAE:
             raise ValueError(f"{str(st)!r}: its embedded metadata is not JSON: {e}") from e
         where = f"the metadata embedded in {str(st)}"
     if not isinstance(meta, dict) or not isinstance(meta.get("vae_hash"), str):
-        raise ValueError(f"{where!r} lacks the key 'vae_hash' (the SHA-256 of the VAE's config and weights), so the "
-                         "weights cannot be verified")
+        raise ValueError(
+            f"{where!r} lacks the key 'vae_hash' (the SHA-256 of the VAE's config and weights), so the "
+            "weights cannot be verified"
+        )
     try:
         vae = VAE(**meta["model"])
     except (KeyError, TypeError, ValueError) as e:
@@ -121,7 +132,9 @@ def load_vae(path, device: str | torch.device = "cpu") -> LoadedVAE:
         raise ValueError(f"the weights in {str(st)!r} do not fit the VAE its config describes: {e}") from e
     h = vae_hash(vae)
     if meta["vae_hash"] != h:
-        raise ValueError(f"{str(st)!r}: the weights hash to {h[:16]}... but the checkpoint says {meta['vae_hash'][:16]}...")
+        raise ValueError(
+            f"{str(st)!r}: the weights hash to {h[:16]}... but the checkpoint says {meta['vae_hash'][:16]}..."
+        )
     vae.to(torch_device(device)).eval()
     return LoadedVAE(vae, meta, h, js if js.exists() else st, meta.get("bins"))
 
@@ -141,4 +154,5 @@ def torch_device(name) -> torch.device:
     if isinstance(name, torch.device):
         return name
     from ..pipeline.distributed import resolve_device
+
     return resolve_device(str(name))

@@ -41,14 +41,21 @@ class VAEConfig:
 
     def __post_init__(self):
         from ..pipeline.config import MAX_SEED, check_bool_fields, check_int_fields, int_tuple_field
+
         self.channel_mult = int_tuple_field(self, "channel_mult")
         check_bool_fields(self, ("progress",))
 
-        check_int_fields(self, ("image_size", "channels", "latent_channels", "num_res_blocks", "steps", "batch_size",
-                                "elbo_samples"), 1, "a positive integer")
+        check_int_fields(
+            self,
+            ("image_size", "channels", "latent_channels", "num_res_blocks", "steps", "batch_size", "elbo_samples"),
+            1,
+            "a positive integer",
+        )
         check_int_fields(self, ("warmup", "seed"), 0)
         if self.seed > MAX_SEED:
-            raise ValueError(f"seed must lie in [0, 2**63 - 1] = [0, {MAX_SEED}] (torch's seed range); got seed = {self.seed}")
+            raise ValueError(
+                f"seed must lie in [0, 2**63 - 1] = [0, {MAX_SEED}] (torch's seed range); got seed = {self.seed}"
+            )
         if not self.channel_mult or any(c < 1 for c in self.channel_mult):
             raise ValueError(f"channel_mult must be a non-empty list of positive integers; got {self.channel_mult}")
         for n, ok in (("beta", lambda v: v >= 0), ("lr", lambda v: v > 0), ("grad_clip", lambda v: v >= 0)):
@@ -61,9 +68,14 @@ class VAEConfig:
         return 2 ** (len(self.channel_mult) - 1)
 
     def model_kwargs(self, in_channels: int) -> dict:
-        return dict(in_channels=int(in_channels), image_size=self.image_size, channels=self.channels,
-                    channel_mult=self.channel_mult, latent_channels=self.latent_channels,
-                    num_res_blocks=self.num_res_blocks)
+        return dict(
+            in_channels=int(in_channels),
+            image_size=self.image_size,
+            channels=self.channels,
+            channel_mult=self.channel_mult,
+            latent_channels=self.latent_channels,
+            num_res_blocks=self.num_res_blocks,
+        )
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -71,8 +83,9 @@ class VAEConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "VAEConfig":
+    def from_dict(cls, d: dict) -> VAEConfig:
         from ..pipeline.config import config_from_dict
+
         return config_from_dict(cls, d, "VAE config")
 
 

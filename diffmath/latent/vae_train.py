@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..pipeline.data import Data, load_data
 from ..nn.vae import VAE
+from ..pipeline.data import Data, load_data
 from .vae_checkpoint import LoadedVAE, load_vae, save_vae, torch_device
 from .vae_config import VAEConfig
 from .vae_math import elbo, vae_loss
@@ -58,6 +58,7 @@ def check_vae_fits(config_or_vae, data_shape, where: str = "the data") -> None:
 
 def _lr_at(config: VAEConfig, step: int) -> float:
     from ..pipeline.optim import lr_schedule
+
     return lr_schedule(config.lr, config.warmup, config.steps, step)  # cosine to 0 at the last step
 
 
@@ -71,6 +72,7 @@ def train_vae(config: VAEConfig, out, *, data: Data | None = None, overwrite: bo
     with ``config.seed`` (the data order and the reparameterisation noise) and the init from
     ``torch.manual_seed(config.seed)``."""
     from ..pipeline.rundir import open_run
+
     t0 = time.time()
     out = Path(out)
     if data is None:
@@ -84,6 +86,7 @@ def train_vae(config: VAEConfig, out, *, data: Data | None = None, overwrite: bo
 
 def _train_vae(config: VAEConfig, out: Path, data: Data, t0: float) -> VAEResult:
     from ..pipeline.generate import save_grid
+
     dev = torch_device(config.device)
     torch.manual_seed(config.seed)
     vae = VAE(**config.model_kwargs(data.shape[0])).to(dev)
@@ -109,7 +112,9 @@ def _train_vae(config: VAEConfig, out: Path, data: Data, t0: float) -> VAEResult
             grp["lr"] = _lr_at(config, step)
         loss, parts = vae_loss(vae, x, noise, data.bins, config.beta)
         if not math.isfinite(float(loss.detach())):
-            raise FloatingPointError(f"the VAE loss became {float(loss.detach())} at step {step}; lower the learning rate (now {config.lr})")
+            raise FloatingPointError(
+                f"the VAE loss became {float(loss.detach())} at step {step}; lower the learning rate (now {config.lr})"
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip:
@@ -139,18 +144,38 @@ def _train_vae(config: VAEConfig, out: Path, data: Data, t0: float) -> VAEResult
         }
     else:  # a folder too small to hold any image out
         metrics = {"held_out_elbo_bpd": None, "held_out_elbo_skipped": "no held-out images (the data set is too small)"}
-    metrics.update({
-        "held_out_images": int(n),
-        "elbo_samples": config.elbo_samples,
-        "train_seconds": round(train_s, 2),
-        "steps": config.steps,
-        "final_train_elbo_bpd": float(np.mean(hist[-50:])) if hist else None,
-    })
-    ck = save_vae(out, vae, config=config, bins=data.bins,
-                  extra={"data": {"name": data.name, "shape": list(data.shape), "bins": data.bins,
-                                  "train": int(N), "held_out": int(n)}, "metrics": metrics, "step": config.steps})
+    metrics.update(
+        {
+            "held_out_images": int(n),
+            "elbo_samples": config.elbo_samples,
+            "train_seconds": round(train_s, 2),
+            "steps": config.steps,
+            "final_train_elbo_bpd": float(np.mean(hist[-50:])) if hist else None,
+        }
+    )
+    ck = save_vae(
+        out,
+        vae,
+        config=config,
+        bins=data.bins,
+        extra={
+            "data": {
+                "name": data.name,
+                "shape": list(data.shape),
+                "bins": data.bins,
+                "train": int(N),
+                "held_out": int(n),
+            },
+            "metrics": metrics,
+            "step": config.steps,
+        },
+    )
     if n:
         k = min(16, n)
-        save_grid(out / "recon.png", np.concatenate([data.held_out[:k], recon[:k].numpy()]), nrow=k,
-                  title="held-out digits (top) and their reconstructions (bottom)")
+        save_grid(
+            out / "recon.png",
+            np.concatenate([data.held_out[:k], recon[:k].numpy()]),
+            nrow=k,
+            title="held-out digits (top) and their reconstructions (bottom)",
+        )
     return VAEResult(out, ck, load_vae(ck, dev), hist, metrics, time.time() - t0)

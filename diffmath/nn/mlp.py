@@ -17,8 +17,8 @@ Imports only torch.
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from ._labels import check_num_classes, class_embedding, class_labels
 from .unet import timestep_embedding
@@ -42,7 +42,9 @@ class MLPDenoiser(nn.Module):
         super().__init__()
         num_classes = check_num_classes(num_classes)
         if dim < 1 or hidden < 1 or depth < 1 or time_dim < 2:
-            raise ValueError(f"dim, hidden, depth must be >= 1 and time_dim >= 2; got {dim}, {hidden}, {depth}, {time_dim}")
+            raise ValueError(
+                f"dim, hidden, depth must be >= 1 and time_dim >= 2; got {dim}, {hidden}, {depth}, {time_dim}"
+            )
         self.dim = dim
         self.in_channels = dim
         self.learn_sigma = learn_sigma

@@ -29,11 +29,11 @@ Imports only torch.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from ._labels import check_num_classes, class_embedding, class_labels
 

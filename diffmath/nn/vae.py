@@ -24,11 +24,11 @@ Imports only torch.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 __all__ = ["VAE", "LOGVAR_MIN", "LOGVAR_MAX", "LOG_SCALE_MIN"]
 
@@ -93,8 +93,13 @@ class VAE(nn.Module):
     ):
         super().__init__()
         channel_mult = tuple(int(m) for m in channel_mult)
-        for name, v in (("in_channels", in_channels), ("image_size", image_size), ("channels", channels),
-                        ("latent_channels", latent_channels), ("num_res_blocks", num_res_blocks)):
+        for name, v in (
+            ("in_channels", in_channels),
+            ("image_size", image_size),
+            ("channels", channels),
+            ("latent_channels", latent_channels),
+            ("num_res_blocks", num_res_blocks),
+        ):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer; got {name} = {v!r}")
         if not channel_mult or any(m < 1 for m in channel_mult):
@@ -122,7 +127,12 @@ class VAE(nn.Module):
                 ch = channels * mult
             if level != len(channel_mult) - 1:
                 enc.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
-        enc += [_Res(ch, ch), nn.GroupNorm(_groups(ch), ch), nn.SiLU(), nn.Conv2d(ch, 2 * latent_channels, 3, padding=1)]
+        enc += [
+            _Res(ch, ch),
+            nn.GroupNorm(_groups(ch), ch),
+            nn.SiLU(),
+            nn.Conv2d(ch, 2 * latent_channels, 3, padding=1),
+        ]
         self.encoder = nn.Sequential(*enc)
 
         # decoder (the mirror image)

@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import atomic_write_json, read_json, safetensors_metadata, save_safetensors, sha256_file, weights_and_sidecar
 from .data import Data
+from .io import atomic_write_json, read_json, safetensors_metadata, save_safetensors, sha256_file, weights_and_sidecar
 from .rundir import RunError, is_empty, open_run
 
 __all__ = [
@@ -79,8 +79,10 @@ def read_run_config(out) -> dict:
         raise RunError(f"{str(out)!r} is not a diffmath run: it has no config.json")
     d = read_json(p, RUN_FORMAT, "run config", RunError)
     if not isinstance(d.get("config"), dict):
-        raise RunError(f"{str(p)!r} is not a diffmath run config (its key 'config' must be a JSON object; got "
-                       f"{d.get('config')!r:.100})")
+        raise RunError(
+            f"{str(p)!r} is not a diffmath run config (its key 'config' must be a JSON object; got "
+            f"{d.get('config')!r:.100})"
+        )
     return d
 
 
@@ -115,26 +117,38 @@ def _b64_list(v) -> bool:
 
 
 def _rng_ok(v) -> bool:
-    return (isinstance(v, dict) and _b64_list(v.get("torch_cpu")) and len(v["torch_cpu"]) >= 1
-            and _b64_list(v.get("torch_cuda")) and _is_int(v.get("world_size"), 1))
+    return (
+        isinstance(v, dict)
+        and _b64_list(v.get("torch_cpu"))
+        and len(v["torch_cpu"]) >= 1
+        and _b64_list(v.get("torch_cuda"))
+        and _is_int(v.get("world_size"), 1)
+    )
 
 
 def _optimizer_ok(v) -> bool:
     if not isinstance(v, dict):
         return False
     groups, tensors, scalars = v.get("param_groups"), v.get("tensors", {}), v.get("scalars", {})
-    return (isinstance(groups, list) and bool(groups) and all(isinstance(g, dict) and isinstance(g.get("params"), list)
-                                                              for g in groups)
-            and isinstance(tensors, dict) and all(isinstance(k, list) and all(isinstance(n, str) for n in k)
-                                                  for k in tensors.values())
-            and isinstance(scalars, dict) and all(isinstance(d, dict) for d in scalars.values()))
+    return (
+        isinstance(groups, list)
+        and bool(groups)
+        and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)
+        and isinstance(tensors, dict)
+        and all(isinstance(k, list) and all(isinstance(n, str) for n in k) for k in tensors.values())
+        and isinstance(scalars, dict)
+        and all(isinstance(d, dict) for d in scalars.values())
+    )
 
 
 # key: (what it must be, test). The keys a sampler needs, and those a resumed run needs too.
 _META = {
     "step": ("an integer >= 0", lambda v: _is_int(v, 0)),
     "config": ("a JSON object (the training config)", lambda v: isinstance(v, dict)),
-    "data_shape": ("a list of positive integers", lambda v: isinstance(v, list) and bool(v) and all(_is_int(n, 1) for n in v)),
+    "data_shape": (
+        "a list of positive integers",
+        lambda v: isinstance(v, list) and bool(v) and all(_is_int(n, 1) for n in v),
+    ),
     "bins": ("an integer >= 2 or null", lambda v: v is None or _is_int(v, 2)),
     "rng": ("an object with torch_cpu and torch_cuda lists of base64 RNG states and world_size", _rng_ok),
     "optimizer": ("an object with param_groups (a list of objects with params), tensors and scalars", _optimizer_ok),
@@ -178,7 +192,9 @@ def load_checkpoint(path, verify: bool = True, *, trust_unverified: bool = False
         digest = meta.get("weights_sha256")
         if digest is None:
             if not trust_unverified:
-                raise RunError(f"{where} has no 'weights_sha256', so the weights {str(st)!r} cannot be verified; {hint}")
+                raise RunError(
+                    f"{where} has no 'weights_sha256', so the weights {str(st)!r} cannot be verified; {hint}"
+                )
         elif not isinstance(digest, str) or not _SHA256_RE.match(digest):
             raise RunError(f"{where}: the key 'weights_sha256' must be a SHA-256 hex digest; got {digest!r:.100}")
         elif verify and digest != sha256_file(st):
@@ -211,14 +227,18 @@ def check_class_count(num_classes: int, tensors: dict, where: str) -> None:
         w = tensors.get(f"{prefix}class_emb.weight")
         rows = None if w is None else int(w.shape[0])
         if num_classes == 0 and rows is not None:
-            raise RunError(f"{where}: the weights hold a class embedding of {rows} rows ({rows - 1} classes and the null "
-                           "class) but the config is unconditional (num_classes = 0); the checkpoint does not match its "
-                           "config")
+            raise RunError(
+                f"{where}: the weights hold a class embedding of {rows} rows ({rows - 1} classes and the null "
+                "class) but the config is unconditional (num_classes = 0); the checkpoint does not match its "
+                "config"
+            )
         if num_classes > 0 and rows != num_classes + 1:
             got = "no class embedding" if rows is None else f"a class embedding of {rows} rows ({rows - 1} classes)"
-            raise RunError(f"{where}: the config names num_classes = {num_classes} (a class embedding of "
-                           f"{num_classes + 1} rows with the null class) but the weights hold {got}; the checkpoint "
-                           "does not match its config")
+            raise RunError(
+                f"{where}: the config names num_classes = {num_classes} (a class embedding of "
+                f"{num_classes + 1} rows with the null class) but the weights hold {got}; the checkpoint "
+                "does not match its config"
+            )
 
 
 def rng_state_b64(state: torch.Tensor) -> str:
@@ -274,7 +294,9 @@ def save_checkpoint(out: Path, step: int, config, model, ema, opt, loss_history,
     tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
     opt_tensors, opt_layout = _optimizer_tensors(opt)
     tensors.update(opt_tensors)
-    tensors["loss_history"] = torch.tensor(loss_history, dtype=torch.float64) if loss_history else torch.zeros(0, dtype=torch.float64)
+    tensors["loss_history"] = (
+        torch.tensor(loss_history, dtype=torch.float64) if loss_history else torch.zeros(0, dtype=torch.float64)
+    )
     small_meta = {"format": CHECKPOINT_FORMAT, "step": step, "config": config.to_dict(), **(extra or {})}
     st = out / f"{name}.safetensors"
     digest = save_safetensors(st, tensors, CHECKPOINT_FORMAT, small_meta)
@@ -352,8 +374,9 @@ def _resume_point(out: Path, config, trust_unverified: bool) -> Path | None:
     return ck
 
 
-def prepare_out(out: Path, config, *, resume: bool, overwrite: bool, trust_unverified: bool = False,
-                command: str = "train"):
+def prepare_out(
+    out: Path, config, *, resume: bool, overwrite: bool, trust_unverified: bool = False, command: str = "train"
+):
     """Check ``out`` against the flags and open it (``rundir.open_run``: created and marked, or
     resumed, or cleared of diffmath's files by ``overwrite``; locked). Returns ``(checkpoint to
     resume from or None, the folder's lock)``; the caller releases the lock. A resumed run is
@@ -383,4 +406,3 @@ def check_compatible(stored: dict, config, where: str):
             + "; ".join(diff)
             + f"). Only {', '.join(RESUMABLE_FIELDS)} may change on --resume; the existing checkpoints are left intact."
         )
-

@@ -118,9 +118,12 @@ def digit_classifier(cache: bool = True) -> DigitClassifier:
     if cache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            arrays = {f"w{i}": w for i, w in enumerate(model.weights)} | {f"b{i}": b for i, b in enumerate(model.biases)}
-            atomic_write_npz(path, num_layers=np.int64(len(model.weights)), info=np.str_(json.dumps(model.info)), **arrays)
+            arrays = {f"w{i}": w for i, w in enumerate(model.weights)} | {
+                f"b{i}": b for i, b in enumerate(model.biases)
+            }
+            atomic_write_npz(
+                path, num_layers=np.int64(len(model.weights)), info=np.str_(json.dumps(model.info)), **arrays
+            )
         except OSError:
             pass  # no writable cache: the classifier lives in memory for this call
     return model
-

@@ -73,8 +73,10 @@ def int_tuple_field(config, name: str) -> tuple:
     """The list field ``name`` as a tuple of ints (a TOML/JSON list or tuple of integers); a
     ``ValueError`` naming the field otherwise (a string, a number, floats, bools)."""
     v = getattr(config, name)
-    if isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple)) or any(
-        isinstance(c, bool) or not isinstance(c, (int, np.integer)) for c in v
+    if (
+        isinstance(v, (str, bytes))
+        or not isinstance(v, (list, tuple))
+        or any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) for c in v)
     ):
         raise ValueError(f"{name} must be a list of integers, e.g. [1, 2]; got {name} = {v!r}")
     return tuple(int(c) for c in v)
@@ -154,14 +156,23 @@ class TrainConfig:
         self.validate()
 
     def validate(self):
-        check_int_fields(self, ("steps", "batch_size", "channels", "num_res_blocks", "num_heads", "mlp_depth",
-                                "save_every", "log_every"))
+        check_int_fields(
+            self,
+            ("steps", "batch_size", "channels", "num_res_blocks", "num_heads", "mlp_depth", "save_every", "log_every"),
+        )
         check_int_fields(self, ("warmup", "lr_decay_steps", "seed"), 0)
         if self.seed > MAX_SEED:
-            raise ValueError(f"seed must lie in [0, 2**63 - 1] = [0, {MAX_SEED}] (torch's seed range); got seed = {self.seed}")
+            raise ValueError(
+                f"seed must lie in [0, 2**63 - 1] = [0, {MAX_SEED}] (torch's seed range); got seed = {self.seed}"
+            )
         check_int_fields(self, ("timesteps",), 2)
         check_int_fields(self, ("image_size",))
-        for n, lo, hi in (("lr", 0.0, math.inf), ("dropout", 0.0, 1.0), ("ema_decay", 0.0, 1.0), ("grad_clip", 0.0, math.inf)):
+        for n, lo, hi in (
+            ("lr", 0.0, math.inf),
+            ("dropout", 0.0, 1.0),
+            ("ema_decay", 0.0, 1.0),
+            ("grad_clip", 0.0, math.inf),
+        ):
             v = getattr(self, n)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not (lo <= v < hi) or (n == "lr" and v <= 0):
                 raise ValueError(f"{n} must be a number in {'(' if n == 'lr' else '['}{lo}, {hi}); got {n} = {v!r}")
@@ -192,17 +203,21 @@ class TrainConfig:
         check_int_fields(self, ("num_classes",), 0)
         p = self.uncond_prob
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-            raise ValueError(f"uncond_prob (the label dropout probability) must be a number in [0, 1); got "
-                             f"uncond_prob = {p!r}")
+            raise ValueError(
+                f"uncond_prob (the label dropout probability) must be a number in [0, 1); got uncond_prob = {p!r}"
+            )
         if not self.conditional:
             given = [n for n in ("num_classes", "class_names") if getattr(self, n)]
             if given or p != CLASS_FIELDS_DEFAULTS["uncond_prob"]:
-                raise ValueError(f"{', '.join(given) or 'uncond_prob'} {'is' if len(given) < 2 else 'are'} for class-"
-                                 "conditional runs: set conditional = true (--conditional) or leave it out")
+                raise ValueError(
+                    f"{', '.join(given) or 'uncond_prob'} {'is' if len(given) < 2 else 'are'} for class-"
+                    "conditional runs: set conditional = true (--conditional) or leave it out"
+                )
             return
         if self.num_classes == 1:
-            raise ValueError("num_classes must be >= 2 for a class-conditional run (0: taken from the data); got "
-                             "num_classes = 1")
+            raise ValueError(
+                "num_classes must be >= 2 for a class-conditional run (0: taken from the data); got num_classes = 1"
+            )
         if self.class_names and len(self.class_names) != self.num_classes:
             raise ValueError(f"class_names has {len(self.class_names)} names but num_classes = {self.num_classes}")
         if len(set(self.class_names)) != len(self.class_names):
@@ -220,14 +235,17 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         return config_from_dict(cls, d, "config")
 
     def model_fields(self) -> dict:
         """The fields a checkpoint must agree on to be resumed (all but RESUMABLE_FIELDS; the class
         fields too, with their defaults for an unconditional run, except the classes of a
         conditional config that ``train`` has still to take from the data: num_classes = 0)."""
-        d = {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in CLASS_FIELDS_DEFAULTS.items()}, **self.to_dict()}
+        d = {
+            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in CLASS_FIELDS_DEFAULTS.items()},
+            **self.to_dict(),
+        }
         if self.conditional and self.num_classes == 0:
             del d["num_classes"], d["class_names"]
         return {k: v for k, v in d.items() if k not in RESUMABLE_FIELDS}
@@ -239,7 +257,10 @@ CLASS_FIELDS_DEFAULTS = {"conditional": False, "uncond_prob": 0.1, "num_classes"
 # ----------------------------------------------------------------------------- seeds
 def derive_seed(seed: int, *keys) -> int:
     """A 63-bit integer seed from (seed, keys...) (numpy SeedSequence hashing)."""
-    ent = [int(seed)] + [k if isinstance(k, int) else int.from_bytes(hashlib.sha256(str(k).encode()).digest()[:4], "little") for k in keys]
+    ent = [int(seed)] + [
+        k if isinstance(k, int) else int.from_bytes(hashlib.sha256(str(k).encode()).digest()[:4], "little")
+        for k in keys
+    ]
     return int(np.random.SeedSequence(ent).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 

@@ -95,10 +95,14 @@ def load_data(spec: str, image_size: int = 8) -> Data:
     if spec == "digits":
         return load_digits(image_size)
     if spec == "swissroll":
-        return Data("swissroll", "toy", swiss_roll(_TOY_TRAIN, _SPLIT_SEED), swiss_roll(_TOY_HELD, _SPLIT_SEED + 1), None)
+        return Data(
+            "swissroll", "toy", swiss_roll(_TOY_TRAIN, _SPLIT_SEED), swiss_roll(_TOY_HELD, _SPLIT_SEED + 1), None
+        )
     if spec == "gmm":
-        (tr, ytr), (ho, yho) = (gaussian_mixture(n, seed, return_labels=True)
-                                for n, seed in ((_TOY_TRAIN, _SPLIT_SEED), (_TOY_HELD, _SPLIT_SEED + 1)))
+        (tr, ytr), (ho, yho) = (
+            gaussian_mixture(n, seed, return_labels=True)
+            for n, seed in ((_TOY_TRAIN, _SPLIT_SEED), (_TOY_HELD, _SPLIT_SEED + 1))
+        )
         return Data("gmm", "toy", tr, ho, None, ytr, yho, class_names=tuple(str(k) for k in range(GMM_MODES)))
     return load_image_folder(spec, image_size)
 
@@ -129,7 +133,13 @@ def load_digits(image_size: int = 8) -> Data:
         bins = 256
     x = x[:, None].astype(np.float32)
     return Data(
-        "digits", "image", x[~held], x[held], bins, y[~held], y[held],
+        "digits",
+        "image",
+        x[~held],
+        x[held],
+        bins,
+        y[~held],
+        y[held],
         info={"source": "sklearn.datasets.load_digits", "levels": bins},
         class_names=tuple(str(c) for c in range(10)),
     )
@@ -139,6 +149,7 @@ def _upsample2_bilinear(x: np.ndarray) -> np.ndarray:
     """Bilinear 2x upsampling of (N, H, W) with half-pixel centres and edge clamping
     (torch's ``interpolate(..., align_corners=False)``): output pixel 2i+a samples input
     position i - 1/4 (a = 0) or i + 1/4 (a = 1)."""
+
     def up(a, axis):
         n = a.shape[axis]
         idx = np.arange(n)
@@ -177,8 +188,14 @@ def load_image_folder(path, image_size: int = 32, held_out_fraction: float = 0.1
             f"the folder {str(path)!r} holds no image files (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively)"
         )
     images, modes, skipped, kept = [], [], [], []
-    unreadable = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-                  Image.DecompressionBombWarning)  # the warning is raised only where warnings are errors
+    unreadable = (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    )  # the warning is raised only where warnings are errors
     for f in files:
         try:
             with Image.open(f) as im:
@@ -210,10 +227,15 @@ def load_image_folder(path, image_size: int = 32, held_out_fraction: float = 0.1
     if labels is None:
         info["no_labels"] = why
     return Data(
-        os.path.basename(os.path.normpath(str(path))) or str(path), "image",
-        np.ascontiguousarray(x[train], dtype=np.float32), np.ascontiguousarray(x[held], dtype=np.float32), 256,
-        None if labels is None else labels[train], None if labels is None else labels[held],
-        info=info, class_names=class_names,
+        os.path.basename(os.path.normpath(str(path))) or str(path),
+        "image",
+        np.ascontiguousarray(x[train], dtype=np.float32),
+        np.ascontiguousarray(x[held], dtype=np.float32),
+        256,
+        None if labels is None else labels[train],
+        None if labels is None else labels[held],
+        info=info,
+        class_names=class_names,
     )
 
 
@@ -233,8 +255,14 @@ def folder_labels(root, files):
     for j, f in enumerate(files):
         parts = Path(f).relative_to(root).parts
         if len(parts) < 2:
-            return None, (), (f"{str(f)!r} lies directly in {str(root)!r}, outside the class sub-folders (the "
-                              "ImageFolder layout is root/<class>/<image>)")
+            return (
+                None,
+                (),
+                (
+                    f"{str(f)!r} lies directly in {str(root)!r}, outside the class sub-folders (the "
+                    "ImageFolder layout is root/<class>/<image>)"
+                ),
+            )
         labels[j] = index[parts[0]]
     empty = [c for c in names if not np.any(labels == index[c])]
     if empty:
@@ -255,7 +283,9 @@ def to_8bit_grey(im):
 
     a = np.asarray(im).astype(np.int64)
     if a.size and (a.min() < 0 or a.max() > 65535):
-        raise ValueError(f"mode {im.mode} image with values in [{a.min()}, {a.max()}], outside the 16-bit range 0..65535")
+        raise ValueError(
+            f"mode {im.mode} image with values in [{a.min()}, {a.max()}], outside the 16-bit range 0..65535"
+        )
     return Image.fromarray(np.rint(a / 257.0).astype(np.uint8))  # 2-D uint8: mode L
 
 
@@ -279,8 +309,9 @@ def swiss_roll(n: int, seed: int = 0, noise: float = 0.03) -> np.ndarray:
     return (x + noise * rng.standard_normal(x.shape)).astype(np.float32)
 
 
-def gaussian_mixture(n: int, seed: int = 0, modes: int = GMM_MODES, radius: float = 1.0, std: float = 0.08,
-                     return_labels: bool = False):
+def gaussian_mixture(
+    n: int, seed: int = 0, modes: int = GMM_MODES, radius: float = 1.0, std: float = 0.08, return_labels: bool = False
+):
     """Equal-weight mixture of ``modes`` isotropic Gaussians N(mu_k, std^2 I) with means on a
     circle of ``radius``: mu_k = radius (cos 2 pi k / modes, sin 2 pi k / modes). Float32 (n, 2);
     with ``return_labels``, also the component k of each point (int64 (n,)): the same points."""

@@ -24,10 +24,19 @@ DEMO_PER_CLASS_OTHER = 30
 DEMO_OUT = Path("runs/demo")
 
 
-def run_demo(out=DEMO_OUT, *, overwrite: bool = False, device: str = "auto", progress: bool = True,
-             config_overrides: dict | None = None, num_samples: int = DEMO_SAMPLES, vlb_images: int = DEMO_VLB_IMAGES,
-             guidance_scales=DEMO_GUIDANCE_SCALES, per_class: int = DEMO_PER_CLASS,
-             per_class_other: int = DEMO_PER_CLASS_OTHER) -> dict:
+def run_demo(
+    out=DEMO_OUT,
+    *,
+    overwrite: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+    config_overrides: dict | None = None,
+    num_samples: int = DEMO_SAMPLES,
+    vlb_images: int = DEMO_VLB_IMAGES,
+    guidance_scales=DEMO_GUIDANCE_SCALES,
+    per_class: int = DEMO_PER_CLASS,
+    per_class_other: int = DEMO_PER_CLASS_OTHER,
+) -> dict:
     """Train the class-conditional demo model (``DEMO_CONFIG`` + ``DEMO_CLASSES``; or reuse a
     finished demo training in ``out``); sample its unconditional model (the null label) with
     DDIM and evaluate those samples; sample every digit at each guidance scale in
@@ -37,9 +46,9 @@ def run_demo(out=DEMO_OUT, *, overwrite: bool = False, device: str = "auto", pro
     the sweep under ``"guidance"`` and the timings under ``"timings"``. ``config_overrides``
     with ``conditional = False`` gives the unconditional demo (no sweep)."""
     from .checkpoint import RunError, check_compatible, legacy_run_files, read_run_config
+    from .config import DEMO_CLASSES, DEMO_CONFIG, TrainConfig
     from .distributed import resolve_device
     from .rundir import is_empty, open_run
-    from .config import DEMO_CLASSES, DEMO_CONFIG, TrainConfig
 
     out = Path(out)
     over = dict(config_overrides or {})
@@ -52,8 +61,9 @@ def run_demo(out=DEMO_OUT, *, overwrite: bool = False, device: str = "auto", pro
             check_compatible(read_run_config(out)["config"], config, where=str(out / "config.json"))
             resume = True
         except RunError as e:
-            raise RunError(f"--out {str(out)!r} holds something other than this demo run ({e}); pass --overwrite or "
-                           "another --out") from None
+            raise RunError(
+                f"--out {str(out)!r} holds something other than this demo run ({e}); pass --overwrite or another --out"
+            ) from None
     # one lock over training, sampling, evaluation and the report
     sweep = dict(scales=tuple(float(v) for v in guidance_scales), per_class=per_class, per_class_other=per_class_other)
     with open_run(out, "demo", resume=resume, overwrite=overwrite, adopt=legacy_run_files):
@@ -67,20 +77,34 @@ def _demo_guidance(out, device, progress, scales, per_class, per_class_other) ->
 
     import numpy as np
 
-    from .io import atomic_write_npz
     from .data import load_data
     from .evaluate import guidance_sweep
-    from .plots import plot_guidance
     from .generate import DEFAULT_GUIDANCE, load_model, save_class_grid
+    from .io import atomic_write_npz
+    from .plots import plot_guidance
 
     lm = load_model(run=out, device=device)
     data = load_data(lm.config.data, lm.config.image_size)
     scales = sorted(set(scales) | {DEFAULT_GUIDANCE})
     counts = {s: per_class if s in (1.0, DEFAULT_GUIDANCE) else per_class_other for s in scales}
-    rows, (x, y) = guidance_sweep(lm, data, scales, per_class=counts, keep=DEFAULT_GUIDANCE, progress=progress,
-                                  **{k: v for k, v in DEMO_SAMPLER.items() if k != "eta"})
-    info = {"sampler": DEMO_SAMPLER["sampler"], "steps": DEMO_SAMPLER["steps"], "guidance": DEFAULT_GUIDANCE,
-            "per_class": per_class, "seed": 0, "checkpoint": str(lm.checkpoint), "step": lm.step}
+    rows, (x, y) = guidance_sweep(
+        lm,
+        data,
+        scales,
+        per_class=counts,
+        keep=DEFAULT_GUIDANCE,
+        progress=progress,
+        **{k: v for k, v in DEMO_SAMPLER.items() if k != "eta"},
+    )
+    info = {
+        "sampler": DEMO_SAMPLER["sampler"],
+        "steps": DEMO_SAMPLER["steps"],
+        "guidance": DEFAULT_GUIDANCE,
+        "per_class": per_class,
+        "seed": 0,
+        "checkpoint": str(lm.checkpoint),
+        "step": lm.step,
+    }
     atomic_write_npz(out / "classes.npz", samples=x, labels=y, info=np.str_(json.dumps(info)))
     save_class_grid(out / "classes.png", x, y, names=lm.config.class_names)
     plot_guidance(out / "guidance.png", rows, title=f"{lm.config.data}: classifier-free guidance (DDIM 50)")
@@ -92,10 +116,10 @@ def _demo(out, config, resume, overwrite, device, progress, num_samples, vlb_ima
 
     from .distributed import resolve_device
     from .evaluate import evaluate_run
-    from .io import atomic_write_json
-    from .report import write_report
     from .generate import sample_run
+    from .io import atomic_write_json
     from .loop import train
+    from .report import write_report
 
     timings = {}
     t0, c0 = time.time(), time.process_time()

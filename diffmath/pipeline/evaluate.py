@@ -48,8 +48,8 @@ count of samples per requested class only.
 from __future__ import annotations
 
 import json
-import zipfile
 import math
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -112,9 +112,14 @@ def per_class_metrics(x: np.ndarray, labels, data, *, clf=None, seed: int = 0) -
                 predicted_histogram=[int(h) for h in np.bincount(pc.argmax(1), minlength=proba.shape[1])],
                 fd=float(np.mean([frechet_distance_features(ref, f) for f in sets])) if sets else None,
                 fd_floor=frechet_distance_features(ref, held[:n]) if n >= 2 else None,
-                fd_n=int(n), fd_sets=len(sets),
-                spread=float(np.trace(np.atleast_2d(np.cov(fs, rowvar=False))) /
-                             np.trace(np.atleast_2d(np.cov(ref, rowvar=False)))) if len(fs) >= 2 else None,
+                fd_n=int(n),
+                fd_sets=len(sets),
+                spread=float(
+                    np.trace(np.atleast_2d(np.cov(fs, rowvar=False)))
+                    / np.trace(np.atleast_2d(np.cov(ref, rowvar=False)))
+                )
+                if len(fs) >= 2
+                else None,
             )
         elif toy:
             held_c, tr_c = data.held_out[held_lab == c], data.train[tr_lab == c]
@@ -127,13 +132,26 @@ def per_class_metrics(x: np.ndarray, labels, data, *, clf=None, seed: int = 0) -
             )
         out["classes"][name] = row
     rows = list(out["classes"].values())
-    keys = [k for k in ("agreement", "mean_prob", "fd", "fd_floor", "spread", "sliced_wasserstein",
-                        "sliced_wasserstein_floor") if rows and all(r.get(k) is not None for r in rows)]
+    keys = [
+        k
+        for k in (
+            "agreement",
+            "mean_prob",
+            "fd",
+            "fd_floor",
+            "spread",
+            "sliced_wasserstein",
+            "sliced_wasserstein_floor",
+        )
+        if rows and all(r.get(k) is not None for r in rows)
+    ]
     out["mean"] = {k: float(np.mean([r[k] for r in rows])) for k in keys}
     if "agreement" in keys:
         worst = min(rows, key=lambda r: r["agreement"])
-        out["min_agreement"] = {"class": names[worst["label"]] if worst["label"] < len(names) else str(worst["label"]),
-                                "agreement": worst["agreement"]}
+        out["min_agreement"] = {
+            "class": names[worst["label"]] if worst["label"] < len(names) else str(worst["label"]),
+            "agreement": worst["agreement"],
+        }
     if digits:
         out["classifier"] = "argmax of the digit classifier; FD in its last hidden layer, per class (module docstring)"
     elif toy:
@@ -141,9 +159,22 @@ def per_class_metrics(x: np.ndarray, labels, data, *, clf=None, seed: int = 0) -
     return out
 
 
-def guidance_sweep(loaded, data, scales, *, per_class: int = 100, classes=None, sampler: str = "ddim", steps=50,
-                   seed: int = 0, batch_size: int = 500, progress: bool = False, keep: float | None = None,
-                   rescale: float = 0.0, decode=None):
+def guidance_sweep(
+    loaded,
+    data,
+    scales,
+    *,
+    per_class: int = 100,
+    classes=None,
+    sampler: str = "ddim",
+    steps=50,
+    seed: int = 0,
+    batch_size: int = 500,
+    progress: bool = False,
+    keep: float | None = None,
+    rescale: float = 0.0,
+    decode=None,
+):
     """Sample ``per_class`` samples of each class (default all of the run's) at every guidance
     scale s in ``scales`` (``diffmath.pipeline.generate.generate``: the same start and noise at every s)
     and score them with ``per_class_metrics``. ``per_class`` may be a dict {s: count}. Returns
@@ -158,8 +189,19 @@ def guidance_sweep(loaded, data, scales, *, per_class: int = 100, classes=None, 
     for s in scales:
         n = per_class[s] if isinstance(per_class, dict) else per_class
         y = class_labels(classes, n * len(classes))
-        x = generate(loaded, len(y), sampler=sampler, steps=steps, seed=seed, batch_size=batch_size, progress=progress,
-                     labels=y, guidance=float(s), guidance_rescale=rescale, clip_x0=None if decode else "auto")
+        x = generate(
+            loaded,
+            len(y),
+            sampler=sampler,
+            steps=steps,
+            seed=seed,
+            batch_size=batch_size,
+            progress=progress,
+            labels=y,
+            guidance=float(s),
+            guidance_rescale=rescale,
+            clip_x0=None if decode else "auto",
+        )
         if decode is not None:
             x = decode(x)
         m = per_class_metrics(x, y, data, seed=seed)
@@ -169,9 +211,22 @@ def guidance_sweep(loaded, data, scales, *, per_class: int = 100, classes=None, 
     return rows, kept
 
 
-def evaluate_guidance(run, out=None, *, scales=(0.0, 1.0, 2.0, 3.0, 5.0), per_class: int = 100, sampler: str = "ddim",
-                      steps=50, seed: int = 0, device: str = "auto", progress: bool = False,
-                      trust_unverified: bool = False, loaded=None, decode=None, adopt=None) -> dict:
+def evaluate_guidance(
+    run,
+    out=None,
+    *,
+    scales=(0.0, 1.0, 2.0, 3.0, 5.0),
+    per_class: int = 100,
+    sampler: str = "ddim",
+    steps=50,
+    seed: int = 0,
+    device: str = "auto",
+    progress: bool = False,
+    trust_unverified: bool = False,
+    loaded=None,
+    decode=None,
+    adopt=None,
+) -> dict:
     """``diffmath evaluate --guidance-sweep``: the guidance sweep of a class-conditional run
     (``guidance_sweep``: ``per_class`` samples of every class at each scale s, scored per
     class); writes ``out``/guidance.json and guidance.png (default ``out`` = the run) and returns
@@ -182,9 +237,9 @@ def evaluate_guidance(run, out=None, *, scales=(0.0, 1.0, 2.0, 3.0, 5.0), per_cl
     not finite."""
     from .checkpoint import legacy_run_files
     from .data import load_data
+    from .generate import check_sampling, load_model, unconditional_error
     from .plots import plot_guidance
     from .rundir import claim_output
-    from .generate import check_sampling, load_model, unconditional_error
 
     run = Path(run)
     scales = [float(v) for v in scales]
@@ -198,10 +253,25 @@ def evaluate_guidance(run, out=None, *, scales=(0.0, 1.0, 2.0, 3.0, 5.0), per_cl
     data = load_data(lm.config.data, lm.config.image_size)
     out = Path(out) if out is not None else run
     with claim_output(out, "evaluate", ("guidance.json", "guidance.png"), adopt=adopt or legacy_run_files):
-        rows, _ = guidance_sweep(lm, data, scales, per_class=per_class, sampler=sampler, steps=steps, seed=seed,
-                                 progress=progress, decode=decode)
-        res = {"run": str(run), "sampler": sampler, "steps": steps, "seed": seed, "checkpoint": str(lm.checkpoint),
-               "scales": rows}
+        rows, _ = guidance_sweep(
+            lm,
+            data,
+            scales,
+            per_class=per_class,
+            sampler=sampler,
+            steps=steps,
+            seed=seed,
+            progress=progress,
+            decode=decode,
+        )
+        res = {
+            "run": str(run),
+            "sampler": sampler,
+            "steps": steps,
+            "seed": seed,
+            "checkpoint": str(lm.checkpoint),
+            "scales": rows,
+        }
         atomic_write_json(out / "guidance.json", res)
         plot_guidance(out / "guidance.png", rows, title=f"{data.name}: classifier-free guidance ({sampler})")
     return res
@@ -272,7 +342,9 @@ def vlb_bpd(loaded, x0: np.ndarray, bins: int, *, seed: int = 0, batch_size: int
 # ----------------------------------------------------------------------------- the command
 def _load_samples(path: Path) -> tuple[np.ndarray, dict]:
     if not path.exists():
-        raise FileNotFoundError(f"no samples at {str(path)!r}; run `diffmath sample --run RUN --out RUN` first or pass --samples")
+        raise FileNotFoundError(
+            f"no samples at {str(path)!r}; run `diffmath sample --run RUN --out RUN` first or pass --samples"
+        )
     try:
         with np.load(path, allow_pickle=False) as z:
             if "samples" not in z:
@@ -288,14 +360,25 @@ def _load_samples(path: Path) -> tuple[np.ndarray, dict]:
         raise ValueError(f"{str(path)!r} holds non-finite sample values")
     if labels is not None:
         if labels.shape != (len(x),) or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"{str(path)!r}: 'labels' must hold one integer class per sample, shape ({len(x)},); got "
-                             f"{labels.dtype} of shape {labels.shape}")
+            raise ValueError(
+                f"{str(path)!r}: 'labels' must hold one integer class per sample, shape ({len(x)},); got "
+                f"{labels.dtype} of shape {labels.shape}"
+            )
         info = {**info, "_labels": labels.astype(np.int64)}
     return x, info
 
 
-def evaluate_run(run, samples=None, out=None, *, vlb_images: int = 64, device: str = "auto", seed: int = 0,
-                 progress: bool = True, trust_unverified: bool = False) -> dict:
+def evaluate_run(
+    run,
+    samples=None,
+    out=None,
+    *,
+    vlb_images: int = 64,
+    device: str = "auto",
+    seed: int = 0,
+    progress: bool = True,
+    trust_unverified: bool = False,
+) -> dict:
     """Evaluate the samples of a run (default ``RUN/samples.npz``); writes ``metrics.json`` to
     ``out`` (default the run directory) and returns the metrics. The inputs are checked first;
     then ``out`` is locked until the metrics are written (``rundir.claim_output``: a metrics.json
@@ -314,8 +397,10 @@ def evaluate_run(run, samples=None, out=None, *, vlb_images: int = 64, device: s
     if labels is not None:
         K = int(cfg.get("num_classes", 0) or 0)
         if K == 0:
-            raise ValueError(f"{str(samples_path)!r} holds class labels but the run {str(run)!r} is unconditional "
-                             "(num_classes = 0): evaluate class-conditional samples against their own run")
+            raise ValueError(
+                f"{str(samples_path)!r} holds class labels but the run {str(run)!r} is unconditional "
+                "(num_classes = 0): evaluate class-conditional samples against their own run"
+            )
         if labels.size and (labels.min() < 0 or labels.max() >= K):
             bad = int(labels.min() if labels.min() < 0 else labels.max())
             raise ValueError(f"{str(samples_path)!r}: label {bad} is outside [0, {K}) (the run's {K} classes)")
@@ -348,7 +433,9 @@ def _evaluate(run, x, sinfo, samples_path, data, out, vlb_images, device, seed, 
         metrics["sliced_wasserstein"] = {
             "samples": sliced_wasserstein(x[:n], data.held_out[:n], seed=seed),
             "train_vs_held_out (floor)": sliced_wasserstein(ref[:n], data.held_out[:n], seed=seed),
-            "gaussian_noise (ceiling)": sliced_wasserstein(rng.standard_normal((n, x.shape[1])), data.held_out[:n], seed=seed),
+            "gaussian_noise (ceiling)": sliced_wasserstein(
+                rng.standard_normal((n, x.shape[1])), data.held_out[:n], seed=seed
+            ),
             "n": int(n),
             "p": 1,
             "projections": 256,

@@ -70,12 +70,25 @@ import numpy as np
 import torch
 
 from .. import losses, posterior
+from ..schedules import Schedule, timesteps
 from .io import atomic_write_bytes, atomic_write_npz
 from .plots import save_fig
-from ..schedules import Schedule, timesteps
 
-__all__ = ["LoadedModel", "load_model", "generate", "sample_run", "save_grid", "save_class_grid", "parse_classes",
-           "class_labels", "check_conditioning", "request_labels", "SAMPLERS", "DEFAULT_STEPS", "DEFAULT_GUIDANCE"]
+__all__ = [
+    "LoadedModel",
+    "load_model",
+    "generate",
+    "sample_run",
+    "save_grid",
+    "save_class_grid",
+    "parse_classes",
+    "class_labels",
+    "check_conditioning",
+    "request_labels",
+    "SAMPLERS",
+    "DEFAULT_STEPS",
+    "DEFAULT_GUIDANCE",
+]
 
 SAMPLERS = ("ddpm", "ddim", "em", "pc", "ode")
 #: ``--dtype``: the U-Net's autocast precision (the sampling state stays float32)
@@ -83,8 +96,15 @@ NET_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "em": 500, "pc": 500, "ode": None}
 #: --sampler name -> the sigma-space solver of ``diffmath.samplers`` (``SOLVERS``)
 SOLVER_SAMPLERS = {
-    "euler": "euler", "heun": "heun", "edm": "edm", "euler-a": "euler_ancestral", "dpmpp-2m": "dpmpp_2m",
-    "dpmpp-2m-sde": "dpmpp_2m_sde", "dpmpp-3m-sde": "dpmpp_3m_sde", "unipc": "unipc", "lms": "lms",
+    "euler": "euler",
+    "heun": "heun",
+    "edm": "edm",
+    "euler-a": "euler_ancestral",
+    "dpmpp-2m": "dpmpp_2m",
+    "dpmpp-2m-sde": "dpmpp_2m_sde",
+    "dpmpp-3m-sde": "dpmpp_3m_sde",
+    "unipc": "unipc",
+    "lms": "lms",
 }
 SAMPLERS = SAMPLERS + tuple(SOLVER_SAMPLERS)
 DEFAULT_STEPS.update({name: 20 for name in SOLVER_SAMPLERS})
@@ -97,7 +117,7 @@ DEFAULT_GUIDANCE = 1.5
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
-    config: "TrainConfig"  # noqa: F821
+    config: TrainConfig  # noqa: F821
     schedule: Schedule
     data_shape: tuple
     bins: int | None
@@ -115,7 +135,7 @@ class LoadedModel:
     def num_classes(self) -> int:
         return int(self.config.num_classes)
 
-    def conditioned(self, labels, guidance: float, guidance_rescale: float = 0.0) -> "LoadedModel":
+    def conditioned(self, labels, guidance: float, guidance_rescale: float = 0.0) -> LoadedModel:
         """This model asked for ``labels`` (int64 (B,), one per sample of the batches it will get)
         with guidance scale ``guidance`` and rescale ``guidance_rescale`` (a copy; the network
         is shared). Checked by ``check_conditioning``."""
@@ -131,8 +151,11 @@ class LoadedModel:
         ``dtype=None`` in bf16 autocast on CUDA for a run trained with bf16 (``config.bf16``).
         ``y``: class labels (a conditional network; None there is the null class)."""
         args = (x, t) if y is None else (x, t, y)
-        ac = NET_DTYPES[self.dtype] if self.dtype is not None else (
-            torch.bfloat16 if (self.device.type == "cuda" and self.config.bf16) else torch.float32)
+        ac = (
+            NET_DTYPES[self.dtype]
+            if self.dtype is not None
+            else (torch.bfloat16 if (self.device.type == "cuda" and self.config.bf16) else torch.float32)
+        )
         if ac != torch.float32:
             with torch.autocast(self.device.type, dtype=ac):
                 return self.model(*args).float()
@@ -187,15 +210,16 @@ class LoadedModel:
         return eps_from_x0(s, x.float(), t, x0).to(x.dtype)
 
 
-def load_model(run=None, checkpoint=None, device: str = "auto", ema: bool = True,
-               trust_unverified: bool = False) -> LoadedModel:
+def load_model(
+    run=None, checkpoint=None, device: str = "auto", ema: bool = True, trust_unverified: bool = False
+) -> LoadedModel:
     """The model of a run directory (its latest checkpoint) or of one checkpoint file, with the
     EMA weights (``ema=False``: the raw weights), in eval mode. The weights must match the
     SHA-256 of the checkpoint's JSON sidecar; one that cannot be verified (no sidecar, or no
     ``weights_sha256`` in it) is refused unless ``trust_unverified`` (``checkpoint.load_checkpoint``)."""
     from .checkpoint import RunError, check_class_count, latest_checkpoint, load_checkpoint
-    from .distributed import resolve_device
     from .config import TrainConfig
+    from .distributed import resolve_device
     from .model import build_model, make_schedule
 
     if (run is None) == (checkpoint is None):
@@ -221,7 +245,7 @@ def load_model(run=None, checkpoint=None, device: str = "auto", ema: bool = True
     dev = resolve_device(device)
     model = build_model(config, data_shape)
     prefix = "ema." if ema else "model."
-    sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    sd = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     try:
         model.load_state_dict(sd)
     except RuntimeError as e:
@@ -251,8 +275,9 @@ def sde_score(lm: LoadedModel, sde):
 
     C = lm.data_shape[0]
     if lm.labels is None:
-        D = Denoiser.from_schedule(lambda x_t, t: lm.forward(x_t.float(), t)[:, :C], lm.schedule,
-                                   lm.config.prediction, clamp_time=True)
+        D = Denoiser.from_schedule(
+            lambda x_t, t: lm.forward(x_t.float(), t)[:, :C], lm.schedule, lm.config.prediction, clamp_time=True
+        )
     else:
         D = _guided_solver_denoiser(lm, Denoiser, clamp_time=True)
     return score_from_denoiser(D, sde)
@@ -305,7 +330,9 @@ def _loop_ddpm(lm, x, seed, start, n_total, steps, progress, clip_x0=None):
             else:  # the guided eps; the variance of the conditional half
                 from ..parameterization import x0_from_eps
 
-                eps, v = lm.guided_eps(x, tm, lambda xx, tt, p: eps_from_prediction(lm.config.prediction, s0, xx, tt, p))
+                eps, v = lm.guided_eps(
+                    x, tm, lambda xx, tt, p: eps_from_prediction(lm.config.prediction, s0, xx, tt, p)
+                )
                 x0 = x0_from_eps(s0, x, tm, eps)
             tl = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
             if clip_x0 is not None:
@@ -388,8 +415,12 @@ def _guided_solver_denoiser(lm: LoadedModel, Denoiser, clamp_time: bool = False)
 
     C = lm.data_shape[0]
     cur = {}
-    D = Denoiser.from_schedule(lambda x_t, t: lm.forward(x_t.float(), t, cur["y"])[:, :C], lm.schedule,
-                               lm.config.prediction, clamp_time=clamp_time)
+    D = Denoiser.from_schedule(
+        lambda x_t, t: lm.forward(x_t.float(), t, cur["y"])[:, :C],
+        lm.schedule,
+        lm.config.prediction,
+        clamp_time=clamp_time,
+    )
     s, phi = lm.guidance, lm.guidance_rescale
     if phi == 0.0 and s in (0.0, 1.0):
         y = lm.labels if s == 1.0 else None
@@ -422,9 +453,23 @@ def check_net_dtype(dtype):
     return dtype
 
 
-def generate(lm: LoadedModel, num_samples: int, *, sampler: str = "ddim", steps=None, eta: float = 0.0, seed: int = 0,
-             batch_size: int = 500, progress: bool = False, clip_x0="auto", dtype=None, sigmas: str = "exponential",
-             labels=None, guidance=None, guidance_rescale: float = 0.0) -> np.ndarray:
+def generate(
+    lm: LoadedModel,
+    num_samples: int,
+    *,
+    sampler: str = "ddim",
+    steps=None,
+    eta: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 500,
+    progress: bool = False,
+    clip_x0="auto",
+    dtype=None,
+    sigmas: str = "exponential",
+    labels=None,
+    guidance=None,
+    guidance_rescale: float = 0.0,
+) -> np.ndarray:
     """``num_samples`` samples as a float32 numpy array (N, *data_shape), not clipped.
 
     The sigma-space solvers (``SOLVER_SAMPLERS``: euler, heun, edm, euler-a, dpmpp-2m,
@@ -532,8 +577,9 @@ def check_sampling(lm: LoadedModel, num_samples, sampler, steps, eta, seed=0, ba
     if sampler in SOLVER_SAMPLERS and sigmas == "schedule" and steps > T:
         raise ValueError(f"steps must lie in [1, T] = [1, {T}] for --sigmas schedule; got {steps}")
     if sampler == "pc" and steps < 20:  # its predictor is the VP-SDE's discrete chain, beta_i = beta_max / N
-        raise ValueError(f"steps must be >= 20 for --sampler pc (the VP-SDE chain needs beta_max / N = 20 / N <= 1); "
-                         f"got {steps}")
+        raise ValueError(
+            f"steps must be >= 20 for --sampler pc (the VP-SDE chain needs beta_max / N = 20 / N <= 1); got {steps}"
+        )
     if eta < 0 or not math.isfinite(eta):
         raise ValueError(f"eta must be finite and >= 0; got {eta}")
     return steps
@@ -555,8 +601,11 @@ def parse_classes(spec, num_classes: int, class_names=()) -> list[int]:
     [0, num_classes) for anything else."""
     K = int(num_classes)
     names = [str(c) for c in class_names]
-    valid = f"[0, {K})" + (f" (the run's classes: {', '.join(f'{i} = {n}' for i, n in enumerate(names))})"
-                            if names and names != [str(i) for i in range(K)] else "")
+    valid = f"[0, {K})" + (
+        f" (the run's classes: {', '.join(f'{i} = {n}' for i, n in enumerate(names))})"
+        if names and names != [str(i) for i in range(K)]
+        else ""
+    )
     if isinstance(spec, (bool, np.bool_)):
         raise TypeError(f"class must be a class index, range, list or 'all'; got {spec!r}")
     if isinstance(spec, (int, np.integer)):
@@ -586,10 +635,13 @@ def parse_classes(spec, num_classes: int, class_names=()) -> list[int]:
             elif p in names:
                 parts.append(names.index(p))
             else:
-                raise ValueError(f"class {p!r} is not a class index, a range a-b, 'all' or a class name; valid: {valid}")
+                raise ValueError(
+                    f"class {p!r} is not a class index, a range a-b, 'all' or a class name; valid: {valid}"
+                )
     else:
-        raise TypeError(f"class must be an int, a string like '0-9' or '1,3,5' or 'all', or a list; got "
-                        f"{type(spec).__name__}")
+        raise TypeError(
+            f"class must be an int, a string like '0-9' or '1,3,5' or 'all', or a list; got {type(spec).__name__}"
+        )
     bad = [c for c in parts if not 0 <= c < K]
     if bad:
         raise ValueError(f"class {bad[0]} is outside [0, {K}): the run has {K} classes; valid: {valid}")
@@ -621,15 +673,18 @@ def check_conditioning(lm: LoadedModel, labels, guidance, guidance_rescale, num_
 
     given_g = guidance is not None
     given_r = guidance_rescale not in (None, 0, 0.0)
-    for name, v, ok, rng in (("guidance", guidance, lambda v: math.isfinite(v) and v >= 0, "finite and >= 0"),
-                             ("guidance_rescale", guidance_rescale, lambda v: 0 <= v <= 1, "in [0, 1]")):
+    for name, v, ok, rng in (
+        ("guidance", guidance, lambda v: math.isfinite(v) and v >= 0, "finite and >= 0"),
+        ("guidance_rescale", guidance_rescale, lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ):
         if v is None:
             continue
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
             raise TypeError(f"{name} must be a real number {rng}; got {v!r}")
         if not ok(float(v)):
-            raise ValueError(f"{name} must be {rng} (guidance: 0 unconditional, 1 conditional, > 1 guided); got "
-                             f"{name} = {float(v)}")
+            raise ValueError(
+                f"{name} must be {rng} (guidance: 0 unconditional, 1 conditional, > 1 guided); got {name} = {float(v)}"
+            )
     K = lm.num_classes
     if K == 0:
         if labels is not None:
@@ -675,8 +730,7 @@ def check_finite_samples(x: np.ndarray, lm: LoadedModel, sampler: str) -> None:
 
 
 # ----------------------------------------------------------------------------- files
-def save_grid(path, x: np.ndarray, nrow: int | None = None, scale: int = 4, title: str | None = None,
-              limit: int = 100):
+def save_grid(path, x: np.ndarray, nrow: int | None = None, scale: int = 4, title: str | None = None, limit: int = 100):
     """samples.png: images (N, C, H, W) in [-1, 1] tiled in a grid (the first ``limit``), or a
     scatter plot for 2-D points (N, 2). C = 1 is grey, C = 3 RGB; any other C (the latents of a
     latent-diffusion U-Net, e.g. 2 channels) shows each item's channels side by side in grey,
@@ -722,8 +776,9 @@ def save_grid(path, x: np.ndarray, nrow: int | None = None, scale: int = 4, titl
     atomic_write_bytes(path, buf.getvalue())
 
 
-def save_class_grid(path, x: np.ndarray, labels, per_class: int = 10, names=(), title: str | None = None,
-                    scale: int = 4):
+def save_class_grid(
+    path, x: np.ndarray, labels, per_class: int = 10, names=(), title: str | None = None, scale: int = 4
+):
     """samples.png of class-conditional samples: one row per class asked (in the order of
     their first sample), its first ``per_class`` samples side by side (images); for 2-D points a
     scatter plot coloured by class."""
@@ -752,14 +807,37 @@ def save_class_grid(path, x: np.ndarray, labels, per_class: int = 10, names=(), 
         if len(xc) < per_class:  # pad a short row with mid-grey
             xc = np.concatenate([xc, np.zeros((per_class - len(xc),) + xc.shape[1:], xc.dtype)])
         rows.append(xc)
-    save_grid(path, np.concatenate(rows)[: 100 * per_class] if rows else x, nrow=per_class, scale=scale,
-              limit=len(rows) * per_class)
+    save_grid(
+        path,
+        np.concatenate(rows)[: 100 * per_class] if rows else x,
+        nrow=per_class,
+        scale=scale,
+        limit=len(rows) * per_class,
+    )
 
 
-def sample_run(out, *, run=None, checkpoint=None, sampler="ddim", steps=None, eta=0.0, num_samples=500, seed=0,
-               device="auto", batch_size=500, progress=True, ema=True, clip_x0="auto",
-               trust_unverified: bool = False, dtype=None, sigmas: str = "exponential", classes=None, guidance=None,
-               guidance_rescale: float = 0.0) -> dict:
+def sample_run(
+    out,
+    *,
+    run=None,
+    checkpoint=None,
+    sampler="ddim",
+    steps=None,
+    eta=0.0,
+    num_samples=500,
+    seed=0,
+    device="auto",
+    batch_size=500,
+    progress=True,
+    ema=True,
+    clip_x0="auto",
+    trust_unverified: bool = False,
+    dtype=None,
+    sigmas: str = "exponential",
+    classes=None,
+    guidance=None,
+    guidance_rescale: float = 0.0,
+) -> dict:
     """Load, sample, and write ``out``/samples.npz (``samples`` float32 + ``info`` JSON) and
     ``out``/samples.png. ``dtype``: the U-Net's precision (``generate``).
     Returns the info dict.
@@ -785,11 +863,28 @@ def sample_run(out, *, run=None, checkpoint=None, sampler="ddim", steps=None, et
         if dd.active and dev.type == "cuda":
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dd.rank)) % torch.cuda.device_count())
             torch.cuda.set_device(dev)
-        return _sample_run(out, dd, run=run, checkpoint=checkpoint, sampler=sampler, steps=steps, eta=eta,
-                           num_samples=num_samples, seed=seed, device=str(dev), batch_size=batch_size,
-                           progress=progress and dd.rank == 0, ema=ema, clip_x0=clip_x0,
-                           trust_unverified=trust_unverified, dtype=dtype, sigmas=sigmas, classes=classes,
-                           guidance=guidance, guidance_rescale=guidance_rescale)
+        return _sample_run(
+            out,
+            dd,
+            run=run,
+            checkpoint=checkpoint,
+            sampler=sampler,
+            steps=steps,
+            eta=eta,
+            num_samples=num_samples,
+            seed=seed,
+            device=str(dev),
+            batch_size=batch_size,
+            progress=progress and dd.rank == 0,
+            ema=ema,
+            clip_x0=clip_x0,
+            trust_unverified=trust_unverified,
+            dtype=dtype,
+            sigmas=sigmas,
+            classes=classes,
+            guidance=guidance,
+            guidance_rescale=guidance_rescale,
+        )
     finally:
         dd.close()
 
@@ -813,17 +908,25 @@ def conditioning_info(lm: LoadedModel, labels, guidance, guidance_rescale) -> di
     if labels is None:
         return {"conditioning": "null (the unconditional model)", "num_classes": lm.num_classes, "class_names": names}
     order = list(dict.fromkeys(int(c) for c in labels))
-    return {"conditioning": "class", "classes": order, "num_classes": lm.num_classes, "class_names": names,
-            "per_class": int(np.sum(np.asarray(labels) == order[0])), "guidance": guidance,
-            "guidance_rescale": guidance_rescale,
-            "learned_variance": "the conditional half's" if lm.config.learn_sigma else None}
+    return {
+        "conditioning": "class",
+        "classes": order,
+        "num_classes": lm.num_classes,
+        "class_names": names,
+        "per_class": int(np.sum(np.asarray(labels) == order[0])),
+        "guidance": guidance,
+        "guidance_rescale": guidance_rescale,
+        "learned_variance": "the conditional half's" if lm.config.learn_sigma else None,
+    }
 
 
 def sampling_info(lm, sampler: str, steps, eta, num_samples: int, seed, ema: bool, clip_x0=None) -> dict:
     """The record of a sampling call stored beside the samples (samples.npz ``info``)."""
     return {
         "sampler": sampler,
-        "steps": steps if steps is not None else (DEFAULT_STEPS[sampler] or (lm.schedule.num_timesteps if sampler == "ddpm" else None)),
+        "steps": steps
+        if steps is not None
+        else (DEFAULT_STEPS[sampler] or (lm.schedule.num_timesteps if sampler == "ddpm" else None)),
         "eta": eta if sampler == "ddim" else None,
         "num_samples": int(num_samples),
         "seed": seed,
@@ -856,9 +959,29 @@ def claim_samples_folder(out, dd=None, command: str = "sample"):
     return lock
 
 
-def _sample_run(out, dd, *, run, checkpoint, sampler, steps, eta, num_samples, seed, device, batch_size, progress, ema,
-                clip_x0, trust_unverified=False, dtype=None, sigmas="exponential", classes=None, guidance=None,
-                guidance_rescale=0.0):
+def _sample_run(
+    out,
+    dd,
+    *,
+    run,
+    checkpoint,
+    sampler,
+    steps,
+    eta,
+    num_samples,
+    seed,
+    device,
+    batch_size,
+    progress,
+    ema,
+    clip_x0,
+    trust_unverified=False,
+    dtype=None,
+    sigmas="exponential",
+    classes=None,
+    guidance=None,
+    guidance_rescale=0.0,
+):
     import time
 
     lm = load_model(run=run, checkpoint=checkpoint, device=device, ema=ema, trust_unverified=trust_unverified)
@@ -870,12 +993,26 @@ def _sample_run(out, dd, *, run, checkpoint, sampler, steps, eta, num_samples, s
         t0 = time.time()
         if clip_x0 == "auto":
             clip_x0 = default_clip(lm)
-        x = generate(lm, num_samples, sampler=sampler, steps=steps, eta=eta, seed=seed, batch_size=batch_size,
-                     progress=progress, clip_x0=clip_x0, dtype=dtype, sigmas=sigmas, labels=labels, guidance=guidance,
-                     guidance_rescale=guidance_rescale)
+        x = generate(
+            lm,
+            num_samples,
+            sampler=sampler,
+            steps=steps,
+            eta=eta,
+            seed=seed,
+            batch_size=batch_size,
+            progress=progress,
+            clip_x0=clip_x0,
+            dtype=dtype,
+            sigmas=sigmas,
+            labels=labels,
+            guidance=guidance,
+            guidance_rescale=guidance_rescale,
+        )
         secs = time.time() - t0
-        info = sampling_info(lm, sampler, steps, eta, num_samples, seed, ema,
-                             clip_x0=clip_x0 if sampler in ("ddpm", "ddim") else None)
+        info = sampling_info(
+            lm, sampler, steps, eta, num_samples, seed, ema, clip_x0=clip_x0 if sampler in ("ddpm", "ddim") else None
+        )
         if dtype is not None:
             info["dtype"] = dtype
         if sampler in SOLVER_SAMPLERS:
@@ -890,8 +1027,13 @@ def _sample_run(out, dd, *, run, checkpoint, sampler, steps, eta, num_samples, s
             if labels is None:
                 save_grid(out / "samples.png", x, title=f"{sampler}, {num_samples} samples")
             else:
-                save_class_grid(out / "samples.png", x, labels, names=lm.config.class_names,
-                                title=f"{sampler}, guidance {guidance:g}")
+                save_class_grid(
+                    out / "samples.png",
+                    x,
+                    labels,
+                    names=lm.config.class_names,
+                    title=f"{sampler}, guidance {guidance:g}",
+                )
         return info
     finally:
         if lock is not None:

@@ -180,8 +180,10 @@ def read_sidecar(js: Path, st: Path, fmt: str, what: str, error=ValueError, veri
     meta = read_json(js, fmt, what, error)
     digest = meta.get("weights_sha256")
     if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
-        raise error(f"{str(js)!r} lacks a valid 'weights_sha256' (a SHA-256 hex digest; got {digest!r:.100}), so the "
-                    f"weights {str(st)!r} cannot be verified")
+        raise error(
+            f"{str(js)!r} lacks a valid 'weights_sha256' (a SHA-256 hex digest; got {digest!r:.100}), so the "
+            f"weights {str(st)!r} cannot be verified"
+        )
     if verify and digest != sha256_file(st):
         raise error(f"{str(st)!r} does not match {str(js)!r} (SHA-256 differs): the {what} is damaged")
     return meta
@@ -204,7 +206,9 @@ def read_marker(folder) -> dict | None:
     except (OSError, ValueError) as e:
         raise ValueError(f"{str(p)!r} is not a readable diffmath folder marker: {e}") from e
     if not isinstance(d, dict) or d.get("format") != MARKER_FORMAT:
-        raise ValueError(f"{str(p)!r} is not a diffmath folder marker (expected a JSON object with format {MARKER_FORMAT!r})")
+        raise ValueError(
+            f"{str(p)!r} is not a diffmath folder marker (expected a JSON object with format {MARKER_FORMAT!r})"
+        )
     for key in ("files", "runs"):
         v = d.get(key)
         if not isinstance(v, list) or not all(_plain_name(n) for n in v):

@@ -68,6 +68,7 @@ from .plots import plot_loss, plot_schedule
 
 __all__ = ["TrainResult", "train"]
 
+
 @dataclass
 class TrainResult:
     out: Path
@@ -79,9 +80,16 @@ class TrainResult:
     trained_steps: int = 0
 
 
-
-def train(config: TrainConfig, out, *, resume: bool = False, overwrite: bool = False, data: Data | None = None,
-          stop_after: int | None = None, trust_unverified: bool = False) -> TrainResult:
+def train(
+    config: TrainConfig,
+    out,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    data: Data | None = None,
+    stop_after: int | None = None,
+    trust_unverified: bool = False,
+) -> TrainResult:
     """Train as configured, writing into ``out``; see the module docstring.
 
     ``resume`` continues from the latest checkpoint in ``out`` (the flags must match its
@@ -102,7 +110,9 @@ def train(config: TrainConfig, out, *, resume: bool = False, overwrite: bool = F
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dd.rank)) % torch.cuda.device_count())
             torch.cuda.set_device(device)
         if config.batch_size % dd.world:
-            raise RunError(f"batch_size {config.batch_size} (the global batch) must be divisible by the world size {dd.world}")
+            raise RunError(
+                f"batch_size {config.batch_size} (the global batch) must be divisible by the world size {dd.world}"
+            )
         is_main = dd.rank == 0
         # --- every input is checked before the run directory is touched
         if data is None:
@@ -118,8 +128,9 @@ def train(config: TrainConfig, out, *, resume: bool = False, overwrite: bool = F
         err, ckpt = None, None
         if is_main:
             try:
-                ckpt, lock = prepare_out(out, config, resume=resume, overwrite=overwrite,
-                                         trust_unverified=trust_unverified)
+                ckpt, lock = prepare_out(
+                    out, config, resume=resume, overwrite=overwrite, trust_unverified=trust_unverified
+                )
             except (RunError, OSError) as e:
                 err = str(e)
         err, ckpt = dd.broadcast_object((err, None if ckpt is None else str(ckpt)))
@@ -154,8 +165,10 @@ def train(config: TrainConfig, out, *, resume: bool = False, overwrite: bool = F
                 try:
                     drop_gen.set_state(rng_state_from_b64(rng["label_dropout"]))
                 except (KeyError, TypeError, ValueError, RuntimeError) as e:
-                    raise RunError(f"{str(ckpt)!r}: rng.label_dropout (the state of the label-dropout generator) is "
-                                   f"missing or not a torch generator state: {e!r}") from e
+                    raise RunError(
+                        f"{str(ckpt)!r}: rng.label_dropout (the state of the label-dropout generator) is "
+                        f"missing or not a torch generator state: {e!r}"
+                    ) from e
             cpu_states = rng["torch_cpu"]
             if len(cpu_states) == dd.world:
                 try:
@@ -165,9 +178,12 @@ def train(config: TrainConfig, out, *, resume: bool = False, overwrite: bool = F
             elif is_main:
                 import warnings
 
-                warnings.warn(f"{str(ckpt)!r} was written by {len(cpu_states)} process(es) and is resumed by {dd.world}: "
-                              "the dropout RNG restarts, so the continuation is not bit-identical to an unbroken run",
-                              UserWarning, stacklevel=2)
+                warnings.warn(
+                    f"{str(ckpt)!r} was written by {len(cpu_states)} process(es) and is resumed by {dd.world}: "
+                    "the dropout RNG restarts, so the continuation is not bit-identical to an unbroken run",
+                    UserWarning,
+                    stacklevel=2,
+                )
             cuda_states = rng["torch_cuda"]
             if device.type == "cuda" and len(cuda_states) == dd.world and cuda_states[dd.rank]:
                 torch.cuda.set_rng_state(rng_state_from_b64(cuda_states[dd.rank]), device)
@@ -184,7 +200,9 @@ def train(config: TrainConfig, out, *, resume: bool = False, overwrite: bool = F
 
             net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
         autocast = (
-            torch.autocast(device_type="cuda", dtype=torch.bfloat16) if (device.type == "cuda" and config.bf16) else None
+            torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+            if (device.type == "cuda" and config.bf16)
+            else None
         )
         batches = GlobalBatches(x_all, y_all, config.seed, Bg, dd, device)
         D = int(np.prod(data.shape))
@@ -208,19 +226,34 @@ def train(config: TrainConfig, out, *, resume: bool = False, overwrite: bool = F
                 for g in opt.param_groups:
                     g["lr"] = lr
                 x0 = batches.local(step)
-                t_global = torch.randint(0, s.num_timesteps, (Bg,), generator=keyed_generator(config.seed, "t", step)).to(device)
+                t_global = torch.randint(
+                    0, s.num_timesteps, (Bg,), generator=keyed_generator(config.seed, "t", step)
+                ).to(device)
                 t = t_global[dd.rank * B : (dd.rank + 1) * B]
                 offset = step * Bg * D  # the global batch's first Philox draw
                 noise, shard = None, None
                 if not fused:
                     g = keyed_generator(config.seed, "noise", step)
-                    noise = torch.randn((Bg,) + tuple(data.shape), generator=g)[dd.rank * B : (dd.rank + 1) * B].to(device)
+                    noise = torch.randn((Bg,) + tuple(data.shape), generator=g)[dd.rank * B : (dd.rank + 1) * B].to(
+                        device
+                    )
                 elif dd.world > 1:
                     shard = (batches.global_batch(step), t_global, dd.rank, dd.world)
                 loss, _parts = training_loss(
-                    config, net, s, x0, t, seed_noise=seed_noise, offset=offset, noise=noise,
-                    bins=data.bins or 256, autocast=autocast, shard=shard,
-                    y=batches.labels(step, config.uncond_prob, config.num_classes, drop_gen) if config.conditional else None,
+                    config,
+                    net,
+                    s,
+                    x0,
+                    t,
+                    seed_noise=seed_noise,
+                    offset=offset,
+                    noise=noise,
+                    bins=data.bins or 256,
+                    autocast=autocast,
+                    shard=shard,
+                    y=batches.labels(step, config.uncond_prob, config.num_classes, drop_gen)
+                    if config.conditional
+                    else None,
                 )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -232,7 +265,9 @@ def train(config: TrainConfig, out, *, resume: bool = False, overwrite: bool = F
                 ema_update(ema, model, min(config.ema_decay, (1 + step) / (10 + step)))
                 # one all-reduce carries the loss (for the log) and the stop flag
                 want_stop = stop.signum is not None or (stop_after is not None and steps_this_call >= stop_after)
-                red = torch.tensor([float(loss.detach()), 1.0 if want_stop else 0.0], dtype=torch.float64, device=device)
+                red = torch.tensor(
+                    [float(loss.detach()), 1.0 if want_stop else 0.0], dtype=torch.float64, device=device
+                )
                 if dd.active:
                     dd.dist.all_reduce(red)
                     red[0] /= dd.world
@@ -245,11 +280,12 @@ def train(config: TrainConfig, out, *, resume: bool = False, overwrite: bool = F
                 if bar is not None:
                     bar.update(1)
                     if step % config.log_every == 0 or step == total:
-                        bar.set_postfix(loss=f"{np.mean(losses_hist[-config.log_every:]):.4f}", lr=f"{lr:.2e}")
+                        bar.set_postfix(loss=f"{np.mean(losses_hist[-config.log_every :]):.4f}", lr=f"{lr:.2e}")
                 stopping = bool(red[1] > 0)
                 if step % config.save_every == 0 or step == total or stopping:
-                    last_ckpt = _checkpoint(out, step, config, model, ema, opt, losses_hist, dd, device, data, is_main,
-                                            drop_gen)
+                    last_ckpt = _checkpoint(
+                        out, step, config, model, ema, opt, losses_hist, dd, device, data, is_main, drop_gen
+                    )
                 if stopping:
                     interrupted = True
                     break
@@ -280,8 +316,9 @@ class GlobalBatches:
         self.Bg, self.B, self.rank, self.world = batch_size, batch_size // dd.world, dd.rank, dd.world
         self.N = int(x_all.shape[0])
         self.per_epoch = self.N // batch_size  # global batches per epoch
-        sampler = DistributedSampler(range(self.per_epoch * dd.world), num_replicas=dd.world, rank=dd.rank,
-                                     shuffle=False, drop_last=True)
+        sampler = DistributedSampler(
+            range(self.per_epoch * dd.world), num_replicas=dd.world, rank=dd.rank, shuffle=False, drop_last=True
+        )
         self.shards = list(iter(sampler))  # shard ids k * world + rank, k = 0 .. per_epoch - 1
         self._perm: dict[int, torch.Tensor] = {}
 
@@ -290,7 +327,9 @@ class GlobalBatches:
         epoch, k = divmod(step, self.per_epoch)
         if epoch not in self._perm:
             self._perm.clear()
-            self._perm[epoch] = torch.randperm(self.N, generator=keyed_generator(self.seed, "epoch", epoch)).to(self.device)
+            self._perm[epoch] = torch.randperm(self.N, generator=keyed_generator(self.seed, "epoch", epoch)).to(
+                self.device
+            )
         kk, r = divmod(self.shards[k], self.world)
         return self._perm[epoch], kk, r
 
@@ -326,11 +365,22 @@ def _checkpoint(out, step, config, model, ema, opt, losses_hist, dd, device, dat
         rng["label_dropout"] = rng_state_b64(drop_gen.get_state())
     if is_main:
         path = save_checkpoint(
-            out, step, config, model, ema, opt, losses_hist, rng,
-            extra={"data_shape": list(data.shape), "bins": data.bins, "world_size": dd.world,
-                   "weights_digest": digests[0], "ranks_identical": True},
+            out,
+            step,
+            config,
+            model,
+            ema,
+            opt,
+            losses_hist,
+            rng,
+            extra={
+                "data_shape": list(data.shape),
+                "bins": data.bins,
+                "world_size": dd.world,
+                "weights_digest": digests[0],
+                "ranks_identical": True,
+            },
         )
         plot_loss(out / "loss.png", losses_hist)
     dd.barrier()
     return path if path is not None else out / f"{checkpoint_name(step)}.json"
-

@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 
+
 def frechet_distance(mu1, cov1, mu2, cov2) -> float:
     """Fréchet (Wasserstein-2 squared) distance between N(mu1, cov1) and N(mu2, cov2):
 
@@ -106,7 +107,6 @@ def sliced_wasserstein(x, y, num_projections: int = 256, p: int = 1, seed: int =
     return float(np.mean(vals) ** (1.0 / p))
 
 
-
 def class_metrics(proba: np.ndarray, num_classes: int = 10) -> dict:
     """Mean confidence, argmax class histogram, its entropy (bits) and the classes present."""
     pred = proba.argmax(axis=1)
@@ -120,4 +120,3 @@ def class_metrics(proba: np.ndarray, num_classes: int = 10) -> dict:
         "max_entropy_bits": float(math.log2(num_classes)),
         "classes_present": int((hist > 0).sum()),
     }
-

@@ -14,6 +14,7 @@ from ..schedules import Schedule, named_schedule
 from .config import TrainConfig
 from .data import Data
 
+
 def make_schedule(config: TrainConfig) -> Schedule:
     return named_schedule(config.schedule, config.timesteps)
 
@@ -28,14 +29,23 @@ def build_model(config: TrainConfig, data_shape) -> torch.nn.Module:
         if H != W:
             raise ValueError(f"images must be square; got {H}x{W}")
         return UNet(
-            in_channels=C, channels=config.channels, channel_mult=config.channel_mult,
-            num_res_blocks=config.num_res_blocks, attention_resolutions=config.attention_resolutions,
-            dropout=config.dropout, num_heads=config.num_heads, image_size=H, learn_sigma=config.learn_sigma,
+            in_channels=C,
+            channels=config.channels,
+            channel_mult=config.channel_mult,
+            num_res_blocks=config.num_res_blocks,
+            attention_resolutions=config.attention_resolutions,
+            dropout=config.dropout,
+            num_heads=config.num_heads,
+            image_size=H,
+            learn_sigma=config.learn_sigma,
             num_classes=config.num_classes,
         )
     if len(data_shape) == 1:
         return MLPDenoiser(
-            dim=data_shape[0], hidden=config.channels * 4, depth=config.mlp_depth, learn_sigma=config.learn_sigma,
+            dim=data_shape[0],
+            hidden=config.channels * 4,
+            depth=config.mlp_depth,
+            learn_sigma=config.learn_sigma,
             num_classes=config.num_classes,
         )
     raise ValueError(f"data samples must have shape (C, H, W) or (D,); got {data_shape}")
@@ -57,14 +67,18 @@ def resolve_classes(config: TrainConfig, data: Data) -> TrainConfig:
     names = tuple(str(c) for c in data.class_names)
     K = len(names)
     if K < 2:
-        raise ValueError(f"--conditional needs at least 2 classes; the data {data.name!r} have {K} ({list(names)}): "
-                         "add a sub-folder per class (root/<class>/<image>)")
+        raise ValueError(
+            f"--conditional needs at least 2 classes; the data {data.name!r} have {K} ({list(names)}): "
+            "add a sub-folder per class (root/<class>/<image>)"
+        )
     labels = np.asarray(data.labels_train)
     if labels.shape != (len(data.train),) or (labels.size and (labels.min() < 0 or labels.max() >= K)):
         raise ValueError(f"the labels of {data.name!r} must be (N,) integers in [0, {K}); got shape {labels.shape}")
     if config.num_classes not in (0, K) or (config.class_names and tuple(config.class_names) != names):
-        raise ValueError(f"the config names {config.num_classes} classes {list(config.class_names)} but the data "
-                         f"{data.name!r} have {K}: {list(names)}")
+        raise ValueError(
+            f"the config names {config.num_classes} classes {list(config.class_names)} but the data "
+            f"{data.name!r} have {K}: {list(names)}"
+        )
     return dataclasses.replace(config, num_classes=K, class_names=names)
 
 
@@ -88,16 +102,20 @@ def check_model_config(config: TrainConfig, data_shape, *, strict: bool = True) 
         raise ValueError(f"images must be square; got {H}x{W}")
     f = 2 ** (len(config.channel_mult) - 1)
     if H % f:
-        raise ValueError(f"the U-Net down-samples by {f} (channel_mult = {list(config.channel_mult)}), so the image side "
-                         f"must be divisible by {f}; got {H}x{W}. Use fewer channel_mult entries or another --image-size")
+        raise ValueError(
+            f"the U-Net down-samples by {f} (channel_mult = {list(config.channel_mult)}), so the image side "
+            f"must be divisible by {f}; got {H}x{W}. Use fewer channel_mult entries or another --image-size"
+        )
     levels = unet_resolutions(config, H)
     missing = [r for r in config.attention_resolutions if r not in levels]
     if not missing:
         return
     default = TrainConfig.__dataclass_fields__["attention_resolutions"].default
-    msg = (f"attention_resolutions {list(config.attention_resolutions)}: the U-Net for {H}x{W} images with channel_mult "
-           f"{list(config.channel_mult)} has the resolutions {list(levels)} only, so {missing} would never get "
-           f"attention; choose among {list(levels)} (or [] for attention only in the middle block)")
+    msg = (
+        f"attention_resolutions {list(config.attention_resolutions)}: the U-Net for {H}x{W} images with channel_mult "
+        f"{list(config.channel_mult)} has the resolutions {list(levels)} only, so {missing} would never get "
+        f"attention; choose among {list(levels)} (or [] for attention only in the middle block)"
+    )
     if strict and tuple(config.attention_resolutions) != tuple(default):
         raise ValueError(msg)
     import warnings

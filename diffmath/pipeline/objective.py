@@ -63,8 +63,9 @@ def model_outputs(config: TrainConfig, out: torch.Tensor, C: int):
     return out, None
 
 
-def training_loss(config, model, s, x0, t, *, seed_noise=None, offset=0, noise=None, bins=256, autocast=None,
-                  shard=None, y=None):
+def training_loss(
+    config, model, s, x0, t, *, seed_noise=None, offset=0, noise=None, bins=256, autocast=None, shard=None, y=None
+):
     """The loss of one (local) batch; returns (loss, parts dict).
 
     ``y``: the class labels of a conditional run after label dropout (int64 (B,), the null
@@ -117,7 +118,9 @@ def sharded_fused_loss(model, s, t, shard, seed_noise, offset, *, ctx, cond=()):
     x_t = K.q_sample(s, xg, tg, seed=seed_noise, offset=offset)[r * B : (r + 1) * B]
     with ctx:
         out = model(x_t, t, *cond).float()
-    full = torch.cat([out.new_zeros((r * B,) + out.shape[1:]), out, out.new_zeros(((world - r - 1) * B,) + out.shape[1:])])
+    full = torch.cat(
+        [out.new_zeros((r * B,) + out.shape[1:]), out, out.new_zeros(((world - r - 1) * B,) + out.shape[1:])]
+    )
     loss = K.simple_loss(full, seed_noise, offset, reduction="none")[r * B : (r + 1) * B].mean()
     return loss, {"mse": loss.detach()}
 

@@ -17,6 +17,7 @@ import torch
 
 from .config import TrainConfig
 
+
 def lr_schedule(lr: float, warmup: int, decay_steps: int, step: int) -> float:
     """Linear warm-up over ``warmup`` steps, then constant, or a cosine decay to 0 at
     ``decay_steps`` (if > 0)."""
@@ -31,6 +32,7 @@ def lr_schedule(lr: float, warmup: int, decay_steps: int, step: int) -> float:
 def learning_rate(config: TrainConfig, step: int) -> float:
     """``lr_schedule`` with the run's lr, warmup and lr_decay_steps."""
     return lr_schedule(config.lr, config.warmup, config.lr_decay_steps, step)
+
 
 class StopFlag:
     """Set by SIGINT / SIGTERM while installed (the loop then checkpoints and returns); a second
@@ -67,4 +69,3 @@ def ema_update(ema, model, decay: float):
     ep = list(ema.parameters())
     mp = list(model.parameters())
     torch._foreach_lerp_(ep, mp, 1.0 - decay)
-

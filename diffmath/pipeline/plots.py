@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import atomic_write_bytes
 from ..schedules import Schedule
+from .io import atomic_write_bytes
 
 __all__ = ["plot_loss", "plot_schedule", "plot_guidance"]
 
@@ -108,4 +108,3 @@ def save_fig(fig, path: Path):
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     atomic_write_bytes(path, buf.getvalue())
-

@@ -71,8 +71,14 @@ def marker(folder) -> dict | None:
 
 def new_marker(command: str, files=(), runs=()) -> dict:
     """A fresh marker: format, run_id, the command, the time, and the lists."""
-    return {"format": MARKER_FORMAT, "run_id": uuid.uuid4().hex, "command": command,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": sorted(set(files)), "runs": sorted(set(runs))}
+    return {
+        "format": MARKER_FORMAT,
+        "run_id": uuid.uuid4().hex,
+        "command": command,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "files": sorted(set(files)),
+        "runs": sorted(set(runs)),
+    }
 
 
 def _ours_temp(folder: Path, name: str, listed: set) -> bool:
@@ -178,8 +184,10 @@ def lock_folder(folder, command: str) -> FolderLock:
             "another --out"
         )
     os.ftruncate(fd, 0)
-    os.write(fd, f"{command}, pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-             .encode())
+    os.write(
+        fd,
+        f"{command}, pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(),
+    )
     _HELD[key] = [fd, 1]
     return FolderLock(key, folder)
 
@@ -312,8 +320,17 @@ def _adopt(out: Path, command: str, names) -> None:
     for r in runs:
         sub = out / r
         if marker(sub) is None:
-            write_marker(sub, new_marker(command, [p.name for p in sub.iterdir() if p.is_file() and not p.is_symlink()
-                                                   and KNOWN_FILES.match(p.name) and p.name != MARKER]))
+            write_marker(
+                sub,
+                new_marker(
+                    command,
+                    [
+                        p.name
+                        for p in sub.iterdir()
+                        if p.is_file() and not p.is_symlink() and KNOWN_FILES.match(p.name) and p.name != MARKER
+                    ],
+                ),
+            )
     write_marker(out, new_marker(command, files, runs))
 
 

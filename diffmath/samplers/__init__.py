@@ -38,11 +38,11 @@ from .ode import heun_step, sample_ode, sample_ode_heun
 from .sde_solvers import euler_maruyama_step, reverse_diffusion_step, sample_pc, sample_sde, time_grid
 from .sigmas import (
     append_zero,
+    sigmas_beta,
     sigmas_exponential,
     sigmas_from_schedule,
     sigmas_karras,
     sigmas_polyexponential,
-    sigmas_beta,
     sigmas_vp,
 )
 from .solvers import (

@@ -17,7 +17,6 @@ finite stops the loop with a ValueError naming the step and t (``LoopModel``).
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -164,5 +163,3 @@ def finish(x, out_dtype):
 
 def progress_bar(iterable, total: int, progress: bool, desc: str):
     return tqdm(iterable, total=total, disable=not progress, desc=desc, leave=False)
-
-

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from .._array import backend, gather, restore, schedule_table, upcast, widen_for_tables

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from .._array import backend, broadcast_coef, is_tensor, restore, upcast
-from ._common import LoopModel, check_out_dtype, finish, model_t, progress_bar, randn_like, start
 from ..checks import check_float, check_like, check_positive
+from ._common import LoopModel, check_out_dtype, finish, model_t, progress_bar, randn_like, start
 
 __all__ = [
     "langevin_step",
@@ -90,7 +90,9 @@ def langevin_corrector_step(score, x, snr: float, noise, alpha: float = 1.0, nor
     snr = check_positive(snr, "snr")
     alpha = check_positive(alpha, "alpha")
     if norm not in ("sample", "batch"):
-        raise ValueError(f"norm must be 'batch' (score_sde's batch means, the default) or 'sample' (per-sample step); got {norm!r}")
+        raise ValueError(
+            f"norm must be 'batch' (score_sde's batch means, the default) or 'sample' (per-sample step); got {norm!r}"
+        )
     sc, nc = upcast(score), upcast(noise)
     sn, nn = _norms(sc), _norms(nc)
     if norm == "batch":
@@ -122,7 +124,9 @@ def _check_sigmas(sigmas) -> np.ndarray:
         raise ValueError(f"sigmas must be finite and > 0; got sigmas[{i}] = {sig[i]}")
     if sig.size > 1 and np.any(np.diff(sig) >= 0):
         i = int(np.argmax(np.diff(sig) >= 0))
-        raise ValueError(f"sigmas must be strictly descending; got sigmas[{i}] = {sig[i]} <= sigmas[{i + 1}] = {sig[i + 1]}")
+        raise ValueError(
+            f"sigmas must be strictly descending; got sigmas[{i}] = {sig[i]} <= sigmas[{i + 1}] = {sig[i + 1]}"
+        )
     return sig
 
 

@@ -9,7 +9,6 @@ that runs on torch (CPU or CUDA) as well as numpy.
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 

@@ -53,8 +53,8 @@ import numpy as np
 import torch
 
 from .._array import is_tensor
-from ._common import progress_bar, randn
 from ..checks import check_generator, check_like
+from ._common import progress_bar, randn
 
 __all__ = [
     "sample_euler",
@@ -187,7 +187,9 @@ def _noise(noise_sampler, generator, x):
     """noise(sigma, sigma_next) -> N(0, I) like x in the state dtype."""
     if noise_sampler is not None:
         if not callable(noise_sampler):
-            raise TypeError(f"noise_sampler must be callable noise_sampler(sigma, sigma_next); got {type(noise_sampler).__name__}")
+            raise TypeError(
+                f"noise_sampler must be callable noise_sampler(sigma, sigma_next); got {type(noise_sampler).__name__}"
+            )
 
         def draw_user(sigma, sigma_next):
             z = noise_sampler(sigma, sigma_next)
@@ -217,7 +219,14 @@ def _start(denoiser, x, sigmas, generator=None, noise_sampler=None, stochastic=F
 
 def _report(callback, i, sig, x, denoised, model, **extra):
     if callback is not None:
-        info = {"i": i, "sigma": float(sig[i]), "sigma_next": float(sig[i + 1]), "x": x, "denoised": denoised, "nfe": model.nfe}
+        info = {
+            "i": i,
+            "sigma": float(sig[i]),
+            "sigma_next": float(sig[i + 1]),
+            "x": x,
+            "denoised": denoised,
+            "nfe": model.nfe,
+        }
         info.update(extra)
         callback(info)
 
@@ -326,8 +335,18 @@ def euler_ancestral_step(x, denoised, sigma: float, sigma_down: float, noise=Non
 
 
 def sample_euler(
-    denoiser, x, sigmas, *, generator=None, callback=None, progress=False,
-    s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0, noise_sampler=None,
+    denoiser,
+    x,
+    sigmas,
+    *,
+    generator=None,
+    callback=None,
+    progress=False,
+    s_churn=0.0,
+    s_tmin=0.0,
+    s_tmax=math.inf,
+    s_noise=1.0,
+    noise_sampler=None,
 ):
     """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x; sigma))/sigma
     (Karras et al. 2022, eq. 1 and 3; Alg. 1 without the correction):
@@ -383,9 +402,9 @@ def _heun(model, x, sig, noise, callback, progress, S_churn, S_tmin, S_tmax, S_n
             x = x + noise(s, s_hat) * churn_std(s, gamma, S_noise)
         den = model(x, s_hat)
         if s_next == 0:
-            x = den                                          # line 8, the Euler step to sigma = 0
+            x = den  # line 8, the Euler step to sigma = 0
         else:
-            x_e, d = heun_predict(x, den, s_hat, s_next)     # lines 7-8
+            x_e, d = heun_predict(x, den, s_hat, s_next)  # lines 7-8
             den2 = model(x_e, s_next)
             x = heun_correct(x, d, x_e, den2, s_hat, s_next)  # lines 10-11
         _report(callback, i, sig, x, den, model, sigma_hat=s_hat)
@@ -405,8 +424,18 @@ def sample_heun(denoiser, x, sigmas, *, generator=None, callback=None, progress=
 
 
 def sample_edm(
-    denoiser, x, sigmas, *, generator=None, callback=None, progress=False,
-    S_churn=0.0, S_tmin=0.0, S_tmax=math.inf, S_noise=1.0, noise_sampler=None,
+    denoiser,
+    x,
+    sigmas,
+    *,
+    generator=None,
+    callback=None,
+    progress=False,
+    S_churn=0.0,
+    S_tmin=0.0,
+    S_tmax=math.inf,
+    S_noise=1.0,
+    noise_sampler=None,
 ):
     """EDM's stochastic sampler (Karras et al. 2022, Alg. 2): at each level sigma_i in
     [S_tmin, S_tmax] raise the noise to sigma_hat = sigma_i (1 + gamma_i), gamma_i =
@@ -422,7 +451,16 @@ def sample_edm(
 
 
 def sample_euler_ancestral(
-    denoiser, x, sigmas, *, generator=None, callback=None, progress=False, eta=1.0, s_noise=1.0, noise_sampler=None,
+    denoiser,
+    x,
+    sigmas,
+    *,
+    generator=None,
+    callback=None,
+    progress=False,
+    eta=1.0,
+    s_noise=1.0,
+    noise_sampler=None,
 ):
     """Euler ancestral: an Euler step of the probability flow down to sigma_down, then fresh
     noise of std sigma_up back up to sigma_{i+1} (``ancestral_step``; k-diffusion's
@@ -547,8 +585,17 @@ def dpmpp_multistep_step(x, s, s_next, den, hist, eta, solver_type):
 
 
 def sample_dpmpp_2m_sde(
-    denoiser, x, sigmas, *, generator=None, callback=None, progress=False,
-    eta=1.0, s_noise=1.0, solver_type="midpoint", noise_sampler=None,
+    denoiser,
+    x,
+    sigmas,
+    *,
+    generator=None,
+    callback=None,
+    progress=False,
+    eta=1.0,
+    s_noise=1.0,
+    solver_type="midpoint",
+    noise_sampler=None,
 ):
     """SDE-DPM-Solver++(2M) (Lu et al. 2022b, the SDE variant; k-diffusion's
     sample_dpmpp_2m_sde): with lambda = -log sigma, h = lambda_{i+1} - lambda_i, H = (1 + eta) h,
@@ -568,7 +615,16 @@ def sample_dpmpp_2m_sde(
 
 
 def sample_dpmpp_3m_sde(
-    denoiser, x, sigmas, *, generator=None, callback=None, progress=False, eta=1.0, s_noise=1.0, noise_sampler=None,
+    denoiser,
+    x,
+    sigmas,
+    *,
+    generator=None,
+    callback=None,
+    progress=False,
+    eta=1.0,
+    s_noise=1.0,
+    noise_sampler=None,
 ):
     """SDE-DPM-Solver++(3M): the third-order multistep member of the family of
     ``sample_dpmpp_2m_sde`` (Lu et al. 2022b; the multistep terms integrated exactly):
@@ -616,7 +672,9 @@ def _unipc_weights(r: np.ndarray, g: np.ndarray) -> np.ndarray:
     return np.linalg.solve(R, g)
 
 
-def unipc_predictor_step(x, sigma: float, sigma_next: float, model_values, sigmas, variant: str = "bh2", prediction: str = "data"):
+def unipc_predictor_step(
+    x, sigma: float, sigma_next: float, model_values, sigmas, variant: str = "bh2", prediction: str = "data"
+):
     """One UniP-p step sigma -> sigma_next > 0 (Zhao et al. 2023, "UniPC", Alg. 2, B(h) form)
     from x at sigma, p = len(model_values). With lambda = -log sigma, h = lambda_next - lambda,
     r_m = (lambda_{i-m} - lambda_i) / h and D1_m = (M_{i-m} - M_i) / r_m:
@@ -632,7 +690,9 @@ def unipc_predictor_step(x, sigma: float, sigma_next: float, model_values, sigma
     return _unipc_update(x, sigma, sigma_next, model_values, sigmas, variant, prediction, None)
 
 
-def unipc_corrector_step(x, sigma: float, sigma_next: float, model_values, sigmas, model_next, variant: str = "bh2", prediction: str = "data"):
+def unipc_corrector_step(
+    x, sigma: float, sigma_next: float, model_values, sigmas, model_next, variant: str = "bh2", prediction: str = "data"
+):
     """The UniC-p correction (Zhao et al. 2023, Alg. 2) of the step sigma -> sigma_next > 0 taken
     from x with ``unipc_predictor_step`` and the same p = len(model_values) values, once the model
     value ``model_next`` at the predicted point is known: the predictor's formula with one more
@@ -668,7 +728,16 @@ def _unipc_update(x, s, s_next, hist, sigmas, variant, prediction, den_new):
 
 
 def sample_unipc(
-    denoiser, x, sigmas, *, generator=None, callback=None, progress=False, order=2, variant="bh2", corrector=True,
+    denoiser,
+    x,
+    sigmas,
+    *,
+    generator=None,
+    callback=None,
+    progress=False,
+    order=2,
+    variant="bh2",
+    corrector=True,
 ):
     """UniPC (Zhao et al. 2023, "UniPC: a unified predictor-corrector framework", Alg. 2-3) in
     data prediction, diffusers' default. With lambda = -log sigma, h = lambda_{i+1} - lambda_i,

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import diffmath as dm
-from diffmath import forward, gaussian, losses, parameterization as P, posterior
+from diffmath import forward, gaussian, losses, posterior
+from diffmath import parameterization as P
 
 S = dm.cosine_schedule(1000)
 
@@ -29,7 +30,9 @@ def _cases():
         "x0_from_v": lambda x, y, t: P.x0_from_v(S, x, t, y),
         "eps_from_v": lambda x, y, t: P.eps_from_v(S, x, t, y),
         "score_from_eps": lambda x, y, t: P.score_from_eps(S, t, y),
-        "learned_range": lambda x, y, t: losses.learned_range_log_variance(S, t, x.clip(-1, 1) if isinstance(x, np.ndarray) else x.clamp(-1, 1)),
+        "learned_range": lambda x, y, t: losses.learned_range_log_variance(
+            S, t, x.clip(-1, 1) if isinstance(x, np.ndarray) else x.clamp(-1, 1)
+        ),
         "normal_kl": lambda x, y, t: gaussian.normal_kl(x, y * 0.1, y, x * 0.1),
         "normal_log_prob": lambda x, y, t: gaussian.normal_log_prob(x, y, x * 0.2),
     }
@@ -123,7 +126,9 @@ def test_complex_input_is_refused_not_cast_to_real(name, kind, pos):
     args[pos] = torch.complex(args[pos], args[pos])
     if kind == "numpy":
         args = [a.numpy() for a in args]
-    f = CASES[name] if name != "learned_range" else (lambda x, y, t: losses.learned_range_log_variance(S, t, x))  # no clamp
+    f = (
+        CASES[name] if name != "learned_range" else (lambda x, y, t: losses.learned_range_log_variance(S, t, x))
+    )  # no clamp
     with pytest.raises(TypeError, match="real|floating"):
         f(*args, np.array([0, 5, 999]))
 

@@ -346,7 +346,7 @@ def test_score_from_denoiser_of_a_network_is_minus_eps_over_s(rng):
 
     from diffmath.denoiser import score_from_denoiser
 
-    s = linear_schedule(200, 5e-4, 0.08)   # sigma_0 = 0.022 > sigma(1e-3), sigma_199 = 57 < sigma(1) = 152
+    s = linear_schedule(200, 5e-4, 0.08)  # sigma_0 = 0.022 > sigma(1e-3), sigma_199 = 57 < sigma(1) = 152
     sde = VPSDE(0.1, 20.0, N=200)
     W = rng.standard_normal((2, 2))
 
@@ -357,7 +357,7 @@ def test_score_from_denoiser_of_a_network_is_minus_eps_over_s(rng):
     t = np.array([1e-3, 0.05, 0.25, 0.5, 0.999, 1.0])
     m, std = sde.marginal_coefs(t)
     x_t = _x(rng, B=t.size)
-    log_sig = 0.5 * np.log(np.expm1(-s.log_alphas_cumprod))   # log sigma_k, increasing in k
+    log_sig = 0.5 * np.log(np.expm1(-s.log_alphas_cumprod))  # log sigma_k, increasing in k
 
     def time_of(sig):
         ls = math.log(sig)
@@ -370,7 +370,7 @@ def test_score_from_denoiser_of_a_network_is_minus_eps_over_s(rng):
         return brentq(lambda u: log_sig[k] + (u - k) * (log_sig[k + 1] - log_sig[k]) - ls, k, k + 1, xtol=1e-14)
 
     tp = np.array([time_of(v) for v in std / m])
-    assert tp[0] == 0.0 and tp[-1] == 199.0   # t = 1e-3 lies below sigma_0, t = 1 above sigma_199
+    assert tp[0] == 0.0 and tp[-1] == 199.0  # t = 1e-3 lies below sigma_0, t = 1 above sigma_199
     ref = -eps_model(x_t, tp) / std[:, None]
     assert_allclose(score(x_t, t), ref, rtol=1e-12, atol=1e-12)
 

@@ -2,14 +2,13 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from numpy.testing import assert_allclose
 from scipy import stats
 
 import diffmath as dm
 from diffmath.forward import q_mean_variance, q_sample, q_step_sample
-
 from tests._tables import refusals
 from tests.reference._ref import abar_by_product, schedule_and_t
 

@@ -11,8 +11,13 @@ from hypothesis import strategies as st
 from numpy.testing import assert_allclose
 from scipy import integrate, special, stats
 
-from diffmath.gaussian import discretized_gaussian_log_likelihood, gaussian_kl, log_diff_ndtr, normal_kl, normal_log_prob
-
+from diffmath.gaussian import (
+    discretized_gaussian_log_likelihood,
+    gaussian_kl,
+    log_diff_ndtr,
+    normal_kl,
+    normal_log_prob,
+)
 from tests._tables import refusals
 
 
@@ -60,10 +65,14 @@ def test_gaussian_kl_properties(seed, k):
     assert abs(gaussian_kl(m1, c1, m1, c1)) < 1e-12
     # diagonal covariances reduce to the sum of elementwise normal_kl
     d1, d2 = np.diag(np.diag(c1)), np.diag(np.diag(c2))
-    assert_allclose(gaussian_kl(m1, d1, m2, d2), normal_kl(m1, np.log(np.diag(c1)), m2, np.log(np.diag(c2))).sum(), rtol=1e-10)
+    assert_allclose(
+        gaussian_kl(m1, d1, m2, d2), normal_kl(m1, np.log(np.diag(c1)), m2, np.log(np.diag(c2))).sum(), rtol=1e-10
+    )
     # against the textbook formula with an explicit inverse and determinants (numpy)
     inv2 = np.linalg.inv(c2)
-    ref = 0.5 * (np.trace(inv2 @ c1) + (m2 - m1) @ inv2 @ (m2 - m1) - k + np.linalg.slogdet(c2)[1] - np.linalg.slogdet(c1)[1])
+    ref = 0.5 * (
+        np.trace(inv2 @ c1) + (m2 - m1) @ inv2 @ (m2 - m1) - k + np.linalg.slogdet(c2)[1] - np.linalg.slogdet(c1)[1]
+    )
     assert_allclose(kl, ref, rtol=1e-8, atol=1e-10)
 
 
@@ -149,7 +158,9 @@ def test_decoder_matches_scipy_cdf_differences():
     assert_allclose(discretized_gaussian_log_likelihood(x, mean, ls), np.log(cdf_hi - cdf_lo), rtol=1e-10)
 
 
-@pytest.mark.parametrize("mean,log_scale", [(0.0, np.log(0.5)), (0.9, np.log(1e-3)), (-3.0, 0.0), (0.37, np.log(0.01)), (0.0, np.log(50.0))])
+@pytest.mark.parametrize(
+    "mean,log_scale", [(0.0, np.log(0.5)), (0.9, np.log(1e-3)), (-3.0, 0.0), (0.37, np.log(0.01)), (0.0, np.log(50.0))]
+)
 def test_decoder_probabilities_sum_to_one(mean, log_scale):
     x = np.linspace(-1, 1, 256)
     lp = discretized_gaussian_log_likelihood(x, mean, log_scale)
@@ -212,7 +223,10 @@ def test_decoder_gradient_is_finite_at_the_edges():
     lp = discretized_gaussian_log_likelihood(x, mean, ls).sum()
     lp.backward()
     assert torch.isfinite(mean.grad).all() and torch.isfinite(ls.grad).all()
-    torch.autograd.gradcheck(lambda m, s: discretized_gaussian_log_likelihood(x, m, s), (mean.detach().requires_grad_(), ls.detach().requires_grad_()))
+    torch.autograd.gradcheck(
+        lambda m, s: discretized_gaussian_log_likelihood(x, m, s),
+        (mean.detach().requires_grad_(), ls.detach().requires_grad_()),
+    )
 
 
 # ----------------------------------------------------------------------------- extreme finite input
@@ -267,7 +281,9 @@ def test_normal_kl_issue_case_and_normal_log_prob_at_tiny_variance():
     # x = mean with a tiny variance: a finite log-density (was 0 * inf = NaN)
     for lv in (-800.0, -1500.0):
         assert normal_log_prob(0.0, 0.0, lv) == pytest.approx(float(_mp_logpdf(0, 0, lv)), rel=1e-15)
-        assert normal_log_prob(torch.zeros(1, dtype=torch.float64), 0.0, lv).item() == pytest.approx(float(_mp_logpdf(0, 0, lv)), rel=1e-15)
+        assert normal_log_prob(torch.zeros(1, dtype=torch.float64), 0.0, lv).item() == pytest.approx(
+            float(_mp_logpdf(0, 0, lv)), rel=1e-15
+        )
     assert normal_log_prob(1.0, 0.0, -800.0) == -math.inf
     assert normal_log_prob(1e160, 0.0, 700.0) == pytest.approx(float(_mp_logpdf(1e160, 0, 700)), rel=1e-14)
     # the gradient of an ordinary entry is unchanged beside an extreme one
@@ -291,7 +307,12 @@ def _complex_rows(kind):
         (normal_kl, dict(mean1=z, logvar1=r, mean2=r, logvar2=r), TypeError, "mean1 must be a real"),
         (normal_kl, dict(mean1=r, logvar1=r, mean2=r, logvar2=z), TypeError, "logvar2 must be a real"),
         (normal_log_prob, dict(x=r, mean=z, logvar=r), TypeError, "mean must be a real"),
-        (gaussian_kl, dict(mu1=r, cov1=z.reshape(1, 1), mu2=r, cov2=r.reshape(1, 1) + 1), TypeError, "cov1 must be a real"),
+        (
+            gaussian_kl,
+            dict(mu1=r, cov1=z.reshape(1, 1), mu2=r, cov2=r.reshape(1, 1) + 1),
+            TypeError,
+            "cov1 must be a real",
+        ),
         (discretized_gaussian_log_likelihood, dict(x=r, mean=r, log_scale=z), TypeError, "log_scale must be a real"),
     ]
     if kind == "tensor":  # and a complex tensor beside python floats
@@ -305,21 +326,65 @@ def _complex_rows(kind):
 def _non_finite_logvar_rows(bad):
     # normal_kl(0, 0, 0, -inf) was NaN and normal_log_prob checked nothing
     return [
-        (normal_kl, dict(mean1=0.0, logvar1=np.array([bad]), mean2=0.0, logvar2=0.0), ValueError, "logvar1 must be a finite log-variance"),
-        (normal_log_prob, dict(x=np.zeros(2), mean=0.0, logvar=np.array([0.0, bad])), ValueError, "logvar must be a finite log-variance"),
-        (normal_log_prob, dict(x=torch.zeros(2), mean=0.0, logvar=torch.tensor([bad, 0.0])), ValueError, "logvar must be a finite log-variance"),
+        (
+            normal_kl,
+            dict(mean1=0.0, logvar1=np.array([bad]), mean2=0.0, logvar2=0.0),
+            ValueError,
+            "logvar1 must be a finite log-variance",
+        ),
+        (
+            normal_log_prob,
+            dict(x=np.zeros(2), mean=0.0, logvar=np.array([0.0, bad])),
+            ValueError,
+            "logvar must be a finite log-variance",
+        ),
+        (
+            normal_log_prob,
+            dict(x=torch.zeros(2), mean=0.0, logvar=torch.tensor([bad, 0.0])),
+            ValueError,
+            "logvar must be a finite log-variance",
+        ),
     ]
 
 
 BAD_INPUT = [
-    (gaussian_kl, dict(mu1=np.zeros(2), cov1=np.eye(2), mu2=np.zeros(2), cov2=_BAD_PD), ValueError, "cov2 must be positive definite"),
-    (gaussian_kl, dict(mu1=np.zeros(2), cov1=np.array([[1.0, 0.5], [0.0, 1.0]]), mu2=np.zeros(2), cov2=np.eye(2)),
-     ValueError, "cov1 must be symmetric"),
-    (gaussian_kl, dict(mu1=np.zeros(3), cov1=np.eye(2), mu2=np.zeros(2), cov2=np.eye(2)), ValueError, r"mu1 must have shape \(\.\.\., 2\)"),
-    (normal_kl, dict(mean1=0.0, logvar1=0.0, mean2=0.0, logvar2=np.array([0.0, np.nan])), ValueError, "logvar2 must be a finite log-variance"),
+    (
+        gaussian_kl,
+        dict(mu1=np.zeros(2), cov1=np.eye(2), mu2=np.zeros(2), cov2=_BAD_PD),
+        ValueError,
+        "cov2 must be positive definite",
+    ),
+    (
+        gaussian_kl,
+        dict(mu1=np.zeros(2), cov1=np.array([[1.0, 0.5], [0.0, 1.0]]), mu2=np.zeros(2), cov2=np.eye(2)),
+        ValueError,
+        "cov1 must be symmetric",
+    ),
+    (
+        gaussian_kl,
+        dict(mu1=np.zeros(3), cov1=np.eye(2), mu2=np.zeros(2), cov2=np.eye(2)),
+        ValueError,
+        r"mu1 must have shape \(\.\.\., 2\)",
+    ),
+    (
+        normal_kl,
+        dict(mean1=0.0, logvar1=0.0, mean2=0.0, logvar2=np.array([0.0, np.nan])),
+        ValueError,
+        "logvar2 must be a finite log-variance",
+    ),
     *(row for bad in (np.nan, np.inf, -np.inf) for row in _non_finite_logvar_rows(bad)),
-    (discretized_gaussian_log_likelihood, dict(x=np.array([1.5]), mean=0.0, log_scale=0.0), ValueError, r"x must lie in \[-1, 1\]"),
-    (discretized_gaussian_log_likelihood, dict(x=np.array([0.5]), mean=0.0, log_scale=0.0, bins=1), ValueError, "bins must be an integer >= 2"),
+    (
+        discretized_gaussian_log_likelihood,
+        dict(x=np.array([1.5]), mean=0.0, log_scale=0.0),
+        ValueError,
+        r"x must lie in \[-1, 1\]",
+    ),
+    (
+        discretized_gaussian_log_likelihood,
+        dict(x=np.array([0.5]), mean=0.0, log_scale=0.0, bins=1),
+        ValueError,
+        "bins must be an integer >= 2",
+    ),
     # complex input is refused, not cast to real
     *_complex_rows("tensor"),
     *_complex_rows("numpy"),

@@ -255,7 +255,9 @@ def test_the_mixture_oracle_is_a_conditional_model(rng):
     eps_k = [m(x, t, np.full(6, k)) for k in range(2)]
     for k in range(2):  # component k: eps = sqrt(1 - abar) (x - sqrt(abar) mu_k) / var_k
         var = abar * MIX.covs[k, 0, 0] + (1 - abar)
-        np.testing.assert_allclose(eps_k[k], np.sqrt(1 - abar) * (x - np.sqrt(abar) * MIX.means[k, 0]) / var, rtol=1e-12)
+        np.testing.assert_allclose(
+            eps_k[k], np.sqrt(1 - abar) * (x - np.sqrt(abar) * MIX.means[k, 0]) / var, rtol=1e-12
+        )
     np.testing.assert_allclose(m(x, t, np.full(6, 2)), resp[0] * eps_k[0] + resp[1] * eps_k[1], rtol=1e-9, atol=1e-12)
 
 
@@ -279,7 +281,9 @@ def test_guidance_at_scale_zero_samples_the_mixture_ddpm():
     # s = 0 is the unconditional model whatever the label: the fraction of samples in the
     # component-1 basin (x > -0.25) is Binomial(n, 0.7) (two-sided exact test, reject at 1e-3)
     n = 2000
-    x = sample_ddpm(guided(_oracle("eps"), 0, 0.0), SCH.respace(np.arange(0, 1000, 10)), (n, 1), generator=np.random.default_rng(3))
+    x = sample_ddpm(
+        guided(_oracle("eps"), 0, 0.0), SCH.respace(np.arange(0, 1000, 10)), (n, 1), generator=np.random.default_rng(3)
+    )
     k = int((x[:, 0] > -0.25).sum())
     assert stats.binomtest(k, n, MIX.weights[1]).pvalue > 1e-3, k
 
@@ -350,7 +354,9 @@ def test_guided_denoiser_one_call_and_exact_endpoints(rng):
 def test_guided_network_matches_separate_calls_and_samples(kind):
     torch.manual_seed(0)
     if kind == "unet":
-        net = UNet(channels=8, channel_mult=(1, 2), attention_resolutions=(4,), image_size=8, dropout=0.0, num_classes=10)
+        net = UNet(
+            channels=8, channel_mult=(1, 2), attention_resolutions=(4,), image_size=8, dropout=0.0, num_classes=10
+        )
         shape = (3, 1, 8, 8)
     else:
         net = MLPDenoiser(dim=2, hidden=16, depth=2, time_dim=8, num_classes=10)
@@ -390,7 +396,10 @@ def test_drop_labels_is_bernoulli_and_reproducible(kind):
     assert stats.binomtest(int(dropped.sum()), n, p).pvalue > 1e-3
     assert np.array_equal(out[~dropped], y0[~dropped])  # the others are kept
     # independent of the label: the drop rate of class 0 vs the rest (chi^2 test of independence)
-    table = [[np.sum(dropped & (y0 == 0)), np.sum(~dropped & (y0 == 0))], [np.sum(dropped & (y0 != 0)), np.sum(~dropped & (y0 != 0))]]
+    table = [
+        [np.sum(dropped & (y0 == 0)), np.sum(~dropped & (y0 == 0))],
+        [np.sum(dropped & (y0 != 0)), np.sum(~dropped & (y0 != 0))],
+    ]
     assert stats.chi2_contingency(table).pvalue > 1e-3
 
 
@@ -409,7 +418,11 @@ def test_drop_labels_edges_and_stream():
 @pytest.mark.parametrize(
     "args,exc,match",
     [
-        ((np.arange(3), 1.5, 5, np.random.default_rng()), ValueError, r"uncond_prob must lie in \[0, 1\]; got uncond_prob = 1.5"),
+        (
+            (np.arange(3), 1.5, 5, np.random.default_rng()),
+            ValueError,
+            r"uncond_prob must lie in \[0, 1\]; got uncond_prob = 1.5",
+        ),
         ((np.arange(3), -0.1, 5, np.random.default_rng()), ValueError, "uncond_prob"),
         ((np.arange(3), float("nan"), 5, np.random.default_rng()), ValueError, "uncond_prob"),
         ((np.arange(3), True, 5, np.random.default_rng()), TypeError, "uncond_prob"),
@@ -496,7 +509,9 @@ def test_guided_bad_models_and_calls(rng):
 # ----------------------------------------------------------------------------- the docs run
 def _doc_blocks():
     text = (Path(__file__).resolve().parents[2] / "docs" / "guidance.md").read_text()
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S), re.findall(r"\nprints[^\n]*\n\n```\n(.*?)```", text, flags=re.S)
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S), re.findall(
+        r"\nprints[^\n]*\n\n```\n(.*?)```", text, flags=re.S
+    )
 
 
 def test_docs_examples_run_and_print_what_they_say(capsys):

@@ -36,8 +36,20 @@ SOFT = GaussianMixture([0.4, 0.6], [[-0.4], [0.3]], [[[0.0225]], [[0.01]]])
 
 def test_log_interval_mass_against_mpmath():
     mp.mp.dps = 50
-    cases = [(-1.0, 2.0), (0.0, 1e-9), (-1e-9, 1e-9), (3.0, 3.0 + 1e-7), (-40.0, -39.999), (39.0, 39.5), (-np.inf, -30.0),
-             (25.0, np.inf), (-np.inf, np.inf), (-8.0, -7.0), (0.5, 0.5000001), (-0.3, 0.0)]
+    cases = [
+        (-1.0, 2.0),
+        (0.0, 1e-9),
+        (-1e-9, 1e-9),
+        (3.0, 3.0 + 1e-7),
+        (-40.0, -39.999),
+        (39.0, 39.5),
+        (-np.inf, -30.0),
+        (25.0, np.inf),
+        (-np.inf, np.inf),
+        (-8.0, -7.0),
+        (0.5, 0.5000001),
+        (-0.3, 0.0),
+    ]
     a = np.array([c[0] for c in cases])
     b = np.array([c[1] for c in cases])
     got = log_interval_mass(a, b)
@@ -55,8 +67,15 @@ def test_log_interval_mass_against_mpmath():
 
 @pytest.mark.parametrize(
     "solver, options",
-    [("euler", {}), ("heun", {}), ("dpmpp_2m", {}), ("unipc", {}), ("unipc", {"order": 3}), ("lms", {}),
-     ("dpmpp_3m_sde", {"eta": 0.0})],
+    [
+        ("euler", {}),
+        ("heun", {}),
+        ("dpmpp_2m", {}),
+        ("unipc", {}),
+        ("unipc", {"order": 3}),
+        ("lms", {}),
+        ("dpmpp_3m_sde", {"eta": 0.0}),
+    ],
 )
 @pytest.mark.parametrize("ladder", ["karras", "exponential"])
 def test_one_component_matches_the_closed_form(solver, options, ladder):
@@ -88,7 +107,11 @@ def _density_kl(data, solver, sig, n=1 << 16, delta=1e-3, **options):
     y5 = f(s * pts).reshape(5, -1)
     dy = (-y5[4] + 8 * y5[3] - 8 * y5[1] + y5[0]) / (12 * delta)
     log_p_data = np.logaddexp.reduce(
-        [math.log(w) + norm.logpdf(y5[2], m[0], math.sqrt(c[0, 0])) for w, m, c in zip(data.weights, data.means, data.covs)], axis=0
+        [
+            math.log(w) + norm.logpdf(y5[2], m[0], math.sqrt(c[0, 0]))
+            for w, m, c in zip(data.weights, data.means, data.covs)
+        ],
+        axis=0,
     )
     integrand = norm.pdf(z) * (norm.logpdf(z) - np.log(dy) - log_p_data)
     return float(simpson(integrand, x=z))

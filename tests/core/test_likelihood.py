@@ -32,7 +32,9 @@ def test_exact_divergence_likelihood_of_centred_gaussian_data(sde):
     lp, bpd = ode_likelihood(sde, score, x, eps=1e-5, rtol=1e-7, atol=1e-7)
     assert_allclose(lp, ref, rtol=0, atol=3e-4)
     assert_allclose(bpd, -lp / (3 * math.log(2)), rtol=1e-14)
-    lp_exact, _ = ode_likelihood(sde, score, x, eps=1e-5, rtol=1e-7, atol=1e-7, prior_logp=data.marginal(sde, 1.0).log_prob)
+    lp_exact, _ = ode_likelihood(
+        sde, score, x, eps=1e-5, rtol=1e-7, atol=1e-7, prior_logp=data.marginal(sde, 1.0).log_prob
+    )
     assert_allclose(lp_exact, ref, rtol=0, atol=2e-6)
     # and p_eps is the data density to O(eps): scipy's logpdf within 3e-4 + 1.2e-5
     assert_allclose(lp, stats.multivariate_normal(np.zeros(3), COV).logpdf(x), rtol=0, atol=4e-4)
@@ -45,8 +47,15 @@ def test_exact_prior_removes_the_mismatch_for_uncentred_data():
     mu = np.array([1.0, -2.0, 0.5])
     data = GaussianData(mu, COV)
     x = data.sample(5, np.random.default_rng(1))
-    lp, _ = ode_likelihood(sde, lambda y, t: data.score(y, t, sde), x, eps=1e-5, rtol=1e-9, atol=1e-9,
-                           prior_logp=data.marginal(sde, 1.0).log_prob)
+    lp, _ = ode_likelihood(
+        sde,
+        lambda y, t: data.score(y, t, sde),
+        x,
+        eps=1e-5,
+        rtol=1e-9,
+        atol=1e-9,
+        prior_logp=data.marginal(sde, 1.0).log_prob,
+    )
     assert_allclose(lp, data.marginal(sde, 1e-5).log_prob(x), rtol=0, atol=1e-6)
     assert_allclose(lp, stats.multivariate_normal(mu, COV).logpdf(x), rtol=0, atol=1e-3)
 
@@ -65,8 +74,9 @@ def test_hutchinson_is_unbiased(probe):
         return data.score(y, t, sde)
 
     exact, _ = ode_likelihood(sde, score, x0, "exact", rtol=1e-7, atol=1e-7)
-    est, _ = ode_likelihood(sde, score, x, "hutchinson", probe=probe, rtol=1e-7, atol=1e-7,
-                            generator=np.random.default_rng(0))
+    est, _ = ode_likelihood(
+        sde, score, x, "hutchinson", probe=probe, rtol=1e-7, atol=1e-7, generator=np.random.default_rng(0)
+    )
     se = est.std(ddof=1) / math.sqrt(est.size)
     assert est.std() > 1e-3
     assert abs(est.mean() - exact[0]) < 4 * se, (est.mean(), exact[0], se)

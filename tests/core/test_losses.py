@@ -3,7 +3,6 @@
 import math
 
 import mpmath as mp
-
 import numpy as np
 import pytest
 import torch
@@ -14,10 +13,18 @@ from scipy import stats
 
 import diffmath as dm
 from diffmath.gaussian import normal_kl
-from diffmath.losses import dsm_loss, fixed_log_variance, learned_range_log_variance, prior_bpd, simple_loss, snr_weight, vb_terms_bpd, vlb_weight
-from diffmath.parameterization import x0_from_eps, x0_from_v, v_from_x0_eps
+from diffmath.losses import (
+    dsm_loss,
+    fixed_log_variance,
+    learned_range_log_variance,
+    prior_bpd,
+    simple_loss,
+    snr_weight,
+    vb_terms_bpd,
+    vlb_weight,
+)
+from diffmath.parameterization import v_from_x0_eps, x0_from_eps, x0_from_v
 from diffmath.posterior import posterior_mean_from_eps, q_posterior_mean_variance
-
 from tests._tables import refusals
 from tests.reference._ref import abar_by_product, linspace_betas, schedules
 
@@ -235,7 +242,9 @@ def test_simple_loss_matches_torch_mse():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(5, 3, 4, 4, generator=g), torch.randn(5, 3, 4, 4, generator=g)
     torch.testing.assert_close(simple_loss(a, b), torch.nn.functional.mse_loss(b, a))
-    torch.testing.assert_close(simple_loss(a, b, reduction="none"), torch.nn.functional.mse_loss(b, a, reduction="none").mean((1, 2, 3)))
+    torch.testing.assert_close(
+        simple_loss(a, b, reduction="none"), torch.nn.functional.mse_loss(b, a, reduction="none").mean((1, 2, 3))
+    )
 
 
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
@@ -272,12 +281,14 @@ def test_ddpm_training_loss_of_the_bayes_predictor_is_the_posterior_variance(pre
     mean = dm.losses.ddpm_training_loss(s, bayes, x0, t, eps, prediction=prediction)
     assert_allclose(mean, total / n, rtol=1e-12)
     other = {"eps": "x0", "x0": "eps", "v": "x0"}[prediction]
-    off = dm.losses.ddpm_training_loss(s, lambda x_t, tt: bayes(x_t, tt, other), x0, t, eps, prediction=prediction,
-                                       reduction="sum")
+    off = dm.losses.ddpm_training_loss(
+        s, lambda x_t, tt: bayes(x_t, tt, other), x0, t, eps, prediction=prediction, reduction="sum"
+    )
     assert p_two_sided(float(off)) < 1e-3
     # torch tensors give the numpy result (float64)
-    tt = dm.losses.ddpm_training_loss(s, bayes, torch.from_numpy(x0), t, torch.from_numpy(eps), prediction=prediction,
-                                      reduction="sum")
+    tt = dm.losses.ddpm_training_loss(
+        s, bayes, torch.from_numpy(x0), t, torch.from_numpy(eps), prediction=prediction, reduction="sum"
+    )
     assert_allclose(tt.item(), total, rtol=1e-12)
 
 
@@ -296,7 +307,10 @@ def test_dsm_loss_is_eps_mse_in_disguise():
         xt = torch.zeros(x0.shape, dtype=dt)  # x0 = 0, so x_noisy = sigma z is representable
         xs = sig * torch.tensor(z, dtype=dt)
         got = dsm_loss(-torch.tensor(eps_hat, dtype=dt) / sig, xs, xt, sig)
-        assert torch.isfinite(got) and abs(got.item() - 0.5 * np.sum((z - eps_hat) ** 2, axis=1).mean()) < 1e-4 * got.item()
+        assert (
+            torch.isfinite(got)
+            and abs(got.item() - 0.5 * np.sum((z - eps_hat) ** 2, axis=1).mean()) < 1e-4 * got.item()
+        )
 
 
 def test_learned_range_endpoints():
@@ -319,9 +333,18 @@ _X0, _XN = np.random.default_rng(0).standard_normal((2, 6, 10))  # a batch of B 
 
 BAD_INPUT = [
     (simple_loss, dict(eps=_A, eps_pred=_B, reduction="max"), ValueError, "reduction must be"),
-    (dm.losses.ddpm_training_loss, dict(s=_S10, model=lambda x, t: x, x0=_X, t=1, noise=_X, prediction="score"),
-     ValueError, "prediction must be one of eps, x0, v; got 'score'"),
-    (dm.losses.ddpm_training_loss, dict(s=_S10, model=lambda x, t: x, x0=_X, t=1, noise=_X, reduction="max"), ValueError, "reduction must be"),
+    (
+        dm.losses.ddpm_training_loss,
+        dict(s=_S10, model=lambda x, t: x, x0=_X, t=1, noise=_X, prediction="score"),
+        ValueError,
+        "prediction must be one of eps, x0, v; got 'score'",
+    ),
+    (
+        dm.losses.ddpm_training_loss,
+        dict(s=_S10, model=lambda x, t: x, x0=_X, t=1, noise=_X, reduction="max"),
+        ValueError,
+        "reduction must be",
+    ),
     (dm.losses.ddpm_training_loss, dict(s=_S10, model=None, x0=_X, t=1, noise=_X), TypeError, "model must be callable"),
     (dsm_loss, dict(score_pred=_X0, x_noisy=_XN, x0=_X0, sigma=-1.0), ValueError, "sigma must be finite and > 0"),
     (dsm_loss, dict(score_pred=_X0, x_noisy=_XN, x0=_X0, sigma=math.inf), ValueError, "sigma"),

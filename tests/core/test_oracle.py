@@ -20,7 +20,6 @@ from diffmath.oracle import GaussianData, GaussianMixture, expected_norm
 from diffmath.samplers import sample_ddim, sample_ddpm, sample_ode, sample_ode_heun, sample_pc, sample_sde
 from diffmath.schedules import cosine_schedule, linear_schedule, named_schedule
 from diffmath.sde import VESDE, VPSDE, SubVPSDE
-
 from tests.reference._ref import abar_by_product
 
 MU = np.array([0.5, -0.3])
@@ -84,8 +83,14 @@ def test_mixture_marginal_is_the_convolution():
     a, s = _coefs(S, t)
     q = MIX.marginal(S, t)
     for x in (-1.5, 0.0, 0.7, 2.0):
-        val, _ = quad(lambda x0: math.exp(MIX.log_prob(np.array([[x0]]))[0]) * stats.norm(a * x0, s).pdf(x), -8, 8,
-                      epsabs=1e-13, epsrel=1e-11, limit=200)
+        val, _ = quad(
+            lambda x0: math.exp(MIX.log_prob(np.array([[x0]]))[0]) * stats.norm(a * x0, s).pdf(x),
+            -8,
+            8,
+            epsabs=1e-13,
+            epsrel=1e-11,
+            limit=200,
+        )
         assert_allclose(math.exp(q.log_prob(np.array([[x]]))[0]), val, rtol=1e-8)
 
 
@@ -107,8 +112,15 @@ def test_marginal_matches_forward_noising_ks():
         return sum(w * stats.norm(m[0], math.sqrt(c[0, 0])).cdf(v) for w, m, c in zip(qm.weights, qm.means, qm.covs))
 
     assert stats.kstest(xmt[:, 0], cdf).pvalue > 1e-3
-    assert stats.kstest(xm[:, 0], lambda v: sum(w * stats.norm(m[0], math.sqrt(c[0, 0])).cdf(v)
-                                                 for w, m, c in zip(MIX.weights, MIX.means, MIX.covs))).pvalue > 1e-3
+    assert (
+        stats.kstest(
+            xm[:, 0],
+            lambda v: sum(
+                w * stats.norm(m[0], math.sqrt(c[0, 0])).cdf(v) for w, m, c in zip(MIX.weights, MIX.means, MIX.covs)
+            ),
+        ).pvalue
+        > 1e-3
+    )
 
 
 def test_exact_eps_is_the_conditional_mean_monte_carlo():
@@ -203,7 +215,9 @@ def test_exact_sde_outputs_match_monte_carlo(sampler, sde, steps):
     if sampler == "euler_maruyama":
         x = sample_sde(score, sde, (N_MC, 2), steps=steps, generator=g)
     elif sampler == "predictor_corrector":
-        x = sample_pc(score, sde, (N_MC, 2), steps=steps, predictor="euler_maruyama", corrector_norm="batch", generator=g)
+        x = sample_pc(
+            score, sde, (N_MC, 2), steps=steps, predictor="euler_maruyama", corrector_norm="batch", generator=g
+        )
     else:
         x = sample_ode_heun(score, sde, (N_MC, 2), steps=steps, generator=g)
     _mc_check(x, exact)

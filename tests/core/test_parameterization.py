@@ -12,7 +12,6 @@ from numpy.testing import assert_allclose
 
 import diffmath as dm
 from diffmath import parameterization as P
-
 from tests._tables import refusals
 from tests.reference._ref import abar_by_product, schedule_and_t
 
@@ -152,8 +151,17 @@ def test_float32_score_from_eps_where_sqrt_one_minus_abar_underflows():
 # ----------------------------------------------------------------------------- bad input
 BAD_INPUT = [
     # at zero terminal SNR eps cannot give x0
-    (P.x0_from_eps, dict(s=dm.rescale_zero_terminal_snr(dm.linear_schedule(100)), x_t=np.ones((2, 3)), t=np.array([5, 99]),
-                         eps=np.zeros((2, 3))), ValueError, "undefined at t = 99, where alphas_cumprod = 0"),
+    (
+        P.x0_from_eps,
+        dict(
+            s=dm.rescale_zero_terminal_snr(dm.linear_schedule(100)),
+            x_t=np.ones((2, 3)),
+            t=np.array([5, 99]),
+            eps=np.zeros((2, 3)),
+        ),
+        ValueError,
+        "undefined at t = 99, where alphas_cumprod = 0",
+    ),
 ]
 
 

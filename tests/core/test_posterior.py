@@ -10,7 +10,6 @@ from scipy import stats
 import diffmath as dm
 from diffmath.parameterization import x0_from_eps
 from diffmath.posterior import posterior_mean_from_eps, q_posterior_mean, q_posterior_mean_variance
-
 from tests._tables import refusals
 from tests.reference._ref import abar_by_product, schedules
 
@@ -84,8 +83,12 @@ def test_posterior_mean_from_eps_is_finite_up_to_zero_terminal_snr():
 # ----------------------------------------------------------------------------- bad input
 BAD_INPUT = [
     # at abar_t = 0 (beta_t = 1) the step divides by sqrt(alpha_t) = 0: it returned +-inf or NaN
-    (posterior_mean_from_eps, dict(s=dm.rescale_zero_terminal_snr(dm.linear_schedule(10)), x_t=np.ones((2, 3)), t=9, eps=np.ones((2, 3))),
-     ValueError, "posterior_mean_from_eps is undefined at t = 9"),
+    (
+        posterior_mean_from_eps,
+        dict(s=dm.rescale_zero_terminal_snr(dm.linear_schedule(10)), x_t=np.ones((2, 3)), t=9, eps=np.ones((2, 3))),
+        ValueError,
+        "posterior_mean_from_eps is undefined at t = 9",
+    ),
 ]
 
 

@@ -12,8 +12,6 @@ ill-conditioned (d log_snr / d log abar = 1/(1 - abar)), so it is held to the sa
 bound plus an absolute floor of 1e-15.
 """
 
-import math
-
 import mpmath as mp
 import numpy as np
 import pytest
@@ -23,10 +21,8 @@ from numpy.testing import assert_allclose, assert_array_equal
 
 import diffmath as dm
 from diffmath.schedules import Schedule, log1mexp
-
 from tests._tables import refusals
 from tests.reference._mpref import TABLES, max_rel_error, reference_tables
-
 
 # A libm call (numpy, scipy, torch) is within 4 ulp of exact whatever the CPU's vector unit
 # (docs/numerics.md, "Tolerances"); one ulp is at most 2^-52 relative.
@@ -101,8 +97,22 @@ def test_tables_match_mpmath_random(T, lo, hi, geometric):
         lambda: Schedule.from_betas(np.full(266, 0.875)),
         lambda: Schedule.from_betas(np.full(734, 0.6346235701681713)),
     ],
-    ids=["linear", "cosine", "scaled_linear", "sigmoid", "named_linear_50", "tiny", "near1", "geom", "T1", "T1tiny", "T1one",
-         "zero_snr", "deep_tail_0.875", "deep_tail_0.635"],
+    ids=[
+        "linear",
+        "cosine",
+        "scaled_linear",
+        "sigmoid",
+        "named_linear_50",
+        "tiny",
+        "near1",
+        "geom",
+        "T1",
+        "T1tiny",
+        "T1one",
+        "zero_snr",
+        "deep_tail_0.875",
+        "deep_tail_0.635",
+    ],
 )
 def test_named_tables_match_mpmath(make):
     assert_tables_match_mpmath(make())
@@ -126,7 +136,11 @@ def test_deep_tail_sum_is_exact_given_its_logs(beta, T):
 
 @pytest.mark.parametrize(
     "make",
-    [lambda: dm.cosine_schedule(10_000), lambda: dm.linear_schedule(10_000, 1e-6, 0.01), lambda: Schedule.from_betas(np.geomspace(1e-10, 0.999, 10_000))],
+    [
+        lambda: dm.cosine_schedule(10_000),
+        lambda: dm.linear_schedule(10_000, 1e-6, 0.01),
+        lambda: Schedule.from_betas(np.geomspace(1e-10, 0.999, 10_000)),
+    ],
     ids=["cosine", "linear", "geom"],
 )
 def test_tables_match_mpmath_T10000(make):
@@ -179,8 +193,9 @@ def test_sigmoid_schedule_matches_chen_2023():
     T, start, end, tau = 500, -3.0, 3.0, 0.7
     sig = lambda z: 1 / (1 + mp.exp(-z))
     with mp.workdps(50):
-        g = lambda u: (sig(mp.mpf(end) / tau) - sig((u * (end - start) + start) / mp.mpf(tau))) / (
-            sig(mp.mpf(end) / tau) - sig(mp.mpf(start) / tau)
+        g = lambda u: (
+            (sig(mp.mpf(end) / tau) - sig((u * (end - start) + start) / mp.mpf(tau)))
+            / (sig(mp.mpf(end) / tau) - sig(mp.mpf(start) / tau))
         )
         ref = [min(1 - g(mp.mpf(k + 1) / T) / g(mp.mpf(k) / T), mp.mpf(0.999)) for k in range(T)]
     ours = dm.sigmoid_schedule(T, start, end, tau).betas
@@ -368,10 +383,20 @@ BAD_INPUT = [
     (Schedule.from_betas, dict(betas=np.array([[0.1, 0.2]])), ValueError, "1-D"),
     (dm.linear_schedule, dict(T=0), ValueError, "T must be >= 1; got T = 0"),
     (dm.cosine_schedule, dict(T=10.5), TypeError, "T must be an integer"),
-    (dm.named_schedule, dict(name="quadratic", T=100), ValueError, "unknown schedule name 'quadratic'; valid names are linear"),
+    (
+        dm.named_schedule,
+        dict(name="quadratic", T=100),
+        ValueError,
+        "unknown schedule name 'quadratic'; valid names are linear",
+    ),
     (dm.named_schedule, dict(name="linear", T=10), ValueError, "T >= 20"),
     (dm.timesteps, dict(T=100, num_steps=10, spacing="middle"), ValueError, "unknown spacing 'middle'"),
-    (dm.timesteps, dict(T=100, num_steps=101), ValueError, r"num_steps must lie in \[1, T\] = \[1, 100\]; got num_steps = 101"),
+    (
+        dm.timesteps,
+        dict(T=100, num_steps=101),
+        ValueError,
+        r"num_steps must lie in \[1, T\] = \[1, 100\]; got num_steps = 101",
+    ),
     (dm.timesteps, dict(T=100, num_steps=0), ValueError, "num_steps"),
     (dm.linear_schedule(10).respace, dict(timesteps=[3, 10]), ValueError, r"must lie in \[0, 10\); got 10"),
     (dm.rescale_zero_terminal_snr, dict(schedule=Schedule.from_betas([0.5])), ValueError, "T >= 2"),

@@ -18,7 +18,6 @@ from scipy.integrate import solve_ivp
 from diffmath.forward import q_step_sample
 from diffmath.schedules import linear_schedule
 from diffmath.sde import VESDE, VPSDE, SubVPSDE, eps_from_score, score_from_eps
-
 from tests._tables import refusals
 
 SETTINGS = settings(max_examples=15, deadline=None)
@@ -87,9 +86,13 @@ def test_small_time_stds_have_full_relative_precision(t):
     # near t = 0 the naive 1 - exp(.) loses digits; compare with mpmath.
     mp.mp.dps = 50
     tt = mp.mpf(t)
-    lmc = -tt**2 * (mp.mpf(20) - mp.mpf("0.1")) / 4 - tt * mp.mpf("0.1") / 2
-    assert_allclose(float(np.asarray(VPSDE().marginal_prob(np.ones(1), t)[1])), float(mp.sqrt(1 - mp.exp(2 * lmc))), rtol=1e-14)
-    assert_allclose(float(np.asarray(SubVPSDE().marginal_prob(np.ones(1), t)[1])), float(1 - mp.exp(2 * lmc)), rtol=1e-14)
+    lmc = -(tt**2) * (mp.mpf(20) - mp.mpf("0.1")) / 4 - tt * mp.mpf("0.1") / 2
+    assert_allclose(
+        float(np.asarray(VPSDE().marginal_prob(np.ones(1), t)[1])), float(mp.sqrt(1 - mp.exp(2 * lmc))), rtol=1e-14
+    )
+    assert_allclose(
+        float(np.asarray(SubVPSDE().marginal_prob(np.ones(1), t)[1])), float(1 - mp.exp(2 * lmc)), rtol=1e-14
+    )
     s = mp.mpf("0.01") * (mp.mpf(5000) ** tt)
     ve = float(mp.sqrt(s**2 - mp.mpf("0.01") ** 2))
     assert_allclose(float(np.asarray(VESDE().marginal_prob(np.ones(1), t)[1])), ve, rtol=1e-13)
@@ -216,7 +219,9 @@ def test_prior_logp_and_sampling_against_scipy():
         assert_allclose(sde.prior_logp(zz), ref, rtol=1e-13)
         zt = sde.prior_sampling((3, 2), torch.Generator().manual_seed(0))
         assert isinstance(zt, torch.Tensor) and zt.dtype == torch.float32
-        assert_allclose(sde.prior_logp(zt.double()).numpy(), stats.norm(0, sd).logpdf(zt.double().numpy()).sum(1), rtol=1e-12)
+        assert_allclose(
+            sde.prior_logp(zt.double()).numpy(), stats.norm(0, sd).logpdf(zt.double().numpy()).sum(1), rtol=1e-12
+        )
 
 
 @pytest.mark.parametrize("sde", [VPSDE(), SubVPSDE(), VESDE()])
@@ -286,7 +291,11 @@ def test_torch_and_numpy_agree_and_keep_dtype():
         c = getattr(sde, meth)(torch.tensor(x, dtype=torch.float16), torch.tensor(t))
         assert b[0].dtype == torch.float64 and c[0].dtype == torch.float16
         assert_allclose(b[0].numpy(), a[0], rtol=1e-14)
-        assert_allclose(np.broadcast_to(b[1].numpy(), np.broadcast_shapes(b[1].shape, (3, 1, 1))), np.broadcast_to(a[1], np.broadcast_shapes(a[1].shape, (3, 1, 1))), rtol=1e-14)
+        assert_allclose(
+            np.broadcast_to(b[1].numpy(), np.broadcast_shapes(b[1].shape, (3, 1, 1))),
+            np.broadcast_to(a[1], np.broadcast_shapes(a[1].shape, (3, 1, 1))),
+            rtol=1e-14,
+        )
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -309,16 +318,32 @@ BAD_INPUT = [
     (SubVPSDE, dict(N=0), ValueError, "N must be >= 1"),
     (VPSDE(N=10).discretize, dict(x=np.ones((1, 1)), t=0.5), ValueError, r"beta_max / N <= 1.*N = 10"),
     # a score of the wrong shape names both shapes
-    (VESDE().reverse(lambda y, t: y[:, :1]).sde, dict(x=np.ones((2, 3)), t=0.5), ValueError,
-     r"score_fn returned shape \(2, 1\) but x has shape \(2, 3\)"),
+    (
+        VESDE().reverse(lambda y, t: y[:, :1]).sde,
+        dict(x=np.ones((2, 3)), t=0.5),
+        ValueError,
+        r"score_fn returned shape \(2, 1\) but x has shape \(2, 3\)",
+    ),
     (VESDE().reverse(lambda y, t: torch.as_tensor(y)).sde, dict(x=np.ones((2, 3)), t=0.5), TypeError, "numpy array"),
     # an integer dtype gave zeros; a torch dtype with a numpy generator failed inside numpy
-    (_VP.prior_sampling, dict(shape=(2,), generator=np.random.default_rng(0), dtype=np.int64), TypeError,
-     "dtype must be a floating numpy dtype"),
-    (_VP.prior_sampling, dict(shape=(2,), generator=np.random.default_rng(0), dtype=torch.float32), TypeError,
-     "dtype must be a floating numpy dtype"),
-    (_VP.prior_sampling, dict(shape=(2,), generator=torch.Generator().manual_seed(0), dtype=torch.int64), TypeError,
-     "dtype must be a floating torch dtype"),
+    (
+        _VP.prior_sampling,
+        dict(shape=(2,), generator=np.random.default_rng(0), dtype=np.int64),
+        TypeError,
+        "dtype must be a floating numpy dtype",
+    ),
+    (
+        _VP.prior_sampling,
+        dict(shape=(2,), generator=np.random.default_rng(0), dtype=torch.float32),
+        TypeError,
+        "dtype must be a floating numpy dtype",
+    ),
+    (
+        _VP.prior_sampling,
+        dict(shape=(2,), generator=torch.Generator().manual_seed(0), dtype=torch.int64),
+        TypeError,
+        "dtype must be a floating torch dtype",
+    ),
 ]
 
 

@@ -31,11 +31,18 @@ _CITE_RE = re.compile(rf"\b(eqs?|alg|sec)\.\s*({_LIST})", re.IGNORECASE)
 _ROW_RE = re.compile(rf"^({'|'.join(map(re.escape, ALIASES))}) (eq|Alg|Sec)\. ({_LIST})$")
 
 #: what the issue asks the index to cover (it may hold more)
-REQUIRED = {
-    ("DDPM", "eq", n) for n in ("2", "4", "6", "7", "11", "14")
-} | {("DDPM", "alg", "1"), ("DDPM", "alg", "2")} | {("DDIM", "eq", "12"), ("DDIM", "eq", "16")} | {
-    ("Score SDE", "eq", n) for n in ("6", "9", "11", "12", "13", "29", "30", "39")
-} | {("Score SDE", "alg", "2"), ("Score SDE", "alg", "3"), ("Improved DDPM", "eq", "15"), ("Improved DDPM", "sec", "4")}
+REQUIRED = (
+    {("DDPM", "eq", n) for n in ("2", "4", "6", "7", "11", "14")}
+    | {("DDPM", "alg", "1"), ("DDPM", "alg", "2")}
+    | {("DDIM", "eq", "12"), ("DDIM", "eq", "16")}
+    | {("Score SDE", "eq", n) for n in ("6", "9", "11", "12", "13", "29", "30", "39")}
+    | {
+        ("Score SDE", "alg", "2"),
+        ("Score SDE", "alg", "3"),
+        ("Improved DDPM", "eq", "15"),
+        ("Improved DDPM", "sec", "4"),
+    }
+)
 
 
 def _numbers(text: str) -> set:

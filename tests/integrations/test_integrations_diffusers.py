@@ -17,13 +17,13 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from tests.reference import _mpref_diffusers as ref  # noqa: E402
 from diffusers.schedulers import scheduling_ddim, scheduling_ddpm  # noqa: E402
 from diffusers.utils import torch_utils  # noqa: E402
 
 from diffmath.integrations import diffusers as dm  # noqa: E402
 from diffmath.oracle import GaussianData  # noqa: E402
 from diffmath.samplers import ddim_step, ddpm_step  # noqa: E402
+from tests.reference import _mpref_diffusers as ref  # noqa: E402
 
 SHAPE = (2, 3, 4, 4)
 KINDS = ("DDPMScheduler", "DDIMScheduler")
@@ -72,11 +72,25 @@ def test_config_keys_and_defaults_are_diffusers(kind):
 
 
 CONFIGS = {
-    "DDPMScheduler": dict(beta_schedule="squaredcos_cap_v2", variance_type="learned_range", prediction_type="v_prediction",
-                          timestep_spacing="trailing", clip_sample=False, thresholding=True, sample_max_value=1.5),
-    "DDIMScheduler": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction",
-                          rescale_betas_zero_snr=True),
+    "DDPMScheduler": dict(
+        beta_schedule="squaredcos_cap_v2",
+        variance_type="learned_range",
+        prediction_type="v_prediction",
+        timestep_spacing="trailing",
+        clip_sample=False,
+        thresholding=True,
+        sample_max_value=1.5,
+    ),
+    "DDIMScheduler": dict(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+    ),
 }
 
 
@@ -214,38 +228,88 @@ DDIM_CASES = [
     ("scaled_linear", dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False), 10),
     ("trailing 7", dict(timestep_spacing="trailing", clip_sample=False), 7),
     ("linspace 10", dict(timestep_spacing="linspace", clip_sample=False), 10),
-    ("zero snr v", dict(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", rescale_betas_zero_snr=True,
-                        timestep_spacing="trailing", clip_sample=False), 5),
+    (
+        "zero snr v",
+        dict(
+            beta_schedule="squaredcos_cap_v2",
+            prediction_type="v_prediction",
+            rescale_betas_zero_snr=True,
+            timestep_spacing="trailing",
+            clip_sample=False,
+        ),
+        5,
+    ),
 ]
 DDPM_CASES = [
     ("eps clip", dict(), 10, None),
     ("v large", dict(prediction_type="v_prediction", variance_type="fixed_large", clip_sample=False), 10, None),
     ("sample threshold", dict(prediction_type="sample", thresholding=True, sample_max_value=1.5), 10, None),
-    ("small_log trailing", dict(variance_type="fixed_small_log", timestep_spacing="trailing", clip_sample=False), 7, None),
-    ("large_log linspace", dict(variance_type="fixed_large_log", timestep_spacing="linspace", clip_sample=False), 6, None),
+    (
+        "small_log trailing",
+        dict(variance_type="fixed_small_log", timestep_spacing="trailing", clip_sample=False),
+        7,
+        None,
+    ),
+    (
+        "large_log linspace",
+        dict(variance_type="fixed_large_log", timestep_spacing="linspace", clip_sample=False),
+        6,
+        None,
+    ),
     ("custom", dict(variance_type="fixed_large", clip_sample=False), None, [100, 87, 50, 1, 0]),
     ("learned", dict(variance_type="learned", clip_sample=False), 10, None),
     ("learned_range", dict(variance_type="learned_range", clip_sample=False), 10, None),
     ("offset sigmoid", dict(beta_schedule="sigmoid", steps_offset=1, clip_sample=False), 10, None),
-    ("zero snr v", dict(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", rescale_betas_zero_snr=True,
-                        timestep_spacing="trailing", clip_sample=False), 5, None),
+    (
+        "zero snr v",
+        dict(
+            beta_schedule="squaredcos_cap_v2",
+            prediction_type="v_prediction",
+            rescale_betas_zero_snr=True,
+            timestep_spacing="trailing",
+            clip_sample=False,
+        ),
+        5,
+        None,
+    ),
 ]
 
 
 def _ddim_ref(sched, x, m, t, t_prev, eta, noise, use_clipped):
     c = sched.config
     threshold = (c.dynamic_thresholding_ratio, c.sample_max_value) if c.thresholding else None
-    return ref.ddim_step(sched.schedule.betas, x, m, t, t_prev, eta=eta, noise=noise, prediction=c.prediction_type,
-                         clip=c.clip_sample_range if (c.clip_sample and not c.thresholding) else None,
-                         threshold=threshold, final_abar=None if c.set_alpha_to_one else 0, use_clipped=use_clipped)
+    return ref.ddim_step(
+        sched.schedule.betas,
+        x,
+        m,
+        t,
+        t_prev,
+        eta=eta,
+        noise=noise,
+        prediction=c.prediction_type,
+        clip=c.clip_sample_range if (c.clip_sample and not c.thresholding) else None,
+        threshold=threshold,
+        final_abar=None if c.set_alpha_to_one else 0,
+        use_clipped=use_clipped,
+    )
 
 
 def _ddpm_ref(sched, x, m, t, t_prev, noise, pv):
     c = sched.config
     threshold = (c.dynamic_thresholding_ratio, c.sample_max_value) if c.thresholding else None
-    return ref.ddpm_step(sched.schedule.betas, x, m, t, t_prev, noise=noise, variance=c.variance_type,
-                         prediction=c.prediction_type, threshold=threshold, predicted_variance=pv,
-                         clip=c.clip_sample_range if (c.clip_sample and not c.thresholding) else None)
+    return ref.ddpm_step(
+        sched.schedule.betas,
+        x,
+        m,
+        t,
+        t_prev,
+        noise=noise,
+        variance=c.variance_type,
+        prediction=c.prediction_type,
+        threshold=threshold,
+        predicted_variance=pv,
+        clip=c.clip_sample_range if (c.clip_sample and not c.thresholding) else None,
+    )
 
 
 def _learned_output(sched, m, gen):
@@ -320,8 +384,9 @@ def test_ddpm_step_against_mpmath_and_diffusers(name, config, steps, custom):
         mine = compat.step(mo32, t, x32, generator=torch.Generator().manual_seed(100 + i)).prev_sample
         d = theirs.step(mo32, t, x32, generator=torch.Generator().manual_seed(100 + i)).prev_sample
         z32 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(100 + i))
-        r32, _ = _ddpm_ref(ours, x32, m.float(), t, t_prev, z32 if t_prev >= 0 else None,
-                           None if pv is None else pv.float())
+        r32, _ = _ddpm_ref(
+            ours, x32, m.float(), t, t_prev, z32 if t_prev >= 0 else None, None if pv is None else pv.float()
+        )
         if t_prev >= 0 or t == 0:  # (diffusers' extra noise on a last step from t > 0 is checked below)
             assert ref.rel_error(mine, r32) < TOL_FP32
         err_d = ref.rel_error(d, r32)
@@ -339,8 +404,14 @@ def test_ddpm_full_chain_without_set_timesteps():
         r, _ = ref.ddpm_step(ours.schedule.betas, x, m, t, t - 1, noise=z)
         assert ref.rel_error(out, r) < TOL_MP
         d = theirs.step(m.float(), t, x.float(), generator=torch.Generator().manual_seed(t)).prev_sample
-        r32, _ = ref.ddpm_step(ours.schedule.betas, x.float(), m.float(), t, t - 1,
-                               noise=torch.randn(SHAPE, generator=torch.Generator().manual_seed(t)))
+        r32, _ = ref.ddpm_step(
+            ours.schedule.betas,
+            x.float(),
+            m.float(),
+            t,
+            t - 1,
+            noise=torch.randn(SHAPE, generator=torch.Generator().manual_seed(t)),
+        )
         mine = ours.step(m.float(), t, x.float(), generator=torch.Generator().manual_seed(t)).prev_sample
         assert ref.rel_error(mine, r32) < TOL_FP32
         assert ref.rel_error(mine, d) <= max(1e-5, ref.rel_error(d, r32) + TOL_FP32)
@@ -374,7 +445,11 @@ def test_ddpm_last_step_noise_rule():
     with fixed_large; the adapter adds none (DDPM Alg. 2) unless diffusers_compat=True. Both
     draw it, so the generator's stream stays the same."""
     cfg = dict(variance_type="fixed_large", timestep_spacing="trailing", clip_sample=False)
-    ours, compat, theirs = dm.DDPMScheduler(**cfg), dm.DDPMScheduler(**cfg, diffusers_compat=True), diffusers.DDPMScheduler(**cfg)
+    ours, compat, theirs = (
+        dm.DDPMScheduler(**cfg),
+        dm.DDPMScheduler(**cfg, diffusers_compat=True),
+        diffusers.DDPMScheduler(**cfg),
+    )
     for s in (ours, compat, theirs):
         s.set_timesteps(10)
     t = int(ours.timesteps[-1])
@@ -414,8 +489,12 @@ def test_dtypes_follow_diffusers(kind):
     a.set_timesteps(10)
     t = int(a.timesteps[3])
     x, m = make_inputs(a, t, torch.Generator().manual_seed(0), torch.float32)
-    for xd, md, want in ((torch.float16, torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16, torch.bfloat16),
-                         (torch.float32, torch.float16, torch.float32), (torch.float64, torch.float64, torch.float64)):
+    for xd, md, want in (
+        (torch.float16, torch.float16, torch.float16),
+        (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+        (torch.float32, torch.float16, torch.float32),
+        (torch.float64, torch.float64, torch.float64),
+    ):
         out = a.step(m.to(md), t, x.to(xd), generator=torch.Generator().manual_seed(0))
         assert out.prev_sample.dtype == want and out.pred_original_sample.dtype == want
     if kind == "DDIMScheduler":  # half precision: computed in float64 and rounded once
@@ -441,8 +520,10 @@ def test_ddim_noise_is_drawn_like_diffusers():
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_add_noise_and_get_velocity(kind):
-    a, d = getattr(dm, kind)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012), getattr(diffusers, kind)(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    a, d = (
+        getattr(dm, kind)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+        getattr(diffusers, kind)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+    )
     gen = torch.Generator().manual_seed(2)
     x0 = torch.randn((4, 3, 2, 2), generator=gen, dtype=torch.float64)
     eps = torch.randn((4, 3, 2, 2), generator=gen, dtype=torch.float64)
@@ -453,12 +534,20 @@ def test_add_noise_and_get_velocity(kind):
             for i, ti in enumerate(tt):
                 ab = ref.abar(a.schedule.betas, ti)
                 sa, sb = mp.sqrt(ab), mp.sqrt(1 - ab)
-                rx = [float(sa * mp.mpf(p) + sb * mp.mpf(e)) for p, e in zip(x0[i].flatten().tolist(), eps[i].flatten().tolist())]
-                rv = [float(sa * mp.mpf(e) - sb * mp.mpf(p)) for p, e in zip(x0[i].flatten().tolist(), eps[i].flatten().tolist())]
+                rx = [
+                    float(sa * mp.mpf(p) + sb * mp.mpf(e))
+                    for p, e in zip(x0[i].flatten().tolist(), eps[i].flatten().tolist())
+                ]
+                rv = [
+                    float(sa * mp.mpf(e) - sb * mp.mpf(p))
+                    for p, e in zip(x0[i].flatten().tolist(), eps[i].flatten().tolist())
+                ]
                 assert ref.rel_error(xt[i].flatten(), rx) < TOL_MP
                 assert ref.rel_error(v[i].flatten(), rv) < TOL_MP
         assert ref.rel_error(a.add_noise(x0.float(), eps.float(), t), d.add_noise(x0.float(), eps.float(), t)) < 1e-5
-        assert ref.rel_error(a.get_velocity(x0.float(), eps.float(), t), d.get_velocity(x0.float(), eps.float(), t)) < 1e-5
+        assert (
+            ref.rel_error(a.get_velocity(x0.float(), eps.float(), t), d.get_velocity(x0.float(), eps.float(), t)) < 1e-5
+        )
         assert a.add_noise(x0.float(), eps.float(), t).dtype == torch.float32
     assert torch.equal(a.scale_model_input(x0, 3), x0)
 
@@ -536,17 +625,26 @@ def test_bad_steps_get_clear_errors():
 def tiny_unet():
     torch.manual_seed(0)
     unet = diffusers.UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
     )
     return unet.eval()
 
 
-@pytest.mark.parametrize("pipeline,kind,kwargs", [
-    ("DDIMPipeline", "DDIMScheduler", dict(num_inference_steps=8, eta=0.0)),
-    ("DDIMPipeline", "DDIMScheduler", dict(num_inference_steps=8, eta=1.0)),
-    ("DDPMPipeline", "DDPMScheduler", dict(num_inference_steps=8)),
-])
+@pytest.mark.parametrize(
+    "pipeline,kind,kwargs",
+    [
+        ("DDIMPipeline", "DDIMScheduler", dict(num_inference_steps=8, eta=0.0)),
+        ("DDIMPipeline", "DDIMScheduler", dict(num_inference_steps=8, eta=1.0)),
+        ("DDPMPipeline", "DDPMScheduler", dict(num_inference_steps=8)),
+    ],
+)
 def test_pipeline_gives_diffusers_images(pipeline, kind, kwargs):
     unet = tiny_unet()
     pipe = getattr(diffusers, pipeline)(unet=unet, scheduler=getattr(diffusers, kind)())
@@ -658,7 +756,9 @@ def test_cuda_steps_match_cpu(kind):
         # a CPU generator: randn_tensor draws on the CPU and moves the noise, the same numbers everywhere
         kw = dict(eta=1.0) if kind == "DDIMScheduler" else {}
         a = cpu.step(m, t, x, generator=torch.Generator().manual_seed(t), **kw).prev_sample
-        b = gpu.step(m.cuda(), gpu.timesteps[0].new_tensor(t), x.cuda(), generator=torch.Generator().manual_seed(t), **kw)
+        b = gpu.step(
+            m.cuda(), gpu.timesteps[0].new_tensor(t), x.cuda(), generator=torch.Generator().manual_seed(t), **kw
+        )
         d = theirs.step(m.cuda(), t, x.cuda(), generator=torch.Generator().manual_seed(t), **kw).prev_sample
         assert b.prev_sample.device.type == "cuda" and b.prev_sample.dtype == torch.float32
         assert ref.rel_error(b.prev_sample, a) < 2 * TOL_FP32

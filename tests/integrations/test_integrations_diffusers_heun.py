@@ -12,6 +12,8 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
+from diffmath.integrations import diffusers as dm  # noqa: E402
+from diffmath.samplers import sample_heun  # noqa: E402
 from tests.integrations.test_integrations_diffusers_sigma import (  # noqa: E402
     DATA,
     SHAPE,
@@ -22,9 +24,6 @@ from tests.integrations.test_integrations_diffusers_sigma import (  # noqa: E402
     tiny_unet,
 )
 
-from diffmath.integrations import diffusers as dm  # noqa: E402
-from diffmath.samplers import sample_heun  # noqa: E402
-
 
 def test_config_keys_defaults_and_round_trips(tmp_path):
     ours, theirs = dm.HeunDiscreteScheduler, diffusers.HeunDiscreteScheduler
@@ -33,7 +32,9 @@ def test_config_keys_defaults_and_round_trips(tmp_path):
     assert list(po) == list(pt)
     assert {k: v.default for k, v in po.items()} == {k: v.default for k, v in pt.items()}
     assert ours.order == theirs.order == 2
-    cfg = dict(prediction_type="v_prediction", timestep_spacing="trailing", beta_schedule="scaled_linear", clip_sample=True)
+    cfg = dict(
+        prediction_type="v_prediction", timestep_spacing="trailing", beta_schedule="scaled_linear", clip_sample=True
+    )
     a = ours(**cfg)
     b = theirs.from_config(a.config)
     c = ours.from_config(theirs(**cfg).config)
@@ -92,7 +93,9 @@ def test_loop_is_the_core_solver():
     ladder, bit for bit in float64."""
     sched = dm.HeunDiscreteScheduler(prediction_type="sample")
     sched.set_timesteps(8)
-    x0 = torch.randn(3, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * float(sched.init_noise_sigma)
+    x0 = torch.randn(3, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * float(
+        sched.init_noise_sigma
+    )
     x, calls = x0.clone(), []
     for k, t in enumerate(sched.timesteps):
         calls.append(float(sched._sig[k]))
@@ -150,7 +153,9 @@ def test_add_noise_matches_diffusers():
     assert rel(ours.add_noise(x0, n, t), theirs.add_noise(x0, n, t)) < TOL_STEP
 
 
-@pytest.mark.parametrize("config,steps", [(dict(), 10), (dict(use_karras_sigmas=True), 10), (dict(timestep_spacing="trailing"), 7)])
+@pytest.mark.parametrize(
+    "config,steps", [(dict(), 10), (dict(use_karras_sigmas=True), 10), (dict(timestep_spacing="trailing"), 7)]
+)
 def test_oracle_kl_of_the_full_loop(config, steps, monkeypatch):
     ours, theirs = dm.HeunDiscreteScheduler(**config), diffusers.HeunDiscreteScheduler(**config)
     ours.set_timesteps(steps)

@@ -13,6 +13,9 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
+from diffmath.integrations import diffusers as dm  # noqa: E402
+from diffmath.samplers import sample_lms  # noqa: E402
+from diffmath.samplers.solvers import euler_step  # noqa: E402
 from tests.integrations.test_integrations_diffusers_sigma import (  # noqa: E402
     DATA,
     SHAPE,
@@ -23,10 +26,6 @@ from tests.integrations.test_integrations_diffusers_sigma import (  # noqa: E402
     tiny_unet,
 )
 
-from diffmath.integrations import diffusers as dm  # noqa: E402
-from diffmath.samplers import sample_lms  # noqa: E402
-from diffmath.samplers.solvers import euler_step  # noqa: E402
-
 pytestmark = pytest.mark.filterwarnings("ignore:The `scale_model_input` function")
 
 
@@ -36,7 +35,11 @@ def test_config_keys_defaults_and_round_trips(tmp_path):
     pt = inspect.signature(theirs.__init__).parameters
     assert list(po) == list(pt)
     assert {k: v.default for k, v in po.items()} == {k: v.default for k, v in pt.items()}
-    assert inspect.signature(ours.step).parameters["order"].default == inspect.signature(theirs.step).parameters["order"].default == 4
+    assert (
+        inspect.signature(ours.step).parameters["order"].default
+        == inspect.signature(theirs.step).parameters["order"].default
+        == 4
+    )
     assert ours.order == theirs.order
     cfg = dict(prediction_type="v_prediction", timestep_spacing="trailing", beta_schedule="scaled_linear")
     a = ours(**cfg)
@@ -69,7 +72,17 @@ def test_weights_are_the_exact_integrals():
 LMS_CASES = [
     (dict(), 10, 4),
     (dict(), 10, 2),
-    (dict(timestep_spacing="leading", steps_offset=1, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012), 25, 4),
+    (
+        dict(
+            timestep_spacing="leading",
+            steps_offset=1,
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+        ),
+        25,
+        4,
+    ),
     (dict(timestep_spacing="trailing", prediction_type="v_prediction"), 7, 3),
     # x0-prediction: x - D is of the order of x at sigma_min, where diffusers' float32 sigma_min
     # and its quad weights (epsrel 1e-4) both show
@@ -115,7 +128,9 @@ def test_loop_is_the_core_solver(order):
     bit for bit in float64."""
     sched = dm.LMSDiscreteScheduler(prediction_type="sample")
     sched.set_timesteps(9)
-    x0 = torch.randn(3, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * float(sched.init_noise_sigma)
+    x0 = torch.randn(3, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * float(
+        sched.init_noise_sigma
+    )
     x = x0.clone()
     for i, t in enumerate(sched.timesteps):
         x = sched.scale_model_input(x, t) * 0 + x  # the pipeline's call (its result is the model's input)
@@ -135,7 +150,9 @@ def test_a_start_mid_ladder_warms_up_from_euler():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         got = sched.step(den, sched.timesteps[5], x).prev_sample
-    np.testing.assert_allclose(got.numpy(), euler_step(x.numpy(), den.numpy(), sched._sig[5], sched._sig[6]), rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(
+        got.numpy(), euler_step(x.numpy(), den.numpy(), sched._sig[5], sched._sig[6]), rtol=1e-14, atol=1e-15
+    )
 
 
 def test_seeded_loop_gives_diffusers_images():
@@ -182,7 +199,9 @@ def test_add_noise_matches_diffusers():
     assert rel(ours.add_noise(x0, n, t), theirs.add_noise(x0, n, t)) < TOL_STEP
 
 
-@pytest.mark.parametrize("config,steps", [(dict(), 10), (dict(use_karras_sigmas=True), 10), (dict(timestep_spacing="trailing"), 7)])
+@pytest.mark.parametrize(
+    "config,steps", [(dict(), 10), (dict(use_karras_sigmas=True), 10), (dict(timestep_spacing="trailing"), 7)]
+)
 def test_oracle_kl_of_the_full_loop(config, steps, monkeypatch):
     ours, theirs = dm.LMSDiscreteScheduler(**config), diffusers.LMSDiscreteScheduler(**config)
     ours.set_timesteps(steps)

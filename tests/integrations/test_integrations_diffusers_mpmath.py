@@ -10,9 +10,8 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from tests.reference._mpref_sigma import step_errors  # noqa: E402
-
 from diffmath.integrations import diffusers as dm  # noqa: E402
+from tests.reference._mpref_sigma import step_errors  # noqa: E402
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 CASES = [
@@ -35,8 +34,14 @@ TOL_DIFFUSERS = 1e-4
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}")
 def test_adapter_float64_loop_matches_mpmath(case):
     kind, config, steps = case
-    d32, a64 = step_errors(kind, config, steps, shape=(2, 3, 4, 4), seed=7, classes=(
-        (getattr(diffusers, kind), torch.float32), (getattr(dm, kind), torch.float64)))
+    d32, a64 = step_errors(
+        kind,
+        config,
+        steps,
+        shape=(2, 3, 4, 4),
+        seed=7,
+        classes=((getattr(diffusers, kind), torch.float32), (getattr(dm, kind), torch.float64)),
+    )
     assert a64 <= TOL_ADAPTER, (kind, a64)
     assert d32 <= TOL_DIFFUSERS, (kind, d32)
     assert a64 < d32  # the float64 arithmetic is the more accurate one by orders of magnitude

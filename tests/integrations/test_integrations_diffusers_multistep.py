@@ -15,10 +15,10 @@ diffusers = pytest.importorskip("diffusers")
 
 from diffusers.schedulers import scheduling_dpmsolver_multistep  # noqa: E402
 from diffusers.utils import torch_utils  # noqa: E402
-from tests.integrations.test_integrations_diffusers_sigma import DATA, SHAPE, oracle_output, rel, run_loop, tiny_unet  # noqa: E402
 
 from diffmath.integrations import diffusers as dm  # noqa: E402
 from diffmath.samplers import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m_sde  # noqa: E402
+from tests.integrations.test_integrations_diffusers_sigma import DATA, SHAPE, oracle_output, rel, run_loop, tiny_unet  # noqa: E402
 
 # one step against diffusers: diffusers computes in float32 from float32 tables (observed
 # <= 1.2e-6 relative over the default-ladder cases below)
@@ -37,7 +37,9 @@ def test_config_keys_defaults_and_round_trips(kind, tmp_path):
     assert list(po) == list(pt)
     assert {k: v.default for k, v in po.items()} == {k: v.default for k, v in pt.items()}
     assert ours.order == theirs.order
-    cfg = dict(prediction_type="v_prediction", timestep_spacing="trailing", beta_schedule="scaled_linear", solver_order=3)
+    cfg = dict(
+        prediction_type="v_prediction", timestep_spacing="trailing", beta_schedule="scaled_linear", solver_order=3
+    )
     a = ours(**cfg)
     b = theirs.from_config(a.config)
     c = ours.from_config(theirs(**cfg).config)
@@ -90,7 +92,11 @@ def test_each_dpm_step_matches_diffusers(case):
         # a smooth model output along the ladder (a random one per step makes the multistep
         # differences O(1), which magnifies float32 rounding of diffusers' lambda)
         x = torch.randn(SHAPE, generator=g)
-        m = 0.8 * x + 0.1 * torch.randn(SHAPE, generator=g) if len(ours.model_outputs) == 0 else x * 0.7 + 0.05 * float(t) / 1000
+        m = (
+            0.8 * x + 0.1 * torch.randn(SHAPE, generator=g)
+            if len(ours.model_outputs) == 0
+            else x * 0.7 + 0.05 * float(t) / 1000
+        )
         assert torch.equal(ours.scale_model_input(x, t), x)
         a = ours.step(m, t, x, generator=torch.Generator().manual_seed(int(t)))
         b = theirs.step(m, t, x, generator=torch.Generator().manual_seed(int(t)))
@@ -117,12 +123,15 @@ def test_third_order_is_the_cores_exact_term():
     np.testing.assert_allclose(x.numpy(), want, rtol=1e-13, atol=1e-15)
 
 
-@pytest.mark.parametrize("config,solver", [
-    (dict(), "dpmpp_2m"),
-    (dict(solver_type="heun"), "dpmpp_2m_sde"),
-    (dict(algorithm_type="sde-dpmsolver++"), "dpmpp_2m_sde"),
-    (dict(algorithm_type="sde-dpmsolver++", solver_order=3, solver_type="heun"), "dpmpp_3m_sde"),
-])
+@pytest.mark.parametrize(
+    "config,solver",
+    [
+        (dict(), "dpmpp_2m"),
+        (dict(solver_type="heun"), "dpmpp_2m_sde"),
+        (dict(algorithm_type="sde-dpmsolver++"), "dpmpp_2m_sde"),
+        (dict(algorithm_type="sde-dpmsolver++", solver_order=3, solver_type="heun"), "dpmpp_3m_sde"),
+    ],
+)
 def test_loop_is_the_core_solver(config, solver):
     """The adapter's loop (20 steps: no lower-order steps at the end) driven by the exact
     denoiser equals the core solver on the adapter's float64 ladder, up to the VP scaling of
@@ -152,13 +161,17 @@ def test_loop_is_the_core_solver(config, solver):
         want = sample_dpmpp_2m(DATA.denoise, start, sig)
     elif solver == "dpmpp_2m_sde":
         eta = 1.0 if config.get("algorithm_type") else 0.0
-        want = sample_dpmpp_2m_sde(DATA.denoise, start, sig, eta=eta, solver_type=config.get("solver_type", "midpoint"), **ns)
+        want = sample_dpmpp_2m_sde(
+            DATA.denoise, start, sig, eta=eta, solver_type=config.get("solver_type", "midpoint"), **ns
+        )
     else:
         want = sample_dpmpp_3m_sde(DATA.denoise, start, sig, eta=1.0, **ns)
     np.testing.assert_allclose(x.numpy(), want, rtol=1e-13, atol=1e-15)
 
 
-@pytest.mark.parametrize("config", [dict(), dict(use_karras_sigmas=True, solver_type="heun"), dict(algorithm_type="sde-dpmsolver++")])
+@pytest.mark.parametrize(
+    "config", [dict(), dict(use_karras_sigmas=True, solver_type="heun"), dict(algorithm_type="sde-dpmsolver++")]
+)
 def test_seeded_loop_gives_diffusers_images(config):
     unet = tiny_unet()
     want, state = run_loop(diffusers.DPMSolverMultistepScheduler(**config), unet, 8, 0)
@@ -204,13 +217,16 @@ def vp_oracle_output(sched, sig, dtype, monkeypatch):
     return oracle_output(sched, sig, dtype, monkeypatch, modules=(scheduling_dpmsolver_multistep,), vp=True)
 
 
-@pytest.mark.parametrize("config,steps,solver,options", [
-    (dict(), 10, "dpmpp_2m", {}),
-    (dict(use_karras_sigmas=True), 10, "dpmpp_2m", {}),
-    (dict(timestep_spacing="trailing"), 7, "dpmpp_2m", {}),
-    (dict(solver_type="heun"), 20, "dpmpp_2m_sde", dict(eta=0.0, solver_type="heun")),
-    (dict(algorithm_type="sde-dpmsolver++"), 10, "dpmpp_2m_sde", {}),
-])
+@pytest.mark.parametrize(
+    "config,steps,solver,options",
+    [
+        (dict(), 10, "dpmpp_2m", {}),
+        (dict(use_karras_sigmas=True), 10, "dpmpp_2m", {}),
+        (dict(timestep_spacing="trailing"), 7, "dpmpp_2m", {}),
+        (dict(solver_type="heun"), 20, "dpmpp_2m_sde", dict(eta=0.0, solver_type="heun")),
+        (dict(algorithm_type="sde-dpmsolver++"), 10, "dpmpp_2m_sde", {}),
+    ],
+)
 def test_oracle_kl_of_the_full_loop(config, steps, solver, options, monkeypatch):
     ours, theirs = dm.DPMSolverMultistepScheduler(**config), diffusers.DPMSolverMultistepScheduler(**config)
     ours.set_timesteps(steps)

@@ -5,7 +5,6 @@ pipeline-style loop with a small local UNet2DModel, and the exact Gaussian oracl
 from __future__ import annotations
 
 import inspect
-
 import math
 
 import numpy as np
@@ -63,13 +62,27 @@ def test_config_keys_defaults_and_round_trips(kind, tmp_path):
 # ----------------------------------------------------------------------------- steps vs diffusers
 STEP_CASES = [
     ("EulerDiscreteScheduler", dict(), 10),
-    ("EulerDiscreteScheduler", dict(timestep_spacing="leading", steps_offset=1, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012), 25),
+    (
+        "EulerDiscreteScheduler",
+        dict(
+            timestep_spacing="leading",
+            steps_offset=1,
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+        ),
+        25,
+    ),
     ("EulerDiscreteScheduler", dict(timestep_spacing="trailing", prediction_type="v_prediction"), 7),
     ("EulerDiscreteScheduler", dict(use_karras_sigmas=True), 12, TOL_SIGMA_MIN),
     ("EulerDiscreteScheduler", dict(use_exponential_sigmas=True, final_sigmas_type="sigma_min"), 12, TOL_SIGMA_MIN),
     ("EulerDiscreteScheduler", dict(use_beta_sigmas=True), 12, TOL_SIGMA_MIN),
     ("EulerDiscreteScheduler", dict(prediction_type="sample", beta_schedule="squaredcos_cap_v2"), 10, TOL_COSINE),
-    ("EulerDiscreteScheduler", dict(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"), 10),
+    (
+        "EulerDiscreteScheduler",
+        dict(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"),
+        10,
+    ),
     ("EulerDiscreteScheduler", dict(timestep_type="continuous", prediction_type="v_prediction"), 10),
     ("EulerDiscreteScheduler", dict(interpolation_type="log_linear"), 10, TOL_SIGMA_MIN),
     ("EulerAncestralDiscreteScheduler", dict(), 10),
@@ -129,7 +142,9 @@ def test_steps_are_the_core_solvers(kind):
         want = sample_euler(data.denoise, x0.numpy(), sched._sig)
     else:
         it = iter(zs)
-        want = sample_euler_ancestral(data.denoise, x0.numpy(), sched._sig, noise_sampler=lambda s, sn: next(it).numpy())
+        want = sample_euler_ancestral(
+            data.denoise, x0.numpy(), sched._sig, noise_sampler=lambda s, sn: next(it).numpy()
+        )
     np.testing.assert_array_equal(x.numpy(), want)
 
 
@@ -169,8 +184,14 @@ def test_bad_input_is_refused():
 def tiny_unet():
     torch.manual_seed(0)
     unet = diffusers.UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
     )
     return unet.eval()
 
@@ -186,11 +207,14 @@ def run_loop(sched, unet, steps, seed):
     return x, g.get_state()
 
 
-@pytest.mark.parametrize("kind,config", [
-    ("EulerDiscreteScheduler", dict()),
-    ("EulerDiscreteScheduler", dict(use_karras_sigmas=True, timestep_spacing="leading", steps_offset=1)),
-    ("EulerAncestralDiscreteScheduler", dict()),
-])
+@pytest.mark.parametrize(
+    "kind,config",
+    [
+        ("EulerDiscreteScheduler", dict()),
+        ("EulerDiscreteScheduler", dict(use_karras_sigmas=True, timestep_spacing="leading", steps_offset=1)),
+        ("EulerAncestralDiscreteScheduler", dict()),
+    ],
+)
 def test_seeded_loop_gives_diffusers_images(kind, config):
     unet = tiny_unet()
     want, state = run_loop(getattr(diffusers, kind)(**config), unet, 8, 0)
@@ -244,13 +268,16 @@ def oracle_output(sched, sig, dtype, monkeypatch, *, modules=None, vp=False):
     return GaussianData(b, 0.5 * (cov + cov.T))
 
 
-@pytest.mark.parametrize("kind,config,steps", [
-    ("EulerDiscreteScheduler", dict(), 10),
-    ("EulerDiscreteScheduler", dict(use_karras_sigmas=True), 10),
-    ("EulerDiscreteScheduler", dict(timestep_spacing="trailing"), 7),
-    ("EulerAncestralDiscreteScheduler", dict(), 10),
-    ("EulerAncestralDiscreteScheduler", dict(timestep_spacing="trailing"), 7),
-])
+@pytest.mark.parametrize(
+    "kind,config,steps",
+    [
+        ("EulerDiscreteScheduler", dict(), 10),
+        ("EulerDiscreteScheduler", dict(use_karras_sigmas=True), 10),
+        ("EulerDiscreteScheduler", dict(timestep_spacing="trailing"), 7),
+        ("EulerAncestralDiscreteScheduler", dict(), 10),
+        ("EulerAncestralDiscreteScheduler", dict(timestep_spacing="trailing"), 7),
+    ],
+)
 def test_oracle_kl_of_the_full_loop(kind, config, steps, monkeypatch):
     ours, theirs = getattr(dm, kind)(**config), getattr(diffusers, kind)(**config)
     ours.set_timesteps(steps)

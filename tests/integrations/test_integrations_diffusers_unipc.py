@@ -13,11 +13,10 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from tests.integrations.test_integrations_diffusers_multistep import TOL_SIGMA_MIN, TOL_STEP, vp_oracle_output  # noqa: E402
-from tests.integrations.test_integrations_diffusers_sigma import DATA, SHAPE, rel, tiny_unet  # noqa: E402
-
 from diffmath.integrations import diffusers as dm  # noqa: E402
 from diffmath.samplers import sample_unipc  # noqa: E402
+from tests.integrations.test_integrations_diffusers_multistep import TOL_SIGMA_MIN, TOL_STEP, vp_oracle_output  # noqa: E402
+from tests.integrations.test_integrations_diffusers_sigma import DATA, SHAPE, rel, tiny_unet  # noqa: E402
 
 
 def test_config_keys_defaults_and_round_trips(tmp_path):
@@ -27,7 +26,13 @@ def test_config_keys_defaults_and_round_trips(tmp_path):
     assert list(po) == list(pt)
     assert {k: v.default for k, v in po.items()} == {k: v.default for k, v in pt.items()}
     assert ours.order == theirs.order
-    cfg = dict(prediction_type="v_prediction", timestep_spacing="trailing", beta_schedule="scaled_linear", solver_order=3, solver_type="bh1")
+    cfg = dict(
+        prediction_type="v_prediction",
+        timestep_spacing="trailing",
+        beta_schedule="scaled_linear",
+        solver_order=3,
+        solver_type="bh1",
+    )
     a = ours(**cfg)
     b = theirs.from_config(a.config)
     c = ours.from_config(theirs(**cfg).config)
@@ -49,7 +54,11 @@ UNIPC_CASES = [
     (dict(solver_type="bh1", solver_order=3), 12),
     (dict(predict_x0=False), 10),
     (dict(predict_x0=False, final_sigmas_type="sigma_min"), 10, TOL_SIGMA_MIN),
-    (dict(predict_x0=False, solver_type="bh1", prediction_type="v_prediction", final_sigmas_type="sigma_min"), 10, TOL_SIGMA_MIN),
+    (
+        dict(predict_x0=False, solver_type="bh1", prediction_type="v_prediction", final_sigmas_type="sigma_min"),
+        10,
+        TOL_SIGMA_MIN,
+    ),
     (dict(disable_corrector=[0, 2, 3]), 10),
     (dict(lower_order_final=False, final_sigmas_type="sigma_min", solver_order=3), 12, TOL_SIGMA_MIN),
     (dict(prediction_type="v_prediction", timestep_spacing="trailing"), 10),
@@ -102,7 +111,9 @@ def test_each_unipc_step_matches_diffusers(case):
 def test_loop_is_the_core_solver(order, variant):
     """The adapter's loop (lower_order_final=False) driven by the exact denoiser is sample_unipc
     on the adapter's float64 ladder, up to the VP scaling of the state (two roundings per step)."""
-    sched = dm.UniPCMultistepScheduler(prediction_type="sample", solver_order=order, solver_type=variant, lower_order_final=False)
+    sched = dm.UniPCMultistepScheduler(
+        prediction_type="sample", solver_order=order, solver_type=variant, lower_order_final=False
+    )
     sched.set_timesteps(15)
     sig = sched._sig
     x0 = torch.randn(3, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -180,13 +191,16 @@ def test_add_noise_matches_diffusers():
     assert rel(ours.add_noise(x0, n, t), theirs.add_noise(x0, n, t)) < TOL_STEP
 
 
-@pytest.mark.parametrize("config,steps", [
-    (dict(), 10),
-    (dict(solver_order=3), 20),
-    (dict(use_karras_sigmas=True), 10),
-    (dict(timestep_spacing="trailing"), 7),
-    (dict(solver_type="bh1"), 10),
-])
+@pytest.mark.parametrize(
+    "config,steps",
+    [
+        (dict(), 10),
+        (dict(solver_order=3), 20),
+        (dict(use_karras_sigmas=True), 10),
+        (dict(timestep_spacing="trailing"), 7),
+        (dict(solver_type="bh1"), 10),
+    ],
+)
 def test_oracle_kl_of_the_full_loop(config, steps, monkeypatch):
     ours, theirs = dm.UniPCMultistepScheduler(**config), diffusers.UniPCMultistepScheduler(**config)
     ours.set_timesteps(steps)
@@ -203,7 +217,9 @@ def test_oracle_kl_of_the_full_loop(config, steps, monkeypatch):
         kl_d = vp_oracle_output(theirs, sig_d, torch.float32, monkeypatch).kl(DATA)
     if config.get("solver_order", 2) <= 2:
         # with order <= 2, lower_order_final changes only the step to 0, which returns D anyway
-        core = DATA.exact_solver_output("unipc", sig, start=math.sqrt(1 + sig[0] ** 2), variant=config.get("solver_type", "bh2"))
+        core = DATA.exact_solver_output(
+            "unipc", sig, start=math.sqrt(1 + sig[0] ** 2), variant=config.get("solver_type", "bh2")
+        )
         assert kl == pytest.approx(core.kl(DATA), rel=1e-9)
     if config.get("use_karras_sigmas"):
         # diffusers' float32 sigma_min enters every Karras level (see the DPM-Solver++ test)

@@ -56,7 +56,9 @@ def main():
             consts = dict(cx, BLOCK=512, FAST=True)
             attrs = {(i,): [["tt.divisibility", 16]] for i in range(6)}
             attrs[(12,)] = [["tt.divisibility", 16]]  # inner % 16 == 0, as for image batches
-            ck = triton.compile(ASTSource(fn=affine_kernel, signature=sig, constexprs=consts, attrs=attrs), target=target)
+            ck = triton.compile(
+                ASTSource(fn=affine_kernel, signature=sig, constexprs=consts, attrs=attrs), target=target
+            )
             out[f"sm{arch}/{name}"] = stats(ck)
         sig = {"p_ptr": "*fp32", "part_ptr": "*fp32", "inner": "i32", "n_chunks": "i32", "seed_lo": "i32",
                "seed_hi": "i32", "offset": "i64", "ROWS": "constexpr", "ALIGNED": "constexpr", "BLOCK": "constexpr",
@@ -64,7 +66,9 @@ def main():
         attrs = {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]], (2,): [["tt.divisibility", 16]]}
         for rows, aligned in ((0, 1), (1, 1), (1, 0)):
             consts = dict(ROWS=rows, ALIGNED=aligned, BLOCK=512, FAST=True)
-            ck = triton.compile(ASTSource(fn=sq_err_kernel, signature=sig, constexprs=consts, attrs=attrs), target=target)
+            ck = triton.compile(
+                ASTSource(fn=sq_err_kernel, signature=sig, constexprs=consts, attrs=attrs), target=target
+            )
             out[f"sm{arch}/loss_rows{rows}{'' if aligned else '_unaligned'}"] = stats(ck)
     json.dump(out, sys.stdout)
 

@@ -24,4 +24,8 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 TRITON_DEVICE = ("cuda" if HAS_CUDA else "cpu") if HAS_TRITON and (HAS_CUDA or INTERPRETING) else None
 
 # (path, device) pairs: the Triton path where it can run here, the torch path on CPU (and CUDA).
-PATHS = ([("triton", TRITON_DEVICE)] if TRITON_DEVICE else []) + [("torch", "cpu")] + ([("torch", "cuda")] if HAS_CUDA else [])
+PATHS = (
+    ([("triton", TRITON_DEVICE)] if TRITON_DEVICE else [])
+    + [("torch", "cpu")]
+    + ([("torch", "cuda")] if HAS_CUDA else [])
+)

@@ -2,6 +2,7 @@
 run here (the Triton path interpreted on CPU without a GPU, compiled on CUDA with one)."""
 
 import pytest
+
 from tests.kernels._kernel_env import PATHS, TRITON_DEVICE  # sets TRITON_INTERPRET first when there is no GPU
 
 

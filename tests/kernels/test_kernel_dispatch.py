@@ -63,7 +63,9 @@ def test_bad_tensors(path):
         K.langevin_step(x, torch.ones(3, 2, device=dev), 0.1, seed=0)
     with pytest.raises(TypeError, match="x0 must be a floating-point tensor; got dtype torch.int64"):
         K.q_sample(S, torch.ones(2, 3, dtype=torch.long, device=dev), 5, seed=0)
-    with pytest.raises(TypeError, match="x0 must be a float32, float16, bfloat16 or float64 tensor; got dtype torch.float8"):
+    with pytest.raises(
+        TypeError, match="x0 must be a float32, float16, bfloat16 or float64 tensor; got dtype torch.float8"
+    ):
         K.q_sample(S, torch.ones(2, 3, device=dev).to(torch.float8_e4m3fn), 5, seed=0)
     with pytest.raises(TypeError, match="x0 must be a torch tensor; got ndarray"):
         K.q_sample(S, np.ones((2, 3), np.float32), 5, seed=0)
@@ -90,38 +92,77 @@ SAME_ERRORS = {
         lambda: K.q_sample(S, X, torch.tensor([3, -1]), seed=0),
         lambda: dm.forward.q_sample(S, X, torch.tensor([3, -1]), X),
     ),
-    "float t": (lambda: K.q_sample(S, X, torch.tensor([3.0, 1.0]), seed=0), lambda: dm.forward.q_sample(S, X, torch.tensor([3.0, 1.0]), X)),
-    "float numpy t": (lambda: K.q_sample(S, X, np.array([3.0, 1.0]), seed=0), lambda: dm.forward.q_sample(S, X, np.array([3.0, 1.0]), X)),
+    "float t": (
+        lambda: K.q_sample(S, X, torch.tensor([3.0, 1.0]), seed=0),
+        lambda: dm.forward.q_sample(S, X, torch.tensor([3.0, 1.0]), X),
+    ),
+    "float numpy t": (
+        lambda: K.q_sample(S, X, np.array([3.0, 1.0]), seed=0),
+        lambda: dm.forward.q_sample(S, X, np.array([3.0, 1.0]), X),
+    ),
     "python float t": (lambda: K.q_sample(S, X, 3.0, seed=0), lambda: dm.forward.q_sample(S, X, 3.0, X)),
     "bool t": (lambda: K.q_sample(S, X, True, seed=0), lambda: dm.forward.q_sample(S, X, True, X)),
-    "bool tensor t": (lambda: K.q_sample(S, X, torch.tensor([True, False]), seed=0), lambda: dm.forward.q_sample(S, X, torch.tensor([True, False]), X)),
-    "2-d t": (lambda: K.q_sample(S, X, torch.ones(2, 1, dtype=torch.long), seed=0), lambda: dm.forward.q_sample(S, X, torch.ones(2, 1, dtype=torch.long), X)),
-    "t batch": (lambda: K.q_sample(S, X, torch.tensor([3, 1, 2]), seed=0), lambda: dm.forward.q_sample(S, X, torch.tensor([3, 1, 2]), X)),
-    "0-d t out of range": (lambda: K.q_sample(S, X, torch.tensor(-4), seed=0), lambda: dm.forward.q_sample(S, X, torch.tensor(-4), X)),
+    "bool tensor t": (
+        lambda: K.q_sample(S, X, torch.tensor([True, False]), seed=0),
+        lambda: dm.forward.q_sample(S, X, torch.tensor([True, False]), X),
+    ),
+    "2-d t": (
+        lambda: K.q_sample(S, X, torch.ones(2, 1, dtype=torch.long), seed=0),
+        lambda: dm.forward.q_sample(S, X, torch.ones(2, 1, dtype=torch.long), X),
+    ),
+    "t batch": (
+        lambda: K.q_sample(S, X, torch.tensor([3, 1, 2]), seed=0),
+        lambda: dm.forward.q_sample(S, X, torch.tensor([3, 1, 2]), X),
+    ),
+    "0-d t out of range": (
+        lambda: K.q_sample(S, X, torch.tensor(-4), seed=0),
+        lambda: dm.forward.q_sample(S, X, torch.tensor(-4), X),
+    ),
     "t_prev": (lambda: K.ddim_step(S, X, 5, -2, X), lambda: dm.samplers.ddim_step(S, X, 5, -2, X)),
     "integer x": (
         lambda: K.q_sample(S, X.long(), 5, seed=0),
         lambda: dm.forward.q_sample(S, X.long(), 5, X),
     ),
     "not an array": (lambda: K.q_sample(S, None, 5, seed=0), lambda: dm.forward.q_sample(S, None, 5, X)),
-    "integer eps": (lambda: K.ddpm_step(S, X, 5, X.long(), seed=0), lambda: dm.samplers.ddpm_step(S, X, 5, X.long(), X)),
-    "eps shape": (lambda: K.ddpm_step(S, X, 5, torch.ones(3, 2), seed=0), lambda: dm.samplers.ddpm_step(S, X, 5, torch.ones(3, 2), X)),
+    "integer eps": (
+        lambda: K.ddpm_step(S, X, 5, X.long(), seed=0),
+        lambda: dm.samplers.ddpm_step(S, X, 5, X.long(), X),
+    ),
+    "eps shape": (
+        lambda: K.ddpm_step(S, X, 5, torch.ones(3, 2), seed=0),
+        lambda: dm.samplers.ddpm_step(S, X, 5, torch.ones(3, 2), X),
+    ),
     "eps device": (
         lambda: K.ddpm_step(S, X, 5, torch.ones(2, 3, device="meta"), seed=0),
         lambda: dm.samplers.ddpm_step(S, X, 5, torch.ones(2, 3, device="meta"), X),
     ),
-    "numpy noise": (lambda: K.q_sample(S, X, 5, noise=np.ones((2, 3))), lambda: dm.forward.q_sample(S, X, 5, np.ones((2, 3)))),
+    "numpy noise": (
+        lambda: K.q_sample(S, X, 5, noise=np.ones((2, 3))),
+        lambda: dm.forward.q_sample(S, X, 5, np.ones((2, 3))),
+    ),
     "step_size 0": (lambda: K.langevin_step(X, X, 0.0, seed=0), lambda: dm.samplers.langevin_step(X, X, 0.0, X)),
-    "step_size nan": (lambda: K.langevin_step(X, X, float("nan"), seed=0), lambda: dm.samplers.langevin_step(X, X, float("nan"), X)),
+    "step_size nan": (
+        lambda: K.langevin_step(X, X, float("nan"), seed=0),
+        lambda: dm.samplers.langevin_step(X, X, float("nan"), X),
+    ),
     "step_size bool": (lambda: K.langevin_step(X, X, True, seed=0), lambda: dm.samplers.langevin_step(X, X, True, X)),
     "step_size str": (lambda: K.langevin_step(X, X, "0.1", seed=0), lambda: dm.samplers.langevin_step(X, X, "0.1", X)),
     "step_size array": (
         lambda: K.langevin_step(X, X, np.array([0.1, -1.0]), seed=0),
         lambda: dm.samplers.langevin_step(X, X, np.array([0.1, -1.0]), X),
     ),
-    "step_size shape": (lambda: K.langevin_step(X, X, np.ones(3), seed=0), lambda: dm.samplers.langevin_step(X, X, np.ones(3), X)),
-    "eta": (lambda: K.ddim_step(S, X, 5, 4, X, eta=-0.1, seed=0), lambda: dm.samplers.ddim_step(S, X, 5, 4, X, X, eta=-0.1)),
-    "clip_x0": (lambda: K.ddpm_step(S, X, 5, X, seed=0, clip_x0=-1.0), lambda: dm.samplers.ddpm_step(S, X, 5, X, X, clip_x0=-1.0)),
+    "step_size shape": (
+        lambda: K.langevin_step(X, X, np.ones(3), seed=0),
+        lambda: dm.samplers.langevin_step(X, X, np.ones(3), X),
+    ),
+    "eta": (
+        lambda: K.ddim_step(S, X, 5, 4, X, eta=-0.1, seed=0),
+        lambda: dm.samplers.ddim_step(S, X, 5, 4, X, X, eta=-0.1),
+    ),
+    "clip_x0": (
+        lambda: K.ddpm_step(S, X, 5, X, seed=0, clip_x0=-1.0),
+        lambda: dm.samplers.ddpm_step(S, X, 5, X, X, clip_x0=-1.0),
+    ),
 }
 
 
@@ -162,7 +203,9 @@ def test_bad_timesteps(path):
 def test_bad_noise_arguments(path):
     _, dev = path
     x = torch.ones(2, 3, device=dev)
-    with pytest.raises(ValueError, match=r"pass seed=<int in \[0, 2\*\*64\)> to draw it in the kernel .* or noise=<tensor"):
+    with pytest.raises(
+        ValueError, match=r"pass seed=<int in \[0, 2\*\*64\)> to draw it in the kernel .* or noise=<tensor"
+    ):
         K.q_sample(S, x, 5)
     with pytest.raises(ValueError, match="either noise= .* or seed="):
         K.q_sample(S, x, 5, seed=1, noise=x)
@@ -277,7 +320,11 @@ def test_oversized_coefficients_are_refused(path):
         K.langevin_step(x, x, 1e300, seed=1)
     with pytest.raises(ValueError, match="step_size gives a step coefficient .* not finite in float32"):
         K.langevin_step(x, x, torch.tensor([0.1, 1e300], dtype=torch.float64), seed=1)
-    vesde = dm.sde.VESDE(sigma_max=1e30) if hasattr(dm, "sde") else pytest.importorskip("diffmath.sde").VESDE(sigma_max=1e30)
+    vesde = (
+        dm.sde.VESDE(sigma_max=1e30)
+        if hasattr(dm, "sde")
+        else pytest.importorskip("diffmath.sde").VESDE(sigma_max=1e30)
+    )
     with pytest.raises(ValueError, match=r"sde .* with dt gives a step coefficient .* not finite in float32"):
         K.euler_maruyama_step(vesde, x, 0.9, -0.01, x, seed=1)
     with pytest.raises(ValueError, match=r"sde .* with dt gives a step coefficient"):

@@ -5,12 +5,12 @@ the eps it uses is exactly the eps q_sample drew with the same (seed, offset).""
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.kernels._kernel_strategies import DTYPES, KSET, make, shapes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import diffmath as dm
 import diffmath.kernels as K
+from tests.kernels._kernel_strategies import DTYPES, KSET, make, shapes
 
 
 @settings(KSET, max_examples=20)

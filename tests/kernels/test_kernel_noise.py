@@ -8,12 +8,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from tests.kernels._kernel_env import PATHS, TRITON_DEVICE
-from tests.reference._kernel_ref import philox4x32_10, stream_normal, stream_uint32
 from scipy import stats
 
 import diffmath.kernels as K
 from diffmath.kernels import _affine, _common
+from tests.kernels._kernel_env import PATHS, TRITON_DEVICE
+from tests.reference._kernel_ref import philox4x32_10, stream_normal, stream_uint32
 
 # Random123 kat_vectors, philox4x32 with 10 rounds: (ctr0..3, key0..1) -> out0..3
 KAT = [
@@ -67,7 +67,9 @@ def test_kernel_philox_bits_match_reference(triton_path, seed):
     out = torch.empty(4 * ctr.size, dtype=torch.int32, device=triton_path)
     lo, hi = seed_halves(seed)
     philox_probe[(1,)](torch.from_numpy(ctr).to(triton_path), out, lo, hi, ctr.size, BLOCK=128)
-    ref = philox4x32_10(ctr.astype(np.uint64) & 0xFFFFFFFF, ctr.astype(np.uint64) >> 32, 0, 0, seed & 0xFFFFFFFF, seed >> 32)
+    ref = philox4x32_10(
+        ctr.astype(np.uint64) & 0xFFFFFFFF, ctr.astype(np.uint64) >> 32, 0, 0, seed & 0xFFFFFFFF, seed >> 32
+    )
     ref = np.stack(ref, axis=1).reshape(-1).astype(np.uint32)
     assert np.array_equal(out.cpu().numpy().view(np.uint32), ref)
 
@@ -81,7 +83,13 @@ def _close_to_stream(z, seed, offset):
 
 @pytest.mark.parametrize(
     "shape,seed,offset",
-    [((1,), 0, 0), ((7,), 3, 1), ((5, 13), 12345, 2**33 + 3), ((3, 2049), 2**40 + 1, 2), ((2, 3, 5, 7), 2**64 - 1, 2**62 - 300)],
+    [
+        ((1,), 0, 0),
+        ((7,), 3, 1),
+        ((5, 13), 12345, 2**33 + 3),
+        ((3, 2049), 2**40 + 1, 2),
+        ((2, 3, 5, 7), 2**64 - 1, 2**62 - 300),
+    ],
 )
 def test_randn_is_the_reference_stream(triton_path, shape, seed, offset):
     z = K.randn(shape, seed, offset, device=triton_path).cpu().numpy().reshape(-1)
@@ -101,7 +109,9 @@ def test_torch_philox_bits_match_reference():
     for seed in (0, 2**31 + 5, 2**64 - 1):
         t = torch.from_numpy(ctr)
         got = torch.stack(philox_uint32(t & 0xFFFFFFFF, t >> 32, 0 * t, 0 * t, seed), 1).numpy()
-        ref = philox4x32_10(ctr.astype(np.uint64) & 0xFFFFFFFF, ctr.astype(np.uint64) >> 32, 0, 0, seed & 0xFFFFFFFF, seed >> 32)
+        ref = philox4x32_10(
+            ctr.astype(np.uint64) & 0xFFFFFFFF, ctr.astype(np.uint64) >> 32, 0, 0, seed & 0xFFFFFFFF, seed >> 32
+        )
         assert np.array_equal(got, np.stack(ref, 1).astype(np.int64))
 
 
@@ -200,7 +210,10 @@ def test_ks_pvalues_uniform_over_seeds():
 def test_ks_pvalues_uniform_over_seeds_kernel(triton_path, monkeypatch):
     """The same on the kernel's own output: 128 seeds x 2**15 draws."""
     monkeypatch.setattr(_affine, "MAX_BLOCK", BIG_BLOCK)
-    ps = [stats.kstest(K.randn(1 << 15, s, 0, device=triton_path).double().cpu().numpy(), "norm").pvalue for s in range(128)]
+    ps = [
+        stats.kstest(K.randn(1 << 15, s, 0, device=triton_path).double().cpu().numpy(), "norm").pvalue
+        for s in range(128)
+    ]
     assert stats.kstest(ps, "uniform").pvalue > 1e-3
 
 
@@ -243,8 +256,11 @@ def test_uniform_resolution_reaches_far_tail(triton_path):
     box_muller_probe[(1,)](
         torch.from_numpy(r0.view(np.int32)).to(triton_path),
         torch.from_numpy(r1.view(np.int32)).to(triton_path),
-        out, r0.size, BLOCK=4, FAST=FAST_MATH,
-    )  # fmt: skip
+        out,
+        r0.size,
+        BLOCK=4,
+        FAST=FAST_MATH,
+    )
     z = out.cpu().numpy().reshape(-1, 2).astype(np.float64)
     rmax = math.sqrt(66 * math.log(2))
     assert np.isfinite(z).all()

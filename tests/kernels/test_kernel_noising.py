@@ -7,15 +7,15 @@ import weakref
 import numpy as np
 import pytest
 import torch
-from tests.reference._kernel_ref import q_sample as q_ref
-from tests.reference._kernel_ref import rel_err, stream_normal
-from tests.kernels._kernel_strategies import DTYPES, KSET, TOL, make, schedules, shapes, timestep, tnp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import diffmath as dm
 import diffmath.kernels as K
 from diffmath._array import _PER_SCHEDULE
+from tests.kernels._kernel_strategies import DTYPES, KSET, TOL, make, schedules, shapes, timestep, tnp
+from tests.reference._kernel_ref import q_sample as q_ref
+from tests.reference._kernel_ref import rel_err, stream_normal
 
 
 @settings(KSET)
@@ -43,7 +43,13 @@ def test_in_kernel_noise_is_the_reference_stream(triton_path, shape, offset):
     for t in (17, torch.arange(shape[0]) * 7 % 100 + 1):
         c = s.sqrt_one_minus_alphas_cumprod[tnp(t)]
         c = c.reshape((-1,) + (1,) * (len(shape) - 1)) if np.ndim(c) else c
-        z = (K.q_sample(s, x0, t.to(triton_path) if isinstance(t, torch.Tensor) else t, seed=123, offset=offset).cpu().double().numpy() / c)
+        z = (
+            K.q_sample(s, x0, t.to(triton_path) if isinstance(t, torch.Tensor) else t, seed=123, offset=offset)
+            .cpu()
+            .double()
+            .numpy()
+            / c
+        )
         d = np.abs(z.reshape(-1) - stream_normal(123, offset, z.size))
         assert np.median(d) < 1e-6 and d.max() < 1e-4, (np.median(d), d.max())  # float32 Box-Muller and scaling
 

@@ -9,8 +9,6 @@ test_kernel_noising.py hold the kernels to independent float64 numpy references 
 import numpy as np
 import pytest
 import torch
-from tests.reference._kernel_ref import rel_err
-from tests.kernels._kernel_strategies import make
 
 import diffmath as dm
 import diffmath.kernels as K
@@ -23,6 +21,8 @@ from diffmath.kernels.samplers import (
     langevin_step_reference,
 )
 from diffmath.sde import VPSDE
+from tests.kernels._kernel_strategies import make
+from tests.reference._kernel_ref import rel_err
 
 SHAPE = (3, 5, 7)  # 35 elements per sample: tails on every path, unaligned rows
 S = dm.linear_schedule(1000)
@@ -35,16 +35,31 @@ def cases(dev):
     t, td, tp = T_BATCH.to(dev), T_DDIM.to(dev), T_PREV.to(dev)
     return [
         ("q_sample", lambda x, y, kw: K.q_sample(S, x, t, **kw), lambda x, y, kw: q_sample_reference(S, x, t, **kw)),
-        ("ddpm_step", lambda x, y, kw: K.ddpm_step(S, x, t, y, **kw),
-         lambda x, y, kw: ddpm_step_reference(S, x, t, y, **kw)),
-        ("ddpm_step_clip", lambda x, y, kw: K.ddpm_step(S, x, 417, y, clip_x0=1.0, variance="large", **kw),
-         lambda x, y, kw: ddpm_step_reference(S, x, 417, y, clip_x0=1.0, variance="large", **kw)),
-        ("ddim_step", lambda x, y, kw: K.ddim_step(S, x, td, tp, y, eta=0.7, **kw),
-         lambda x, y, kw: ddim_step_reference(S, x, td, tp, y, eta=0.7, **kw)),
-        ("euler_maruyama_step", lambda x, y, kw: K.euler_maruyama_step(VPSDE(), x, 0.5, -0.01, y, **kw),
-         lambda x, y, kw: euler_maruyama_step_reference(VPSDE(), x, 0.5, -0.01, y, **kw)),
-        ("langevin_step", lambda x, y, kw: K.langevin_step(x, y, torch.tensor([0.1, 0.01, 1e-3], device=dev), **kw),
-         lambda x, y, kw: langevin_step_reference(x, y, torch.tensor([0.1, 0.01, 1e-3], device=dev), **kw)),
+        (
+            "ddpm_step",
+            lambda x, y, kw: K.ddpm_step(S, x, t, y, **kw),
+            lambda x, y, kw: ddpm_step_reference(S, x, t, y, **kw),
+        ),
+        (
+            "ddpm_step_clip",
+            lambda x, y, kw: K.ddpm_step(S, x, 417, y, clip_x0=1.0, variance="large", **kw),
+            lambda x, y, kw: ddpm_step_reference(S, x, 417, y, clip_x0=1.0, variance="large", **kw),
+        ),
+        (
+            "ddim_step",
+            lambda x, y, kw: K.ddim_step(S, x, td, tp, y, eta=0.7, **kw),
+            lambda x, y, kw: ddim_step_reference(S, x, td, tp, y, eta=0.7, **kw),
+        ),
+        (
+            "euler_maruyama_step",
+            lambda x, y, kw: K.euler_maruyama_step(VPSDE(), x, 0.5, -0.01, y, **kw),
+            lambda x, y, kw: euler_maruyama_step_reference(VPSDE(), x, 0.5, -0.01, y, **kw),
+        ),
+        (
+            "langevin_step",
+            lambda x, y, kw: K.langevin_step(x, y, torch.tensor([0.1, 0.01, 1e-3], device=dev), **kw),
+            lambda x, y, kw: langevin_step_reference(x, y, torch.tensor([0.1, 0.01, 1e-3], device=dev), **kw),
+        ),
     ]
 
 

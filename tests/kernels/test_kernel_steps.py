@@ -8,17 +8,17 @@ import math
 import numpy as np
 import pytest
 import torch
-from tests.reference._kernel_ref import ddim_step as ddim_ref
-from tests.reference._kernel_ref import ddpm_step as ddpm_ref
-from tests.reference._kernel_ref import euler_maruyama_step as em_ref
-from tests.reference._kernel_ref import langevin_step as langevin_ref
-from tests.reference._kernel_ref import magnitude, rel_err, stream_normal, subvp_coefs, ve_coefs, vp_coefs
-from tests.kernels._kernel_strategies import DTYPES, KSET, TOL, make, schedules, shapes, timestep, tnp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import diffmath as dm
 import diffmath.kernels as K
+from tests.kernels._kernel_strategies import DTYPES, KSET, TOL, make, schedules, shapes, timestep, tnp
+from tests.reference._kernel_ref import ddim_step as ddim_ref
+from tests.reference._kernel_ref import ddpm_step as ddpm_ref
+from tests.reference._kernel_ref import euler_maruyama_step as em_ref
+from tests.reference._kernel_ref import langevin_step as langevin_ref
+from tests.reference._kernel_ref import magnitude, rel_err, stream_normal, subvp_coefs, ve_coefs, vp_coefs
 
 samplers = pytest.importorskip("diffmath.samplers")
 sde_mod = pytest.importorskip("diffmath.sde")
@@ -57,16 +57,23 @@ def _check(out, ref, core, x, mag):
 # ----------------------------------------------------------------------------- DDPM
 @settings(KSET)
 @given(
-    s=schedules(), shape=shapes(), dtype=st.sampled_from(DTYPES), data=st.data(), seed=st.integers(0, 2**32),
-    variance=st.sampled_from(["small", "large"]), clip=st.sampled_from([None, 1.0, 0.5]),
-)  # fmt: skip
+    s=schedules(),
+    shape=shapes(),
+    dtype=st.sampled_from(DTYPES),
+    data=st.data(),
+    seed=st.integers(0, 2**32),
+    variance=st.sampled_from(["small", "large"]),
+    clip=st.sampled_from([None, 1.0, 0.5]),
+)
 def test_ddpm_matches_reference(path, s, shape, dtype, data, seed, variance, clip):
     _, dev = path
     t = data.draw(timestep(s.num_timesteps, shape[0]))
     (x, eps, z), (xn, en, zn) = make(shape, dtype, dev, seed, 3)
     out = K.ddpm_step(s, x, _dev(t, dev), eps, noise=z, variance=variance, clip_x0=clip)
     ref = ddpm_ref(s.betas, xn, tnp(t), en, zn, variance, clip)
-    core = samplers.ddpm_step(s, torch.from_numpy(xn), t, torch.from_numpy(en), torch.from_numpy(zn), variance=variance, clip_x0=clip)
+    core = samplers.ddpm_step(
+        s, torch.from_numpy(xn), t, torch.from_numpy(en), torch.from_numpy(zn), variance=variance, clip_x0=clip
+    )
     # the terms' size before the clip: clipping is 1-Lipschitz, so it passes on x0's rounding
     # error (~eps32 (|x| + |eps|) / sqrt(abar)) whatever it clips to
     mag = magnitude(lambda x_, e_, z_: ddpm_ref(s.betas, x_, tnp(t), e_, z_, variance, None), xn, en, zn)
@@ -100,9 +107,13 @@ def ddim_pair(draw, T, B):
 
 @settings(KSET)
 @given(
-    s=schedules(), shape=shapes(), dtype=st.sampled_from(DTYPES), data=st.data(), seed=st.integers(0, 2**32),
+    s=schedules(),
+    shape=shapes(),
+    dtype=st.sampled_from(DTYPES),
+    data=st.data(),
+    seed=st.integers(0, 2**32),
     eta=st.sampled_from([0.0, 0.3, 1.0]),
-)  # fmt: skip
+)
 def test_ddim_matches_reference(path, s, shape, dtype, data, seed, eta):
     _, dev = path
     t, tp = data.draw(ddim_pair(s.num_timesteps, shape[0]))
@@ -110,7 +121,13 @@ def test_ddim_matches_reference(path, s, shape, dtype, data, seed, eta):
     out = K.ddim_step(s, x, _dev(t, dev), _dev(tp, dev), eps, noise=z, eta=eta)
     ref = ddim_ref(s.betas, xn, tnp(t), tnp(tp), en, zn, eta)
     core = samplers.ddim_step(s, torch.from_numpy(xn), t, tp, torch.from_numpy(en), torch.from_numpy(zn), eta=eta)
-    _check(out, ref, core.numpy(), x, magnitude(lambda x_, e_, z_: ddim_ref(s.betas, x_, tnp(t), tnp(tp), e_, z_, eta), xn, en, zn))
+    _check(
+        out,
+        ref,
+        core.numpy(),
+        x,
+        magnitude(lambda x_, e_, z_: ddim_ref(s.betas, x_, tnp(t), tnp(tp), e_, z_, eta), xn, en, zn),
+    )
 
 
 def test_ddim_eta0_needs_no_noise(path):
@@ -126,9 +143,14 @@ def test_ddim_eta0_needs_no_noise(path):
 # ----------------------------------------------------------------------------- SDE, Langevin
 @settings(KSET)
 @given(
-    shape=shapes(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**32), kind=st.sampled_from(sorted(SDES)),
-    t=st.floats(0.05, 1.0), dt=st.floats(-0.05, -1e-4), per_sample=st.booleans(),
-)  # fmt: skip
+    shape=shapes(),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**32),
+    kind=st.sampled_from(sorted(SDES)),
+    t=st.floats(0.05, 1.0),
+    dt=st.floats(-0.05, -1e-4),
+    per_sample=st.booleans(),
+)
 def test_euler_maruyama_matches_reference(path, shape, dtype, seed, kind, t, dt, per_sample):
     _, dev = path
     make_sde, coefs = SDES[kind]
@@ -138,12 +160,20 @@ def test_euler_maruyama_matches_reference(path, shape, dtype, seed, kind, t, dt,
     out = K.euler_maruyama_step(sde, x, tt.to(dev) if per_sample else tt, dt, score, noise=z)
     ref = em_ref(coefs, xn, tnp(tt), dt, sn, zn)
     sc = torch.from_numpy(sn)
-    core = samplers.euler_maruyama_step(sde.reverse(lambda x_, t_: sc), torch.from_numpy(xn), tt, dt, torch.from_numpy(zn))
+    core = samplers.euler_maruyama_step(
+        sde.reverse(lambda x_, t_: sc), torch.from_numpy(xn), tt, dt, torch.from_numpy(zn)
+    )
     _check(out, ref, core.numpy(), x, magnitude(lambda x_, s_, z_: em_ref(coefs, x_, tnp(tt), dt, s_, z_), xn, sn, zn))
 
 
 @settings(KSET)
-@given(shape=shapes(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**32), h=st.floats(1e-6, 1.0), per_sample=st.booleans())
+@given(
+    shape=shapes(),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**32),
+    h=st.floats(1e-6, 1.0),
+    per_sample=st.booleans(),
+)
 def test_langevin_matches_reference(path, shape, dtype, seed, h, per_sample):
     _, dev = path
     (x, score, z), (xn, sn, zn) = make(shape, dtype, dev, seed, 3)

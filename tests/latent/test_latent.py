@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from diffmath.pipeline.data import Data, load_digits
 from diffmath.latent import (
     LatentCacheError,
     VAEConfig,
     check_unet_fits,
     check_vae_fits,
-    comparison_table,
     compare_pixel_latent,
+    comparison_table,
     decode_latents,
     encode_dataset,
     load_latents,
@@ -31,15 +30,29 @@ from diffmath.latent import (
 )
 from diffmath.nn.vae import VAE
 from diffmath.pipeline.config import TrainConfig
+from diffmath.pipeline.data import Data, load_digits
 from diffmath.pipeline.rundir import RunError
 
 torch.set_num_threads(1)
 
 TINY_VAE = dict(channels=8, steps=25, batch_size=64, lr=3e-3, warmup=5, progress=False, device="cpu", elbo_samples=1)
 TINY_UNET = dict(
-    data="digits", image_size=8, steps=6, batch_size=32, channels=8, channel_mult=(1,), num_res_blocks=1,
-    attention_resolutions=(4,), dropout=0.0, schedule="cosine", timesteps=50, warmup=2, lr=1e-3, save_every=3,
-    progress=False, device="cpu",
+    data="digits",
+    image_size=8,
+    steps=6,
+    batch_size=32,
+    channels=8,
+    channel_mult=(1,),
+    num_res_blocks=1,
+    attention_resolutions=(4,),
+    dropout=0.0,
+    schedule="cosine",
+    timesteps=50,
+    warmup=2,
+    lr=1e-3,
+    save_every=3,
+    progress=False,
+    device="cpu",
 )
 
 
@@ -67,7 +80,12 @@ def test_encode_decode_roundtrip_shapes_and_scale(tmp_path, digits, vae_a):
     cache = encode_dataset(vae_a, digits, path)
     loaded = load_latents(path, vae=vae_a, data=digits)
     assert loaded.latent_shape == vae_a.latent_shape == (2, 4, 4)
-    assert loaded.train.shape == (len(digits.train), 2, 4, 4) and loaded.held_out.shape == (len(digits.held_out), 2, 4, 4)
+    assert loaded.train.shape == (len(digits.train), 2, 4, 4) and loaded.held_out.shape == (
+        len(digits.held_out),
+        2,
+        4,
+        4,
+    )
     np.testing.assert_array_equal(loaded.train, cache.train)
     np.testing.assert_array_equal(loaded.labels_train, digits.labels_train)
     # the cached latents are the posterior means of the VAE, computed here independently
@@ -143,7 +161,9 @@ def test_no_pickle_is_loaded(tmp_path, digits, vae_a, monkeypatch):
 # ----------------------------------------------------------------------------- bad input
 def test_image_sizes_the_vae_cannot_handle(digits, vae_a):
     d16 = Data("digits16", "image", np.zeros((4, 1, 16, 16), np.float32), np.zeros((2, 1, 16, 16), np.float32), 256)
-    with pytest.raises(ValueError, match=r"the VAE takes images of shape \(1, 8, 8\); the 'digits16' images have shape \(1, 16, 16\)"):
+    with pytest.raises(
+        ValueError, match=r"the VAE takes images of shape \(1, 8, 8\); the 'digits16' images have shape \(1, 16, 16\)"
+    ):
         encode_dataset(vae_a, d16)
     with pytest.raises(ValueError, match=r"down-samples by f = 4 .* divisible by 4; the data are 10x10"):
         check_vae_fits(VAEConfig(image_size=8, channel_mult=(1, 2, 2)), (1, 10, 10))
@@ -170,8 +190,12 @@ def test_unet_misfit_is_refused_before_the_vae_is_trained(tmp_path, digits, monk
 
     monkeypatch.setattr(latent_diffusion, "train_vae", no_training)
     with pytest.raises(ValueError, match=r"down-samples by 8 .* the latents are 4x4"):
-        train_latent(tmp_path / "a", TrainConfig(**{**TINY_UNET, "channel_mult": (1, 2, 2, 2)}),
-                     vae_config=VAEConfig(**TINY_VAE), data=digits)
+        train_latent(
+            tmp_path / "a",
+            TrainConfig(**{**TINY_UNET, "channel_mult": (1, 2, 2, 2)}),
+            vae_config=VAEConfig(**TINY_VAE),
+            data=digits,
+        )
     with pytest.raises(ValueError, match="learn_sigma is not supported"):
         train_latent(tmp_path / "b", TrainConfig(**{**TINY_UNET, "learn_sigma": True}), data=digits)
     assert not (tmp_path / "b").exists()  # nothing written
@@ -256,9 +280,14 @@ def test_overwrite_with_a_given_vae(tmp_path, digits, vae_a):
 def test_compare_pixel_latent_writes_a_table(tmp_path, vae_a):
     small = dict(TINY_UNET, channel_mult=(1, 2), timesteps=50)
     r = compare_pixel_latent(
-        tmp_path / "cmp", budget_s=1.0, vae_config=VAEConfig(**{**TINY_VAE, "steps": 5}),
-        pixel_config=TrainConfig(**small), latent_config=TrainConfig(**{**small, "channel_mult": (1,)}),
-        num_samples=30, steps=4, device="cpu",
+        tmp_path / "cmp",
+        budget_s=1.0,
+        vae_config=VAEConfig(**{**TINY_VAE, "steps": 5}),
+        pixel_config=TrainConfig(**small),
+        latent_config=TrainConfig(**{**small, "channel_mult": (1,)}),
+        num_samples=30,
+        steps=4,
+        device="cpu",
     )
     for k in ("pixel", "latent"):
         assert r[k]["steps"] >= 10 and r[k]["train_s"] > 0 and r[k]["sample_s"] > 0
@@ -279,19 +308,23 @@ def test_demo_latent_writes_a_report_and_reuses_its_run(tmp_path):
     out = tmp_path / "demo"
     over = {k: v for k, v in TINY_UNET.items() if k not in ("progress", "device")}
     vae_over = {k: v for k, v in TINY_VAE.items() if k not in ("progress", "device")}
-    m = demo_latent(out, device="cpu", progress=False, config_overrides=over, vae_overrides=vae_over,
-                    num_samples=20, steps=3)
+    m = demo_latent(
+        out, device="cpu", progress=False, config_overrides=over, vae_overrides=vae_over, num_samples=20, steps=3
+    )
     assert m["num_samples"] == 20 and 0 <= m["mean_confidence"] <= 1 and m["latent"]["shape"] == [2, 4, 4]
     assert math.isfinite(m["vae"]["held_out_elbo_bpd"]) and m["vae"]["held_out_elbo_bpd"] > 0
     for name in ("report.md", "metrics.json", "samples.npz", "samples.png", "latent.json", "latents.safetensors"):
         assert (out / name).exists(), name
     assert "bits/dim" in (out / "report.md").read_text()
     vae_bytes = (out / "vae" / "vae.safetensors").read_bytes()
-    m2 = demo_latent(out, device="cpu", progress=False, config_overrides=over, vae_overrides=vae_over,
-                     num_samples=20, steps=3)  # reuses the finished run: nothing is retrained
+    m2 = demo_latent(
+        out, device="cpu", progress=False, config_overrides=over, vae_overrides=vae_over, num_samples=20, steps=3
+    )  # reuses the finished run: nothing is retrained
     assert (out / "vae" / "vae.safetensors").read_bytes() == vae_bytes and "vae_train_s" not in m2["timings"]
     with pytest.raises(RunError, match="holds something other than this latent demo run"):
-        demo_latent(out, device="cpu", progress=False, config_overrides={**over, "channels": 16}, vae_overrides=vae_over)
+        demo_latent(
+            out, device="cpu", progress=False, config_overrides={**over, "channels": 16}, vae_overrides=vae_over
+        )
 
 
 # ----------------------------------------------------------------------------- issue 11: the cache's SHA-256
@@ -334,14 +367,21 @@ def test_resume_re_encodes_a_damaged_cache_with_a_warning(tmp_path, digits, vae_
     info["scale_factor"] *= 1.5
     (out / "latent.json").write_text(json.dumps(info))
     _flip_a_latent_bit(cache)
-    with pytest.warns(UserWarning, match="encoding the data again"), pytest.raises(LatentCacheError,
-                                                                                   match="cannot be resumed"):
+    with (
+        pytest.warns(UserWarning, match="encoding the data again"),
+        pytest.raises(LatentCacheError, match="cannot be resumed"),
+    ):
         train_latent(out, TrainConfig(**{**TINY_UNET, "steps": 5}), resume=True, data=digits)
 
 
-@pytest.mark.parametrize("key,value,msg", [("vae_hash", None, "lacks the key 'vae_hash'"),
-                                           ("scale_factor", "1.3", "the key 'scale_factor' must be"),
-                                           ("unet_run", "../elsewhere", "must name a folder inside the run")])
+@pytest.mark.parametrize(
+    "key,value,msg",
+    [
+        ("vae_hash", None, "lacks the key 'vae_hash'"),
+        ("scale_factor", "1.3", "the key 'scale_factor' must be"),
+        ("unet_run", "../elsewhere", "must name a folder inside the run"),
+    ],
+)
 def test_a_tampered_latent_json_names_the_key(tmp_path, digits, vae_a, key, value, msg):
     out = tmp_path / "run"
     train_latent(out, TrainConfig(**{**TINY_UNET, "steps": 3}), vae=vae_a, data=digits)
@@ -359,8 +399,9 @@ def test_a_tampered_latent_json_names_the_key(tmp_path, digits, vae_a, key, valu
 
 def test_a_latent_run_from_before_markers_is_adopted_then_overwritten_by_its_markers(tmp_path, digits):
     out = tmp_path / "run"
-    train_latent(out, TrainConfig(**{**TINY_UNET, "steps": 3}), vae_config=VAEConfig(**{**TINY_VAE, "steps": 3}),
-                 data=digits)
+    train_latent(
+        out, TrainConfig(**{**TINY_UNET, "steps": 3}), vae_config=VAEConfig(**{**TINY_VAE, "steps": 3}), data=digits
+    )
     for p in list(out.rglob(".diffmath-run")) + list(out.rglob(".diffmath.lock")):
         p.unlink()  # as an older diffmath left the run
     (out / "notes.txt").write_text("mine\n")
@@ -369,7 +410,12 @@ def test_a_latent_run_from_before_markers_is_adopted_then_overwritten_by_its_mar
     m = json.loads((out / ".diffmath-run").read_text())
     assert m["runs"] == ["unet", "vae"] and "latent.json" in m["files"] and "notes.txt" not in m["files"]
     assert "vae.json" in json.loads((out / "vae" / ".diffmath-run").read_text())["files"]
-    train_latent(out, TrainConfig(**{**TINY_UNET, "steps": 3}), vae_config=VAEConfig(**{**TINY_VAE, "steps": 3}),
-                 data=digits, overwrite=True)
+    train_latent(
+        out,
+        TrainConfig(**{**TINY_UNET, "steps": 3}),
+        vae_config=VAEConfig(**{**TINY_VAE, "steps": 3}),
+        data=digits,
+        overwrite=True,
+    )
     assert (out / "notes.txt").read_text() == "mine\n" and (out / "vae" / "notes.txt").read_text() == "mine too\n"
     assert (out / "unet" / "step-000003.json").exists() and not (out / "unet" / "step-000004.json").exists()

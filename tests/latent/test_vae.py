@@ -11,8 +11,6 @@ import scipy.integrate
 import scipy.stats
 import torch
 
-from diffmath.pipeline.data import Data, load_digits
-from diffmath.gaussian import normal_kl
 from diffmath.latent import (
     VAEConfig,
     elbo,
@@ -26,6 +24,7 @@ from diffmath.latent import (
     vae_loss,
 )
 from diffmath.nn.vae import VAE
+from diffmath.pipeline.data import Data, load_digits
 
 torch.set_num_threads(1)
 
@@ -38,10 +37,13 @@ def test_kl_term_matches_scipy_quadrature_and_entropy(mu, logvar):
     sd = math.exp(0.5 * logvar)
     q, p = scipy.stats.norm(mu, sd), scipy.stats.norm(0.0, 1.0)
     lo, hi = mu - 40 * sd, mu + 40 * sd
-    cross = scipy.integrate.quad(lambda z: -q.pdf(z) * p.logpdf(z), lo, hi, points=[mu], epsabs=0, epsrel=1e-12, limit=200)[0]
+    cross = scipy.integrate.quad(
+        lambda z: -q.pdf(z) * p.logpdf(z), lo, hi, points=[mu], epsabs=0, epsrel=1e-12, limit=200
+    )[0]
     ref_entropy = cross - float(q.entropy())
-    ref_quad = scipy.integrate.quad(lambda z: q.pdf(z) * (q.logpdf(z) - p.logpdf(z)), lo, hi, points=[mu],
-                                    epsabs=1e-14, epsrel=1e-11, limit=200)[0]
+    ref_quad = scipy.integrate.quad(
+        lambda z: q.pdf(z) * (q.logpdf(z) - p.logpdf(z)), lo, hi, points=[mu], epsabs=1e-14, epsrel=1e-11, limit=200
+    )[0]
     m = torch.full((3, 1, 2, 2), mu, dtype=torch.float64)
     lv = torch.full((3, 1, 2, 2), logvar, dtype=torch.float64)
     ours = kl_to_standard_normal(m, lv)
@@ -91,7 +93,9 @@ def test_reparameterized_sample_has_the_posterior_mean_and_variance():
 
 
 # ----------------------------------------------------------------------------- shapes and bad input
-@pytest.mark.parametrize("size, mult, latent", [(8, (1, 2), (2, 4, 4)), (16, (1, 2, 2), (3, 4, 4)), (8, (1,), (3, 8, 8))])
+@pytest.mark.parametrize(
+    "size, mult, latent", [(8, (1, 2), (2, 4, 4)), (16, (1, 2, 2), (3, 4, 4)), (8, (1,), (3, 8, 8))]
+)
 def test_shapes(size, mult, latent):
     v = VAE(image_size=size, channel_mult=mult, latent_channels=latent[0], channels=8)
     assert v.latent_shape == latent and v.factor == 2 ** (len(mult) - 1)
@@ -122,7 +126,11 @@ def test_bad_input_gets_clear_errors():
     # a dataset whose image size the VAE cannot handle
     data = Data("odd", "image", np.zeros((8, 1, 6, 6), np.float32), np.zeros((2, 1, 6, 6), np.float32), 256)
     with pytest.raises(ValueError, match=r"down-samples by f = 4 .* divisible by 4; the 'odd' images are 6x6"):
-        train_vae(VAEConfig(image_size=6, channel_mult=(1, 2, 2), steps=1, progress=False, device="cpu"), "/nonexistent", data=data)
+        train_vae(
+            VAEConfig(image_size=6, channel_mult=(1, 2, 2), steps=1, progress=False, device="cpu"),
+            "/nonexistent",
+            data=data,
+        )
 
 
 def test_log_variances_are_bounded_softly():
@@ -144,8 +152,20 @@ def _tiny_vae_on_2x2_digits():
     d = load_digits()
     crop = lambda a: np.ascontiguousarray(a[:, :, 3:5, 3:5])  # noqa: E731
     data = Data("digits2x2", "image", crop(d.train), crop(d.held_out), 17)
-    cfg = VAEConfig(image_size=2, channels=4, channel_mult=(1, 2), latent_channels=1, steps=150, batch_size=64,
-                    lr=5e-3, warmup=10, seed=3, progress=False, device="cpu", elbo_samples=1)
+    cfg = VAEConfig(
+        image_size=2,
+        channels=4,
+        channel_mult=(1, 2),
+        latent_channels=1,
+        steps=150,
+        batch_size=64,
+        lr=5e-3,
+        warmup=10,
+        seed=3,
+        progress=False,
+        device="cpu",
+        elbo_samples=1,
+    )
     return data, cfg
 
 
@@ -189,10 +209,19 @@ def test_elbo_and_iwae_against_log_likelihood_by_quadrature(tmp_path):
         joint = lambda z: _log_px_decoder(v, x, z) + scipy.stats.norm.logpdf(z)  # noqa: E731
         # p(x) by quadrature, scaled by exp(c) to avoid underflow
         c = max(joint(z) for z in np.linspace(lo, hi, 201))
-        px = scipy.integrate.quad(lambda z: math.exp(joint(z) - c), lo, hi, points=[qm], epsabs=0, epsrel=1e-9, limit=200)[0]
+        px = scipy.integrate.quad(
+            lambda z: math.exp(joint(z) - c), lo, hi, points=[qm], epsabs=0, epsrel=1e-9, limit=200
+        )[0]
         log_px = math.log(px) + c
-        elbo_exact = scipy.integrate.quad(lambda z: q.pdf(z) * (joint(z) - q.logpdf(z)), qm - 12 * qs, qm + 12 * qs,
-                                          points=[qm], epsabs=1e-12, epsrel=1e-9, limit=200)[0]
+        elbo_exact = scipy.integrate.quad(
+            lambda z: q.pdf(z) * (joint(z) - q.logpdf(z)),
+            qm - 12 * qs,
+            qm + 12 * qs,
+            points=[qm],
+            epsabs=1e-12,
+            epsrel=1e-9,
+            limit=200,
+        )[0]
         assert elbo_exact < log_px
         # diffmath's ELBO estimate
         e = elbo(v, xt.expand(4000, 1, 2, 2), 17, samples=1, generator=g)["elbo"].numpy()

@@ -29,7 +29,10 @@ def _old_nn(tmp_path):
         try:
             src = subprocess.run(
                 ["git", "-C", str(REPO), "show", f"{UNCONDITIONAL_COMMIT}:diffmath/nn/{name}"],
-                capture_output=True, text=True, check=True, timeout=60,
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=60,
             ).stdout
         except (OSError, subprocess.SubprocessError):
             pytest.skip("needs the git history (the unconditional networks' commit) to compare against")

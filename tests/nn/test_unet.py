@@ -1,4 +1,3 @@
-
 import numpy as np
 import pytest
 import torch
@@ -23,8 +22,16 @@ def test_timestep_embedding_matches_the_transformer_formula():
     "kw,shape",
     [
         (dict(channels=8, channel_mult=(1, 2), attention_resolutions=(4,), image_size=8), (3, 1, 8, 8)),
-        (dict(channels=8, channel_mult=(1, 2, 2), attention_resolutions=(8, 2), image_size=16, num_res_blocks=1), (2, 1, 16, 16)),
-        (dict(in_channels=3, channels=6, channel_mult=(1,), attention_resolutions=(), image_size=5, num_res_blocks=1), (1, 3, 5, 5)),
+        (
+            dict(channels=8, channel_mult=(1, 2, 2), attention_resolutions=(8, 2), image_size=16, num_res_blocks=1),
+            (2, 1, 16, 16),
+        ),
+        (
+            dict(
+                in_channels=3, channels=6, channel_mult=(1,), attention_resolutions=(), image_size=5, num_res_blocks=1
+            ),
+            (1, 3, 5, 5),
+        ),
     ],
 )
 @pytest.mark.parametrize("learn_sigma", [False, True])

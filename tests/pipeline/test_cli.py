@@ -10,8 +10,23 @@ from diffmath.cli import build_parser, main, run_demo, train_config_from_args
 
 torch.set_num_threads(1)
 
-TINY_FLAGS = ["--steps", "4", "--batch-size", "16", "--channels", "8", "--channel-mult", "1,2", "--num-res-blocks", "1",
-              "--timesteps", "50", "--save-every", "2", "--no-progress"]
+TINY_FLAGS = [
+    "--steps",
+    "4",
+    "--batch-size",
+    "16",
+    "--channels",
+    "8",
+    "--channel-mult",
+    "1,2",
+    "--num-res-blocks",
+    "1",
+    "--timesteps",
+    "50",
+    "--save-every",
+    "2",
+    "--no-progress",
+]
 
 
 @pytest.fixture
@@ -28,9 +43,34 @@ def _err(capsys):
 
 # ----------------------------------------------------------------------------- help and flags
 DESIGN_FLAGS = {
-    "train": ["--data", "--out", "--steps", "--batch-size", "--lr", "--channels", "--image-size", "--prediction",
-              "--schedule", "--save-every", "--seed", "--device", "--config", "--resume", "--overwrite"],
-    "sample": ["--run", "--checkpoint", "--out", "--sampler", "--steps", "--eta", "--num-samples", "--seed", "--device"],
+    "train": [
+        "--data",
+        "--out",
+        "--steps",
+        "--batch-size",
+        "--lr",
+        "--channels",
+        "--image-size",
+        "--prediction",
+        "--schedule",
+        "--save-every",
+        "--seed",
+        "--device",
+        "--config",
+        "--resume",
+        "--overwrite",
+    ],
+    "sample": [
+        "--run",
+        "--checkpoint",
+        "--out",
+        "--sampler",
+        "--steps",
+        "--eta",
+        "--num-samples",
+        "--seed",
+        "--device",
+    ],
     "evaluate": ["--run", "--samples", "--out"],
     "demo": ["--out"],
     "bench": ["--quick"],
@@ -128,9 +168,11 @@ def test_train_input_errors(tmp_path, capsys):
     assert main(["train", "--config", str(bad), "--out", str(tmp_path / "r3")]) == 2
     assert "not valid TOML" in _err(capsys)
     # TOML values of the wrong type are named (a string "no" used to switch learn_sigma on)
-    for line, msg in (('channel_mult = "1,2"', "channel_mult must be a list of integers"),
-                      ("channel_mult = [1.7, 2]", "channel_mult must be a list of integers"),
-                      ('learn_sigma = "no"', "learn_sigma must be true or false")):
+    for line, msg in (
+        ('channel_mult = "1,2"', "channel_mult must be a list of integers"),
+        ("channel_mult = [1.7, 2]", "channel_mult must be a list of integers"),
+        ('learn_sigma = "no"', "learn_sigma must be true or false"),
+    ):
         bad.write_text(f'data = "gmm"\n{line}\n')
         assert main(["train", "--config", str(bad), "--out", str(tmp_path / "r3")]) == 2
         assert msg in _err(capsys)
@@ -166,12 +208,51 @@ def test_toml_config_and_flag_precedence(tmp_path, capsys):
 # ----------------------------------------------------------------------------- end to end
 def test_toy_train_sample_evaluate(tmp_path, capsys):
     run = tmp_path / "gmm"
-    assert main(["train", "--data", "gmm", "--out", str(run), "--steps", "200", "--batch-size", "128",
-                 "--channels", "16", "--timesteps", "50", "--lr", "2e-3", "--ema-decay", "0.99", "--save-every", "200",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                "gmm",
+                "--out",
+                str(run),
+                "--steps",
+                "200",
+                "--batch-size",
+                "128",
+                "--channels",
+                "16",
+                "--timesteps",
+                "50",
+                "--lr",
+                "2e-3",
+                "--ema-decay",
+                "0.99",
+                "--save-every",
+                "200",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     for sampler, steps in (("em", "200"), ("ddim", "20")):
-        assert main(["sample", "--run", str(run), "--sampler", sampler, "--steps", steps, "--num-samples", "300",
-                     "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "sample",
+                    "--run",
+                    str(run),
+                    "--sampler",
+                    sampler,
+                    "--steps",
+                    steps,
+                    "--num-samples",
+                    "300",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         with np.load(run / "samples.npz", allow_pickle=False) as z:
             assert z["samples"].shape == (300, 2) and json.loads(str(z["info"]))["sampler"] == sampler
     assert main(["evaluate", "--run", str(run), "--no-progress"]) == 0
@@ -186,11 +267,41 @@ def test_digits_train_sample_evaluate_and_errors(tmp_path, cache, capsys):
     run = tmp_path / "digits"
     assert main(["train", "--data", "digits", "--out", str(run)] + TINY_FLAGS) == 0
     out = tmp_path / "samples"
-    assert main(["sample", "--checkpoint", str(run / "step-000004.safetensors"), "--out", str(out), "--steps", "5",
-                 "--num-samples", "40", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(run / "step-000004.safetensors"),
+                "--out",
+                str(out),
+                "--steps",
+                "5",
+                "--num-samples",
+                "40",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert (out / "samples.png").exists()
-    assert main(["evaluate", "--run", str(run), "--samples", str(out / "samples.npz"), "--out", str(out),
-                 "--vlb-images", "3", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--run",
+                str(run),
+                "--samples",
+                str(out / "samples.npz"),
+                "--out",
+                str(out),
+                "--vlb-images",
+                "3",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     m = json.loads((out / "metrics.json").read_text())
     assert len(m["class_histogram"]) == 10 and sum(m["class_histogram"]) == 40
     fd = m["frechet_distance"]
@@ -220,16 +331,34 @@ def test_demo_writes_the_report_and_reuses_its_training(tmp_path, cache):
     sweep = dict(guidance_scales=(0.0, 1.0), per_class=2, per_class_other=1)
     out = tmp_path / "demo"
     m = run_demo(out, progress=False, config_overrides=tiny, num_samples=30, vlb_images=2, **sweep)
-    for f in ("samples.png", "loss.png", "schedule.png", "metrics.json", "report.md", "config.json", "classes.png",
-              "classes.npz", "guidance.png"):
+    for f in (
+        "samples.png",
+        "loss.png",
+        "schedule.png",
+        "metrics.json",
+        "report.md",
+        "config.json",
+        "classes.png",
+        "classes.npz",
+        "guidance.png",
+    ):
         assert (out / f).exists(), f
     report = (out / "report.md").read_text()
     for link in ("(samples.png)", "(loss.png)", "(schedule.png)", "(metrics.json)", "(classes.png)", "(guidance.png)"):
         assert link in report
     assert "mean classifier confidence" in report and "floor (real held-out)" in report
     assert "| guidance s |" in report and "Per digit at s = 1.5" in report and "Per digit at s = 1 " in report
-    assert set(m["timings"]) == {"train_s", "sample_s", "evaluate_s", "guidance_s", "total_s", "cpu_s", "device",
-                                 "threads", "load_avg_1min"}
+    assert set(m["timings"]) == {
+        "train_s",
+        "sample_s",
+        "evaluate_s",
+        "guidance_s",
+        "total_s",
+        "cpu_s",
+        "device",
+        "threads",
+        "load_avg_1min",
+    }
     assert [r["guidance"] for r in m["guidance"]["scales"]] == [0.0, 1.0, 1.5]
     assert [r["per_class"] for r in m["guidance"]["scales"]] == [1, 2, 2]
     before = (out / "step-000004.safetensors").read_bytes()
@@ -288,8 +417,26 @@ def test_bench_quick_runs_end_to_end():
 
 
 # ----------------------------------------------------------------------------- latent diffusion
-LATENT_TINY = ["--latent", "--vae-steps", "5", "--vae-channels", "8", "--steps", "4", "--batch-size", "16",
-               "--channels", "8", "--num-res-blocks", "1", "--timesteps", "50", "--save-every", "2", "--no-progress"]
+LATENT_TINY = [
+    "--latent",
+    "--vae-steps",
+    "5",
+    "--vae-channels",
+    "8",
+    "--steps",
+    "4",
+    "--batch-size",
+    "16",
+    "--channels",
+    "8",
+    "--num-res-blocks",
+    "1",
+    "--timesteps",
+    "50",
+    "--save-every",
+    "2",
+    "--no-progress",
+]
 
 
 def test_latent_channel_mult_defaults_to_1_unless_given(tmp_path):
@@ -330,8 +477,28 @@ def test_latent_train_sample_evaluate(tmp_path, cache, capsys):
     lat = {}
     for ladder in ("schedule", "exponential"):
         so = tmp_path / f"solver-{ladder}"
-        assert main(["sample", "--latent", "--run", str(run), "--out", str(so), "--sampler", "dpmpp-2m", "--sigmas",
-                     ladder, "--steps", "3", "--num-samples", "8", "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "sample",
+                    "--latent",
+                    "--run",
+                    str(run),
+                    "--out",
+                    str(so),
+                    "--sampler",
+                    "dpmpp-2m",
+                    "--sigmas",
+                    ladder,
+                    "--steps",
+                    "3",
+                    "--num-samples",
+                    "8",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         with np.load(so / "samples.npz", allow_pickle=False) as z:
             info = json.loads(str(z["info"]))
             assert info["sampler"] == "dpmpp-2m" and info["sigmas"] == ladder and info["nfe"] == 3
@@ -347,8 +514,23 @@ def test_latent_train_sample_evaluate(tmp_path, cache, capsys):
     assert m["vae"]["held_out_elbo_bpd"] > 0 and isinstance(m["test_vlb"], str)
     # plain sampling of the latent U-Net: no x0 clipping (latents are not in [-1, 1]), a picture of the latents
     out = tmp_path / "raw"
-    assert main(["sample", "--run", str(run / "unet"), "--out", str(out), "--steps", "3", "--num-samples", "12",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--run",
+                str(run / "unet"),
+                "--out",
+                str(out),
+                "--steps",
+                "3",
+                "--num-samples",
+                "12",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     with np.load(out / "samples.npz", allow_pickle=False) as z:
         assert z["samples"].shape == (12, 2, 4, 4) and json.loads(str(z["info"]))["clip_x0"] is None
         assert np.abs(z["samples"]).max() > 1  # an untrained eps-model's x0 lands far outside [-1, 1]
@@ -362,20 +544,41 @@ def test_latent_train_sample_evaluate(tmp_path, cache, capsys):
     assert (run / "unet" / "step-000006.json").exists() and (run / "vae" / "vae.safetensors").read_bytes() == vae_bytes
     # --vae reuses that VAE in a new run: no VAE is trained, the hash is the run's
     run2 = tmp_path / "ld2"
-    assert main(["train", "--data", "digits", "--out", str(run2), "--vae", str(run / "vae"), *LATENT_TINY[5:],
-                 "--latent", "--encode-mode", "sample"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                "digits",
+                "--out",
+                str(run2),
+                "--vae",
+                str(run / "vae"),
+                *LATENT_TINY[5:],
+                "--latent",
+                "--encode-mode",
+                "sample",
+            ]
+        )
+        == 0
+    )
     info2 = read_latent_run(run2)
     assert info2["vae_hash"] == info["vae_hash"] and info2["encode_mode"] == "sample" and not (run2 / "vae").exists()
     # bad combinations
     assert main(["train", "--data", "digits", "--out", str(tmp_path / "p"), "--vae-steps", "5"] + TINY_FLAGS) == 2
     assert "--vae-steps is for latent diffusion: add --latent" in _err(capsys)
-    assert main(["train", "--data", "digits", "--out", str(tmp_path / "q"), "--vae", str(run / "vae"),
-                 *LATENT_TINY]) == 2
+    assert (
+        main(["train", "--data", "digits", "--out", str(tmp_path / "q"), "--vae", str(run / "vae"), *LATENT_TINY]) == 2
+    )
     assert "give one or the other" in _err(capsys)
     assert main(["train", "--data", "digits", "--out", str(tmp_path / "q"), "--latent", "--learn-sigma"]) == 2
     assert "learn_sigma is not supported in latent space" in _err(capsys)
-    assert main(["sample", "--latent", "--checkpoint", str(run / "unet" / "step-000004.json"), "--out",
-                 str(tmp_path / "s")]) == 2
+    assert (
+        main(
+            ["sample", "--latent", "--checkpoint", str(run / "unet" / "step-000004.json"), "--out", str(tmp_path / "s")]
+        )
+        == 2
+    )
     assert "needs --run DIR" in _err(capsys)
     assert main(["sample", "--latent", "--run", str(run / "unet")]) == 2
     assert "is not a latent diffusion run" in _err(capsys)
@@ -399,15 +602,23 @@ def test_demo_latent_and_compare_latent_call_diffmath_latent(monkeypatch, capsys
     import diffmath.latent as latent
 
     calls = []
-    metrics = {"num_samples": 3, "data": "digits", "timings": {"total_s": 1.0},
-               "vae": {"held_out_elbo_bpd": 2.0}, "latent": {"shape": [2, 4, 4], "scale_factor": 1.5}}
+    metrics = {
+        "num_samples": 3,
+        "data": "digits",
+        "timings": {"total_s": 1.0},
+        "vae": {"held_out_elbo_bpd": 2.0},
+        "latent": {"shape": [2, 4, 4], "scale_factor": 1.5},
+    }
     monkeypatch.setattr(latent, "demo_latent", lambda out, **kw: calls.append(("latent", out, kw)) or metrics)
     monkeypatch.setattr(cli, "run_demo", lambda out, **kw: calls.append(("pixel", out, kw)) or metrics)
     assert main(["demo", "--latent", "--device", "cpu", "--no-progress"]) == 0
     assert main(["demo", "--latent", "--out", "elsewhere", "--overwrite", "--no-progress"]) == 0
     assert main(["demo", "--no-progress"]) == 0
-    assert [(c[0], str(c[1])) for c in calls] == [("latent", "runs/demo-latent"), ("latent", "elsewhere"),
-                                                   ("pixel", "runs/demo")]
+    assert [(c[0], str(c[1])) for c in calls] == [
+        ("latent", "runs/demo-latent"),
+        ("latent", "elsewhere"),
+        ("pixel", "runs/demo"),
+    ]
     assert calls[0][2] == {"overwrite": False, "device": "cpu", "progress": False}
     assert calls[1][2]["overwrite"] is True
     assert "scaling factor 1.5000" in capsys.readouterr().out
@@ -424,10 +635,22 @@ def test_demo_latent_and_compare_latent_call_diffmath_latent(monkeypatch, capsys
     assert "expected a positive" in _err(capsys)
 
 
-
 # ----------------------------------------------------------------------------- issue 11: hostile input
-GMM_TINY = ["--data", "gmm", "--steps", "2", "--batch-size", "16", "--channels", "4", "--timesteps", "50",
-            "--save-every", "2", "--no-progress"]
+GMM_TINY = [
+    "--data",
+    "gmm",
+    "--steps",
+    "2",
+    "--batch-size",
+    "16",
+    "--channels",
+    "4",
+    "--timesteps",
+    "50",
+    "--save-every",
+    "2",
+    "--no-progress",
+]
 
 
 def _rewrite_weights(js, change):
@@ -435,8 +658,8 @@ def _rewrite_weights(js, change):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from diffmath.pipeline.io import save_safetensors
     from diffmath.pipeline.checkpoint import CHECKPOINT_FORMAT
+    from diffmath.pipeline.io import save_safetensors
 
     st = js.with_suffix(".safetensors")
     with safe_open(str(st), framework="pt") as f:
@@ -483,13 +706,16 @@ def test_checkpoint_sha256_is_mandatory(tmp_path, capsys):
     assert "--trust-unverified" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("key,value,msg", [
-    ("rng", None, "lacks the key 'rng'"),
-    ("step", "2", "the key 'step' must be an integer >= 0"),
-    ("optimizer", {"param_groups": "x"}, "the key 'optimizer' must be"),
-    ("rng", {"torch_cpu": ["!!"], "torch_cuda": [""], "world_size": 1}, "the key 'rng' must be"),
-    ("config", [1, 2], "the key 'config' must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "key,value,msg",
+    [
+        ("rng", None, "lacks the key 'rng'"),
+        ("step", "2", "the key 'step' must be an integer >= 0"),
+        ("optimizer", {"param_groups": "x"}, "the key 'optimizer' must be"),
+        ("rng", {"torch_cpu": ["!!"], "torch_cuda": [""], "world_size": 1}, "the key 'rng' must be"),
+        ("config", [1, 2], "the key 'config' must be a JSON object"),
+    ],
+)
 def test_tampered_sidecars_name_the_key(tmp_path, capsys, key, value, msg):
     # issue 11: a missing `rng` silently made resume non-bit-exact; other keys gave KeyError tracebacks
     run = tmp_path / "run"
@@ -514,11 +740,26 @@ def test_nan_weights_give_an_error_not_nan_samples(tmp_path, capsys, sampler):
     # issue 11, 6.8: `diffmath sample` on NaN weights wrote a NaN samples.npz and exited 0
     run = tmp_path / "run"
     assert main(["train", "--out", str(run)] + GMM_TINY) == 0
-    _rewrite_weights(run / "step-000002.json",
-                     lambda t: {k: (v.fill_(float("nan")) if k.startswith("ema.") and v.is_floating_point() else v)
-                                for k, v in t.items()})
-    rc = main(["sample", "--run", str(run), "--sampler", sampler, "--steps", "20" if sampler == "pc" else "3",
-               "--num-samples", "4", "--no-progress"])
+    _rewrite_weights(
+        run / "step-000002.json",
+        lambda t: {
+            k: (v.fill_(float("nan")) if k.startswith("ema.") and v.is_floating_point() else v) for k, v in t.items()
+        },
+    )
+    rc = main(
+        [
+            "sample",
+            "--run",
+            str(run),
+            "--sampler",
+            sampler,
+            "--steps",
+            "20" if sampler == "pc" else "3",
+            "--num-samples",
+            "4",
+            "--no-progress",
+        ]
+    )
     err = _err(capsys)
     assert rc == 2 and "Traceback" not in err, err
     assert re.search(r"non-finite|not finite|nan|inf", err, re.I), err
@@ -529,10 +770,12 @@ def test_threads_and_seed_are_bounded(capsys):
     import os
 
     # issue 11: --threads 100000 segfaulted (exit 139); --seed 2**64 gave "Overflow when unpacking long long"
-    for argv, msg in ((["train", "--out", "X", "--threads", "100000"], f"an integer in [0, {os.cpu_count()}]"),
-                      (["sample", "--run", "X", "--threads", "-1"], "an integer in [0,"),
-                      (["train", "--out", "X", "--seed", str(2**64)], "an integer in [0, 2**63 - 1]"),
-                      (["sample", "--run", "X", "--seed", str(2**63)], "an integer in [0, 2**63 - 1]")):
+    for argv, msg in (
+        (["train", "--out", "X", "--threads", "100000"], f"an integer in [0, {os.cpu_count()}]"),
+        (["sample", "--run", "X", "--threads", "-1"], "an integer in [0,"),
+        (["train", "--out", "X", "--seed", str(2**64)], "an integer in [0, 2**63 - 1]"),
+        (["sample", "--run", "X", "--seed", str(2**63)], "an integer in [0, 2**63 - 1]"),
+    ):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2
@@ -559,7 +802,10 @@ def test_out_of_memory_is_a_message_not_a_traceback(tmp_path, capsys, monkeypatc
 
     monkeypatch.setattr(sm, "generate", lambda *a, **k: (_ for _ in ()).throw(MemoryError()))
     assert main(["sample", "--run", str(tmp_path / "ok"), "--batch-size", "7", "--no-progress"]) == 2
-    assert "out of memory (MemoryError" in (err := _err(capsys)) and "lower --batch-size (samples per network call, now 7)" in err
+    assert (
+        "out of memory (MemoryError" in (err := _err(capsys))
+        and "lower --batch-size (samples per network call, now 7)" in err
+    )
 
 
 def test_attention_resolutions_the_unet_never_has_are_an_error(tmp_path, capsys):
@@ -574,22 +820,84 @@ def test_attention_resolutions_the_unet_never_has_are_an_error(tmp_path, capsys)
     assert "[2] would never get attention" in _err(capsys)
     # the default (4) on a U-Net without a 4x4 level is dropped with a warning, as before
     with pytest.warns(UserWarning, match="would never get attention"):
-        assert main(["train", "--data", "digits", "--image-size", "16", "--out", str(tmp_path / "s"), "--steps", "1",
-                     "--batch-size", "8", "--channels", "8", "--num-res-blocks", "1", "--timesteps", "50",
-                     "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--data",
+                    "digits",
+                    "--image-size",
+                    "16",
+                    "--out",
+                    str(tmp_path / "s"),
+                    "--steps",
+                    "1",
+                    "--batch-size",
+                    "8",
+                    "--channels",
+                    "8",
+                    "--num-res-blocks",
+                    "1",
+                    "--timesteps",
+                    "50",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
 
 
 def test_sigma_space_solvers_from_the_cli(tmp_path, capsys):
     # a tiny toy run; every --sampler of diffmath.samplers' solvers samples from it through the
     # model's denoiser, and Euler on the schedule's own sigmas is DDIM (Song et al. 2021, eq. 14)
     run = tmp_path / "gmm"
-    assert main(["train", "--data", "gmm", "--out", str(run), "--steps", "30", "--batch-size", "64", "--channels", "8",
-                 "--timesteps", "50", "--save-every", "30", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                "gmm",
+                "--out",
+                str(run),
+                "--steps",
+                "30",
+                "--batch-size",
+                "64",
+                "--channels",
+                "8",
+                "--timesteps",
+                "50",
+                "--save-every",
+                "30",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     for sampler in ("euler", "heun", "edm", "euler-a", "dpmpp-2m", "dpmpp-2m-sde", "dpmpp-3m-sde", "unipc", "lms"):
         for ladder in ("karras", "exponential"):
             out = tmp_path / f"{sampler}-{ladder}"
-            assert main(["sample", "--run", str(run), "--out", str(out), "--sampler", sampler, "--steps", "6",
-                         "--sigmas", ladder, "--num-samples", "40", "--no-progress"]) == 0
+            assert (
+                main(
+                    [
+                        "sample",
+                        "--run",
+                        str(run),
+                        "--out",
+                        str(out),
+                        "--sampler",
+                        sampler,
+                        "--steps",
+                        "6",
+                        "--sigmas",
+                        ladder,
+                        "--num-samples",
+                        "40",
+                        "--no-progress",
+                    ]
+                )
+                == 0
+            )
             with np.load(out / "samples.npz", allow_pickle=False) as z:
                 info = json.loads(str(z["info"]))
                 assert z["samples"].shape == (40, 2) and np.all(np.isfinite(z["samples"]))
@@ -597,12 +905,45 @@ def test_sigma_space_solvers_from_the_cli(tmp_path, capsys):
             assert info["nfe"] == (11 if sampler in ("heun", "edm") else 6)
     for args in (["--sampler", "euler", "--sigmas", "schedule"], ["--sampler", "ddim"]):
         out = tmp_path / args[1]
-        assert main(["sample", "--run", str(run), "--out", str(out), "--steps", "10", "--num-samples", "64",
-                     "--no-progress", *args]) == 0
+        assert (
+            main(
+                [
+                    "sample",
+                    "--run",
+                    str(run),
+                    "--out",
+                    str(out),
+                    "--steps",
+                    "10",
+                    "--num-samples",
+                    "64",
+                    "--no-progress",
+                    *args,
+                ]
+            )
+            == 0
+        )
     with np.load(tmp_path / "euler" / "samples.npz") as a, np.load(tmp_path / "ddim" / "samples.npz") as b:
         np.testing.assert_allclose(a["samples"], b["samples"], rtol=1e-4, atol=1e-4)  # float32 loops, two routes
-    assert main(["sample", "--run", str(run), "--out", str(tmp_path / "bad"), "--sampler", "euler", "--sigmas", "schedule",
-                 "--steps", "51", "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "sample",
+                "--run",
+                str(run),
+                "--out",
+                str(tmp_path / "bad"),
+                "--sampler",
+                "euler",
+                "--sigmas",
+                "schedule",
+                "--steps",
+                "51",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "--sigmas schedule" in capsys.readouterr().err
 
 
@@ -615,8 +956,28 @@ def test_sigma_space_solvers_clip_the_denoiser_on_images_as_ddim_clips_x0(tmp_pa
     for clip in ([], ["--no-clip"]):
         for args in (["--sampler", "euler", "--sigmas", "schedule"], ["--sampler", "ddim"]):
             out = tmp_path / f"{args[1]}{'-'.join(clip)}"
-            assert main(["sample", "--run", str(run), "--out", str(out), "--steps", "5", "--num-samples", "16",
-                         "--no-progress", *args, *clip]) == 0
+            assert (
+                main(
+                    [
+                        "sample",
+                        "--run",
+                        str(run),
+                        "--out",
+                        str(out),
+                        "--steps",
+                        "5",
+                        "--num-samples",
+                        "16",
+                        "--no-progress",
+                        *args,
+                        *clip,
+                    ]
+                )
+                == 0
+            )
         name = "-".join(clip)
-        with np.load(tmp_path / f"euler{name}" / "samples.npz") as a, np.load(tmp_path / f"ddim{name}" / "samples.npz") as b:
+        with (
+            np.load(tmp_path / f"euler{name}" / "samples.npz") as a,
+            np.load(tmp_path / f"ddim{name}" / "samples.npz") as b,
+        ):
             np.testing.assert_allclose(a["samples"], b["samples"], rtol=1e-4, atol=1e-4)  # float32 loops, two routes

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from diffmath.pipeline.data import gmm_means, load_data
 from diffmath.pipeline.classifier import digit_classifier
+from diffmath.pipeline.config import TrainConfig
+from diffmath.pipeline.data import gmm_means, load_data
 from diffmath.pipeline.evaluate import evaluate_run, guidance_sweep, per_class_metrics
+from diffmath.pipeline.loop import train
 from diffmath.pipeline.metrics import frechet_distance_features
 from diffmath.pipeline.report import format_metrics
-from diffmath.pipeline.config import TrainConfig
-from diffmath.pipeline.loop import train
 
 torch.set_num_threads(1)
 
@@ -65,8 +65,19 @@ def test_gmm_components_by_nearest_mean():
     assert m_bad["mean"]["agreement"] == 0.0 and m_bad["mean"]["sliced_wasserstein"] > 1.0
 
 
-TINY = dict(data="digits", steps=2, batch_size=16, channels=8, channel_mult=(1,), num_res_blocks=1,
-            attention_resolutions=(), save_every=2, timesteps=50, progress=False, device="cpu")
+TINY = dict(
+    data="digits",
+    steps=2,
+    batch_size=16,
+    channels=8,
+    channel_mult=(1,),
+    num_res_blocks=1,
+    attention_resolutions=(),
+    save_every=2,
+    timesteps=50,
+    progress=False,
+    device="cpu",
+)
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +104,15 @@ def test_evaluate_run_reports_per_class(runs, digits, tmp_path):
     assert "agreement with the requested class (mean over 10 classes)" in text and "per-class floor" in text
 
 
-@pytest.mark.parametrize("run,labels,msg", [
-    ("uncond", lambda n: np.zeros(n, np.int64), "holds class labels but the run .* is unconditional"),
-    ("cond", lambda n: np.full(n, 10, np.int64), r"label 10 is outside \[0, 10\)"),
-    ("cond", lambda n: np.zeros(n - 1, np.int64), r"'labels' must hold one integer class per sample"),
-    ("cond", lambda n: np.zeros(n, np.float32), r"'labels' must hold one integer class per sample"),
-])
+@pytest.mark.parametrize(
+    "run,labels,msg",
+    [
+        ("uncond", lambda n: np.zeros(n, np.int64), "holds class labels but the run .* is unconditional"),
+        ("cond", lambda n: np.full(n, 10, np.int64), r"label 10 is outside \[0, 10\)"),
+        ("cond", lambda n: np.zeros(n - 1, np.int64), r"'labels' must hold one integer class per sample"),
+        ("cond", lambda n: np.zeros(n, np.float32), r"'labels' must hold one integer class per sample"),
+    ],
+)
 def test_bad_labels_are_refused_before_anything_is_written(runs, digits, tmp_path, run, labels, msg):
     _write(tmp_path / "s.npz", digits.held_out[:20], labels(20))
     with pytest.raises(ValueError, match=msg):
@@ -109,8 +123,8 @@ def test_bad_labels_are_refused_before_anything_is_written(runs, digits, tmp_pat
 def test_guidance_sweep_and_its_plot(runs, digits, tmp_path):
     from PIL import Image
 
-    from diffmath.pipeline.plots import plot_guidance
     from diffmath.pipeline.generate import load_model
+    from diffmath.pipeline.plots import plot_guidance
 
     lm = load_model(run=runs / "cond", device="cpu")
     rows, kept = guidance_sweep(lm, digits, [0.0, 2.0], per_class={0.0: 2, 2.0: 3}, steps=2, keep=2.0)
@@ -126,8 +140,23 @@ def test_evaluate_guidance_sweep_cli(runs, tmp_path, capsys):
     from diffmath.cli import main
 
     out = tmp_path / "g"
-    assert main(["evaluate", "--run", str(runs / "cond"), "--out", str(out), "--guidance-sweep", "0,2",
-                 "--per-class", "2", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--run",
+                str(runs / "cond"),
+                "--out",
+                str(out),
+                "--guidance-sweep",
+                "0,2",
+                "--per-class",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "| guidance s |" in capsys.readouterr().out
     g = json.loads((out / "guidance.json").read_text())
     assert [r["guidance"] for r in g["scales"]] == [0.0, 2.0] and (out / "guidance.png").exists()

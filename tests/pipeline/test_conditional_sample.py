@@ -12,12 +12,18 @@ import torch
 
 from diffmath.guidance import classifier_free_guidance
 from diffmath.oracle import GaussianData
-from diffmath.pipeline.generate import (
-    LoadedModel, class_labels, generate, matched_vpsde, parse_classes, sample_run, sde_score,
-)
-from diffmath.schedules import named_schedule
 from diffmath.parameterization import eps_from_prediction
 from diffmath.pipeline.config import TrainConfig
+from diffmath.pipeline.generate import (
+    LoadedModel,
+    class_labels,
+    generate,
+    matched_vpsde,
+    parse_classes,
+    sample_run,
+    sde_score,
+)
+from diffmath.schedules import named_schedule
 
 torch.set_num_threads(1)
 
@@ -69,11 +75,21 @@ class MixtureNet(torch.nn.Module):
 
 
 def _loaded(prediction="eps", learn_sigma=False, uncond_prob=0.1, **mixture):
-    cfg = TrainConfig(data="gmm", prediction=prediction, learn_sigma=learn_sigma, timesteps=T, progress=False,
-                      conditional=True, uncond_prob=uncond_prob, num_classes=2, class_names=["left", "right"])
+    cfg = TrainConfig(
+        data="gmm",
+        prediction=prediction,
+        learn_sigma=learn_sigma,
+        timesteps=T,
+        progress=False,
+        conditional=True,
+        uncond_prob=uncond_prob,
+        num_classes=2,
+        class_names=["left", "right"],
+    )
     s = named_schedule("linear", T)
-    return LoadedModel(MixtureNet(s, prediction, learn_sigma, **mixture), cfg, s, (2,), None, 0, torch.device("cpu"),
-                       Path("mixture"))
+    return LoadedModel(
+        MixtureNet(s, prediction, learn_sigma, **mixture), cfg, s, (2,), None, 0, torch.device("cpu"), Path("mixture")
+    )
 
 
 def _check_moments(x, mean, cov, n_se=5.0, bias=0.03):
@@ -90,9 +106,21 @@ def _check_moments(x, mean, cov, n_se=5.0, bias=0.03):
 # ----------------------------------------------------------------------------- exact targets
 # every sampler with an eps network; x0 and v through both conversions (the discrete tables of
 # ddim/ddpm, the VP-SDE's m(t), s(t) of em/pc/ode)
-CASES = [("ddim", 50, "eps"), ("ddpm", 50, "eps"), ("em", 300, "eps"), ("pc", 200, "eps"), ("ode", None, "eps"),
-         ("ddim", 50, "x0"), ("em", 300, "x0"), ("ddpm", 50, "v"), ("ode", None, "v"),
-         ("heun", 30, "eps"), ("dpmpp-2m", 30, "v"), ("unipc", 30, "x0"), ("dpmpp-2m-sde", 40, "eps")]
+CASES = [
+    ("ddim", 50, "eps"),
+    ("ddpm", 50, "eps"),
+    ("em", 300, "eps"),
+    ("pc", 200, "eps"),
+    ("ode", None, "eps"),
+    ("ddim", 50, "x0"),
+    ("em", 300, "x0"),
+    ("ddpm", 50, "v"),
+    ("ode", None, "v"),
+    ("heun", 30, "eps"),
+    ("dpmpp-2m", 30, "v"),
+    ("unipc", 30, "x0"),
+    ("dpmpp-2m-sde", 40, "eps"),
+]
 DISCRETE = ("ddim", "ddpm")
 
 
@@ -121,8 +149,21 @@ def test_ddim_at_s1_matches_the_exact_output_distribution_of_the_component():
     _check_moments(x, ex.mean, ex.cov, bias=0.0)
 
 
-@pytest.mark.parametrize("sampler,steps", [("ddim", 50), ("ddpm", 50), ("em", 300), ("pc", 200), ("ode", None),
-                                           ("dpmpp-2m", 20), ("euler-a", 40), ("unipc", 20), ("lms", 20), ("edm", 20)])
+@pytest.mark.parametrize(
+    "sampler,steps",
+    [
+        ("ddim", 50),
+        ("ddpm", 50),
+        ("em", 300),
+        ("pc", 200),
+        ("ode", None),
+        ("dpmpp-2m", 20),
+        ("euler-a", 40),
+        ("unipc", 20),
+        ("lms", 20),
+        ("edm", 20),
+    ],
+)
 def test_guidance_trades_diversity_for_agreement_in_every_sampler(sampler, steps):
     # overlapping classes (as docs/guidance.md's example): at s = 1 about 92% of class 1 lies right of 0
     lm = _loaded("v", means=np.array([[-1.0, 0.0], [1.0, 0.0]]), variances=np.full((2, 2), 0.5))
@@ -209,8 +250,9 @@ def test_learned_variance_is_the_conditional_halfs():
     eps, v = lm.conditioned(np.ones(4, np.int64), 3.0).guided_eps(x, t, lambda xx, tt, p: p)
     assert torch.equal(v, torch.full((4, 2), -1.0)) and eps.shape == (4, 2)
     out = generate(lm, 500, sampler="ddpm", steps=40, seed=0, labels=1, guidance=1.0)
-    ex = GaussianData(MEANS[1], np.diag(VARS[1])).exact_output(named_schedule("linear", T), "ddpm", steps=40,
-                                                               variance="small")
+    ex = GaussianData(MEANS[1], np.diag(VARS[1])).exact_output(
+        named_schedule("linear", T), "ddpm", steps=40, variance="small"
+    )
     _check_moments(out, ex.mean, ex.cov)
 
 
@@ -223,9 +265,16 @@ def test_parse_classes():
     assert parse_classes("0-2,7", 10) == [0, 1, 2, 7]
     assert parse_classes("cat,dog", 2, ("cat", "dog")) == [0, 1]
     assert parse_classes([2, 0], 3) == [2, 0]
-    for bad, msg in (("10", r"class 10 is outside \[0, 10\)"), ("-1", r"class -1 is outside \[0, 10\)"),
-                     (12, r"class 12 is outside \[0, 10\)"), ("5-2", "runs backwards"), ("x", "is not a class index"),
-                     ("1,,2", "an empty entry"), ([], "is empty"), ("0-10", r"class 10 is outside")):
+    for bad, msg in (
+        ("10", r"class 10 is outside \[0, 10\)"),
+        ("-1", r"class -1 is outside \[0, 10\)"),
+        (12, r"class 12 is outside \[0, 10\)"),
+        ("5-2", "runs backwards"),
+        ("x", "is not a class index"),
+        ("1,,2", "an empty entry"),
+        ([], "is empty"),
+        ("0-10", r"class 10 is outside"),
+    ):
         with pytest.raises(ValueError, match=msg):
             parse_classes(bad, 10)
     with pytest.raises(TypeError):
@@ -260,8 +309,19 @@ def test_generate_refuses_bad_conditioning():
 
 
 # ----------------------------------------------------------------------------- a trained run, end to end
-TINY = dict(data="digits", steps=2, batch_size=16, channels=8, channel_mult=(1,), num_res_blocks=1,
-            attention_resolutions=(), save_every=2, timesteps=50, progress=False, device="cpu")
+TINY = dict(
+    data="digits",
+    steps=2,
+    batch_size=16,
+    channels=8,
+    channel_mult=(1,),
+    num_res_blocks=1,
+    attention_resolutions=(),
+    save_every=2,
+    timesteps=50,
+    progress=False,
+    device="cpu",
+)
 
 
 @pytest.fixture(scope="module")
@@ -277,8 +337,17 @@ def runs(tmp_path_factory):
 def test_sample_run_writes_labels_and_a_row_per_class(runs, tmp_path):
     from PIL import Image
 
-    info = sample_run(tmp_path / "s", run=runs / "cond", num_samples=12, steps=3, classes="2,7,4", guidance=2.0,
-                      guidance_rescale=0.5, progress=False, device="cpu")
+    info = sample_run(
+        tmp_path / "s",
+        run=runs / "cond",
+        num_samples=12,
+        steps=3,
+        classes="2,7,4",
+        guidance=2.0,
+        guidance_rescale=0.5,
+        progress=False,
+        device="cpu",
+    )
     with np.load(tmp_path / "s" / "samples.npz", allow_pickle=False) as z:
         assert z["labels"].tolist() == [2] * 4 + [7] * 4 + [4] * 4 and z["samples"].shape == (12, 1, 8, 8)
         stored = json.loads(str(z["info"]))
@@ -293,15 +362,18 @@ def test_sample_run_writes_labels_and_a_row_per_class(runs, tmp_path):
         assert "labels" not in z.files
 
 
-@pytest.mark.parametrize("run,kw,msg", [
-    ("uncond", dict(classes="4"), r"--class needs a class-conditional run .* unconditional \(num_classes = 0\)"),
-    ("uncond", dict(guidance=3.0), r"--guidance needs a class-conditional run"),
-    ("uncond", dict(guidance_rescale=0.5), r"--guidance-rescale needs a class-conditional run"),
-    ("cond", dict(classes="10"), r"class 10 is outside \[0, 10\)"),
-    ("cond", dict(classes="3", guidance=-0.5), "guidance must be finite and >= 0"),
-    ("cond", dict(guidance=2.0), "--guidance needs --class"),
-    ("cond", dict(classes="0-2"), "not a multiple of the 3 classes"),
-])
+@pytest.mark.parametrize(
+    "run,kw,msg",
+    [
+        ("uncond", dict(classes="4"), r"--class needs a class-conditional run .* unconditional \(num_classes = 0\)"),
+        ("uncond", dict(guidance=3.0), r"--guidance needs a class-conditional run"),
+        ("uncond", dict(guidance_rescale=0.5), r"--guidance-rescale needs a class-conditional run"),
+        ("cond", dict(classes="10"), r"class 10 is outside \[0, 10\)"),
+        ("cond", dict(classes="3", guidance=-0.5), "guidance must be finite and >= 0"),
+        ("cond", dict(guidance=2.0), "--guidance needs --class"),
+        ("cond", dict(classes="0-2"), "not a multiple of the 3 classes"),
+    ],
+)
 def test_bad_requests_are_refused_before_anything_is_written(runs, tmp_path, run, kw, msg):
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=msg):
@@ -313,12 +385,33 @@ def test_cli_flags(runs, tmp_path, capsys):
     from diffmath.cli import main
 
     out = tmp_path / "c"
-    assert main(["sample", "--run", str(runs / "cond"), "--out", str(out), "--class", "all", "--num-samples", "10",
-                 "--steps", "2", "--guidance", "1.5", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--run",
+                str(runs / "cond"),
+                "--out",
+                str(out),
+                "--class",
+                "all",
+                "--num-samples",
+                "10",
+                "--steps",
+                "2",
+                "--guidance",
+                "1.5",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "classes 0,1,2,3,4,5,6,7,8,9, 1 each, guidance 1.5" in capsys.readouterr().out
-    for argv, msg in ((["--class", "3", "--guidance", "-1"], "argument --guidance: expected a finite number >= 0"),
-                      (["--class", "3", "--guidance", "nan"], "argument --guidance: expected a finite number >= 0"),
-                      (["--class", "3", "--guidance-rescale", "2"], "expected a number in [0, 1]; got 2.0")):
+    for argv, msg in (
+        (["--class", "3", "--guidance", "-1"], "argument --guidance: expected a finite number >= 0"),
+        (["--class", "3", "--guidance", "nan"], "argument --guidance: expected a finite number >= 0"),
+        (["--class", "3", "--guidance-rescale", "2"], "expected a number in [0, 1]; got 2.0"),
+    ):
         with pytest.raises(SystemExit):
             main(["sample", "--run", str(runs / "cond"), "--out", str(tmp_path / "x"), *argv])
         assert msg in capsys.readouterr().err

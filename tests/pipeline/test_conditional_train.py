@@ -4,7 +4,6 @@ unconditional runs unchanged byte for byte."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tarfile
@@ -28,8 +27,18 @@ from diffmath.pipeline.rundir import RunError
 torch.set_num_threads(1)
 
 TINY = dict(
-    data="digits", steps=6, batch_size=16, channels=8, channel_mult=(1, 2), num_res_blocks=1,
-    attention_resolutions=(4,), save_every=3, timesteps=50, warmup=2, lr=1e-3, progress=False,
+    data="digits",
+    steps=6,
+    batch_size=16,
+    channels=8,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(4,),
+    save_every=3,
+    timesteps=50,
+    warmup=2,
+    lr=1e-3,
+    progress=False,
 )
 COND = dict(TINY, conditional=True, uncond_prob=0.25)
 REPO = Path(__file__).resolve().parents[2]
@@ -141,8 +150,9 @@ def test_a_checkpoint_whose_class_count_disagrees_with_its_config_is_refused(tmp
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(RunError, match=r"num_classes = 4 .* weights hold a class embedding of 11 rows \(10 classes\)"):
         load_model(run=out, device="cpu")
-    meta["config"] = {k: v for k, v in meta["config"].items()
-                      if k not in ("conditional", "uncond_prob", "num_classes", "class_names")}
+    meta["config"] = {
+        k: v for k, v in meta["config"].items() if k not in ("conditional", "uncond_prob", "num_classes", "class_names")
+    }
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(RunError, match=r"class embedding of 11 rows .* config is unconditional"):
         load_model(run=out, device="cpu")
@@ -179,8 +189,12 @@ def _folder(root: Path, layout: dict):
 
 def test_image_folder_classes_follow_imagefolder(tmp_path):
     # class index = the sorted sub-folder names; nested files belong to their top-level folder
-    root = _folder(tmp_path / "imgs", {f"b/{i}.png": 200 for i in range(6)} | {f"a/x/{i}.png": 20 for i in range(6)}
-                   | {"c/0.png": 120, "c/1.png": 120})
+    root = _folder(
+        tmp_path / "imgs",
+        {f"b/{i}.png": 200 for i in range(6)}
+        | {f"a/x/{i}.png": 20 for i in range(6)}
+        | {"c/0.png": 120, "c/1.png": 120},
+    )
     d = load_image_folder(root, image_size=8)
     assert d.class_names == ("a", "b", "c")
     grey = np.concatenate([d.train, d.held_out])[:, 0, 0, 0]
@@ -188,16 +202,22 @@ def test_image_folder_classes_follow_imagefolder(tmp_path):
     expect = {0: 20 / 127.5 - 1, 1: 200 / 127.5 - 1, 2: 120 / 127.5 - 1}
     assert np.allclose(grey, [expect[int(c)] for c in labels], atol=1e-6)
     assert np.bincount(labels).tolist() == [6, 6, 2]
-    res = train(TrainConfig(**{**COND, "data": str(root), "image_size": 8, "batch_size": 4, "steps": 2}), tmp_path / "r")
+    res = train(
+        TrainConfig(**{**COND, "data": str(root), "image_size": 8, "batch_size": 4, "steps": 2}), tmp_path / "r"
+    )
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())["config"]
     assert res.step == 2 and cfg["num_classes"] == 3 and cfg["class_names"] == ["a", "b", "c"]
 
 
-@pytest.mark.parametrize("layout, message", [
-    ({"only/0.png": 10, "only/1.png": 20, "only/2.png": 30}, "needs at least 2 classes"),
-    ({"a/0.png": 10, "b/0.png": 20, "loose.png": 30}, "outside the class sub-folders"),
-    ({"0.png": 10, "1.png": 20}, "has no sub-folders"),
-], ids=["one-class", "loose-image", "flat"])
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ({"only/0.png": 10, "only/1.png": 20, "only/2.png": 30}, "needs at least 2 classes"),
+        ({"a/0.png": 10, "b/0.png": 20, "loose.png": 30}, "outside the class sub-folders"),
+        ({"0.png": 10, "1.png": 20}, "has no sub-folders"),
+    ],
+    ids=["one-class", "loose-image", "flat"],
+)
 def test_folder_without_classes_is_refused_before_anything_is_written(tmp_path, layout, message):
     root = _folder(tmp_path / "imgs", layout)
     out = tmp_path / "run"
@@ -235,8 +255,12 @@ def _source_at(commit: str, dest: Path) -> Path:
     """diffmath/ and kernels/ of ``commit`` unpacked into dest, importable as diffmath (kernels/
     linked in as diffmath.kernels, as the install maps it)."""
     try:
-        arch = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", commit, "diffmath", "kernels"],
-                              capture_output=True, check=True, timeout=120).stdout
+        arch = subprocess.run(
+            ["git", "-C", str(REPO), "archive", "--format=tar", commit, "diffmath", "kernels"],
+            capture_output=True,
+            check=True,
+            timeout=120,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         pytest.skip("needs the git history (the commit before classes) to compare against")
     dest.mkdir()
@@ -267,8 +291,14 @@ def test_unconditional_runs_are_byte_identical_to_before_classes(tmp_path):
     runs = {}
     for name, path in (("old", str(old)), ("new", str(REPO))):
         out = tmp_path / f"run-{name}"
-        r = subprocess.run([sys.executable, "-c", _RUN, str(out)], env={**env, "PYTHONPATH": path}, cwd=tmp_path,
-                           capture_output=True, text=True, timeout=600)
+        r = subprocess.run(
+            [sys.executable, "-c", _RUN, str(out)],
+            env={**env, "PYTHONPATH": path},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         runs[name] = out
     a, b = runs["old"], runs["new"]
@@ -289,15 +319,32 @@ def test_unconditional_runs_are_byte_identical_to_before_classes(tmp_path):
 def test_latent_conditional_unet_samples_and_evaluates_per_class(tmp_path):
     from diffmath.latent import VAEConfig, evaluate_latent, sample_latent, train_latent
 
-    unet = dict(data="digits", image_size=8, steps=4, batch_size=32, channels=8, channel_mult=(1,), num_res_blocks=1,
-                attention_resolutions=(4,), dropout=0.0, schedule="cosine", timesteps=50, warmup=2, lr=1e-3,
-                save_every=4, progress=False, device="cpu", conditional=True)
+    unet = dict(
+        data="digits",
+        image_size=8,
+        steps=4,
+        batch_size=32,
+        channels=8,
+        channel_mult=(1,),
+        num_res_blocks=1,
+        attention_resolutions=(4,),
+        dropout=0.0,
+        schedule="cosine",
+        timesteps=50,
+        warmup=2,
+        lr=1e-3,
+        save_every=4,
+        progress=False,
+        device="cpu",
+        conditional=True,
+    )
     vae = dict(channels=8, steps=5, batch_size=64, lr=3e-3, warmup=2, progress=False, device="cpu", elbo_samples=1)
     res = train_latent(tmp_path / "lat", TrainConfig(**unet), vae_config=VAEConfig(**vae))
     cfg = json.loads((tmp_path / "lat" / "unet" / "config.json").read_text())["config"]
     assert cfg["num_classes"] == 10 and cfg["class_names"] == [str(d) for d in range(10)] and res.unet.step == 4
-    x, info = sample_latent(tmp_path / "lat", tmp_path / "lat", steps=3, num_samples=20, classes="all", guidance=2.0,
-                            device="cpu")
+    x, info = sample_latent(
+        tmp_path / "lat", tmp_path / "lat", steps=3, num_samples=20, classes="all", guidance=2.0, device="cpu"
+    )
     assert x.shape == (20, 1, 8, 8) and info["guidance"] == 2.0 and info["classes"] == list(range(10))
     with np.load(tmp_path / "lat" / "samples.npz", allow_pickle=False) as z:
         assert z["labels"].tolist() == list(np.repeat(np.arange(10), 2)) and z["latents"].shape == (20, 2, 4, 4)
@@ -305,15 +352,31 @@ def test_latent_conditional_unet_samples_and_evaluates_per_class(tmp_path):
     assert set(m["per_class"]["classes"]) == {str(d) for d in range(10)}
     from diffmath.cli import main
 
-    assert main(["evaluate", "--run", str(tmp_path / "lat"), "--guidance-sweep", "1.5", "--per-class", "2",
-                 "--out", str(tmp_path / "sweep"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--run",
+                str(tmp_path / "lat"),
+                "--guidance-sweep",
+                "1.5",
+                "--per-class",
+                "2",
+                "--out",
+                str(tmp_path / "sweep"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     g = json.loads((tmp_path / "sweep" / "guidance.json").read_text())
     assert g["scales"][0]["per_class"] == 2 and set(g["scales"][0]["classes"]) == {str(d) for d in range(10)}
     # a folder with one class is refused before the VAE trains
     root = _folder(tmp_path / "one", {f"a/{i}.png": 10 * i for i in range(4)})
     with pytest.raises(ValueError, match="needs at least 2 classes"):
-        train_latent(tmp_path / "lat2", TrainConfig(**{**unet, "data": str(root), "batch_size": 2}),
-                     vae_config=VAEConfig(**vae))
+        train_latent(
+            tmp_path / "lat2", TrainConfig(**{**unet, "data": str(root), "batch_size": 2}), vae_config=VAEConfig(**vae)
+        )
     assert not (tmp_path / "lat2").exists()
 
 
@@ -328,19 +391,65 @@ def _free_port():
 def test_torchrun_conditional_matches_one_process(tmp_path):
     """Under torchrun with 2 processes the labels are sharded with their images and dropped by one
     generator drawing the global batch: the same losses as one process, the same dropout state."""
-    args = ["train", "--data", "digits", "--steps", "3", "--batch-size", "16", "--channels", "8", "--channel-mult", "1,2",
-            "--num-res-blocks", "1", "--timesteps", "50", "--save-every", "3", "--dropout", "0", "--no-progress",
-            "--conditional", "--uncond-prob", "0.3", "--lr", "0.01", "--warmup", "0"]
+    args = [
+        "train",
+        "--data",
+        "digits",
+        "--steps",
+        "3",
+        "--batch-size",
+        "16",
+        "--channels",
+        "8",
+        "--channel-mult",
+        "1,2",
+        "--num-res-blocks",
+        "1",
+        "--timesteps",
+        "50",
+        "--save-every",
+        "3",
+        "--dropout",
+        "0",
+        "--no-progress",
+        "--conditional",
+        "--uncond-prob",
+        "0.3",
+        "--lr",
+        "0.01",
+        "--warmup",
+        "0",
+    ]
     # lr 0.01 from the first step: Adam moves each class-embedding row that got a gradient by ~0.01,
     # so a label given to the wrong image on either rank would show in model.class_emb.weight
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
-    one = subprocess.run([sys.executable, "-m", "diffmath", *args, "--out", str(tmp_path / "one")], env=env,
-                         capture_output=True, text=True, timeout=300)
+    one = subprocess.run(
+        [sys.executable, "-m", "diffmath", *args, "--out", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={_free_port()}", "-m", "diffmath", *args, "--out", str(tmp_path / "two")],
-        env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=1",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={_free_port()}",
+            "-m",
+            "diffmath",
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert two.returncode == 0, two.stderr[-3000:]
     m1, m2 = (json.loads((tmp_path / d / "step-000003.json").read_text()) for d in ("one", "two"))

@@ -3,7 +3,14 @@ import pytest
 import torch
 from PIL import Image
 
-from diffmath.pipeline.data import HELD_OUT_PER_CLASS, gaussian_mixture, load_data, load_digits, load_image_folder, swiss_roll
+from diffmath.pipeline.data import (
+    HELD_OUT_PER_CLASS,
+    gaussian_mixture,
+    load_data,
+    load_digits,
+    load_image_folder,
+    swiss_roll,
+)
 
 
 def test_digits_split_and_grid():
@@ -29,8 +36,9 @@ def test_digits_split_and_grid():
 def test_digits_16_is_torch_bilinear_on_the_8bit_grid():
     d8, d16 = load_digits(8), load_digits(16)
     assert d16.train.shape[1:] == (1, 16, 16) and d16.bins == 256
-    ref = torch.nn.functional.interpolate(torch.from_numpy(d8.train[:50]).double(), scale_factor=2, mode="bilinear",
-                                          align_corners=False).numpy()
+    ref = torch.nn.functional.interpolate(
+        torch.from_numpy(d8.train[:50]).double(), scale_factor=2, mode="bilinear", align_corners=False
+    ).numpy()
     ref = np.round((ref + 1) * 127.5) / 127.5 - 1
     np.testing.assert_allclose(d16.train[:50], ref, atol=1e-6)
 

@@ -1,15 +1,21 @@
 import math
 
 import numpy as np
-import torch
 import pytest
 import scipy.linalg
 import scipy.stats
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from diffmath.pipeline.classifier import digit_classifier
-from diffmath.pipeline.metrics import class_metrics, frechet_distance, frechet_distance_features, sliced_wasserstein, wasserstein_1d
+from diffmath.pipeline.metrics import (
+    class_metrics,
+    frechet_distance,
+    frechet_distance_features,
+    sliced_wasserstein,
+    wasserstein_1d,
+)
 
 
 def _spd(rng, d, scale=1.0):
@@ -150,16 +156,24 @@ def test_vlb_of_the_exact_model_for_a_point_mass():
     # sigma^2 = beta ("large") each L_{t-1} is the closed-form KL of two Gaussians of equal mean.
     from pathlib import Path
 
+    from diffmath.pipeline.config import TrainConfig
     from diffmath.pipeline.evaluate import vlb_bpd
     from diffmath.pipeline.generate import LoadedModel
     from diffmath.schedules import named_schedule
-    from diffmath.pipeline.config import TrainConfig
 
     T = 40
     s = named_schedule("linear", T)
     x_star = torch.tensor([-1.0, -0.375, 0.25, 1.0]).reshape(1, 1, 2, 2)  # on the 17-level grid
-    lm = LoadedModel(_PointMassEps(s, x_star), TrainConfig(timesteps=T, progress=False), s, (1, 2, 2), 17, 0,
-                     torch.device("cpu"), Path("exact"))
+    lm = LoadedModel(
+        _PointMassEps(s, x_star),
+        TrainConfig(timesteps=T, progress=False),
+        s,
+        (1, 2, 2),
+        17,
+        0,
+        torch.device("cpu"),
+        Path("exact"),
+    )
     res = vlb_bpd(lm, x_star.repeat(3, 1, 1, 1).numpy(), 17, batch_size=60)
     ln2 = math.log(2)
     # L_T: KL(N(sqrt(abar) x*, 1 - abar) || N(0, 1)) per dim, scipy-free closed form in numpy
@@ -185,20 +199,31 @@ def test_evaluate_a_run_whose_data_hold_nothing_out(tmp_path):
     # one image: nothing can be held out, so the test VLB is reported as skipped, not a crash
     from PIL import Image
 
+    from diffmath.pipeline.config import TrainConfig
     from diffmath.pipeline.evaluate import evaluate_run
     from diffmath.pipeline.generate import sample_run
-    from diffmath.pipeline.config import TrainConfig
     from diffmath.pipeline.loop import train
 
     (tmp_path / "imgs").mkdir()
-    Image.fromarray((np.arange(64, dtype=np.uint8).reshape(8, 8) * 4)).save(tmp_path / "imgs" / "a.png")
-    cfg = TrainConfig(data=str(tmp_path / "imgs"), image_size=8, steps=2, batch_size=1, channels=8, channel_mult=(1,),
-                      num_res_blocks=1, attention_resolutions=(), save_every=2, timesteps=21, warmup=0, progress=False)
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) * 4).save(tmp_path / "imgs" / "a.png")
+    cfg = TrainConfig(
+        data=str(tmp_path / "imgs"),
+        image_size=8,
+        steps=2,
+        batch_size=1,
+        channels=8,
+        channel_mult=(1,),
+        num_res_blocks=1,
+        attention_resolutions=(),
+        save_every=2,
+        timesteps=21,
+        warmup=0,
+        progress=False,
+    )
     train(cfg, tmp_path / "run")
     sample_run(run=tmp_path / "run", out=tmp_path / "run", sampler="ddim", steps=2, num_samples=2, progress=False)
     m = evaluate_run(tmp_path / "run", progress=False)
     assert isinstance(m["test_vlb"], str) and "no held-out images" in m["test_vlb"]
-
 
 
 def test_a_truncated_samples_file_is_a_clear_error(tmp_path):
@@ -219,8 +244,10 @@ def test_a_vae_on_data_that_hold_nothing_out(tmp_path):
     from diffmath.latent import VAEConfig, train_vae
 
     (tmp_path / "imgs").mkdir()
-    Image.fromarray((np.arange(64, dtype=np.uint8).reshape(8, 8) * 4)).save(tmp_path / "imgs" / "a.png")
-    res = train_vae(VAEConfig(data=str(tmp_path / "imgs"), steps=2, batch_size=1, channels=4, progress=False, device="cpu"),
-                    tmp_path / "vae")
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) * 4).save(tmp_path / "imgs" / "a.png")
+    res = train_vae(
+        VAEConfig(data=str(tmp_path / "imgs"), steps=2, batch_size=1, channels=4, progress=False, device="cpu"),
+        tmp_path / "vae",
+    )
     assert res.metrics["held_out_images"] == 0 and res.metrics["held_out_elbo_bpd"] is None
     assert "no held-out images" in res.metrics["held_out_elbo_skipped"]

@@ -13,7 +13,7 @@ def test_safetensors_bytes_are_reproducible(tmp_path):
     # The library writes header metadata from a Rust HashMap (random order per map): without
     # sorting, 30 saves of two metadata keys all agree with probability 2^-29.
     tensors = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(5, dtype=torch.float64)}
-    meta = {"step": 7, "note": "ü / \"quoted\""}
+    meta = {"step": 7, "note": 'ü / "quoted"'}
     digests = {save_safetensors(tmp_path / f"{i}.safetensors", tensors, "diffmath.test/1", meta) for i in range(30)}
     blobs = {(tmp_path / f"{i}.safetensors").read_bytes() for i in range(30)}
     assert len(digests) == 1 and len(blobs) == 1
@@ -35,7 +35,7 @@ def test_safetensors_round_trip_after_canonical_header(tmp_path):
         safetensors_metadata(path, "other/1", "checkpoint")
 
 
-@pytest.mark.parametrize("text", ["[]", "[1]", "{\"format\": \"other/1\"}", "{not json", "3"])
+@pytest.mark.parametrize("text", ["[]", "[1]", '{"format": "other/1"}', "{not json", "3"])
 def test_json_files_that_are_not_ours_name_the_file(tmp_path, text):
     # a sidecar or latent.json holding a list raised AttributeError ('list' has no 'get')
     p = tmp_path / "x.json"

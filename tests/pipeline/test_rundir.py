@@ -18,8 +18,21 @@ from diffmath.pipeline.rundir import RunError, claim_output, clear_run, lock_fol
 
 torch.set_num_threads(1)
 
-GMM = ["--data", "gmm", "--steps", "2", "--batch-size", "16", "--channels", "4", "--timesteps", "50", "--save-every", "2",
-       "--no-progress"]
+GMM = [
+    "--data",
+    "gmm",
+    "--steps",
+    "2",
+    "--batch-size",
+    "16",
+    "--channels",
+    "4",
+    "--timesteps",
+    "50",
+    "--save-every",
+    "2",
+    "--no-progress",
+]
 
 
 def _err(capsys):
@@ -52,8 +65,24 @@ def test_overwrite_checks_every_argument_first_and_never_deletes_a_folder_it_did
         run_demo(u, overwrite=True, progress=False, device="cpu")
     assert sorted(os.listdir(u)) == ["config.json", "report.md"] and _snapshot(u) == before
     # a bad model flag is refused before the folder is touched, too
-    assert main(["train", "--out", str(u), "--overwrite", "--data", "digits", "--attention-resolutions", "3",
-                 "--steps", "1", "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--out",
+                str(u),
+                "--overwrite",
+                "--data",
+                "digits",
+                "--attention-resolutions",
+                "3",
+                "--steps",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert _snapshot(u) == before
 
 
@@ -63,8 +92,17 @@ def test_overwrite_deletes_exactly_the_files_the_marker_lists(tmp_path, capsys):
     assert main(["sample", "--run", str(run), "--num-samples", "5", "--steps", "2", "--no-progress"]) == 0
     marker = json.loads((run / ".diffmath-run").read_text())
     ours = sorted(marker["files"])
-    assert ours == sorted(["config.json", "loss.png", "schedule.png", "step-000002.json", "step-000002.safetensors",
-                           "samples.npz", "samples.png"])
+    assert ours == sorted(
+        [
+            "config.json",
+            "loss.png",
+            "schedule.png",
+            "step-000002.json",
+            "step-000002.safetensors",
+            "samples.npz",
+            "samples.png",
+        ]
+    )
     # the user's own files in the run folder, one of them named like a diffmath file
     (run / "report.md").write_text("my notes\n")
     (run / "notes.txt").write_text("mine\n")
@@ -89,7 +127,9 @@ def test_a_damaged_marker_is_refused_not_followed(tmp_path):
     run.mkdir()
     (tmp_path / "precious.txt").write_text("keep\n")
     (run / "x.txt").write_text("x\n")
-    (run / ".diffmath-run").write_text(json.dumps({"format": "diffmath.folder/1", "files": ["../precious.txt"], "runs": []}))
+    (run / ".diffmath-run").write_text(
+        json.dumps({"format": "diffmath.folder/1", "files": ["../precious.txt"], "runs": []})
+    )
     with pytest.raises(RunError, match="damaged"):
         open_run(run, "test", overwrite=True)
     assert (tmp_path / "precious.txt").exists() and (run / "x.txt").exists()
@@ -101,15 +141,32 @@ def test_sample_never_replaces_samples_it_did_not_write(tmp_path, capsys):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "samples.png").write_bytes(b"my picture")
-    assert main(["sample", "--run", str(run), "--out", str(mine), "--num-samples", "5", "--steps", "2",
-                 "--no-progress"]) == 2
+    assert (
+        main(["sample", "--run", str(run), "--out", str(mine), "--num-samples", "5", "--steps", "2", "--no-progress"])
+        == 2
+    )
     assert "already holds samples.png, which diffmath did not write" in _err(capsys)
     assert (mine / "samples.png").read_bytes() == b"my picture" and not (mine / "samples.npz").exists()
     # a folder diffmath writes samples into is marked: sampling there again replaces its own files
     other = tmp_path / "other"
     for _ in range(2):
-        assert main(["sample", "--run", str(run), "--out", str(other), "--num-samples", "5", "--steps", "2",
-                     "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "sample",
+                    "--run",
+                    str(run),
+                    "--out",
+                    str(other),
+                    "--num-samples",
+                    "5",
+                    "--steps",
+                    "2",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     assert json.loads((other / ".diffmath-run").read_text())["files"] == ["samples.npz", "samples.png"]
 
 
@@ -136,8 +193,9 @@ _HOLDER = textwrap.dedent("""
 
 
 def _hold_lock(folder):
-    p = subprocess.Popen([sys.executable, "-c", _HOLDER, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert p.stdout.readline().strip() == "locked"
     return p
 
@@ -149,19 +207,37 @@ def test_a_second_writer_is_refused_while_another_process_holds_the_folder(tmp_p
     before = _snapshot(run)
     holder = _hold_lock(run)
     try:
-        for argv in (["train", "--out", str(run), "--resume", "--steps", "3", "--no-progress"],
-                     ["train", "--out", str(run), "--overwrite"] + GMM,
-                     ["sample", "--run", str(run), "--num-samples", "5", "--steps", "2", "--no-progress"],
-                     ["evaluate", "--run", str(run), "--no-progress"]):
+        for argv in (
+            ["train", "--out", str(run), "--resume", "--steps", "3", "--no-progress"],
+            ["train", "--out", str(run), "--overwrite"] + GMM,
+            ["sample", "--run", str(run), "--num-samples", "5", "--steps", "2", "--no-progress"],
+            ["evaluate", "--run", str(run), "--no-progress"],
+        ):
             assert main(argv) == 2, argv
             err = _err(capsys)
             assert "is in use by another diffmath process (holder-under-test, pid" in err, err
             assert "Traceback" not in err
         assert {k: v for k, v in _snapshot(run).items() if k != ".diffmath.lock"} == {
-            k: v for k, v in before.items() if k != ".diffmath.lock"}
+            k: v for k, v in before.items() if k != ".diffmath.lock"
+        }
         # reading the run is not writing it: sampling into another folder works
-        assert main(["sample", "--run", str(run), "--out", str(tmp_path / "s"), "--num-samples", "5", "--steps", "2",
-                     "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "sample",
+                    "--run",
+                    str(run),
+                    "--out",
+                    str(tmp_path / "s"),
+                    "--num-samples",
+                    "5",
+                    "--steps",
+                    "2",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
@@ -181,8 +257,12 @@ def test_two_trainings_into_one_new_folder(tmp_path, capsys):
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
-    holder = subprocess.run([sys.executable, "-m", "diffmath", "train", "--out", str(new)] + GMM, capture_output=True,
-                            text=True, timeout=300)
+    holder = subprocess.run(
+        [sys.executable, "-m", "diffmath", "train", "--out", str(new)] + GMM,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert holder.returncode == 0, holder.stderr
 
 
@@ -190,11 +270,13 @@ def test_the_lock_is_reentrant_in_one_process_and_released(tmp_path):
     with lock_folder(tmp_path, "a"):
         with lock_folder(tmp_path, "b"):  # the demo locks its folder, then trains, samples, evaluates in it
             pass
-        p = subprocess.run([sys.executable, "-c", _HOLDER, str(tmp_path)], input="", capture_output=True, text=True,
-                           timeout=60)
+        p = subprocess.run(
+            [sys.executable, "-c", _HOLDER, str(tmp_path)], input="", capture_output=True, text=True, timeout=60
+        )
         assert p.returncode != 0 and "in use by another diffmath process (a, pid" in p.stderr
-    p = subprocess.run([sys.executable, "-c", _HOLDER, str(tmp_path)], input="", capture_output=True, text=True,
-                       timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-c", _HOLDER, str(tmp_path)], input="", capture_output=True, text=True, timeout=60
+    )
     assert p.returncode == 0, p.stderr
 
 

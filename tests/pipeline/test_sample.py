@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from diffmath.oracle import GaussianData
+from diffmath.pipeline.config import TrainConfig, derive_seed
 from diffmath.pipeline.generate import LoadedModel, generate, matched_vpsde, sde_score
 from diffmath.samplers import sample_ddim
 from diffmath.schedules import named_schedule
-from diffmath.pipeline.config import TrainConfig, derive_seed
 
 torch.set_num_threads(1)
 
@@ -48,10 +48,13 @@ class OracleNet(torch.nn.Module):
 
 
 def _loaded(prediction="eps", learn_sigma=False, schedule="linear"):
-    cfg = TrainConfig(data="gmm", prediction=prediction, learn_sigma=learn_sigma, schedule=schedule, timesteps=T,
-                      progress=False)
+    cfg = TrainConfig(
+        data="gmm", prediction=prediction, learn_sigma=learn_sigma, schedule=schedule, timesteps=T, progress=False
+    )
     s = named_schedule(schedule, T)
-    return LoadedModel(OracleNet(s, prediction, learn_sigma), cfg, s, (2,), None, 0, torch.device("cpu"), Path("oracle"))
+    return LoadedModel(
+        OracleNet(s, prediction, learn_sigma), cfg, s, (2,), None, 0, torch.device("cpu"), Path("oracle")
+    )
 
 
 def _check_moments(x, mean, cov, n_se=5.0, var_rtol=0.12):

@@ -27,8 +27,18 @@ from diffmath.schedules import named_schedule
 torch.set_num_threads(1)
 
 TINY = dict(
-    data="digits", steps=6, batch_size=16, channels=8, channel_mult=(1, 2), num_res_blocks=1,
-    attention_resolutions=(4,), save_every=3, timesteps=50, warmup=2, lr=1e-3, progress=False,
+    data="digits",
+    steps=6,
+    batch_size=16,
+    channels=8,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(4,),
+    save_every=3,
+    timesteps=50,
+    warmup=2,
+    lr=1e-3,
+    progress=False,
 )
 
 
@@ -107,13 +117,17 @@ def test_resume_gives_the_same_weights_as_never_stopping(tmp_path, monkeypatch, 
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is restored
     b2 = train(cfg, tmp_path / "b", resume=True)
     assert b2.step == 6 and b2.trained_steps == 4
-    _assert_same_tensors(_tensors(tmp_path / "a" / "step-000006.safetensors"), _tensors(tmp_path / "b" / "step-000006.safetensors"))
+    _assert_same_tensors(
+        _tensors(tmp_path / "a" / "step-000006.safetensors"), _tensors(tmp_path / "b" / "step-000006.safetensors")
+    )
     assert a.losses == b2.losses
     # c: a planned N-step run extended with --resume --steps 2N
     c1 = train(TrainConfig(**{**TINY, **extra, "steps": 3}), tmp_path / "c")
     assert c1.step == 3
     train(cfg, tmp_path / "c", resume=True)
-    _assert_same_tensors(_tensors(tmp_path / "a" / "step-000006.safetensors"), _tensors(tmp_path / "c" / "step-000006.safetensors"))
+    _assert_same_tensors(
+        _tensors(tmp_path / "a" / "step-000006.safetensors"), _tensors(tmp_path / "c" / "step-000006.safetensors")
+    )
 
 
 def test_out_dir_rules_and_config_mismatch(tmp_path):
@@ -146,7 +160,9 @@ def test_out_dir_rules_and_config_mismatch(tmp_path):
     (out / "step-000009.json").unlink()
     (out / "step-000009.safetensors").unlink()
     train(TrainConfig(**{**TINY, "steps": 2, "save_every": 2}), out, overwrite=True)
-    assert (out / "notes.txt").exists() and not (out / "step-000003.json").exists() and (out / "step-000002.json").exists()
+    assert (
+        (out / "notes.txt").exists() and not (out / "step-000003.json").exists() and (out / "step-000002.json").exists()
+    )
 
 
 def test_damaged_checkpoint_is_detected(tmp_path):
@@ -248,14 +264,25 @@ def test_public_names_of_train_after_the_split():
     # checkpoint / run-directory I/O moved to diffmath.pipeline.checkpoint; train's public names are the same objects
     from diffmath.pipeline import checkpoint
 
-    for name in ("RunError", "RUN_FORMAT", "CHECKPOINT_FORMAT", "latest_checkpoint", "load_checkpoint", "read_run_config"):
+    for name in (
+        "RunError",
+        "RUN_FORMAT",
+        "CHECKPOINT_FORMAT",
+        "latest_checkpoint",
+        "load_checkpoint",
+        "read_run_config",
+    ):
         assert name in tr.__all__ and getattr(tr, name) is getattr(checkpoint, name)
     assert all(hasattr(tr, n) for n in tr.__all__)
 
 
 def test_toy_data_and_x0_prediction_train(tmp_path):
-    res = train(TrainConfig(data="gmm", steps=4, batch_size=64, channels=8, prediction="x0", timesteps=50,
-                            save_every=4, progress=False), tmp_path / "gmm")
+    res = train(
+        TrainConfig(
+            data="gmm", steps=4, batch_size=64, channels=8, prediction="x0", timesteps=50, save_every=4, progress=False
+        ),
+        tmp_path / "gmm",
+    )
     assert res.step == 4 and all(math.isfinite(v) for v in res.losses)
     cfg = json.loads((tmp_path / "gmm" / "config.json").read_text())
     assert cfg["model"]["class"] == "MLPDenoiser" and cfg["data"]["shape"] == [2]
@@ -291,16 +318,56 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     """`torchrun --nproc_per_node=2 -m diffmath train` (gloo on 127.0.0.1): both ranks hold the
     same weights (checked at every checkpoint), and the loss of each step equals the
     single-process run with the same global batch."""
-    args = ["train", "--data", "digits", "--steps", "3", "--batch-size", "16", "--channels", "8", "--channel-mult", "1,2",
-            "--num-res-blocks", "1", "--timesteps", "50", "--save-every", "3", "--dropout", "0", "--no-progress"]
+    args = [
+        "train",
+        "--data",
+        "digits",
+        "--steps",
+        "3",
+        "--batch-size",
+        "16",
+        "--channels",
+        "8",
+        "--channel-mult",
+        "1,2",
+        "--num-res-blocks",
+        "1",
+        "--timesteps",
+        "50",
+        "--save-every",
+        "3",
+        "--dropout",
+        "0",
+        "--no-progress",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
-    one = subprocess.run([sys.executable, "-m", "diffmath", *args, "--out", str(tmp_path / "one")], env=env,
-                         capture_output=True, text=True, timeout=300)
+    one = subprocess.run(
+        [sys.executable, "-m", "diffmath", *args, "--out", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={_free_port()}", "-m", "diffmath", *args, "--out", str(tmp_path / "two")],
-        env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=1",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={_free_port()}",
+            "-m",
+            "diffmath",
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert two.returncode == 0, two.stderr[-3000:]
     m1 = json.loads((tmp_path / "one" / "step-000003.json").read_text())
@@ -314,10 +381,31 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
             torch.testing.assert_close(l2[k], l1[k], rtol=1e-4, atol=1e-5)
     # sampling under torchrun splits the samples over the ranks; rank 0 gathers and writes
     smp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={_free_port()}", "-m", "diffmath", "sample", "--run-dir", str(tmp_path / "two"), "--out",
-         str(tmp_path / "smp"), "--num-samples", "7", "--steps", "4", "--no-progress"],
-        env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=1",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={_free_port()}",
+            "-m",
+            "diffmath",
+            "sample",
+            "--run-dir",
+            str(tmp_path / "two"),
+            "--out",
+            str(tmp_path / "smp"),
+            "--num-samples",
+            "7",
+            "--steps",
+            "4",
+            "--no-progress",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert smp.returncode == 0, smp.stderr[-3000:]
     with np.load(tmp_path / "smp" / "samples.npz", allow_pickle=False) as z:
@@ -327,12 +415,20 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
 @pytest.mark.parametrize(
     "old, home, names",
     [
-        ("train", "config", ["TrainConfig", "DEMO_CONFIG", "DEMO_CLASSES", "MAX_SEED", "check_int_fields", "derive_seed"]),
+        (
+            "train",
+            "config",
+            ["TrainConfig", "DEMO_CONFIG", "DEMO_CLASSES", "MAX_SEED", "check_int_fields", "derive_seed"],
+        ),
         ("train", "model", ["build_model", "make_schedule", "resolve_classes", "check_model_config"]),
         ("train", "objective", ["training_loss", "kernels_module", "philox_path"]),
         ("train", "optim", ["lr_schedule", "learning_rate"]),
         ("train", "loop", ["train", "TrainResult"]),
-        ("sample", "generate", ["LoadedModel", "load_model", "generate", "sample_run", "save_grid", "claim_samples_folder"]),
+        (
+            "sample",
+            "generate",
+            ["LoadedModel", "load_model", "generate", "sample_run", "save_grid", "claim_samples_folder"],
+        ),
         ("evaluate", "metrics", ["frechet_distance", "gaussian_stats", "wasserstein_1d", "sliced_wasserstein"]),
         ("evaluate", "classifier", ["DigitClassifier", "digit_classifier", "cache_dir"]),
         ("evaluate", "evaluate", ["evaluate_run", "vlb_bpd", "per_class_metrics", "guidance_sweep"]),

@@ -171,6 +171,8 @@ def test_main_parses_nfe(monkeypatch):
         verify.main(["--nfe", "5,x"])
     with pytest.raises(SystemExit):
         verify.main(["--nfe", "1"])
+
+
 def test_precision_table_layout_and_target(result):
     # Issue 16: with a bfloat16 (or float16) model and x_T, every deterministic loop's KL at 1000
     # steps is within 10% (+1e-4 nats) of the float32 loop's; the float32 loop is the float64

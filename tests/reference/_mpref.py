@@ -63,9 +63,7 @@ def reference_tables(betas, dps: int = 50) -> dict[str, list]:
             "log_snr": [log(a) - mp.log1p(-a) if a > 0 else -mp.inf for a in abar],
         }
         pv = out["posterior_variance"]
-        out["posterior_log_variance_clipped"] = (
-            [log(pv[1])] + [log(v) for v in pv[1:]] if T > 1 else [log(b[0])]
-        )
+        out["posterior_log_variance_clipped"] = [log(pv[1])] + [log(v) for v in pv[1:]] if T > 1 else [log(b[0])]
         return out
 
 

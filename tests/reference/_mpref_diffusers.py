@@ -70,8 +70,22 @@ def _prepare(x, m, a, prediction, clip, threshold):
     return X, x0, eps, shape
 
 
-def ddim_step(betas, x, m, t, t_prev, *, eta=0.0, noise=None, prediction="epsilon", clip=None, threshold=None,
-              final_abar=None, use_clipped=False, dps=DPS):
+def ddim_step(
+    betas,
+    x,
+    m,
+    t,
+    t_prev,
+    *,
+    eta=0.0,
+    noise=None,
+    prediction="epsilon",
+    clip=None,
+    threshold=None,
+    final_abar=None,
+    use_clipped=False,
+    dps=DPS,
+):
     """x_{t'} = sqrt(abar') x0 + sqrt(1 - abar' - sigma^2) eps + sigma z,
     sigma = eta sqrt((1 - abar')/(1 - abar_t)) sqrt(1 - abar_t/abar')      (DDIM eq. 12, 16);
     abar' = abar_{t_prev}, or ``final_abar`` (default 1) for t_prev < 0. Returns
@@ -88,14 +102,27 @@ def ddim_step(betas, x, m, t, t_prev, *, eta=0.0, noise=None, prediction="epsilo
         sigma2 = mp.mpf(eta) ** 2 * (1 - ap) / (1 - a) * (1 - a / ap)
         sigma = mp.sqrt(sigma2)
         c2 = 1 - ap - sigma2  # >= 0 for eta <= 1; exactly 0 at eta = 1, abar_t = 0 (zero terminal SNR)
-        c_eps = mp.sqrt(c2 if c2 > 0 or c2 < -mp.mpf(10) ** (10 - dps) else 0)
+        c_eps = mp.sqrt(c2 if c2 > 0 or c2 < -(mp.mpf(10) ** (10 - dps)) else 0)
         Z = [mp.mpf(v) for v in _flat(noise)[0]] if noise is not None else [mp.mpf(0)] * len(X)
         out = [mp.sqrt(ap) * x0v + c_eps * e + sigma * z for x0v, e, z in zip(x0, eps, Z)]
         return (np.array([float(v) for v in out]).reshape(shape), np.array([float(v) for v in x0]).reshape(shape))
 
 
-def ddpm_step(betas, x, m, t, t_prev, *, noise=None, variance="fixed_small", prediction="epsilon", clip=None,
-              threshold=None, predicted_variance=None, dps=DPS):
+def ddpm_step(
+    betas,
+    x,
+    m,
+    t,
+    t_prev,
+    *,
+    noise=None,
+    variance="fixed_small",
+    prediction="epsilon",
+    clip=None,
+    threshold=None,
+    predicted_variance=None,
+    dps=DPS,
+):
     """One step of DDPM on the chain t -> t_prev (abar' = 1 for t_prev = -1), with
     beta' = 1 - abar_t/abar' (Improved DDPM's respacing):
 

@@ -171,8 +171,10 @@ def dpm2m_loop(sig, xs, ms, lower_order_final=True, dps=DPS):
                     o = [svn / sv * xv - an * mp.expm1(-h) * dv for xv, dv in zip(X, D)]
                 else:
                     r = (lam - _vp(sig[i - 1])[2]) / h
-                    o = [svn / sv * xv - an * mp.expm1(-h) * (dv + (dv - dp) / (2 * r))
-                         for xv, dv, dp in zip(X, D, Ds[i - 1])]
+                    o = [
+                        svn / sv * xv - an * mp.expm1(-h) * (dv + (dv - dp) / (2 * r))
+                        for xv, dv, dp in zip(X, D, Ds[i - 1])
+                    ]
             outs.append(_out(o, np.shape(x)))
         return outs
 
@@ -300,8 +302,9 @@ def drive(sched, xs, ms, dtype, seed=0):
         kw = {}
         if "Ancestral" in type(sched).__name__:
             kw["generator"] = torch.Generator().manual_seed(seed + k)
-            noises.append(torch.randn(xt.shape, generator=torch.Generator().manual_seed(seed + k), dtype=dtype).double()
-                          .numpy())
+            noises.append(
+                torch.randn(xt.shape, generator=torch.Generator().manual_seed(seed + k), dtype=dtype).double().numpy()
+            )
         outs.append(sched.step(mt, t, xt, **kw).prev_sample)
     return outs, noises
 
@@ -326,7 +329,6 @@ def step_errors(kind, config, steps, shape=(2, 3, 4, 4), seed=0, classes=()):
     """Worst relative error of a call over the loop, for each (scheduler class, dtype) in
     ``classes``, against the mpmath reference on the config's exact ladder; every call of a
     ``steps``-level loop. Also checks the classes step on the ladder's timesteps."""
-    import torch
 
     resolved = dict(classes[0][0](**config).config)
     if resolved.get("prediction_type", "epsilon") != "epsilon" or resolved.get("use_karras_sigmas"):

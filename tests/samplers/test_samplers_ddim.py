@@ -13,7 +13,6 @@ from numpy.testing import assert_allclose
 
 from diffmath.samplers import ddim_coefs, ddim_step, ddpm_step, sample_ddim
 from diffmath.schedules import Schedule, linear_schedule, timesteps
-
 from tests._tables import refusals
 from tests.reference._ref import linspace_betas
 
@@ -69,7 +68,9 @@ def test_eta_one_is_ddpm_on_the_respaced_chain():
     for t, tp in ((999, 899), (500, 10), (40, 0)):
         sr = s.respace([tp, t])
         assert_allclose(float(ddim_coefs(s, t, tp, 1.0)[2]) ** 2, sr.posterior_variance[1], rtol=1e-12)
-        assert_allclose(ddim_step(s, x, t, tp, e, z, eta=1.0), ddpm_step(sr, x, 1, e, z, "small"), rtol=1e-12, atol=1e-14)
+        assert_allclose(
+            ddim_step(s, x, t, tp, e, z, eta=1.0), ddpm_step(sr, x, 1, e, z, "small"), rtol=1e-12, atol=1e-14
+        )
 
 
 def test_final_step_returns_x0_and_needs_no_noise():
@@ -77,7 +78,9 @@ def test_final_step_returns_x0_and_needs_no_noise():
     x, e = np.array([[0.5, -1.0]]), np.array([[0.2, 0.3]])
     x0 = (x - np.sqrt(1 - s.alphas_cumprod[3]) * e) / np.sqrt(s.alphas_cumprod[3])
     assert_allclose(ddim_step(s, x, 3, -1, e, eta=1.0), x0, rtol=1e-13)
-    assert_allclose(ddim_step(s, x, 3, 1, e, eta=0.0), ddim_step(s, x, 3, 1, e, noise=np.full_like(x, 9.0), eta=0.0), rtol=0)
+    assert_allclose(
+        ddim_step(s, x, 3, 1, e, eta=0.0), ddim_step(s, x, 3, 1, e, noise=np.full_like(x, 9.0), eta=0.0), rtol=0
+    )
 
 
 def test_batched_t_and_t_prev():
@@ -87,7 +90,11 @@ def test_batched_t_and_t_prev():
     t, tp = np.array([99, 50, 1]), np.array([89, -1, 0])
     out = ddim_step(s, x, t, tp, e, z, eta=0.7)
     for i in range(3):
-        assert_allclose(out[i], ddim_step(s, x[i : i + 1], int(t[i]), int(tp[i]), e[i : i + 1], z[i : i + 1], eta=0.7)[0], rtol=1e-14)
+        assert_allclose(
+            out[i],
+            ddim_step(s, x[i : i + 1], int(t[i]), int(tp[i]), e[i : i + 1], z[i : i + 1], eta=0.7)[0],
+            rtol=1e-14,
+        )
     outt = ddim_step(s, torch.tensor(x), torch.tensor(t), torch.tensor(tp), torch.tensor(e), torch.tensor(z), eta=0.7)
     assert_allclose(outt.numpy(), out, rtol=1e-13)
 
@@ -114,16 +121,46 @@ def _identity(y, t):
 
 
 BAD_INPUT = [
-    (ddim_step, dict(s=_S50, x_t=_X, t=10, t_prev=5, eps=_X, eta=-0.1), ValueError, r"eta must be finite and >= 0.*eta = -0.1"),
+    (
+        ddim_step,
+        dict(s=_S50, x_t=_X, t=10, t_prev=5, eps=_X, eta=-0.1),
+        ValueError,
+        r"eta must be finite and >= 0.*eta = -0.1",
+    ),
     (ddim_step, dict(s=_S50, x_t=_X, t=10, t_prev=10, eps=_X), ValueError, r"t_prev must be < t.*t = 10, t_prev = 10"),
-    (ddim_step, dict(s=_S50, x_t=_X, t=np.array([10, 3]), t_prev=np.array([5, 7]), eps=_X), ValueError, r"t_prev must be < t.*t = 3, t_prev = 7"),
+    (
+        ddim_step,
+        dict(s=_S50, x_t=_X, t=np.array([10, 3]), t_prev=np.array([5, 7]), eps=_X),
+        ValueError,
+        r"t_prev must be < t.*t = 3, t_prev = 7",
+    ),
     (ddim_step, dict(s=_S50, x_t=_X, t=10, t_prev=-2, eps=_X), ValueError, r"t_prev must lie in \[-1, 50\).*-2"),
     (ddim_step, dict(s=_S50, x_t=_X, t=10, t_prev=5, eps=_X, eta=0.5), ValueError, "noise is required"),
     (ddim_step, dict(s=_S50, x_t=_X, t=49, t_prev=0, eps=_X, noise=_X, eta=3.0), ValueError, "use eta in"),
-    (sample_ddim, dict(eps_model=_identity, s=_S50, shape=(2, 3), steps=51), ValueError, r"steps must lie in \[1, 50\]; got steps = 51"),
-    (sample_ddim, dict(eps_model=_identity, s=_S50, shape=(2, 3), steps=0), ValueError, r"steps must lie in \[1, 50\]; got steps = 0"),
-    (sample_ddim, dict(eps_model=_identity, s=_S50, shape=(2, 3), eta=-1.0), ValueError, r"eta must be finite and >= 0.*eta = -1.0"),
-    (sample_ddim, dict(eps_model=_identity, s=_S50, shape=(2, 3), steps=5, spacing="odd"), ValueError, "unknown spacing 'odd'"),
+    (
+        sample_ddim,
+        dict(eps_model=_identity, s=_S50, shape=(2, 3), steps=51),
+        ValueError,
+        r"steps must lie in \[1, 50\]; got steps = 51",
+    ),
+    (
+        sample_ddim,
+        dict(eps_model=_identity, s=_S50, shape=(2, 3), steps=0),
+        ValueError,
+        r"steps must lie in \[1, 50\]; got steps = 0",
+    ),
+    (
+        sample_ddim,
+        dict(eps_model=_identity, s=_S50, shape=(2, 3), eta=-1.0),
+        ValueError,
+        r"eta must be finite and >= 0.*eta = -1.0",
+    ),
+    (
+        sample_ddim,
+        dict(eps_model=_identity, s=_S50, shape=(2, 3), steps=5, spacing="odd"),
+        ValueError,
+        "unknown spacing 'odd'",
+    ),
 ]
 
 

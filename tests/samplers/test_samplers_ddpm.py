@@ -13,7 +13,6 @@ from numpy.testing import assert_allclose
 
 from diffmath.samplers import ddpm_std, ddpm_step, sample_ddpm
 from diffmath.schedules import Schedule, cosine_schedule, linear_schedule, timesteps
-
 from tests._tables import refusals
 from tests.reference._ref import linspace_betas
 
@@ -105,8 +104,13 @@ def test_batched_t_matches_per_sample_calls_and_torch():
         assert_allclose(out[i], ddpm_step(s, x[i : i + 1], int(t[i]), e[i : i + 1], z[i : i + 1])[0], rtol=1e-14)
     tt = ddpm_step(s, torch.tensor(x), torch.tensor(t), torch.tensor(e), torch.tensor(z))
     assert_allclose(tt.numpy(), out, rtol=1e-13)
-    t32 = ddpm_step(s, torch.tensor(x, dtype=torch.float32), torch.tensor(t), torch.tensor(e, dtype=torch.float32),
-                    torch.tensor(z, dtype=torch.float32))
+    t32 = ddpm_step(
+        s,
+        torch.tensor(x, dtype=torch.float32),
+        torch.tensor(t),
+        torch.tensor(e, dtype=torch.float32),
+        torch.tensor(z, dtype=torch.float32),
+    )
     assert t32.dtype == torch.float32
     assert float((t32.double() - tt).norm() / tt.norm()) < 1e-6
 
@@ -173,7 +177,9 @@ def test_loops_refuse_zero_terminal_snr_before_the_first_model_call(loop):
 
     run = {
         "ddpm": lambda: sample_ddpm(model, s, (2, 3), generator=np.random.default_rng(0)),
-        "ddpm_respaced": lambda: sample_ddpm(model, s, (2, 3), steps=7, spacing="trailing", generator=np.random.default_rng(0)),
+        "ddpm_respaced": lambda: sample_ddpm(
+            model, s, (2, 3), steps=7, spacing="trailing", generator=np.random.default_rng(0)
+        ),
         "ddim": lambda: sample_ddim(model, s, (2, 3), steps=10, spacing="trailing", generator=np.random.default_rng(0)),
     }[loop]
     last = 6 if loop == "ddpm_respaced" else 49  # the respaced chain's own index of t = 49
@@ -192,13 +198,37 @@ def _identity(y, t):
 
 BAD_INPUT = [
     (ddpm_step, dict(s=_S10, x_t=_X, t=3, eps=_X, noise=None), ValueError, "noise is required"),
-    (ddpm_step, dict(s=_S10, x_t=_X, t=3, eps=_X, noise=_X, variance="medium"), ValueError, r"variance must be 'small'.*'medium'"),
-    (ddpm_step, dict(s=_S10, x_t=_X, t=3, eps=_X, noise=_X, clip_x0=-1.0), ValueError, r"clip_x0 must be .*> 0; got clip_x0 = -1.0"),
+    (
+        ddpm_step,
+        dict(s=_S10, x_t=_X, t=3, eps=_X, noise=_X, variance="medium"),
+        ValueError,
+        r"variance must be 'small'.*'medium'",
+    ),
+    (
+        ddpm_step,
+        dict(s=_S10, x_t=_X, t=3, eps=_X, noise=_X, clip_x0=-1.0),
+        ValueError,
+        r"clip_x0 must be .*> 0; got clip_x0 = -1.0",
+    ),
     (ddpm_step, dict(s=_S10, x_t=_X, t=10, eps=_X, noise=_X), ValueError, r"t must lie in \[0, 10\).*t = 10"),
-    (sample_ddpm, dict(eps_model=_identity, s=_S10, shape=(2, 3), steps=11), ValueError, r"steps must lie in \[1, 10\]; got steps = 11"),
-    (sample_ddpm, dict(eps_model=_identity, s=_S10, shape=(2, 3), steps=0), ValueError, r"steps must lie in \[1, 10\]; got steps = 0"),
-    (sample_ddpm, dict(eps_model=lambda y, t: y[:, :1], s=_S10, shape=(2, 3)), ValueError,
-     r"eps_model returned shape \(2, 1\) but x has shape \(2, 3\)"),
+    (
+        sample_ddpm,
+        dict(eps_model=_identity, s=_S10, shape=(2, 3), steps=11),
+        ValueError,
+        r"steps must lie in \[1, 10\]; got steps = 11",
+    ),
+    (
+        sample_ddpm,
+        dict(eps_model=_identity, s=_S10, shape=(2, 3), steps=0),
+        ValueError,
+        r"steps must lie in \[1, 10\]; got steps = 0",
+    ),
+    (
+        sample_ddpm,
+        dict(eps_model=lambda y, t: y[:, :1], s=_S10, shape=(2, 3)),
+        ValueError,
+        r"eps_model returned shape \(2, 1\) but x has shape \(2, 3\)",
+    ),
 ]
 
 

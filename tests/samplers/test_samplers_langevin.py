@@ -21,7 +21,6 @@ from diffmath.samplers import (
     langevin_corrector_step,
     langevin_step,
 )
-
 from tests._tables import refusals
 
 
@@ -118,7 +117,7 @@ def test_annealed_langevin_matches_the_exact_linear_chain():
     mean_exact = m + dev
     assert abs(out.mean() - mean_exact) < 5 * math.sqrt(var / n)
     assert abs(out.var() - var) < 5 * math.sqrt(2 / n) * var
-    assert seen[:: k] == sig.tolist()
+    assert seen[::k] == sig.tolist()
     assert_allclose(annealed_step_sizes(sig, 2e-3), 2e-3 * sig**2 / sig[-1] ** 2, rtol=1e-15)
 
 
@@ -140,19 +139,55 @@ def _minus_y(y, s):
 
 
 BAD_INPUT = [
-    (langevin_step, dict(x=_X, score=_X, step_size=0.0, noise=_X), ValueError, r"step_size must be finite and > 0; got step_size = 0.0"),
-    (langevin_step, dict(x=_X, score=_X, step_size=np.array([0.1, -1.0]), noise=_X), ValueError,
-     r"step_size must be finite and > 0; got step_size = -1.0"),
-    (langevin_corrector_step, dict(score=_X, x=_X, snr=0.0, noise=_X), ValueError, r"snr must be finite and > 0; got snr = 0.0"),
-    (langevin_corrector_step, dict(score=_X, x=_X, snr=-0.1, noise=_X), ValueError, r"snr must be finite and > 0; got snr = -0.1"),
-    (langevin_step, dict(x=_X, score=_X[:, :1], step_size=0.1, noise=_X), ValueError, r"score must have the shape of x \(2, 3\); got \(2, 1\)"),
-    (annealed_langevin, dict(score_model=_minus_y, sigmas=[1.0, 0.1], shape=(2, 3), step_lr=0.0), ValueError,
-     r"step_lr must be finite and > 0; got step_lr = 0.0"),
+    (
+        langevin_step,
+        dict(x=_X, score=_X, step_size=0.0, noise=_X),
+        ValueError,
+        r"step_size must be finite and > 0; got step_size = 0.0",
+    ),
+    (
+        langevin_step,
+        dict(x=_X, score=_X, step_size=np.array([0.1, -1.0]), noise=_X),
+        ValueError,
+        r"step_size must be finite and > 0; got step_size = -1.0",
+    ),
+    (
+        langevin_corrector_step,
+        dict(score=_X, x=_X, snr=0.0, noise=_X),
+        ValueError,
+        r"snr must be finite and > 0; got snr = 0.0",
+    ),
+    (
+        langevin_corrector_step,
+        dict(score=_X, x=_X, snr=-0.1, noise=_X),
+        ValueError,
+        r"snr must be finite and > 0; got snr = -0.1",
+    ),
+    (
+        langevin_step,
+        dict(x=_X, score=_X[:, :1], step_size=0.1, noise=_X),
+        ValueError,
+        r"score must have the shape of x \(2, 3\); got \(2, 1\)",
+    ),
+    (
+        annealed_langevin,
+        dict(score_model=_minus_y, sigmas=[1.0, 0.1], shape=(2, 3), step_lr=0.0),
+        ValueError,
+        r"step_lr must be finite and > 0; got step_lr = 0.0",
+    ),
     (annealed_langevin, dict(score_model=_minus_y, sigmas=[0.1, 1.0], shape=(2, 3)), ValueError, "strictly descending"),
-    (annealed_langevin, dict(score_model=_minus_y, sigmas=[1.0, 0.1], shape=(2, 3), n_steps_each=0), ValueError,
-     r"n_steps_each must be an integer >= 1; got n_steps_each = 0"),
-    (annealed_langevin, dict(score_model=lambda y, s: s, sigmas=[1.0, 0.1], shape=(2, 3), n_steps_each=1), ValueError,
-     r"score_model returned shape \(2,\) but x has shape \(2, 3\)"),
+    (
+        annealed_langevin,
+        dict(score_model=_minus_y, sigmas=[1.0, 0.1], shape=(2, 3), n_steps_each=0),
+        ValueError,
+        r"n_steps_each must be an integer >= 1; got n_steps_each = 0",
+    ),
+    (
+        annealed_langevin,
+        dict(score_model=lambda y, s: s, sigmas=[1.0, 0.1], shape=(2, 3), n_steps_each=1),
+        ValueError,
+        r"score_model returned shape \(2,\) but x has shape \(2, 3\)",
+    ),
 ]
 
 

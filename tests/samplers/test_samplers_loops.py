@@ -20,7 +20,6 @@ from diffmath.samplers import (
 )
 from diffmath.schedules import linear_schedule
 from diffmath.sde import VPSDE
-
 from tests._tables import refusals
 
 S = linear_schedule(100)
@@ -132,13 +131,25 @@ def test_sample_ode_interrupt_leaves_inputs_intact():
 # ----------------------------------------------------------------------------- bad input
 BAD_INPUT = [
     # the generator's kind must match x_T
-    (sample_sde, dict(score_fn=_score, sde=SDE, x_T=torch.zeros(2, 2), generator=np.random.default_rng(0)), TypeError,
-     "numpy.random.Generator but x_T is a torch tensor"),
-    (sample_sde, dict(score_fn=_score, sde=SDE, x_T=np.zeros((2, 2)), generator=torch.Generator()), TypeError,
-     "torch.Generator but x_T is a numpy array"),
+    (
+        sample_sde,
+        dict(score_fn=_score, sde=SDE, x_T=torch.zeros(2, 2), generator=np.random.default_rng(0)),
+        TypeError,
+        "numpy.random.Generator but x_T is a torch tensor",
+    ),
+    (
+        sample_sde,
+        dict(score_fn=_score, sde=SDE, x_T=np.zeros((2, 2)), generator=torch.Generator()),
+        TypeError,
+        "torch.Generator but x_T is a numpy array",
+    ),
     (sample_sde, dict(score_fn=_score, sde=SDE, shape=(2, 2), generator=42), TypeError, "generator must be"),
-    (sample_sde, dict(score_fn=_score, sde=SDE, shape=(3, 2), x_T=np.zeros((2, 2))), ValueError,
-     r"x_T must have the requested shape \(3, 2\); got \(2, 2\)"),
+    (
+        sample_sde,
+        dict(score_fn=_score, sde=SDE, shape=(3, 2), x_T=np.zeros((2, 2))),
+        ValueError,
+        r"x_T must have the requested shape \(3, 2\); got \(2, 2\)",
+    ),
 ]
 
 

@@ -12,7 +12,6 @@ from numpy.testing import assert_allclose
 from diffmath.oracle import GaussianData
 from diffmath.samplers import heun_step, sample_ode, sample_ode_heun
 from diffmath.sde import VESDE, VPSDE, SubVPSDE
-
 from tests._tables import refusals
 
 MU = np.array([0.8, -0.5])
@@ -91,15 +90,48 @@ def _minus_x(x, t):
 
 
 BAD_INPUT = [
-    (sample_ode, dict(score_fn=_minus_x, sde=_VP, shape=(2, 2), rtol=0), ValueError, r"rtol must be a finite float > 0; got rtol = 0"),
-    (sample_ode_heun, dict(score_fn=_minus_x, sde=_VP, shape=(2, 2), steps=0), ValueError, r"steps must be >= 1; got steps = 0"),
-    (heun_step, dict(rsde=_VP.reverse(_minus_x), x=np.ones((2, 2)), t=0.5, dt=-0.1), TypeError, "probability_flow=True"),
-    (heun_step, dict(rsde=_VP.reverse(_minus_x, True), x=np.ones((2, 2)), t=0.5, dt=-0.5), ValueError, r"t must lie in \(0, 1\]"),
+    (
+        sample_ode,
+        dict(score_fn=_minus_x, sde=_VP, shape=(2, 2), rtol=0),
+        ValueError,
+        r"rtol must be a finite float > 0; got rtol = 0",
+    ),
+    (
+        sample_ode_heun,
+        dict(score_fn=_minus_x, sde=_VP, shape=(2, 2), steps=0),
+        ValueError,
+        r"steps must be >= 1; got steps = 0",
+    ),
+    (
+        heun_step,
+        dict(rsde=_VP.reverse(_minus_x), x=np.ones((2, 2)), t=0.5, dt=-0.1),
+        TypeError,
+        "probability_flow=True",
+    ),
+    (
+        heun_step,
+        dict(rsde=_VP.reverse(_minus_x, True), x=np.ones((2, 2)), t=0.5, dt=-0.5),
+        ValueError,
+        r"t must lie in \(0, 1\]",
+    ),
     # a score_fn returning NaN is reported as such, not as a bad time t = nan
-    (sample_ode, dict(score_fn=lambda x, t: x * np.nan, sde=_VP, shape=(2, 2), generator=np.random.default_rng(0)), ValueError,
-     r"score_fn returned non-finite values.*t = 1.0"),
-    (sample_ode, dict(score_fn=lambda x, t: np.where(t[:, None] < 0.5, np.inf, -x), sde=_VP, shape=(2, 2),
-                      generator=np.random.default_rng(0)), ValueError, r"score_fn returned non-finite values"),
+    (
+        sample_ode,
+        dict(score_fn=lambda x, t: x * np.nan, sde=_VP, shape=(2, 2), generator=np.random.default_rng(0)),
+        ValueError,
+        r"score_fn returned non-finite values.*t = 1.0",
+    ),
+    (
+        sample_ode,
+        dict(
+            score_fn=lambda x, t: np.where(t[:, None] < 0.5, np.inf, -x),
+            sde=_VP,
+            shape=(2, 2),
+            generator=np.random.default_rng(0),
+        ),
+        ValueError,
+        r"score_fn returned non-finite values",
+    ),
 ]
 
 

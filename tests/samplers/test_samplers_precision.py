@@ -78,7 +78,9 @@ def test_half_precision_x_T_and_model_keep_a_float32_state(name, half):
     assert seen == {torch.float32} and out.dtype == torch.float32
     seen32 = set()
     ref = run(
-        lambda x, t: _recording(fn, half, seen32)(x, t).float(), x_T=_x_T(torch.float32), generator=torch.Generator().manual_seed(0)
+        lambda x, t: _recording(fn, half, seen32)(x, t).float(),
+        x_T=_x_T(torch.float32),
+        generator=torch.Generator().manual_seed(0),
     )
     assert torch.equal(out, ref)
     # out_dtype rounds once, at the very end
@@ -102,7 +104,10 @@ def test_numpy_float16_start_and_model_keep_a_float32_state(name):
     X = _x_T(torch.float32).numpy().astype(np.float16)
     out = run(_recording(fn, np.float16, seen), x_T=X, generator=np.random.default_rng(0))
     assert seen == {np.dtype(np.float32)} and out.dtype == np.float32
-    assert run(_recording(fn, np.float16, set()), x_T=X, generator=np.random.default_rng(0), out_dtype=np.float16).dtype == np.float16
+    assert (
+        run(_recording(fn, np.float16, set()), x_T=X, generator=np.random.default_rng(0), out_dtype=np.float16).dtype
+        == np.float16
+    )
 
 
 def test_bfloat16_ddim_matches_the_float64_loop_on_the_same_draws():
@@ -144,7 +149,11 @@ def test_bfloat16_model_matches_the_float32_model_on_the_same_draws(name):
         "heun": lambda m, **kw: sample_ode_heun(lambda x, t: m(data.score(x, t, sde)), sde, steps=1000, **kw),
         "ode": lambda m, **kw: sample_ode(lambda x, t: m(data.score(x, t, sde)), sde, **kw),
         "annealed": lambda m, **kw: annealed_langevin(
-            lambda x, sg: m(data.score_sigma(x, sg)), geometric_sigmas(1.0, 0.01, 10), n_steps_each=25, step_lr=2e-5, **kw
+            lambda x, sg: m(data.score_sigma(x, sg)),
+            geometric_sigmas(1.0, 0.01, 10),
+            n_steps_each=25,
+            step_lr=2e-5,
+            **kw,
         ),
     }
     x_T = torch.randn((2000, 1), generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
@@ -160,7 +169,11 @@ def test_bfloat16_model_matches_the_float32_model_on_the_same_draws(name):
 @pytest.mark.parametrize("name", list(LOOPS))
 def test_non_floating_x_T_is_a_type_error_naming_it(name):
     run, fn = LOOPS[name]
-    for bad in (torch.zeros(3, 2, dtype=torch.int64), torch.zeros(3, 2, dtype=torch.bool), torch.zeros(3, 2, dtype=torch.complex64)):
+    for bad in (
+        torch.zeros(3, 2, dtype=torch.int64),
+        torch.zeros(3, 2, dtype=torch.bool),
+        torch.zeros(3, 2, dtype=torch.complex64),
+    ):
         with pytest.raises(TypeError, match=rf"x_T must be a floating-point tensor; got dtype {bad.dtype}"):
             run(fn, x_T=bad, generator=torch.Generator())
     for bad in (np.zeros((3, 2), dtype=np.int32), np.zeros((3, 2), dtype=bool), np.zeros((3, 2), dtype=np.complex128)):
@@ -238,5 +251,13 @@ def test_nan_model_message_names_the_final_denoising_step():
         return torch.full_like(x, float("nan")) if len(done) == 15 else DATA.score_sigma(x, sigma)
 
     with pytest.raises(ValueError, match=r"at the final denoising step of annealed_langevin \(sigma = 0.1\)"):
-        annealed_langevin(model, [1.0, 0.3, 0.1], (3, 2), n_steps_each=5, step_lr=1e-3, denoise=True,
-                          generator=torch.Generator(), callback=lambda **kw: done.append(1))
+        annealed_langevin(
+            model,
+            [1.0, 0.3, 0.1],
+            (3, 2),
+            n_steps_each=5,
+            step_lr=1e-3,
+            denoise=True,
+            generator=torch.Generator(),
+            callback=lambda **kw: done.append(1),
+        )

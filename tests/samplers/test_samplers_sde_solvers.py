@@ -11,7 +11,6 @@ from numpy.testing import assert_allclose
 from diffmath.oracle import GaussianData
 from diffmath.samplers import euler_maruyama_step, reverse_diffusion_step, sample_pc, sample_sde, time_grid
 from diffmath.sde import VESDE, VPSDE, SubVPSDE
-
 from tests._tables import refusals
 
 
@@ -95,8 +94,15 @@ def test_time_grid_and_pc_levels():
     sample_pc(score, sde, (2, 1), corrector="none", generator=np.random.default_rng(0))
     assert_allclose(seen, np.maximum(np.arange(29, -1, -1) / 29, 1e-3), rtol=1e-6)
     seen.clear()
-    sample_pc(score, VESDE(N=40), (2, 1), predictor="euler_maruyama", steps=5, n_corrector_steps=2,
-              generator=np.random.default_rng(0))
+    sample_pc(
+        score,
+        VESDE(N=40),
+        (2, 1),
+        predictor="euler_maruyama",
+        steps=5,
+        n_corrector_steps=2,
+        generator=np.random.default_rng(0),
+    )
     g = time_grid(VESDE(), 5)
     assert_allclose(seen, np.stack([g[:-1]] * 3, 1).reshape(-1), rtol=1e-6)  # 2 corrector + 1 predictor per level
 
@@ -115,8 +121,16 @@ def test_pc_default_corrector_is_batch_mean_and_gives_the_right_variance_in_1d()
     m, v = float(exact.mean[0]), float(exact.cov[0, 0])
 
     def run(**kw):
-        return sample_pc(lambda x, t: data.score(x, t, sde), sde, (n, 1), predictor="euler_maruyama", steps=100,
-                         snr=0.16, generator=np.random.default_rng(0), **kw)
+        return sample_pc(
+            lambda x, t: data.score(x, t, sde),
+            sde,
+            (n, 1),
+            predictor="euler_maruyama",
+            steps=100,
+            snr=0.16,
+            generator=np.random.default_rng(0),
+            **kw,
+        )
 
     x = run()
     assert np.array_equal(x, run(corrector_norm="batch"))
@@ -131,7 +145,12 @@ _VP, _X = VPSDE(), np.ones((2, 3))
 
 
 def _em_row(reverse, t, dt, match):
-    return (euler_maruyama_step, dict(rsde=_VP.reverse(_score) if reverse else _VP, x=_X, t=t, dt=dt, noise=_X), ValueError, match)
+    return (
+        euler_maruyama_step,
+        dict(rsde=_VP.reverse(_score) if reverse else _VP, x=_X, t=t, dt=dt, noise=_X),
+        ValueError,
+        match,
+    )
 
 
 def _loop_row(loop, kw, match):
@@ -152,8 +171,12 @@ BAD_INPUT = [
     _loop_row(sample_pc, dict(steps=10), "steps must equal sde.N = 1000"),
     _loop_row(sample_pc, dict(predictor="heun"), "predictor must be"),
     # the loop names a score of the wrong shape
-    (sample_sde, dict(score_fn=lambda y, t: y[:, :1], sde=VPSDE(), shape=(2, 3), steps=3), ValueError,
-     r"score_fn returned shape \(2, 1\) but x has shape \(2, 3\)"),
+    (
+        sample_sde,
+        dict(score_fn=lambda y, t: y[:, :1], sde=VPSDE(), shape=(2, 3), steps=3),
+        ValueError,
+        r"score_fn returned shape \(2, 1\) but x has shape \(2, 3\)",
+    ),
 ]
 
 

@@ -101,8 +101,15 @@ def test_ordinary_float32_steps_keep_their_float32_arithmetic():
     # folded update (which is what they were before the float64 path existed)
     s = Schedule.from_betas(BETAS)
     t = 10
-    c = [np.float32(v[t]) for v in (s.sqrt_recip_alphas_cumprod, s.sqrt_recipm1_alphas_cumprod,
-                                     s.posterior_mean_coef1, s.posterior_mean_coef2)]
+    c = [
+        np.float32(v[t])
+        for v in (
+            s.sqrt_recip_alphas_cumprod,
+            s.sqrt_recipm1_alphas_cumprod,
+            s.posterior_mean_coef1,
+            s.posterior_mean_coef2,
+        )
+    ]
     x0 = c[0] * X - c[1] * E
     mean = c[2] * x0 + c[3] * X
     std = np.float32(np.exp(0.5 * s.posterior_log_variance_clipped[t]))

@@ -21,7 +21,6 @@ from diffmath.samplers import (
     sigmas_vp,
 )
 from diffmath.schedules import Schedule, linear_schedule, rescale_zero_terminal_snr, timesteps
-
 from tests._tables import refusals
 from tests.reference._ref import abar_by_product
 
@@ -148,7 +147,12 @@ BAD_INPUT = [
     (sigmas_karras, dict(n=5, sigma_min=0.1, sigma_max=1.0, rho=0.0), ValueError, "rho must be finite and > 0"),
     (sigmas_exponential, dict(n=5, sigma_min=0.5, sigma_max=0.5), ValueError, "sigma_min < sigma_max"),
     (sigmas_exponential, dict(n=5, sigma_min="a", sigma_max=0.5), TypeError, "sigma_min must be a real number"),
-    (sigmas_polyexponential, dict(n=5, sigma_min=0.1, sigma_max=1.0, rho=-1.0), ValueError, "rho must be finite and > 0"),
+    (
+        sigmas_polyexponential,
+        dict(n=5, sigma_min=0.1, sigma_max=1.0, rho=-1.0),
+        ValueError,
+        "rho must be finite and > 0",
+    ),
     (sigmas_beta, dict(n=4, sigma_min=0.1, sigma_max=1.0, alpha=0.0), ValueError, "alpha"),
     (sigmas_vp, dict(n=5, eps_s=1.0), ValueError, "eps_s must lie in"),
     (sigmas_vp, dict(n=5, eps_s=0.0), ValueError, "eps_s must be finite and > 0"),

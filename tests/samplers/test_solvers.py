@@ -45,7 +45,6 @@ from diffmath.samplers import (
 )
 from diffmath.samplers.solvers import dpmpp_multistep_step, unipc_corrector_step, unipc_predictor_step
 from diffmath.schedules import linear_schedule
-
 from tests._tables import refusals
 
 S = linear_schedule(1000)
@@ -90,12 +89,22 @@ def test_phi_against_mpmath():
 
 def test_ancestral_step_against_mpmath():
     mp.mp.dps = 40
-    for s, sn, eta in [(10.0, 5.0, 1.0), (1.0, 0.999, 1.0), (80.0, 0.002, 0.5), (3.0, 2.0, 1.7), (3.0, 2.0, 0.0), (1.0, 0.0, 1.0)]:
+    for s, sn, eta in [
+        (10.0, 5.0, 1.0),
+        (1.0, 0.999, 1.0),
+        (80.0, 0.002, 0.5),
+        (3.0, 2.0, 1.7),
+        (3.0, 2.0, 0.0),
+        (1.0, 0.0, 1.0),
+    ]:
         S_, N_ = mp.mpf(s), mp.mpf(sn)
         up = mp.sqrt(min(N_**2, eta**2 * N_**2 * (S_**2 - N_**2) / S_**2))
         down = mp.sqrt(N_**2 - up**2)
         d, u = ancestral_step(s, sn, eta)
-        assert (d, u) == (pytest.approx(float(down), rel=1e-14, abs=1e-300), pytest.approx(float(up), rel=1e-14, abs=1e-300))
+        assert (d, u) == (
+            pytest.approx(float(down), rel=1e-14, abs=1e-300),
+            pytest.approx(float(up), rel=1e-14, abs=1e-300),
+        )
 
 
 def test_lms_coefficients_against_quad():
@@ -133,15 +142,25 @@ def test_euler_ancestral_is_ddim_eta(eta):
     / sigma^2) (DDIM eq. 16 divided by sqrt(abar_prev)); same noise draws, same order."""
     x_T = np.random.default_rng(1).standard_normal((6, 2))
     ref = sample_ddim(
-        lambda a, t: DATA2.eps(a, t, S), S, x_T.shape, steps=8, eta=eta, spacing="trailing", x_T=x_T,
+        lambda a, t: DATA2.eps(a, t, S),
+        S,
+        x_T.shape,
+        steps=8,
+        eta=eta,
+        spacing="trailing",
+        x_T=x_T,
         generator=np.random.default_rng(5),
     )
     sig = sigmas_from_schedule(S, 8, "trailing")
-    out = sample_euler_ancestral(_eps_denoiser(), x_T * math.sqrt(1.0 + sig[0] ** 2), sig, eta=eta, generator=np.random.default_rng(5))
+    out = sample_euler_ancestral(
+        _eps_denoiser(), x_T * math.sqrt(1.0 + sig[0] ** 2), sig, eta=eta, generator=np.random.default_rng(5)
+    )
     assert_allclose(out, ref, rtol=1e-10, atol=1e-11)
 
 
-@pytest.mark.parametrize("make", [lambda n: sigmas_karras(n, 0.01, 157.4), lambda n: sigmas_exponential(n, 0.01, 157.4)])
+@pytest.mark.parametrize(
+    "make", [lambda n: sigmas_karras(n, 0.01, 157.4), lambda n: sigmas_exponential(n, 0.01, 157.4)]
+)
 def test_multistep_equivalences(make):
     sig = make(15)
     x = np.random.default_rng(2).standard_normal((5, 2)) * sig[0]
@@ -294,8 +313,12 @@ def test_state_precision_torch(name, dtype):
 def test_numpy_precision_and_torch_agreement(name):
     sig = sigmas_karras(5, 0.1, 10.0)
     x = np.random.default_rng(0).standard_normal((3, 2)) * 10
-    assert SOLVERS[name](DATA2.denoise, x.astype(np.float16), sig, generator=np.random.default_rng(0)).dtype == np.float32
-    assert SOLVERS[name](DATA2.denoise, x.astype(np.float32), sig, generator=np.random.default_rng(0)).dtype == np.float32
+    assert (
+        SOLVERS[name](DATA2.denoise, x.astype(np.float16), sig, generator=np.random.default_rng(0)).dtype == np.float32
+    )
+    assert (
+        SOLVERS[name](DATA2.denoise, x.astype(np.float32), sig, generator=np.random.default_rng(0)).dtype == np.float32
+    )
     # float64 numpy and float64 torch give one result, the noise fed identically
     zs = np.random.default_rng(9).standard_normal((40, 3, 2))
     calls = {"np": 0, "t": 0}
@@ -383,8 +406,19 @@ def test_unipc_steps_integrate_the_interpolant_exactly(variant, prediction):
             return math.exp(-(lam[3] - lam[2])) * x + integ
         return x - quad(lambda l: math.exp(-l) * poly(l), lam[2], lam[3], epsabs=1e-14, epsrel=1e-13)[0]
 
-    a = unipc_predictor_step(np.array([x]), sig[2], sig[3], [np.array([v]) for v in (M0, M1, M2)], sig[2::-1], variant, prediction)
-    b = unipc_corrector_step(np.array([x]), sig[2], sig[3], [np.array([v]) for v in (M0, M1, M2)], sig[2::-1], np.array([Mn]), variant, prediction)
+    a = unipc_predictor_step(
+        np.array([x]), sig[2], sig[3], [np.array([v]) for v in (M0, M1, M2)], sig[2::-1], variant, prediction
+    )
+    b = unipc_corrector_step(
+        np.array([x]),
+        sig[2],
+        sig[3],
+        [np.array([v]) for v in (M0, M1, M2)],
+        sig[2::-1],
+        np.array([Mn]),
+        variant,
+        prediction,
+    )
     # quad to 1e-13; the Vandermonde solve loses a few digits on this uneven history
     assert_allclose(a, exact(3), rtol=1e-10, atol=1e-12)
     assert_allclose(b, exact(4), rtol=1e-10, atol=1e-12)
@@ -431,7 +465,14 @@ BAD = [
     (sample_lms, X, SIG, {"order": 5}, ValueError, "order must be one of 1, 2, 3, 4"),
     (sample_lms, X, SIG, {"order": 0}, ValueError, "order must be one of"),
     (sample_dpmpp_2m, X, SIG, {"generator": torch.Generator()}, TypeError, "generator is a torch.Generator"),
-    (sample_euler_ancestral, torch.ones(2, 2), SIG, {"generator": np.random.default_rng()}, TypeError, "numpy.random.Generator"),
+    (
+        sample_euler_ancestral,
+        torch.ones(2, 2),
+        SIG,
+        {"generator": np.random.default_rng()},
+        TypeError,
+        "numpy.random.Generator",
+    ),
     (sample_euler_ancestral, X, SIG, {"noise_sampler": 3}, TypeError, "noise_sampler must be callable"),
     (sample_dpmpp_2m, X, SIG, {"order": 2}, TypeError, "unexpected keyword"),
 ]
@@ -450,8 +491,18 @@ def test_bad_input_before_any_model_call(solver, x, sigmas, opts, exc, match):
     [
         (lambda x, s: np.zeros((3, 2)), X, "the output of denoiser must have the shape of x", ValueError),
         (lambda x, s: torch.zeros(2, 2), X, "the output of denoiser must be a numpy array like x", TypeError),
-        (lambda x, s: np.zeros((2, 2)), torch.ones(2, 2), "the output of denoiser must be a torch tensor like x", TypeError),
-        (lambda x, s: np.zeros((2, 2), dtype=np.int64), X, "the output of denoiser must be a floating-point array", TypeError),
+        (
+            lambda x, s: np.zeros((2, 2)),
+            torch.ones(2, 2),
+            "the output of denoiser must be a torch tensor like x",
+            TypeError,
+        ),
+        (
+            lambda x, s: np.zeros((2, 2), dtype=np.int64),
+            X,
+            "the output of denoiser must be a floating-point array",
+            TypeError,
+        ),
         (lambda x, s: [[1.0, 1.0], [1.0, 1.0]], X, "the output of denoiser must be a numpy array like x", TypeError),
         (None, X, "denoiser must be callable", TypeError),
         (lambda x, s: np.full(x.shape, np.nan), X, r"non-finite value \(NaN or inf\) at model call 1", ValueError),
@@ -470,10 +521,24 @@ def test_denoiser_on_wrong_device():
 
 
 BAD_INPUT = [
-    (DATA2.exact_solver_output, dict(solver="rk4", sigmas=sigmas_karras(7, 0.01, 157.4)), ValueError, "solver must be one of"),
-    (DATA2.exact_solver_output, dict(solver="unipc", sigmas=sigmas_karras(7, 0.01, 157.4), start=-1.0), ValueError, "start must be a std > 0"),
-    (sample_euler_ancestral, dict(denoiser=DATA2.denoise, x=X, sigmas=SIG, noise_sampler=lambda s, sn: np.zeros((5, 2))), ValueError,
-     "the output of noise_sampler must have the shape of x"),
+    (
+        DATA2.exact_solver_output,
+        dict(solver="rk4", sigmas=sigmas_karras(7, 0.01, 157.4)),
+        ValueError,
+        "solver must be one of",
+    ),
+    (
+        DATA2.exact_solver_output,
+        dict(solver="unipc", sigmas=sigmas_karras(7, 0.01, 157.4), start=-1.0),
+        ValueError,
+        "start must be a std > 0",
+    ),
+    (
+        sample_euler_ancestral,
+        dict(denoiser=DATA2.denoise, x=X, sigmas=SIG, noise_sampler=lambda s, sn: np.zeros((5, 2))),
+        ValueError,
+        "the output of noise_sampler must have the shape of x",
+    ),
 ]
 
 
