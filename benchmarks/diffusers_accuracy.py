@@ -227,7 +227,7 @@ def _mp_loop(kind, config, steps, t_start, noises, dps=40):
             a = ab[ts[0]]
             x = [mp.sqrt(a) * xv + mp.sqrt(1 - a) * zv for xv, zv in zip(x, z)]
         k = 0
-        for i, t in enumerate(ts):
+        for t in ts:
             a = ab[t]
             if kind == "DDPMScheduler":
                 ap = ab[t - 1] if t > 0 else mp.mpf(1)

@@ -74,7 +74,8 @@ def second_level(seeds, n=100_000):
         ps = np.array([stats.kstest(np.asarray(f(s, 0, n), np.float64), "norm").pvalue for s in range(seeds)])
         p2 = stats.kstest(ps, "uniform").pvalue
         print(
-            f"  {name:9s} {seeds} seeds x {n}: second-level KS p = {p2:.3f}; fraction p < 0.01: {np.mean(ps < 0.01):.3f}, "
+            f"  {name:9s} {seeds} seeds x {n}: second-level KS p = {p2:.3f}; fraction p < 0.01: "
+            f"{np.mean(ps < 0.01):.3f}, "
             f"p < 0.05: {np.mean(ps < 0.05):.3f}; min p = {ps.min():.2e} ({time.time() - t0:.0f} s)"
         )
 
@@ -104,12 +105,15 @@ def big_sample(n_total, chunk=1 << 22):
         d = np.max(np.abs(ecdf - stats.norm.cdf(edges[1:])))
         p_ks = stats.kstwo.sf(d, n)
         print(
-            f"  {name:9s} n = 2^{int(math.log2(n))}: mean {mean:+.2e} (se {1 / math.sqrt(n):.1e}), var - 1 = {var - 1:+.2e} "
-            f"(se {math.sqrt(2 / n):.1e}), skew {s3 / n:+.2e}, E z^4 - 3 = {s4 / n - 3:+.2e} (se {math.sqrt(96 / n):.1e}); "
+            f"  {name:9s} n = 2^{int(math.log2(n))}: mean {mean:+.2e} (se {1 / math.sqrt(n):.1e}), var - 1 = "
+            f"{var - 1:+.2e} "
+            f"(se {math.sqrt(2 / n):.1e}), skew {s3 / n:+.2e}, E z^4 - 3 = {s4 / n - 3:+.2e} (se "
+            f"{math.sqrt(96 / n):.1e}); "
             f"grid KS D = {d:.2e} (p ~ {p_ks:.2f}); max |z| = {zmax:.3f} ({time.time() - t0:.0f} s)"
         )
         line = ", ".join(
-            f">{t}: {c} (exp {2 * stats.norm.sf(t) * n:.1f}, p {stats.binomtest(c, n, 2 * stats.norm.sf(t)).pvalue:.2f})"
+            f">{t}: {c} (exp {2 * stats.norm.sf(t) * n:.1f}, p "
+            f"{stats.binomtest(c, n, 2 * stats.norm.sf(t)).pvalue:.2f})"
             for t, c in tails.items()
         )
         print(f"            tails |z| {line}")
@@ -144,7 +148,8 @@ def find_far_tail(seed=1, threshold=5.7, max_calls=1 << 27, chunk=1 << 22):
         if idx.size:
             d = 4 * start + int(idx[0])
             print(
-                f"  seed {seed}: draw {d} (counter {d // 4}, lane {d % 4}) = {z[idx[0]]:+.4f} ({time.time() - t0:.0f} s)"
+                f"  seed {seed}: draw {d} (counter {d // 4}, lane {d % 4}) = {z[idx[0]]:+.4f} "
+                f"({time.time() - t0:.0f} s)"
             )
             return seed, d
     print("  none found")

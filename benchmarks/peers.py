@@ -357,7 +357,8 @@ def peers(nfes, mixture: bool, kds, diffusers):
             confs += [("dpmpp_3m_sde", {"eta": 1.0}), ("dpmpp_2m_sde", {"eta": 1.0})]
         for name, opts in confs:
             for lad in ("karras", "exponential"):
-                key = f"k-diffusion {name}{'' if not opts else ' eta=%g' % opts['eta']} ({lad})"
+                eta = f" eta={opts['eta']:g}" if opts else ""
+                key = f"k-diffusion {name}{eta} ({lad})"
                 rows[key] = {}
                 for n in nfes:
                     levels = (n + 1) // 2 if name == "heun" else n
@@ -451,7 +452,8 @@ def main(argv=None) -> int:
         print(f"{'diffmath best':<58}" + "".join(f"{_fmt(mine[c][0]):>11}" for c in map(str, nfes)))
         for c in map(str, nfes):
             print(
-                f"  NFE {c}: diffmath {mine[c][1]} {_fmt(mine[c][0])}; best peer {best_peer[c][1]} {_fmt(best_peer[c][0])}"
+                f"  NFE {c}: diffmath {mine[c][1]} {_fmt(mine[c][0])}; best peer {best_peer[c][1]} "
+                f"{_fmt(best_peer[c][0])}"
             )
     if args.check:
         result["agreement"] = agreement(kds, dif, nfes)

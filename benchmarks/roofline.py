@@ -84,7 +84,7 @@ def main(argv=None) -> int:
         n = 1 << log2n
         src = torch.empty(n, device="cuda")
         dst = torch.empty_like(src)
-        t_copy = cuda_time(lambda: dst.copy_(src))
+        t_copy = cuda_time(lambda dst=dst, src=src: dst.copy_(src))
         bw = 8 * n / t_copy
         print(f"\nn = 2^{log2n}: copy bandwidth {bw / 1e9:.0f} GB/s ({t_copy * 1e6:.0f} us for {8 * n / 1e6:.0f} MB)")
         src = dst = None  # free before the kernels allocate
@@ -95,7 +95,8 @@ def main(argv=None) -> int:
             for name, fn, nbytes in kernels(n, dtype):
                 t = cuda_time(fn)
                 print(
-                    f"  {name:28s} {t * 1e6:9.1f} {nbytes / 1e6:8.1f} {nbytes / t / 1e9:7.0f} {100 * nbytes / t / bw:6.1f}%"
+                    f"  {name:28s} {t * 1e6:9.1f} {nbytes / 1e6:8.1f} {nbytes / t / 1e9:7.0f} "
+                    f"{100 * nbytes / t / bw:6.1f}%"
                 )
             torch.cuda.empty_cache()
     return 0

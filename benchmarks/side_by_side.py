@@ -375,7 +375,8 @@ def run(quick: bool = False, device: str | None = None) -> dict:
     d = _diffusers()
     print(f"diffmath.kernels benchmark on {device}: {device_name(device)}")
     print(
-        f"torch {torch.__version__}, diffusers {'not installed' if d is None else __import__('diffusers').__version__}; "
+        f"torch {torch.__version__}, diffusers "
+        f"{'not installed' if d is None else __import__('diffusers').__version__}; "
         f"median microseconds per call{'; quick' if quick else ''}"
     )
     if warm:

@@ -280,7 +280,8 @@ def check_signal(s: Any, t: Any, what: str) -> None:
     if np.any(zero):
         bad = int(tn.reshape(-1)[np.argmax(zero.reshape(-1))])
         raise ValueError(
-            f"{what} is undefined at t = {bad}, where alphas_cumprod = 0 (zero terminal SNR, or below float64's range): x_t holds no "
+            f"{what} is undefined at t = {bad}, where alphas_cumprod = 0 (zero terminal SNR, or below float64's "
+            "range): x_t holds no "
             "signal; predict v (x0_from_v) or x0 there instead of eps"
         )
 

@@ -62,7 +62,7 @@ import numbers
 import numpy as np
 import torch
 
-from ._array import compute_dtype, is_tensor
+from ._array import Array, compute_dtype, is_tensor
 from .checks import check_float, check_like
 from .schedules import Schedule
 from .sde import SDE, VESDE, VPSDE, SubVPSDE
@@ -330,15 +330,17 @@ def score_from_denoiser(denoiser, sde: SDE):
             raise ValueError(f"t must be a float or have shape (B,) = ({B},); got shape {tt.shape}")
         if not np.all((tt > 0) & (tt <= 1)):
             raise ValueError(
-                f"t must lie in (0, 1] (the score divides by the marginal std); got t = {float(tt[np.argmax(~((tt > 0) & (tt <= 1)))])!r}"
+                "t must lie in (0, 1] (the score divides by the marginal std); got t = "
+                f"{float(tt[np.argmax(~((tt > 0) & (tt <= 1)))])!r}"
             )
         m, _ = sde.marginal_coefs(tt)
         m = np.asarray(m, dtype=np.float64)
         sigma = np.asarray(t_to_sigma_sde(sde, tt), dtype=np.float64)
         dt = compute_dtype(x_t)
         shape = (B,) + (1,) * (x_t.ndim - 1)
+        sig: Array
         if is_tensor(x_t):
-            xc = x_t.to(dt)
+            xc: Array = x_t.to(dt)
             sig = torch.as_tensor(sigma, device=x_t.device)
 
             def col(c):

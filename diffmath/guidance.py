@@ -218,7 +218,8 @@ class _Labels:
         B = x.shape[0]
         if isinstance(self.label, np.ndarray) and self.label.shape[0] != B:
             raise ValueError(
-                f"label has {self.label.shape[0]} entries but x holds a batch of {B}; give one label per sample or an int"
+                f"label has {self.label.shape[0]} entries but x holds a batch of {B}; give one label per sample "
+                "or an int"
             )
         key = (str(x.device) if is_tensor(x) else "numpy", B)
         if key not in self._cache:

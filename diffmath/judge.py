@@ -187,7 +187,8 @@ def mixture_kl(
 
     Nodes z start uniform on [-10, 10] (``n0`` cells); every cell also has its midpoint
     evaluated, and its gain g_j = (partitioned KL with the cell halved) - (with it whole) >= 0.
-    While sum_j g_j > max(``tol``, ``rtol`` KL) (default 1e-7 nats absolute), the cells with the largest gains are halved
+    While sum_j g_j > max(``tol``, ``rtol`` KL) (default 1e-7 nats absolute), the cells with the
+    largest gains are halved
     (those whose removal leaves sum <= tol / 2) and their halves' midpoints evaluated, all new
     starts as one batch. The result is the partitioned KL on every node evaluated (the finest
     partition) and err = sum_j g_j, the difference between it and the partition one refinement
@@ -347,7 +348,8 @@ def mixture_kl_monte_carlo(
     return KLEstimate(
         kl=kl,
         err=se,
-        method=f"Monte Carlo, {int(n)} runs, {int(bins)} cells of equal output mass (Miller-Madow); err = standard error",
+        method=f"Monte Carlo, {int(n)} runs, {int(bins)} cells of equal output mass (Miller-Madow); "
+        "err = standard error",
         details={
             "n": int(n),
             "bins": int(bins),

@@ -273,7 +273,8 @@ def _f64(x):
 def expected_norm(mean, cov) -> float:
     """E ||Y|| for Y ~ N(mean, cov), exactly: the folded-normal mean
     sigma sqrt(2/pi) exp(-mu^2 / (2 sigma^2)) + mu erf(mu / (sigma sqrt 2)) in dimension 1;
-    otherwise by (trapezoid, exponentially convergent) quadrature of ||y|| = (1 / (2 sqrt pi)) int_0^inf (1 - e^{-s ||y||^2}) s^{-3/2} ds
+    otherwise by (trapezoid, exponentially convergent) quadrature of
+    ||y|| = (1 / (2 sqrt pi)) int_0^inf (1 - e^{-s ||y||^2}) s^{-3/2} ds
     against the closed-form E e^{-s ||Y||^2} = prod_i (1 + 2 s lam_i)^{-1/2}
     exp(-s sum_i mu_i^2 / (1 + 2 s lam_i)) (mu in cov's eigenbasis); the chi mean
     sqrt(2 var) Gamma((D+1)/2) / Gamma(D/2) for zero mean and isotropic cov."""

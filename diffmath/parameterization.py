@@ -115,7 +115,7 @@ def eps_from_score(s: Schedule, t: TimeLike, score: ArrayT) -> ArrayT:
     return restore(-gather(s.sqrt_one_minus_alphas_cumprod, t, sc) * sc, score)
 
 
-def x0_from_prediction(prediction: str, s: Schedule, x_t, t, pred):
+def x0_from_prediction(prediction: str, s: Schedule, x_t: ArrayT, t: TimeLike, pred: ArrayT) -> ArrayT:
     """x0 from a network's output ``pred`` of kind ``prediction``: "eps" (``x0_from_eps``), "x0"
     (``pred`` itself) or "v" (``x0_from_v``). Shapes (B, ...)."""
     if prediction == "eps":
@@ -125,7 +125,7 @@ def x0_from_prediction(prediction: str, s: Schedule, x_t, t, pred):
     return x0_from_v(s, x_t, t, pred)
 
 
-def eps_from_prediction(prediction: str, s: Schedule, x_t, t, pred):
+def eps_from_prediction(prediction: str, s: Schedule, x_t: ArrayT, t: TimeLike, pred: ArrayT) -> ArrayT:
     """eps from a network's output ``pred`` of kind ``prediction``: "eps" (``pred`` itself), "x0"
     (``eps_from_x0``) or "v" (``eps_from_v``). Shapes (B, ...)."""
     if prediction == "eps":

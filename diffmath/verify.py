@@ -209,13 +209,13 @@ def _precision_cells(cells, data, s, sde, x_T, tab, se, f64, progress):
             fn = _affine_model(lambda x, t: data.eps(x, t, s))
 
             def run(x, dt, k=k, fn=fn):
-                return sample_ddim(lambda y, t: fn(y, t).to(dt), s, steps=k, eta=0.0, spacing="leading", x_T=x)
+                return sample_ddim(lambda x_t, t: fn(x_t, t).to(dt), s, steps=k, eta=0.0, spacing="leading", x_T=x)
         else:
             exact = data.exact_sde_output(sde, "probability_flow_heun", k, eps=SDE_EPS)
             fn = _affine_model(lambda x, t: data.score(x, t, sde))
 
             def run(x, dt, k=k, fn=fn):
-                return sample_ode_heun(lambda y, t: fn(y, t).to(dt), sde, steps=k, eps=SDE_EPS, x_T=x)
+                return sample_ode_heun(lambda x_t, t: fn(x_t, t).to(dt), sde, steps=k, eps=SDE_EPS, x_T=x)
 
         y64 = run(x_T, torch.float64)
         f64[loop][str(k)] = exact.kl(data)
@@ -402,8 +402,10 @@ def _format_nfe(res: dict, nfes) -> str:
         ),
         (
             "nfe_mixture",
-            f"1-D mixture {MIXTURE['weights']} x N({MIXTURE['means']}, {MIXTURE['std']}^2), deterministic solvers, change of "
-            f"variables (quadrature error <= {MIXTURE_TOL:.0e} nats or {MIXTURE_RTOL:.0e} x KL, at most {_max_err(res):.1e}; "
+            f"1-D mixture {MIXTURE['weights']} x N({MIXTURE['means']}, {MIXTURE['std']}^2), deterministic "
+            "solvers, change of "
+            f"variables (quadrature error <= {MIXTURE_TOL:.0e} nats or {MIXTURE_RTOL:.0e} x KL, at most "
+            f"{_max_err(res):.1e}; "
             "fold: the map x_T -> output is not monotone)",
             "nfe_mixture_ladders",
         ),
@@ -510,7 +512,7 @@ def _parse_nfe(text: str):
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"--nfe must be a comma-separated list of integers >= 2, e.g. 5,10,20,50; got {text!r}"
-        )
+        ) from None
     if not vals or min(vals) < 2:
         raise argparse.ArgumentTypeError(f"--nfe must be a comma-separated list of integers >= 2; got {text!r}")
     return vals

@@ -146,7 +146,8 @@ def _check_finite_steps(s, kind, build, tmax: int, dtype: torch.dtype):
     i64, i32, v = first_nonfinite(s, kind, build)
     if i64 <= tmax:
         raise ValueError(
-            f"t = {i64} has alphas_cumprod[t] = {s.alphas_cumprod[i64]:.3g} (zero terminal SNR): an eps-prediction step "
+            f"t = {i64} has alphas_cumprod[t] = {s.alphas_cumprod[i64]:.3g} (zero terminal SNR): an "
+            "eps-prediction step "
             "is undefined there (1/sqrt(abar_t) = inf); start the chain at t < that step or use v-prediction"
         )
     if i32 <= tmax and dtype != torch.float64:

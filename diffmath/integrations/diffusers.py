@@ -259,7 +259,8 @@ def _check_sigma_flags(cfg):
     """At most one of the Karras / exponential / beta ladders (diffusers' rule)."""
     if sum(bool(cfg.get(k)) for k in ("use_beta_sigmas", "use_exponential_sigmas", "use_karras_sigmas")) > 1:
         raise ValueError(
-            "Only one of `config.use_beta_sigmas`, `config.use_exponential_sigmas`, `config.use_karras_sigmas` can be used."
+            "Only one of `config.use_beta_sigmas`, `config.use_exponential_sigmas`, `config.use_karras_sigmas` "
+            "can be used."
         )
 
 
@@ -932,7 +933,8 @@ class _SigmaScheduler(SchedulerMixin, ConfigMixin):
             S = self._check_steps(num_inference_steps)
             if S > self.config.num_train_timesteps and self.config.timestep_spacing != "linspace":
                 raise ValueError(
-                    f"`num_inference_steps`: {S} cannot be larger than `num_train_timesteps`: {self.config.num_train_timesteps}"
+                    f"`num_inference_steps`: {S} cannot be larger than `num_train_timesteps`: "
+                    f"{self.config.num_train_timesteps}"
                 )
             ts = self._spaced(S)
         self.num_inference_steps = S
@@ -1017,7 +1019,8 @@ class _SigmaScheduler(SchedulerMixin, ConfigMixin):
         if warn_unscaled and not self.is_scale_input_called:
             warnings.warn(
                 "The `scale_model_input` function should be called before `step` to ensure correct denoising. "
-                "See `StableDiffusionPipeline` for a usage example."
+                "See `StableDiffusionPipeline` for a usage example.",
+                stacklevel=3,
             )
         if self.step_index is None:
             self._init_step_index(timestep)
@@ -1383,7 +1386,8 @@ class DPMSolverMultistepScheduler(_VPMultistepScheduler):
             self.register_to_config(algorithm_type="dpmsolver++")
         elif algorithm_type in ("dpmsolver", "sde-dpmsolver"):
             raise ValueError(
-                f"algorithm_type={algorithm_type!r} (noise prediction, deprecated in diffusers) is not supported by the "
+                f"algorithm_type={algorithm_type!r} (noise prediction, deprecated in diffusers) is not "
+                "supported by the "
                 f"diffmath adapter; use one of {DPM_ALGORITHMS}"
             )
         elif algorithm_type not in DPM_ALGORITHMS:
@@ -1589,7 +1593,8 @@ class HeunDiscreteScheduler(_SigmaScheduler):
             raise ValueError("Can only pass one of `num_inference_steps` or `custom_timesteps`.")
         if num_train_timesteps is not None and num_train_timesteps != self.config.num_train_timesteps:
             raise ValueError(
-                f"num_train_timesteps must be None or the config's {self.config.num_train_timesteps}; got {num_train_timesteps!r}"
+                f"num_train_timesteps must be None or the config's {self.config.num_train_timesteps}; got "
+                f"{num_train_timesteps!r}"
             )
         super().set_timesteps(num_inference_steps=num_inference_steps, device=device, timesteps=timesteps)
 
@@ -1729,7 +1734,7 @@ class UniPCMultistepScheduler(_VPMultistepScheduler):
         predict_x0: bool = True,
         solver_type: str = "bh2",
         lower_order_final: bool = True,
-        disable_corrector: list[int] = [],
+        disable_corrector: list[int] = [],  # noqa: B006 (diffusers' signature; its config records this default, never mutated)
         solver_p: SchedulerMixin = None,
         use_karras_sigmas: bool = False,
         use_exponential_sigmas: bool = False,

@@ -119,8 +119,10 @@ class LatentCache:
         h = vae if isinstance(vae, str) else as_loaded(vae).hash
         if h != self.vae_hash:
             raise LatentCacheError(
-                f"the latent cache {str(self.path)!r} was encoded by the VAE with hash {self.vae_hash[:16]}..., but the "
-                f"VAE given has hash {h[:16]}...: the latents belong to another VAE. Re-encode with encode_dataset(vae, data)"
+                f"the latent cache {str(self.path)!r} was encoded by the VAE with hash {self.vae_hash[:16]}..., "
+                "but the "
+                f"VAE given has hash {h[:16]}...: the latents belong to another VAE. Re-encode with "
+                "encode_dataset(vae, data)"
             )
 
 

@@ -225,7 +225,8 @@ def _train_latent(
         if resume and damaged is not None and cache.scale != run_info["scale_factor"]:
             raise LatentCacheError(
                 f"{str(cache_path)!r} was damaged, and encoding the data again gives other latents (scaling factor "
-                f"{cache.scale!r}, the run recorded {run_info['scale_factor']!r}), so the U-Net in {str(out / 'unet')!r} "
+                f"{cache.scale!r}, the run recorded {run_info['scale_factor']!r}), so the U-Net in "
+                f"{str(out / 'unet')!r} "
                 "cannot be resumed on them; start a new run"
             )
     timings["encode_s"] = round(time.time() - t1, 2)
@@ -329,7 +330,8 @@ def sample_latent(
         )
     if lv.hash != info_run["vae_hash"]:
         raise LatentCacheError(
-            f"the VAE given (hash {lv.hash[:16]}...) is not the one whose latents the U-Net of {str(run)!r} was trained on "
+            f"the VAE given (hash {lv.hash[:16]}...) is not the one whose latents the U-Net of {str(run)!r} was "
+            "trained on "
             f"(hash {info_run['vae_hash'][:16]}...)"
         )
     scale = float(info_run["scale_factor"])

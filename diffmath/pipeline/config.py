@@ -189,8 +189,10 @@ class TrainConfig:
         if self.prediction == "eps" and named_schedule(self.schedule, self.timesteps).alphas_cumprod[-1] == 0:
             # e.g. linear at T = 20: the last beta is 0.02 * 1000/20 = 1; x0 = (x_t - ...) / sqrt(abar_T) is undefined
             raise ValueError(
-                f"the {self.schedule} schedule with timesteps = {self.timesteps} ends at alphas_cumprod = 0 (zero terminal "
-                "SNR), where an eps-prediction model cannot be sampled or trained with learn_sigma; use more timesteps or "
+                f"the {self.schedule} schedule with timesteps = {self.timesteps} ends at alphas_cumprod = 0 "
+                "(zero terminal "
+                "SNR), where an eps-prediction model cannot be sampled or trained with learn_sigma; use more "
+                "timesteps or "
                 "prediction = v"
             )
         if not self.channel_mult or any(c < 1 for c in self.channel_mult):

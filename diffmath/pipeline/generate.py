@@ -710,7 +710,8 @@ def check_conditioning(lm: LoadedModel, labels, guidance, guidance_rescale, num_
     p = float(getattr(lm.config, "uncond_prob", 0.1))
     if p == 0 and (s != 1 or phi):
         raise ValueError(
-            f"{str(lm.checkpoint)!r} was trained without label dropout (uncond_prob = 0): its null class never trained, "
+            f"{str(lm.checkpoint)!r} was trained without label dropout (uncond_prob = 0): its null class never "
+            "trained, "
             f"so only --guidance 1 (the plain conditional model) is meaningful; got guidance = {s}"
         )
     return y, s, phi
@@ -723,7 +724,8 @@ def check_finite_samples(x: np.ndarray, lm: LoadedModel, sampler: str) -> None:
     if bad.any():
         rows = int(bad.reshape(len(x), -1).any(axis=1).sum())
         raise FloatingPointError(
-            f"sampling ({sampler}) gave non-finite values (NaN or inf) in {rows} of {len(x)} samples with the weights of "
+            f"sampling ({sampler}) gave non-finite values (NaN or inf) in {rows} of {len(x)} samples with the "
+            "weights of "
             f"{str(lm.checkpoint)!r} (step {lm.step}): the model's outputs are not finite (damaged or diverged "
             "weights?); nothing was written"
         )

@@ -26,7 +26,8 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
     d = mu1.shape[0]
     if mu2.shape[0] != d or c1.shape != (d, d) or c2.shape != (d, d):
         raise ValueError(
-            f"mu1, mu2 must have shape (d,) and cov1, cov2 shape (d, d); got {mu1.shape}, {mu2.shape}, {c1.shape}, {c2.shape}"
+            f"mu1, mu2 must have shape (d,) and cov1, cov2 shape (d, d); got {mu1.shape}, {mu2.shape}, "
+            f"{c1.shape}, {c2.shape}"
         )
     for n, c in (("cov1", c1), ("cov2", c2)):
         if not np.all(np.isfinite(c)):

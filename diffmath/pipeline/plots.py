@@ -1,6 +1,6 @@
 """The figures of a training run: loss.png (``plot_loss``), schedule.png (``plot_schedule``) and,
-for a class-conditional run, guidance.png (``plot_guidance``), PNG bytes written atomically (``diffmath.pipeline.io.atomic_write_bytes``). Importable from
-``diffmath.train`` too.
+for a class-conditional run, guidance.png (``plot_guidance``), PNG bytes written atomically
+(``diffmath.pipeline.io.atomic_write_bytes``). Importable from ``diffmath.train`` too.
 """
 
 from __future__ import annotations

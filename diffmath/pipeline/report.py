@@ -249,11 +249,13 @@ def write_report(
     load = timings.get("load_avg_1min")
     load = f" (1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end)" if load else ""
     L.append(
-        f"train {timings.get('train_s')} s{note}, sample {timings.get('sample_s')} s, evaluate {timings.get('evaluate_s')} s"
+        f"train {timings.get('train_s')} s{note}, sample {timings.get('sample_s')} s, evaluate "
+        f"{timings.get('evaluate_s')} s"
         f"{guid}, total {timings.get('total_s')} s{load}"
         + (f", {timings['cpu_s']} s of CPU time" if "cpu_s" in timings else "")
         + f" on {platform.machine()} with {os.cpu_count()} CPU(s) visible; torch "
-        f"{torch.__version__}, torch threads: {torch.get_num_threads()}, device: {timings.get('device', cfg.get('device'))}."
+        f"{torch.__version__}, torch threads: {torch.get_num_threads()}, device: "
+        f"{timings.get('device', cfg.get('device'))}."
     )
     path = run / "report.md"
     atomic_write_text(path, L)

@@ -186,7 +186,8 @@ def lock_folder(folder, command: str) -> FolderLock:
     os.ftruncate(fd, 0)
     os.write(
         fd,
-        f"{command}, pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(),
+        f"{command}, pid {os.getpid()} on {socket.gethostname()}, "
+        f"since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(),
     )
     _HELD[key] = [fd, 1]
     return FolderLock(key, folder)

@@ -127,7 +127,8 @@ def check_sigmas(sigmas) -> np.ndarray:
     if bad.any():
         i = int(np.argmax(bad))
         raise ValueError(
-            f"sigmas must be strictly decreasing; got sigmas[{i}] = {float(sig[i])} <= sigmas[{i + 1}] = {float(sig[i + 1])}"
+            f"sigmas must be strictly decreasing; got sigmas[{i}] = {float(sig[i])} <= sigmas[{i + 1}] = "
+            f"{float(sig[i + 1])}"
         )
     return sig
 
@@ -177,7 +178,8 @@ class _Denoiser:
         finite = bool(torch.isfinite(out).all()) if is_tensor(out) else bool(np.isfinite(out).all())
         if not finite:
             raise ValueError(
-                f"the denoiser returned a non-finite value (NaN or inf) at model call {self.nfe} (sigma = {float(sigma):.6g}); "
+                f"the denoiser returned a non-finite value (NaN or inf) at model call {self.nfe} (sigma = "
+                f"{float(sigma):.6g}); "
                 "stopping, the samples would be NaN (check the model's weights and inputs)"
             )
         return out

@@ -60,7 +60,6 @@ def test_posterior_at_t0_is_the_data_point():
 
 @given(s=schedules(max_T=10_000), data=st.data())
 def test_eps_form_of_the_mean_equals_x0_form(s, data):
-    T = s.num_timesteps
     T_pos = int(np.count_nonzero(s.alphas_cumprod > 0))  # abar can underflow to 0 at the end
     t = np.array(data.draw(st.lists(st.integers(0, T_pos - 1), min_size=3, max_size=3)))
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))

@@ -99,7 +99,8 @@ def test_nn_imports_only_torch():
 
     code = (
         "import sys; import diffmath.nn; "
-        "bad = [m for m in ('numpy.random', 'scipy', 'sklearn', 'diffmath.train', 'diffmath.schedules') if m in sys.modules]; "
+        "bad = [m for m in ('numpy.random', 'scipy', 'sklearn', 'diffmath.train', 'diffmath.schedules') if m "
+        "in sys.modules]; "
         "print(bad)"
     )
     # diffmath/__init__ itself imports the math core (numpy, scipy); nn must add nothing beyond torch

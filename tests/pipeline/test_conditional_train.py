@@ -278,7 +278,8 @@ torch.set_num_threads(1)
 from diffmath.train import TrainConfig, train  # the old paths: this script also runs against the commit before classes
 from diffmath.sample import load_model, generate
 cfg = TrainConfig(data="digits", steps=3, batch_size=16, channels=8, channel_mult=(1, 2), num_res_blocks=1,
-                  attention_resolutions=(4,), save_every=3, timesteps=50, warmup=2, lr=1e-3, progress=False, device="cpu")
+                  attention_resolutions=(4,), save_every=3, timesteps=50, warmup=2, lr=1e-3, progress=False,
+                  device="cpu")
 train(cfg, sys.argv[1])
 lm = load_model(run=sys.argv[1], device="cpu")
 np.save(sys.argv[1] + ".npy", np.concatenate([generate(lm, 6, sampler=s, steps=4) for s in ("ddim", "ddpm", "em")]))

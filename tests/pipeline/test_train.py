@@ -372,7 +372,9 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     m1 = json.loads((tmp_path / "one" / "step-000003.json").read_text())
     m2 = json.loads((tmp_path / "two" / "step-000003.json").read_text())
-    assert m2["world_size"] == 2 and m2["ranks_identical"] and len(m2["rng"]["torch_cpu"]) == 2
+    assert (
+        m1["world_size"] == 1 and m2["world_size"] == 2 and m2["ranks_identical"] and len(m2["rng"]["torch_cpu"]) == 2
+    )
     l1 = _tensors(tmp_path / "one" / "step-000003.safetensors")
     l2 = _tensors(tmp_path / "two" / "step-000003.safetensors")
     np.testing.assert_allclose(l2["loss_history"].numpy(), l1["loss_history"].numpy(), rtol=1e-5)
