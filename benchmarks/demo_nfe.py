@@ -68,7 +68,7 @@ def run_cell(
     trust_unverified: bool,
 ) -> dict:
     from diffmath.pipeline.evaluate import evaluate_run
-    from diffmath.pipeline.generate import sample_run
+    from diffmath.pipeline.sample_run import sample_run
 
     if (out / "metrics.json").is_file() and (out / "samples.npz").is_file():  # measured by an earlier call
         return _row(sampler, ladder, steps, json.loads((out / "metrics.json").read_text()))

@@ -857,7 +857,7 @@ def _is_latent_run(run) -> bool:
 
 
 def _cmd_sample(args) -> int:
-    from .pipeline.generate import sample_run
+    from .pipeline.sample_run import sample_run
 
     out = args.out if args.out is not None else args.run
     if args.latent or _is_latent_run(args.run):

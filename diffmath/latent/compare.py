@@ -94,8 +94,8 @@ def _compare(
     import platform
 
     from ..pipeline.config import TrainConfig
-    from ..pipeline.generate import sample_run
     from ..pipeline.rundir import open_run
+    from ..pipeline.sample_run import sample_run
 
     big = 10**7
     common = dict(steps=big, lr_decay_steps=0, save_every=big, device=device, progress=False)
@@ -271,7 +271,7 @@ def _evaluate_images(run_dir: Path, x: np.ndarray, where: Path, device: str, pro
     """The pixel pipeline's sample metrics (``evaluate.evaluate_run`` with no test VLB) of the
     images ``x``, judged against the data of the run in ``run_dir``."""
     from ..pipeline.evaluate import evaluate_run
-    from ..pipeline.generate import claim_samples_folder
+    from ..pipeline.sample_run import claim_samples_folder
 
     with claim_samples_folder(where, command="compare-latent"):
         atomic_write_npz(where / "samples.npz", samples=np.asarray(x, np.float32), info=np.str_("{}"))

@@ -305,14 +305,9 @@ def sample_latent(
     with ``conditional``), as in ``sample.sample_run``; samples.npz then holds ``labels`` too.
     ``sigmas``: the noise-level ladder of the sigma-space solvers (``sampler`` "dpmpp-2m", "euler",
     ...; ``sample.generate``), recorded in ``info`` with their NFE as ``sample.sample_run`` does."""
-    from ..pipeline.generate import (
-        check_conditioning,
-        check_net_dtype,
-        check_sampling,
-        claim_samples_folder,
-        load_model,
-        request_labels,
-    )
+    from ..pipeline.generate import check_conditioning, check_net_dtype, check_sampling, request_labels
+    from ..pipeline.loaded import load_model
+    from ..pipeline.sample_run import claim_samples_folder
 
     check_net_dtype(dtype)
     run = Path(run)
@@ -365,7 +360,9 @@ def _sample_latent(
     cond=(None, None, 0.0),
     sigmas="exponential",
 ):
-    from ..pipeline.generate import SOLVER_SAMPLERS, conditioning_info, generate, save_class_grid, save_grid
+    from ..pipeline.generate import generate
+    from ..pipeline.sample_run import conditioning_info, save_class_grid, save_grid
+    from ..pipeline.sampler_loops import SOLVER_SAMPLERS
 
     labels, guidance, rescale = cond
     t0 = time.time()
@@ -389,7 +386,7 @@ def _sample_latent(
     t1 = time.time()
     x = decode_latents(lv, z, scale, batch_size=batch_size)
     t2 = time.time()
-    from ..pipeline.generate import sampling_info
+    from ..pipeline.sample_run import sampling_info
 
     info = sampling_info(lm, sampler, steps, eta, num_samples, seed, ema, clip_x0=None)
     if dtype is not None:
@@ -446,7 +443,7 @@ def evaluate_guidance_latent(
     latents of every class at each scale, its VAE decodes them, and the images are scored per
     class. Keywords: those of ``evaluate_guidance`` (scales, per_class, sampler, steps, seed)."""
     from ..pipeline.evaluate import evaluate_guidance
-    from ..pipeline.generate import load_model
+    from ..pipeline.loaded import load_model
 
     run = Path(run)
     info = read_latent_run(run)

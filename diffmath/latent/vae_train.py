@@ -85,7 +85,7 @@ def train_vae(config: VAEConfig, out, *, data: Data | None = None, overwrite: bo
 
 
 def _train_vae(config: VAEConfig, out: Path, data: Data, t0: float) -> VAEResult:
-    from ..pipeline.generate import save_grid
+    from ..pipeline.sample_run import save_grid
 
     dev = torch_device(config.device)
     torch.manual_seed(config.seed)

@@ -79,9 +79,11 @@ def _demo_guidance(out, device, progress, scales, per_class, per_class_other) ->
 
     from .data import load_data
     from .evaluate import guidance_sweep
-    from .generate import DEFAULT_GUIDANCE, load_model, save_class_grid
+    from .generate import DEFAULT_GUIDANCE
     from .io import atomic_write_npz
+    from .loaded import load_model
     from .plots import plot_guidance
+    from .sample_run import save_class_grid
 
     lm = load_model(run=out, device=device)
     data = load_data(lm.config.data, lm.config.image_size)
@@ -116,10 +118,10 @@ def _demo(out, config, resume, overwrite, device, progress, num_samples, vlb_ima
 
     from .distributed import resolve_device
     from .evaluate import evaluate_run
-    from .generate import sample_run
     from .io import atomic_write_json
     from .loop import train
     from .report import write_report
+    from .sample_run import sample_run
 
     timings = {}
     t0, c0 = time.time(), time.process_time()

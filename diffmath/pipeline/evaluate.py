@@ -237,7 +237,8 @@ def evaluate_guidance(
     not finite."""
     from .checkpoint import legacy_run_files
     from .data import load_data
-    from .generate import check_sampling, load_model, unconditional_error
+    from .generate import check_sampling, unconditional_error
+    from .loaded import load_model
     from .plots import plot_guidance
     from .rundir import claim_output
 
@@ -288,7 +289,7 @@ def vlb_bpd(loaded, x0: np.ndarray, bins: int, *, seed: int = 0, batch_size: int
     [-1, 1] (guided-diffusion's ``calc_bpd_loop``). Returns per-variance totals (mean over
     images) and the per-term curve (mean over images, bits/dim, per t).
 
-    ``loaded``: a ``diffmath.pipeline.generate.LoadedModel``.
+    ``loaded``: a ``diffmath.pipeline.loaded.LoadedModel``.
     """
     from .. import forward, losses, posterior
     from ..losses import vb_terms_bpd
@@ -416,7 +417,7 @@ def evaluate_run(
 
 def _evaluate(run, x, sinfo, samples_path, data, out, vlb_images, device, seed, progress, trust_unverified) -> dict:
     from .checkpoint import RunError
-    from .generate import load_model
+    from .loaded import load_model
 
     metrics: dict = {
         "run": str(run),

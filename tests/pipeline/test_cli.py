@@ -798,7 +798,7 @@ def test_out_of_memory_is_a_message_not_a_traceback(tmp_path, capsys, monkeypatc
     assert "out of memory" in err and "lower --batch-size (now 16)" in err and "Traceback" not in err
     monkeypatch.undo()
     assert main(["train", "--out", str(tmp_path / "ok")] + GMM_TINY) == 0
-    import diffmath.pipeline.generate as sm
+    import diffmath.pipeline.sample_run as sm  # where _sample_run looks up generate
 
     monkeypatch.setattr(sm, "generate", lambda *a, **k: (_ for _ in ()).throw(MemoryError()))
     assert main(["sample", "--run", str(tmp_path / "ok"), "--batch-size", "7", "--no-progress"]) == 2

@@ -123,7 +123,7 @@ def test_bad_labels_are_refused_before_anything_is_written(runs, digits, tmp_pat
 def test_guidance_sweep_and_its_plot(runs, digits, tmp_path):
     from PIL import Image
 
-    from diffmath.pipeline.generate import load_model
+    from diffmath.pipeline.loaded import load_model
     from diffmath.pipeline.plots import plot_guidance
 
     lm = load_model(run=runs / "cond", device="cpu")

@@ -14,15 +14,10 @@ from diffmath.guidance import classifier_free_guidance
 from diffmath.oracle import GaussianData
 from diffmath.parameterization import eps_from_prediction
 from diffmath.pipeline.config import TrainConfig
-from diffmath.pipeline.generate import (
-    LoadedModel,
-    class_labels,
-    generate,
-    matched_vpsde,
-    parse_classes,
-    sample_run,
-    sde_score,
-)
+from diffmath.pipeline.generate import class_labels, generate, parse_classes
+from diffmath.pipeline.loaded import LoadedModel
+from diffmath.pipeline.sample_run import sample_run
+from diffmath.pipeline.sampler_loops import matched_vpsde, sde_score
 from diffmath.schedules import named_schedule
 
 torch.set_num_threads(1)
@@ -222,7 +217,7 @@ def test_guided_eps_is_the_combination_of_two_separate_calls(prediction):
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_the_solvers_guided_denoiser_is_the_combination_of_two_separate_denoisers(prediction):
     from diffmath.denoiser import Denoiser
-    from diffmath.pipeline.generate import _guided_solver_denoiser
+    from diffmath.pipeline.sampler_loops import guided_solver_denoiser
 
     lm = _loaded(prediction)
     net = lm.model
@@ -233,7 +228,7 @@ def test_the_solvers_guided_denoiser_is_the_combination_of_two_separate_denoiser
     d_u = Denoiser.from_schedule(lambda xt, t: net(xt, t, None), lm.schedule, prediction)(x, sigma)
     for scale, phi in ((4.0, 0.0), (2.0, 0.6), (1.0, 0.0), (0.0, 0.0)):
         net.calls.clear()
-        got = _guided_solver_denoiser(lm.conditioned(y, scale, phi), Denoiser)(x, sigma)
+        got = guided_solver_denoiser(lm.conditioned(y, scale, phi), Denoiser)(x, sigma)
         assert net.calls == ([10] if (phi or scale not in (0, 1)) else [5])
         # D = x - sigma eps: the rescale acts on eps = (x - D) / sigma
         e_c, e_u = (x - d_c) / sigma[:, None], (x - d_u) / sigma[:, None]

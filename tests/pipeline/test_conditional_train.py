@@ -140,7 +140,7 @@ def test_resume_refuses_a_damaged_dropout_state_and_a_changed_conditioning(tmp_p
 
 
 def test_a_checkpoint_whose_class_count_disagrees_with_its_config_is_refused(tmp_path):
-    from diffmath.pipeline.generate import load_model
+    from diffmath.pipeline.loaded import load_model
 
     out = tmp_path / "run"
     train(TrainConfig(**{**COND, "steps": 3}), out)

@@ -158,7 +158,7 @@ def test_vlb_of_the_exact_model_for_a_point_mass():
 
     from diffmath.pipeline.config import TrainConfig
     from diffmath.pipeline.evaluate import vlb_bpd
-    from diffmath.pipeline.generate import LoadedModel
+    from diffmath.pipeline.loaded import LoadedModel
     from diffmath.schedules import named_schedule
 
     T = 40
@@ -201,8 +201,8 @@ def test_evaluate_a_run_whose_data_hold_nothing_out(tmp_path):
 
     from diffmath.pipeline.config import TrainConfig
     from diffmath.pipeline.evaluate import evaluate_run
-    from diffmath.pipeline.generate import sample_run
     from diffmath.pipeline.loop import train
+    from diffmath.pipeline.sample_run import sample_run
 
     (tmp_path / "imgs").mkdir()
     Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) * 4).save(tmp_path / "imgs" / "a.png")

@@ -10,7 +10,9 @@ import torch
 
 from diffmath.oracle import GaussianData
 from diffmath.pipeline.config import TrainConfig, derive_seed
-from diffmath.pipeline.generate import LoadedModel, generate, matched_vpsde, sde_score
+from diffmath.pipeline.generate import generate
+from diffmath.pipeline.loaded import LoadedModel
+from diffmath.pipeline.sampler_loops import matched_vpsde, sde_score
 from diffmath.samplers import sample_ddim
 from diffmath.schedules import named_schedule
 
@@ -249,7 +251,7 @@ def test_auto_clip_leaves_latents_alone():
 def test_save_grid_takes_any_channel_count(tmp_path):
     from PIL import Image
 
-    from diffmath.pipeline.generate import save_grid
+    from diffmath.pipeline.sample_run import save_grid
 
     for C in (1, 2, 3, 4):
         save_grid(tmp_path / f"g{C}.png", np.linspace(-3, 3, 4 * C * 16, dtype=np.float32).reshape(4, C, 4, 4), nrow=2)

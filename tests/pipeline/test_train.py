@@ -189,7 +189,7 @@ def test_no_pickle_is_ever_loaded(tmp_path, monkeypatch):
     monkeypatch.setattr(pickle, "loads", boom)
     monkeypatch.setattr(torch, "load", boom)
     train(TrainConfig(**{**TINY, "steps": 4}), out, resume=True)
-    from diffmath.pipeline.generate import load_model
+    from diffmath.pipeline.loaded import load_model
 
     assert load_model(run=out).step == 4
 
@@ -426,10 +426,17 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
         ("train", "objective", ["training_loss", "kernels_module", "philox_path"]),
         ("train", "optim", ["lr_schedule", "learning_rate"]),
         ("train", "loop", ["train", "TrainResult"]),
+        ("sample", "loaded", ["LoadedModel", "load_model", "NET_DTYPES"]),
+        ("sample", "sampler_loops", ["SOLVER_SAMPLERS", "matched_vpsde", "sde_score", "solver_ladder"]),
         (
             "sample",
             "generate",
-            ["LoadedModel", "load_model", "generate", "sample_run", "save_grid", "claim_samples_folder"],
+            ["generate", "check_sampling", "check_conditioning", "parse_classes", "class_labels", "default_clip"],
+        ),
+        (
+            "sample",
+            "sample_run",
+            ["sample_run", "save_grid", "save_class_grid", "claim_samples_folder", "sampling_info", "SAMPLE_FILES"],
         ),
         ("evaluate", "metrics", ["frechet_distance", "gaussian_stats", "wasserstein_1d", "sliced_wasserstein"]),
         ("evaluate", "classifier", ["DigitClassifier", "digit_classifier", "cache_dir"]),
