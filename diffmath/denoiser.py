@@ -63,7 +63,7 @@ import numpy as np
 import torch
 
 from ._array import Array, compute_dtype, is_tensor
-from .checks import check_float, check_like
+from .checks import check_float, check_like, check_time
 from .schedules import Schedule
 from .sde import SDE, VESDE, VPSDE, SubVPSDE
 
@@ -323,16 +323,9 @@ def score_from_denoiser(denoiser, sde: SDE):
     def score(x_t, t):
         x_t = check_float(x_t, "x_t")
         B = x_t.shape[0] if x_t.ndim else 1
-        tt = _as_numpy(t).astype(np.float64)
-        if tt.ndim == 0:
-            tt = np.full(B, tt[()])
-        if tt.ndim != 1 or tt.shape[0] != B:
-            raise ValueError(f"t must be a float or have shape (B,) = ({B},); got shape {tt.shape}")
-        if not np.all((tt > 0) & (tt <= 1)):
-            raise ValueError(
-                "t must lie in (0, 1] (the score divides by the marginal std); got t = "
-                f"{float(tt[np.argmax(~((tt > 0) & (tt <= 1)))])!r}"
-            )
+        # SDE time in (0, 1] (the score divides by the marginal std), one per sample or a scalar
+        tc = check_time(t, x_t, "t", open_left=True)
+        tt = np.broadcast_to(tc.cpu().numpy() if is_tensor(tc) else np.asarray(tc), (B,)).astype(np.float64)
         m, _ = sde.marginal_coefs(tt)
         m = np.asarray(m, dtype=np.float64)
         sigma = np.asarray(t_to_sigma_sde(sde, tt), dtype=np.float64)

@@ -407,5 +407,5 @@ def test_score_from_denoiser_bad_input():
     score = score_from_denoiser(DATA.denoise, VPSDE())
     with pytest.raises(ValueError, match=r"t must lie in \(0, 1\]"):
         score(np.zeros((2, 2)), np.array([0.0, 0.5]))
-    with pytest.raises(ValueError, match=r"t must be a float or have shape \(B,\)"):
+    with pytest.raises(ValueError, match=r"a batch of 3 times t does not match x"):
         score(np.zeros((2, 2)), np.array([0.5, 0.5, 0.5]))
