@@ -865,23 +865,7 @@ def _cmd_sample(args) -> int:
     if out is None:
         raise ValueError("sample --checkpoint needs --out DIR")
     info = sample_run(
-        out,
-        run=args.run,
-        checkpoint=args.checkpoint,
-        sampler=args.sampler,
-        steps=args.steps,
-        eta=args.eta,
-        num_samples=args.num_samples,
-        seed=args.seed,
-        device=args.device,
-        batch_size=args.batch_size,
-        progress=args.progress,
-        ema=not args.raw_weights,
-        clip_x0="auto" if args.clip else None,
-        dtype=args.dtype,
-        trust_unverified=args.trust_unverified,
-        sigmas=args.sigmas,
-        **_guidance_args(args),
+        out, run=args.run, checkpoint=args.checkpoint, clip_x0="auto" if args.clip else None, **_sampling_args(args)
     )
     if _rank() == 0:
         steps = "adaptive" if info["steps"] is None else f"{info['steps']}"
@@ -894,6 +878,26 @@ def _cmd_sample(args) -> int:
 
 def _guidance_args(args) -> dict:
     return {"classes": args.classes, "guidance": args.guidance, "guidance_rescale": args.guidance_rescale or 0.0}
+
+
+def _sampling_args(args) -> dict:
+    """The request that ``sample`` passes alike to a pixel run (``sample_run``) and a latent run
+    (``sample_latent``)."""
+    return {
+        "sampler": args.sampler,
+        "steps": args.steps,
+        "eta": args.eta,
+        "num_samples": args.num_samples,
+        "seed": args.seed,
+        "device": args.device,
+        "batch_size": args.batch_size,
+        "progress": args.progress,
+        "ema": not args.raw_weights,
+        "dtype": args.dtype,
+        "trust_unverified": args.trust_unverified,
+        "sigmas": args.sigmas,
+        **_guidance_args(args),
+    }
 
 
 def _conditioning_note(info: dict) -> str:
@@ -916,23 +920,7 @@ def _cmd_sample_latent(args, out) -> int:
 
     if args.run is None:
         raise ValueError("sample --latent needs --run DIR (a latent run directory), not --checkpoint")
-    _, info = sample_latent(
-        args.run,
-        out,
-        sampler=args.sampler,
-        steps=args.steps,
-        eta=args.eta,
-        num_samples=args.num_samples,
-        seed=args.seed,
-        device=args.device,
-        batch_size=args.batch_size,
-        progress=args.progress,
-        ema=not args.raw_weights,
-        trust_unverified=args.trust_unverified,
-        dtype=args.dtype,
-        sigmas=args.sigmas,
-        **_guidance_args(args),
-    )
+    _, info = sample_latent(args.run, out, **_sampling_args(args))
     steps = "adaptive" if info["steps"] is None else f"{info['steps']}"
     print(
         f"{info['num_samples']} latent samples ({info['sampler']}, {steps} steps{_conditioning_note(info)}, decoded "
