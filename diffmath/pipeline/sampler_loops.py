@@ -55,6 +55,7 @@ __all__ = [
     "solver_ladder",
     "loop_solver",
     "guided_solver_denoiser",
+    "run_denoiser",
 ]
 
 #: --sampler name -> the sigma-space solver of ``diffmath.samplers`` (``SOLVERS``)
@@ -88,16 +89,23 @@ def sde_score(lm: LoadedModel, sde):
     is t(sigma) interpolated in log sigma on the table, clamped to its ends where sigma(t)
     leaves it (``clamp_time=True``: below sigma_0 near t = eps, above sigma_{T-1} for a
     schedule whose last sigma is below the SDE's sigma(1))."""
-    from ..denoiser import Denoiser, score_from_denoiser
+    from ..denoiser import score_from_denoiser
 
+    return score_from_denoiser(run_denoiser(lm, clamp_time=True), sde)
+
+
+def run_denoiser(lm: LoadedModel, clamp_time: bool = False):
+    """D(x; sigma) of the run's network (``Denoiser.from_schedule`` with its prediction type),
+    or for a conditional request the classifier-free guided one (``guided_solver_denoiser``).
+    ``clamp_time``: as ``Denoiser.from_schedule``'s."""
+    from ..denoiser import Denoiser
+
+    if lm.labels is not None:
+        return guided_solver_denoiser(lm, clamp_time=clamp_time)
     C = lm.data_shape[0]
-    if lm.labels is None:
-        D = Denoiser.from_schedule(
-            lambda x_t, t: lm.forward(x_t.float(), t)[:, :C], lm.schedule, lm.config.prediction, clamp_time=True
-        )
-    else:
-        D = guided_solver_denoiser(lm, Denoiser, clamp_time=True)
-    return score_from_denoiser(D, sde)
+    return Denoiser.from_schedule(
+        lambda x_t, t: lm.forward(x_t.float(), t)[:, :C], lm.schedule, lm.config.prediction, clamp_time=clamp_time
+    )
 
 
 # ----------------------------------------------------------------------------- loops
@@ -205,14 +213,9 @@ def solver_ladder(lm: LoadedModel, steps: int, sigmas: str) -> np.ndarray:
 
 
 def loop_solver(lm, x, sampler, steps, sigmas, generator, progress, clip_x0=None):
-    from ..denoiser import Denoiser
     from ..samplers import SOLVERS
 
-    C = lm.data_shape[0]
-    if lm.labels is None:
-        D = Denoiser.from_schedule(lambda x_t, t: lm.forward(x_t, t)[:, :C], lm.schedule, lm.config.prediction)
-    else:
-        D = guided_solver_denoiser(lm, Denoiser)
+    D = run_denoiser(lm)
     if clip_x0 is not None:  # clip D = the predicted x0, as the ddim/ddpm loops do (diffusers' clip_sample)
         D0, c = D, float(clip_x0)
         D = lambda x_t, sigma: D0(x_t, sigma).clamp(-c, c)  # noqa: E731
@@ -222,12 +225,13 @@ def loop_solver(lm, x, sampler, steps, sigmas, generator, progress, clip_x0=None
     return fn(D, x.float() * math.sqrt(1.0 + float(sig[0]) ** 2), sig, progress=progress, **kw)
 
 
-def guided_solver_denoiser(lm: LoadedModel, Denoiser, clamp_time: bool = False):
+def guided_solver_denoiser(lm: LoadedModel, clamp_time: bool = False):
     """D_s(x, sigma) for the sigma-space solvers: ``guidance.guided_denoiser`` (one network call
     on [x; x] with labels [y; null], D_s = (1 - s) D_u + s D_c, the rescale on x - D = sigma eps)
     around ``Denoiser.from_schedule`` of the conditional network; s = 0 or 1 without rescale:
     one call on the null label or the labels. ``clamp_time``: as ``Denoiser.from_schedule``'s
     (the score samplers, ``sde_score``)."""
+    from ..denoiser import Denoiser
     from ..guidance import guided_denoiser
 
     C = lm.data_shape[0]

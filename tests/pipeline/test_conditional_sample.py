@@ -228,7 +228,7 @@ def test_the_solvers_guided_denoiser_is_the_combination_of_two_separate_denoiser
     d_u = Denoiser.from_schedule(lambda xt, t: net(xt, t, None), lm.schedule, prediction)(x, sigma)
     for scale, phi in ((4.0, 0.0), (2.0, 0.6), (1.0, 0.0), (0.0, 0.0)):
         net.calls.clear()
-        got = guided_solver_denoiser(lm.conditioned(y, scale, phi), Denoiser)(x, sigma)
+        got = guided_solver_denoiser(lm.conditioned(y, scale, phi))(x, sigma)
         assert net.calls == ([10] if (phi or scale not in (0, 1)) else [5])
         # D = x - sigma eps: the rescale acts on eps = (x - D) / sigma
         e_c, e_u = (x - d_c) / sigma[:, None], (x - d_u) / sigma[:, None]
