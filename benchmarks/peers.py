@@ -293,17 +293,17 @@ def diffusers_steps(cls_name: str, nfe: int) -> int:
 
 
 # ----------------------------------------------------------------------------- the table
-def ours(nfes, mixture: bool):
+def ours(nfes, judge: str):
     """diffmath's best solver per NFE over its rows and the ladders karras / exponential."""
     out = {}
     for n in nfes:
         best = (math.inf, None)
         for row, solver, opts in verify.NFE_ROWS:
-            if mixture is not False and row in verify.STOCHASTIC_ROWS:
+            if judge != "gaussian" and row in verify.STOCHASTIC_ROWS:  # deterministic maps only
                 continue
             for lad in verify.LADDERS:
                 sig = verify._ladder(lad, verify.nfe_levels(row, n), SIG_MIN, SIG_MAX)
-                kl = _judge(SOLVERS[solver], sig, None, mixture, **opts)
+                kl = _judge(SOLVERS[solver], sig, None, judge, **opts)
                 if kl is not None and kl < best[0]:
                     best = (kl, f"{row} ({lad})")
         out[str(n)] = best
@@ -334,11 +334,13 @@ def exact_flow_limit(sig, start=None) -> GaussianData:
     return GaussianData([m + c * mu_z], [[c * c * var_z]])
 
 
-def _judge(solver, sig, start, mixture: bool | str, **opts):
-    if mixture == "solver_error":
+def _judge(solver, sig, start, judge: str, **opts):
+    """The exact KL of one configuration by ``judge``: "gaussian" (to DATA), "mixture" (to MIX,
+    None for a folded map) or "solver_error" (to ``exact_flow_limit`` on the same ladder)."""
+    if judge == "solver_error":
         out = DATA.exact_solver_output(solver, sig, start=start, backend="numpy", **opts)
         return out.kl(exact_flow_limit(sig, start))
-    if not mixture:
+    if judge == "gaussian":
         return DATA.exact_solver_output(solver, sig, start=start, backend="numpy", **opts).kl(DATA)
     try:
         return mixture_kl(MIX, solver, sig, start=start, rtol=1e-8, max_nodes=1 << 20, **opts).kl
@@ -348,12 +350,12 @@ def _judge(solver, sig, start, mixture: bool | str, **opts):
         raise
 
 
-def peers(nfes, mixture: bool, kds, diffusers):
+def peers(nfes, judge: str, kds, diffusers):
     """{peer config: {str(nfe): kl}} for every peer configuration."""
     rows = {}
     if kds is not None:
         confs = [("euler", {}), ("heun", {}), ("dpmpp_2m", {}), ("lms", {}), ("dpmpp_3m_sde", {"eta": 0.0})]
-        if mixture is False:
+        if judge == "gaussian":
             confs += [("dpmpp_3m_sde", {"eta": 1.0}), ("dpmpp_2m_sde", {"eta": 1.0})]
         for name, opts in confs:
             for lad in ("karras", "exponential"):
@@ -363,18 +365,18 @@ def peers(nfes, mixture: bool, kds, diffusers):
                 for n in nfes:
                     levels = (n + 1) // 2 if name == "heun" else n
                     sig = kd_ladder(kds, lad, levels)
-                    rows[key][str(n)] = _judge(kd_solver(kds, name, **opts), sig, None, mixture)
+                    rows[key][str(n)] = _judge(kd_solver(kds, name, **opts), sig, None, judge)
     if diffusers is not None:
         for cls_name in DIFFUSERS:
             for lad in LADDER_FLAGS:
-                if mixture == "solver_error" and lad == "default":
+                if judge == "solver_error" and lad == "default":
                     continue  # its linspace ladder stops far above sigma_min (0.34 at NFE 10): a shorter problem
                 key = f"diffusers {cls_name} ({lad})"
                 rows[key] = {}
                 for n in nfes:
                     steps = diffusers_steps(cls_name, n)
                     sig, start = diffusers_ladder_and_start(diffusers, cls_name, lad, steps)
-                    rows[key][str(n)] = _judge(diffusers_solver(diffusers, cls_name, lad, steps), sig, start, mixture)
+                    rows[key][str(n)] = _judge(diffusers_solver(diffusers, cls_name, lad, steps), sig, start, judge)
     return rows
 
 
@@ -430,9 +432,9 @@ def main(argv=None) -> int:
     print(f"k-diffusion: {'loaded' if kds else 'absent'}; diffusers: {dif.__version__ if dif else 'absent'}")
     t0 = time.perf_counter()
     result = {"nfe": list(nfes)}
-    for key, mixture in (("gaussian", False), ("mixture", True), ("gaussian_solver_error", "solver_error")):
-        mine = ours(nfes, mixture)
-        theirs = peers(nfes, mixture, kds, dif)
+    for key, judge in (("gaussian", "gaussian"), ("mixture", "mixture"), ("gaussian_solver_error", "solver_error")):
+        mine = ours(nfes, judge)
+        theirs = peers(nfes, judge, kds, dif)
         best_peer = {}
         for c in map(str, nfes):
             cands = [(v[c], k) for k, v in theirs.items() if v[c] is not None]
