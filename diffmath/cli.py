@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from .pipeline.demo import DEMO_OUT, run_demo
+from .pipeline.generate import DEFAULT_LADDER, LADDERS
 
 __all__ = ["main", "build_parser", "train_config_from_args", "run_demo"]
 
@@ -470,8 +471,8 @@ def _add_sample(sub) -> None:
     )
     s.add_argument(
         "--sigmas",
-        choices=("karras", "exponential", "schedule"),
-        default="exponential",
+        choices=LADDERS,
+        default=DEFAULT_LADDER,
         help="the "
         "noise-level ladder of the sigma-space solvers: exponential (uniform in log sigma; the default, the "
         "lowest exact KL on linear and cosine schedules, docs/samplers.md) or Karras rho = 7 between the "

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..pipeline.config import DEMO_CONFIG
 from ..pipeline.data import Data, load_data
+from ..pipeline.generate import DEFAULT_LADDER
 from ..pipeline.io import atomic_write_json, atomic_write_npz, read_json
 from .cache import LatentCacheError, decode_latents, encode_dataset, load_latents
 from .run import latent_run_files, read_latent_run, run_path, write_latent_run
@@ -291,7 +292,7 @@ def sample_latent(
     classes=None,
     guidance=None,
     guidance_rescale: float = 0.0,
-    sigmas: str = "exponential",
+    sigmas: str = DEFAULT_LADDER,
 ) -> tuple[np.ndarray, dict]:
     """Sample a latent run: draw scaled latents with ``diffmath.sample.generate`` (any sampler
     of the pixel pipeline) from the U-Net in ``run``/unet, divide by the scaling factor and decode
@@ -358,7 +359,7 @@ def _sample_latent(
     ema,
     dtype=None,
     cond=(None, None, 0.0),
-    sigmas="exponential",
+    sigmas=DEFAULT_LADDER,
 ):
     from ..pipeline.generate import generate
     from ..pipeline.sample_run import conditioning_info, save_class_grid, save_grid

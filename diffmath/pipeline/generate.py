@@ -58,7 +58,9 @@ __all__ = [
 SAMPLERS = ("ddpm", "ddim", "em", "pc", "ode") + tuple(SOLVER_SAMPLERS)
 #: the steps of each sampler when ``steps`` is None (ddpm: T; ode: adaptive)
 DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "em": 500, "pc": 500, "ode": None} | {name: 20 for name in SOLVER_SAMPLERS}
-LADDERS = ("karras", "exponential", "schedule")  # --sigmas; the default is "exponential" (``generate``)
+LADDERS = ("karras", "exponential", "schedule")  # --sigmas
+#: the default ladder: the lowest exact KL on linear and cosine schedules (docs/samplers.md)
+DEFAULT_LADDER = "exponential"
 # The guidance scale s of ``sample --class`` when --guidance is not given (diffusers' convention:
 # 1 = the plain conditional model). Chosen on the demo's digits (README, docs/guidance.md).
 DEFAULT_GUIDANCE = 1.5
@@ -91,7 +93,7 @@ def generate(
     progress: bool = False,
     clip_x0="auto",
     dtype=None,
-    sigmas: str = "exponential",
+    sigmas: str = DEFAULT_LADDER,
     labels=None,
     guidance=None,
     guidance_rescale: float = 0.0,
@@ -179,7 +181,7 @@ def generate(
     return x
 
 
-def check_sampling(lm: LoadedModel, num_samples, sampler, steps, eta, seed=0, batch_size=1, sigmas="exponential"):
+def check_sampling(lm: LoadedModel, num_samples, sampler, steps, eta, seed=0, batch_size=1, sigmas=DEFAULT_LADDER):
     """``ValueError`` naming the argument if a sampling request is invalid; returns the number of
     steps (the sampler's default when ``steps`` is None; None for the adaptive ode sampler)."""
     from .config import MAX_SEED

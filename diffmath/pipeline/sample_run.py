@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .generate import (
+    DEFAULT_LADDER,
     DEFAULT_STEPS,
     check_conditioning,
     check_net_dtype,
@@ -143,7 +144,7 @@ def sample_run(
     clip_x0="auto",
     trust_unverified: bool = False,
     dtype=None,
-    sigmas: str = "exponential",
+    sigmas: str = DEFAULT_LADDER,
     classes=None,
     guidance=None,
     guidance_rescale: float = 0.0,
@@ -277,7 +278,7 @@ def _sample_run(
     clip_x0,
     trust_unverified=False,
     dtype=None,
-    sigmas="exponential",
+    sigmas=DEFAULT_LADDER,
     classes=None,
     guidance=None,
     guidance_rescale=0.0,
