@@ -73,3 +73,9 @@ def test_exact_flow_limit_is_the_limit_of_a_convergent_solver(start):
         assert _rel(out, ref) <= 1e-4, name
     if start is None:  # and it is not the data: the start N(0, sigma_max^2) and the last step's D cost 2.97e-5 nats
         assert np.isclose(ref.kl(peers.DATA), 2.967e-5, rtol=1e-3)
+        # the exact flow carried to sigma ~ 0 (a ladder ending at 1e-9, no final D) keeps the start's
+        # missing mean: m s / sigma_max off, (m s / sigma_max)^2 / (2 s^2) = m^2 / (2 sigma_max^2) = 5.04e-6 nats
+        to_zero = peers.exact_flow_limit(np.array([peers.SIG_MAX, 1e-9]))
+        m = float(peers.DATA.mean[0])
+        assert np.isclose(to_zero.kl(peers.DATA), (m / peers.SIG_MAX) ** 2 / 2, rtol=1e-3)
+        assert np.isclose(to_zero.kl(peers.DATA), 5.04e-6, rtol=2e-3)
