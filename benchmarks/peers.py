@@ -400,6 +400,15 @@ def agreement(kds, diffusers, nfes=(5, 10, 20, 50)):
                     b = DATA.exact_solver_output(name, sig)
                     worst = max(worst, rel(a, b))
                 res[f"k-diffusion {name} ({lad})"] = worst
+        for eta in (0.0, 1.0):  # k-diffusion's 3M is diffmath's third_order="damped"
+            for lad in ("karras", "exponential"):
+                worst = 0.0
+                for n in nfes:
+                    sig = kd_ladder(kds, lad, n)
+                    a = DATA.exact_solver_output(kd_solver(kds, "dpmpp_3m_sde", eta=eta), sig)
+                    b = DATA.exact_solver_output("dpmpp_3m_sde", sig, eta=eta, third_order="damped")
+                    worst = max(worst, rel(a, b))
+                res[f"k-diffusion dpmpp_3m_sde eta={eta:g} ({lad}), damped"] = worst
     if diffusers is not None:
         for cls_name, (name, _) in DIFFUSERS.items():
             for lad in LADDER_FLAGS:

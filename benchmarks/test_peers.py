@@ -44,6 +44,19 @@ def test_k_diffusion_3m_differs_by_the_third_order_term():
     assert _rel(theirs, ours) > 1e-3
 
 
+@pytest.mark.skipif(KDS is None, reason="k-diffusion is not installed")
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("ladder", ["karras", "exponential"])
+def test_k_diffusion_3m_is_the_damped_third_order(eta, ladder):
+    # ... and third_order="damped" (J_2 / 2) is k-diffusion's 3M, with and without the SDE noise
+    # (both loops draw it through the oracle's basis noise_sampler, so the noise terms match too)
+    for n in NFES:
+        sig = peers.kd_ladder(KDS, ladder, n)
+        theirs = peers.DATA.exact_solver_output(peers.kd_solver(KDS, "dpmpp_3m_sde", eta=eta), sig)
+        ours = peers.DATA.exact_solver_output("dpmpp_3m_sde", sig, eta=eta, third_order="damped")
+        assert _rel(theirs, ours) <= 1e-6, (eta, ladder, n, _rel(theirs, ours))
+
+
 @pytest.mark.skipif(DIFFUSERS is None, reason="diffusers is not installed (pip install -e '.[bench]')")
 @pytest.mark.parametrize("cls_name", list(peers.DIFFUSERS))
 @pytest.mark.parametrize("ladder", list(peers.LADDER_FLAGS))

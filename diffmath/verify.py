@@ -77,6 +77,7 @@ NFE_ROWS = (
     ("dpmpp_2m_sde", "dpmpp_2m_sde", {}),
     ("dpmpp_3m_sde", "dpmpp_3m_sde", {}),
     ("dpmpp_3m", "dpmpp_3m_sde", {"eta": 0.0}),
+    ("dpmpp_3m_damped", "dpmpp_3m_sde", {"eta": 0.0, "third_order": "damped"}),
     ("unipc", "unipc", {}),
     ("unipc_order3", "unipc", {"order": 3}),
     ("lms", "lms", {}),

@@ -65,6 +65,7 @@ CONFIGS = [
     ("dpmpp_2m_sde", {"solver_type": "heun", "eta": 0.7}),
     ("dpmpp_3m_sde", {}),
     ("dpmpp_3m_sde", {"eta": 0.0}),
+    ("dpmpp_3m_sde", {"eta": 0.6, "third_order": "damped"}),
     ("unipc", {}),
     ("unipc", {"order": 3, "variant": "bh1"}),
     ("lms", {}),
@@ -193,6 +194,42 @@ def test_third_order_step_two_ways(variant):
     assert_allclose(a, b, rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("eta", [0.0, 0.4, 1.0])
+def test_damped_third_order_step(eta):
+    """third_order="damped" in the derivative form k-diffusion writes it (D'(0) and D''/2 of the
+    quadratic through the last three denoised values, scaled by h and h^2, with
+    phi_2 = 1 - (1 - e^{-H}) / H and phi_3 = phi_2 / H - 1/2, H = (1 + eta) h), against the
+    Newton form of dpmpp_multistep_step; and the exact third-order term is J_2 = 2 h^2 H
+    phi_3(-H), twice the damped one, which the step must carry in full by default."""
+    rng = np.random.default_rng(5)
+    x, D0, D1, D2 = (rng.standard_normal((3, 2)) for _ in range(4))
+    sig = [9.0, 4.0, 1.3, 0.5]  # sigma_{i-2}, sigma_{i-1}, sigma_i, sigma_{i+1}
+    lam = [-math.log(v) for v in sig]
+    hist = [(lam[1], D1), (lam[0], D2)]
+    h, h1, h2 = lam[3] - lam[2], lam[2] - lam[1], lam[1] - lam[0]
+    H = (1.0 + eta) * h
+    r0, r1 = h1 / h, h2 / h
+    d1_0, d1_1 = (D0 - D1) / r0, (D1 - D2) / r1
+    d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)  # h D'(0)
+    d2 = (d1_0 - d1_1) / (r0 + r1)  # h^2 D''(0) / 2
+    phi_2 = 1.0 - (1.0 - math.exp(-H)) / H
+    phi_3 = phi_2 / H - 0.5
+    base = (sig[3] / sig[2]) * math.exp(-eta * h) * x + (1.0 - math.exp(-H)) * D0
+    damped = base + phi_2 * d1 - phi_3 * d2
+    got = dpmpp_multistep_step(x, sig[2], sig[3], D0, hist, eta, "heun", "damped")
+    assert_allclose(got, damped, rtol=1e-12, atol=1e-13)
+    exact = base + phi_2 * d1 - 2.0 * phi_3 * d2
+    assert_allclose(dpmpp_multistep_step(x, sig[2], sig[3], D0, hist, eta, "heun"), exact, rtol=1e-12, atol=1e-13)
+    assert_allclose(-2.0 * phi_3 * h * h, 2.0 * h * h * H * _phi3(-H), rtol=1e-12)
+
+
+def _phi3(z: float):
+    """phi_3(z) = (e^z - 1 - z - z^2 / 2) / z^3 in 50-digit arithmetic."""
+    with mp.workdps(50):
+        w = mp.mpf(z)
+        return float((mp.exp(w) - 1 - w - w * w / 2) / w**3)
+
+
 @pytest.mark.parametrize("name", sorted(SOLVERS))
 def test_single_step_to_zero_is_the_denoiser(name):
     x = np.random.default_rng(3).standard_normal((4, 2)) * 20.0
@@ -268,6 +305,7 @@ ORDERS = [
     ("dpmpp_2m_sde", {"solver_type": "heun"}, 2),
     ("dpmpp_3m_sde", {}, 2),  # eta = 1: the noise limits it to 2 (measured); see docs/samplers.md
     ("dpmpp_3m_sde", {"eta": 0.0}, 3),
+    ("dpmpp_3m_sde", {"eta": 0.0, "third_order": "damped"}, 2),  # half of J_2: local error O(h^3)
     ("unipc", {"order": 1}, 2),  # UniC raises the order by one (Zhao et al. 2023)
     ("unipc", {"order": 2}, 3),
     ("unipc", {"order": 3}, 4),
@@ -459,6 +497,7 @@ BAD = [
     (sample_dpmpp_2m_sde, X, SIG, {"eta": math.inf}, ValueError, "eta must lie in"),
     (sample_dpmpp_2m_sde, X, SIG, {"solver_type": "rk4"}, ValueError, "solver_type must be one of"),
     (sample_dpmpp_3m_sde, X, SIG, {"s_noise": -1.0}, ValueError, "s_noise must lie in"),
+    (sample_dpmpp_3m_sde, X, SIG, {"third_order": "half"}, ValueError, "third_order must be one of 'exact', 'damped'"),
     (sample_unipc, X, SIG, {"order": 4}, ValueError, "order must be one of 1, 2, 3; got order = 4"),
     (sample_unipc, X, SIG, {"order": 2.0}, TypeError, "order must be an integer"),
     (sample_unipc, X, SIG, {"variant": "bh3"}, ValueError, "variant must be one of"),
